@@ -1,0 +1,109 @@
+//! `lowrank generate`: stream a completion of a prompt to stdout.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use lowrank_models::generate::{generate, Sampler, SamplingParams};
+use lowrank_models::Message;
+
+use super::{activate, load_adapters, load_model, AdapterSpec};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder or repo id in the local HF cache.
+    #[arg(long)]
+    model: String,
+    /// PEFT adapter folder, optionally `PATH:WEIGHT`; repeat to stack adapters.
+    #[arg(long)]
+    adapter: Vec<AdapterSpec>,
+    /// Merge the adapters into the weights first.
+    #[arg(long)]
+    merge: bool,
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+/// Prints decoded text as tokens arrive, holding back a partial UTF-8 character.
+struct StreamPrinter<'a> {
+    tokenizer: &'a lowrank_models::Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl StreamPrinter<'_> {
+    fn push(&mut self, id: u32) -> Result<()> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(&text.as_bytes()[self.printed..])?;
+        out.flush()?;
+        self.printed = text.len();
+        Ok(())
+    }
+}
+
+/// Token ids that end generation: generation_config.json's, config.json's and the tokenizer's EOS.
+fn stop_ids(loaded: &super::Loaded) -> Result<Vec<u32>> {
+    let mut ids = loaded.model.config().eos_token_ids.clone();
+    let path = loaded.dir.join("generation_config.json");
+    if path.exists() {
+        let v: serde_json::Value = lowrank_core::files::read_json(&path)?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+            Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+            _ => {}
+        }
+    }
+    ids.extend(loaded.tokenizer.eos_token_id());
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut loaded = load_model(&args.model)?;
+    let adapters = load_adapters(&loaded.model, &args.adapter)?;
+    let active = activate(&mut loaded.model, &adapters, args.merge)?;
+    let prompt = if args.chat {
+        let messages = [Message { role: "user".into(), content: args.prompt.clone() }];
+        loaded.tokenizer.encode_chat(&messages, true).context("--chat")?
+    } else {
+        loaded.tokenizer.encode(&args.prompt, true)?
+    };
+    let stops = if args.ignore_eos { vec![] } else { stop_ids(&loaded)? };
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    });
+    let mut printer = StreamPrinter { tokenizer: &loaded.tokenizer, ids: vec![], printed: 0 };
+    let start = std::time::Instant::now();
+    let tokens = generate(&loaded.model, &prompt, &active, &mut sampler, args.max_tokens, &stops, |t| {
+        printer.push(t).map_err(|e| lowrank_core::Error::Msg(e.to_string()))
+    })?;
+    println!();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("[{} prompt tokens, {} generated, {:.1} tokens/s]", prompt.len(), tokens.len(), tokens.len() as f64 / secs);
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! `lowrank inspect`: what an adapter folder holds.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use lowrank_core::lora::{LoraAdapter, LoraVariant, CONFIG_FILE, WEIGHTS_FILE};
+use lowrank_models::ModelConfig;
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Adapter folder (adapter_config.json + adapter_model.safetensors).
+    adapter: PathBuf,
+    /// Base model, for the share of its parameters (default: the adapter's
+    /// base_model_name_or_path, when that resolves locally).
+    #[arg(long)]
+    model: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct ModuleReport {
+    module: String,
+    rank: usize,
+    alpha: f64,
+    scale: f64,
+    out_features: usize,
+    in_features: usize,
+    /// r·(d+k), plus d for DoRA's magnitude.
+    parameters: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    method: &'static str,
+    use_rslora: bool,
+    modules: Vec<ModuleReport>,
+    trainable_parameters: usize,
+    base_model: Option<String>,
+    base_parameters: Option<usize>,
+    /// trainable / base, in percent.
+    share_percent: Option<f64>,
+    file_bytes: u64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let adapter = LoraAdapter::load_standalone(&args.adapter, &super::device())
+        .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
+    let config = &adapter.config;
+    let modules: Vec<ModuleReport> = adapter
+        .modules
+        .iter()
+        .map(|(name, m)| ModuleReport {
+            module: name.clone(),
+            rank: m.rank(),
+            alpha: config.alpha_for(name),
+            scale: m.scale,
+            out_features: m.b.dim(0).unwrap_or(0),
+            in_features: m.a.dim(1).unwrap_or(0),
+            parameters: m.num_parameters(),
+        })
+        .collect();
+    let base_model = args.model.clone().or_else(|| config.base_model.clone());
+    let base_parameters = base_model.as_deref().and_then(|spec| {
+        let dir = lowrank_models::checkpoint::resolve_model_dir(spec).ok()?;
+        ModelConfig::load(&dir.join("config.json")).ok().map(|c| c.num_parameters())
+    });
+    let trainable = adapter.num_parameters();
+    let file_bytes = [CONFIG_FILE, WEIGHTS_FILE]
+        .iter()
+        .filter_map(|f| std::fs::metadata(args.adapter.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let report = Report {
+        method: match config.variant {
+            LoraVariant::Lora => "LoRA",
+            LoraVariant::Dora => "DoRA",
+        },
+        use_rslora: config.use_rslora,
+        trainable_parameters: trainable,
+        share_percent: base_parameters.map(|b| 100.0 * trainable as f64 / b as f64),
+        base_model,
+        base_parameters,
+        modules,
+        file_bytes,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{} adapter{}: {}", report.method, if report.use_rslora { " (rsLoRA: α/√r)" } else { "" }, args.adapter.display());
+    println!("{:<44} {:>5} {:>8} {:>9} {:>11} {:>10}", "module", "rank", "alpha", "scale", "shape", "params");
+    for m in &report.modules {
+        let shape = format!("{}x{}", m.out_features, m.in_features);
+        println!("{:<44} {:>5} {:>8} {:>9.4} {:>11} {:>10}", m.module, m.rank, m.alpha, m.scale, shape, m.parameters);
+    }
+    print!("trainable parameters: {}", report.trainable_parameters);
+    match (report.base_parameters, report.share_percent) {
+        (Some(b), Some(p)) => println!(" = {p:.4}% of the base's {b}"),
+        _ => println!(" (base model not found locally: pass --model for the share)"),
+    }
+    println!("file size: {} bytes", report.file_bytes);
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! One file per subcommand; shared loading helpers here.
+
+pub mod eval;
+pub mod generate;
+pub mod inspect;
+pub mod merge;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use lowrank_core::lora::LoraAdapter;
+use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
+
+/// The compute device. CPU for now; a CUDA build would choose it here.
+pub fn device() -> Device {
+    Device::Cpu
+}
+
+/// A base model with its tokenizer.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+/// Loads `--model` (a folder or a repo id in the local HF cache).
+pub fn load_model(spec: &str) -> Result<Loaded> {
+    let dir = lowrank_models::checkpoint::resolve_model_dir(spec)?;
+    let model = Llama::load(&dir, &device()).with_context(|| format!("loading model {}", dir.display()))?;
+    let tokenizer = Tokenizer::load(&dir)?;
+    Ok(Loaded { dir, model, tokenizer })
+}
+
+/// `--adapter PATH[:WEIGHT]`: an adapter folder and the multiplier on its ΔW (default 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    pub path: PathBuf,
+    pub weight: f64,
+}
+
+impl std::str::FromStr for AdapterSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        // A trailing `:number` is a weight; anything else is part of the path.
+        if let Some((path, weight)) = s.rsplit_once(':') {
+            if let Ok(weight) = weight.parse::<f64>() {
+                if !weight.is_finite() {
+                    return Err(format!("adapter weight {weight} is not finite"));
+                }
+                return Ok(AdapterSpec { path: path.into(), weight });
+            }
+        }
+        Ok(AdapterSpec { path: s.into(), weight: 1.0 })
+    }
+}
+
+/// Loads every `--adapter` against `model`.
+pub fn load_adapters(model: &Llama, specs: &[AdapterSpec]) -> Result<Vec<(LoraAdapter, f64)>> {
+    specs
+        .iter()
+        .map(|s| {
+            let adapter = model
+                .load_adapter(&s.path)
+                .with_context(|| format!("loading adapter {}", s.path.display()))?;
+            Ok((adapter, s.weight))
+        })
+        .collect()
+}
+
+/// Either merges the adapters into the model (`--merge`) and returns no active adapters, or
+/// returns them to be applied unmerged.
+pub fn activate<'a>(model: &mut Llama, adapters: &'a [(LoraAdapter, f64)], merge: bool) -> Result<Vec<ActiveAdapter<'a>>> {
+    if merge {
+        for (i, (adapter, weight)) in adapters.iter().enumerate() {
+            model.merge_adapter(&format!("adapter{i}"), adapter, *weight)?;
+        }
+        return Ok(vec![]);
+    }
+    Ok(adapters.iter().map(|(adapter, weight)| ActiveAdapter { adapter, weight: *weight }).collect())
+}
+
+/// Reads a JSONL file into JSON values, naming file:line on a bad line.
+pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        out.push(value);
+    }
+    if out.is_empty() {
+        bail!("{}: no data lines", path.display());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_spec_takes_an_optional_weight() {
+        let a: AdapterSpec = "out/a:0.7".parse().unwrap();
+        assert_eq!(a, AdapterSpec { path: "out/a".into(), weight: 0.7 });
+        let b: AdapterSpec = "out/b".parse().unwrap();
+        assert_eq!(b.weight, 1.0);
+        let c: AdapterSpec = "c:-1".parse().unwrap();
+        assert_eq!(c.weight, -1.0);
+        let d: AdapterSpec = "dir:with/colon".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("dir:with/colon"));
+    }
+}

@@ -1,0 +1,88 @@
+//! File helpers shared by every reader and writer: JSON with the path in its errors, and atomic
+//! writes (temp file in the same folder, then rename) so an interrupted run never leaves a
+//! half-written file behind.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// Reads and parses a JSON file; errors name the file.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Pretty-printed JSON, written atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes tensors as safetensors with the `{"format": "pt"}` metadata that transformers and PEFT
+/// check for, atomically. Tensors keep their dtype.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let contiguous = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), t.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?;
+    write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn safetensors_round_trip_keeps_dtype_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let bf = t.to_dtype(DType::BF16).unwrap();
+        write_safetensors(&path, &[("a".into(), t.clone()), ("b".into(), bf)]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+        let loaded = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded["b"].dtype(), DType::BF16);
+        let back: Vec<Vec<f32>> = loaded["a"].to_vec2().unwrap();
+        assert_eq!(back, vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
+    }
+
+    #[test]
+    fn json_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let err = read_json::<serde_json::Value>(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.json") && err.contains("invalid JSON"), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! lowrank-core: the adapter math (LoRA, DoRA), adapter configs and files in HF PEFT's format,
+//! and the adapted linear layer they attach to.
+
+pub mod error;
+pub mod files;
+pub mod linear;
+pub mod lora;
+pub mod targets;
+
+pub use error::{Error, Result};
+pub use linear::{ActiveModule, AdaptedLinear};

@@ -1,0 +1,7 @@
+//! LoRA and DoRA: configuration, tensors and PEFT file format.
+
+mod config;
+mod weights;
+
+pub use config::{LayersWire, LoraConfig, LoraConfigFile, LoraVariant, ALL_LINEAR};
+pub use weights::{LinearShape, LoraAdapter, LoraModule, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};

@@ -1,0 +1,317 @@
+//! `config.json` of a Llama-family checkpoint, as transformers reads it.
+
+use std::path::Path;
+
+use lowrank_core::{Error, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The architectures this crate implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// Wire form of config.json; defaults are transformers' for the given `model_type`.
+#[derive(Debug, Clone, Deserialize)]
+struct ConfigFile {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    /// Newer transformers put rope_theta and rope_scaling together here.
+    rope_parameters: Option<Value>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    use_sliding_window: bool,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+    quantization_config: Option<Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+/// RoPE frequency scaling (`rope_scaling`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's piecewise scaling of the frequencies.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// A validated model configuration.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    /// q, k, v (and for Llama with attention_bias, o) have biases.
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Attend to at most this many previous positions (Mistral).
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype name the checkpoint declares (`float32`, `bfloat16`, ...), if any.
+    pub torch_dtype: Option<String>,
+    /// The raw JSON, kept to write merged checkpoints with the same config.
+    pub raw: Value,
+}
+
+fn token_ids(v: &Option<Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let raw: Value = lowrank_core::files::read_json(path)?;
+        Self::from_value(raw, path)
+    }
+
+    pub fn from_value(raw: Value, path: &Path) -> Result<Self> {
+        let file: ConfigFile = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |field: &str, msg: String| Error::field(path, field, msg);
+        let model_type = file
+            .model_type
+            .clone()
+            .ok_or_else(|| bad("model_type", "missing; expected one of llama, mistral, qwen2".into()))?;
+        let architecture = match model_type.as_str() {
+            "llama" => Architecture::Llama,
+            "mistral" => Architecture::Mistral,
+            "qwen2" => Architecture::Qwen2,
+            other => {
+                return Err(bad(
+                    "model_type",
+                    format!("unsupported model type {other:?}; supported: llama, mistral, qwen2"),
+                ))
+            }
+        };
+        if let Some(act) = &file.hidden_act {
+            if act != "silu" {
+                return Err(bad("hidden_act", format!("only \"silu\" is supported, found {act:?}")));
+            }
+        }
+        if file.quantization_config.is_some() {
+            return Err(bad("quantization_config", "pre-quantized checkpoints are not supported yet".into()));
+        }
+        let num_kv_heads = file.num_key_value_heads.unwrap_or(file.num_attention_heads);
+        if file.num_attention_heads == 0 || num_kv_heads == 0 || file.num_attention_heads % num_kv_heads != 0 {
+            return Err(bad(
+                "num_key_value_heads",
+                format!(
+                    "{num_kv_heads} key/value heads must divide {} attention heads",
+                    file.num_attention_heads
+                ),
+            ));
+        }
+        let head_dim = file.head_dim.unwrap_or(file.hidden_size / file.num_attention_heads);
+        if head_dim % 2 != 0 {
+            return Err(bad("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
+        }
+        // rope_parameters (newer transformers) holds rope_theta and the scaling together.
+        let rope_params = file.rope_parameters.as_ref().filter(|v| v.is_object());
+        let rope_theta = file
+            .rope_theta
+            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(if architecture == Architecture::Qwen2 { 1_000_000.0 } else { 10_000.0 });
+        let scaling = file.rope_scaling.as_ref().filter(|v| !v.is_null()).or(rope_params);
+        let rope_scaling = parse_rope_scaling(scaling).map_err(|m| bad("rope_scaling", m))?;
+        let sliding_window = match architecture {
+            Architecture::Mistral => file.sliding_window,
+            Architecture::Qwen2 if file.use_sliding_window => {
+                return Err(bad("use_sliding_window", "Qwen2 sliding-window layers are not supported".into()))
+            }
+            _ => None,
+        };
+        let tie_default = false;
+        let dtype = file.torch_dtype.clone().or(file.dtype.clone());
+        Ok(ModelConfig {
+            architecture,
+            model_type,
+            vocab_size: file.vocab_size,
+            hidden_size: file.hidden_size,
+            intermediate_size: file.intermediate_size,
+            num_layers: file.num_hidden_layers,
+            num_heads: file.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: file.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: file.tie_word_embeddings.unwrap_or(tie_default),
+            max_position_embeddings: file.max_position_embeddings,
+            qkv_bias: architecture == Architecture::Qwen2 || file.attention_bias,
+            o_bias: architecture == Architecture::Llama && file.attention_bias,
+            mlp_bias: architecture == Architecture::Llama && file.mlp_bias,
+            sliding_window,
+            bos_token_id: token_ids(&file.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&file.eos_token_id),
+            torch_dtype: dtype,
+            raw,
+        })
+    }
+
+    /// Parameters of the model (embeddings, lm_head unless tied, layers, norms).
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let mut attn = h * q + 2 * h * kv + q * h;
+        if self.qkv_bias {
+            attn += q + 2 * kv;
+        }
+        if self.o_bias {
+            attn += h;
+        }
+        let mut mlp = 3 * h * self.intermediate_size;
+        if self.mlp_bias {
+            mlp += 2 * self.intermediate_size + h;
+        }
+        let layer = attn + mlp + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + self.num_layers * layer + h
+    }
+}
+
+fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, String> {
+    let Some(v) = v else { return Ok(RopeScaling::None) };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |key: &str| {
+        v.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope type {kind:?} needs a numeric `{key}`"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(format!(
+            "unsupported rope type {other:?}; supported: default, linear, llama3"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({"model_type":"llama","vocab_size":100,"hidden_size":32,"intermediate_size":64,
+               "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2})
+    }
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_value(v, Path::new("config.json"))
+    }
+
+    #[test]
+    fn defaults_follow_transformers() {
+        let c = parse(base()).unwrap();
+        assert_eq!(c.head_dim, 8);
+        assert_eq!(c.rope_theta, 10_000.0);
+        assert!(!c.tie_word_embeddings && !c.qkv_bias);
+        let mut q = base();
+        q["model_type"] = json!("qwen2");
+        let q = parse(q).unwrap();
+        assert!(q.qkv_bias && !q.o_bias);
+    }
+
+    #[test]
+    fn llama3_rope_and_explicit_head_dim() {
+        let mut v = base();
+        v["head_dim"] = json!(16);
+        v["rope_scaling"] = json!({"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64});
+        let c = parse(v).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (json!({"model_type":"gpt2"}), "missing field"),
+            ({ let mut v = base(); v["model_type"] = json!("gpt2"); v }, "`model_type`"),
+            ({ let mut v = base(); v["num_key_value_heads"] = json!(3); v }, "`num_key_value_heads`"),
+            ({ let mut v = base(); v["hidden_act"] = json!("gelu"); v }, "`hidden_act`"),
+            ({ let mut v = base(); v["rope_scaling"] = json!({"rope_type":"yarn","factor":2.0}); v }, "`rope_scaling`"),
+            ({ let mut v = base(); v["rope_scaling"] = json!({"rope_type":"llama3","factor":2.0}); v }, "low_freq_factor"),
+        ];
+        for (v, expect) in cases {
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains("config.json") && err.contains(expect), "{err}");
+        }
+    }
+
+    #[test]
+    fn parameter_count_of_a_known_shape() {
+        // SmolLM2-135M: 134,515,008 parameters (tied embeddings).
+        let c = parse(json!({"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,
+            "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"tie_word_embeddings":true}))
+        .unwrap();
+        assert_eq!(c.num_parameters(), 134_515_008);
+    }
+}

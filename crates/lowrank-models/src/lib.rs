@@ -1,0 +1,13 @@
+//! lowrank-models: Llama-family model code, Hugging Face checkpoint loading, tokenizers and
+//! chat templates.
+
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod llama;
+pub mod rope;
+pub mod tokenizer;
+
+pub use config::ModelConfig;
+pub use llama::{ActiveAdapter, KvCache, Llama};
+pub use tokenizer::{Message, Tokenizer};

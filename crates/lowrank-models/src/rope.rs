@@ -1,0 +1,132 @@
+//! Rotary position embeddings as transformers computes them (`rotate_half` layout), with the
+//! `linear` and `llama3` frequency scalings.
+
+use candle_core::{DType, Device, Tensor, D};
+use lowrank_core::Result;
+
+use crate::config::{ModelConfig, RopeScaling};
+
+/// The inverse frequencies of a model; cos/sin tables are made per forward call for the
+/// positions it covers, so a 128k-context model costs nothing up front.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// 1 × head_dim/2
+    inv_freq: Tensor,
+}
+
+/// cos and sin for a run of positions, (seq, head_dim) each.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The inverse frequencies θ^(-2i/d), scaled as `rope_scaling` asks.
+pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim;
+    let base: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / (config.rope_theta as f32).powf(i as f32 / dim as f32))
+        .collect();
+    match config.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let (factor, low, high, old) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                original_max_position_embeddings as f32,
+            );
+            let low_freq_wavelen = old / low;
+            let high_freq_wavelen = old / high;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+impl Rope {
+    pub fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
+        let inv = inverse_frequencies(config);
+        let half = inv.len();
+        Ok(Rope { inv_freq: Tensor::from_vec(inv, (1, half), device)? })
+    }
+
+    /// Tables for positions `start..start+seq`.
+    pub fn tables(&self, start: usize, seq: usize) -> Result<RopeTables> {
+        let positions = Tensor::arange(start as u32, (start + seq) as u32, self.inv_freq.device())?
+            .to_dtype(DType::F32)?
+            .reshape((seq, 1))?;
+        let freqs = positions.broadcast_mul(&self.inv_freq)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(RopeTables { cos: emb.cos()?, sin: emb.sin()? })
+    }
+}
+
+impl RopeTables {
+    /// Rotates x of shape (batch, heads, seq, head_dim): x·cos + rotate_half(x)·sin.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let dim = x.dim(D::Minus1)?;
+        let half = dim / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(scaling: serde_json::Value) -> ModelConfig {
+        let v = json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":1,"rope_theta":500000.0,"rope_scaling":scaling});
+        ModelConfig::from_value(v, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let plain = inverse_frequencies(&config(serde_json::Value::Null));
+        let scaled = inverse_frequencies(&config(json!({"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192})));
+        // Highest frequency (wavelength 2π < 8192/4): unchanged.
+        assert_eq!(scaled[0], plain[0]);
+        // Lowest frequency (wavelength > 8192): divided by the factor.
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12);
+        // In between: between the two.
+        let mid = (0..plain.len())
+            .find(|&i| {
+                let w = 2.0 * std::f32::consts::PI / plain[i];
+                w > 2048.0 && w < 8192.0
+            })
+            .unwrap();
+        assert!(scaled[mid] < plain[mid] && scaled[mid] > plain[mid] / 8.0);
+    }
+
+    #[test]
+    fn rotation_at_position_zero_is_identity_and_preserves_norm() {
+        let c = config(serde_json::Value::Null);
+        let rope = Rope::new(&c, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1., (1, 1, 3, 64), &Device::Cpu).unwrap();
+        let y = rope.tables(0, 3).unwrap().apply(&x).unwrap();
+        let d0 = (x.narrow(2, 0, 1).unwrap() - y.narrow(2, 0, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d0.to_scalar::<f32>().unwrap() < 1e-7);
+        let n = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((n(&x) - n(&y)).abs() < 1e-3);
+    }
+}

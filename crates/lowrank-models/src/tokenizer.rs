@@ -1,0 +1,179 @@
+//! The checkpoint's tokenizer (`tokenizer.json` through the `tokenizers` crate) with the special
+//! tokens and chat template of `tokenizer_config.json` / `chat_template.jinja`, rendered the way
+//! transformers' `apply_chat_template` does.
+
+use std::path::Path;
+
+use lowrank_core::{Error, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+/// One chat message.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A tokenizer with its special tokens and chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    chat_template: Option<String>,
+}
+
+/// A special token in tokenizer_config.json: a string or an AddedToken object.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found (only fast tokenizers are supported)"),
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Msg(format!("{}: cannot read tokenizer: {e}", path.display())))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = if config_path.exists() {
+            lowrank_core::files::read_json(&config_path)?
+        } else {
+            Value::Null
+        };
+        let template_file = dir.join("chat_template.jinja");
+        let chat_template = if template_file.exists() {
+            Some(std::fs::read_to_string(&template_file).map_err(|e| Error::io(&template_file, e))?)
+        } else {
+            match config.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: use "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            }
+        };
+        Ok(Tokenizer {
+            inner,
+            bos_token: token_text(config.get("bos_token")),
+            eos_token: token_text(config.get("eos_token")),
+            chat_template,
+        })
+    }
+
+    /// Token ids of `text` as transformers' `tokenizer(text)` gives them (special tokens included
+    /// when `add_special_tokens`).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Msg(format!("tokenizer: {e}")))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of the EOS token named in tokenizer_config.json.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_id(t))
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` with the chat template, as `apply_chat_template(tokenize=False)`.
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Msg("the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)".into()))?;
+        render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
+    }
+
+    /// Token ids of the rendered chat, as `apply_chat_template(tokenize=True)`: the template
+    /// writes the special tokens itself, so none are added.
+    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+}
+
+/// Renders a HF chat template with jinja settings transformers uses (trim_blocks, lstrip_blocks,
+/// `raise_exception`, Python string methods).
+pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template)
+        .map_err(|e| Error::Msg(format!("chat template does not parse: {e}")))?;
+    let tmpl = env.get_template("chat").expect("just added");
+    tmpl.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| {
+        // raise_exception's message is what the template author wrote for the user.
+        let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
+        Error::Msg(format!("chat template: {detail}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trim_blocks_and_exceptions_behave_like_transformers() {
+        let tmpl = "{% for m in messages %}\n  {{ m['content'].strip() }}|{% endfor %}{% if messages|length > 1 %}{{ raise_exception('too many') }}{% endif %}";
+        let one = [Message { role: "user".into(), content: "  hi ".into() }];
+        assert_eq!(render_chat_template(tmpl, &one, false, "", "").unwrap(), "hi|");
+        let two = [one[0].clone(), one[0].clone()];
+        let err = render_chat_template(tmpl, &two, false, "", "").unwrap_err().to_string();
+        assert!(err.contains("too many"), "{err}");
+    }
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Load a plain transformers checkpoint (f32) and print the corpus loss.
+
+Used to check that `lowrank merge` output loads in transformers:
+
+    python3 scripts/verify_merged.py --model fixtures/merged/llama-tied__lora-qv \
+        --data fixtures/data/eval.jsonl
+
+Prints {"loss": ..., "perplexity": ..., "tokens": ...} computed exactly like
+fixtures/reference/*.json (see lm_eval_common.py). Optional --max-len N
+truncates every sequence to its first N tokens. Works offline.
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lm_eval_common import corpus_loss, read_jsonl_texts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model directory (transformers format)")
+    ap.add_argument("--data", required=True, help="JSONL file with a 'text' field per line")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    ap.add_argument("--max-len", type=int, default=None)
+    args = ap.parse_args()
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+    print(json.dumps(corpus_loss(model, tok, read_jsonl_texts(args.data), args.max_len)))
+
+
+if __name__ == "__main__":
+    main()
