@@ -73,6 +73,64 @@ impl AdaptedLinear {
         self.merged.iter().map(|(n, _)| n.as_str())
     }
 
+    /// Replaces the weight (e.g. with a trainable `Var`'s tensor, or PiSSA/OLoRA's residual).
+    /// Merged adapters are forgotten: call this on an unmerged layer.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        if weight.dims() != self.weight.dims() {
+            return Err(Error::Msg(format!(
+                "new weight has shape {:?}, the layer's is {:?}",
+                weight.dims(),
+                self.weight.dims()
+            )));
+        }
+        self.weight = weight;
+        self.merged.clear();
+        Ok(())
+    }
+
+    /// Replaces the bias (same shape), e.g. with a trainable `Var`'s tensor.
+    pub fn set_bias(&mut self, bias: Tensor) -> Result<()> {
+        match &self.bias {
+            Some(b) if b.dims() == bias.dims() => {
+                self.bias = Some(bias);
+                Ok(())
+            }
+            _ => Err(Error::Msg("set_bias: the layer has no bias of that shape".into())),
+        }
+    }
+
+    /// Training forward with LoRA dropout, as PEFT's `Linear.forward` in training mode: the
+    /// adapters see `dropped` (x after dropout) while the base sees x. For DoRA PEFT recomputes
+    /// the base result on the dropped input:
+    /// y = W·x + b + (f − 1)·W·x_d + f·s·B(A·x_d), f = m/‖W + s·BA‖ (a constant in backward).
+    /// With `dropped` = `None` this is `forward`.
+    pub fn forward_dropped(&self, x: &Tensor, active: &[ActiveModule], dropped: Option<&Tensor>) -> Result<Tensor> {
+        let Some(xd) = dropped else {
+            return self.forward(x, active);
+        };
+        let mut y = matmul_t(x, &self.weight)?;
+        if let Some(dora) = active.iter().find(|a| a.module.magnitude.is_some()) {
+            if active.len() > 1 || dora.weight != 1.0 {
+                return Err(Error::Msg("a DoRA adapter cannot be stacked with other adapters".into()));
+            }
+            let m = dora.module;
+            let magnitude = m.magnitude.as_ref().expect("checked above");
+            let norm = row_norm(&self.weight, &m.delta_weight()?.detach())?.detach();
+            let factor = (magnitude / norm)?;
+            let base_d = matmul_t(xd, &self.weight)?;
+            let extra = (base_d.broadcast_mul(&(&factor - 1.0)?)? + lora_path(xd, m, 1.0)?.broadcast_mul(&factor)?)?;
+            y = (y + extra)?;
+        } else {
+            for a in active {
+                y = (y + lora_path(xd, a.module, a.weight)?)?;
+            }
+        }
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+
     /// Forward with `active` adapters applied unmerged.
     ///
     /// LoRA: y = W·x + b + Σ wᵢ·sᵢ·Bᵢ(Aᵢ·x).

@@ -73,6 +73,17 @@ impl Rope {
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         Ok(RopeTables { cos: emb.cos()?, sin: emb.sin()? })
     }
+
+    /// Tables for explicit positions (batch, seq) (u32), e.g. restarting at 0 for each sequence
+    /// packed into a row: cos and sin of shape (batch, 1, seq, head_dim).
+    pub fn tables_for(&self, positions: &Tensor) -> Result<RopeTables> {
+        let (batch, seq) = positions.dims2()?;
+        let half = self.inv_freq.dim(1)?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((batch, seq, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok(RopeTables { cos: emb.cos()?, sin: emb.sin()? })
+    }
 }
 
 impl RopeTables {

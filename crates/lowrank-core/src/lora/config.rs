@@ -30,7 +30,7 @@ pub struct LoraConfigFile {
     pub base_model_name_or_path: Option<String>,
     #[serde(default = "default_rank")]
     pub r: usize,
-    #[serde(default = "default_alpha")]
+    #[serde(default = "default_alpha", serialize_with = "whole_as_integer")]
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
@@ -67,6 +67,19 @@ pub struct LoraConfigFile {
 pub enum LayersWire {
     One(usize),
     Many(Vec<usize>),
+}
+
+/// PEFT declares α an int: write 16 rather than 16.0 when it is whole.
+fn whole_as_integer<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    number(*v).serialize(s)
+}
+
+fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 2f64.powi(53) {
+        Value::from(v as i64)
+    } else {
+        Value::from(v)
+    }
 }
 
 fn default_rank() -> usize {
@@ -253,7 +266,7 @@ impl LoraConfig {
             target_modules: Some(self.targets.to_wire()),
             exclude_modules: self.exclude.as_ref().map(ModuleSelector::to_wire),
             rank_pattern: self.rank_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect(),
-            alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect(),
+            alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), number(*v))).collect(),
             layers_to_transform: self.layers_to_transform.clone().map(LayersWire::Many),
             layers_pattern: (!self.layers_pattern.is_empty()).then(|| ModuleSelectorWire::Names(self.layers_pattern.clone())),
             bias: "none".into(),
