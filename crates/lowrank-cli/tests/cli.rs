@@ -11,7 +11,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn lowrank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowrank")).args(args).output().expect("run lowrank")
+    Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .args(args)
+        .output()
+        .expect("run lowrank")
 }
 
 fn fx(rel: &str) -> String {
@@ -20,13 +23,20 @@ fn fx(rel: &str) -> String {
 
 /// The last stdout line as JSON, asserting success.
 fn json_out(out: &Output) -> Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON last line")
 }
 
 fn reference(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("reference/{name}.json"))).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("reference/{name}.json"))).unwrap(),
+    )
+    .unwrap()
 }
 
 fn assert_fails_with(out: &Output, needles: &[&str]) {
@@ -40,7 +50,11 @@ fn assert_fails_with(out: &Output, needles: &[&str]) {
 
 #[test]
 fn eval_reports_transformers_loss() {
-    for (model, adapter) in [("llama-tied", None), ("llama-untied", Some("llama-untied__all-linear")), ("llama-tied", Some("llama-tied__dora"))] {
+    for (model, adapter) in [
+        ("llama-tied", None),
+        ("llama-untied", Some("llama-untied__all-linear")),
+        ("llama-tied", Some("llama-tied__dora")),
+    ] {
         let model_dir = fx(&format!("models/{model}"));
         let data = fx("data/eval.jsonl");
         let mut args = vec!["eval", "--model", &model_dir, "--data", &data];
@@ -56,13 +70,29 @@ fn eval_reports_transformers_loss() {
             let mut all = args.clone();
             all.extend(extra);
             let got = json_out(&lowrank(&all));
-            let want = if extra.is_empty() { &expect } else { &expect["max_len_8"] };
+            let want = if extra.is_empty() {
+                &expect
+            } else {
+                &expect["max_len_8"]
+            };
             assert_eq!(got["tokens"], want["tokens"]);
             let diff = (got["loss"].as_f64().unwrap() - want["loss"].as_f64().unwrap()).abs();
-            assert!(diff < 1e-4, "{model} {adapter:?} {extra:?}: loss differs by {diff}");
+            assert!(
+                diff < 1e-4,
+                "{model} {adapter:?} {extra:?}: loss differs by {diff}"
+            );
         }
         if let Some(a) = &adapter_dir {
-            let merged = json_out(&lowrank(&["eval", "--model", &model_dir, "--adapter", a, "--merge", "--data", &data]));
+            let merged = json_out(&lowrank(&[
+                "eval",
+                "--model",
+                &model_dir,
+                "--adapter",
+                a,
+                "--merge",
+                "--data",
+                &data,
+            ]));
             let diff = (merged["loss"].as_f64().unwrap() - expect["loss"].as_f64().unwrap()).abs();
             assert!(diff < 1e-4, "--merge: {diff}");
         }
@@ -76,27 +106,68 @@ fn merge_writes_a_checkpoint_with_the_adapters_loss() {
     let out_s = out_dir.to_string_lossy().into_owned();
     let model = fx("models/qwen2-tied");
     let adapter = fx("adapters/qwen2-tied__regex");
-    let out = lowrank(&["merge", "--model", &model, "--adapter", &adapter, "--out", &out_s]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+    let out = lowrank(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--out",
+        &out_s,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
         assert!(out_dir.join(f).exists(), "{f} missing");
     }
-    let got = json_out(&lowrank(&["eval", "--model", &out_s, "--data", &fx("data/eval.jsonl")]));
+    let got = json_out(&lowrank(&[
+        "eval",
+        "--model",
+        &out_s,
+        "--data",
+        &fx("data/eval.jsonl"),
+    ]));
     let want = reference("qwen2-tied__regex");
     assert!((got["loss"].as_f64().unwrap() - want["loss"].as_f64().unwrap()).abs() < 1e-4);
     // No tensor of the adapter's kind may remain; the names are the base's.
     let bytes = std::fs::read(out_dir.join("model.safetensors")).unwrap();
     let st = safetensors_names(&bytes);
-    assert!(st.iter().all(|n| !n.contains("lora")) && st.contains(&"model.embed_tokens.weight".to_string()));
+    assert!(
+        st.iter().all(|n| !n.contains("lora"))
+            && st.contains(&"model.embed_tokens.weight".to_string())
+    );
     // A second merge into the same folder is refused.
-    let again = lowrank(&["merge", "--model", &model, "--adapter", &adapter, "--out", &out_s]);
+    let again = lowrank(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--out",
+        &out_s,
+    ]);
     assert_fails_with(&again, &["already holds a checkpoint"]);
 }
 
 fn safetensors_names(bytes: &[u8]) -> Vec<String> {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect()
+    header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect()
 }
 
 #[test]
@@ -108,9 +179,20 @@ fn inspect_counts_r_times_d_plus_k() {
     assert_eq!(report["modules"].as_array().unwrap().len(), 4);
     assert_eq!(report["method"], "LoRA");
     // The base is found from base_model_name_or_path only when run from the repo root, so name it.
-    let out = lowrank(&["inspect", &fx("adapters/llama-untied__all-linear"), "--json", "--model", &fx("models/llama-untied")]);
+    let out = lowrank(&[
+        "inspect",
+        &fx("adapters/llama-untied__all-linear"),
+        "--json",
+        "--model",
+        &fx("models/llama-untied"),
+    ]);
     let report = json_out_whole(&out);
-    let q0 = report["modules"].as_array().unwrap().iter().find(|m| m["module"] == "model.layers.0.self_attn.q_proj").unwrap();
+    let q0 = report["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["module"] == "model.layers.0.self_attn.q_proj")
+        .unwrap();
     assert_eq!(q0["rank"], 2);
     assert!((q0["scale"].as_f64().unwrap() - 16.0 / 2f64.sqrt()).abs() < 1e-9);
     assert!(report["share_percent"].as_f64().unwrap() > 0.0);
@@ -119,28 +201,62 @@ fn inspect_counts_r_times_d_plus_k() {
 }
 
 fn json_out_whole(out: &Output) -> Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
 fn generate_streams_text_and_is_deterministic() {
     let model = fx("models/llama-tied");
-    let args = ["generate", "--model", &model, "--prompt", "The cat", "--max-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"];
+    let args = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "The cat",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ];
     let a = lowrank(&args);
     let b = lowrank(&args);
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert_eq!(a.stdout, b.stdout);
-    assert!(String::from_utf8_lossy(&a.stderr).contains("8 generated"));
-    let chat = lowrank(&["generate", "--model", &fx("models/qwen2-tied"), "--prompt", "hi", "--chat", "--max-tokens", "3"]);
-    assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
+    assert!(String::from_utf8_lossy(&a.stderr).contains("decode: 8 tokens"));
+    let chat = lowrank(&[
+        "generate",
+        "--model",
+        &fx("models/qwen2-tied"),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(
+        chat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chat.stderr)
+    );
 }
 
 #[test]
 fn every_command_has_help() {
     for cmd in ["eval", "generate", "merge", "inspect"] {
         let out = lowrank(&[cmd, "--help"]);
-        assert!(out.status.success() && !out.stdout.is_empty(), "{cmd} --help");
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{cmd} --help"
+        );
     }
 }
 
@@ -148,7 +264,11 @@ fn every_command_has_help() {
 fn adapter_copy(name: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixtures().join("adapters").join(name).join(f), tmp.path().join(f)).unwrap();
+        std::fs::copy(
+            fixtures().join("adapters").join(name).join(f),
+            tmp.path().join(f),
+        )
+        .unwrap();
     }
     tmp
 }
@@ -162,7 +282,15 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
 
 fn eval_with(model: &str, adapter: &Path) -> Output {
     let a = adapter.to_string_lossy().into_owned();
-    lowrank(&["eval", "--model", &fx(&format!("models/{model}")), "--adapter", &a, "--data", &fx("data/eval.jsonl")])
+    lowrank(&[
+        "eval",
+        "--model",
+        &fx(&format!("models/{model}")),
+        "--adapter",
+        &a,
+        "--data",
+        &fx("data/eval.jsonl"),
+    ])
 }
 
 #[test]
@@ -170,36 +298,67 @@ fn bad_adapters_are_named_errors() {
     // Rank in the config that does not fit the tensors.
     let d = adapter_copy("llama-tied__lora-qv");
     edit_config(d.path(), |v| v["r"] = 8.into());
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["adapter_model.safetensors", "lora_A", "expected [8, 32]"]);
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["adapter_model.safetensors", "lora_A", "expected [8, 32]"],
+    );
     // Targets a module that has no tensors.
     let d = adapter_copy("llama-tied__lora-qv");
-    edit_config(d.path(), |v| v["target_modules"] = serde_json::json!(["q_proj", "v_proj", "k_proj"]));
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["k_proj", "missing lora_A.weight"]);
+    edit_config(d.path(), |v| {
+        v["target_modules"] = serde_json::json!(["q_proj", "v_proj", "k_proj"])
+    });
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["k_proj", "missing lora_A.weight"],
+    );
     // Tensors the config does not target.
     let d = adapter_copy("llama-tied__lora-qv");
-    edit_config(d.path(), |v| v["target_modules"] = serde_json::json!(["q_proj"]));
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["v_proj", "does not target it"]);
+    edit_config(d.path(), |v| {
+        v["target_modules"] = serde_json::json!(["q_proj"])
+    });
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["v_proj", "does not target it"],
+    );
     // An adapter for another base: shapes do not fit.
     let d = adapter_copy("llama-untied__all-linear");
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["has shape", "expected"]);
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["has shape", "expected"],
+    );
     // Unsupported PEFT options.
     let d = adapter_copy("llama-tied__lora-qv");
     edit_config(d.path(), |v| v["bias"] = "all".into());
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["adapter_config.json", "`bias`"]);
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["adapter_config.json", "`bias`"],
+    );
     // DoRA flag without magnitudes.
     let d = adapter_copy("llama-tied__lora-qv");
     edit_config(d.path(), |v| v["use_dora"] = true.into());
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["lora_magnitude_vector"]);
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["lora_magnitude_vector"],
+    );
     // Missing files.
     let d = adapter_copy("llama-tied__lora-qv");
     std::fs::remove_file(d.path().join("adapter_model.safetensors")).unwrap();
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["adapter_model.safetensors"]);
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["adapter_model.safetensors"],
+    );
     let empty = tempfile::tempdir().unwrap();
-    assert_fails_with(&eval_with("llama-tied", empty.path()), &["adapter_config.json"]);
+    assert_fails_with(
+        &eval_with("llama-tied", empty.path()),
+        &["adapter_config.json"],
+    );
     // Not JSON.
     let d = adapter_copy("llama-tied__lora-qv");
     std::fs::write(d.path().join("adapter_config.json"), "{").unwrap();
-    assert_fails_with(&eval_with("llama-tied", d.path()), &["adapter_config.json", "invalid JSON"]);
+    assert_fails_with(
+        &eval_with("llama-tied", d.path()),
+        &["adapter_config.json", "invalid JSON"],
+    );
 }
 
 #[test]
@@ -208,31 +367,55 @@ fn bad_models_and_data_are_named_errors() {
     let data = tmp.path().join("bad.jsonl");
     std::fs::write(&data, "{\"text\": \"fine\"}\n{oops\n").unwrap();
     let d = data.to_string_lossy().into_owned();
-    assert_fails_with(&lowrank(&["eval", "--model", &fx("models/llama-tied"), "--data", &d]), &["bad.jsonl:2"]);
+    assert_fails_with(
+        &lowrank(&["eval", "--model", &fx("models/llama-tied"), "--data", &d]),
+        &["bad.jsonl:2"],
+    );
     std::fs::write(&data, "{\"prompt\": \"x\"}\n").unwrap();
-    assert_fails_with(&lowrank(&["eval", "--model", &fx("models/llama-tied"), "--data", &d]), &["bad.jsonl:1", "\"text\""]);
-    assert_fails_with(&lowrank(&["eval", "--model", "no/such-model", "--data", &d]), &["no/such-model", "not found"]);
+    assert_fails_with(
+        &lowrank(&["eval", "--model", &fx("models/llama-tied"), "--data", &d]),
+        &["bad.jsonl:1", "\"text\""],
+    );
+    assert_fails_with(
+        &lowrank(&["eval", "--model", "no/such-model", "--data", &d]),
+        &["no/such-model", "not found"],
+    );
 
     // A model folder with an unsupported architecture, then with a tensor missing.
     let model = tmp.path().join("model");
     std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(fixtures().join("models/llama-tied").join(f), model.join(f)).unwrap();
     }
     let config_path = model.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     let good = config.clone();
     config["model_type"] = "gpt_neox".into();
     std::fs::write(&config_path, config.to_string()).unwrap();
     let m = model.to_string_lossy().into_owned();
     let eval_data = fx("data/eval.jsonl");
-    assert_fails_with(&lowrank(&["eval", "--model", &m, "--data", &eval_data]), &["config.json", "gpt_neox"]);
+    assert_fails_with(
+        &lowrank(&["eval", "--model", &m, "--data", &eval_data]),
+        &["config.json", "gpt_neox"],
+    );
     let mut more_layers = good.clone();
     more_layers["num_hidden_layers"] = 3.into();
     std::fs::write(&config_path, more_layers.to_string()).unwrap();
-    assert_fails_with(&lowrank(&["eval", "--model", &m, "--data", &eval_data]), &["model.layers.2", "missing tensor"]);
+    assert_fails_with(
+        &lowrank(&["eval", "--model", &m, "--data", &eval_data]),
+        &["model.layers.2", "missing tensor"],
+    );
     let mut wider = good;
     wider["intermediate_size"] = 65.into();
     std::fs::write(&config_path, wider.to_string()).unwrap();
-    assert_fails_with(&lowrank(&["eval", "--model", &m, "--data", &eval_data]), &["gate_proj", "has shape"]);
+    assert_fails_with(
+        &lowrank(&["eval", "--model", &m, "--data", &eval_data]),
+        &["gate_proj", "has shape"],
+    );
 }

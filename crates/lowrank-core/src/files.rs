@@ -52,7 +52,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         .map(|(name, t)| Ok((name.clone(), t.contiguous()?)))
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?;
+    let bytes = safetensors::serialize(
+        contiguous.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+    )?;
     write_atomic(path, &bytes)
 }
 
@@ -65,7 +68,10 @@ mod tests {
     fn safetensors_round_trip_keeps_dtype_and_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let bf = t.to_dtype(DType::BF16).unwrap();
         write_safetensors(&path, &[("a".into(), t.clone()), ("b".into(), bf)]).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -82,7 +88,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.json");
         std::fs::write(&path, "{not json").unwrap();
-        let err = read_json::<serde_json::Value>(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.json") && err.contains("invalid JSON"), "{err}");
+        let err = read_json::<serde_json::Value>(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.json") && err.contains("invalid JSON"),
+            "{err}"
+        );
     }
 }

@@ -63,9 +63,14 @@ pub fn layer_index(key: &str, layers_pattern: &[String]) -> Option<usize> {
     let parts: Vec<&str> = key.split('.').collect();
     // A number followed by at least one more segment, after a named segment (PEFT: `.*?\.[^.]*\.(\d+)\.`).
     (2..parts.len()).find_map(|i| {
-        let is_index = i + 1 < parts.len() && !parts[i].is_empty() && parts[i].bytes().all(|b| b.is_ascii_digit());
-        let named_ok = layers_pattern.is_empty() || layers_pattern.iter().any(|p| p == parts[i - 1]);
-        (is_index && named_ok).then(|| parts[i].parse().ok()).flatten()
+        let is_index = i + 1 < parts.len()
+            && !parts[i].is_empty()
+            && parts[i].bytes().all(|b| b.is_ascii_digit());
+        let named_ok =
+            layers_pattern.is_empty() || layers_pattern.iter().any(|p| p == parts[i - 1]);
+        (is_index && named_ok)
+            .then(|| parts[i].parse().ok())
+            .flatten()
     })
 }
 
@@ -109,9 +114,15 @@ mod tests {
     #[test]
     fn layer_index_is_the_first_numbered_segment() {
         assert_eq!(layer_index(Q1, &[]), Some(1));
-        assert_eq!(layer_index("model.layers.12.block_sparse_moe.experts.3.w1", &[]), Some(12));
+        assert_eq!(
+            layer_index("model.layers.12.block_sparse_moe.experts.3.w1", &[]),
+            Some(12)
+        );
         assert_eq!(layer_index("lm_head", &[]), None);
-        assert_eq!(layer_index("model.h.4.attn.c_attn", &["layers".into()]), None);
+        assert_eq!(
+            layer_index("model.h.4.attn.c_attn", &["layers".into()]),
+            None
+        );
         assert_eq!(layer_index("model.h.4.attn.c_attn", &["h".into()]), Some(4));
     }
 
@@ -123,10 +134,22 @@ mod tests {
             (r"layers\.\d+\.mlp\..*".to_string(), 9),
         ];
         assert_eq!(pattern_value(&patterns, Q0), Some(&2));
-        assert_eq!(pattern_value(&patterns, "model.layers.1.mlp.down_proj"), Some(&6));
-        assert_eq!(pattern_value(&patterns, "model.layers.0.mlp.down_proj"), Some(&9));
-        assert_eq!(pattern_value(&patterns, "model.layers.0.self_attn.v_proj"), None);
+        assert_eq!(
+            pattern_value(&patterns, "model.layers.1.mlp.down_proj"),
+            Some(&6)
+        );
+        assert_eq!(
+            pattern_value(&patterns, "model.layers.0.mlp.down_proj"),
+            Some(&9)
+        );
+        assert_eq!(
+            pattern_value(&patterns, "model.layers.0.self_attn.v_proj"),
+            None
+        );
         // `(.*\.)?` means a pattern never matches in the middle of a segment.
-        assert_eq!(pattern_value(&patterns, "model.layers.0.self_attn.xq_proj"), None);
+        assert_eq!(
+            pattern_value(&patterns, "model.layers.0.self_attn.xq_proj"),
+            None
+        );
     }
 }

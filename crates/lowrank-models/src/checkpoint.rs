@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
 use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
 use lowrank_core::{Error, Result};
 use serde::Deserialize;
 
@@ -20,7 +20,9 @@ pub fn hf_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -58,7 +60,10 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
         .collect();
     match entries.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(not_found(format!("{} holds no snapshot", snapshots.display()))),
+        [] => Err(not_found(format!(
+            "{} holds no snapshot",
+            snapshots.display()
+        ))),
         _ => Err(not_found(format!(
             "{} holds several snapshots and refs/main names none of them",
             snapshots.display()
@@ -100,13 +105,23 @@ impl Checkpoint {
         };
         for f in &files {
             if !f.exists() {
-                return Err(Error::io(f, std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing")));
+                return Err(Error::io(
+                    f,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in the index is missing",
+                    ),
+                ));
             }
         }
         // SAFETY: the files are opened read-only; as with every mmap, they must not be truncated while in use.
         let tensors = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| Error::Msg(format!("{}: cannot read safetensors: {e}", dir.display())))?;
-        Ok(Checkpoint { dir: dir.to_path_buf(), files, tensors })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            tensors,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -138,10 +153,17 @@ impl Checkpoint {
     }
 
     /// Loads tensor `name` as `dtype`, checking its shape.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let t = self.tensors.load(name, device).map_err(|_| {
-            Error::Msg(format!("{}: missing tensor {name:?}", self.dir.display()))
-        })?;
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .load(name, device)
+            .map_err(|_| Error::Msg(format!("{}: missing tensor {name:?}", self.dir.display())))?;
         if t.dims() != shape {
             return Err(Error::Msg(format!(
                 "{}: tensor {name:?} has shape {:?}, expected {shape:?} from config.json",
@@ -154,7 +176,10 @@ impl Checkpoint {
 
     /// The dtype the weights are stored in (that of the embedding).
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
-        self.names().into_iter().find(|(n, _)| n == name).map(|(_, d)| d)
+        self.names()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d)
     }
 }
 
@@ -173,7 +198,10 @@ mod tests {
         std::env::set_var("HF_HUB_CACHE", cache.path());
         assert_eq!(resolve_model_dir("org/tiny").unwrap(), snap);
         let err = resolve_model_dir("org/missing").unwrap_err().to_string();
-        assert!(err.contains("org/missing") && err.contains("never downloads"), "{err}");
+        assert!(
+            err.contains("org/missing") && err.contains("never downloads"),
+            "{err}"
+        );
         let err = resolve_model_dir("no-such-dir").unwrap_err().to_string();
         assert!(err.contains("not a folder"), "{err}");
     }

@@ -63,7 +63,9 @@ fn default_max_pos() -> usize {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's piecewise scaling of the frequencies.
     Llama3 {
         factor: f64,
@@ -107,7 +109,10 @@ pub struct ModelConfig {
 fn token_ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }
@@ -119,15 +124,18 @@ impl ModelConfig {
     }
 
     pub fn from_value(raw: Value, path: &Path) -> Result<Self> {
-        let file: ConfigFile = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file: ConfigFile =
+            serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let bad = |field: &str, msg: String| Error::field(path, field, msg);
-        let model_type = file
-            .model_type
-            .clone()
-            .ok_or_else(|| bad("model_type", "missing; expected one of llama, mistral, qwen2".into()))?;
+        let model_type = file.model_type.clone().ok_or_else(|| {
+            bad(
+                "model_type",
+                "missing; expected one of llama, mistral, qwen2".into(),
+            )
+        })?;
         let architecture = match model_type.as_str() {
             "llama" => Architecture::Llama,
             "mistral" => Architecture::Mistral,
@@ -141,14 +149,23 @@ impl ModelConfig {
         };
         if let Some(act) = &file.hidden_act {
             if act != "silu" {
-                return Err(bad("hidden_act", format!("only \"silu\" is supported, found {act:?}")));
+                return Err(bad(
+                    "hidden_act",
+                    format!("only \"silu\" is supported, found {act:?}"),
+                ));
             }
         }
         if file.quantization_config.is_some() {
-            return Err(bad("quantization_config", "pre-quantized checkpoints are not supported yet".into()));
+            return Err(bad(
+                "quantization_config",
+                "pre-quantized checkpoints are not supported yet".into(),
+            ));
         }
         let num_kv_heads = file.num_key_value_heads.unwrap_or(file.num_attention_heads);
-        if file.num_attention_heads == 0 || num_kv_heads == 0 || file.num_attention_heads % num_kv_heads != 0 {
+        if file.num_attention_heads == 0
+            || num_kv_heads == 0
+            || !file.num_attention_heads.is_multiple_of(num_kv_heads)
+        {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -157,22 +174,42 @@ impl ModelConfig {
                 ),
             ));
         }
-        let head_dim = file.head_dim.unwrap_or(file.hidden_size / file.num_attention_heads);
-        if head_dim % 2 != 0 {
-            return Err(bad("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
+        let head_dim = file
+            .head_dim
+            .unwrap_or(file.hidden_size / file.num_attention_heads);
+        if !head_dim.is_multiple_of(2) {
+            return Err(bad(
+                "head_dim",
+                format!("rotary embeddings need an even head_dim, found {head_dim}"),
+            ));
         }
         // rope_parameters (newer transformers) holds rope_theta and the scaling together.
         let rope_params = file.rope_parameters.as_ref().filter(|v| v.is_object());
         let rope_theta = file
             .rope_theta
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(if architecture == Architecture::Qwen2 { 1_000_000.0 } else { 10_000.0 });
-        let scaling = file.rope_scaling.as_ref().filter(|v| !v.is_null()).or(rope_params);
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
+            .unwrap_or(if architecture == Architecture::Qwen2 {
+                1_000_000.0
+            } else {
+                10_000.0
+            });
+        let scaling = file
+            .rope_scaling
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .or(rope_params);
         let rope_scaling = parse_rope_scaling(scaling).map_err(|m| bad("rope_scaling", m))?;
         let sliding_window = match architecture {
             Architecture::Mistral => file.sliding_window,
             Architecture::Qwen2 if file.use_sliding_window => {
-                return Err(bad("use_sliding_window", "Qwen2 sliding-window layers are not supported".into()))
+                return Err(bad(
+                    "use_sliding_window",
+                    "Qwen2 sliding-window layers are not supported".into(),
+                ))
             }
             _ => None,
         };
@@ -228,7 +265,9 @@ impl ModelConfig {
 }
 
 fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, String> {
-    let Some(v) = v else { return Ok(RopeScaling::None) };
+    let Some(v) = v else {
+        return Ok(RopeScaling::None);
+    };
     let kind = v
         .get("rope_type")
         .or_else(|| v.get("type"))
@@ -241,7 +280,9 @@ fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, Str
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -294,11 +335,46 @@ mod tests {
     fn bad_configs_name_the_field() {
         let cases = [
             (json!({"model_type":"gpt2"}), "missing field"),
-            ({ let mut v = base(); v["model_type"] = json!("gpt2"); v }, "`model_type`"),
-            ({ let mut v = base(); v["num_key_value_heads"] = json!(3); v }, "`num_key_value_heads`"),
-            ({ let mut v = base(); v["hidden_act"] = json!("gelu"); v }, "`hidden_act`"),
-            ({ let mut v = base(); v["rope_scaling"] = json!({"rope_type":"yarn","factor":2.0}); v }, "`rope_scaling`"),
-            ({ let mut v = base(); v["rope_scaling"] = json!({"rope_type":"llama3","factor":2.0}); v }, "low_freq_factor"),
+            (
+                {
+                    let mut v = base();
+                    v["model_type"] = json!("gpt2");
+                    v
+                },
+                "`model_type`",
+            ),
+            (
+                {
+                    let mut v = base();
+                    v["num_key_value_heads"] = json!(3);
+                    v
+                },
+                "`num_key_value_heads`",
+            ),
+            (
+                {
+                    let mut v = base();
+                    v["hidden_act"] = json!("gelu");
+                    v
+                },
+                "`hidden_act`",
+            ),
+            (
+                {
+                    let mut v = base();
+                    v["rope_scaling"] = json!({"rope_type":"yarn","factor":2.0});
+                    v
+                },
+                "`rope_scaling`",
+            ),
+            (
+                {
+                    let mut v = base();
+                    v["rope_scaling"] = json!({"rope_type":"llama3","factor":2.0});
+                    v
+                },
+                "low_freq_factor",
+            ),
         ];
         for (v, expect) in cases {
             let err = parse(v).unwrap_err().to_string();

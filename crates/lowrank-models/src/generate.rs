@@ -20,7 +20,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
     }
 }
 
@@ -118,7 +123,11 @@ pub fn generate(
 
 /// Sum of −log p(token_t | tokens_<t) over t ≥ 1 and the number of predicted tokens, for one
 /// sequence.
-pub fn sequence_nll(model: &Llama, ids: &[u32], adapters: &[ActiveAdapter]) -> Result<(f64, usize)> {
+pub fn sequence_nll(
+    model: &Llama,
+    ids: &[u32],
+    adapters: &[ActiveAdapter],
+) -> Result<(f64, usize)> {
     if ids.len() < 2 {
         return Ok((0.0, 0));
     }
@@ -128,7 +137,10 @@ pub fn sequence_nll(model: &Llama, ids: &[u32], adapters: &[ActiveAdapter]) -> R
     let logprobs = candle_nn::ops::log_softmax(&logits.narrow(0, 0, ids.len() - 1)?, D::Minus1)?;
     let targets = Tensor::new(&ids[1..], model.device())?.unsqueeze(1)?;
     let picked = logprobs.gather(&targets, 1)?;
-    let total = picked.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let total = picked
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
     Ok((-total, ids.len() - 1))
 }
 
@@ -146,10 +158,18 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_repeat() {
         let logits = [0.5f32, 0.4, 0.3, 0.2];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: Some(1), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: Some(1),
+            ..Default::default()
+        });
         assert!((0..20).all(|_| s.sample(&logits) == 0));
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed, ..Default::default() });
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            });
             (0..30).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
@@ -160,9 +180,19 @@ mod tests {
     fn top_p_keeps_the_smallest_sufficient_prefix() {
         // Probabilities ≈ [0.84, 0.11, 0.04, 0.01]: top_p 0.8 keeps only the first.
         let logits = [4.0f32, 2.0, 1.0, -0.5];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: Some(0.8), seed: 3, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.8),
+            seed: 3,
+            ..Default::default()
+        });
         assert!((0..50).all(|_| s.sample(&logits) == 0));
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: Some(0.9), seed: 3, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.9),
+            seed: 3,
+            ..Default::default()
+        });
         let seen: std::collections::BTreeSet<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert_eq!(seen, [0, 1].into());
     }

@@ -31,7 +31,12 @@ pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     match config.rope_scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let (factor, low, high, old) = (
                 factor as f32,
                 low_freq_factor as f32,
@@ -61,7 +66,9 @@ impl Rope {
     pub fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
         let inv = inverse_frequencies(config);
         let half = inv.len();
-        Ok(Rope { inv_freq: Tensor::from_vec(inv, (1, half), device)? })
+        Ok(Rope {
+            inv_freq: Tensor::from_vec(inv, (1, half), device)?,
+        })
     }
 
     /// Tables for positions `start..start+seq`.
@@ -71,7 +78,10 @@ impl Rope {
             .reshape((seq, 1))?;
         let freqs = positions.broadcast_mul(&self.inv_freq)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok(RopeTables { cos: emb.cos()?, sin: emb.sin()? })
+        Ok(RopeTables {
+            cos: emb.cos()?,
+            sin: emb.sin()?,
+        })
     }
 
     /// Tables for explicit positions (batch, seq) (u32), e.g. restarting at 0 for each sequence
@@ -82,7 +92,10 @@ impl Rope {
         let pos = positions.to_dtype(DType::F32)?.reshape((batch, seq, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        Ok(RopeTables { cos: emb.cos()?, sin: emb.sin()? })
+        Ok(RopeTables {
+            cos: emb.cos()?,
+            sin: emb.sin()?,
+        })
     }
 }
 
@@ -135,9 +148,21 @@ mod tests {
         let rope = Rope::new(&c, &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1., (1, 1, 3, 64), &Device::Cpu).unwrap();
         let y = rope.tables(0, 3).unwrap().apply(&x).unwrap();
-        let d0 = (x.narrow(2, 0, 1).unwrap() - y.narrow(2, 0, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        let d0 = (x.narrow(2, 0, 1).unwrap() - y.narrow(2, 0, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(d0.to_scalar::<f32>().unwrap() < 1e-7);
-        let n = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let n = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         assert!((n(&x) - n(&y)).abs() < 1e-3);
     }
 }

@@ -27,13 +27,21 @@ fn eval_texts() -> Vec<String> {
     std::fs::read_to_string(fixtures().join("data/eval.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
 fn load(base: &str) -> (Llama, Tokenizer) {
     let dir = fixtures().join("models").join(base);
-    (Llama::load(&dir, &Device::Cpu).unwrap(), Tokenizer::load(&dir).unwrap())
+    (
+        Llama::load(&dir, &Device::Cpu).unwrap(),
+        Tokenizer::load(&dir).unwrap(),
+    )
 }
 
 fn base_of(adapter: &str) -> &str {
@@ -41,24 +49,56 @@ fn base_of(adapter: &str) -> &str {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Our log-softmax for every eval line must equal transformers' within 1e-4, with identical ids.
-fn check_logprobs(model: &Llama, tokenizer: &Tokenizer, adapters: &[ActiveAdapter], reference: &str) -> f32 {
-    let refs: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixtures().join("reference").join(format!("{reference}.safetensors")), &Device::Cpu)
-            .unwrap();
+fn check_logprobs(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    adapters: &[ActiveAdapter],
+    reference: &str,
+) -> f32 {
+    let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
+        fixtures()
+            .join("reference")
+            .join(format!("{reference}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut worst = 0f32;
     for (i, text) in eval_texts().iter().enumerate() {
         let ids = tokenizer.encode(text, true).unwrap();
         let ref_ids: Vec<i64> = refs[&format!("input_ids.{i}")].to_vec1().unwrap();
-        assert_eq!(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), ref_ids, "{reference}: tokenization of line {i}");
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = model.forward(&input, None, adapters).unwrap().squeeze(0).unwrap();
+        assert_eq!(
+            ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+            ref_ids,
+            "{reference}: tokenization of line {i}"
+        );
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .forward(&input, None, adapters)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let diff = max_abs_diff(&logprobs, &refs[&format!("logprobs.{i}")]);
-        assert!(diff <= 1e-4, "{reference}: line {i}: max |Δ logprob| = {diff}");
+        assert!(
+            diff <= 1e-4,
+            "{reference}: line {i}: max |Δ logprob| = {diff}"
+        );
         worst = worst.max(diff);
     }
     worst
@@ -76,7 +116,9 @@ fn base_models_match_transformers() {
 fn unmerged_adapters_match_peft() {
     for name in ADAPTERS {
         let (model, tokenizer) = load(base_of(name));
-        let adapter = model.load_adapter(&fixtures().join("adapters").join(name)).unwrap();
+        let adapter = model
+            .load_adapter(&fixtures().join("adapters").join(name))
+            .unwrap();
         check_logprobs(&model, &tokenizer, &[ActiveAdapter::new(&adapter)], name);
     }
 }
@@ -86,15 +128,32 @@ fn merged_adapters_match_peft_and_unmerge_restores_the_base() {
     for name in ADAPTERS {
         let (mut model, tokenizer) = load(base_of(name));
         let original = model.named_weights().unwrap();
-        let adapter = model.load_adapter(&fixtures().join("adapters").join(name)).unwrap();
+        let adapter = model
+            .load_adapter(&fixtures().join("adapters").join(name))
+            .unwrap();
         model.merge_adapter("a", &adapter, 1.0).unwrap();
         check_logprobs(&model, &tokenizer, &[], name);
         model.unmerge_adapter("a").unwrap();
         for ((n, before), (_, after)) in original.iter().zip(model.named_weights().unwrap()) {
-            let scale = before.to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let diff = max_abs_diff(&before.to_dtype(DType::F32).unwrap(), &after.to_dtype(DType::F32).unwrap());
+            let scale = before
+                .to_dtype(DType::F32)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(
+                &before.to_dtype(DType::F32).unwrap(),
+                &after.to_dtype(DType::F32).unwrap(),
+            );
             // Stored-dtype weights (bf16/f16) must round back to the very same values.
-            let tolerance = if model.stored_dtype() == DType::F32 { 1e-6 * scale.max(1.0) } else { 0.0 };
+            let tolerance = if model.stored_dtype() == DType::F32 {
+                1e-6 * scale.max(1.0)
+            } else {
+                0.0
+            };
             assert!(diff <= tolerance, "{name}: {n} not restored: {diff}");
         }
     }
@@ -104,38 +163,73 @@ fn merged_adapters_match_peft_and_unmerge_restores_the_base() {
 fn merged_weights_equal_peft_merge_and_unload() {
     for name in ADAPTERS {
         let (mut model, _) = load(base_of(name));
-        let adapter = model.load_adapter(&fixtures().join("adapters").join(name)).unwrap();
+        let adapter = model
+            .load_adapter(&fixtures().join("adapters").join(name))
+            .unwrap();
         model.merge_adapter("a", &adapter, 1.0).unwrap();
-        let peft = lowrank_models::checkpoint::Checkpoint::open(&fixtures().join("merged").join(name)).unwrap();
+        let peft =
+            lowrank_models::checkpoint::Checkpoint::open(&fixtures().join("merged").join(name))
+                .unwrap();
         for (tensor_name, ours) in model.named_weights().unwrap() {
-            let theirs = peft.load(&tensor_name, ours.dims(), DType::F32, &Device::Cpu).unwrap();
+            let theirs = peft
+                .load(&tensor_name, ours.dims(), DType::F32, &Device::Cpu)
+                .unwrap();
             let ours = ours.to_dtype(DType::F32).unwrap();
-            let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+            let scale = theirs
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1e-3);
             // f32 bases: rounding only. bf16/f16 bases: PEFT merges in the stored dtype, we in f32 and round once.
-            let tolerance = if model.stored_dtype() == DType::F32 { 1e-5 } else { 1.6e-2 };
+            let tolerance = if model.stored_dtype() == DType::F32 {
+                1e-5
+            } else {
+                1.6e-2
+            };
             let diff = max_abs_diff(&ours, &theirs) / scale;
-            assert!(diff <= tolerance, "{name}: {tensor_name}: relative diff {diff}");
+            assert!(
+                diff <= tolerance,
+                "{name}: {tensor_name}: relative diff {diff}"
+            );
         }
     }
 }
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference/generate.json")).unwrap()).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/generate.json")).unwrap(),
+    )
+    .unwrap();
     for case in cases {
         let (model, tokenizer) = load(case["model"].as_str().unwrap());
-        let adapter: Option<LoraAdapter> = case["adapter"]
-            .as_str()
-            .map(|a| model.load_adapter(&fixtures().join("adapters").join(a)).unwrap());
+        let adapter: Option<LoraAdapter> = case["adapter"].as_str().map(|a| {
+            model
+                .load_adapter(&fixtures().join("adapters").join(a))
+                .unwrap()
+        });
         let active: Vec<ActiveAdapter> = adapter.iter().map(ActiveAdapter::new).collect();
-        let prompt = tokenizer.encode(case["prompt"].as_str().unwrap(), true).unwrap();
+        let prompt = tokenizer
+            .encode(case["prompt"].as_str().unwrap(), true)
+            .unwrap();
         let expect_prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
         assert_eq!(prompt, expect_prompt);
         let mut sampler = Sampler::new(SamplingParams::default());
         let max = case["max_new_tokens"].as_u64().unwrap() as usize;
         let eos = tokenizer.eos_token_id().into_iter().collect::<Vec<_>>();
-        let out = generate(&model, &prompt, &active, &mut sampler, max, &eos, |_| Ok(())).unwrap();
+        let out = generate(
+            &model,
+            &prompt,
+            &active,
+            &mut sampler,
+            max,
+            &eos,
+            |_| Ok(()),
+        )
+        .unwrap();
         let expect: Vec<u32> = serde_json::from_value(case["token_ids"].clone()).unwrap();
         assert_eq!(out, expect, "{case}");
     }
@@ -146,19 +240,39 @@ fn kv_cached_decoding_equals_a_full_forward() {
     let (model, tokenizer) = load("mistral");
     let ids = tokenizer.encode(&eval_texts()[3], true).unwrap();
     let full = model
-        .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, &[])
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+            &[],
+        )
         .unwrap()
         .squeeze(0)
         .unwrap();
     let mut cache = lowrank_models::KvCache::new();
     let split = 5;
-    let first = Tensor::new(&ids[..split], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let first = Tensor::new(&ids[..split], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     model.forward(&first, Some(&mut cache), &[]).unwrap();
     for (t, &id) in ids.iter().enumerate().skip(split) {
         let step = model
-            .forward(&Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache), &[])
+            .forward(
+                &Tensor::new(&[id], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                Some(&mut cache),
+                &[],
+            )
             .unwrap();
-        let diff = max_abs_diff(&step.squeeze(0).unwrap().squeeze(0).unwrap(), &full.get(t).unwrap());
+        let diff = max_abs_diff(
+            &step.squeeze(0).unwrap().squeeze(0).unwrap(),
+            &full.get(t).unwrap(),
+        );
         assert!(diff < 1e-4, "position {t}: {diff}");
     }
     assert_eq!(cache.len(), ids.len());
@@ -166,20 +280,30 @@ fn kv_cached_decoding_equals_a_full_forward() {
 
 #[test]
 fn chat_templates_render_like_transformers() {
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference/chat.json")).unwrap()).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/chat.json")).unwrap(),
+    )
+    .unwrap();
     for case in cases {
-        let dir = fixtures().join("models").join(case["model"].as_str().unwrap());
+        let dir = fixtures()
+            .join("models")
+            .join(case["model"].as_str().unwrap());
         let tokenizer = Tokenizer::load(&dir).unwrap();
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let add = case["add_generation_prompt"].as_bool().unwrap();
         match case["error"].as_str() {
             Some(msg) => {
-                let err = tokenizer.apply_chat_template(&messages, add).unwrap_err().to_string();
+                let err = tokenizer
+                    .apply_chat_template(&messages, add)
+                    .unwrap_err()
+                    .to_string();
                 assert!(err.contains(msg), "{err}");
             }
             None => {
-                assert_eq!(tokenizer.apply_chat_template(&messages, add).unwrap(), case["text"].as_str().unwrap());
+                assert_eq!(
+                    tokenizer.apply_chat_template(&messages, add).unwrap(),
+                    case["text"].as_str().unwrap()
+                );
                 let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
                 assert_eq!(tokenizer.encode_chat(&messages, add).unwrap(), ids);
             }
@@ -191,11 +315,16 @@ fn chat_templates_render_like_transformers() {
 fn our_adapter_writer_round_trips_peft_files() {
     for name in ADAPTERS {
         let (model, _) = load(base_of(name));
-        let original = model.load_adapter(&fixtures().join("adapters").join(name)).unwrap();
+        let original = model
+            .load_adapter(&fixtures().join("adapters").join(name))
+            .unwrap();
         let tmp = tempfile::tempdir().unwrap();
         original.save(tmp.path()).unwrap();
         let again = model.load_adapter(tmp.path()).unwrap();
-        assert_eq!(original.modules.keys().collect::<Vec<_>>(), again.modules.keys().collect::<Vec<_>>());
+        assert_eq!(
+            original.modules.keys().collect::<Vec<_>>(),
+            again.modules.keys().collect::<Vec<_>>()
+        );
         for (key, m) in &original.modules {
             let n = &again.modules[key];
             assert_eq!(max_abs_diff(&m.a, &n.a), 0.0);
@@ -205,12 +334,32 @@ fn our_adapter_writer_round_trips_peft_files() {
         }
         // The config keeps PEFT's fields: what we write, PEFT reads the same way.
         let peft: Value = serde_json::from_str(
-            &std::fs::read_to_string(fixtures().join("adapters").join(name).join("adapter_config.json")).unwrap(),
+            &std::fs::read_to_string(
+                fixtures()
+                    .join("adapters")
+                    .join(name)
+                    .join("adapter_config.json"),
+            )
+            .unwrap(),
         )
         .unwrap();
-        let ours: Value =
-            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
-        for field in ["peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "bias", "task_type"] {
+        let ours: Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        for field in [
+            "peft_type",
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "use_dora",
+            "target_modules",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "bias",
+            "task_type",
+        ] {
             let (a, b) = (&peft[field], &ours[field]);
             let same = a == b || (a.as_f64().is_some() && a.as_f64() == b.as_f64());
             assert!(same, "{name}: field {field}: PEFT {a} vs ours {b}");

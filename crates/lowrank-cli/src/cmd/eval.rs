@@ -37,7 +37,11 @@ pub fn run(args: Args) -> Result<()> {
     let (mut total, mut count) = (0.0, 0usize);
     for (i, line) in lines.iter().enumerate() {
         let Some(text) = line.get("text").and_then(|t| t.as_str()) else {
-            bail!("{}:{}: expected an object with a string field \"text\"", args.data.display(), i + 1);
+            bail!(
+                "{}:{}: expected an object with a string field \"text\"",
+                args.data.display(),
+                i + 1
+            );
         };
         let mut ids = loaded.tokenizer.encode(text, true)?;
         if let Some(n) = args.max_len {
@@ -48,7 +52,10 @@ pub fn run(args: Args) -> Result<()> {
         count += n;
     }
     if count == 0 {
-        bail!("{}: no line has two or more tokens, nothing to predict", args.data.display());
+        bail!(
+            "{}: no line has two or more tokens, nothing to predict",
+            args.data.display()
+        );
     }
     let loss = total / count as f64;
     println!(

@@ -70,7 +70,9 @@ fn stop_ids(loaded: &super::Loaded) -> Result<Vec<u32>> {
         let v: serde_json::Value = lowrank_core::files::read_json(&path)?;
         match v.get("eos_token_id") {
             Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-            Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+            Some(serde_json::Value::Array(a)) => {
+                ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+            }
             _ => {}
         }
     }
@@ -85,25 +87,68 @@ pub fn run(args: Args) -> Result<()> {
     let adapters = load_adapters(&loaded.model, &args.adapter)?;
     let active = activate(&mut loaded.model, &adapters, args.merge)?;
     let prompt = if args.chat {
-        let messages = [Message { role: "user".into(), content: args.prompt.clone() }];
-        loaded.tokenizer.encode_chat(&messages, true).context("--chat")?
+        let messages = [Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }];
+        loaded
+            .tokenizer
+            .encode_chat(&messages, true)
+            .context("--chat")?
     } else {
         loaded.tokenizer.encode(&args.prompt, true)?
     };
-    let stops = if args.ignore_eos { vec![] } else { stop_ids(&loaded)? };
+    let stops = if args.ignore_eos {
+        vec![]
+    } else {
+        stop_ids(&loaded)?
+    };
     let mut sampler = Sampler::new(SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
     });
-    let mut printer = StreamPrinter { tokenizer: &loaded.tokenizer, ids: vec![], printed: 0 };
+    let mut printer = StreamPrinter {
+        tokenizer: &loaded.tokenizer,
+        ids: vec![],
+        printed: 0,
+    };
     let start = std::time::Instant::now();
-    let tokens = generate(&loaded.model, &prompt, &active, &mut sampler, args.max_tokens, &stops, |t| {
-        printer.push(t).map_err(|e| lowrank_core::Error::Msg(e.to_string()))
-    })?;
+    let mut first_token_at = None;
+    let tokens = generate(
+        &loaded.model,
+        &prompt,
+        &active,
+        &mut sampler,
+        args.max_tokens,
+        &stops,
+        |t| {
+            first_token_at.get_or_insert_with(std::time::Instant::now);
+            printer
+                .push(t)
+                .map_err(|e| lowrank_core::Error::Msg(e.to_string()))
+        },
+    )?;
     println!();
-    let secs = start.elapsed().as_secs_f64();
-    eprintln!("[{} prompt tokens, {} generated, {:.1} tokens/s]", prompt.len(), tokens.len(), tokens.len() as f64 / secs);
+    // The first token comes out of the prompt's forward pass; the rest are one decoding step each.
+    let end = std::time::Instant::now();
+    let prefill = first_token_at
+        .map_or(end - start, |t| t - start)
+        .as_secs_f64();
+    let decode = first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
+    let decode_rate = if tokens.len() > 1 {
+        (tokens.len() - 1) as f64 / decode
+    } else {
+        0.0
+    };
+    eprintln!(
+        "[prefill: {} tokens in {:.3} s ({:.1} tokens/s); decode: {} tokens at {:.1} tokens/s]",
+        prompt.len(),
+        prefill,
+        prompt.len() as f64 / prefill,
+        tokens.len(),
+        decode_rate
+    );
     Ok(())
 }

@@ -65,7 +65,9 @@ pub fn run(args: Args) -> Result<()> {
     let base_model = args.model.clone().or_else(|| config.base_model.clone());
     let base_parameters = base_model.as_deref().and_then(|spec| {
         let dir = lowrank_models::checkpoint::resolve_model_dir(spec).ok()?;
-        ModelConfig::load(&dir.join("config.json")).ok().map(|c| c.num_parameters())
+        ModelConfig::load(&dir.join("config.json"))
+            .ok()
+            .map(|c| c.num_parameters())
     });
     let trainable = adapter.num_parameters();
     let file_bytes = [CONFIG_FILE, WEIGHTS_FILE]
@@ -90,11 +92,26 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{} adapter{}: {}", report.method, if report.use_rslora { " (rsLoRA: α/√r)" } else { "" }, args.adapter.display());
-    println!("{:<44} {:>5} {:>8} {:>9} {:>11} {:>10}", "module", "rank", "alpha", "scale", "shape", "params");
+    println!(
+        "{} adapter{}: {}",
+        report.method,
+        if report.use_rslora {
+            " (rsLoRA: α/√r)"
+        } else {
+            ""
+        },
+        args.adapter.display()
+    );
+    println!(
+        "{:<44} {:>5} {:>8} {:>9} {:>11} {:>10}",
+        "module", "rank", "alpha", "scale", "shape", "params"
+    );
     for m in &report.modules {
         let shape = format!("{}x{}", m.out_features, m.in_features);
-        println!("{:<44} {:>5} {:>8} {:>9.4} {:>11} {:>10}", m.module, m.rank, m.alpha, m.scale, shape, m.parameters);
+        println!(
+            "{:<44} {:>5} {:>8} {:>9.4} {:>11} {:>10}",
+            m.module, m.rank, m.alpha, m.scale, shape, m.parameters
+        );
     }
     print!("trainable parameters: {}", report.trainable_parameters);
     match (report.base_parameters, report.share_percent) {

@@ -162,20 +162,32 @@ impl LoraConfig {
         if file.peft_type != "LORA" {
             return Err(bad(
                 "peft_type",
-                format!("expected \"LORA\", found {:?} (other PEFT methods are not supported here)", file.peft_type),
+                format!(
+                    "expected \"LORA\", found {:?} (other PEFT methods are not supported here)",
+                    file.peft_type
+                ),
             ));
         }
         if file.r == 0 {
             return Err(bad("r", "the rank must be at least 1".into()));
         }
         if file.bias != "none" {
-            return Err(bad("bias", format!("only \"none\" is supported, found {:?}", file.bias)));
+            return Err(bad(
+                "bias",
+                format!("only \"none\" is supported, found {:?}", file.bias),
+            ));
         }
         if file.fan_in_fan_out {
-            return Err(bad("fan_in_fan_out", "transposed (Conv1D) weights are not supported".into()));
+            return Err(bad(
+                "fan_in_fan_out",
+                "transposed (Conv1D) weights are not supported".into(),
+            ));
         }
         if file.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(bad("modules_to_save", "fully trained extra modules are not supported".into()));
+            return Err(bad(
+                "modules_to_save",
+                "fully trained extra modules are not supported".into(),
+            ));
         }
         if file.other.get("lora_bias").is_some_and(is_set) {
             return Err(bad("lora_bias", "adapter biases are not supported".into()));
@@ -189,26 +201,41 @@ impl LoraConfig {
             }
         }
         if !(0.0..1.0).contains(&file.lora_dropout) {
-            return Err(bad("lora_dropout", format!("expected a value in [0, 1), found {}", file.lora_dropout)));
+            return Err(bad(
+                "lora_dropout",
+                format!("expected a value in [0, 1), found {}", file.lora_dropout),
+            ));
         }
         let targets = match &file.target_modules {
-            None => return Err(bad("target_modules", "missing: name the modules the adapter applies to".into())),
+            None => {
+                return Err(bad(
+                    "target_modules",
+                    "missing: name the modules the adapter applies to".into(),
+                ))
+            }
             Some(ModuleSelectorWire::Pattern(p)) if p == "all-linear" => {
                 ModuleSelector::Names(ALL_LINEAR.iter().map(|s| s.to_string()).collect())
             }
-            Some(w) => ModuleSelector::from_wire(w).map_err(|e| bad("target_modules", format!("invalid regex: {e}")))?,
+            Some(w) => ModuleSelector::from_wire(w)
+                .map_err(|e| bad("target_modules", format!("invalid regex: {e}")))?,
         };
         let exclude = file
             .exclude_modules
             .as_ref()
-            .map(|w| ModuleSelector::from_wire(w).map_err(|e| bad("exclude_modules", format!("invalid regex: {e}"))))
+            .map(|w| {
+                ModuleSelector::from_wire(w)
+                    .map_err(|e| bad("exclude_modules", format!("invalid regex: {e}")))
+            })
             .transpose()?;
         let rank_pattern = file
             .rank_pattern
             .iter()
             .map(|(k, v)| match v.as_u64() {
                 Some(r) if r > 0 => Ok((k.clone(), r as usize)),
-                _ => Err(bad("rank_pattern", format!("{k:?}: expected a positive integer rank, found {v}"))),
+                _ => Err(bad(
+                    "rank_pattern",
+                    format!("{k:?}: expected a positive integer rank, found {v}"),
+                )),
             })
             .collect::<Result<Vec<_>>>()?;
         let alpha_pattern = file
@@ -216,11 +243,15 @@ impl LoraConfig {
             .iter()
             .map(|(k, v)| match v.as_f64() {
                 Some(a) => Ok((k.clone(), a)),
-                None => Err(bad("alpha_pattern", format!("{k:?}: expected a number, found {v}"))),
+                None => Err(bad(
+                    "alpha_pattern",
+                    format!("{k:?}: expected a number, found {v}"),
+                )),
             })
             .collect::<Result<Vec<_>>>()?;
         for (key, _) in file.rank_pattern.iter().chain(file.alpha_pattern.iter()) {
-            regex::Regex::new(key).map_err(|e| bad("rank_pattern/alpha_pattern", format!("{key:?}: {e}")))?;
+            regex::Regex::new(key)
+                .map_err(|e| bad("rank_pattern/alpha_pattern", format!("{key:?}: {e}")))?;
         }
         let layers_to_transform = file.layers_to_transform.as_ref().map(|l| match l {
             LayersWire::One(i) => vec![*i],
@@ -232,7 +263,11 @@ impl LoraConfig {
             Some(ModuleSelectorWire::Names(v)) => v.clone(),
         };
         Ok(LoraConfig {
-            variant: if file.use_dora { LoraVariant::Dora } else { LoraVariant::Lora },
+            variant: if file.use_dora {
+                LoraVariant::Dora
+            } else {
+                LoraVariant::Lora
+            },
             rank: file.r,
             alpha: file.lora_alpha,
             use_rslora: file.use_rslora,
@@ -252,7 +287,9 @@ impl LoraConfig {
     pub fn to_file(&self) -> LoraConfigFile {
         let mut other = self.other.clone();
         other.entry("inference_mode").or_insert(Value::Bool(true));
-        other.entry("init_lora_weights").or_insert(Value::Bool(true));
+        other
+            .entry("init_lora_weights")
+            .or_insert(Value::Bool(true));
         other.entry("revision").or_insert(Value::Null);
         LoraConfigFile {
             peft_type: "LORA".into(),
@@ -265,10 +302,19 @@ impl LoraConfig {
             use_dora: self.variant == LoraVariant::Dora,
             target_modules: Some(self.targets.to_wire()),
             exclude_modules: self.exclude.as_ref().map(ModuleSelector::to_wire),
-            rank_pattern: self.rank_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect(),
-            alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), number(*v))).collect(),
+            rank_pattern: self
+                .rank_pattern
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(*v)))
+                .collect(),
+            alpha_pattern: self
+                .alpha_pattern
+                .iter()
+                .map(|(k, v)| (k.clone(), number(*v)))
+                .collect(),
             layers_to_transform: self.layers_to_transform.clone().map(LayersWire::Many),
-            layers_pattern: (!self.layers_pattern.is_empty()).then(|| ModuleSelectorWire::Names(self.layers_pattern.clone())),
+            layers_pattern: (!self.layers_pattern.is_empty())
+                .then(|| ModuleSelectorWire::Names(self.layers_pattern.clone())),
             bias: "none".into(),
             fan_in_fan_out: false,
             modules_to_save: None,
@@ -300,12 +346,16 @@ impl LoraConfig {
 
     /// The rank of module `key` (`rank_pattern` first).
     pub fn rank_for(&self, key: &str) -> usize {
-        pattern_value(&self.rank_pattern, key).copied().unwrap_or(self.rank)
+        pattern_value(&self.rank_pattern, key)
+            .copied()
+            .unwrap_or(self.rank)
     }
 
     /// The α of module `key` (`alpha_pattern` first).
     pub fn alpha_for(&self, key: &str) -> f64 {
-        pattern_value(&self.alpha_pattern, key).copied().unwrap_or(self.alpha)
+        pattern_value(&self.alpha_pattern, key)
+            .copied()
+            .unwrap_or(self.alpha)
     }
 
     /// The scale s of module `key`: α/r, or α/√r with rsLoRA.
@@ -322,7 +372,15 @@ impl LoraConfig {
 
 /// What `all-linear` expands to for the Llama family: every linear in the decoder layers; the
 /// output head is excluded, as PEFT does.
-pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const ALL_LINEAR: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 #[cfg(test)]
 mod tests {
@@ -346,7 +404,9 @@ mod tests {
         assert_eq!(c.rank_for("model.layers.1.mlp.down_proj"), 6);
         assert_eq!(c.rank_for("model.layers.0.mlp.down_proj"), 4);
         assert!((c.scale_for("model.layers.0.self_attn.v_proj") - 3.0 / 2.0).abs() < 1e-12);
-        assert!((c.scale_for("model.layers.0.self_attn.q_proj") - 16.0 / 2f64.sqrt()).abs() < 1e-12);
+        assert!(
+            (c.scale_for("model.layers.0.self_attn.q_proj") - 16.0 / 2f64.sqrt()).abs() < 1e-12
+        );
         assert!(c.targets_module("model.layers.0.self_attn.v_proj"));
         assert!(!c.targets_module("model.layers.0.self_attn.k_proj"));
         // Unknown fields survive a rewrite.
@@ -357,7 +417,8 @@ mod tests {
 
     #[test]
     fn plain_lora_scale_is_alpha_over_r() {
-        let c = parse(r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj"]}"#).unwrap();
+        let c = parse(r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj"]}"#)
+            .unwrap();
         assert_eq!(c.scale_for("model.layers.0.self_attn.q_proj"), 2.0);
         assert_eq!(c.variant, LoraVariant::Lora);
     }
@@ -370,7 +431,9 @@ mod tests {
         .unwrap();
         assert!(!c.targets_module("model.layers.0.self_attn.q_proj"));
         assert!(c.targets_module("model.layers.1.self_attn.q_proj"));
-        let one = parse(r#"{"peft_type":"LORA","target_modules":["q_proj"],"layers_to_transform":0}"#).unwrap();
+        let one =
+            parse(r#"{"peft_type":"LORA","target_modules":["q_proj"],"layers_to_transform":0}"#)
+                .unwrap();
         assert!(one.targets_module("model.layers.0.self_attn.q_proj"));
         assert!(!one.targets_module("model.layers.1.self_attn.q_proj"));
     }
@@ -390,20 +453,50 @@ mod tests {
     #[test]
     fn unsupported_options_are_named() {
         let cases = [
-            (r#"{"peft_type":"LORA","target_modules":["q_proj"],"bias":"all"}"#, "`bias`"),
-            (r#"{"peft_type":"LORA","target_modules":["q_proj"],"modules_to_save":["lm_head"]}"#, "`modules_to_save`"),
-            (r#"{"peft_type":"LORA","target_modules":["q_proj"],"fan_in_fan_out":true}"#, "`fan_in_fan_out`"),
-            (r#"{"peft_type":"IA3","target_modules":["q_proj"]}"#, "`peft_type`"),
+            (
+                r#"{"peft_type":"LORA","target_modules":["q_proj"],"bias":"all"}"#,
+                "`bias`",
+            ),
+            (
+                r#"{"peft_type":"LORA","target_modules":["q_proj"],"modules_to_save":["lm_head"]}"#,
+                "`modules_to_save`",
+            ),
+            (
+                r#"{"peft_type":"LORA","target_modules":["q_proj"],"fan_in_fan_out":true}"#,
+                "`fan_in_fan_out`",
+            ),
+            (
+                r#"{"peft_type":"IA3","target_modules":["q_proj"]}"#,
+                "`peft_type`",
+            ),
             (r#"{"peft_type":"LORA"}"#, "`target_modules`"),
-            (r#"{"peft_type":"LORA","target_modules":"("}"#, "`target_modules`"),
-            (r#"{"peft_type":"LORA","target_modules":["q_proj"],"r":0}"#, "`r`"),
-            (r#"{"peft_type":"LORA","target_modules":["q_proj"],"rank_pattern":{"q_proj":"x"}}"#, "`rank_pattern`"),
-            (r#"{"peft_type":"LORA","target_modules":["q_proj"],"layer_replication":[[0,1]]}"#, "`layer_replication`"),
-            (r#"{"peft_type":"LORA","target_modules":["q_proj"],"lora_bias":true}"#, "`lora_bias`"),
+            (
+                r#"{"peft_type":"LORA","target_modules":"("}"#,
+                "`target_modules`",
+            ),
+            (
+                r#"{"peft_type":"LORA","target_modules":["q_proj"],"r":0}"#,
+                "`r`",
+            ),
+            (
+                r#"{"peft_type":"LORA","target_modules":["q_proj"],"rank_pattern":{"q_proj":"x"}}"#,
+                "`rank_pattern`",
+            ),
+            (
+                r#"{"peft_type":"LORA","target_modules":["q_proj"],"layer_replication":[[0,1]]}"#,
+                "`layer_replication`",
+            ),
+            (
+                r#"{"peft_type":"LORA","target_modules":["q_proj"],"lora_bias":true}"#,
+                "`lora_bias`",
+            ),
         ];
         for (json, field) in cases {
             let err = parse(json).unwrap_err().to_string();
-            assert!(err.contains(field) && err.contains("adapter_config.json"), "{json}: {err}");
+            assert!(
+                err.contains(field) && err.contains("adapter_config.json"),
+                "{json}: {err}"
+            );
         }
         // Unset optional features are fine.
         parse(r#"{"peft_type":"LORA","target_modules":["q_proj"],"layer_replication":null,"lora_bias":false,"target_parameters":[]}"#)

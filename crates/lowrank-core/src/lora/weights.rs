@@ -48,7 +48,9 @@ impl LoraModule {
 
     /// r·(in + out) (+ out for DoRA's magnitude).
     pub fn num_parameters(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count() + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
     }
 }
 
@@ -68,7 +70,10 @@ enum Part {
 /// Splits a PEFT tensor key into (module, part).
 fn parse_key(key: &str, file: &Path) -> Result<(String, Part)> {
     let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
-        Error::tensors(file, format!("tensor {key:?}: expected a PEFT key starting with {PEFT_PREFIX:?}"))
+        Error::tensors(
+            file,
+            format!("tensor {key:?}: expected a PEFT key starting with {PEFT_PREFIX:?}"),
+        )
     })?;
     let suffixes = [
         (".lora_A.weight", Part::A),
@@ -82,7 +87,10 @@ fn parse_key(key: &str, file: &Path) -> Result<(String, Part)> {
         }
     }
     if rest.contains("lora_embedding_") {
-        return Err(Error::tensors(file, format!("tensor {key:?}: embedding adapters are not supported")));
+        return Err(Error::tensors(
+            file,
+            format!("tensor {key:?}: embedding adapters are not supported"),
+        ));
     }
     Err(Error::tensors(
         file,
@@ -98,7 +106,10 @@ impl LoraAdapter {
         if !config_path.exists() {
             return Err(Error::io(
                 &config_path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_config.json: not a PEFT adapter folder"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no adapter_config.json: not a PEFT adapter folder",
+                ),
             ));
         }
         let config = LoraConfig::load(&config_path)?;
@@ -109,7 +120,10 @@ impl LoraAdapter {
             } else {
                 "file not found"
             };
-            return Err(Error::io(&weights_path, std::io::Error::new(std::io::ErrorKind::NotFound, hint)));
+            return Err(Error::io(
+                &weights_path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, hint),
+            ));
         }
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| Error::tensors(&weights_path, format!("cannot read safetensors: {e}")))?;
@@ -134,7 +148,11 @@ impl LoraAdapter {
         }
         let base: Vec<LinearShape> = shapes
             .into_iter()
-            .map(|(name, (out_features, in_features))| LinearShape { name, out_features, in_features })
+            .map(|(name, (out_features, in_features))| LinearShape {
+                name,
+                out_features,
+                in_features,
+            })
             .collect();
         Self::load(dir, &base, device)
     }
@@ -168,7 +186,9 @@ impl LoraAdapter {
                 Some(_) if !config.targets_module(name) => {
                     return Err(Error::tensors(
                         file,
-                        format!("module {name:?} has tensors but adapter_config.json does not target it"),
+                        format!(
+                        "module {name:?} has tensors but adapter_config.json does not target it"
+                    ),
                     ))
                 }
                 Some(_) => {}
@@ -179,7 +199,8 @@ impl LoraAdapter {
         for linear in base.iter().filter(|l| config.targets_module(&l.name)) {
             let name = &linear.name;
             let [a, b, magnitude] = parts.remove(name).unwrap_or_default();
-            let missing = |what: &str| Error::tensors(file, format!("module {name:?}: missing {what}"));
+            let missing =
+                |what: &str| Error::tensors(file, format!("module {name:?}: missing {what}"));
             let a = a.ok_or_else(|| missing("lora_A.weight"))?;
             let b = b.ok_or_else(|| missing("lora_B.weight"))?;
             let r = config.rank_for(name);
@@ -214,10 +235,21 @@ impl LoraAdapter {
                 (false, None) => None,
             };
             let scale = config.scale_for(name);
-            modules.insert(name.clone(), LoraModule { a, b, magnitude, scale });
+            modules.insert(
+                name.clone(),
+                LoraModule {
+                    a,
+                    b,
+                    magnitude,
+                    scale,
+                },
+            );
         }
         if modules.is_empty() {
-            return Err(Error::tensors(file, "the adapter targets no linear layer of the base model"));
+            return Err(Error::tensors(
+                file,
+                "the adapter targets no linear layer of the base model",
+            ));
         }
         Ok(LoraAdapter { config, modules })
     }
@@ -229,7 +261,10 @@ impl LoraAdapter {
             out.push((format!("{PEFT_PREFIX}{name}.lora_A.weight"), m.a.clone()));
             out.push((format!("{PEFT_PREFIX}{name}.lora_B.weight"), m.b.clone()));
             if let Some(mag) = &m.magnitude {
-                out.push((format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"), mag.clone()));
+                out.push((
+                    format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"),
+                    mag.clone(),
+                ));
             }
         }
         out
