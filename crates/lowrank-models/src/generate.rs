@@ -121,6 +121,31 @@ pub fn generate(
     Ok(out)
 }
 
+/// Token ids that end generation: `generation_config.json`'s `eos_token_id` (one or a list),
+/// config.json's and the tokenizer's EOS.
+pub fn stop_token_ids(
+    model_dir: &std::path::Path,
+    model: &Llama,
+    tokenizer: &crate::Tokenizer,
+) -> Result<Vec<u32>> {
+    let mut ids = model.config().eos_token_ids.clone();
+    let path = model_dir.join("generation_config.json");
+    if path.exists() {
+        let v: serde_json::Value = lowrank_core::files::read_json(&path)?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+            Some(serde_json::Value::Array(a)) => {
+                ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+            }
+            _ => {}
+        }
+    }
+    ids.extend(tokenizer.eos_token_id());
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
 /// Sum of −log p(token_t | tokens_<t) over t ≥ 1 and the number of predicted tokens, for one
 /// sequence.
 pub fn sequence_nll(

@@ -62,26 +62,6 @@ impl StreamPrinter<'_> {
     }
 }
 
-/// Token ids that end generation: generation_config.json's, config.json's and the tokenizer's EOS.
-fn stop_ids(loaded: &super::Loaded) -> Result<Vec<u32>> {
-    let mut ids = loaded.model.config().eos_token_ids.clone();
-    let path = loaded.dir.join("generation_config.json");
-    if path.exists() {
-        let v: serde_json::Value = lowrank_core::files::read_json(&path)?;
-        match v.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-            Some(serde_json::Value::Array(a)) => {
-                ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-            }
-            _ => {}
-        }
-    }
-    ids.extend(loaded.tokenizer.eos_token_id());
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
-}
-
 pub fn run(args: Args) -> Result<()> {
     let mut loaded = load_model(&args.model)?;
     let adapters = load_adapters(&loaded.model, &args.adapter)?;
@@ -101,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
     let stops = if args.ignore_eos {
         vec![]
     } else {
-        stop_ids(&loaded)?
+        lowrank_models::generate::stop_token_ids(&loaded.dir, &loaded.model, &loaded.tokenizer)?
     };
     let mut sampler = Sampler::new(SamplingParams {
         temperature: args.temperature,

@@ -1,0 +1,442 @@
+//! The decoding engine: one thread that owns the batch. Requests join the running batch
+//! between steps (continuous batching); each step advances every running sequence by one
+//! token, or by a chunk of its prompt, in a single `Llama::forward_rows` pass shared by all
+//! tenants' adapters. Requests beyond the batch wait in a bounded queue; the KV cache budget
+//! is reserved per request (prompt + max_tokens) on admission.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lowrank_core::lora::LoraAdapter;
+use lowrank_models::generate::{Sampler, SamplingParams};
+use lowrank_models::{KvCache, Llama, RowStep, Tokenizer};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together.
+    pub max_batch: usize,
+    /// Requests that may wait for a batch slot; more are refused.
+    pub max_queue: usize,
+    pub kv_cache_bytes: u64,
+    /// Prompt tokens one sequence feeds per step, so a long prompt does not stall decoding.
+    pub prefill_chunk: usize,
+    pub request_timeout: Duration,
+}
+
+/// What a request gets back, in order: text pieces, then one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Text(String),
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub adapter: Option<Arc<LoraAdapter>>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error("the server is at capacity; retry later")]
+    QueueFull,
+    #[error("prompt ({prompt} tokens) + max_tokens ({max_tokens}) needs {need} bytes of KV cache, more than the server's budget of {budget}")]
+    TooLarge {
+        prompt: usize,
+        max_tokens: usize,
+        need: u64,
+        budget: u64,
+    },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// The handle the HTTP layer submits to.
+pub struct Engine {
+    jobs: std::sync::Mutex<Option<Sender<Request>>>,
+    /// Requests submitted and not finished (waiting + running).
+    pending: Arc<AtomicUsize>,
+    config: EngineConfig,
+    kv_bytes_per_token: u64,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Sequence {
+    req: Request,
+    cache: KvCache,
+    /// Prompt tokens already fed.
+    fed: usize,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    /// Bytes of decoded text already sent.
+    sent: usize,
+    started: Instant,
+    first_token: Option<Instant>,
+    kv_reserved: u64,
+}
+
+impl Engine {
+    pub fn start(
+        model: Arc<Llama>,
+        tokenizer: Arc<Tokenizer>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let c = model.config();
+        let kv_bytes_per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let worker = Worker {
+            model,
+            tokenizer,
+            config: config.clone(),
+            metrics,
+            pending: pending.clone(),
+            kv_bytes_per_token,
+            kv_reserved: 0,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("lowrank-engine".into())
+            .spawn(move || worker.run(rx))
+            .expect("spawn the engine thread");
+        Engine {
+            jobs: std::sync::Mutex::new(Some(tx)),
+            pending,
+            config,
+            kv_bytes_per_token,
+            thread: std::sync::Mutex::new(Some(thread)),
+        }
+    }
+
+    pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+        let need = (req.prompt.len() + req.max_tokens) as u64 * self.kv_bytes_per_token;
+        if need > self.config.kv_cache_bytes {
+            return Err(SubmitError::TooLarge {
+                prompt: req.prompt.len(),
+                max_tokens: req.max_tokens,
+                need,
+                budget: self.config.kv_cache_bytes,
+            });
+        }
+        let capacity = self.config.max_batch + self.config.max_queue;
+        let admitted = self
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            return Err(SubmitError::QueueFull);
+        }
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        match jobs.as_ref().map(|tx| tx.send(req)) {
+            Some(Ok(())) => Ok(()),
+            _ => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                Err(SubmitError::ShuttingDown)
+            }
+        }
+    }
+
+    /// Stops taking requests, lets the running and queued ones finish, and waits for the thread.
+    pub fn shutdown(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    pending: Arc<AtomicUsize>,
+    kv_bytes_per_token: u64,
+    kv_reserved: u64,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+}
+
+fn set(gauge: &AtomicU64, v: usize) {
+    gauge.store(v as u64, Ordering::Relaxed);
+}
+
+impl Worker {
+    fn run(mut self, jobs: Receiver<Request>) {
+        let mut open = true;
+        while open || !self.waiting.is_empty() || !self.running.is_empty() {
+            // Block when idle; otherwise take whatever arrived since the last step.
+            if self.waiting.is_empty() && self.running.is_empty() {
+                match jobs.recv_timeout(Duration::from_millis(200)) {
+                    Ok(req) => self.enqueue(req),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => open = false,
+                }
+            }
+            loop {
+                match jobs.try_recv() {
+                    Ok(req) => self.enqueue(req),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.admit();
+            self.drop_abandoned();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            set(&self.metrics.queue_length, self.waiting.len());
+            set(&self.metrics.running, self.running.len());
+        }
+    }
+
+    fn enqueue(&mut self, req: Request) {
+        let sampler = Sampler::new(req.sampling.clone());
+        self.waiting.push_back(Sequence {
+            req,
+            cache: KvCache::new(),
+            fed: 0,
+            generated: Vec::new(),
+            sampler,
+            sent: 0,
+            started: Instant::now(),
+            first_token: None,
+            kv_reserved: 0,
+        });
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need =
+                (front.req.prompt.len() + front.req.max_tokens) as u64 * self.kv_bytes_per_token;
+            if self.kv_reserved + need > self.config.kv_cache_bytes {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            seq.kv_reserved = need;
+            self.kv_reserved += need;
+            self.running.push(seq);
+        }
+    }
+
+    /// Ends sequences whose client went away or whose time ran out, waiting ones included.
+    fn drop_abandoned(&mut self) {
+        let timeout = self.config.request_timeout;
+        let gone = |s: &Sequence| s.req.events.is_closed() || s.started.elapsed() > timeout;
+        let mut finished = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            if gone(&self.running[i]) {
+                finished.push(self.running.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let (gone_waiting, still_waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(gone);
+        self.waiting = still_waiting.into();
+        for s in finished.into_iter().chain(gone_waiting) {
+            // A closed channel means the client left; otherwise it is still waiting for an answer.
+            let _ = s.req.events.send(Event::Error("request timed out".into()));
+            self.release(&s, false);
+        }
+    }
+
+    fn release(&mut self, seq: &Sequence, ok: bool) {
+        self.kv_reserved -= seq.kv_reserved;
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        let counter = if ok {
+            &self.metrics.requests_ok
+        } else {
+            &self.metrics.requests_server_error
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .request_latency
+            .observe(seq.started.elapsed().as_secs_f64());
+    }
+
+    fn step(&mut self) {
+        let chunk = self.config.prefill_chunk.max(1);
+        // (row index in `running`, tokens this step)
+        let plan: Vec<(usize, Vec<u32>)> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let tokens = if s.fed < s.req.prompt.len() {
+                    s.req.prompt[s.fed..(s.fed + chunk).min(s.req.prompt.len())].to_vec()
+                } else {
+                    vec![*s
+                        .generated
+                        .last()
+                        .expect("a fed sequence has sampled a token")]
+                };
+                (i, tokens)
+            })
+            .collect();
+        self.metrics.batch_size.observe(plan.len() as f64);
+        let logits = {
+            let mut rows: Vec<RowStep> = self
+                .running
+                .iter_mut()
+                .zip(&plan)
+                .map(|(s, (_, tokens))| RowStep {
+                    tokens,
+                    cache: &mut s.cache,
+                    adapter: s.req.adapter.as_deref(),
+                })
+                .collect();
+            self.model
+                .forward_rows(&mut rows)
+                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+        };
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("forward failed: {e}");
+                for s in std::mem::take(&mut self.running) {
+                    let _ = s
+                        .req
+                        .events
+                        .send(Event::Error(format!("internal error: {e}")));
+                    self.release(&s, false);
+                }
+                return;
+            }
+        };
+        let mut done = Vec::new();
+        for ((i, tokens), row_logits) in plan.iter().zip(logits) {
+            let s = &mut self.running[*i];
+            let was_prefill = s.fed < s.req.prompt.len();
+            if was_prefill {
+                s.fed += tokens.len();
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+                if s.fed < s.req.prompt.len() {
+                    continue;
+                }
+            }
+            let next = s.sampler.sample(&row_logits);
+            if s.first_token.is_none() {
+                s.first_token = Some(Instant::now());
+                self.metrics
+                    .time_to_first_token
+                    .observe(s.started.elapsed().as_secs_f64());
+            }
+            let finish = if s.req.stop_ids.contains(&next) {
+                self.emit_text(*i, true);
+                Some("stop")
+            } else {
+                s.generated.push(next);
+                self.metrics
+                    .generated_tokens
+                    .fetch_add(1, Ordering::Relaxed);
+                let at_limit = s.generated.len() >= s.req.max_tokens;
+                match self.emit_text(*i, at_limit) {
+                    Some(stop) => Some(stop),
+                    None => at_limit.then_some("length"),
+                }
+            };
+            if let Some(reason) = finish {
+                let s = &self.running[*i];
+                let _ = s.req.events.send(Event::Done {
+                    finish_reason: reason,
+                    prompt_tokens: s.req.prompt.len(),
+                    completion_tokens: s.generated.len(),
+                });
+                done.push(*i);
+            }
+        }
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        for i in done {
+            let s = self.running.swap_remove(i);
+            self.release(&s, true);
+        }
+    }
+
+    /// Sends the new text of sequence `i`. Holds back a partial UTF-8 character and anything
+    /// that could still become a stop string, unless `flush`. Returns `Some("stop")` when a
+    /// stop string appeared (the text is cut before it).
+    fn emit_text(&mut self, i: usize, flush: bool) -> Option<&'static str> {
+        let s = &mut self.running[i];
+        let text = match self.tokenizer.decode(&s.generated, true) {
+            Ok(t) => t,
+            Err(_) => return None,
+        };
+        let longest_stop = s
+            .req
+            .stop_strings
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0);
+        let search_from = s.sent.saturating_sub(longest_stop);
+        let stop_at = s
+            .req
+            .stop_strings
+            .iter()
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| {
+                text[floor_boundary(&text, search_from)..]
+                    .find(p.as_str())
+                    .map(|j| j + floor_boundary(&text, search_from))
+            })
+            .min();
+        let (end, reason) = match stop_at {
+            Some(at) => (at.max(s.sent), Some("stop")),
+            None if flush => (text.len(), None),
+            None => {
+                let mut end = text.len().saturating_sub(longest_stop.saturating_sub(1));
+                if text.ends_with('\u{FFFD}') {
+                    end = end.min(text.len() - '\u{FFFD}'.len_utf8());
+                }
+                (floor_boundary(&text, end).max(s.sent), None)
+            }
+        };
+        if end > s.sent {
+            let _ = s
+                .req
+                .events
+                .send(Event::Text(text[s.sent..end].to_string()));
+            s.sent = end;
+        }
+        reason
+    }
+}
+
+/// The largest char boundary ≤ i.
+fn floor_boundary(text: &str, mut i: usize) -> usize {
+    i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

@@ -1,0 +1,264 @@
+//! The adapters a server can serve: every PEFT adapter folder under the adapter root, plus
+//! those added at run time. Loaded lazily on first use, kept under a count and a memory
+//! budget with least-recently-used eviction. An adapter in use (its `Arc` held by a running
+//! request) is never evicted, and replacing or unloading one leaves running requests with the
+//! version they started with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::Device;
+use lowrank_core::lora::{LinearShape, LoraAdapter, CONFIG_FILE};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RegistryError {
+    #[error("adapter {0:?} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("adapter {id:?} cannot be loaded: {message}")]
+    Broken { id: String, message: String },
+}
+
+/// Memory limits of the loaded set.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_loaded: usize,
+    pub max_bytes: u64,
+}
+
+struct Loaded {
+    adapter: Arc<LoraAdapter>,
+    bytes: u64,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every servable id and its folder.
+    known: BTreeMap<String, PathBuf>,
+    loaded: HashMap<String, Loaded>,
+    clock: u64,
+    loads: u64,
+    evictions: u64,
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryStats {
+    pub known: usize,
+    pub loaded: usize,
+    pub loaded_bytes: u64,
+    pub loads: u64,
+    pub evictions: u64,
+}
+
+pub struct AdapterRegistry {
+    root: PathBuf,
+    allow_any_path: bool,
+    limits: Limits,
+    base: Vec<LinearShape>,
+    device: Device,
+    state: Mutex<State>,
+}
+
+/// Adapter ids are folder-name-like: letters, digits, `.`, `_`, `-`; not `.` or `..`.
+pub fn validate_id(id: &str) -> Result<(), RegistryError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(format!(
+            "invalid adapter id {id:?}: use letters, digits, '.', '_' and '-' (at most 128)"
+        )))
+    }
+}
+
+fn adapter_bytes(adapter: &LoraAdapter) -> u64 {
+    adapter
+        .modules
+        .values()
+        .map(|m| m.num_parameters() as u64 * 4)
+        .sum()
+}
+
+impl AdapterRegistry {
+    /// Scans `root` for adapter folders (those holding adapter_config.json). `base` is the
+    /// served model's linear layers, which every adapter is checked against when loaded.
+    pub fn new(
+        root: &Path,
+        base: Vec<LinearShape>,
+        device: Device,
+        limits: Limits,
+        allow_any_path: bool,
+    ) -> std::io::Result<Self> {
+        let root = root.canonicalize()?;
+        let mut known = BTreeMap::new();
+        for entry in std::fs::read_dir(&root)? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if path.join(CONFIG_FILE).is_file() && validate_id(name).is_ok() {
+                known.insert(name.to_string(), path);
+            }
+        }
+        Ok(AdapterRegistry {
+            root,
+            allow_any_path,
+            limits,
+            base,
+            device,
+            state: Mutex::new(State {
+                known,
+                ..State::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than refusing service, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every servable adapter id.
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().known.keys().cloned().collect()
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().known.contains_key(id)
+    }
+
+    pub fn stats(&self) -> RegistryStats {
+        let s = self.lock();
+        RegistryStats {
+            known: s.known.len(),
+            loaded: s.loaded.len(),
+            loaded_bytes: s.loaded.values().map(|l| l.bytes).sum(),
+            loads: s.loads,
+            evictions: s.evictions,
+        }
+    }
+
+    /// The adapter `id`, loading it if needed. The returned `Arc` pins it in memory.
+    pub fn get(&self, id: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
+        let path = {
+            let mut s = self.lock();
+            s.clock += 1;
+            let now = s.clock;
+            if let Some(l) = s.loaded.get_mut(id) {
+                l.last_used = now;
+                return Ok(l.adapter.clone());
+            }
+            s.known
+                .get(id)
+                .cloned()
+                .ok_or_else(|| RegistryError::NotFound(id.to_string()))?
+        };
+        // Read and check the files outside the lock: other tenants keep being served meanwhile.
+        let adapter = self.load_from(id, &path)?;
+        let mut s = self.lock();
+        if let Some(l) = s.loaded.get(id) {
+            // Another request loaded it first.
+            return Ok(l.adapter.clone());
+        }
+        Ok(self.insert(&mut s, id, adapter))
+    }
+
+    fn load_from(&self, id: &str, path: &Path) -> Result<Arc<LoraAdapter>, RegistryError> {
+        LoraAdapter::load(path, &self.base, &self.device)
+            .map(Arc::new)
+            .map_err(|e| RegistryError::Broken {
+                id: id.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    fn insert(&self, s: &mut State, id: &str, adapter: Arc<LoraAdapter>) -> Arc<LoraAdapter> {
+        s.clock += 1;
+        let bytes = adapter_bytes(&adapter);
+        s.loaded.insert(
+            id.to_string(),
+            Loaded {
+                adapter: adapter.clone(),
+                bytes,
+                last_used: s.clock,
+            },
+        );
+        s.loads += 1;
+        self.evict(s, id);
+        adapter
+    }
+
+    /// Drops least-recently-used adapters that no request holds until the limits hold again.
+    fn evict(&self, s: &mut State, keep: &str) {
+        loop {
+            let bytes: u64 = s.loaded.values().map(|l| l.bytes).sum();
+            if s.loaded.len() <= self.limits.max_loaded && bytes <= self.limits.max_bytes {
+                return;
+            }
+            let victim = s
+                .loaded
+                .iter()
+                .filter(|(id, l)| id.as_str() != keep && Arc::strong_count(&l.adapter) == 1)
+                .min_by_key(|(_, l)| l.last_used)
+                .map(|(id, _)| id.clone());
+            match victim {
+                Some(id) => {
+                    s.loaded.remove(&id);
+                    s.evictions += 1;
+                    tracing::info!(adapter = %id, "evicted");
+                }
+                // Everything else is in use: stay over budget until requests finish.
+                None => return,
+            }
+        }
+    }
+
+    /// Adds or replaces adapter `id` from `path` (vLLM's load_lora_adapter). The path must lie
+    /// under the adapter root unless the operator allowed any path. Loaded at once, so a
+    /// broken adapter is reported to the caller.
+    pub fn register(&self, id: &str, path: &str) -> Result<(), RegistryError> {
+        validate_id(id)?;
+        let requested = Path::new(path);
+        let joined = if requested.is_absolute() {
+            requested.to_path_buf()
+        } else {
+            self.root.join(requested)
+        };
+        let resolved = joined
+            .canonicalize()
+            .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?;
+        if !self.allow_any_path && !resolved.starts_with(&self.root) {
+            return Err(RegistryError::Invalid(format!(
+                "lora_path {path:?} is outside the adapter root {}",
+                self.root.display()
+            )));
+        }
+        let adapter = self.load_from(id, &resolved)?;
+        let mut s = self.lock();
+        s.known.insert(id.to_string(), resolved);
+        s.loaded.remove(id);
+        self.insert(&mut s, id, adapter);
+        Ok(())
+    }
+
+    /// Removes adapter `id`; requests already holding it finish with it.
+    pub fn unregister(&self, id: &str) -> Result<(), RegistryError> {
+        let mut s = self.lock();
+        if s.known.remove(id).is_none() {
+            return Err(RegistryError::NotFound(id.to_string()));
+        }
+        s.loaded.remove(id);
+        Ok(())
+    }
+}

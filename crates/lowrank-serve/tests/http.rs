@@ -1,0 +1,560 @@
+//! The server over real HTTP on loopback: mixed-adapter batches, run-time adapter changes,
+//! eviction, auth, bad requests and streaming.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use lowrank_models::generate::{generate, Sampler, SamplingParams};
+use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
+use lowrank_serve::ServeOptions;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// An adapter root holding the fixtures' adapters for llama-tied under short names.
+fn adapter_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for (name, src) in [
+        ("tenant-lora", "llama-tied__lora-qv"),
+        ("tenant-dora", "llama-tied__dora"),
+        ("wrong-base", "llama-untied__all-linear"),
+    ] {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixtures().join("adapters").join(src).join(f), dir.join(f)).unwrap();
+        }
+    }
+    root
+}
+
+fn options(adapters: &Path) -> ServeOptions {
+    ServeOptions {
+        model: fixtures()
+            .join("models/llama-tied")
+            .to_string_lossy()
+            .into_owned(),
+        adapters: adapters.to_path_buf(),
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_keys: None,
+        max_batch: 8,
+        max_queue: 16,
+        max_loaded_adapters: 8,
+        adapter_memory_mb: 64,
+        kv_cache_mb: 64,
+        max_tokens_limit: 512,
+        max_body_bytes: 64 * 1024,
+        request_timeout_s: 60,
+        allow_any_adapter_path: false,
+        merge: None,
+        served_model_name: Some("base".into()),
+    }
+}
+
+struct Server {
+    url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(opts: ServeOptions) -> Server {
+        let state = lowrank_serve::build_state(&opts).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            lowrank_serve::serve_on(state, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Server {
+            url,
+            shutdown: Some(tx),
+            handle,
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.post_with(path, body, None).await
+    }
+
+    async fn post_with(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .json(&body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> String {
+        reqwest::get(format!("{}{path}", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// What `lowrank generate` gives for this adapter and prompt, greedy.
+fn expected_text(adapter: Option<&str>, prompt: &str, max_tokens: usize) -> String {
+    let dir = fixtures().join("models/llama-tied");
+    let model = Llama::load(&dir, &Device::Cpu).unwrap();
+    let tokenizer = Tokenizer::load(&dir).unwrap();
+    let adapter = adapter.map(|a| {
+        model
+            .load_adapter(&fixtures().join("adapters").join(a))
+            .unwrap()
+    });
+    let active: Vec<ActiveAdapter> = adapter.iter().map(ActiveAdapter::new).collect();
+    let ids = tokenizer.encode(prompt, true).unwrap();
+    let stops = lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer).unwrap();
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let out = generate(
+        &model,
+        &ids,
+        &active,
+        &mut sampler,
+        max_tokens,
+        &stops,
+        |_| Ok(()),
+    )
+    .unwrap();
+    tokenizer.decode(&out, true).unwrap()
+}
+
+fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
+    json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_adapter_batches_give_each_request_its_own_greedy_tokens() {
+    let root = adapter_root();
+    let server = Arc::new(Server::start(options(root.path())).await);
+    let cases = [
+        ("tenant-lora", Some("llama-tied__lora-qv"), "The quick cat"),
+        ("tenant-dora", Some("llama-tied__dora"), "A dog runs"),
+        ("base", None, "The quick cat"),
+        (
+            "tenant-lora",
+            Some("llama-tied__lora-qv"),
+            "Birds sing in the morning",
+        ),
+        ("tenant-dora", Some("llama-tied__dora"), "The quick cat"),
+    ];
+    let mut tasks = Vec::new();
+    for (model, _, prompt) in cases {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            server
+                .post("/v1/completions", completion(model, prompt, 24))
+                .await
+        }));
+    }
+    for ((_, adapter, prompt), task) in cases.iter().zip(tasks) {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            expected_text(*adapter, prompt, 24),
+            "{adapter:?} {prompt}"
+        );
+    }
+    let metrics = server.get("/metrics").await;
+    // Rows were batched: some step saw more than one row.
+    let single: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("lowrank_batch_size_bucket{le=\"1\"}"))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let all: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("lowrank_batch_size_count"))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(all > single, "no batched step: {single} of {all}");
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_sends_the_same_text_as_a_whole_answer() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    let mut body = completion("tenant-lora", "The quick cat", 20);
+    body["stream"] = true.into();
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", server.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(*data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        streamed,
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 20)
+    );
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 20);
+    // Chat streaming starts with the assistant role.
+    let chat = json!({"model": "tenant-dora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true});
+    let text = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let first: Value =
+        serde_json::from_str(text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["object"], "chat.completion.chunk");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_load_unload_and_replace_while_requests_run() {
+    let root = adapter_root();
+    let server = Arc::new(Server::start(options(root.path())).await);
+    let long = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .post(
+                    "/v1/completions",
+                    completion("tenant-lora", "The quick cat", 200),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Replace tenant-lora by the DoRA adapter and add a new id, while the long request runs.
+    let (s, b) = server
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "tenant-lora", "lora_path": "tenant-dora"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = server
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "extra", "lora_path": "tenant-lora"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, b) = server
+        .post(
+            "/v1/completions",
+            completion("tenant-lora", "A dog runs", 8),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        b["choices"][0]["text"],
+        expected_text(Some("llama-tied__dora"), "A dog runs", 8)
+    );
+    // The running request kept the version it started with.
+    let (s, b) = long.await.unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(
+        b["choices"][0]["text"],
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 200)
+    );
+    let (s, _) = server
+        .post("/v1/unload_lora_adapter", json!({"lora_name": "extra"}))
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = server
+        .post("/v1/completions", completion("extra", "x", 2))
+        .await;
+    assert_eq!(s, 404);
+    let (s, b) = server
+        .post("/v1/unload_lora_adapter", json!({"lora_name": "extra"}))
+        .await;
+    assert_eq!(s, 404, "{b}");
+    // No path traversal out of the adapter root.
+    let (s, b) = server
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "evil", "lora_path": "../"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("outside the adapter root"));
+    let (s, _) = server
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "../x", "lora_path": "tenant-lora"}),
+        )
+        .await;
+    assert_eq!(s, 400);
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_budgets_evict_least_recently_used_adapters() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.max_loaded_adapters = 1;
+    let server = Server::start(opts).await;
+    for model in ["tenant-lora", "tenant-dora", "tenant-lora"] {
+        let (s, b) = server
+            .post("/v1/completions", completion(model, "The quick cat", 4))
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let metrics = server.get("/metrics").await;
+    assert!(metrics.contains("lowrank_adapters_loaded 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("lowrank_adapter_evictions_total 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lowrank_adapter_loads_total 3\n"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_adapters_and_management() {
+    let root = adapter_root();
+    let keys = root.path().join("keys.json");
+    std::fs::write(&keys, r#"{"sk-lora": ["tenant-lora"], "sk-admin": "*"}"#).unwrap();
+    let mut opts = options(root.path());
+    opts.api_keys = Some(keys);
+    let server = Server::start(opts).await;
+    let req = completion("tenant-lora", "x", 2);
+    assert_eq!(
+        server
+            .post_with("/v1/completions", req.clone(), None)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        server
+            .post_with("/v1/completions", req.clone(), Some("sk-wrong"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        server
+            .post_with("/v1/completions", req.clone(), Some("sk-lora"))
+            .await
+            .0,
+        200
+    );
+    let (s, b) = server
+        .post_with(
+            "/v1/completions",
+            completion("tenant-dora", "x", 2),
+            Some("sk-lora"),
+        )
+        .await;
+    assert_eq!(s, 403, "{b}");
+    assert_eq!(
+        server
+            .post_with(
+                "/v1/completions",
+                completion("base", "x", 2),
+                Some("sk-lora")
+            )
+            .await
+            .0,
+        403
+    );
+    let load = json!({"lora_name": "more", "lora_path": "tenant-dora"});
+    assert_eq!(
+        server
+            .post_with("/v1/load_lora_adapter", load.clone(), Some("sk-lora"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        server
+            .post_with("/v1/load_lora_adapter", load, Some("sk-admin"))
+            .await
+            .0,
+        200
+    );
+    let models = reqwest::Client::new()
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth("sk-lora")
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<String> = models.json::<Value>().await.unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["tenant-lora"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    let client = reqwest::Client::new();
+    let raw = client
+        .post(format!("{}/v1/completions", server.url))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let body: Value = raw.json().await.unwrap();
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid request body"));
+    for (req, status, needle) in [
+        (json!({"model": "base"}), 400, "prompt"),
+        (
+            json!({"model": "base", "prompt": "x", "max_tokens": 0}),
+            400,
+            "max_tokens",
+        ),
+        (
+            json!({"model": "base", "prompt": "x", "max_tokens": 100000}),
+            400,
+            "max_tokens",
+        ),
+        (
+            json!({"model": "base", "prompt": "x", "temperature": 5}),
+            400,
+            "temperature",
+        ),
+        (
+            json!({"model": "base", "prompt": "x", "top_p": 0}),
+            400,
+            "top_p",
+        ),
+        (
+            json!({"model": "base", "prompt": ["a", "b"]}),
+            400,
+            "exactly one",
+        ),
+        (json!({"model": "nobody", "prompt": "x"}), 404, "not found"),
+        (
+            json!({"model": "tenant-lora", "adapter": "tenant-dora", "prompt": "x"}),
+            400,
+            "disagree",
+        ),
+        (
+            json!({"model": "wrong-base", "prompt": "x"}),
+            422,
+            "cannot be loaded",
+        ),
+    ] {
+        let (s, b) = server.post("/v1/completions", req.clone()).await;
+        assert_eq!(s, status, "{req}: {b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains(needle),
+            "{req}: {b}"
+        );
+    }
+    let (s, _) = server
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "base", "messages": []}),
+        )
+        .await;
+    assert_eq!(s, 400);
+    // A broken adapter does not hurt the others.
+    assert_eq!(
+        server
+            .post("/v1/completions", completion("tenant-lora", "x", 2))
+            .await
+            .0,
+        200
+    );
+    let big = "x".repeat(100 * 1024);
+    let resp = client
+        .post(format!("{}/v1/completions", server.url))
+        .json(&json!({"model": "base", "prompt": big}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(server.get("/health").await, r#"{"status":"ok"}"#);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.max_batch = 1;
+    opts.max_queue = 0;
+    let server = Arc::new(Server::start(opts).await);
+    let long = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .post("/v1/completions", completion("base", "The quick cat", 200))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, b) = server
+        .post("/v1/completions", completion("base", "x", 2))
+        .await;
+    assert_eq!(s, 429, "{b}");
+    assert_eq!(long.await.unwrap().0, 200);
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}

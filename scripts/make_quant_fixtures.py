@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Generate fixtures/quant/: bitsandbytes 4-bit (NF4/FP4) quantization references for
+crates/lowrank-quant, plus one tiny llama saved by transformers in the bitsandbytes 4-bit
+serialization.
+
+Usage (from anywhere; CPU only, no network):
+
+    pip install bitsandbytes==0.50.2
+    python3 scripts/make_quant_fixtures.py
+
+fixtures/quant/ is deleted and regenerated. The output is deterministic for the pinned
+versions below (fixed inputs, single-threaded torch on CPU).
+
+pinned versions (the fixtures in git were generated with exactly these):
+    python        3.11.7
+    torch         2.15.0 (+cu132 wheel, run on CPU, ATen CPU capability AVX2)
+    bitsandbytes  0.50.2 (CPU backend: libbitsandbytes_cpu.so)
+    transformers  5.24.0
+    safetensors   0.8.0
+    numpy         2.4.6
+
+What bitsandbytes does on CPU (and what the Rust code reproduces):
+  * quantize_4bit runs the "default" (pure torch) kernel: per block of `blocksize`
+    elements of the flattened tensor, absmax = max|x|; full blocks scale by
+    x * (1/absmax) (absmax clamped to >= 1e-38 only inside the reciprocal), the short
+    last block by x / am with am = max(max|x|, 1e-38) (and am is what is stored);
+    clamp to [-1, 1]; code = torch.bucketize(scaled, midpoints of the sorted table)
+    i.e. the number of midpoints strictly below the value (a tie goes to the lower
+    code); FP4 maps the sorted position back through argsort of its table. Two codes a
+    byte, first element in the high nibble, an odd count padded with a zero code.
+  * double quant: offset = absmax.mean() (torch's float cascade sum / n), then
+    quantize_blockwise(absmax - offset, blocksize=256) with the signed dynamic map,
+    which on CPU is the C++ quantize_cpu: absmax per 256, v * (1/absmax), index into a
+    65536-entry LUT at uint16(fma((v+1)*0.5, 65535, 0.5)).
+  * The 8-bit dequant is code[q] * nested_absmax, then + offset (two roundings).
+
+The sum of the absmax values depends on the width of torch's Vectorized<float>: 8 lanes
+(AVX2, NEON, default) — the capability these fixtures were made on — or 16 (AVX-512).
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TQDM_DISABLE"] = "1"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+os.chdir(REPO)
+OUT = Path("fixtures/quant")
+
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+
+NF4 = F.get_4bit_type("nf4", device="cpu")
+FP4 = F.get_4bit_type("fp4", device="cpu")
+
+
+def midpoints(code):
+    s = torch.sort(code).values
+    return (s[:-1] + s[1:]) / 2
+
+
+def make_inputs():
+    """Deterministic f32 inputs with exact zeros, exact midpoints (ties), outliers and
+    all-zero blocks. Generated with numpy's PCG64 so the bytes are reproducible."""
+    rng = np.random.default_rng(1234)
+    ins = {}
+
+    w = rng.standard_normal(300).astype(np.float32) * np.float32(0.05)
+    w[0] = 1.0  # absmax 1 in the first block: the next entries scale to themselves
+    mids = np.concatenate([midpoints(NF4).numpy(), midpoints(FP4).numpy()])
+    w[1 : 1 + len(mids)] = mids  # exact ties for both tables (31 values, < 64)
+    w[40:44] = 0.0
+    w[44] = -0.0
+    w[70] = 25.0  # outlier
+    w[150] = -40.0
+    w[260] = 3.0
+    w[261:264] = [1.5, -1.5, 0.75]  # x/am exact halves in the short last block
+    w[299] = -3.0
+    ins["w3x100"] = w.reshape(3, 100)
+
+    ins["w64x64"] = (rng.standard_normal((64, 64)) * 0.02).astype(np.float32)
+    ins["w64x64"][5, 7] = 0.9  # outliers
+    ins["w64x64"][33, 0] = -1.3
+
+    v = (rng.standard_t(3, 1000) * 0.1).astype(np.float32)
+    v[::97] = 0.0
+    ins["v1000"] = v
+
+    ins["v77"] = (rng.standard_normal(77) * 2.0).astype(np.float32)  # odd length: pad nibble
+
+    z = np.zeros(200, dtype=np.float32)  # zero blocks, incl. a zero short last block
+    z[:64] = rng.standard_normal(64).astype(np.float32)
+    ins["z200"] = z
+
+    # 640 blocks of 64: exercises torch's cascade sum (levels) for the DQ offset and
+    # three nested 256-blocks (the last one short).
+    ins["w256x160"] = (rng.standard_normal((256, 160)) * 0.03).astype(np.float32)
+    return ins
+
+
+def quant_case(x, kind, dq, bs):
+    q, qs = F.quantize_4bit(x, blocksize=bs, compress_statistics=dq, quant_type=kind)
+    deq = F.dequantize_4bit(q, qs)
+    t = {"packed": q.contiguous(), "dequant": deq.contiguous(), "quant_map": qs.code.contiguous()}
+    meta = {"packed_shape": list(q.shape), "shape": list(qs.shape), "blocksize": qs.blocksize}
+    if dq:
+        t["absmax_q"] = qs.absmax.contiguous()
+        t["nested_absmax"] = qs.state2.absmax.contiguous()
+        t["nested_quant_map"] = qs.state2.code.contiguous()
+        t["offset"] = qs.offset.reshape(1).contiguous()
+        absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+        t["absmax"] = absmax.contiguous()  # the restored absmax
+        t["absmax_direct"] = torch.ops.bitsandbytes.quantize_4bit.default(x, bs, kind, torch.uint8)[1]
+        meta["nested_blocksize"] = qs.state2.blocksize
+        meta["nested_offset"] = qs.offset.item()
+    else:
+        t["absmax"] = qs.absmax.contiguous()
+    return t, meta
+
+
+def tiny_llama():
+    """Load fixtures/models/llama-tied with load_in_4bit (nf4, double quant) and save it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        "fixtures/models/llama-tied", quantization_config=cfg, device_map="cpu", dtype=torch.float32
+    )
+    dest = OUT / "llama-tied-nf4-dq"
+    model.save_pretrained(dest, safe_serialization=True)
+    for p in list(dest.iterdir()):
+        if p.name not in ("config.json", "model.safetensors"):
+            p.unlink()
+    # The reader's reference: each quantized weight dequantized by bitsandbytes.
+    ref = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = mod.weight
+            ref[f"{name}.weight"] = F.dequantize_4bit(w.data, w.quant_state).contiguous()
+    save_file(ref, str(OUT / "llama-tied-nf4-dq.dequant.safetensors"))
+    return sorted(ref)
+
+
+def main():
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
+
+    inputs = make_inputs()
+    tensors = {}
+    cases = []
+    for name, arr in inputs.items():
+        x = torch.from_numpy(arr)
+        tensors[f"{name}.input"] = x
+        combos = [(k, dq, bs) for k in ("nf4", "fp4") for dq in (False, True) for bs in (64, 128)]
+        if name == "w256x160":
+            combos = [("nf4", True, 64)]
+        for kind, dq, bs in combos:
+            key = f"{name}.{kind}.{'dq' if dq else 'plain'}.bs{bs}"
+            t, meta = quant_case(x, kind, dq, bs)
+            for k, v in t.items():
+                tensors[f"{key}.{k}"] = v
+            cases.append({"key": key, "input": name, "quant_type": kind, "double_quant": dq, **meta})
+
+    tensors["maps.nf4"] = NF4.contiguous()
+    tensors["maps.fp4"] = FP4.contiguous()
+    tensors["maps.dynamic"] = F.create_dynamic_map(signed=True).contiguous()
+    save_file(tensors, str(OUT / "cases.safetensors"))
+
+    try:
+        llama = tiny_llama()
+        llama_note = "saved by transformers save_pretrained (load_in_4bit on CPU)"
+    except Exception as e:  # pragma: no cover - documented fallback
+        print(f"tiny llama 4-bit save failed: {e!r}", file=sys.stderr)
+        raise
+
+    info = {
+        "versions": {
+            "torch": torch.__version__,
+            "bitsandbytes": bnb.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "cases": cases,
+        "llama": {"dir": "llama-tied-nf4-dq", "note": llama_note, "quantized": llama},
+    }
+    with open(OUT / "cases.json", "w") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
+    for p in OUT.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)  # safetensors writes 0600
+    total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(f"wrote {OUT} ({total} bytes, {len(cases)} cases)")
+
+
+if __name__ == "__main__":
+    main()
