@@ -164,6 +164,14 @@ impl Engine {
     }
 }
 
+/// How a request left the engine, for /metrics.
+enum Outcome {
+    Finished,
+    Cancelled,
+    TimedOut,
+    Failed,
+}
+
 struct Worker {
     model: Arc<Llama>,
     tokenizer: Arc<Tokenizer>,
@@ -262,19 +270,24 @@ impl Worker {
             .partition(gone);
         self.waiting = still_waiting.into();
         for s in finished.into_iter().chain(gone_waiting) {
-            // A closed channel means the client left; otherwise it is still waiting for an answer.
-            let _ = s.req.events.send(Event::Error("request timed out".into()));
-            self.release(&s, false);
+            let outcome = if s.req.events.is_closed() {
+                Outcome::Cancelled
+            } else {
+                let _ = s.req.events.send(Event::Error("request timed out".into()));
+                Outcome::TimedOut
+            };
+            self.release(&s, outcome);
         }
     }
 
-    fn release(&mut self, seq: &Sequence, ok: bool) {
+    fn release(&mut self, seq: &Sequence, outcome: Outcome) {
         self.kv_reserved -= seq.kv_reserved;
         self.pending.fetch_sub(1, Ordering::SeqCst);
-        let counter = if ok {
-            &self.metrics.requests_ok
-        } else {
-            &self.metrics.requests_server_error
+        let counter = match outcome {
+            Outcome::Finished => &self.metrics.requests_ok,
+            Outcome::Cancelled => &self.metrics.requests_cancelled,
+            Outcome::TimedOut => &self.metrics.requests_timed_out,
+            Outcome::Failed => &self.metrics.requests_server_error,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.metrics
@@ -326,7 +339,7 @@ impl Worker {
                         .req
                         .events
                         .send(Event::Error(format!("internal error: {e}")));
-                    self.release(&s, false);
+                    self.release(&s, Outcome::Failed);
                 }
                 return;
             }
@@ -378,7 +391,7 @@ impl Worker {
         done.sort_unstable_by(|a, b| b.cmp(a));
         for i in done {
             let s = self.running.swap_remove(i);
-            self.release(&s, true);
+            self.release(&s, Outcome::Finished);
         }
     }
 

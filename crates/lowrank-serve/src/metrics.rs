@@ -66,6 +66,8 @@ pub struct Metrics {
     pub requests_client_error: AtomicU64,
     pub requests_server_error: AtomicU64,
     pub requests_rejected: AtomicU64,
+    pub requests_cancelled: AtomicU64,
+    pub requests_timed_out: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub queue_length: AtomicU64,
@@ -82,6 +84,8 @@ impl Default for Metrics {
             requests_client_error: AtomicU64::new(0),
             requests_server_error: AtomicU64::new(0),
             requests_rejected: AtomicU64::new(0),
+            requests_cancelled: AtomicU64::new(0),
+            requests_timed_out: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             queue_length: AtomicU64::new(0),
@@ -121,6 +125,8 @@ impl Metrics {
                     load(&self.requests_server_error),
                 ),
                 ("{status=\"rejected\"}", load(&self.requests_rejected)),
+                ("{status=\"cancelled\"}", load(&self.requests_cancelled)),
+                ("{status=\"timed_out\"}", load(&self.requests_timed_out)),
             ],
         );
         counter(

@@ -558,3 +558,71 @@ async fn a_full_queue_answers_429() {
     assert_eq!(long.await.unwrap().0, 200);
     Arc::try_unwrap(server).ok().unwrap().stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_its_sequence() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    // The fixture model has 256 positions: the longest answer it can give.
+    let mut body = completion("tenant-lora", "The quick cat", 250);
+    body["stream"] = true.into();
+    let mut resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", server.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await.unwrap().is_some());
+    drop(resp);
+    let mut cancelled = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let m = server.get("/metrics").await;
+        if m.contains("lowrank_requests_total{status=\"cancelled\"} 1")
+            && m.contains("lowrank_running_requests 0")
+        {
+            cancelled = true;
+            break;
+        }
+    }
+    assert!(cancelled, "the sequence kept running after the client left");
+    let m = server.get("/metrics").await;
+    let generated: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("lowrank_generated_tokens_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        generated < 250,
+        "generated {generated} tokens for a client that left"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_mode_serves_one_adapter_at_base_speed() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.merge = Some("tenant-lora".into());
+    opts.served_model_name = None;
+    let server = Server::start(opts).await;
+    let (s, b) = server
+        .post(
+            "/v1/completions",
+            completion("tenant-lora", "The quick cat", 12),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["choices"][0]["text"],
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 12)
+    );
+    // No adapters on top of a merged model.
+    let (s, _) = server
+        .post("/v1/completions", completion("tenant-dora", "x", 2))
+        .await;
+    assert_eq!(s, 422);
+    server.stop().await;
+}
