@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pretrain a tiny model from scratch, teach it new skills with LoRA/DoRA adapters, print the before/after table.
+    Demo(cmd::demo::Args),
     /// Loss and perplexity of a model (optionally with an adapter) on a JSONL file.
     Eval(cmd::eval::Args),
     /// Generate text from a prompt with KV-cached decoding.
@@ -21,6 +23,12 @@ enum Command {
     Merge(cmd::merge::Args),
     /// Describe an adapter: method, rank and alpha per module, parameters, file size.
     Inspect(cmd::inspect::Args),
+    /// Load benchmark of the server over 1, 8, 64, 512 adapters (loopback only).
+    BenchServe(cmd::bench_serve::Args),
+    /// Serve many adapters over one base: an OpenAI-compatible HTTP server.
+    Serve(cmd::serve::Args),
+    /// Fine-tune with LoRA, DoRA or all weights; writes a PEFT adapter (or a checkpoint).
+    Train(cmd::train::Args),
 }
 
 fn main() {
@@ -30,10 +38,14 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Merge(args) => cmd::merge::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::BenchServe(args) => cmd::bench_serve::run_cmd(args),
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Train(args) => cmd::train::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -52,7 +52,11 @@ pub fn row_norm(weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
 
 impl AdaptedLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        AdaptedLinear { weight, bias, merged: Vec::new() }
+        AdaptedLinear {
+            weight,
+            bias,
+            merged: Vec::new(),
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -95,7 +99,9 @@ impl AdaptedLinear {
                 self.bias = Some(bias);
                 Ok(())
             }
-            _ => Err(Error::Msg("set_bias: the layer has no bias of that shape".into())),
+            _ => Err(Error::Msg(
+                "set_bias: the layer has no bias of that shape".into(),
+            )),
         }
     }
 
@@ -104,21 +110,29 @@ impl AdaptedLinear {
     /// the base result on the dropped input:
     /// y = W·x + b + (f − 1)·W·x_d + f·s·B(A·x_d), f = m/‖W + s·BA‖ (a constant in backward).
     /// With `dropped` = `None` this is `forward`.
-    pub fn forward_dropped(&self, x: &Tensor, active: &[ActiveModule], dropped: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_dropped(
+        &self,
+        x: &Tensor,
+        active: &[ActiveModule],
+        dropped: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let Some(xd) = dropped else {
             return self.forward(x, active);
         };
         let mut y = matmul_t(x, &self.weight)?;
         if let Some(dora) = active.iter().find(|a| a.module.magnitude.is_some()) {
             if active.len() > 1 || dora.weight != 1.0 {
-                return Err(Error::Msg("a DoRA adapter cannot be stacked with other adapters".into()));
+                return Err(Error::Msg(
+                    "a DoRA adapter cannot be stacked with other adapters".into(),
+                ));
             }
             let m = dora.module;
             let magnitude = m.magnitude.as_ref().expect("checked above");
             let norm = row_norm(&self.weight, &m.delta_weight()?.detach())?.detach();
             let factor = (magnitude / norm)?;
             let base_d = matmul_t(xd, &self.weight)?;
-            let extra = (base_d.broadcast_mul(&(&factor - 1.0)?)? + lora_path(xd, m, 1.0)?.broadcast_mul(&factor)?)?;
+            let extra = (base_d.broadcast_mul(&(&factor - 1.0)?)?
+                + lora_path(xd, m, 1.0)?.broadcast_mul(&factor)?)?;
             y = (y + extra)?;
         } else {
             for a in active {
@@ -171,7 +185,9 @@ impl AdaptedLinear {
             }
             Some(magnitude) => {
                 if weight != 1.0 {
-                    return Err(Error::Msg("a DoRA adapter can only be merged with weight 1".into()));
+                    return Err(Error::Msg(
+                        "a DoRA adapter can only be merged with weight 1".into(),
+                    ));
                 }
                 let factor = (magnitude / row_norm(&self.weight, &delta)?)?.unsqueeze(1)?;
                 self.weight = (&self.weight + &delta)?.broadcast_mul(&factor)?;
@@ -224,14 +240,31 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
     fn lora_forward_matches_hand_computation() {
         let (layer, module) = layer_and_module(false);
         let x = t(&[1., 2., 3.], (1, 3));
-        let y = layer.forward(&x, &[ActiveModule { module: &module, weight: 1.0 }]).unwrap();
+        let y = layer
+            .forward(
+                &x,
+                &[ActiveModule {
+                    module: &module,
+                    weight: 1.0,
+                }],
+            )
+            .unwrap();
         // W·x = [7, -1]; A·x = 3; s·B·(A·x) = 0.5·[6, -3]; + bias.
         let expect = t(&[7. + 3. + 0.5, -1. - 1.5 - 0.5], (1, 2));
         assert!(max_diff(&y, &expect) < 1e-6);
@@ -241,10 +274,21 @@ mod tests {
     fn dora_forward_matches_hand_computation() {
         let (layer, module) = layer_and_module(true);
         let x = t(&[1., 2., 3.], (1, 3));
-        let y = layer.forward(&x, &[ActiveModule { module: &module, weight: 1.0 }]).unwrap();
+        let y = layer
+            .forward(
+                &x,
+                &[ActiveModule {
+                    module: &module,
+                    weight: 1.0,
+                }],
+            )
+            .unwrap();
         // W + sBA = [[2, 1, 2], [-0.5, 0.5, -1]]; row norms 3 and √1.5.
         let n1 = 1.5f32.sqrt();
-        let expect = t(&[(3. / 3.) * (7. + 3.) + 0.5, (1. / n1) * (-1. - 1.5) - 0.5], (1, 2));
+        let expect = t(
+            &[(3. / 3.) * (7. + 3.) + 0.5, (1. / n1) * (-1. - 1.5) - 0.5],
+            (1, 2),
+        );
         assert!(max_diff(&y, &expect) < 1e-6, "{y}");
     }
 
@@ -254,7 +298,15 @@ mod tests {
             let (mut layer, module) = layer_and_module(dora);
             let original = layer.weight().clone();
             let x = Tensor::randn(0f32, 1., (4, 3), &Device::Cpu).unwrap();
-            let unmerged = layer.forward(&x, &[ActiveModule { module: &module, weight: 1.0 }]).unwrap();
+            let unmerged = layer
+                .forward(
+                    &x,
+                    &[ActiveModule {
+                        module: &module,
+                        weight: 1.0,
+                    }],
+                )
+                .unwrap();
             layer.merge("a", &module, 1.0).unwrap();
             let merged = layer.forward(&x, &[]).unwrap();
             assert!(max_diff(&merged, &unmerged) < 1e-5, "dora={dora}");
@@ -270,9 +322,29 @@ mod tests {
         let (layer, module) = layer_and_module(false);
         let x = t(&[1., 2., 3.], (1, 3));
         let base = layer.forward(&x, &[]).unwrap();
-        let one = layer.forward(&x, &[ActiveModule { module: &module, weight: 1.0 }]).unwrap();
+        let one = layer
+            .forward(
+                &x,
+                &[ActiveModule {
+                    module: &module,
+                    weight: 1.0,
+                }],
+            )
+            .unwrap();
         let stacked = layer
-            .forward(&x, &[ActiveModule { module: &module, weight: 0.7 }, ActiveModule { module: &module, weight: 0.3 }])
+            .forward(
+                &x,
+                &[
+                    ActiveModule {
+                        module: &module,
+                        weight: 0.7,
+                    },
+                    ActiveModule {
+                        module: &module,
+                        weight: 0.3,
+                    },
+                ],
+            )
             .unwrap();
         assert!(max_diff(&stacked, &one) < 1e-6);
         assert!(max_diff(&base, &one) > 1.0);
@@ -282,7 +354,16 @@ mod tests {
     fn dora_refuses_stacking() {
         let (layer, module) = layer_and_module(true);
         let x = t(&[1., 2., 3.], (1, 3));
-        let both = [ActiveModule { module: &module, weight: 1.0 }, ActiveModule { module: &module, weight: 1.0 }];
+        let both = [
+            ActiveModule {
+                module: &module,
+                weight: 1.0,
+            },
+            ActiveModule {
+                module: &module,
+                weight: 1.0,
+            },
+        ];
         assert!(layer.forward(&x, &both).is_err());
     }
 }

@@ -22,13 +22,16 @@ pub enum Task {
     Mod10,
     /// `caesar: lamp =` → ` odps`, every letter shifted 3 places (z wraps to c).
     Caesar,
+    /// `copy: lamp =` → ` lamp`: in the pretraining corpus, so the base model knows it. Scored
+    /// to show the base knows the format and what each adapter does to what it knew.
+    Copy,
 }
 
 /// How far the Caesar cipher shifts each letter.
 pub const CAESAR_SHIFT: u8 = 3;
 
 /// Shortest and longest random word of the word tasks.
-pub const WORD_LEN: (usize, usize) = (3, 6);
+pub const WORD_LEN: (usize, usize) = (3, 5);
 
 /// One training or evaluation example.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,13 +41,17 @@ pub struct Example {
 }
 
 impl Task {
-    pub const ALL: [Task; 3] = [Task::Reverse, Task::Mod10, Task::Caesar];
+    /// The skills adapters learn.
+    pub const SKILLS: [Task; 3] = [Task::Reverse, Task::Mod10, Task::Caesar];
+    /// Every task scored: the skills and the pretrained `copy`.
+    pub const ALL: [Task; 4] = [Task::Reverse, Task::Mod10, Task::Caesar, Task::Copy];
 
     pub fn name(self) -> &'static str {
         match self {
             Task::Reverse => "reverse",
             Task::Mod10 => "mod10",
             Task::Caesar => "caesar",
+            Task::Copy => "copy",
         }
     }
 
@@ -53,6 +60,7 @@ impl Task {
             Task::Reverse => "reverse a word",
             Task::Mod10 => "(a+b) mod 10",
             Task::Caesar => "Caesar cipher, shift 3",
+            Task::Copy => "copy a word (pretrained)",
         }
     }
 
@@ -65,6 +73,7 @@ impl Task {
     pub fn answer(self, input: &str) -> String {
         let answer = match self {
             Task::Reverse => input.chars().rev().collect(),
+            Task::Copy => input.to_string(),
             Task::Caesar => input.bytes().map(|b| caesar(b, CAESAR_SHIFT) as char).collect(),
             Task::Mod10 => {
                 let (a, b) = input.split_once('+').expect("mod10 input is a+b");
@@ -86,7 +95,7 @@ impl Task {
                     return w;
                 }
             },
-            Task::Caesar => random_word(rng, WORD_LEN),
+            Task::Caesar | Task::Copy => random_word(rng, WORD_LEN),
             Task::Mod10 => format!("{}+{}", rng.random_range(10..100), rng.random_range(10..100)),
         }
     }
@@ -148,20 +157,25 @@ fn corpus_line(rng: &mut StdRng) -> String {
     let pick = |rng: &mut StdRng, list: &[&'static str]| list[rng.random_range(0..list.len())];
     match rng.random_range(0..10) {
         // The op format, with the one operation the base model is allowed to know.
-        0..=2 => {
+        0..=4 => {
             let w = random_word(rng, WORD_LEN);
             format!("copy: {w} = {w}")
         }
         // Real words are copied too, so the format is not tied to random letters.
-        3 => {
+        5 => {
             let w = pick(rng, NOUNS);
             format!("copy: {w} = {w}")
         }
-        4 | 5 => {
+        // Sums are copied, never computed: the base knows the shape of `a+b`, not its value.
+        6 => {
+            let sum = format!("{}+{}", rng.random_range(10..100), rng.random_range(10..100));
+            format!("copy: {sum} = {sum}")
+        }
+        7 => {
             let n = rng.random_range(2..100);
             format!("the {} has {n} {}s.", pick(rng, NOUNS), pick(rng, NOUNS))
         }
-        6 => format!(
+        8 => format!(
             "is the {} {}? yes, it is {}.",
             pick(rng, NOUNS),
             pick(rng, ADJECTIVES),
@@ -183,4 +197,90 @@ fn corpus_line(rng: &mut StdRng) -> String {
 pub fn corpus(n: usize, seed: u64) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xc0_7905);
     (0..n).map(|_| corpus_line(&mut rng)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_correct() {
+        assert_eq!(Task::Reverse.example("lamp"), Example { prompt: "reverse: lamp =".into(), completion: " pmal".into() });
+        assert_eq!(Task::Caesar.answer("abc"), " def");
+        assert_eq!(Task::Caesar.answer("xyz"), " abc", "z wraps around");
+        assert_eq!(Task::Mod10.example("47+85"), Example { prompt: "mod10: 47+85 =".into(), completion: " 2".into() });
+        assert_eq!(Task::Mod10.answer("10+10"), " 0");
+    }
+
+    /// Checks every generated example against an independent computation of its answer.
+    #[test]
+    fn generated_examples_hold_the_right_answers() {
+        for task in Task::ALL {
+            let (train, eval) = task.splits(300, 50, 7);
+            for ex in train.iter().chain(&eval) {
+                let input = ex.prompt.strip_prefix(&format!("{}: ", task.name())).unwrap().strip_suffix(" =").unwrap();
+                let answer = ex.completion.strip_prefix(' ').unwrap();
+                match task {
+                    Task::Reverse => {
+                        assert_eq!(answer.len(), input.len());
+                        for (i, c) in answer.chars().enumerate() {
+                            assert_eq!(Some(c), input.chars().nth(input.len() - 1 - i));
+                        }
+                        assert_ne!(answer, input, "palindromes are excluded");
+                    }
+                    Task::Copy => assert_eq!(answer, input),
+                    Task::Caesar => {
+                        for (a, b) in input.bytes().zip(answer.bytes()) {
+                            assert_eq!((b as i32 - a as i32).rem_euclid(26), CAESAR_SHIFT as i32);
+                        }
+                    }
+                    Task::Mod10 => {
+                        let (a, b) = input.split_once('+').unwrap();
+                        let (a, b): (u32, u32) = (a.parse().unwrap(), b.parse().unwrap());
+                        assert!((10..100).contains(&a) && (10..100).contains(&b));
+                        assert_eq!(answer.parse::<u32>().unwrap(), (a + b) % 10);
+                    }
+                }
+                if task != Task::Mod10 {
+                    let len = input.len();
+                    assert!((WORD_LEN.0..=WORD_LEN.1).contains(&len) && input.bytes().all(|b| b.is_ascii_lowercase()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn splits_are_deterministic_disjoint_and_sized() {
+        for task in Task::ALL {
+            let (train, eval) = task.splits(500, 100, 3);
+            assert_eq!((train.len(), eval.len()), (500, 100));
+            assert_eq!(task.splits(500, 100, 3), (train.clone(), eval.clone()));
+            assert_ne!(task.splits(500, 100, 4).1, eval, "another seed gives other data");
+            let eval_prompts: BTreeSet<&String> = eval.iter().map(|e| &e.prompt).collect();
+            let train_prompts: BTreeSet<&String> = train.iter().map(|e| &e.prompt).collect();
+            assert_eq!(train_prompts.len(), train.len(), "no duplicates");
+            assert!(train_prompts.is_disjoint(&eval_prompts));
+        }
+    }
+
+    #[test]
+    fn the_corpus_never_shows_a_skill() {
+        let lines = corpus(3000, 1);
+        assert_eq!(lines, corpus(3000, 1));
+        assert!(lines.iter().any(|l| l.starts_with("copy: ")), "the op format is pretrained");
+        assert!(lines.iter().any(|l| l.bytes().any(|b| b.is_ascii_digit())), "digits are pretrained");
+        for l in &lines {
+            for task in Task::SKILLS {
+                assert!(!l.contains(&format!("{}:", task.name())), "{l}");
+            }
+            if let Some(rest) = l.strip_prefix("copy: ") {
+                let (a, b) = rest.split_once(" = ").unwrap();
+                assert_eq!(a, b, "copy lines copy");
+            }
+        }
+        let chars = crate::charset::characters();
+        for t in lines.iter().chain(Task::ALL.iter().flat_map(|t| t.splits(50, 10, 0).0).map(|e| e.prompt + &e.completion).collect::<Vec<_>>().iter()) {
+            assert!(t.chars().all(|c| chars.contains(&c)), "{t:?} uses a character the tokenizer lacks");
+        }
+    }
 }

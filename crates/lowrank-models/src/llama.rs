@@ -3,9 +3,11 @@
 //! and training. Fused candle ops without backward (rms_norm, softmax_last_dim, rope) are
 //! deliberately not used.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use lowrank_core::lora::{LinearShape, LoraAdapter};
 use lowrank_core::{ActiveModule, AdaptedLinear, Error, Result};
 
@@ -34,15 +36,50 @@ struct Proj {
 }
 
 impl Proj {
-    fn forward(&self, x: &Tensor, adapters: &[ActiveAdapter]) -> Result<Tensor> {
+    /// Training forward: with `dropout_seed`, LoRA dropout (the adapter's `lora_dropout`) on
+    /// the adapters' input, from a mask seeded by (seed, module name) so a recomputation
+    /// (gradient checkpointing) draws the same mask.
+    fn forward_train(&self, x: &Tensor, adapters: &[ActiveAdapter], dropout_seed: Option<u64>) -> Result<Tensor> {
         let active: Vec<ActiveModule> = adapters
             .iter()
             .filter_map(|a| {
                 a.adapter.modules.get(&self.name).map(|module| ActiveModule { module, weight: a.weight })
             })
             .collect();
-        self.linear.forward(x, &active)
+        let p = adapters
+            .iter()
+            .find(|a| a.adapter.modules.contains_key(&self.name))
+            .map_or(0.0, |a| a.adapter.config.dropout);
+        match dropout_seed {
+            Some(seed) if p > 0.0 && !active.is_empty() => {
+                let dropped = dropout(x, p, mix_seed(seed, &self.name))?;
+                self.linear.forward_dropped(x, &active, Some(&dropped))
+            }
+            _ => self.linear.forward(x, &active),
+        }
     }
+}
+
+/// A seed for one module's dropout mask from the call's seed and the module name (FNV-1a).
+fn mix_seed(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Inverted dropout as torch's: each element kept with probability 1 − p and scaled by
+/// 1/(1 − p), from a seeded generator.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +141,17 @@ impl KvCache {
     }
 }
 
+/// What a training forward needs besides the ids: rotary tables for the positions, the
+/// attention mask and the dropout seed.
+#[derive(Debug, Clone)]
+pub struct TrainContext {
+    tables: RopeTables,
+    /// Additive, broadcastable to (batch, kv_heads, group, seq, seq); causal when not given.
+    mask: Tensor,
+    /// `Some` in training mode: LoRA dropout is applied, seeded by this.
+    dropout_seed: Option<u64>,
+}
+
 /// A Llama-family causal language model.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -140,6 +188,16 @@ fn proj_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
 const EMBED: &str = "model.embed_tokens.weight";
 const NORM: &str = "model.norm.weight";
 const LM_HEAD: &str = "lm_head.weight";
+
+/// Files a written checkpoint copies unchanged from its base.
+pub const COPIED_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -276,6 +334,150 @@ impl Llama {
         Ok(())
     }
 
+    /// The linear layer with module key `name`, to replace its weight (PiSSA/OLoRA, training).
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut AdaptedLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| l.projs_mut())
+            .find(|p| p.name == name)
+            .map(|p| &mut p.linear)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Turns every weight (embedding, norms, linears, biases, lm_head) into a trainable `Var`,
+    /// returned under its transformers name; the model then computes with the `Var`s' tensors,
+    /// so updates through `Var::set` are seen by the next forward.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut out = Vec::new();
+        let mut var = |name: String, t: &mut Tensor| -> Result<()> {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            out.push((name, v));
+            Ok(())
+        };
+        var(EMBED.to_string(), &mut self.embed)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            var(format!("{prefix}.input_layernorm.weight"), &mut layer.input_norm)?;
+            var(format!("{prefix}.post_attention_layernorm.weight"), &mut layer.post_norm)?;
+            for p in layer.projs_mut() {
+                let mut w = p.linear.weight().clone();
+                var(format!("{}.weight", p.name), &mut w)?;
+                p.linear.set_weight(w)?;
+                if let Some(b) = p.linear.bias() {
+                    let mut b = b.clone();
+                    var(format!("{}.bias", p.name), &mut b)?;
+                    p.linear.set_bias(b)?;
+                }
+            }
+        }
+        var(NORM.to_string(), &mut self.norm)?;
+        if let Some(head) = &mut self.lm_head {
+            var(LM_HEAD.to_string(), head)?;
+        }
+        Ok(out)
+    }
+
+    /// The context of a training forward over (batch, seq) ids. `positions` (batch, seq) u32
+    /// and `mask` (additive, (batch, 1, 1, seq, seq)) describe packed rows; without them
+    /// positions are 0..seq and the mask is causal (right padding needs nothing more: no real
+    /// token attends to a later pad). `dropout_seed` turns LoRA dropout on.
+    pub fn train_context(
+        &self,
+        batch: usize,
+        seq: usize,
+        positions: Option<&Tensor>,
+        mask: Option<Tensor>,
+        dropout_seed: Option<u64>,
+    ) -> Result<TrainContext> {
+        let tables = match positions {
+            Some(p) => {
+                if p.dims() != [batch, seq] {
+                    return Err(Error::Msg(format!("positions have shape {:?}, expected [{batch}, {seq}]", p.dims())));
+                }
+                self.rope.tables_for(p)?
+            }
+            None => self.rope.tables(0, seq)?,
+        };
+        let mask = match mask {
+            Some(m) => m,
+            None => causal_mask(seq, 0, self.config.sliding_window, self.device())?,
+        };
+        Ok(TrainContext { tables, mask, dropout_seed })
+    }
+
+    /// Token embeddings (batch, seq, hidden).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, self.config.hidden_size))?)
+    }
+
+    /// Decoder layer `index` in training mode (no cache; LoRA dropout if the context asks).
+    pub fn train_layer(&self, index: usize, x: &Tensor, ctx: &TrainContext, adapters: &[ActiveAdapter]) -> Result<Tensor> {
+        let layer = self
+            .layers
+            .get(index)
+            .ok_or_else(|| Error::Msg(format!("layer {index} out of range")))?;
+        // Each layer draws its own dropout masks.
+        let seed = ctx.dropout_seed.map(|s| mix_seed(s, &format!("layer{index}")));
+        self.layer_forward_impl(index, layer, x, &ctx.tables, Some(&ctx.mask), None, adapters, seed)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Final normalized hidden states of a training forward: embed, every layer, norm.
+    pub fn hidden_states_train(&self, ids: &Tensor, ctx: &TrainContext, adapters: &[ActiveAdapter]) -> Result<Tensor> {
+        let mut x = self.embed(ids)?;
+        for i in 0..self.layers.len() {
+            x = self.train_layer(i, &x, ctx, adapters)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Writes a complete Hugging Face checkpoint folder: the weights (merged adapters
+    /// included) as `model.safetensors` in the stored dtype, and config/tokenizer files copied
+    /// from `base_dir`. Staged in a temporary sibling folder and renamed, so a failed run
+    /// leaves nothing half-written. `out` must not hold a checkpoint already.
+    pub fn save_pretrained(&self, base_dir: &Path, out: &Path) -> Result<()> {
+        if out.join("model.safetensors").exists() || out.join("config.json").exists() {
+            return Err(Error::Msg(format!("{}: already holds a checkpoint; choose an empty folder", out.display())));
+        }
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".lowrank-ckpt-")
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        let weights = self.named_weights()?;
+        lowrank_core::files::write_safetensors(&staging.path().join("model.safetensors"), &weights)?;
+        for name in COPIED_FILES {
+            let src = base_dir.join(name);
+            if src.exists() {
+                std::fs::copy(&src, staging.path().join(name)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        if out.exists() {
+            // An existing (empty) folder: move the files in.
+            for entry in std::fs::read_dir(staging.path()).map_err(|e| Error::io(staging.path(), e))? {
+                let entry = entry.map_err(|e| Error::io(staging.path(), e))?;
+                let dest = out.join(entry.file_name());
+                std::fs::rename(entry.path(), &dest).map_err(|e| Error::io(&dest, e))?;
+            }
+        } else {
+            std::fs::rename(staging.keep(), out).map_err(|e| Error::io(out, e))?;
+        }
+        Ok(())
+    }
+
     /// Logits (batch, seq, vocab) for token ids (batch, seq), continuing from `cache` if given.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, adapters: &[ActiveAdapter]) -> Result<Tensor> {
         let hidden = self.hidden_states(ids, cache, adapters)?;
@@ -317,6 +519,22 @@ impl Llama {
         cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
     ) -> Result<Tensor> {
+        self.layer_forward_impl(index, layer, x, rope, mask, cache, adapters, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward_impl(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        adapters: &[ActiveAdapter],
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let proj = |p: &Proj, x: &Tensor, n: u64| p.forward_train(x, adapters, dropout_seed.map(|s| s.wrapping_add(n)));
         let c = &self.config;
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -326,9 +544,9 @@ impl Llama {
         let split_heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, n, head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split_heads(layer.q.forward(&normed, adapters)?, heads)?;
-        let k = split_heads(layer.k.forward(&normed, adapters)?, kv_heads)?;
-        let v = split_heads(layer.v.forward(&normed, adapters)?, kv_heads)?;
+        let q = split_heads(proj(&layer.q, &normed, 0)?, heads)?;
+        let k = split_heads(proj(&layer.k, &normed, 1)?, kv_heads)?;
+        let v = split_heads(proj(&layer.v, &normed, 2)?, kv_heads)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let (k, v) = match cache {
@@ -348,12 +566,12 @@ impl Llama {
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((batch, kv_heads, group * seq, total))?;
         let attn = probs.matmul(&v)?.reshape((batch, heads, seq, head_dim))?;
         let attn = attn.transpose(1, 2)?.reshape((batch, seq, heads * head_dim))?;
-        let x = (x + layer.o.forward(&attn, adapters)?)?;
+        let x = (x + proj(&layer.o, &attn, 3)?)?;
 
         let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-        let gate = layer.gate.forward(&normed, adapters)?.silu()?;
-        let up = layer.up.forward(&normed, adapters)?;
-        let mlp = layer.down.forward(&(gate * up)?, adapters)?;
+        let gate = proj(&layer.gate, &normed, 4)?.silu()?;
+        let up = proj(&layer.up, &normed, 5)?;
+        let mlp = proj(&layer.down, &(gate * up)?, 6)?;
         Ok((x + mlp)?)
     }
 
@@ -391,3 +609,7 @@ impl Llama {
         }
     }
 }
+
+#[path = "batched.rs"]
+mod batched;
+pub use batched::RowStep;

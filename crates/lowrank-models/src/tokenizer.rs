@@ -15,6 +15,9 @@ pub struct Message {
     pub content: String,
 }
 
+/// The byte range `start..end` of the text a token came from.
+pub type ByteSpan = (usize, usize);
+
 /// A tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -82,6 +85,16 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids with the byte range of `text` each token came from (special tokens the
+    /// post-processor adds get an empty range), for masking parts of a rendered chat.
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
@@ -171,7 +184,8 @@ mod tests {
     fn trim_blocks_and_exceptions_behave_like_transformers() {
         let tmpl = "{% for m in messages %}\n  {{ m['content'].strip() }}|{% endfor %}{% if messages|length > 1 %}{{ raise_exception('too many') }}{% endif %}";
         let one = [Message { role: "user".into(), content: "  hi ".into() }];
-        assert_eq!(render_chat_template(tmpl, &one, false, "", "").unwrap(), "hi|");
+        // lstrip_blocks strips before block tags only, so the indentation before `{{` stays, as in jinja2.
+        assert_eq!(render_chat_template(tmpl, &one, false, "", "").unwrap(), "  hi|");
         let two = [one[0].clone(), one[0].clone()];
         let err = render_chat_template(tmpl, &two, false, "", "").unwrap_err().to_string();
         assert!(err.contains("too many"), "{err}");

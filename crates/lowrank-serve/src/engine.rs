@@ -379,19 +379,18 @@ impl Worker {
                 }
             };
             if let Some(reason) = finish {
-                let s = &self.running[*i];
-                let _ = s.req.events.send(Event::Done {
-                    finish_reason: reason,
-                    prompt_tokens: s.req.prompt.len(),
-                    completion_tokens: s.generated.len(),
-                });
-                done.push(*i);
+                done.push((*i, reason));
             }
         }
-        done.sort_unstable_by(|a, b| b.cmp(a));
-        for i in done {
+        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, finish_reason) in done {
             let s = self.running.swap_remove(i);
             self.release(&s, Outcome::Finished);
+            let done = Event::Done { finish_reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len() };
+            let events = s.req.events.clone();
+            // Unpin the adapter before the client hears back, so its next request may evict it.
+            drop(s);
+            let _ = events.send(done);
         }
     }
 

@@ -107,6 +107,18 @@ impl Server {
             .unwrap()
     }
 
+    /// Waits until the engine reports `n` running sequences.
+    async fn wait_running(&self, n: usize) {
+        let want = format!("lowrank_running_requests {n}\n");
+        for _ in 0..500 {
+            if self.get("/metrics").await.contains(&want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("never saw {n} running requests");
+    }
+
     async fn stop(mut self) {
         let _ = self.shutdown.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(30), self.handle)

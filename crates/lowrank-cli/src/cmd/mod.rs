@@ -1,9 +1,13 @@
 //! One file per subcommand; shared loading helpers here.
 
+pub mod bench_serve;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod serve;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

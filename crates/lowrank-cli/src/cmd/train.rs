@@ -1,0 +1,169 @@
+//! `lowrank train`: fine-tune with LoRA, DoRA or all weights; flags map 1:1 onto
+//! `lowrank_train::TrainOptions`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use lowrank_train::{Init, Method, OptimizerKind, Schedule, TrainOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder or repo id in the local HF cache.
+    #[arg(long)]
+    model: String,
+    /// JSONL: {"text"}, {"prompt","completion"} or {"messages":[{"role","content"}...]} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder: adapter (or full checkpoint), training_log.jsonl, loss.svg, checkpoints.
+    #[arg(long)]
+    out: PathBuf,
+    /// Separate eval JSONL.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Hold out this share of --data for eval (seeded).
+    #[arg(long)]
+    eval_split: Option<f64>,
+    /// lora, dora or full.
+    #[arg(long, default_value = "lora")]
+    method: Method,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// LoRA dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// q_proj,v_proj | all-linear | a regex over module keys.
+    #[arg(long, default_value = "all-linear")]
+    targets: String,
+    /// Scale α/√r instead of α/r.
+    #[arg(long)]
+    rslora: bool,
+    /// kaiming, gaussian, pissa or olora.
+    #[arg(long, default_value = "kaiming")]
+    init: Init,
+    /// Continue from an existing PEFT adapter folder.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// adamw or sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// AdamW betas, `B1,B2`.
+    #[arg(long, default_value = "0.9,0.999", value_parser = parse_betas)]
+    betas: (f64, f64),
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// constant, linear or cosine.
+    #[arg(long, default_value = "cosine")]
+    lr_schedule: Schedule,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Clip the global gradient norm; 0 disables.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Stop after N optimizer steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep the lines in file order.
+    #[arg(long)]
+    no_shuffle: bool,
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Pack several sequences per row (no attention or loss across them).
+    #[arg(long)]
+    pack: bool,
+    /// Recompute each layer's activations in backward to save memory.
+    #[arg(long)]
+    grad_checkpoint: bool,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Evaluate every N steps.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Continue a killed run: its --out folder or a checkpoint-N folder.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// No progress bar or summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    match parts.as_slice() {
+        [a, b] => Ok((
+            a.parse().map_err(|e| format!("{a:?}: {e}"))?,
+            b.parse().map_err(|e| format!("{b:?}: {e}"))?,
+        )),
+        _ => Err(format!("expected two numbers like 0.9,0.999, found {s:?}")),
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let opts = TrainOptions {
+        model: args.model,
+        data: args.data,
+        out: args.out,
+        eval_data: args.eval_data,
+        eval_split: args.eval_split,
+        method: args.method,
+        rank: args.rank,
+        alpha: args.alpha,
+        dropout: args.dropout,
+        targets: args.targets,
+        rslora: args.rslora,
+        init: args.init,
+        init_adapter: args.init_adapter,
+        optimizer: args.optimizer,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        betas: args.betas,
+        eps: args.eps,
+        lr_schedule: args.lr_schedule,
+        warmup_steps: args.warmup_steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        max_grad_norm: args.max_grad_norm,
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        seed: args.seed,
+        shuffle: !args.no_shuffle,
+        max_len: args.max_len,
+        pack: args.pack,
+        grad_checkpoint: args.grad_checkpoint,
+        save_every: args.save_every,
+        eval_every: args.eval_every,
+        resume: args.resume,
+        quiet: args.quiet,
+        stop_after: None,
+    };
+    let report = lowrank_train::train(&opts).context("training failed")?;
+    println!(
+        "{}",
+        serde_json::to_string(&serde_json::json!({
+            "steps": report.steps,
+            "final_loss": report.final_loss,
+            "eval_loss": report.eval_loss,
+            "base_eval_loss": report.base_eval_loss,
+            "trainable_parameters": report.trainable_parameters,
+            "model_parameters": report.model_parameters,
+            "peak_rss_mb": report.peak_rss_mb,
+            "seconds": report.seconds,
+            "out": report.out,
+        }))?
+    );
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Shared CPU plumbing: contiguous f32 slices out of candle storage, a safe wrapper over the
+//! `gemm` crate, and SIMD-friendly reductions.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
+
+/// The contiguous f32 data of a custom op's input.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: expects f32 tensors, got {:?}", s.dtype())
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: expects a contiguous tensor")
+    };
+    Ok(&v[start..end])
+}
+
+/// A read guard on a CPU f32 tensor's contiguous data (for backward passes and tensors that an
+/// op captures instead of taking as an argument).
+pub(crate) struct View<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl View<'_> {
+    pub(crate) fn get(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            _ => unreachable!("checked in view()"),
+        }
+    }
+}
+
+/// Borrows `t`'s data; `t` must be a contiguous f32 CPU tensor.
+pub(crate) fn view<'a>(t: &'a Tensor, op: &str) -> Result<View<'a>> {
+    let (guard, layout) = t.storage_and_layout();
+    match &*guard {
+        Storage::Cpu(CpuStorage::F32(_)) => {}
+        Storage::Cpu(s) => bail!("{op}: expects f32 tensors, got {:?}", s.dtype()),
+        _ => bail!(
+            "{op}: has only a CPU implementation so far (tensor on {:?})",
+            t.device().location()
+        ),
+    }
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op}: expects a contiguous tensor")
+    };
+    Ok(View { guard, start, end })
+}
+
+/// Fails unless `t` is on the CPU (for ops whose forward reads captured tensors).
+pub(crate) fn require_cpu(t: &Tensor, op: &str) -> Result<()> {
+    if !t.device().is_cpu() {
+        bail!(
+            "{op}: has only a CPU implementation so far (tensor on {:?})",
+            t.device().location()
+        )
+    }
+    Ok(())
+}
+
+/// A row-major or strided matrix operand: data and (row stride, column stride).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major with `cols` columns.
+    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub(crate) fn t(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
+/// dst (m×n, row-major with row stride `dst_rs`) = [dst +] alpha · lhs (m×k) · rhs (k×n).
+/// `parallel` lets gemm use the rayon pool (leave it off inside a rayon task).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat,
+    rhs: Mat,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst too small");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * lhs.rs + (k - 1) * lhs.cs < lhs.data.len(),
+        "gemm: lhs too small"
+    );
+    assert!(
+        (k - 1) * rhs.rs + (n - 1) * rhs.cs < rhs.data.len(),
+        "gemm: rhs too small"
+    );
+    let par = if parallel && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
+    // `dst` is borrowed mutably so it cannot alias the operands.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Σ a·b with eight independent accumulators, so the loop vectorises without fast-math.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Σ a², vectorisable.
+#[inline]
+pub(crate) fn sum_sq(a: &[f32]) -> f32 {
+    dot(a, a)
+}
+
+/// Σ a·b·c, vectorisable.
+#[inline]
+pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n8 = a.len() / 8 * 8;
+    for ((x, y), z) in a[..n8]
+        .chunks_exact(8)
+        .zip(b[..n8].chunks_exact(8))
+        .zip(c[..n8].chunks_exact(8))
+    {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i] * z[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for i in n8..a.len() {
+        s += a[i] * b[i] * c[i];
+    }
+    s
+}

@@ -1,0 +1,37 @@
+//! Fused CPU ops with hand-written backward, as candle `CustomOp`s, for LoRA/DoRA training and
+//! decoding of Llama-family models.
+//!
+//! Every op is a plain function taking and returning [`candle_core::Tensor`]s; the tensors it
+//! returns record the op, so `Tensor::backward` runs the hand-written backward. Only a CPU
+//! implementation (f32) exists: on other devices the ops fail with a clear error
+//! ("no cuda implementation for …" from candle, or "… has only a CPU implementation" from the
+//! backward passes), so CUDA versions can be added later behind the same functions.
+//!
+//! Conventions shared by all ops:
+//! - inputs are made contiguous by the public function (a no-op when they already are);
+//! - row-parallel work uses rayon; GEMMs use the `gemm` crate (as candle does on CPU);
+//! - backward recomputes what is cheap (RMS statistics, attention probabilities, logits) and
+//!   keeps only small per-row statistics (attention and cross-entropy log-sum-exp).
+
+pub mod adamw;
+pub mod attention;
+mod cpu;
+pub mod cross_entropy;
+pub mod decode;
+pub mod lora_linear;
+pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+pub use attention::causal_attention;
+
+pub use adamw::adamw_step;
+pub use cross_entropy::chunked_cross_entropy;
+pub use decode::{gemv_bf16, lora_linear_decode_bf16};
+pub use lora_linear::{dora_linear, dora_row_norm, lora_linear};
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use swiglu::swiglu;

@@ -1,0 +1,989 @@
+//! The training loop: trainable tensors (adapter `Var`s or every weight), gradient
+//! accumulation over micro-batches, clipping, the optimizer step, logging, eval, checkpoints,
+//! resume and the NaN stop.
+//!
+//! Loss: per optimizer step, the summed token NLL of all its micro-batches divided by the
+//! step's number of loss tokens (the mean token loss of the step's batch, as transformers'
+//! Trainer computes it with `num_items_in_batch`), so accumulation equals one larger batch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use lowrank_core::lora::{
+    LoraAdapter, LoraConfig, LoraModule, LoraVariant, ALL_LINEAR, PEFT_PREFIX,
+};
+use lowrank_core::targets::ModuleSelector;
+use lowrank_core::{Error, Result};
+use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+
+use crate::data::{self, Batch, Example};
+use crate::optim::{clip, Optimizer};
+use crate::{memory, plot, schedule, Init, Method, TrainOptions, TrainReport};
+
+pub const LOG_FILE: &str = "training_log.jsonl";
+pub const PLOT_FILE: &str = "loss.svg";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// What is being trained: named `Var`s, and for LoRA/DoRA the adapter built from them.
+pub struct Trainable {
+    pub names: Vec<String>,
+    pub vars: Vec<Var>,
+    /// Weight decay applies (not to norms and biases of a full fine-tune).
+    pub decay: Vec<bool>,
+    /// The adapter whose tensors are the `Var`s (None for `full`).
+    pub adapter: Option<LoraAdapter>,
+    /// PiSSA/OLoRA: each module's initial (A₀, B₀), subtracted when saving a plain LoRA adapter.
+    pub initial: Option<BTreeMap<String, (Tensor, Tensor)>>,
+}
+
+impl Trainable {
+    pub fn num_parameters(&self) -> usize {
+        self.vars.iter().map(|v| v.as_tensor().elem_count()).sum()
+    }
+
+    /// The adapter to save, usable with the original base: for PiSSA/OLoRA converted as PEFT's
+    /// `path_initial_model_for_weight_conversion` does (ΔW = BA − B₀A₀ as a rank-2r LoRA with
+    /// A' = [A; A₀], B' = [B, −B₀], α doubled, or ×√2 with rsLoRA).
+    pub fn export_adapter(&self) -> Result<Option<LoraAdapter>> {
+        let Some(adapter) = &self.adapter else {
+            return Ok(None);
+        };
+        let mut out = LoraAdapter {
+            config: adapter.config.clone(),
+            modules: BTreeMap::new(),
+        };
+        for (name, m) in &adapter.modules {
+            let (a, b) = (m.a.detach().copy()?, m.b.detach().copy()?);
+            let (a, b) = match self.initial.as_ref().and_then(|i| i.get(name)) {
+                Some((a0, b0)) => (
+                    Tensor::cat(&[&a, a0], 0)?,
+                    Tensor::cat(&[&b, &b0.neg()?], 1)?,
+                ),
+                None => (a, b),
+            };
+            let magnitude = m
+                .magnitude
+                .as_ref()
+                .map(|t| t.detach().copy())
+                .transpose()?;
+            out.modules.insert(
+                name.clone(),
+                LoraModule {
+                    a,
+                    b,
+                    magnitude,
+                    scale: m.scale,
+                },
+            );
+        }
+        if self.initial.is_some() {
+            let c = &mut out.config;
+            c.rank *= 2;
+            c.alpha *= if c.use_rslora { 2f64.sqrt() } else { 2.0 };
+        }
+        Ok(Some(out))
+    }
+}
+
+/// `--targets`: `all-linear`, a comma-separated list of module names, or a regex (any of
+/// `*+?()[]|^$\` makes it one) that must match the whole module key.
+pub fn parse_targets(spec: &str) -> Result<ModuleSelector> {
+    let spec = spec.trim();
+    if spec == "all-linear" {
+        return Ok(ModuleSelector::Names(
+            ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+        ));
+    }
+    if spec.chars().any(|c| "*+?()[]|^$\\".contains(c)) {
+        return ModuleSelector::regex(spec)
+            .map_err(|e| Error::field("--targets", "targets", format!("invalid regex: {e}")));
+    }
+    let names: Vec<String> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if names.is_empty() {
+        return Err(Error::field(
+            "--targets",
+            "targets",
+            "no module names given",
+        ));
+    }
+    Ok(ModuleSelector::Names(names))
+}
+
+fn bad(field: &str, msg: impl Into<String>) -> Error {
+    Error::field(format!("--{}", field.replace('_', "-")), field, msg)
+}
+
+fn validate(o: &TrainOptions) -> Result<()> {
+    if o.method != Method::Full {
+        if o.rank == 0 {
+            return Err(bad("rank", "must be at least 1"));
+        }
+        if !o.alpha.is_finite() || o.alpha <= 0.0 {
+            return Err(bad(
+                "alpha",
+                format!("must be a positive number, found {}", o.alpha),
+            ));
+        }
+    }
+    if !(0.0..1.0).contains(&o.dropout) {
+        return Err(bad(
+            "dropout",
+            format!("expected a value in [0, 1), found {}", o.dropout),
+        ));
+    }
+    if !o.lr.is_finite() || o.lr <= 0.0 {
+        return Err(bad(
+            "lr",
+            format!("must be a positive number, found {}", o.lr),
+        ));
+    }
+    if !(0.0..1.0).contains(&o.betas.0) || !(0.0..1.0).contains(&o.betas.1) {
+        return Err(bad(
+            "betas",
+            format!("each must be in [0, 1), found {:?}", o.betas),
+        ));
+    }
+    if o.eps.is_nan()
+        || o.eps <= 0.0
+        || o.weight_decay.is_nan()
+        || o.weight_decay < 0.0
+        || o.max_grad_norm.is_nan()
+        || o.max_grad_norm < 0.0
+    {
+        return Err(bad(
+            "eps",
+            "eps must be > 0, weight decay and max grad norm ≥ 0",
+        ));
+    }
+    if o.batch_size == 0 || o.grad_accum == 0 {
+        return Err(bad(
+            "batch_size",
+            "batch size and grad accumulation must be at least 1",
+        ));
+    }
+    if o.max_len < 2 {
+        return Err(bad(
+            "max_len",
+            "must be at least 2 (one token predicts the next)",
+        ));
+    }
+    if o.epochs == 0 && o.max_steps.is_none() {
+        return Err(bad("epochs", "must be at least 1 (or give --max-steps)"));
+    }
+    if o.max_steps == Some(0) || o.save_every == Some(0) || o.eval_every == Some(0) {
+        return Err(bad("max_steps", "step counts must be at least 1"));
+    }
+    if o.method == Method::Full && o.init_adapter.is_some() {
+        return Err(bad("init_adapter", "cannot be combined with --method full"));
+    }
+    if o.method == Method::Dora
+        && matches!(o.init, Init::Pissa | Init::Olora)
+        && o.init_adapter.is_none()
+    {
+        return Err(bad(
+            "init",
+            "PiSSA/OLoRA with DoRA cannot be saved as an adapter for the original base (PEFT's conversion drops the magnitude); use --method lora",
+        ));
+    }
+    if o.eval_data.is_some() && o.eval_split.is_some() {
+        return Err(bad(
+            "eval_split",
+            "give --eval-data or --eval-split, not both",
+        ));
+    }
+    Ok(())
+}
+
+/// Wraps a tensor as a trainable `Var` (a copy).
+fn var(t: &Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+}
+
+/// Sets up the trainable tensors: every weight for `full`, else a new adapter (or
+/// `--init-adapter`) whose tensors are `Var`s; PiSSA/OLoRA rewrite the base weights.
+pub fn setup_trainable(model: &mut Llama, o: &TrainOptions) -> Result<Trainable> {
+    if o.method == Method::Full {
+        let named = model.make_trainable()?;
+        let decay = named
+            .iter()
+            .map(|(n, _)| !(n.contains("norm") || n.ends_with(".bias")))
+            .collect();
+        let (names, vars) = named.into_iter().unzip();
+        return Ok(Trainable {
+            names,
+            vars,
+            decay,
+            adapter: None,
+            initial: None,
+        });
+    }
+    let want = if o.method == Method::Dora {
+        LoraVariant::Dora
+    } else {
+        LoraVariant::Lora
+    };
+    let (config, modules, initial) = match &o.init_adapter {
+        Some(dir) => {
+            let adapter = model.load_adapter(dir)?;
+            if adapter.config.variant != want {
+                return Err(Error::Msg(format!(
+                    "{}: the adapter is {} but --method is {}",
+                    dir.display(),
+                    if adapter.config.variant == LoraVariant::Dora {
+                        "DoRA"
+                    } else {
+                        "LoRA"
+                    },
+                    o.method
+                )));
+            }
+            (adapter.config, adapter.modules, None)
+        }
+        None => {
+            let mut config = LoraConfig::new(o.rank, o.alpha, parse_targets(&o.targets)?);
+            config.variant = want;
+            config.use_rslora = o.rslora;
+            config.dropout = o.dropout;
+            config.base_model = Some(o.model.clone());
+            let mut rng = StdRng::seed_from_u64(o.seed);
+            let mut modules = BTreeMap::new();
+            let mut initial = BTreeMap::new();
+            for linear in model.linears() {
+                if !config.targets_module(&linear.name) {
+                    continue;
+                }
+                let weight = model.linear(&linear.name).expect("listed").weight().clone();
+                let scale = config.scale_for(&linear.name);
+                let init = crate::init::init_module(
+                    o.init,
+                    &weight,
+                    config.rank_for(&linear.name),
+                    scale,
+                    o.method == Method::Dora,
+                    &mut rng,
+                )
+                .map_err(|e| Error::Msg(format!("{}: {e}", linear.name)))?;
+                if let Some(residual) = init.residual {
+                    model
+                        .linear_mut(&linear.name)
+                        .expect("listed")
+                        .set_weight(residual)?;
+                    initial.insert(
+                        linear.name.clone(),
+                        (init.module.a.clone(), init.module.b.clone()),
+                    );
+                }
+                modules.insert(linear.name.clone(), init.module);
+            }
+            if modules.is_empty() {
+                return Err(bad("targets", format!("{:?} matches no linear layer of the model (e.g. model.layers.0.self_attn.q_proj)", o.targets)));
+            }
+            let initial = (!initial.is_empty()).then_some(initial);
+            (config, modules, initial)
+        }
+    };
+    let (mut names, mut vars) = (Vec::new(), Vec::new());
+    let mut trainable_modules = BTreeMap::new();
+    for (name, m) in modules {
+        let a = var(&m.a)?;
+        let b = var(&m.b)?;
+        names.push(format!("{PEFT_PREFIX}{name}.lora_A.weight"));
+        vars.push(a.clone());
+        names.push(format!("{PEFT_PREFIX}{name}.lora_B.weight"));
+        vars.push(b.clone());
+        let magnitude = match &m.magnitude {
+            Some(mag) => {
+                let v = var(mag)?;
+                names.push(format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"));
+                vars.push(v.clone());
+                Some(v.as_tensor().clone())
+            }
+            None => None,
+        };
+        trainable_modules.insert(
+            name,
+            LoraModule {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                magnitude,
+                scale: m.scale,
+            },
+        );
+    }
+    let decay = vec![true; vars.len()];
+    Ok(Trainable {
+        names,
+        vars,
+        decay,
+        adapter: Some(LoraAdapter {
+            config,
+            modules: trainable_modules,
+        }),
+        initial,
+    })
+}
+
+/// Summed NLL over the batch's loss tokens from final hidden states (batch, seq, hidden): only
+/// the predicting positions go through the head.
+pub fn head_nll(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let picked = hidden
+        .reshape((b * t, h))?
+        .index_select(&batch.predict_at, 0)?;
+    let logits = model.logits(&picked)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let nll = logp
+        .gather(&batch.labels.unsqueeze(1)?, 1)?
+        .sum_all()?
+        .neg()?;
+    Ok(nll)
+}
+
+fn context(
+    model: &Llama,
+    batch: &Batch,
+    dropout_seed: Option<u64>,
+) -> Result<lowrank_models::llama::TrainContext> {
+    let (b, t) = batch.ids.dims2()?;
+    model.train_context(
+        b,
+        t,
+        batch.positions.as_ref(),
+        batch.mask.clone(),
+        dropout_seed,
+    )
+}
+
+/// Summed NLL of a batch (a graph to the trainable tensors).
+pub fn batch_nll(
+    model: &Llama,
+    adapters: &[ActiveAdapter],
+    batch: &Batch,
+    dropout_seed: Option<u64>,
+) -> Result<Tensor> {
+    let ctx = context(model, batch, dropout_seed)?;
+    let hidden = model.hidden_states_train(&batch.ids, &ctx, adapters)?;
+    head_nll(model, &hidden, batch)
+}
+
+fn to_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn add_grads(
+    acc: &mut [Option<Tensor>],
+    vars: &[Var],
+    store: &candle_core::backprop::GradStore,
+) -> Result<()> {
+    for (slot, v) in acc.iter_mut().zip(vars) {
+        if let Some(g) = store.get(v.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Forward and backward of one micro-batch, the loss scaled by `scale`; adds the gradients to
+/// `acc` and returns the (unscaled) summed NLL. With `checkpoint`, only each layer's input is
+/// kept; backward recomputes one layer at a time (same dropout masks, seeded) and chains the
+/// gradient through it with the surrogate Σ y ⊙ ∂L/∂y.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    model: &Llama,
+    adapters: &[ActiveAdapter],
+    batch: &Batch,
+    dropout_seed: Option<u64>,
+    scale: f64,
+    vars: &[Var],
+    acc: &mut [Option<Tensor>],
+    checkpoint: bool,
+) -> Result<f64> {
+    if !checkpoint {
+        let nll = batch_nll(model, adapters, batch, dropout_seed)?;
+        let store = (&nll * scale)?.backward()?;
+        add_grads(acc, vars, &store)?;
+        return to_f64(&nll);
+    }
+    let ctx = context(model, batch, dropout_seed)?;
+    let n = model.num_layers();
+    let mut inputs = vec![model.embed(&batch.ids)?.detach()];
+    for i in 0..n {
+        let y = model.train_layer(i, &inputs[i], &ctx, adapters)?.detach();
+        inputs.push(y);
+    }
+    let top = Var::from_tensor(&inputs[n])?;
+    let nll = head_nll(model, &model.final_norm(top.as_tensor())?, batch)?;
+    let store = (&nll * scale)?.backward()?;
+    add_grads(acc, vars, &store)?;
+    let mut grad = store.get(top.as_tensor()).cloned().ok_or_else(|| {
+        Error::Msg("gradient checkpointing: no gradient reached the last layer".into())
+    })?;
+    drop(store);
+    for i in (0..n).rev() {
+        let x = Var::from_tensor(&inputs[i])?;
+        let y = model.train_layer(i, x.as_tensor(), &ctx, adapters)?;
+        let store = (y * &grad)?.sum_all()?.backward()?;
+        add_grads(acc, vars, &store)?;
+        grad = store.get(x.as_tensor()).cloned().ok_or_else(|| {
+            Error::Msg(format!(
+                "gradient checkpointing: no gradient reached layer {i}'s input"
+            ))
+        })?;
+    }
+    // The embedding (trainable in a full fine-tune).
+    let store = (model.embed(&batch.ids)? * &grad)?.sum_all()?.backward()?;
+    add_grads(acc, vars, &store)?;
+    to_f64(&nll)
+}
+
+/// Mean token loss over `examples` (no dropout), in batches of `batch_size`.
+pub fn evaluate(
+    model: &Llama,
+    adapters: &[ActiveAdapter],
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<f64> {
+    let (mut total, mut count) = (0.0, 0usize);
+    let order: Vec<usize> = (0..examples.len()).collect();
+    for rows in data::plan_micro_batches(examples, &order, batch_size, false, usize::MAX) {
+        let batch = data::make_batch(examples, &rows, model.device())?;
+        total += to_f64(&batch_nll(model, adapters, &batch, None)?.detach())?;
+        count += batch.loss_tokens;
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut x = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 29)
+}
+
+/// Options whose change makes a resumed run a different run.
+fn run_identity(o: &TrainOptions) -> Value {
+    let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        for k in [
+            "out",
+            "resume",
+            "quiet",
+            "save_every",
+            "eval_every",
+            "stop_after",
+            "model",
+            "data",
+            "eval_data",
+            "init_adapter",
+        ] {
+            obj.remove(k);
+        }
+    }
+    v
+}
+
+/// The checkpoint folder `--resume` names: a checkpoint itself, or the run folder's latest.
+pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    let latest = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join(STATE_FILE)
+                .exists()
+                .then_some((step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s);
+    latest.map(|(_, p)| p).ok_or_else(|| {
+        Error::Msg(format!("{}: no checkpoint to resume from (no checkpoint-N/{STATE_FILE}; was --save-every given?)", path.display()))
+    })
+}
+
+fn save_checkpoint(
+    out: &Path,
+    step: usize,
+    t: &Trainable,
+    opt: &Optimizer,
+    o: &TrainOptions,
+) -> Result<PathBuf> {
+    let dest = out.join(format!("checkpoint-{step}"));
+    let staging = tempfile::Builder::new()
+        .prefix(".checkpoint-")
+        .tempdir_in(out)
+        .map_err(|e| Error::io(out, e))?;
+    let tensors: Vec<(String, Tensor)> = t
+        .names
+        .iter()
+        .cloned()
+        .zip(t.vars.iter().map(|v| v.as_tensor().detach()))
+        .collect();
+    lowrank_core::files::write_safetensors(&staging.path().join(TRAINABLE_FILE), &tensors)?;
+    let state = opt.state_tensors(&t.names);
+    if !state.is_empty() {
+        lowrank_core::files::write_safetensors(&staging.path().join(OPTIMIZER_FILE), &state)?;
+    }
+    if let Some(adapter) = t.export_adapter()? {
+        adapter.save(staging.path())?;
+    }
+    let info = json!({"step": step, "optimizer_steps": opt.t, "options": o});
+    lowrank_core::files::write_json(&staging.path().join(STATE_FILE), &info)?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    }
+    std::fs::rename(staging.keep(), &dest).map_err(|e| Error::io(&dest, e))?;
+    Ok(dest)
+}
+
+/// Appends JSON lines to training_log.jsonl, one write per line.
+struct Log {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Log {
+    fn write(&mut self, v: &Value) -> Result<()> {
+        let line = format!("{v}\n");
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+fn say(o: &TrainOptions, msg: &str) {
+    if !o.quiet {
+        eprintln!("{msg}");
+    }
+}
+
+/// Runs training as `opts` says; see the crate docs. Errors name the file, line or option at fault.
+// `step % n == 0` rather than `is_multiple_of`, which needs Rust 1.87 (the workspace says 1.85).
+#[allow(clippy::manual_is_multiple_of)]
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    let started = Instant::now();
+    let o = opts;
+    validate(o)?;
+    let dir = lowrank_models::checkpoint::resolve_model_dir(&o.model)?;
+    let device = Device::Cpu;
+    let mut model = Llama::load(&dir, &device)?;
+    let tokenizer = Tokenizer::load(&dir)?;
+
+    // Data.
+    let (format, train_ex, dropped) = data::load(&o.data, &tokenizer, o.max_len)?;
+    let (train_ex, eval_ex) = match (&o.eval_data, o.eval_split) {
+        (Some(path), _) => (train_ex, data::load(path, &tokenizer, o.max_len)?.1),
+        (None, Some(f)) => data::split(train_ex, f, o.seed)?,
+        (None, None) => (train_ex, vec![]),
+    };
+    for (set, file) in [
+        (&train_ex, &o.data),
+        (&eval_ex, o.eval_data.as_ref().unwrap_or(&o.data)),
+    ] {
+        for ex in set {
+            model.check_ids(&ex.ids).map_err(|e| {
+                Error::Msg(format!(
+                    "{}: {e} (tokenizer and model disagree)",
+                    file.display()
+                ))
+            })?;
+        }
+    }
+    if dropped > 0 {
+        say(
+            o,
+            &format!(
+                "note: {dropped} line(s) of {} have no token to learn from and are skipped",
+                o.data.display()
+            ),
+        );
+    }
+
+    // Output folder and resume point.
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    let log_path = o.out.join(LOG_FILE);
+    let resume_from = o.resume.as_deref().map(find_checkpoint).transpose()?;
+    if resume_from.is_none() && log_path.exists() {
+        return Err(Error::Msg(format!(
+            "{}: already holds a training run ({LOG_FILE}); pass --resume {} to continue it, or choose another --out",
+            o.out.display(),
+            o.out.display()
+        )));
+    }
+
+    let base_eval_loss = if eval_ex.is_empty() {
+        None
+    } else {
+        Some(evaluate(&model, &[], &eval_ex, o.batch_size)?)
+    };
+
+    let trainable = setup_trainable(&mut model, o)?;
+    let mut optimizer =
+        Optimizer::new(o.optimizer, &trainable.vars, o.weight_decay, o.betas, o.eps)?;
+    let mut start_step = 0;
+    let mut kept_log: Vec<Value> = Vec::new();
+    if let Some(ckpt) = &resume_from {
+        let state: Value = lowrank_core::files::read_json(&ckpt.join(STATE_FILE))?;
+        let saved = state.get("options").cloned().unwrap_or(Value::Null);
+        let saved: TrainOptions = serde_json::from_value(saved)
+            .map_err(|e| Error::Msg(format!("{}: {e}", ckpt.join(STATE_FILE).display())))?;
+        let (a, b) = (run_identity(&saved), run_identity(o));
+        if a != b {
+            let diff: Vec<String> = a
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.iter())
+                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, v)| {
+                    format!(
+                        "{k} (checkpoint: {v}, now: {})",
+                        b.get(k.as_str()).unwrap_or(&Value::Null)
+                    )
+                })
+                .collect();
+            return Err(Error::Msg(format!(
+                "--resume {}: options differ from the checkpoint's: {}",
+                ckpt.display(),
+                diff.join(", ")
+            )));
+        }
+        start_step = state.get("step").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let tensors = candle_core::safetensors::load(ckpt.join(TRAINABLE_FILE), &device)?;
+        for (name, v) in trainable.names.iter().zip(&trainable.vars) {
+            let t = tensors.get(name).ok_or_else(|| {
+                Error::tensors(ckpt.join(TRAINABLE_FILE), format!("missing {name:?}"))
+            })?;
+            v.set(t)?;
+        }
+        if optimizer.slots() > 0 {
+            let state_t = candle_core::safetensors::load(ckpt.join(OPTIMIZER_FILE), &device)?;
+            let steps = state
+                .get("optimizer_steps")
+                .and_then(Value::as_u64)
+                .unwrap_or(start_step as u64) as usize;
+            optimizer.load_state(&trainable.names, &state_t, steps)?;
+        } else {
+            optimizer.t = start_step;
+        }
+        // Keep the log up to the checkpoint.
+        if let Ok(text) = std::fs::read_to_string(&log_path) {
+            kept_log = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| {
+                    v.get("step")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|s| s as usize <= start_step)
+                })
+                .collect();
+        }
+        let text: String = kept_log.iter().map(|v| format!("{v}\n")).collect();
+        lowrank_core::files::write_atomic(&log_path, text.as_bytes())?;
+        say(
+            o,
+            &format!("resuming from {} (step {start_step})", ckpt.display()),
+        );
+    } else {
+        lowrank_core::files::write_atomic(&log_path, b"")?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, e))?;
+    let mut log = Log {
+        file,
+        path: log_path.clone(),
+    };
+
+    // The plan: micro-batches per epoch, grouped into optimizer steps.
+    let plan_epoch = |epoch: usize| {
+        let order = data::epoch_order(train_ex.len(), o.seed, epoch, o.shuffle);
+        data::plan_micro_batches(&train_ex, &order, o.batch_size, o.pack, o.max_len)
+    };
+    let total_steps = match o.max_steps {
+        Some(n) => n,
+        None => (0..o.epochs)
+            .map(|e| plan_epoch(e).len().div_ceil(o.grad_accum))
+            .sum(),
+    };
+
+    let model_parameters = model.config().num_parameters();
+    let n_train = trainable.num_parameters();
+    let longest = train_ex.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let seq = if o.pack { o.max_len } else { longest };
+    let est = memory::estimate(
+        model.config(),
+        n_train,
+        optimizer.slots(),
+        o.batch_size,
+        seq,
+        o.grad_checkpoint,
+    );
+    let mb = |b: u64| b as f64 / 1_048_576.0;
+    say(
+        o,
+        &format!(
+            "trainable parameters: {n_train} ({:.4}% of the model's {model_parameters}) [{}]",
+            100.0 * n_train as f64 / model_parameters as f64,
+            o.method
+        ),
+    );
+    say(o, &format!(
+        "estimated training memory: {:.1} MB (weights {:.1}, gradients + optimizer {:.1}, activations {:.1} for {}×{} tokens{})",
+        mb(est.total),
+        mb(est.weights),
+        mb(est.trainable_state),
+        mb(est.activations),
+        o.batch_size,
+        seq,
+        if o.grad_checkpoint { ", checkpointed" } else { "" }
+    ));
+    say(
+        o,
+        &format!(
+            "data: {} {} sequences for training, {} for eval; {total_steps} optimizer steps",
+            train_ex.len(),
+            format.as_str(),
+            eval_ex.len()
+        ),
+    );
+
+    let adapter_ref = trainable.adapter.as_ref();
+    let active: Vec<ActiveAdapter> = adapter_ref.map(ActiveAdapter::new).into_iter().collect();
+    let mut eval_points: Vec<(usize, f64)> = kept_log
+        .iter()
+        .filter_map(|v| {
+            Some((
+                v.get("step")?.as_u64()? as usize,
+                v.get("eval_loss")?.as_f64()?,
+            ))
+        })
+        .collect();
+    let mut train_points: Vec<(usize, f64)> = kept_log
+        .iter()
+        .filter_map(|v| Some((v.get("step")?.as_u64()? as usize, v.get("loss")?.as_f64()?)))
+        .collect();
+    if start_step == 0 && !eval_ex.is_empty() {
+        let l = evaluate(&model, &active, &eval_ex, o.batch_size)?;
+        log.write(&json!({"step": 0, "eval_loss": l, "base_eval_loss": base_eval_loss}))?;
+        eval_points.push((0, l));
+    }
+
+    let bar = if o.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(total_steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        bar
+    };
+    bar.set_position(start_step as u64);
+
+    let mut losses = Vec::new();
+    let mut last_checkpoint: Option<PathBuf> = resume_from.clone();
+    let mut step = 0usize;
+    let mut final_loss = train_points.last().map_or(f64::NAN, |p| p.1);
+    let stop_at = o.stop_after.map_or(total_steps, |s| s.min(total_steps));
+    'epochs: for epoch in 0.. {
+        let plan = plan_epoch(epoch);
+        if plan.is_empty() {
+            break;
+        }
+        let steps_here = plan.len().div_ceil(o.grad_accum);
+        for (k, group) in plan.chunks(o.grad_accum).enumerate() {
+            if step >= stop_at {
+                break 'epochs;
+            }
+            step += 1;
+            if step <= start_step {
+                continue;
+            }
+            let t0 = Instant::now();
+            let batches = group
+                .iter()
+                .map(|rows| data::make_batch(&train_ex, rows, &device))
+                .collect::<Result<Vec<_>>>()?;
+            let step_tokens: usize = batches.iter().map(|b| b.loss_tokens).sum();
+            let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
+            let mut acc: Vec<Option<Tensor>> = vec![None; trainable.vars.len()];
+            let mut nll = 0.0;
+            for (m, batch) in batches.iter().enumerate() {
+                let seed = mix(mix(o.seed, step as u64), m as u64);
+                nll += forward_backward(
+                    &model,
+                    &active,
+                    batch,
+                    Some(seed),
+                    1.0 / step_tokens as f64,
+                    &trainable.vars,
+                    &mut acc,
+                    o.grad_checkpoint,
+                )?;
+            }
+            let loss = nll / step_tokens as f64;
+            let nan_stop = |what: &str, value: f64| {
+                let keep = match &last_checkpoint {
+                    Some(p) => format!("the last good checkpoint is {}", p.display()),
+                    None => "no checkpoint was saved (use --save-every N to keep one)".into(),
+                };
+                Error::Msg(format!(
+                    "step {step}: {what} is {value} (lr {:.3e}); stopping before the update; {keep}",
+                    schedule::lr_at(o.lr_schedule, o.lr, o.warmup_steps, total_steps, step)
+                ))
+            };
+            if !loss.is_finite() {
+                bar.abandon();
+                return Err(nan_stop("the loss", loss));
+            }
+            let mut grads = acc
+                .into_iter()
+                .zip(&trainable.vars)
+                .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let grad_norm = clip(&mut grads, o.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                bar.abandon();
+                return Err(nan_stop("the gradient norm", grad_norm));
+            }
+            let lr = schedule::lr_at(o.lr_schedule, o.lr, o.warmup_steps, total_steps, step);
+            optimizer.step(&trainable.vars, &grads, &trainable.decay, lr)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let tokens_per_s = input_tokens as f64 / secs.max(1e-9);
+            let line = json!({
+                "step": step,
+                "epoch": epoch as f64 + (k + 1) as f64 / steps_here as f64,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": step_tokens,
+                "tokens_per_s": tokens_per_s,
+                "peak_rss_mb": memory::peak_rss_mb(),
+                "elapsed_s": started.elapsed().as_secs_f64(),
+            });
+            log.write(&line)?;
+            losses.push(loss);
+            train_points.push((step, loss));
+            final_loss = loss;
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
+            ));
+            bar.inc(1);
+            if o.save_every.is_some_and(|n| step % n == 0) {
+                last_checkpoint = Some(save_checkpoint(&o.out, step, &trainable, &optimizer, o)?);
+            }
+            if !eval_ex.is_empty()
+                && o.eval_every.is_some_and(|n| step % n == 0)
+                && step != total_steps
+            {
+                let l = evaluate(&model, &active, &eval_ex, o.batch_size)?;
+                log.write(&json!({"step": step, "eval_loss": l}))?;
+                eval_points.push((step, l));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let interrupted = step < total_steps;
+    let eval_loss = if eval_ex.is_empty() || interrupted {
+        None
+    } else {
+        let l = evaluate(&model, &active, &eval_ex, o.batch_size)?;
+        log.write(&json!({"step": step, "eval_loss": l}))?;
+        eval_points.push((step, l));
+        Some(l)
+    };
+    plot::loss_svg(&o.out.join(PLOT_FILE), &train_points, &eval_points)?;
+    if !interrupted {
+        match trainable.export_adapter()? {
+            Some(adapter) => adapter.save(&o.out)?,
+            None => model.save_pretrained(&dir, &o.out)?,
+        }
+    }
+    let report = TrainReport {
+        steps: step,
+        final_loss,
+        eval_loss,
+        base_eval_loss,
+        trainable_parameters: n_train,
+        model_parameters,
+        peak_rss_mb: memory::peak_rss_mb(),
+        seconds: started.elapsed().as_secs_f64(),
+        out: o.out.clone(),
+        losses,
+    };
+    if !interrupted {
+        lowrank_core::files::write_json(&o.out.join("train_report.json"), &report)?;
+        say(
+            o,
+            &format!(
+                "done: {} steps, final loss {:.4}{}; wrote {}",
+                report.steps,
+                report.final_loss,
+                match (report.base_eval_loss, report.eval_loss) {
+                    (Some(b), Some(e)) => format!(", eval loss {e:.4} (base {b:.4})"),
+                    _ => String::new(),
+                },
+                o.out.display()
+            ),
+        );
+    }
+    Ok(report)
+}
+
+/// Gradients of the mean token loss over `examples` (one padded batch, no dropout) for every
+/// trainable tensor, by name; for tests and diagnostics.
+pub fn gradients(
+    model: &Llama,
+    t: &Trainable,
+    examples: &[Example],
+    checkpoint: bool,
+) -> Result<HashMap<String, Tensor>> {
+    let rows: Vec<Vec<usize>> = (0..examples.len()).map(|i| vec![i]).collect();
+    let batch = data::make_batch(examples, &rows, model.device())?;
+    let active: Vec<ActiveAdapter> = t
+        .adapter
+        .as_ref()
+        .map(ActiveAdapter::new)
+        .into_iter()
+        .collect();
+    let mut acc = vec![None; t.vars.len()];
+    forward_backward(
+        model,
+        &active,
+        &batch,
+        None,
+        1.0 / batch.loss_tokens as f64,
+        &t.vars,
+        &mut acc,
+        checkpoint,
+    )?;
+    Ok(t.names
+        .iter()
+        .cloned()
+        .zip(acc)
+        .filter_map(|(n, g)| g.map(|g| (n, g)))
+        .collect())
+}
