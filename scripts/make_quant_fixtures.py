@@ -8,7 +8,8 @@ Usage (from anywhere; CPU only, no network):
     pip install bitsandbytes==0.50.2
     python3 scripts/make_quant_fixtures.py
 
-fixtures/quant/ is deleted and regenerated. The output is deterministic for the pinned
+fixtures/quant/ is deleted and regenerated (reference.json: eval losses and QLoRA training
+losses of transformers + bitsandbytes + PEFT over the 4-bit base, for the Rust parity tests). The output is deterministic for the pinned
 versions below (fixed inputs, single-threaded torch on CPU).
 
 pinned versions (the fixtures in git were generated with exactly these):
@@ -161,6 +162,121 @@ def tiny_llama():
     return sorted(ref)
 
 
+BNB_VARIANTS = [("nf4", True), ("fp4", False)]
+# (base model, adapter or None) whose eval loss over a 4-bit base is recorded.
+EVAL_CASES = [
+    ("llama-tied", None),
+    ("llama-tied", "llama-tied__lora-qv"),
+    ("llama-tied", "llama-tied__dora"),
+    ("llama-untied", None),
+    ("llama-untied", "llama-untied__all-linear"),
+]
+TRAIN_LR = 0.05  # as scripts/make_fixtures.py's training parity
+
+
+def bnb_config(kind, dq):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_use_double_quant=dq,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def load_4bit(name, kind, dq):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        f"fixtures/models/{name}", quantization_config=bnb_config(kind, dq), device_map="cpu", dtype=torch.float32
+    )
+    model.eval()
+    return model
+
+
+def eval_texts(path="fixtures/data/eval.jsonl"):
+    with open(path) as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def eval_loss(model, tok):
+    """`lowrank eval`'s loss: sum of NLL of every token t >= 1 given < t over all lines of
+    fixtures/data/eval.jsonl (tokenizer(text), special tokens included) / predicted tokens."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in eval_texts():
+            ids = torch.tensor([tok(text)["input_ids"]], dtype=torch.long)
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids).logits[0].float()
+            nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
+            total += nll.item()
+            count += ids.shape[1] - 1
+    return total / count, count
+
+
+def eval_references():
+    """Eval loss of the fixture models over a 4-bit base (transformers + bitsandbytes + PEFT),
+    and the same models in f32 for scale."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = []
+    for name, adapter in EVAL_CASES:
+        tok = AutoTokenizer.from_pretrained(f"fixtures/models/{name}")
+        variants = [(k, dq) for k, dq in BNB_VARIANTS] + [(None, False)]
+        for kind, dq in variants:
+            if kind is None:
+                model = AutoModelForCausalLM.from_pretrained(f"fixtures/models/{name}", dtype=torch.float32).eval()
+            else:
+                model = load_4bit(name, kind, dq)
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, f"fixtures/adapters/{adapter}").eval()
+            loss, tokens = eval_loss(model, tok)
+            out.append({
+                "model": name, "adapter": adapter, "quant_type": kind, "double_quant": dq,
+                "loss": loss, "tokens": tokens,
+            })
+            print(f"  eval {name} {adapter} {kind} dq={dq}: {loss:.8f}")
+    return out
+
+
+def qlora_train_reference():
+    """scripts/make_fixtures.py's training parity (6 SGD steps, lr 0.05, batch 1, train.jsonl
+    in order, from the fixture adapter) over the NF4 + double quant base."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    out = {}
+    for adapter in ["llama-tied__lora-qv", "llama-tied__dora"]:
+        torch.manual_seed(300)
+        tok = AutoTokenizer.from_pretrained("fixtures/models/llama-tied")
+        model = PeftModel.from_pretrained(
+            load_4bit("llama-tied", "nf4", True), f"fixtures/adapters/{adapter}", is_trainable=True
+        )
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=TRAIN_LR, momentum=0.0, weight_decay=0.0)
+        losses = []
+        with open("fixtures/data/train.jsonl") as f:
+            texts = [json.loads(line)["text"] for line in f if line.strip()]
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]], dtype=torch.long)
+            logits = model(input_ids=ids).logits[0].float()
+            loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
+            losses.append(loss.item())  # before this step's update
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out[adapter] = {
+            "base": "llama-tied", "quant_type": "nf4", "double_quant": True, "lr": TRAIN_LR,
+            "batch_size": 1, "trainable_tensors": len(params), "losses": losses,
+        }
+        print(f"  qlora train {adapter}: {losses}")
+    return out
+
+
 def main():
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -203,6 +319,17 @@ def main():
         "cases": cases,
         "llama": {"dir": "llama-tied-nf4-dq", "note": llama_note, "quantized": llama},
     }
+    reference = {
+        "note": "eval loss (lowrank eval's definition) over fixtures/data/eval.jsonl with transformers "
+        "+ bitsandbytes load_in_4bit (compute dtype float32, CPU) and PEFT adapters; quant_type null = f32 base. "
+        "qlora_train: per-step losses of 6 SGD steps over the nf4 + double-quant base.",
+        "versions": info["versions"],
+        "eval": eval_references(),
+        "qlora_train": qlora_train_reference(),
+    }
+    with open(OUT / "reference.json", "w") as f:
+        json.dump(reference, f, indent=1)
+        f.write("\n")
     with open(OUT / "cases.json", "w") as f:
         json.dump(info, f, indent=1)
         f.write("\n")

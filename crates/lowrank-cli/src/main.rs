@@ -5,7 +5,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lowrank", version, about = "Fine-tune and serve LoRA-family adapters over one frozen base model")]
+#[command(
+    name = "lowrank",
+    version,
+    about = "Fine-tune and serve LoRA-family adapters over one frozen base model"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +25,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Merge an adapter into the base and write a full Hugging Face checkpoint.
     Merge(cmd::merge::Args),
+    /// Quantize a model's linear weights to 4 bits (NF4/FP4) and write a bitsandbytes checkpoint.
+    Quantize(cmd::quantize::Args),
     /// Describe an adapter: method, rank and alpha per module, parameters, file size.
     Inspect(cmd::inspect::Args),
     /// Load benchmark of the server over 1, 8, 64, 512 adapters (loopback only).
@@ -42,6 +48,7 @@ fn main() {
         Command::Eval(args) => cmd::eval::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Merge(args) => cmd::merge::run(args),
+        Command::Quantize(args) => cmd::quantize::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::BenchServe(args) => cmd::bench_serve::run_cmd(args),
         Command::Serve(args) => cmd::serve::run(args),

@@ -20,18 +20,34 @@ fn quick_demo_runs_end_to_end_and_measures_memory_per_run() {
     let stderr = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "failed: {stderr}");
     let stdout = String::from_utf8_lossy(&done.stdout);
-    for needle in ["acc / loss", "trainable params", "Peak memory", "max |logit diff|", "Samples"] {
-        assert!(stdout.contains(needle), "{needle:?} missing from:\n{stdout}");
+    for needle in [
+        "acc / loss",
+        "trainable params",
+        "Peak memory",
+        "max |logit diff|",
+        "Samples",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "{needle:?} missing from:\n{stdout}"
+        );
     }
-    assert!(stderr.contains("pretraining the base model"), "progress goes to stderr: {stderr}");
+    assert!(
+        stderr.contains("pretraining the base model"),
+        "progress goes to stderr: {stderr}"
+    );
 
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     // The demo model's row and the wider probe's row, both sides measured in their own process.
     let memory = report["memory"].as_array().unwrap();
     assert_eq!(memory.len(), 2, "{memory:?}");
     for row in memory {
         for side in ["adapter_peak_rss_mb", "full_peak_rss_mb"] {
-            assert!(row[side].as_f64().is_some_and(|mb| mb > 1.0), "{side}: {row}");
+            assert!(
+                row[side].as_f64().is_some_and(|mb| mb > 1.0),
+                "{side}: {row}"
+            );
         }
     }
     for cost in report["costs"].as_array().unwrap() {
@@ -39,11 +55,22 @@ fn quick_demo_runs_end_to_end_and_measures_memory_per_run() {
     }
     // The base is a checkpoint the other commands read.
     let gen = Command::new(env!("CARGO_BIN_EXE_lowrank"))
-        .args(["generate", "--prompt", "copy: lamp =", "--max-tokens", "4", "--model"])
+        .args([
+            "generate",
+            "--prompt",
+            "copy: lamp =",
+            "--max-tokens",
+            "4",
+            "--model",
+        ])
         .arg(out.join("base"))
         .output()
         .unwrap();
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
 
     // A rerun into the demo's own folder is allowed; a folder with other files is refused untouched.
     assert!(run().status.success());

@@ -31,6 +31,9 @@ pub enum Error {
     Safetensors(#[from] safetensors::SafeTensorError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// 4-bit quantization (a bad block size, a malformed bitsandbytes tensor...).
+    #[error(transparent)]
+    Quant(#[from] lowrank_quant::Error),
     #[error("{0}")]
     Msg(String),
 }

@@ -1,6 +1,7 @@
 //! lowrank-core: the adapter math (LoRA, DoRA), adapter configs and files in HF PEFT's format,
 //! and the adapted linear layer they attach to.
 
+pub mod adalora;
 pub mod error;
 pub mod files;
 pub mod linear;
@@ -8,4 +9,4 @@ pub mod lora;
 pub mod targets;
 
 pub use error::{Error, Result};
-pub use linear::{ActiveModule, AdaptedLinear};
+pub use linear::{ActiveModule, AdaptedLinear, BaseWeight, QuantSpec, QuantizeStats};

@@ -3,8 +3,15 @@
 //!
 //! The layer does not own adapters: the caller passes the adapters to apply on each call, so
 //! one frozen base serves any number of adapters, each call choosing its own.
+//!
+//! The frozen base is either a dense tensor or a 4-bit (NF4/FP4) [`Quantized4Bit`] that stays
+//! packed: its matmul goes through `lowrank_quant`'s fused kernel (tiles dequantized on the
+//! fly, forward and gradient of the input), so adapters train over it unchanged.
 
-use candle_core::{Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, D};
+use lowrank_quant::{QMatMul, QuantType, Quantized4Bit};
 
 use crate::error::{Error, Result};
 use crate::lora::LoraModule;
@@ -14,6 +21,174 @@ use crate::lora::LoraModule;
 pub struct ActiveModule<'a> {
     pub module: &'a LoraModule,
     pub weight: f64,
+}
+
+/// How to quantize a base weight to 4 bits (bitsandbytes' `quant_type`, `blocksize`,
+/// `compress_statistics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantSpec {
+    pub kind: QuantType,
+    pub double_quant: bool,
+    pub block_size: usize,
+}
+
+impl QuantSpec {
+    /// Checks the block size (a power of two from 32 to 4096).
+    pub fn new(kind: QuantType, double_quant: bool, block_size: usize) -> Result<Self> {
+        lowrank_quant::validate_block_size(block_size)?;
+        Ok(QuantSpec {
+            kind,
+            double_quant,
+            block_size,
+        })
+    }
+}
+
+/// The error a quantization introduced in one weight.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QuantizeStats {
+    pub numel: usize,
+    /// Σ (w − q(w))²
+    pub sq_error: f64,
+    /// Σ w²
+    pub sq_norm: f64,
+    /// max |w − q(w)|
+    pub max_abs_error: f64,
+}
+
+impl QuantizeStats {
+    pub fn add(&mut self, other: &QuantizeStats) {
+        self.numel += other.numel;
+        self.sq_error += other.sq_error;
+        self.sq_norm += other.sq_norm;
+        self.max_abs_error = self.max_abs_error.max(other.max_abs_error);
+    }
+    /// ‖W − q(W)‖ / ‖W‖ over everything added.
+    pub fn relative_error(&self) -> f64 {
+        if self.sq_norm == 0.0 {
+            0.0
+        } else {
+            (self.sq_error / self.sq_norm).sqrt()
+        }
+    }
+    pub fn rms_error(&self) -> f64 {
+        if self.numel == 0 {
+            0.0
+        } else {
+            (self.sq_error / self.numel as f64).sqrt()
+        }
+    }
+}
+
+/// The frozen base weight of a linear layer (out × in).
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// A dense tensor in the compute dtype.
+    Dense(Tensor),
+    /// A 4-bit weight kept packed; never dequantized whole for the forward or backward.
+    Quantized(Arc<Quantized4Bit>),
+}
+
+impl BaseWeight {
+    /// (out, in)
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            BaseWeight::Dense(w) => w.dims2().expect("linear weight is 2-D"),
+            BaseWeight::Quantized(q) => q.dims2().expect("quantized linear weight is 2-D"),
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, BaseWeight::Quantized(_))
+    }
+
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            BaseWeight::Dense(w) => Some(w),
+            BaseWeight::Quantized(_) => None,
+        }
+    }
+
+    pub fn as_quantized(&self) -> Option<&Arc<Quantized4Bit>> {
+        match self {
+            BaseWeight::Dense(_) => None,
+            BaseWeight::Quantized(q) => Some(q),
+        }
+    }
+
+    /// x·Wᵀ for x of shape (..., in); a 4-bit weight goes through the fused kernel
+    /// (differentiable with respect to x).
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => matmul_t(x, w),
+            BaseWeight::Quantized(q) => Ok(QMatMul::new(q.clone())?.forward(x)?),
+        }
+    }
+
+    /// The whole weight as a dense f32 tensor: a clone for a dense base, the dequantized
+    /// weight for a 4-bit one (for merging, export and initialisation only).
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => Ok(w.clone()),
+            BaseWeight::Quantized(q) => Ok(q.dequantize_tensor(device)?),
+        }
+    }
+
+    /// DoRA's ‖W + Δ‖ per output row. For a 4-bit W each row is dequantized into a small
+    /// buffer in turn (one row resident at a time, never the whole weight).
+    pub fn row_norm(&self, delta: &Tensor) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => row_norm(w, delta),
+            BaseWeight::Quantized(q) => quantized_row_norm(q, delta),
+        }
+    }
+
+    /// Bytes this weight holds: dense elements × dtype size, or the packed codes plus the
+    /// absmax state.
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            BaseWeight::Quantized(q) => q.resident_bytes(),
+        }
+    }
+
+    /// Parameters of the weight.
+    pub fn numel(&self) -> usize {
+        let (o, i) = self.shape();
+        o * i
+    }
+}
+
+/// ‖W + Δ‖ per row with W 4-bit: rows dequantized one at a time (f64 accumulation).
+fn quantized_row_norm(q: &Quantized4Bit, delta: &Tensor) -> Result<Tensor> {
+    let (out_f, in_f) = q.dims2()?;
+    if delta.dims() != [out_f, in_f] {
+        return Err(Error::Msg(format!(
+            "ΔW has shape {:?}, the 4-bit base is {out_f}×{in_f}",
+            delta.dims()
+        )));
+    }
+    let d = delta
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let lut = q.pair_lut();
+    let mut row = vec![0f32; in_f];
+    let norms: Vec<f32> = (0..out_f)
+        .map(|o| {
+            q.dequantize_range(&lut, o * in_f, &mut row);
+            let s: f64 = row
+                .iter()
+                .zip(&d[o * in_f..(o + 1) * in_f])
+                .map(|(w, d)| {
+                    let v = (w + d) as f64;
+                    v * v
+                })
+                .sum();
+            s.sqrt() as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(norms, out_f, delta.device())?)
 }
 
 /// What a merge did, kept so that `unmerge` can undo it.
@@ -28,10 +203,13 @@ enum Merged {
 /// y = x·Wᵀ + b, plus whatever adapters the call names.
 #[derive(Debug, Clone)]
 pub struct AdaptedLinear {
-    /// out × in, the compute dtype.
-    weight: Tensor,
+    /// out × in: dense in the compute dtype, or 4-bit.
+    base: BaseWeight,
     bias: Option<Tensor>,
     merged: Vec<(String, Merged)>,
+    /// A merge over a 4-bit base dequantizes it into a dense weight; the packed original is
+    /// kept so that unmerging the last adapter restores it exactly.
+    quantized_before_merge: Option<Arc<Quantized4Bit>>,
 }
 
 /// x·Wᵀ for x of shape (..., in).
@@ -52,15 +230,41 @@ pub fn row_norm(weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
 
 impl AdaptedLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_base(BaseWeight::Dense(weight), bias)
+    }
+
+    /// A layer over a 4-bit base weight.
+    pub fn new_quantized(weight: Arc<Quantized4Bit>, bias: Option<Tensor>) -> Result<Self> {
+        weight.dims2()?;
+        Ok(Self::with_base(BaseWeight::Quantized(weight), bias))
+    }
+
+    pub fn with_base(base: BaseWeight, bias: Option<Tensor>) -> Self {
         AdaptedLinear {
-            weight,
+            base,
             bias,
             merged: Vec::new(),
+            quantized_before_merge: None,
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The base weight, dense or 4-bit.
+    pub fn base(&self) -> &BaseWeight {
+        &self.base
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        self.base.is_quantized()
+    }
+
+    /// The dense base weight; an error for a 4-bit base (use [`Self::base`]).
+    pub fn weight(&self) -> Result<&Tensor> {
+        self.base.as_dense().ok_or_else(|| {
+            Error::Msg(
+                "the base weight is 4-bit quantized; it has no dense tensor (dequantize it with base().to_dense())"
+                    .into(),
+            )
+        })
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -69,7 +273,7 @@ impl AdaptedLinear {
 
     /// (out, in)
     pub fn shape(&self) -> (usize, usize) {
-        self.weight.dims2().expect("linear weight is 2-D")
+        self.base.shape()
     }
 
     /// Names of the adapters merged into the weight, oldest first.
@@ -77,19 +281,51 @@ impl AdaptedLinear {
         self.merged.iter().map(|(n, _)| n.as_str())
     }
 
-    /// Replaces the weight (e.g. with a trainable `Var`'s tensor, or PiSSA/OLoRA's residual).
-    /// Merged adapters are forgotten: call this on an unmerged layer.
+    /// Replaces the weight (e.g. with a trainable `Var`'s tensor, or PiSSA/OLoRA's residual;
+    /// a 4-bit base becomes dense). Merged adapters are forgotten: call this on an unmerged
+    /// layer.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
-        if weight.dims() != self.weight.dims() {
+        let (o, i) = self.shape();
+        if weight.dims() != [o, i] {
             return Err(Error::Msg(format!(
                 "new weight has shape {:?}, the layer's is {:?}",
                 weight.dims(),
-                self.weight.dims()
+                [o, i]
             )));
         }
-        self.weight = weight;
+        self.base = BaseWeight::Dense(weight);
         self.merged.clear();
+        self.quantized_before_merge = None;
         Ok(())
+    }
+
+    /// Quantizes the (dense) base weight to 4 bits and returns the error it introduced.
+    /// Merged adapters stay in the weight but can no longer be unmerged. A base that is
+    /// 4-bit already is left as is (zero error).
+    pub fn quantize(&mut self, spec: &QuantSpec) -> Result<QuantizeStats> {
+        let w = match &self.base {
+            BaseWeight::Quantized(_) => return Ok(QuantizeStats::default()),
+            BaseWeight::Dense(w) => w,
+        };
+        let q = Quantized4Bit::from_tensor(w, spec.kind, spec.block_size, spec.double_quant)?;
+        let orig = w
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut stats = QuantizeStats {
+            numel: orig.len(),
+            ..Default::default()
+        };
+        for (a, b) in orig.iter().zip(q.dequantize()) {
+            let e = (*a as f64) - (b as f64);
+            stats.sq_error += e * e;
+            stats.sq_norm += (*a as f64) * (*a as f64);
+            stats.max_abs_error = stats.max_abs_error.max(e.abs());
+        }
+        self.base = BaseWeight::Quantized(Arc::new(q));
+        self.merged.clear();
+        self.quantized_before_merge = None;
+        Ok(stats)
     }
 
     /// Replaces the bias (same shape), e.g. with a trainable `Var`'s tensor.
@@ -119,7 +355,7 @@ impl AdaptedLinear {
         let Some(xd) = dropped else {
             return self.forward(x, active);
         };
-        let mut y = matmul_t(x, &self.weight)?;
+        let mut y = self.base.matmul_t(x)?;
         if let Some(dora) = active.iter().find(|a| a.module.magnitude.is_some()) {
             if active.len() > 1 || dora.weight != 1.0 {
                 return Err(Error::Msg(
@@ -128,9 +364,9 @@ impl AdaptedLinear {
             }
             let m = dora.module;
             let magnitude = m.magnitude.as_ref().expect("checked above");
-            let norm = row_norm(&self.weight, &m.delta_weight()?.detach())?.detach();
+            let norm = self.base.row_norm(&m.delta_weight()?.detach())?.detach();
             let factor = (magnitude / norm)?;
-            let base_d = matmul_t(xd, &self.weight)?;
+            let base_d = self.base.matmul_t(xd)?;
             let extra = (base_d.broadcast_mul(&(&factor - 1.0)?)?
                 + lora_path(xd, m, 1.0)?.broadcast_mul(&factor)?)?;
             y = (y + extra)?;
@@ -151,7 +387,7 @@ impl AdaptedLinear {
     /// DoRA: y = (m/‖W + s·BA‖)·(W·x + s·B(A·x)) + b, the norm treated as a constant in
     /// backward, as the DoRA paper (§4.3) and PEFT do. A DoRA module must be the only adapter.
     pub fn forward(&self, x: &Tensor, active: &[ActiveModule]) -> Result<Tensor> {
-        let mut y = matmul_t(x, &self.weight)?;
+        let mut y = self.base.matmul_t(x)?;
         let dora = active.iter().find(|a| a.module.magnitude.is_some());
         if let Some(dora) = dora {
             if active.len() > 1 || dora.weight != 1.0 {
@@ -161,7 +397,7 @@ impl AdaptedLinear {
             }
             let m = dora.module;
             let magnitude = m.magnitude.as_ref().expect("checked above");
-            let norm = row_norm(&self.weight, &m.delta_weight()?.detach())?.detach();
+            let norm = self.base.row_norm(&m.delta_weight()?.detach())?.detach();
             let factor = (magnitude / norm)?;
             y = (y + lora_path(x, m, 1.0)?)?.broadcast_mul(&factor)?;
         } else {
@@ -175,12 +411,20 @@ impl AdaptedLinear {
         }
     }
 
-    /// Folds an adapter into the weight (times `weight`, LoRA only) so later calls pay nothing for it.
+    /// Folds an adapter into the weight (times `weight`, LoRA only) so later calls pay nothing
+    /// for it. Over a 4-bit base the layer's weight is dequantized into a dense one first
+    /// (see [`Self::quantize`] to pack it again).
     pub fn merge(&mut self, name: &str, module: &LoraModule, weight: f64) -> Result<()> {
         let delta = (module.delta_weight()? * weight)?;
+        if let BaseWeight::Quantized(q) = &self.base {
+            let q = q.clone();
+            self.base = BaseWeight::Dense(q.dequantize_tensor(delta.device())?);
+            self.quantized_before_merge = Some(q);
+        }
+        let w = self.weight()?.clone();
         let merged = match &module.magnitude {
             None => {
-                self.weight = (&self.weight + &delta)?;
+                self.base = BaseWeight::Dense((&w + &delta)?);
                 Merged::Lora { delta }
             }
             Some(magnitude) => {
@@ -189,8 +433,8 @@ impl AdaptedLinear {
                         "a DoRA adapter can only be merged with weight 1".into(),
                     ));
                 }
-                let factor = (magnitude / row_norm(&self.weight, &delta)?)?.unsqueeze(1)?;
-                self.weight = (&self.weight + &delta)?.broadcast_mul(&factor)?;
+                let factor = (magnitude / row_norm(&w, &delta)?)?.unsqueeze(1)?;
+                self.base = BaseWeight::Dense((&w + &delta)?.broadcast_mul(&factor)?);
                 Merged::Dora { delta, factor }
             }
         };
@@ -198,15 +442,23 @@ impl AdaptedLinear {
         Ok(())
     }
 
-    /// Undoes the most recent merge and returns the adapter's name, or `None` if nothing is merged.
+    /// Undoes the most recent merge and returns the adapter's name, or `None` if nothing is
+    /// merged. Unmerging the last adapter over a 4-bit base restores the packed weight exactly.
     pub fn unmerge(&mut self) -> Result<Option<String>> {
         let Some((name, merged)) = self.merged.pop() else {
             return Ok(None);
         };
-        self.weight = match merged {
-            Merged::Lora { delta } => (&self.weight - &delta)?,
-            Merged::Dora { delta, factor } => (self.weight.broadcast_div(&factor)? - &delta)?,
-        };
+        if self.merged.is_empty() {
+            if let Some(q) = self.quantized_before_merge.take() {
+                self.base = BaseWeight::Quantized(q);
+                return Ok(Some(name));
+            }
+        }
+        let w = self.weight()?.clone();
+        self.base = BaseWeight::Dense(match merged {
+            Merged::Lora { delta } => (&w - &delta)?,
+            Merged::Dora { delta, factor } => (w.broadcast_div(&factor)? - &delta)?,
+        });
         Ok(Some(name))
     }
 }
@@ -296,7 +548,7 @@ mod tests {
     fn merge_equals_unmerged_and_unmerge_restores() {
         for dora in [false, true] {
             let (mut layer, module) = layer_and_module(dora);
-            let original = layer.weight().clone();
+            let original = layer.weight().unwrap().clone();
             let x = Tensor::randn(0f32, 1., (4, 3), &Device::Cpu).unwrap();
             let unmerged = layer
                 .forward(
@@ -312,7 +564,7 @@ mod tests {
             assert!(max_diff(&merged, &unmerged) < 1e-5, "dora={dora}");
             assert_eq!(layer.merged_adapters().collect::<Vec<_>>(), ["a"]);
             assert_eq!(layer.unmerge().unwrap().as_deref(), Some("a"));
-            assert!(max_diff(layer.weight(), &original) < 1e-6);
+            assert!(max_diff(layer.weight().unwrap(), &original) < 1e-6);
             assert_eq!(layer.unmerge().unwrap(), None);
         }
     }
@@ -365,5 +617,71 @@ mod tests {
             },
         ];
         assert!(layer.forward(&x, &both).is_err());
+    }
+
+    /// A 4-bit base computes what a dense base holding the dequantized weight computes
+    /// (LoRA and DoRA, forward and dropout forward); merge dequantizes, unmerge restores the
+    /// packed weight exactly; quantize reports its error.
+    #[test]
+    fn quantized_base_equals_dequantized_dense_base() {
+        let dev = Device::Cpu;
+        let (out_f, in_f) = (24, 80);
+        let w = Tensor::randn(0f32, 0.5, (out_f, in_f), &dev).unwrap();
+        let spec = QuantSpec::new(QuantType::Nf4, true, 64).unwrap();
+        let mut qlayer = AdaptedLinear::new(w.clone(), None);
+        let stats = qlayer.quantize(&spec).unwrap();
+        assert!(qlayer.is_quantized() && qlayer.weight().is_err());
+        assert_eq!(stats.numel, out_f * in_f);
+        assert!(stats.relative_error() > 0.0 && stats.relative_error() < 0.2);
+        let deq = qlayer.base().to_dense(&dev).unwrap();
+        let dense = AdaptedLinear::new(deq.clone(), None);
+        let x = Tensor::randn(0f32, 1., (2, 3, in_f), &dev).unwrap();
+        let xd = Tensor::randn(0f32, 1., (2, 3, in_f), &dev).unwrap();
+        for dora in [false, true] {
+            let module = LoraModule {
+                a: Tensor::randn(0f32, 0.3, (4, in_f), &dev).unwrap(),
+                b: Tensor::randn(0f32, 0.3, (out_f, 4), &dev).unwrap(),
+                magnitude: dora.then(|| Tensor::randn(1f32, 0.1, out_f, &dev).unwrap()),
+                scale: 2.0,
+            };
+            let active = [ActiveModule {
+                module: &module,
+                weight: 1.0,
+            }];
+            let a = qlayer.forward(&x, &active).unwrap();
+            let b = dense.forward(&x, &active).unwrap();
+            assert!(max_diff(&a, &b) < 1e-4, "dora={dora}");
+            let a = qlayer.forward_dropped(&x, &active, Some(&xd)).unwrap();
+            let b = dense.forward_dropped(&x, &active, Some(&xd)).unwrap();
+            assert!(max_diff(&a, &b) < 1e-4, "dropout dora={dora}");
+            let delta = module.delta_weight().unwrap();
+            let n1 = qlayer.base().row_norm(&delta).unwrap();
+            let n2 = row_norm(&deq, &delta).unwrap();
+            assert!(max_diff(&n1, &n2) < 1e-4);
+            // Merge over the 4-bit base: dense, same function; unmerge: the packed weight back.
+            let mut m = qlayer.clone();
+            m.merge("a", &module, 1.0).unwrap();
+            assert!(!m.is_quantized());
+            let merged = m.forward(&x, &[]).unwrap();
+            assert!(max_diff(&merged, &a_unmerged(&qlayer, &x, &module)) < 1e-4);
+            m.unmerge().unwrap();
+            assert_eq!(
+                m.base().as_quantized().unwrap().as_ref(),
+                qlayer.base().as_quantized().unwrap().as_ref()
+            );
+        }
+        assert!(QuantSpec::new(QuantType::Fp4, false, 48).is_err());
+    }
+
+    fn a_unmerged(layer: &AdaptedLinear, x: &Tensor, module: &LoraModule) -> Tensor {
+        layer
+            .forward(
+                x,
+                &[ActiveModule {
+                    module,
+                    weight: 1.0,
+                }],
+            )
+            .unwrap()
     }
 }

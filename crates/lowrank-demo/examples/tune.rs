@@ -14,7 +14,10 @@ fn main() -> anyhow::Result<()> {
     let lr: f64 = a[4].parse()?;
     let rank: usize = a.get(5).map_or(Ok(8), |s| s.parse())?;
     let batch: usize = a.get(6).map_or(Ok(16), |s| s.parse())?;
-    let dir = out.join(format!("tune-{}-{}-{steps}-{lr}-{rank}-{batch}", a[1], a[2]));
+    let dir = out.join(format!(
+        "tune-{}-{}-{steps}-{lr}-{rank}-{batch}",
+        a[1], a[2]
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let base = out.join("base");
     let t = std::time::Instant::now();
@@ -41,7 +44,12 @@ fn main() -> anyhow::Result<()> {
     let (_, eval) = task.splits(0, 200, 0);
     let base_score = lowrank_demo::evaluate::score(&model, &tok, &[], &eval)?;
     let score = if method == Method::Full {
-        lowrank_demo::evaluate::score(&Llama::load(&dir, &candle_core::Device::Cpu)?, &tok, &[], &eval)?
+        lowrank_demo::evaluate::score(
+            &Llama::load(&dir, &candle_core::Device::Cpu)?,
+            &tok,
+            &[],
+            &eval,
+        )?
     } else {
         let adapter = model.load_adapter(&dir)?;
         lowrank_demo::evaluate::score(&model, &tok, &[ActiveAdapter::new(&adapter)], &eval)?

@@ -108,14 +108,29 @@ mod tests {
         let text = "reverse: lamp = pmal, 47+85 (ok)? yes!";
         let ids = tok.encode(text, true).unwrap();
         assert_eq!(ids[0], 1, "BOS first");
-        assert_eq!(ids.len(), text.chars().count() + 1, "one token per character");
+        assert_eq!(
+            ids.len(),
+            text.chars().count() + 1,
+            "one token per character"
+        );
         assert!(!ids.contains(&0), "no unknown characters");
         assert_eq!(tok.decode(&ids, true).unwrap(), text);
-        assert_eq!(tok.encode(" ab", false).unwrap(), vec![3, 4, 5], "spaces are tokens");
+        assert_eq!(
+            tok.encode(" ab", false).unwrap(),
+            vec![3, 4, 5],
+            "spaces are tokens"
+        );
         let with_eos: Vec<u32> = ids.iter().copied().chain([2]).collect();
-        assert_eq!(tok.decode(&with_eos, false).unwrap(), format!("<s>{text}</s>"));
+        assert_eq!(
+            tok.decode(&with_eos, false).unwrap(),
+            format!("<s>{text}</s>")
+        );
         // Special tokens in text are recognized as such.
         assert_eq!(tok.encode("a</s>", false).unwrap(), vec![4, 2]);
-        assert_eq!(tok.encode("A", false).unwrap(), vec![0], "outside the alphabet is <unk>");
+        assert_eq!(
+            tok.encode("A", false).unwrap(),
+            vec![0],
+            "outside the alphabet is <unk>"
+        );
     }
 }

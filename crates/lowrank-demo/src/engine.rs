@@ -100,7 +100,8 @@ fn options(spec: &TrainSpec) -> lt::TrainOptions {
 
 /// Trains in this process.
 pub fn train_here(spec: &TrainSpec) -> Result<TrainOutcome> {
-    let report = lt::train(&options(spec)).with_context(|| format!("training {}", spec.out.display()))?;
+    let report =
+        lt::train(&options(spec)).with_context(|| format!("training {}", spec.out.display()))?;
     Ok(TrainOutcome {
         steps: report.steps,
         final_loss: report.final_loss,
@@ -148,7 +149,10 @@ impl Runner {
     /// The `lowrank` binary running this process, as `lowrank demo --train-child`.
     pub fn current_exe() -> Result<Self> {
         let exe = std::env::current_exe().context("locating the lowrank binary")?;
-        Ok(Runner::Child { exe, args: vec!["demo".into(), "--train-child".into()] })
+        Ok(Runner::Child {
+            exe,
+            args: vec!["demo".into(), "--train-child".into()],
+        })
     }
 
     /// Runs `spec`, writing its spec file (and the child's result) to `spec_path`.
@@ -167,7 +171,10 @@ impl Runner {
                     .status()
                     .with_context(|| format!("starting {}", exe.display()))?;
                 if !status.success() {
-                    bail!("training {} failed in its child process ({status})", spec.out.display());
+                    bail!(
+                        "training {} failed in its child process ({status})",
+                        spec.out.display()
+                    );
                 }
                 Ok(lowrank_core::files::read_json(&result)?)
             }

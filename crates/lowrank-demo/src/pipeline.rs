@@ -16,7 +16,8 @@ use serde_json::json;
 use crate::engine::{Method, Runner, TrainOutcome, TrainSpec};
 use crate::evaluate::{self, Score};
 use crate::report::{
-    CostRow, DemoReport, MemoryRow, MergeCheck, ModelRow, ModelSummary, PretrainSummary, Sample, TaskSummary,
+    CostRow, DemoReport, MemoryRow, MergeCheck, ModelRow, ModelSummary, PretrainSummary, Sample,
+    TaskSummary,
 };
 use crate::tasks::{self, Example, Task};
 use crate::tiny::TinyConfig;
@@ -42,11 +43,20 @@ pub struct AdapterPlan {
 
 impl AdapterPlan {
     pub fn label(&self) -> String {
-        format!("{} adapter ({} r{})", self.task.name(), self.method.label(), self.rank)
+        format!(
+            "{} adapter ({} r{})",
+            self.task.name(),
+            self.method.label(),
+            self.rank
+        )
     }
 
     fn dir_name(&self) -> String {
-        format!("{}-{}", self.task.name(), self.method.label().to_lowercase())
+        format!(
+            "{}-{}",
+            self.task.name(),
+            self.method.label().to_lowercase()
+        )
     }
 }
 
@@ -93,35 +103,62 @@ impl DemoConfig {
         DemoConfig {
             seed: 0,
             model: TinyConfig {
-                hidden_size: 128,
-                num_layers: 4,
+                hidden_size: 64,
+                num_layers: 3,
                 num_heads: 4,
                 num_kv_heads: 2,
-                intermediate_size: 384,
-                max_position_embeddings: 128,
+                intermediate_size: 192,
+                max_position_embeddings: 64,
             },
             corpus_lines: 20_000,
             corpus_eval_lines: 200,
-            pretrain: Phase { steps: 1200, batch_size: 16, lr: 3e-3, warmup_steps: 50, max_len: 64 },
+            pretrain: Phase {
+                steps: 1000,
+                batch_size: 16,
+                lr: 5e-3,
+                warmup_steps: 30,
+                max_len: 64,
+            },
             task_train: 4000,
             task_eval: 200,
             adapters: vec![
-                AdapterPlan { task: Task::Reverse, method: Method::Lora, rank: 8, alpha: 16.0 },
-                AdapterPlan { task: Task::Mod10, method: Method::Lora, rank: 8, alpha: 16.0 },
-                AdapterPlan { task: Task::Caesar, method: Method::Dora, rank: 8, alpha: 16.0 },
+                AdapterPlan {
+                    task: Task::Reverse,
+                    method: Method::Lora,
+                    rank: 8,
+                    alpha: 16.0,
+                },
+                AdapterPlan {
+                    task: Task::Increment,
+                    method: Method::Lora,
+                    rank: 8,
+                    alpha: 16.0,
+                },
+                AdapterPlan {
+                    task: Task::Caesar,
+                    method: Method::Dora,
+                    rank: 8,
+                    alpha: 16.0,
+                },
             ],
-            finetune: Phase { steps: 400, batch_size: 16, lr: 2e-3, warmup_steps: 20, max_len: 32 },
+            finetune: Phase {
+                steps: 400,
+                batch_size: 16,
+                lr: 5e-3,
+                warmup_steps: 20,
+                max_len: 32,
+            },
             full_task: Task::Reverse,
-            full_lr: 5e-4,
+            full_lr: 3e-3,
             targets: "all-linear".into(),
             memory_probe: Some(MemoryProbe {
                 model: TinyConfig {
-                    hidden_size: 512,
+                    hidden_size: 768,
                     num_layers: 4,
-                    num_heads: 8,
+                    num_heads: 12,
                     num_kv_heads: 4,
-                    intermediate_size: 1536,
-                    max_position_embeddings: 128,
+                    intermediate_size: 2048,
+                    max_position_embeddings: 64,
                 },
                 steps: 2,
                 batch_size: 4,
@@ -144,10 +181,22 @@ impl DemoConfig {
             },
             corpus_lines: 400,
             corpus_eval_lines: 20,
-            pretrain: Phase { steps: 40, batch_size: 8, lr: 3e-3, warmup_steps: 0, max_len: 48 },
+            pretrain: Phase {
+                steps: 40,
+                batch_size: 8,
+                lr: 3e-3,
+                warmup_steps: 0,
+                max_len: 48,
+            },
             task_train: 200,
             task_eval: 12,
-            finetune: Phase { steps: 30, batch_size: 8, lr: 3e-3, warmup_steps: 0, max_len: 32 },
+            finetune: Phase {
+                steps: 80,
+                batch_size: 8,
+                lr: 1e-2,
+                warmup_steps: 0,
+                max_len: 32,
+            },
             memory_probe: Some(MemoryProbe {
                 model: TinyConfig {
                     hidden_size: 64,
@@ -173,12 +222,19 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        Progress { start: Instant::now(), quiet }
+        Progress {
+            start: Instant::now(),
+            quiet,
+        }
     }
 
     pub fn say(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            eprintln!("[{:>6.1}s] {}", self.start.elapsed().as_secs_f64(), msg.as_ref());
+            eprintln!(
+                "[{:>6.1}s] {}",
+                self.start.elapsed().as_secs_f64(),
+                msg.as_ref()
+            );
         }
     }
 
@@ -190,7 +246,15 @@ impl Progress {
 /// The file that marks a folder as the demo's own, so a rerun may replace what it wrote.
 pub const MARKER: &str = ".lowrank-demo";
 /// Everything the demo writes in `--out`, besides the marker.
-const OWNED: &[&str] = &["data", "base", "adapters", "full", "runs", "report.json", "report.md"];
+const OWNED: &[&str] = &[
+    "data",
+    "base",
+    "adapters",
+    "full",
+    "runs",
+    "report.json",
+    "report.md",
+];
 
 /// Makes `out` ready: creates it, or reuses an earlier demo's folder (replacing only what the
 /// demo writes). Refuses a folder holding anything else.
@@ -210,15 +274,20 @@ pub fn prepare_out(out: &Path) -> Result<()> {
             for name in OWNED {
                 let p = out.join(name);
                 if p.is_dir() {
-                    std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+                    std::fs::remove_dir_all(&p)
+                        .with_context(|| format!("removing {}", p.display()))?;
                 } else if p.exists() {
-                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                    std::fs::remove_file(&p)
+                        .with_context(|| format!("removing {}", p.display()))?;
                 }
             }
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join(MARKER), "written by `lowrank demo`; a rerun with this --out replaces the demo's files\n")?;
+    std::fs::write(
+        out.join(MARKER),
+        "written by `lowrank demo`; a rerun with this --out replaces the demo's files\n",
+    )?;
     Ok(())
 }
 
@@ -228,27 +297,40 @@ fn write_jsonl(path: &Path, lines: impl IntoIterator<Item = serde_json::Value>) 
         text.push_str(&serde_json::to_string(&line)?);
         text.push('\n');
     }
-    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }
 
 fn examples_jsonl(examples: &[Example]) -> impl Iterator<Item = serde_json::Value> + '_ {
-    examples.iter().map(|e| json!({"prompt": e.prompt, "completion": e.completion}))
+    examples
+        .iter()
+        .map(|e| json!({"prompt": e.prompt, "completion": e.completion}))
 }
 
 /// Bytes of what an adapter folder ships: its config and weights (not the training logs).
 pub fn adapter_bytes(dir: &Path) -> Result<u64> {
     let mut total = 0;
-    for f in [lowrank_core::lora::CONFIG_FILE, lowrank_core::lora::WEIGHTS_FILE] {
+    for f in [
+        lowrank_core::lora::CONFIG_FILE,
+        lowrank_core::lora::WEIGHTS_FILE,
+    ] {
         let p = dir.join(f);
-        total += std::fs::metadata(&p).with_context(|| format!("reading {}", p.display()))?.len();
+        total += std::fs::metadata(&p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .len();
     }
     Ok(total)
 }
 
 /// Runs the demo into `out`: training through `runner`, progress through `progress`.
-pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress) -> Result<DemoReport> {
+pub fn run(
+    config: &DemoConfig,
+    out: &Path,
+    runner: &Runner,
+    progress: &Progress,
+) -> Result<DemoReport> {
     prepare_out(out)?;
     let runs = out.join("runs");
     let data = out.join("data");
@@ -269,15 +351,31 @@ pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress
     // Text lines end with the EOS token written out (the tokenizer reads it as the special
     // token), so the base model learns where a line, and a `copy:` answer, ends.
     let eos = crate::charset::EOS;
-    write_jsonl(&data.join("pretrain.jsonl"), corpus_train.iter().map(|t| json!({"text": format!("{t}{eos}")})))?;
-    write_jsonl(&data.join("pretrain_eval.jsonl"), corpus_eval.iter().map(|t| json!({"text": format!("{t}{eos}")})))?;
+    write_jsonl(
+        &data.join("pretrain.jsonl"),
+        corpus_train
+            .iter()
+            .map(|t| json!({"text": format!("{t}{eos}")})),
+    )?;
+    write_jsonl(
+        &data.join("pretrain_eval.jsonl"),
+        corpus_eval
+            .iter()
+            .map(|t| json!({"text": format!("{t}{eos}")})),
+    )?;
     let mut splits: BTreeMap<Task, (Vec<Example>, Vec<Example>)> = BTreeMap::new();
     for task in Task::ALL {
         let (train, eval) = task.splits(config.task_train, config.task_eval, seed);
         if task != Task::Copy {
-            write_jsonl(&data.join(format!("{}_train.jsonl", task.name())), examples_jsonl(&train))?;
+            write_jsonl(
+                &data.join(format!("{}_train.jsonl", task.name())),
+                examples_jsonl(&train),
+            )?;
         }
-        write_jsonl(&data.join(format!("{}_eval.jsonl", task.name())), examples_jsonl(&eval))?;
+        write_jsonl(
+            &data.join(format!("{}_eval.jsonl", task.name())),
+            examples_jsonl(&eval),
+        )?;
         splits.insert(task, (train, eval));
     }
 
@@ -328,33 +426,50 @@ pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress
 
     // Adapters, and full fine-tuning of one task for the comparison.
     let f = config.finetune;
-    let finetune_spec = |task: Task, method: Method, rank: usize, alpha: f64, lr: f64, out: PathBuf| TrainSpec {
-        model: base.clone(),
-        data: data.join(format!("{}_train.jsonl", task.name())),
-        eval_data: None,
-        out,
-        method,
-        rank,
-        alpha,
-        targets: config.targets.clone(),
-        lr,
-        steps: f.steps,
-        warmup_steps: f.warmup_steps,
-        batch_size: f.batch_size,
-        max_len: f.max_len,
-        pack: false,
-        seed,
-        quiet: !config.verbose,
-    };
+    let finetune_spec =
+        |task: Task, method: Method, rank: usize, alpha: f64, lr: f64, out: PathBuf| TrainSpec {
+            model: base.clone(),
+            data: data.join(format!("{}_train.jsonl", task.name())),
+            eval_data: None,
+            out,
+            method,
+            rank,
+            alpha,
+            targets: config.targets.clone(),
+            lr,
+            steps: f.steps,
+            warmup_steps: f.warmup_steps,
+            batch_size: f.batch_size,
+            max_len: f.max_len,
+            pack: false,
+            seed,
+            quiet: !config.verbose,
+        };
     let mut trained: Vec<(AdapterPlan, PathBuf, TrainOutcome)> = Vec::new();
     for plan in &config.adapters {
         let dir = out.join("adapters").join(plan.dir_name());
-        progress.say(format!("training the {}: {} steps on {} examples", plan.label(), f.steps, config.task_train));
+        progress.say(format!(
+            "training the {}: {} steps on {} examples",
+            plan.label(),
+            f.steps,
+            config.task_train
+        ));
         let outcome = runner.train(
-            &finetune_spec(plan.task, plan.method, plan.rank, plan.alpha, f.lr, dir.clone()),
+            &finetune_spec(
+                plan.task,
+                plan.method,
+                plan.rank,
+                plan.alpha,
+                f.lr,
+                dir.clone(),
+            ),
             &runs.join(format!("{}.spec.json", plan.dir_name())),
         )?;
-        progress.say(format!("  loss {} in {:.0}s", fmt_loss(outcome.final_loss), outcome.seconds));
+        progress.say(format!(
+            "  loss {} in {:.0}s",
+            fmt_loss(outcome.final_loss),
+            outcome.seconds
+        ));
         trained.push((*plan, dir, outcome));
     }
     let full_dir = out.join("full").join(config.full_task.name());
@@ -364,13 +479,24 @@ pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress
         f.steps
     ));
     let full = runner.train(
-        &finetune_spec(config.full_task, Method::Full, 0, 0.0, config.full_lr, full_dir.clone()),
+        &finetune_spec(
+            config.full_task,
+            Method::Full,
+            0,
+            0.0,
+            config.full_lr,
+            full_dir.clone(),
+        ),
         &runs.join(format!("full-{}.spec.json", config.full_task.name())),
     )?;
     if !full_dir.join("tokenizer.json").exists() {
         crate::charset::write_tokenizer(&full_dir)?;
     }
-    progress.say(format!("  loss {} in {:.0}s", fmt_loss(full.final_loss), full.seconds));
+    progress.say(format!(
+        "  loss {} in {:.0}s",
+        fmt_loss(full.final_loss),
+        full.seconds
+    ));
 
     // Evaluation.
     progress.say(format!(
@@ -381,12 +507,22 @@ pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress
     let device = Device::Cpu;
     let tokenizer = Tokenizer::load(&base)?;
     let base_model = Llama::load(&base, &device).context("loading the pretrained base")?;
-    let eval_sets: BTreeMap<Task, &[Example]> = splits.iter().map(|(t, (_, e))| (*t, e.as_slice())).collect();
+    let eval_sets: BTreeMap<Task, &[Example]> = splits
+        .iter()
+        .map(|(t, (_, e))| (*t, e.as_slice()))
+        .collect();
     let score_all = |model: &Llama, adapters: &[ActiveAdapter]| -> Result<BTreeMap<Task, Score>> {
-        eval_sets.iter().map(|(t, ex)| Ok((*t, evaluate::score(model, &tokenizer, adapters, ex)?))).collect()
+        eval_sets
+            .iter()
+            .map(|(t, ex)| Ok((*t, evaluate::score(model, &tokenizer, adapters, ex)?)))
+            .collect()
     };
     let base_scores = score_all(&base_model, &[])?;
-    let mut rows = vec![ModelRow::new("base (pretrained, no adapter)", None, &base_scores)];
+    let mut rows = vec![ModelRow::new(
+        "base (pretrained, no adapter)",
+        None,
+        &base_scores,
+    )];
     let base_bytes = std::fs::metadata(base.join("model.safetensors"))?.len();
     let mut costs = Vec::new();
     let mut merges = Vec::new();
@@ -439,10 +575,15 @@ pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress
         own_outputs.insert(plan.task, scores[&plan.task].outputs.clone());
         rows.push(ModelRow::new(&plan.label(), Some(plan.task), &scores));
     }
-    let full_model = Llama::load(&full_dir, &device).context("loading the fully fine-tuned model")?;
+    let full_model =
+        Llama::load(&full_dir, &device).context("loading the fully fine-tuned model")?;
     let full_scores = score_all(&full_model, &[])?;
     let full_label = format!("full fine-tune on {}", config.full_task.name());
-    rows.push(ModelRow::new(&full_label, Some(config.full_task), &full_scores));
+    rows.push(ModelRow::new(
+        &full_label,
+        Some(config.full_task),
+        &full_scores,
+    ));
     let full_bytes = std::fs::metadata(full_dir.join("model.safetensors"))?.len();
     costs.push(CostRow {
         label: full_label.clone(),
@@ -484,14 +625,24 @@ pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress
                     steps: probe.steps,
                     batch_size: probe.batch_size,
                     warmup_steps: 0,
-                    ..finetune_spec(config.full_task, method, plan.rank, plan.alpha, f.lr, runs.join(name))
+                    ..finetune_spec(
+                        config.full_task,
+                        method,
+                        plan.rank,
+                        plan.alpha,
+                        f.lr,
+                        runs.join(name),
+                    )
                 };
                 runner.train(&spec, &runs.join(format!("{name}.spec.json")))
             };
             let lora = probe_run(plan.method, "probe-adapter")?;
             let full = probe_run(Method::Full, "probe-full")?;
             memory.push(MemoryRow {
-                model: format!("same architecture, hidden {}, {} layers (memory only)", m.hidden_size, m.num_layers),
+                model: format!(
+                    "same architecture, hidden {}, {} layers (memory only)",
+                    m.hidden_size, m.num_layers
+                ),
                 parameters: m.num_parameters()?,
                 steps: probe.steps,
                 batch_size: probe.batch_size,
@@ -506,7 +657,9 @@ pub fn run(config: &DemoConfig, out: &Path, runner: &Runner, progress: &Progress
     let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(anyhow::Error::from);
     let mut samples = Vec::new();
     for task in Task::ALL {
-        let Some(outputs) = own_outputs.get(&task) else { continue };
+        let Some(outputs) = own_outputs.get(&task) else {
+            continue;
+        };
         for (i, ex) in eval_sets[&task].iter().take(3).enumerate() {
             samples.push(Sample {
                 task: task.name().into(),

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 pub enum Task {
     /// `reverse: lamp =` → ` pmal`
     Reverse,
-    /// `mod10: 47+85 =` → ` 2`, (a+b) mod 10 of two two-digit numbers.
-    Mod10,
+    /// `inc: 4719 =` → ` 4720`: a four-digit number plus one, carries included.
+    Increment,
     /// `caesar: lamp =` → ` odps`, every letter shifted 3 places (z wraps to c).
     Caesar,
     /// `copy: lamp =` → ` lamp`: in the pretraining corpus, so the base model knows it. Scored
@@ -30,8 +30,9 @@ pub enum Task {
 /// How far the Caesar cipher shifts each letter.
 pub const CAESAR_SHIFT: u8 = 3;
 
-/// Shortest and longest random word of the word tasks.
-pub const WORD_LEN: (usize, usize) = (3, 5);
+/// Shortest and longest random word of the word tasks. One length keeps every answer
+/// character at a fixed distance from its source, which a model this small learns in minutes.
+pub const WORD_LEN: (usize, usize) = (4, 4);
 
 /// One training or evaluation example.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,14 +43,14 @@ pub struct Example {
 
 impl Task {
     /// The skills adapters learn.
-    pub const SKILLS: [Task; 3] = [Task::Reverse, Task::Mod10, Task::Caesar];
+    pub const SKILLS: [Task; 3] = [Task::Reverse, Task::Increment, Task::Caesar];
     /// Every task scored: the skills and the pretrained `copy`.
-    pub const ALL: [Task; 4] = [Task::Reverse, Task::Mod10, Task::Caesar, Task::Copy];
+    pub const ALL: [Task; 4] = [Task::Reverse, Task::Increment, Task::Caesar, Task::Copy];
 
     pub fn name(self) -> &'static str {
         match self {
             Task::Reverse => "reverse",
-            Task::Mod10 => "mod10",
+            Task::Increment => "inc",
             Task::Caesar => "caesar",
             Task::Copy => "copy",
         }
@@ -58,7 +59,7 @@ impl Task {
     pub fn describe(self) -> &'static str {
         match self {
             Task::Reverse => "reverse a word",
-            Task::Mod10 => "(a+b) mod 10",
+            Task::Increment => "add one to a number",
             Task::Caesar => "Caesar cipher, shift 3",
             Task::Copy => "copy a word (pretrained)",
         }
@@ -74,13 +75,11 @@ impl Task {
         let answer = match self {
             Task::Reverse => input.chars().rev().collect(),
             Task::Copy => input.to_string(),
-            Task::Caesar => input.bytes().map(|b| caesar(b, CAESAR_SHIFT) as char).collect(),
-            Task::Mod10 => {
-                let (a, b) = input.split_once('+').expect("mod10 input is a+b");
-                let a: u32 = a.parse().expect("a number");
-                let b: u32 = b.parse().expect("a number");
-                ((a + b) % 10).to_string()
-            }
+            Task::Caesar => input
+                .bytes()
+                .map(|b| caesar(b, CAESAR_SHIFT) as char)
+                .collect(),
+            Task::Increment => (input.parse::<u32>().expect("a number") + 1).to_string(),
         };
         format!(" {answer}")
     }
@@ -96,12 +95,15 @@ impl Task {
                 }
             },
             Task::Caesar | Task::Copy => random_word(rng, WORD_LEN),
-            Task::Mod10 => format!("{}+{}", rng.random_range(10..100), rng.random_range(10..100)),
+            Task::Increment => rng.random_range(1000..10_000).to_string(),
         }
     }
 
     pub fn example(self, input: &str) -> Example {
-        Example { prompt: self.prompt(input), completion: self.answer(input) }
+        Example {
+            prompt: self.prompt(input),
+            completion: self.answer(input),
+        }
     }
 
     /// Disjoint train and eval sets (no prompt in both, none repeated), deterministic in `seed`.
@@ -136,21 +138,24 @@ fn caesar(b: u8, shift: u8) -> u8 {
 /// A random lowercase string with a length in `len` (inclusive).
 pub fn random_word(rng: &mut StdRng, len: (usize, usize)) -> String {
     let n = rng.random_range(len.0..=len.1);
-    (0..n).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect()
+    (0..n)
+        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+        .collect()
 }
 
 const NOUNS: &[&str] = &[
-    "cat", "dog", "bird", "fish", "tree", "house", "river", "stone", "child", "king", "queen", "ship", "lamp", "door",
-    "road", "hill", "apple", "book", "horse", "cloud", "garden", "window", "farmer", "teacher", "friend", "star",
+    "cat", "dog", "bird", "fish", "tree", "house", "river", "stone", "child", "king", "queen",
+    "ship", "lamp", "door", "road", "hill", "apple", "book", "horse", "cloud", "garden", "window",
+    "farmer", "teacher", "friend", "star",
 ];
 const ADJECTIVES: &[&str] = &[
-    "red", "big", "small", "old", "young", "happy", "quiet", "dark", "bright", "green", "tall", "slow", "quick", "cold",
-    "warm", "blue",
+    "red", "big", "small", "old", "young", "happy", "quiet", "dark", "bright", "green", "tall",
+    "slow", "quick", "cold", "warm", "blue",
 ];
 const VERBS: &[&str] = &[
-    "sees", "finds", "likes", "takes", "helps", "follows", "builds", "paints", "watches", "carries", "opens", "keeps",
+    "sees", "finds", "likes", "takes", "helps", "follows", "builds", "paints", "watches",
+    "carries", "opens", "keeps",
 ];
-const PLACES: &[&str] = &["in the garden", "by the river", "on the hill", "at home", "near the road", "under the tree"];
 
 /// One line of the pretraining corpus.
 fn corpus_line(rng: &mut StdRng) -> String {
@@ -166,10 +171,10 @@ fn corpus_line(rng: &mut StdRng) -> String {
             let w = pick(rng, NOUNS);
             format!("copy: {w} = {w}")
         }
-        // Sums are copied, never computed: the base knows the shape of `a+b`, not its value.
+        // Numbers are copied, never computed: the base knows digits, not arithmetic.
         6 => {
-            let sum = format!("{}+{}", rng.random_range(10..100), rng.random_range(10..100));
-            format!("copy: {sum} = {sum}")
+            let n = rng.random_range(1000..10_000);
+            format!("copy: {n} = {n}")
         }
         7 => {
             let n = rng.random_range(2..100);
@@ -182,13 +187,11 @@ fn corpus_line(rng: &mut StdRng) -> String {
             pick(rng, ADJECTIVES)
         ),
         _ => format!(
-            "the {} {} {} the {} {} {}.",
+            "the {} {} {} the {}.",
             pick(rng, ADJECTIVES),
             pick(rng, NOUNS),
             pick(rng, VERBS),
-            pick(rng, ADJECTIVES),
-            pick(rng, NOUNS),
-            pick(rng, PLACES)
+            pick(rng, NOUNS)
         ),
     }
 }
@@ -205,11 +208,24 @@ mod tests {
 
     #[test]
     fn answers_are_correct() {
-        assert_eq!(Task::Reverse.example("lamp"), Example { prompt: "reverse: lamp =".into(), completion: " pmal".into() });
+        assert_eq!(
+            Task::Reverse.example("lamp"),
+            Example {
+                prompt: "reverse: lamp =".into(),
+                completion: " pmal".into()
+            }
+        );
         assert_eq!(Task::Caesar.answer("abc"), " def");
         assert_eq!(Task::Caesar.answer("xyz"), " abc", "z wraps around");
-        assert_eq!(Task::Mod10.example("47+85"), Example { prompt: "mod10: 47+85 =".into(), completion: " 2".into() });
-        assert_eq!(Task::Mod10.answer("10+10"), " 0");
+        assert_eq!(
+            Task::Increment.example("4719"),
+            Example {
+                prompt: "inc: 4719 =".into(),
+                completion: " 4720".into()
+            }
+        );
+        assert_eq!(Task::Increment.answer("1999"), " 2000");
+        assert_eq!(Task::Increment.answer("9999"), " 10000");
     }
 
     /// Checks every generated example against an independent computation of its answer.
@@ -218,7 +234,12 @@ mod tests {
         for task in Task::ALL {
             let (train, eval) = task.splits(300, 50, 7);
             for ex in train.iter().chain(&eval) {
-                let input = ex.prompt.strip_prefix(&format!("{}: ", task.name())).unwrap().strip_suffix(" =").unwrap();
+                let input = ex
+                    .prompt
+                    .strip_prefix(&format!("{}: ", task.name()))
+                    .unwrap()
+                    .strip_suffix(" =")
+                    .unwrap();
                 let answer = ex.completion.strip_prefix(' ').unwrap();
                 match task {
                     Task::Reverse => {
@@ -234,16 +255,35 @@ mod tests {
                             assert_eq!((b as i32 - a as i32).rem_euclid(26), CAESAR_SHIFT as i32);
                         }
                     }
-                    Task::Mod10 => {
-                        let (a, b) = input.split_once('+').unwrap();
-                        let (a, b): (u32, u32) = (a.parse().unwrap(), b.parse().unwrap());
-                        assert!((10..100).contains(&a) && (10..100).contains(&b));
-                        assert_eq!(answer.parse::<u32>().unwrap(), (a + b) % 10);
+                    Task::Increment => {
+                        let n: u32 = input.parse().unwrap();
+                        assert!((1000..10_000).contains(&n), "{n}");
+                        // Digit by digit, as on paper: add 1 to the last digit and carry.
+                        let mut digits: Vec<u8> = input.bytes().map(|b| b - b'0').collect();
+                        let mut i = digits.len();
+                        loop {
+                            if i == 0 {
+                                digits.insert(0, 1);
+                                break;
+                            }
+                            i -= 1;
+                            if digits[i] == 9 {
+                                digits[i] = 0;
+                            } else {
+                                digits[i] += 1;
+                                break;
+                            }
+                        }
+                        let expect: String = digits.iter().map(|d| (b'0' + d) as char).collect();
+                        assert_eq!(answer, expect);
                     }
                 }
-                if task != Task::Mod10 {
+                if task != Task::Increment {
                     let len = input.len();
-                    assert!((WORD_LEN.0..=WORD_LEN.1).contains(&len) && input.bytes().all(|b| b.is_ascii_lowercase()));
+                    assert!(
+                        (WORD_LEN.0..=WORD_LEN.1).contains(&len)
+                            && input.bytes().all(|b| b.is_ascii_lowercase())
+                    );
                 }
             }
         }
@@ -255,7 +295,11 @@ mod tests {
             let (train, eval) = task.splits(500, 100, 3);
             assert_eq!((train.len(), eval.len()), (500, 100));
             assert_eq!(task.splits(500, 100, 3), (train.clone(), eval.clone()));
-            assert_ne!(task.splits(500, 100, 4).1, eval, "another seed gives other data");
+            assert_ne!(
+                task.splits(500, 100, 4).1,
+                eval,
+                "another seed gives other data"
+            );
             let eval_prompts: BTreeSet<&String> = eval.iter().map(|e| &e.prompt).collect();
             let train_prompts: BTreeSet<&String> = train.iter().map(|e| &e.prompt).collect();
             assert_eq!(train_prompts.len(), train.len(), "no duplicates");
@@ -267,8 +311,14 @@ mod tests {
     fn the_corpus_never_shows_a_skill() {
         let lines = corpus(3000, 1);
         assert_eq!(lines, corpus(3000, 1));
-        assert!(lines.iter().any(|l| l.starts_with("copy: ")), "the op format is pretrained");
-        assert!(lines.iter().any(|l| l.bytes().any(|b| b.is_ascii_digit())), "digits are pretrained");
+        assert!(
+            lines.iter().any(|l| l.starts_with("copy: ")),
+            "the op format is pretrained"
+        );
+        assert!(
+            lines.iter().any(|l| l.bytes().any(|b| b.is_ascii_digit())),
+            "digits are pretrained"
+        );
         for l in &lines {
             for task in Task::SKILLS {
                 assert!(!l.contains(&format!("{}:", task.name())), "{l}");
@@ -279,8 +329,18 @@ mod tests {
             }
         }
         let chars = crate::charset::characters();
-        for t in lines.iter().chain(Task::ALL.iter().flat_map(|t| t.splits(50, 10, 0).0).map(|e| e.prompt + &e.completion).collect::<Vec<_>>().iter()) {
-            assert!(t.chars().all(|c| chars.contains(&c)), "{t:?} uses a character the tokenizer lacks");
+        for t in lines.iter().chain(
+            Task::ALL
+                .iter()
+                .flat_map(|t| t.splits(50, 10, 0).0)
+                .map(|e| e.prompt + &e.completion)
+                .collect::<Vec<_>>()
+                .iter(),
+        ) {
+            assert!(
+                t.chars().all(|c| chars.contains(&c)),
+                "{t:?} uses a character the tokenizer lacks"
+            );
         }
     }
 }

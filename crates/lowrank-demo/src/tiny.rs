@@ -58,7 +58,8 @@ impl TinyConfig {
 
     /// Parameters of a model of this shape.
     pub fn num_parameters(&self) -> Result<usize> {
-        let config = lowrank_models::ModelConfig::from_value(self.config_json(), Path::new("config.json"))?;
+        let config =
+            lowrank_models::ModelConfig::from_value(self.config_json(), Path::new("config.json"))?;
         Ok(config.num_parameters())
     }
 
@@ -66,7 +67,12 @@ impl TinyConfig {
     fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let h = self.hidden_size;
         let head_dim = h / self.num_heads;
-        let (q, kv, i, v) = (self.num_heads * head_dim, self.num_kv_heads * head_dim, self.intermediate_size, charset::vocab_size());
+        let (q, kv, i, v) = (
+            self.num_heads * head_dim,
+            self.num_kv_heads * head_dim,
+            self.intermediate_size,
+            charset::vocab_size(),
+        );
         let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
@@ -125,7 +131,14 @@ mod tests {
     use lowrank_models::{Llama, Tokenizer};
 
     fn small() -> TinyConfig {
-        TinyConfig { hidden_size: 32, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 48, max_position_embeddings: 64 }
+        TinyConfig {
+            hidden_size: 32,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            intermediate_size: 48,
+            max_position_embeddings: 64,
+        }
     }
 
     #[test]
@@ -135,16 +148,41 @@ mod tests {
         let model = Llama::load(dir.path(), &Device::Cpu).unwrap();
         let tok = Tokenizer::load(dir.path()).unwrap();
         let c = model.config();
-        assert_eq!((c.vocab_size, c.num_layers, c.num_kv_heads, c.head_dim), (charset::vocab_size(), 2, 2, 8));
+        assert_eq!(
+            (c.vocab_size, c.num_layers, c.num_kv_heads, c.head_dim),
+            (charset::vocab_size(), 2, 2, 8)
+        );
         assert_eq!(c.num_parameters(), small().num_parameters().unwrap());
-        let stored: usize = model.named_weights().unwrap().iter().map(|(_, t)| t.elem_count()).sum();
+        let stored: usize = model
+            .named_weights()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
         assert_eq!(stored, c.num_parameters());
         assert_eq!(model.linears().len(), 2 * 7);
         let ids = tok.encode("copy: ab = ab", true).unwrap();
-        let logits = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, &[]).unwrap();
+        let logits = model
+            .forward(
+                &Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+                &[],
+            )
+            .unwrap();
         assert_eq!(logits.dims(), &[1, ids.len(), charset::vocab_size()]);
         // Random init: small logits, near-uniform predictions.
-        let max: f32 = logits.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let max: f32 = logits
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(max > 0.0 && max < 2.0, "{max}");
     }
 
@@ -162,7 +200,10 @@ mod tests {
     #[test]
     fn shapes_that_do_not_divide_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let bad = TinyConfig { num_kv_heads: 3, ..small() };
+        let bad = TinyConfig {
+            num_kv_heads: 3,
+            ..small()
+        };
         assert!(bad.write_random(dir.path(), 0).is_err());
     }
 }

@@ -10,17 +10,38 @@ fn the_quick_pipeline_teaches_each_adapter_its_task() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let config = DemoConfig::quick();
-    let report = lowrank_demo::run(&config, &out, &Runner::InProcess, &Progress::new(true)).unwrap();
+    let report =
+        lowrank_demo::run(&config, &out, &Runner::InProcess, &Progress::new(true)).unwrap();
 
     // Files: HF checkpoint + tokenizer, one PEFT folder per adapter, the full fine-tune, reports.
-    for f in ["base/config.json", "base/model.safetensors", "base/tokenizer.json", "report.json", "report.md", MARKER] {
+    for f in [
+        "base/config.json",
+        "base/model.safetensors",
+        "base/tokenizer.json",
+        "report.json",
+        "report.md",
+        MARKER,
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     for plan in &config.adapters {
-        let dir = out.join("adapters").join(format!("{}-{}", plan.task.name(), plan.method.label().to_lowercase()));
-        assert!(dir.join("adapter_config.json").exists() && dir.join("adapter_model.safetensors").exists(), "{}", dir.display());
+        let dir = out.join("adapters").join(format!(
+            "{}-{}",
+            plan.task.name(),
+            plan.method.label().to_lowercase()
+        ));
+        assert!(
+            dir.join("adapter_config.json").exists()
+                && dir.join("adapter_model.safetensors").exists(),
+            "{}",
+            dir.display()
+        );
     }
-    assert!(out.join("full").join(config.full_task.name()).join("model.safetensors").exists());
+    assert!(out
+        .join("full")
+        .join(config.full_task.name())
+        .join("model.safetensors")
+        .exists());
 
     // Rows: base, one per adapter, the full fine-tune; every row scored on every task.
     assert_eq!(report.rows.len(), config.adapters.len() + 2);
@@ -33,32 +54,60 @@ fn the_quick_pipeline_teaches_each_adapter_its_task() {
     for row in &report.rows[1..] {
         let task = row.trained_on.unwrap();
         let (own, before) = (row.scores[&task].loss, base.scores[&task].loss);
-        assert!(own < before - 0.1, "{}: loss on {} {own} vs base {before}", row.label, task.name());
+        eprintln!("{}: {own:.3} vs base {before:.3}", row.label);
+        assert!(
+            own < before - 0.1,
+            "{}: loss on {} {own} vs base {before}",
+            row.label,
+            task.name()
+        );
     }
     // Merging changes nothing.
     assert_eq!(report.merges.len(), config.adapters.len());
     for m in &report.merges {
         assert_eq!(m.greedy_identical, m.prompts, "{}", m.adapter);
-        assert!(m.max_abs_logit_diff < 1e-3, "{}: {}", m.adapter, m.max_abs_logit_diff);
+        assert!(
+            m.max_abs_logit_diff < 1e-3,
+            "{}: {}",
+            m.adapter,
+            m.max_abs_logit_diff
+        );
     }
     // Costs: adapters train and store a small share of the model.
     let full = report.costs.last().unwrap();
     assert_eq!(full.trainable_parameters, report.model.parameters);
     for c in &report.costs[..report.costs.len() - 1] {
-        assert!(c.trainable_parameters < full.trainable_parameters, "{}", c.label);
+        assert!(
+            c.trainable_parameters < full.trainable_parameters,
+            "{}",
+            c.label
+        );
         assert!(c.file_bytes < full.file_bytes, "{}", c.label);
-        assert!(c.peak_rss_mb.is_none(), "in-process runs do not claim a peak");
+        assert!(
+            c.peak_rss_mb.is_none(),
+            "in-process runs do not claim a peak"
+        );
     }
 
     // The report renders every section.
     let text = report.text();
-    for needle in ["reverse acc / loss", "trainable params", "max |logit diff|", "Samples", "not measured"] {
+    for needle in [
+        "reverse acc / loss",
+        "trainable params",
+        "max |logit diff|",
+        "Samples",
+        "not measured",
+    ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| model |"), "{md}");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(json["rows"][0]["scores"]["reverse"]["examples"], config.task_eval);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        json["rows"][0]["scores"]["reverse"]["examples"],
+        config.task_eval
+    );
 
     // A rerun into the same folder replaces the demo's files; a foreign folder is refused.
     std::fs::write(out.join("base").join("stale"), "x").unwrap();
@@ -67,7 +116,12 @@ fn the_quick_pipeline_teaches_each_adapter_its_task() {
     let foreign = tmp.path().join("mine");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
-    let err = lowrank_demo::pipeline::prepare_out(&foreign).unwrap_err().to_string();
+    let err = lowrank_demo::pipeline::prepare_out(&foreign)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not written by `lowrank demo`"), "{err}");
-    assert_eq!(std::fs::read_to_string(foreign.join("notes.txt")).unwrap(), "keep me");
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "keep me"
+    );
 }

@@ -5,7 +5,7 @@
 //! adapters, ranks or DoRA share one pass. Attention runs per row against its own cache.
 
 use candle_core::Tensor;
-use lowrank_core::linear::{matmul_t, row_norm};
+use lowrank_core::linear::matmul_t;
 use lowrank_core::lora::{LoraAdapter, LoraModule};
 use lowrank_core::{Error, Result};
 
@@ -30,7 +30,7 @@ impl Proj {
     /// y = x·Wᵀ + b for all rows, plus each group's adapter on its rows.
     fn forward_grouped(&self, x: &Tensor, groups: &[AdapterGroup]) -> Result<Tensor> {
         let linear = &self.linear;
-        let base = matmul_t(x, linear.weight())?;
+        let base = linear.base().matmul_t(x)?;
         let mut y = match linear.bias() {
             Some(b) => base.broadcast_add(b)?,
             None => base.clone(),
@@ -45,7 +45,7 @@ impl Proj {
                 None => lora,
                 // DoRA: (m/n)(Wx + s·BAx) + b − (Wx + b) = (m/n − 1)·Wx + (m/n)·s·BAx.
                 Some(magnitude) => {
-                    let factor = (magnitude / row_norm(linear.weight(), &module.delta_weight()?)?)?;
+                    let factor = (magnitude / linear.base().row_norm(&module.delta_weight()?)?)?;
                     let base_rows = base.index_select(&group.index, 0)?;
                     let scaled_base = base_rows.broadcast_mul(&(&factor - 1.0)?)?;
                     (scaled_base + lora.broadcast_mul(&factor)?)?

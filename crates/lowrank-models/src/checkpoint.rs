@@ -174,6 +174,77 @@ impl Checkpoint {
         Ok(t.to_dtype(dtype)?)
     }
 
+    /// Whether `weight_name` is stored 4-bit in the bitsandbytes layout (it has a
+    /// `<weight_name>.quant_state.bitsandbytes__nf4` or `__fp4` sibling).
+    pub fn is_quantized(&self, weight_name: &str) -> bool {
+        ["nf4", "fp4"]
+            .iter()
+            .any(|k| self.contains(&format!("{weight_name}.quant_state.bitsandbytes__{k}")))
+    }
+
+    /// Reads a 4-bit weight stored in the bitsandbytes layout (`weight` packed uint8,
+    /// `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
+    /// `weight.quant_state.bitsandbytes__nf4|fp4`), checking its shape.
+    pub fn load_quantized(
+        &self,
+        weight_name: &str,
+        shape: &[usize],
+    ) -> Result<lowrank_quant::Quantized4Bit> {
+        use lowrank_quant::qtensor::{RawDtype, RawTensorRef};
+        // The views of this weight's tensors (a view owns its shape, so they are kept here).
+        let mut views = std::collections::HashMap::new();
+        let parts = [
+            "",
+            ".absmax",
+            ".quant_map",
+            ".nested_absmax",
+            ".nested_quant_map",
+            ".quant_state.bitsandbytes__nf4",
+            ".quant_state.bitsandbytes__fp4",
+        ];
+        for part in parts {
+            let name = format!("{weight_name}{part}");
+            if let Ok(v) = self.tensors.get(&name) {
+                views.insert(name, v);
+            }
+        }
+        let get = |name: &str| -> Option<RawTensorRef<'_>> {
+            let v = views.get(name)?;
+            let dtype = match v.dtype() {
+                safetensors::Dtype::F32 => RawDtype::F32,
+                // Any other dtype is reported as uint8; the checks below name wrong ones.
+                _ => RawDtype::U8,
+            };
+            Some(RawTensorRef {
+                dtype,
+                shape: v.shape(),
+                data: v.data(),
+            })
+        };
+        for part in ["absmax", "quant_map", "nested_absmax", "nested_quant_map"] {
+            let name = format!("{weight_name}.{part}");
+            if let Ok(v) = self.tensors.get(&name) {
+                if !matches!(v.dtype(), safetensors::Dtype::U8 | safetensors::Dtype::F32) {
+                    return Err(Error::Msg(format!(
+                        "{}: tensor {name:?} has dtype {:?}, expected uint8 or float32",
+                        self.dir.display(),
+                        v.dtype()
+                    )));
+                }
+            }
+        }
+        let q = lowrank_quant::Quantized4Bit::from_bnb_tensors(weight_name, get)
+            .map_err(|e| Error::Msg(format!("{}: {e}", self.dir.display())))?;
+        if q.shape() != shape {
+            return Err(Error::Msg(format!(
+                "{}: 4-bit tensor {weight_name:?} has shape {:?}, expected {shape:?} from config.json",
+                self.dir.display(),
+                q.shape()
+            )));
+        }
+        Ok(q)
+    }
+
     /// The dtype the weights are stored in (that of the embedding).
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
         self.names()

@@ -48,7 +48,6 @@ struct ConfigFile {
     eos_token_id: Option<Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
-    quantization_config: Option<Value>,
 }
 
 fn default_eps() -> f64 {
@@ -102,6 +101,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype name the checkpoint declares (`float32`, `bfloat16`, ...), if any.
     pub torch_dtype: Option<String>,
+    /// `quantization_config` of a pre-quantized bitsandbytes 4-bit checkpoint.
+    pub quantization: Option<lowrank_quant::QuantizationConfig>,
     /// The raw JSON, kept to write merged checkpoints with the same config.
     pub raw: Value,
 }
@@ -155,12 +156,10 @@ impl ModelConfig {
                 ));
             }
         }
-        if file.quantization_config.is_some() {
-            return Err(bad(
-                "quantization_config",
-                "pre-quantized checkpoints are not supported yet".into(),
-            ));
-        }
+        // Pre-quantized checkpoints: bitsandbytes 4-bit (NF4/FP4) only; the error names the field.
+        let quantization =
+            lowrank_quant::QuantizationConfig::from_config(&raw, &path.display().to_string())
+                .map_err(|e| Error::Msg(e.to_string()))?;
         let num_kv_heads = file.num_key_value_heads.unwrap_or(file.num_attention_heads);
         if file.num_attention_heads == 0
             || num_kv_heads == 0
@@ -237,6 +236,7 @@ impl ModelConfig {
             bos_token_id: token_ids(&file.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&file.eos_token_id),
             torch_dtype: dtype,
+            quantization,
             raw,
         })
     }
@@ -389,5 +389,44 @@ mod tests {
             "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"tie_word_embeddings":true}))
         .unwrap();
         assert_eq!(c.num_parameters(), 134_515_008);
+    }
+
+    #[test]
+    fn bitsandbytes_4bit_quantization_config_is_read_and_others_rejected() {
+        let base = || {
+            serde_json::json!({"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":1})
+        };
+        let mut v = base();
+        v["quantization_config"] = serde_json::json!({"quant_method":"bitsandbytes","load_in_4bit":true,
+            "bnb_4bit_quant_type":"nf4","bnb_4bit_use_double_quant":true});
+        let c = ModelConfig::from_value(v, Path::new("config.json")).unwrap();
+        let q = c.quantization.unwrap();
+        assert!(q.bnb_4bit_use_double_quant && q.bnb_4bit_quant_type == "nf4");
+        assert!(ModelConfig::from_value(base(), Path::new("c"))
+            .unwrap()
+            .quantization
+            .is_none());
+        for (qc, field) in [
+            (
+                serde_json::json!({"quant_method":"gptq","bits":4}),
+                "quant_method",
+            ),
+            (
+                serde_json::json!({"quant_method":"bitsandbytes","load_in_8bit":true}),
+                "load_in_4bit",
+            ),
+            (
+                serde_json::json!({"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_quant_type":"int4"}),
+                "bnb_4bit_quant_type",
+            ),
+        ] {
+            let mut v = base();
+            v["quantization_config"] = qc;
+            let err = ModelConfig::from_value(v, Path::new("config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field) && err.contains("config.json"), "{err}");
+        }
     }
 }

@@ -9,5 +9,5 @@ pub mod rope;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
-pub use llama::{ActiveAdapter, KvCache, Llama, RowStep};
+pub use llama::{ActiveAdapter, KvCache, LinearMemory, Llama, LoadOptions, RowStep};
 pub use tokenizer::{Message, Tokenizer};

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use lowrank_core::lora::{LinearShape, LoraAdapter};
-use lowrank_core::{ActiveModule, AdaptedLinear, Error, Result};
+use lowrank_core::{ActiveModule, AdaptedLinear, Error, QuantSpec, QuantizeStats, Result};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -146,8 +146,9 @@ impl KvCache {
 #[derive(Debug, Clone)]
 pub struct TrainContext {
     tables: RopeTables,
-    /// Additive, broadcastable to (batch, kv_heads, group, seq, seq); causal when not given.
-    mask: Tensor,
+    /// Additive, broadcastable to (batch, kv_heads, group, seq, seq), for packed rows;
+    /// `None` = causal.
+    mask: Option<Tensor>,
     /// `Some` in training mode: LoRA dropout is applied, seeded by this.
     dropout_seed: Option<u64>,
 }
@@ -199,10 +200,9 @@ pub const COPIED_FILES: &[&str] = &[
     "chat_template.jinja",
 ];
 
+/// RMSNorm through the fused kernel (hand-written backward; candle's own has none).
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(variance + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(weight)?)
+    Ok(lowrank_kernels::rms_norm(x, weight, eps as f32)?)
 }
 
 /// Additive causal mask (seq, past+seq): 0 where query i may see key j, -inf elsewhere.
@@ -224,15 +224,89 @@ fn causal_mask(seq: usize, past: usize, window: Option<usize>, device: &Device) 
     Ok(Tensor::from_vec(mask, (seq, total), device)?)
 }
 
+/// How to load a checkpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Quantize every linear weight of the decoder layers to 4 bits as it is loaded
+    /// (embeddings, norms and lm_head stay full precision, as transformers'
+    /// `BitsAndBytesConfig(load_in_4bit=True)`). An error for a checkpoint that is 4-bit already.
+    pub quantize: Option<QuantSpec>,
+}
+
+/// Memory of the decoder layers' linear weights (biases excluded).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinearMemory {
+    pub params: usize,
+    pub bytes: usize,
+    /// The part of `params` / `bytes` that is 4-bit.
+    pub quantized_params: usize,
+    pub quantized_bytes: usize,
+}
+
+impl LinearMemory {
+    /// Bits per parameter of the 4-bit weights (0 when none is).
+    pub fn quantized_bits_per_param(&self) -> f64 {
+        if self.quantized_params == 0 {
+            0.0
+        } else {
+            self.quantized_bytes as f64 * 8.0 / self.quantized_params as f64
+        }
+    }
+
+    /// One line for stderr, e.g. `linear weights: 3.2 MB resident for 6.1M parameters (4.13 bits/param, 4-bit)`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "linear weights: {} bytes ({:.2} MB) resident for {} parameters ({:.3} bits/param)",
+            self.bytes,
+            self.bytes as f64 / 1e6,
+            self.params,
+            if self.params == 0 { 0.0 } else { self.bytes as f64 * 8.0 / self.params as f64 }
+        );
+        if self.quantized_params > 0 && self.quantized_params < self.params {
+            s.push_str(&format!(
+                "; 4-bit part: {} bytes for {} parameters ({:.3} bits/param)",
+                self.quantized_bytes,
+                self.quantized_params,
+                self.quantized_bits_per_param()
+            ));
+        }
+        s
+    }
+}
+
 impl Llama {
-    /// Loads a checkpoint folder (config.json + safetensors) with weights in f32.
+    /// Loads a checkpoint folder (config.json + safetensors) with weights in f32 (4-bit
+    /// linears of a pre-quantized bitsandbytes checkpoint stay 4-bit).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(dir, device, &LoadOptions::default())
+    }
+
+    /// Loads a checkpoint folder, quantizing the linear weights at load if `opts` says so.
+    pub fn load_with(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
         let config = ModelConfig::load(&dir.join("config.json"))?;
+        if opts.quantize.is_some() && config.quantization.is_some() {
+            return Err(Error::Msg(format!(
+                "{}: the checkpoint is 4-bit quantized already (quantization_config in config.json); drop --quantize",
+                dir.display()
+            )));
+        }
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(config, &ckpt, device)
+        Self::from_checkpoint_with(config, &ckpt, device, opts)
     }
 
     pub fn from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        Self::from_checkpoint_with(config, ckpt, device, &LoadOptions::default())
+    }
+
+    /// Builds the model from an open checkpoint. Linear weights stored 4-bit in the
+    /// bitsandbytes layout are kept packed; with `opts.quantize` each dense linear weight is
+    /// quantized as soon as it is read, so the dense copy of one weight at most is resident.
+    pub fn from_checkpoint_with(
+        config: ModelConfig,
+        ckpt: &Checkpoint,
+        device: &Device,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let dtype = DType::F32;
         let h = config.hidden_size;
         let embed = ckpt.load(EMBED, &[config.vocab_size, h], dtype, device)?;
@@ -245,13 +319,24 @@ impl Llama {
             let mut projs = Vec::with_capacity(7);
             for ((key, has_bias), (out_f, in_f)) in keys.iter().zip(shapes) {
                 let name = format!("{prefix}.{key}");
-                let weight = ckpt.load(&format!("{name}.weight"), &[out_f, in_f], dtype, device)?;
+                let weight_name = format!("{name}.weight");
                 let bias = if *has_bias {
                     Some(ckpt.load(&format!("{name}.bias"), &[out_f], dtype, device)?)
                 } else {
                     None
                 };
-                projs.push(Proj { name, linear: AdaptedLinear::new(weight, bias) });
+                let linear = if ckpt.is_quantized(&weight_name) {
+                    let q = ckpt.load_quantized(&weight_name, &[out_f, in_f])?;
+                    AdaptedLinear::new_quantized(std::sync::Arc::new(q), bias)?
+                } else {
+                    let weight = ckpt.load(&weight_name, &[out_f, in_f], dtype, device)?;
+                    let mut linear = AdaptedLinear::new(weight, bias);
+                    if let Some(spec) = &opts.quantize {
+                        linear.quantize(spec)?;
+                    }
+                    linear
+                };
+                projs.push(Proj { name, linear });
             }
             let [q, k, v, o, gate, up, down]: [Proj; 7] = projs.try_into().expect("seven projections");
             layers.push(Layer {
@@ -286,6 +371,54 @@ impl Llama {
 
     pub fn stored_dtype(&self) -> DType {
         self.stored_dtype
+    }
+
+    /// Whether any linear weight is 4-bit.
+    pub fn is_quantized(&self) -> bool {
+        self.layers.iter().flat_map(|l| l.projs()).any(|p| p.linear.is_quantized())
+    }
+
+    /// Resident memory of the decoder layers' linear weights.
+    pub fn linear_memory(&self) -> LinearMemory {
+        let mut m = LinearMemory::default();
+        for p in self.layers.iter().flat_map(|l| l.projs()) {
+            let base = p.linear.base();
+            let (n, b) = (base.numel(), base.resident_bytes());
+            m.params += n;
+            m.bytes += b;
+            if base.is_quantized() {
+                m.quantized_params += n;
+                m.quantized_bytes += b;
+            }
+        }
+        m
+    }
+
+    /// Quantizes every dense linear weight of the decoder layers to 4 bits (merged adapters
+    /// stay in the weights but can no longer be unmerged) and returns the error introduced.
+    pub fn quantize_linears(&mut self, spec: &QuantSpec) -> Result<QuantizeStats> {
+        let mut stats = QuantizeStats::default();
+        for layer in &mut self.layers {
+            for p in layer.projs_mut() {
+                stats.add(&p.linear.quantize(spec)?);
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Replaces every 4-bit linear weight with its dequantized dense weight (for writing a
+    /// full-precision checkpoint).
+    pub fn dequantize_linears(&mut self) -> Result<()> {
+        let device = self.device().clone();
+        for layer in &mut self.layers {
+            for p in layer.projs_mut() {
+                if p.linear.is_quantized() {
+                    let w = p.linear.base().to_dense(&device)?;
+                    p.linear.set_weight(w)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every linear layer adapters can attach to, with its module key and shape.
@@ -351,6 +484,11 @@ impl Llama {
     /// returned under its transformers name; the model then computes with the `Var`s' tensors,
     /// so updates through `Var::set` are seen by the next forward.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        if self.is_quantized() {
+            return Err(Error::Msg(
+                "full fine-tuning needs dense weights; a 4-bit base trains adapters only (LoRA/DoRA)".into(),
+            ));
+        }
         let mut out = Vec::new();
         let mut var = |name: String, t: &mut Tensor| -> Result<()> {
             let v = Var::from_tensor(t)?;
@@ -364,7 +502,7 @@ impl Llama {
             var(format!("{prefix}.input_layernorm.weight"), &mut layer.input_norm)?;
             var(format!("{prefix}.post_attention_layernorm.weight"), &mut layer.post_norm)?;
             for p in layer.projs_mut() {
-                let mut w = p.linear.weight().clone();
+                let mut w = p.linear.weight()?.clone();
                 var(format!("{}.weight", p.name), &mut w)?;
                 p.linear.set_weight(w)?;
                 if let Some(b) = p.linear.bias() {
@@ -402,10 +540,6 @@ impl Llama {
             }
             None => self.rope.tables(0, seq)?,
         };
-        let mask = match mask {
-            Some(m) => m,
-            None => causal_mask(seq, 0, self.config.sliding_window, self.device())?,
-        };
         Ok(TrainContext { tables, mask, dropout_seed })
     }
 
@@ -423,7 +557,7 @@ impl Llama {
             .ok_or_else(|| Error::Msg(format!("layer {index} out of range")))?;
         // Each layer draws its own dropout masks.
         let seed = ctx.dropout_seed.map(|s| mix_seed(s, &format!("layer{index}")));
-        self.layer_forward_impl(index, layer, x, &ctx.tables, Some(&ctx.mask), None, adapters, seed)
+        self.layer_forward_impl(index, layer, x, &ctx.tables, ctx.mask.as_ref(), None, adapters, seed)
     }
 
     /// The final RMSNorm.
@@ -457,13 +591,36 @@ impl Llama {
             .prefix(".lowrank-ckpt-")
             .tempdir_in(&parent)
             .map_err(|e| Error::io(&parent, e))?;
-        let weights = self.named_weights()?;
-        lowrank_core::files::write_safetensors(&staging.path().join("model.safetensors"), &weights)?;
+        let quantized = self.is_quantized();
+        if quantized {
+            let ckpt = self.bnb_checkpoint()?;
+            let path = staging.path().join("model.safetensors");
+            ckpt.write(&path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        } else {
+            let weights = self.named_weights()?;
+            lowrank_core::files::write_safetensors(&staging.path().join("model.safetensors"), &weights)?;
+        }
         for name in COPIED_FILES {
             let src = base_dir.join(name);
-            if src.exists() {
-                std::fs::copy(&src, staging.path().join(name)).map_err(|e| Error::io(&src, e))?;
+            if !src.exists() {
+                continue;
             }
+            // config.json says whether (and how) the weights are 4-bit: rewritten when that
+            // differs from the base's.
+            if *name == "config.json" && (quantized || self.config.quantization.is_some()) {
+                let mut cfg = self.config.raw.clone();
+                if let Some(obj) = cfg.as_object_mut() {
+                    obj.remove("quantization_config");
+                }
+                if let Some(qc) = self.quantization_config() {
+                    qc.insert_into(&mut cfg).map_err(|e| Error::Msg(e.to_string()))?;
+                }
+                let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))? + "\n";
+                let dest = staging.path().join(name);
+                std::fs::write(&dest, text).map_err(|e| Error::io(&dest, e))?;
+                continue;
+            }
+            std::fs::copy(&src, staging.path().join(name)).map_err(|e| Error::io(&src, e))?;
         }
         if out.exists() {
             // An existing (empty) folder: move the files in.
@@ -488,18 +645,18 @@ impl Llama {
     pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, adapters: &[ActiveAdapter]) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let device = self.device();
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, self.config.hidden_size))?;
         let tables = self.rope.tables(past, seq)?;
-        let mask = if seq > 1 || self.config.sliding_window.is_some() {
-            Some(causal_mask(seq, past, self.config.sliding_window, device)?)
-        } else {
-            None
-        };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, &tables, mask.as_ref(), cache.as_deref_mut(), adapters)?;
+            // No mask: causal (and windowed) attention, done by the fused kernel.
+            x = self.layer_forward(i, layer, &x, &tables, None, cache.as_deref_mut(), adapters)?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The output head's weight (vocab × hidden): lm_head, or the embedding when tied.
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -554,29 +711,80 @@ impl Llama {
             None => (k, v),
         };
         let total = k.dim(2)?;
-
-        // Grouped-query attention without copying K/V: the `group` query heads that share a
-        // key/value head are stacked along the sequence axis.
-        let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-        let scores = match mask {
-            Some(mask) => scores.reshape((batch, kv_heads, group, seq, total))?.broadcast_add(mask)?,
-            None => scores,
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let attn = match mask {
+            // Causal (with a sliding window for Mistral): the fused, tiled kernel.
+            None => lowrank_kernels::causal_attention(&q, &k, &v, scale as f32, total - seq, c.sliding_window)?,
+            // Packed rows bring their own mask: the composed path. Grouped-query attention
+            // without copying K/V: the `group` query heads that share a key/value head are
+            // stacked along the sequence axis.
+            Some(mask) => {
+                let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                let scores = scores.reshape((batch, kv_heads, group, seq, total))?.broadcast_add(mask)?;
+                let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((batch, kv_heads, group * seq, total))?;
+                probs.matmul(&v)?.reshape((batch, heads, seq, head_dim))?
+            }
         };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((batch, kv_heads, group * seq, total))?;
-        let attn = probs.matmul(&v)?.reshape((batch, heads, seq, head_dim))?;
         let attn = attn.transpose(1, 2)?.reshape((batch, seq, heads * head_dim))?;
         let x = (x + proj(&layer.o, &attn, 3)?)?;
 
         let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-        let gate = proj(&layer.gate, &normed, 4)?.silu()?;
+        let gate = proj(&layer.gate, &normed, 4)?;
         let up = proj(&layer.up, &normed, 5)?;
-        let mlp = proj(&layer.down, &(gate * up)?, 6)?;
+        let mlp = proj(&layer.down, &lowrank_kernels::swiglu(&gate, &up)?, 6)?;
         Ok((x + mlp)?)
     }
 
+    /// The `quantization_config` describing this model's 4-bit weights (from the first one:
+    /// quant type and double quantization), or `None` when no weight is 4-bit.
+    pub fn quantization_config(&self) -> Option<lowrank_quant::QuantizationConfig> {
+        let q = self.layers.iter().flat_map(|l| l.projs()).find_map(|p| p.linear.base().as_quantized())?;
+        let mut qc = lowrank_quant::QuantizationConfig::for_4bit(q.kind(), q.is_double_quant(), "float32");
+        if let Some(old) = &self.config.quantization {
+            // Keep what the base said beyond the fields that describe the tensors.
+            qc.bnb_4bit_compute_dtype = old.bnb_4bit_compute_dtype.clone();
+            qc.llm_int8_skip_modules = old.llm_int8_skip_modules.clone();
+            qc.extra = old.extra.clone();
+        }
+        Some(qc)
+    }
+
+    /// Every weight for a bitsandbytes-layout checkpoint: the 4-bit linears as packed weights,
+    /// the rest in the stored dtype, under transformers' names.
+    pub fn bnb_checkpoint(&self) -> Result<lowrank_quant::BnbCheckpoint> {
+        let dtype = self.stored_dtype;
+        let mut ck = lowrank_quant::BnbCheckpoint::default();
+        ck.tensors.insert(EMBED.to_string(), self.embed.to_dtype(dtype)?);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            ck.tensors.insert(format!("{prefix}.input_layernorm.weight"), layer.input_norm.to_dtype(dtype)?);
+            ck.tensors.insert(format!("{prefix}.post_attention_layernorm.weight"), layer.post_norm.to_dtype(dtype)?);
+            for p in layer.projs() {
+                let name = format!("{}.weight", p.name);
+                match p.linear.base() {
+                    lowrank_core::BaseWeight::Quantized(q) => {
+                        ck.quantized.insert(name, q.as_ref().clone());
+                    }
+                    lowrank_core::BaseWeight::Dense(w) => {
+                        ck.tensors.insert(name, w.to_dtype(dtype)?);
+                    }
+                }
+                if let Some(b) = p.linear.bias() {
+                    ck.tensors.insert(format!("{}.bias", p.name), b.to_dtype(dtype)?);
+                }
+            }
+        }
+        ck.tensors.insert(NORM.to_string(), self.norm.to_dtype(dtype)?);
+        if let Some(head) = &self.lm_head {
+            ck.tensors.insert(LM_HEAD.to_string(), head.to_dtype(dtype)?);
+        }
+        Ok(ck)
+    }
+
     /// Every weight under its transformers name, in the checkpoint's stored dtype (merged
-    /// adapters included), for writing a checkpoint.
+    /// adapters included), for writing a checkpoint. An error for a model with 4-bit linears
+    /// (see [`Self::bnb_checkpoint`]).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let dtype = self.stored_dtype;
         let mut out = vec![(EMBED.to_string(), self.embed.to_dtype(dtype)?)];
@@ -585,7 +793,7 @@ impl Llama {
             out.push((format!("{prefix}.input_layernorm.weight"), layer.input_norm.to_dtype(dtype)?));
             out.push((format!("{prefix}.post_attention_layernorm.weight"), layer.post_norm.to_dtype(dtype)?));
             for p in layer.projs() {
-                out.push((format!("{}.weight", p.name), p.linear.weight().to_dtype(dtype)?));
+                out.push((format!("{}.weight", p.name), p.linear.weight()?.to_dtype(dtype)?));
                 if let Some(b) = p.linear.bias() {
                     out.push((format!("{}.bias", p.name), b.to_dtype(dtype)?));
                 }

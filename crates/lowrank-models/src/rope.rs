@@ -100,14 +100,10 @@ impl Rope {
 }
 
 impl RopeTables {
-    /// Rotates x of shape (batch, heads, seq, head_dim): x·cos + rotate_half(x)·sin.
+    /// Rotates x of shape (batch, heads, seq, head_dim): x·cos + rotate_half(x)·sin, with
+    /// the fused kernel (hand-written backward to x).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let dim = x.dim(D::Minus1)?;
-        let half = dim / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?)
+        Ok(lowrank_kernels::rope(x, &self.cos, &self.sin)?)
     }
 }
 

@@ -146,13 +146,12 @@ impl Engine {
             return Err(SubmitError::QueueFull);
         }
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        match jobs.as_ref().map(|tx| tx.send(req)) {
-            Some(Ok(())) => Ok(()),
-            _ => {
-                self.pending.fetch_sub(1, Ordering::SeqCst);
-                Err(SubmitError::ShuttingDown)
-            }
+        let sent = jobs.as_ref().is_some_and(|tx| tx.send(req).is_ok());
+        if !sent {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::ShuttingDown);
         }
+        Ok(())
     }
 
     /// Stops taking requests, lets the running and queued ones finish, and waits for the thread.
@@ -382,7 +381,7 @@ impl Worker {
                 done.push((*i, reason));
             }
         }
-        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, finish_reason) in done {
             let s = self.running.swap_remove(i);
             self.release(&s, Outcome::Finished);

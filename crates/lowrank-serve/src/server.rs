@@ -593,6 +593,9 @@ pub struct ServeOptions {
     /// Serve this adapter merged into the base (single tenant, base speed).
     pub merge: Option<String>,
     pub served_model_name: Option<String>,
+    /// Quantize the base's linear weights to 4 bits at load (a pre-quantized checkpoint is
+    /// served 4-bit without it).
+    pub quantize: Option<lowrank_core::QuantSpec>,
 }
 
 /// Loads the model and builds the shared state.
@@ -600,7 +603,14 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     let device = candle_core::Device::Cpu;
     let dir =
         lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(|e| e.to_string())?;
-    let mut model = lowrank_models::Llama::load(&dir, &device).map_err(|e| e.to_string())?;
+    let load = lowrank_models::LoadOptions {
+        quantize: opts.quantize,
+    };
+    let mut model =
+        lowrank_models::Llama::load_with(&dir, &device, &load).map_err(|e| e.to_string())?;
+    if model.is_quantized() {
+        eprintln!("{}", model.linear_memory().summary());
+    }
     let tokenizer = Arc::new(Tokenizer::load(&dir).map_err(|e| e.to_string())?);
     let stop_ids = lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer)
         .map_err(|e| e.to_string())?;

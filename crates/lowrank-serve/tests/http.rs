@@ -53,6 +53,7 @@ fn options(adapters: &Path) -> ServeOptions {
         allow_any_adapter_path: false,
         merge: None,
         served_model_name: Some("base".into()),
+        quantize: None,
     }
 }
 
@@ -278,12 +279,12 @@ async fn adapters_load_unload_and_replace_while_requests_run() {
             server
                 .post(
                     "/v1/completions",
-                    completion("tenant-lora", "The quick cat", 200),
+                    completion("tenant-lora", "The quick cat", 240),
                 )
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.wait_running(1).await;
     // Replace tenant-lora by the DoRA adapter and add a new id, while the long request runs.
     let (s, b) = server
         .post(
@@ -315,7 +316,7 @@ async fn adapters_load_unload_and_replace_while_requests_run() {
     assert_eq!(s, 200);
     assert_eq!(
         b["choices"][0]["text"],
-        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 200)
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 240)
     );
     let (s, _) = server
         .post("/v1/unload_lora_adapter", json!({"lora_name": "extra"}))
@@ -558,11 +559,11 @@ async fn a_full_queue_answers_429() {
         let server = server.clone();
         tokio::spawn(async move {
             server
-                .post("/v1/completions", completion("base", "The quick cat", 200))
+                .post("/v1/completions", completion("base", "The quick cat", 240))
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.wait_running(1).await;
     let (s, b) = server
         .post("/v1/completions", completion("base", "x", 2))
         .await;

@@ -23,7 +23,7 @@ fn uniform(rng: &mut StdRng, n: usize, bound: f64) -> Vec<f32> {
         .collect()
 }
 
-fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+pub(crate) fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
     // Box–Muller.
     (0..n)
         .map(|_| {

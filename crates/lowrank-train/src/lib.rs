@@ -3,8 +3,10 @@
 //!
 //! One module per job: [`data`] (JSONL formats, loss masks, batches), [`optim`] (SGD, AdamW),
 //! [`schedule`] (learning-rate schedules), [`init`] (adapter initialisations as PEFT does them),
-//! [`trainer`] (the loop, checkpoints, resume), [`plot`] (loss.svg), [`memory`] (RSS, estimate).
+//! [`trainer`] (the loop, checkpoints, resume), [`plot`] (loss.svg), [`memory`] (RSS, estimate),
+//! [`adalora`] (AdaLoRA: trainable P·Λ·Q, orthogonality regularizer, rank allocation, rank report).
 
+pub mod adalora;
 pub mod data;
 pub mod init;
 pub mod memory;
@@ -58,8 +60,41 @@ named_enum!(
         Dora = "dora",
         /// Every weight of the model (the baseline LoRA is measured against).
         Full = "full",
+        /// AdaLoRA (Zhang et al. 2023): ΔW = P·Λ·Q whose singular values are masked down to
+        /// a rank budget by learned importance (PEFT's `AdaLoraModel`).
+        Adalora = "adalora",
     }
 );
+
+named_enum!(
+    /// The 4-bit code of a quantized base (bitsandbytes' `bnb_4bit_quant_type`).
+    QuantKind, "quant type", {
+        /// NormalFloat4: quantiles of N(0, 1), for normally distributed weights.
+        Nf4 = "nf4",
+        /// 4-bit float (1 sign, 2 exponent, 1 mantissa bits).
+        Fp4 = "fp4",
+    }
+);
+
+/// `--quantize nf4|fp4 [--double-quant] [--block-size N]`: train adapters over a 4-bit base
+/// (every linear weight of the decoder layers quantized at load, as QLoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantizeOptions {
+    pub quant_type: QuantKind,
+    pub double_quant: bool,
+    pub block_size: usize,
+}
+
+impl QuantizeOptions {
+    /// The checked spec (block size a power of two in 32..=4096).
+    pub fn spec(&self) -> lowrank_core::Result<lowrank_core::QuantSpec> {
+        let kind = match self.quant_type {
+            QuantKind::Nf4 => lowrank_quant::QuantType::Nf4,
+            QuantKind::Fp4 => lowrank_quant::QuantType::Fp4,
+        };
+        lowrank_core::QuantSpec::new(kind, self.double_quant, self.block_size)
+    }
+}
 
 named_enum!(
     /// How new adapter tensors start (PEFT's `init_lora_weights`).
@@ -99,6 +134,9 @@ named_enum!(
 pub struct TrainOptions {
     /// Model folder or repo id in the local HF cache.
     pub model: String,
+    /// Quantize the base's linear weights to 4 bits at load (QLoRA).
+    #[serde(default)]
+    pub quantize: Option<QuantizeOptions>,
     /// Training data, JSONL: `{"text"}`, `{"prompt","completion"}` or `{"messages":[...]}`.
     pub data: PathBuf,
     /// Output folder: adapter (or full checkpoint), training_log.jsonl, loss.svg, checkpoints.
@@ -153,12 +191,53 @@ pub struct TrainOptions {
     /// `resume`.
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// `--method adalora`'s rank budget schedule and regularizer (PEFT's `AdaLoraConfig`).
+    #[serde(default)]
+    pub adalora: AdaloraOptions,
+}
+
+/// AdaLoRA's options; the total step count is the run's. Defaults are PEFT's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdaloraOptions {
+    /// Initial rank of every module (`init_r`).
+    pub init_rank: usize,
+    /// Target average rank (`target_r`): the final budget is target_rank × modules.
+    pub target_rank: usize,
+    /// Warmup steps at the full budget (`tinit`).
+    pub tinit: usize,
+    /// Final steps with the pattern frozen (`tfinal`).
+    pub tfinal: usize,
+    /// Steps between two maskings (`deltaT`).
+    pub delta_t: usize,
+    /// EMA coefficient of the sensitivity.
+    pub beta1: f64,
+    /// EMA coefficient of the uncertainty.
+    pub beta2: f64,
+    /// Weight of the orthogonality regularizer added to the loss.
+    pub orth_reg_weight: f64,
+}
+
+impl Default for AdaloraOptions {
+    fn default() -> Self {
+        AdaloraOptions {
+            init_rank: 12,
+            target_rank: 8,
+            tinit: 0,
+            tfinal: 0,
+            delta_t: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            orth_reg_weight: 0.5,
+        }
+    }
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             model: String::new(),
+            quantize: None,
             data: PathBuf::new(),
             out: PathBuf::from("out"),
             eval_data: None,
@@ -193,6 +272,7 @@ impl Default for TrainOptions {
             resume: None,
             quiet: false,
             stop_after: None,
+            adalora: AdaloraOptions::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use lowrank_core::lora::{
     LoraAdapter, LoraConfig, LoraModule, LoraVariant, ALL_LINEAR, PEFT_PREFIX,
 };
@@ -42,9 +42,20 @@ pub struct Trainable {
     pub adapter: Option<LoraAdapter>,
     /// PiSSA/OLoRA: each module's initial (A₀, B₀), subtracted when saving a plain LoRA adapter.
     pub initial: Option<BTreeMap<String, (Tensor, Tensor)>>,
+    /// `--method adalora`: the A/E/B bookkeeping, regularizer and rank allocator.
+    pub adalora: Option<crate::adalora::AdaloraTraining>,
 }
 
 impl Trainable {
+    /// Rebuilds `adapter` from the `Var`s where it is a product of them (AdaLoRA's a = A ⊙ E):
+    /// call after every update.
+    pub fn refresh(&mut self) -> Result<()> {
+        if let Some(ada) = &self.adalora {
+            self.adapter = Some(ada.forward_adapter(&self.vars)?);
+        }
+        Ok(())
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.vars.iter().map(|v| v.as_tensor().elem_count()).sum()
     }
@@ -198,6 +209,33 @@ fn validate(o: &TrainOptions) -> Result<()> {
             "PiSSA/OLoRA with DoRA cannot be saved as an adapter for the original base (PEFT's conversion drops the magnitude); use --method lora",
         ));
     }
+    if o.method == Method::Adalora {
+        let a = &o.adalora;
+        if a.init_rank == 0 || a.target_rank > a.init_rank {
+            return Err(bad(
+                "init_rank",
+                format!(
+                    "need 1 ≤ --target-rank ≤ --init-rank, found {} and {}",
+                    a.target_rank, a.init_rank
+                ),
+            ));
+        }
+        if a.delta_t == 0 {
+            return Err(bad("delta_t", "must be at least 1"));
+        }
+        if !(a.beta1 > 0.0 && a.beta1 < 1.0 && a.beta2 > 0.0 && a.beta2 < 1.0) {
+            return Err(bad(
+                "beta1",
+                format!(
+                    "--beta1 and --beta2 must be in (0, 1), found {} and {}",
+                    a.beta1, a.beta2
+                ),
+            ));
+        }
+        if a.orth_reg_weight.is_nan() || a.orth_reg_weight < 0.0 {
+            return Err(bad("orth_reg_weight", "must be ≥ 0"));
+        }
+    }
     if o.eval_data.is_some() && o.eval_split.is_some() {
         return Err(bad(
             "eval_split",
@@ -228,7 +266,11 @@ pub fn setup_trainable(model: &mut Llama, o: &TrainOptions) -> Result<Trainable>
             decay,
             adapter: None,
             initial: None,
+            adalora: None,
         });
+    }
+    if o.method == Method::Adalora {
+        return crate::adalora::setup_trainable(model, o);
     }
     let want = if o.method == Method::Dora {
         LoraVariant::Dora
@@ -265,7 +307,19 @@ pub fn setup_trainable(model: &mut Llama, o: &TrainOptions) -> Result<Trainable>
                 if !config.targets_module(&linear.name) {
                     continue;
                 }
-                let weight = model.linear(&linear.name).expect("listed").weight().clone();
+                let lin = model.linear(&linear.name).expect("listed");
+                if lin.is_quantized() && matches!(o.init, Init::Pissa | Init::Olora) {
+                    return Err(bad(
+                        "init",
+                        format!(
+                            "{} rewrites the base weights; it needs a dense base, not a 4-bit one",
+                            o.init
+                        ),
+                    ));
+                }
+                // A 4-bit base: this one layer dequantized for the initialisation only (DoRA's
+                // magnitude ‖W‖ is taken over the dequantized weight, as PEFT does).
+                let weight = lin.base().to_dense(model.device())?;
                 let scale = config.scale_for(&linear.name);
                 let init = crate::init::init_module(
                     o.init,
@@ -333,22 +387,25 @@ pub fn setup_trainable(model: &mut Llama, o: &TrainOptions) -> Result<Trainable>
             modules: trainable_modules,
         }),
         initial,
+        adalora: None,
     })
 }
 
 /// Summed NLL over the batch's loss tokens from final hidden states (batch, seq, hidden): only
-/// the predicting positions go through the head.
+/// the predicting positions go through the head, in vocabulary chunks (the fused kernel keeps
+/// no logits for backward).
 pub fn head_nll(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
     let picked = hidden
         .reshape((b * t, h))?
         .index_select(&batch.predict_at, 0)?;
-    let logits = model.logits(&picked)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let nll = logp
-        .gather(&batch.labels.unsqueeze(1)?, 1)?
-        .sum_all()?
-        .neg()?;
+    // Every picked row predicts a label: nothing to ignore.
+    let (nll, _) = lowrank_kernels::chunked_cross_entropy(
+        &picked,
+        model.head_weight(),
+        &batch.labels,
+        u32::MAX,
+    )?;
     Ok(nll)
 }
 
@@ -543,7 +600,10 @@ fn save_checkpoint(
     if !state.is_empty() {
         lowrank_core::files::write_safetensors(&staging.path().join(OPTIMIZER_FILE), &state)?;
     }
-    if let Some(adapter) = t.export_adapter()? {
+    if let Some(ada) = &t.adalora {
+        ada.export(&t.vars)?.save(staging.path())?;
+        ada.save_state(staging.path())?;
+    } else if let Some(adapter) = t.export_adapter()? {
         adapter.save(staging.path())?;
     }
     let info = json!({"step": step, "optimizer_steps": opt.t, "options": o});
@@ -553,6 +613,15 @@ fn save_checkpoint(
     }
     std::fs::rename(staging.keep(), &dest).map_err(|e| Error::io(&dest, e))?;
     Ok(dest)
+}
+
+/// The adapters a forward applies now (rebuilt after each update by `Trainable::refresh`).
+fn active_of(t: &Trainable) -> Vec<ActiveAdapter<'_>> {
+    t.adapter
+        .as_ref()
+        .map(ActiveAdapter::new)
+        .into_iter()
+        .collect()
 }
 
 /// Appends JSON lines to training_log.jsonl, one write per line.
@@ -586,7 +655,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     validate(o)?;
     let dir = lowrank_models::checkpoint::resolve_model_dir(&o.model)?;
     let device = Device::Cpu;
-    let mut model = Llama::load(&dir, &device)?;
+    let load = lowrank_models::LoadOptions {
+        quantize: o.quantize.map(|q| q.spec()).transpose()?,
+    };
+    let mut model = Llama::load_with(&dir, &device, &load)?;
+    if model.is_quantized() {
+        say(o, &model.linear_memory().summary());
+    }
     let tokenizer = Tokenizer::load(&dir)?;
 
     // Data.
@@ -637,7 +712,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         Some(evaluate(&model, &[], &eval_ex, o.batch_size)?)
     };
 
-    let trainable = setup_trainable(&mut model, o)?;
+    let mut trainable = setup_trainable(&mut model, o)?;
     let mut optimizer =
         Optimizer::new(o.optimizer, &trainable.vars, o.weight_decay, o.betas, o.eps)?;
     let mut start_step = 0;
@@ -726,6 +801,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             .map(|e| plan_epoch(e).len().div_ceil(o.grad_accum))
             .sum(),
     };
+    if let Some(ada) = trainable.adalora.as_mut() {
+        ada.start(&trainable.vars, total_steps)?;
+        if let Some(ckpt) = &resume_from {
+            ada.load_state(ckpt)?;
+        }
+        trainable.refresh()?;
+    }
 
     let model_parameters = model.config().num_parameters();
     let n_train = trainable.num_parameters();
@@ -768,8 +850,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         ),
     );
 
-    let adapter_ref = trainable.adapter.as_ref();
-    let active: Vec<ActiveAdapter> = adapter_ref.map(ActiveAdapter::new).into_iter().collect();
     let mut eval_points: Vec<(usize, f64)> = kept_log
         .iter()
         .filter_map(|v| {
@@ -784,7 +864,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         .filter_map(|v| Some((v.get("step")?.as_u64()? as usize, v.get("loss")?.as_f64()?)))
         .collect();
     if start_step == 0 && !eval_ex.is_empty() {
-        let l = evaluate(&model, &active, &eval_ex, o.batch_size)?;
+        let l = evaluate(&model, &active_of(&trainable), &eval_ex, o.batch_size)?;
         log.write(&json!({"step": 0, "eval_loss": l, "base_eval_loss": base_eval_loss}))?;
         eval_points.push((0, l));
     }
@@ -830,6 +910,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let step_tokens: usize = batches.iter().map(|b| b.loss_tokens).sum();
             let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
             let mut acc: Vec<Option<Tensor>> = vec![None; trainable.vars.len()];
+            let active = active_of(&trainable);
             let mut nll = 0.0;
             for (m, batch) in batches.iter().enumerate() {
                 let seed = mix(mix(o.seed, step as u64), m as u64);
@@ -844,7 +925,20 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                     o.grad_checkpoint,
                 )?;
             }
-            let loss = nll / step_tokens as f64;
+            let mut loss = nll / step_tokens as f64;
+            // AdaLoRA: + w·R(A, B), R the mean ‖AAᵀ − I‖_F, ‖BᵀB − I‖_F (PEFT adds it to the loss).
+            let mut orth_reg = None;
+            if let Some(ada) = &trainable.adalora {
+                let w = ada.config.schedule.orth_reg_weight;
+                let reg = ada.orth_reg(&trainable.vars)?;
+                if w > 0.0 {
+                    let store = (&reg * w)?.backward()?;
+                    add_grads(&mut acc, &trainable.vars, &store)?;
+                }
+                let r = to_f64(&reg.detach())?;
+                loss += w * r;
+                orth_reg = Some((nll / step_tokens as f64, r));
+            }
             let nan_stop = |what: &str, value: f64| {
                 let keep = match &last_checkpoint {
                     Some(p) => format!("the last good checkpoint is {}", p.display()),
@@ -871,6 +965,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             }
             let lr = schedule::lr_at(o.lr_schedule, o.lr, o.warmup_steps, total_steps, step);
             optimizer.step(&trainable.vars, &grads, &trainable.decay, lr)?;
+            // AdaLoRA: PEFT's update_and_allocate after optimizer.step(), before zero_grad.
+            let allocation = match trainable.adalora.as_mut() {
+                Some(ada) => Some(ada.after_step(step, &trainable.vars, &grads)?),
+                None => None,
+            };
+            trainable.refresh()?;
             let secs = t0.elapsed().as_secs_f64();
             let tokens_per_s = input_tokens as f64 / secs.max(1e-9);
             let line = json!({
@@ -884,6 +984,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 "peak_rss_mb": memory::peak_rss_mb(),
                 "elapsed_s": started.elapsed().as_secs_f64(),
             });
+            let mut line = line;
+            if let (Some((nll_loss, reg)), Some(a)) = (orth_reg, &allocation) {
+                line["nll"] = json!(nll_loss);
+                line["orth_reg"] = json!(reg);
+                line["budget"] = json!(a.budget);
+                if let Some(mask) = &a.mask {
+                    line["kept_rank"] = json!(mask.values().flatten().filter(|k| **k).count());
+                }
+            }
             log.write(&line)?;
             losses.push(loss);
             train_points.push((step, loss));
@@ -899,7 +1008,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 && o.eval_every.is_some_and(|n| step % n == 0)
                 && step != total_steps
             {
-                let l = evaluate(&model, &active, &eval_ex, o.batch_size)?;
+                let l = evaluate(&model, &active_of(&trainable), &eval_ex, o.batch_size)?;
                 log.write(&json!({"step": step, "eval_loss": l}))?;
                 eval_points.push((step, l));
             }
@@ -910,13 +1019,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let eval_loss = if eval_ex.is_empty() || interrupted {
         None
     } else {
-        let l = evaluate(&model, &active, &eval_ex, o.batch_size)?;
+        let l = evaluate(&model, &active_of(&trainable), &eval_ex, o.batch_size)?;
         log.write(&json!({"step": step, "eval_loss": l}))?;
         eval_points.push((step, l));
         Some(l)
     };
     plot::loss_svg(&o.out.join(PLOT_FILE), &train_points, &eval_points)?;
-    if !interrupted {
+    if let (false, Some(ada)) = (interrupted, &trainable.adalora) {
+        let table = ada.finish(&trainable.vars, &o.out)?;
+        say(o, &table);
+    } else if !interrupted {
         match trainable.export_adapter()? {
             Some(adapter) => adapter.save(&o.out)?,
             None => model.save_pretrained(&dir, &o.out)?,

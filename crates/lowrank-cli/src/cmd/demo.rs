@@ -31,7 +31,11 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(spec) = &args.train_child {
         return child_main(spec);
     }
-    let mut config = if args.quick { DemoConfig::quick() } else { DemoConfig::standard() };
+    let mut config = if args.quick {
+        DemoConfig::quick()
+    } else {
+        DemoConfig::standard()
+    };
     config.seed = args.seed;
     config.verbose = args.verbose;
     let progress = Progress::new(false);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use lowrank_models::generate::sequence_nll;
 
-use super::{activate, load_adapters, load_model, read_jsonl, AdapterSpec};
+use super::{activate, load_adapters, load_model_with, read_jsonl, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,10 +24,12 @@ pub struct Args {
     /// Truncate each sequence to its first N tokens.
     #[arg(long)]
     max_len: Option<usize>,
+    #[command(flatten)]
+    quant: QuantArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut loaded = load_model(&args.model)?;
+    let mut loaded = load_model_with(&args.model, &args.quant)?;
     let adapters = load_adapters(&loaded.model, &args.adapter)?;
     if args.merge && adapters.is_empty() {
         bail!("--merge needs an --adapter");

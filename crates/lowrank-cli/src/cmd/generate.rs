@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use lowrank_models::generate::{generate, Sampler, SamplingParams};
 use lowrank_models::Message;
 
-use super::{activate, load_adapters, load_model, AdapterSpec};
+use super::{activate, load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,6 +38,8 @@ pub struct Args {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    quant: QuantArgs,
 }
 
 /// Prints decoded text as tokens arrive, holding back a partial UTF-8 character.
@@ -63,7 +65,7 @@ impl StreamPrinter<'_> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut loaded = load_model(&args.model)?;
+    let mut loaded = load_model_with(&args.model, &args.quant)?;
     let adapters = load_adapters(&loaded.model, &args.adapter)?;
     let active = activate(&mut loaded.model, &adapters, args.merge)?;
     let prompt = if args.chat {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use lowrank_core::adalora::{is_adalora_dir, AdaloraAdapter};
 use lowrank_core::lora::{LoraAdapter, LoraVariant, CONFIG_FILE, WEIGHTS_FILE};
 use lowrank_models::ModelConfig;
 use serde::Serialize;
@@ -23,12 +24,16 @@ pub struct Args {
 #[derive(Serialize)]
 struct ModuleReport {
     module: String,
+    /// AdaLoRA: the kept rank (its `rank_pattern`).
     rank: usize,
+    /// AdaLoRA: the initial rank (`init_r`) the rank was allocated from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    initial_rank: Option<usize>,
     alpha: f64,
     scale: f64,
     out_features: usize,
     in_features: usize,
-    /// r·(d+k), plus d for DoRA's magnitude.
+    /// r·(d+k), plus d for DoRA's magnitude; AdaLoRA: r·(d+k+1) of the kept rank.
     parameters: usize,
 }
 
@@ -46,6 +51,9 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if is_adalora_dir(&args.adapter) {
+        return run_adalora(args);
+    }
     let adapter = LoraAdapter::load_standalone(&args.adapter, &super::device())
         .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
     let config = &adapter.config;
@@ -55,6 +63,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|(name, m)| ModuleReport {
             module: name.clone(),
             rank: m.rank(),
+            initial_rank: None,
             alpha: config.alpha_for(name),
             scale: m.scale,
             out_features: m.b.dim(0).unwrap_or(0),
@@ -62,25 +71,68 @@ pub fn run(args: Args) -> Result<()> {
             parameters: m.num_parameters(),
         })
         .collect();
+    let method = match config.variant {
+        LoraVariant::Lora => "LoRA",
+        LoraVariant::Dora => "DoRA",
+    };
+    let trainable = adapter.num_parameters();
     let base_model = args.model.clone().or_else(|| config.base_model.clone());
+    print_report(
+        &args,
+        method,
+        config.use_rslora,
+        modules,
+        trainable,
+        base_model,
+    )
+}
+
+/// An AdaLoRA adapter: every module with its kept rank of the initial one.
+fn run_adalora(args: Args) -> Result<()> {
+    let adapter = AdaloraAdapter::load_standalone(&args.adapter, &super::device())
+        .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
+    let config = &adapter.config;
+    let modules: Vec<ModuleReport> = adapter
+        .modules
+        .iter()
+        .map(|(name, m)| ModuleReport {
+            module: name.clone(),
+            rank: config.rank_for(name),
+            initial_rank: Some(config.schedule.init_r),
+            alpha: config.alpha,
+            scale: config.scale(),
+            out_features: m.b.dim(0).unwrap_or(0),
+            in_features: m.a.dim(1).unwrap_or(0),
+            parameters: m.num_parameters(),
+        })
+        .collect();
+    let trainable = adapter.num_parameters();
+    let base_model = args.model.clone().or_else(|| config.base_model.clone());
+    print_report(&args, "AdaLoRA", false, modules, trainable, base_model)
+}
+
+fn print_report(
+    args: &Args,
+    method: &'static str,
+    use_rslora: bool,
+    modules: Vec<ModuleReport>,
+    trainable: usize,
+    base_model: Option<String>,
+) -> Result<()> {
     let base_parameters = base_model.as_deref().and_then(|spec| {
         let dir = lowrank_models::checkpoint::resolve_model_dir(spec).ok()?;
         ModelConfig::load(&dir.join("config.json"))
             .ok()
             .map(|c| c.num_parameters())
     });
-    let trainable = adapter.num_parameters();
     let file_bytes = [CONFIG_FILE, WEIGHTS_FILE]
         .iter()
         .filter_map(|f| std::fs::metadata(args.adapter.join(f)).ok())
         .map(|m| m.len())
         .sum();
     let report = Report {
-        method: match config.variant {
-            LoraVariant::Lora => "LoRA",
-            LoraVariant::Dora => "DoRA",
-        },
-        use_rslora: config.use_rslora,
+        method,
+        use_rslora,
         trainable_parameters: trainable,
         share_percent: base_parameters.map(|b| 100.0 * trainable as f64 / b as f64),
         base_model,
@@ -108,9 +160,13 @@ pub fn run(args: Args) -> Result<()> {
     );
     for m in &report.modules {
         let shape = format!("{}x{}", m.out_features, m.in_features);
+        let rank = match m.initial_rank {
+            Some(init) => format!("{}/{init}", m.rank),
+            None => m.rank.to_string(),
+        };
         println!(
             "{:<44} {:>5} {:>8} {:>9.4} {:>11} {:>10}",
-            m.module, m.rank, m.alpha, m.scale, shape, m.parameters
+            m.module, rank, m.alpha, m.scale, shape, m.parameters
         );
     }
     print!("trainable parameters: {}", report.trainable_parameters);

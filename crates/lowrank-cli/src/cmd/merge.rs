@@ -1,11 +1,14 @@
 //! `lowrank merge`: W ← W + s·BA (DoRA: W ← m/‖W + s·BA‖·(W + s·BA)) written as a complete
-//! Hugging Face checkpoint folder in the base's dtype.
+//! Hugging Face checkpoint folder in the base's dtype. Over a 4-bit base (pre-quantized, or
+//! `--quantize`d at load) the base is dequantized and the result written in full precision,
+//! or with `--requantize` quantized again (bitsandbytes layout) with the error it introduced
+//! printed.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use super::{load_adapters, load_model, AdapterSpec};
+use super::{load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,25 +21,87 @@ pub struct Args {
     /// Output folder (created; must not hold a checkpoint already).
     #[arg(long)]
     out: PathBuf,
+    /// Write the merged weights 4-bit again (the base's quant type, double quantization and
+    /// block size, or those of --quantize) and print the quantization error introduced.
+    #[arg(long)]
+    requantize: bool,
+    #[command(flatten)]
+    quant: QuantArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut loaded = load_model(&args.model)?;
+    let mut loaded = load_model_with(&args.model, &args.quant)?;
     if args.out.join("model.safetensors").exists() || args.out.join("config.json").exists() {
-        bail!("{}: already holds a checkpoint; choose an empty folder", args.out.display());
+        bail!(
+            "{}: already holds a checkpoint; choose an empty folder",
+            args.out.display()
+        );
     }
+    // The 4-bit format to requantize to: that of the base's weights.
+    let requant = if args.requantize {
+        let first = loaded.model.linears().into_iter().find_map(|l| {
+            loaded
+                .model
+                .linear(&l.name)
+                .and_then(|x| x.base().as_quantized().cloned())
+        });
+        match first {
+            Some(q) => Some(lowrank_core::QuantSpec::new(
+                q.kind(),
+                q.is_double_quant(),
+                q.block_size(),
+            )?),
+            None => bail!(
+                "--requantize needs a 4-bit base: a pre-quantized checkpoint or --quantize nf4|fp4"
+            ),
+        }
+    } else {
+        None
+    };
     let adapters = load_adapters(&loaded.model, &args.adapter)?;
     for (i, (adapter, weight)) in adapters.iter().enumerate() {
-        loaded.model.merge_adapter(&format!("adapter{i}"), adapter, *weight)?;
+        loaded
+            .model
+            .merge_adapter(&format!("adapter{i}"), adapter, *weight)?;
+    }
+    match &requant {
+        Some(spec) => {
+            // Layers no adapter touched are still packed and are written as they were.
+            let stats = loaded.model.quantize_linears(spec)?;
+            eprintln!(
+                "requantized {} merged parameters to {}{}: relative error ‖W − q(W)‖/‖W‖ = {:.6}, rms {:.3e}, max |error| {:.3e}",
+                stats.numel,
+                spec.kind,
+                if spec.double_quant { " + double quant" } else { "" },
+                stats.relative_error(),
+                stats.rms_error(),
+                stats.max_abs_error
+            );
+            println!(
+                "{}",
+                serde_json::json!({
+                    "requantized_parameters": stats.numel,
+                    "relative_error": stats.relative_error(),
+                    "rms_error": stats.rms_error(),
+                    "max_abs_error": stats.max_abs_error,
+                })
+            );
+        }
+        None => loaded.model.dequantize_linears()?,
     }
     loaded.model.save_pretrained(&loaded.dir, &args.out)?;
-    let weights = loaded.model.named_weights()?;
-    let bytes: u64 = weights.iter().map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum();
+    let bytes: u64 = std::fs::metadata(args.out.join("model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(0);
     eprintln!(
-        "merged {} adapter(s) into {} ({:?}, {:.1} MB of weights)",
+        "merged {} adapter(s) into {} ({}, {:.1} MB of weights)",
         adapters.len(),
         args.out.display(),
-        loaded.model.stored_dtype(),
+        if requant.is_some() {
+            "4-bit".to_string()
+        } else {
+            format!("{:?}", loaded.model.stored_dtype())
+        },
         bytes as f64 / 1e6
     );
     Ok(())

@@ -49,6 +49,8 @@ pub struct Args {
     /// The base's model id in the API (default: the model folder's name, or the merged adapter's).
     #[arg(long)]
     served_model_name: Option<String>,
+    #[command(flatten)]
+    quant: super::QuantArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -72,6 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         allow_any_adapter_path: args.allow_any_adapter_path,
         merge: args.merge,
         served_model_name: args.served_model_name,
+        quantize: args.quant.spec()?,
     };
     let state = lowrank_serve::build_state(&opts).map_err(|e| anyhow!(e))?;
     let runtime = tokio::runtime::Runtime::new()?;

@@ -23,7 +23,7 @@ pub struct Args {
     /// Hold out this share of --data for eval (seeded).
     #[arg(long)]
     eval_split: Option<f64>,
-    /// lora, dora or full.
+    /// lora, dora, adalora or full.
     #[arg(long, default_value = "lora")]
     method: Method,
     #[arg(long, default_value_t = 16)]
@@ -99,6 +99,40 @@ pub struct Args {
     /// No progress bar or summary.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    quant: super::QuantArgs,
+    #[command(flatten)]
+    adalora: AdaloraArgs,
+}
+
+/// `--method adalora`: the rank budget schedule (PEFT's `AdaLoraConfig`; total steps are the
+/// run's). `--alpha`, `--targets` and `--dropout` apply as for LoRA; `--rank` is not used.
+#[derive(clap::Args)]
+struct AdaloraArgs {
+    /// AdaLoRA: initial rank of every adapted module (`init_r`).
+    #[arg(long, default_value_t = 12)]
+    init_rank: usize,
+    /// AdaLoRA: target average rank (`target_r`); the final budget is this × modules.
+    #[arg(long, default_value_t = 8)]
+    target_rank: usize,
+    /// AdaLoRA: warmup steps at the full budget.
+    #[arg(long, default_value_t = 0)]
+    tinit: usize,
+    /// AdaLoRA: final steps with the rank pattern frozen.
+    #[arg(long, default_value_t = 0)]
+    tfinal: usize,
+    /// AdaLoRA: steps between two maskings (`deltaT`).
+    #[arg(long, default_value_t = 1)]
+    delta_t: usize,
+    /// AdaLoRA: EMA coefficient of the importance (sensitivity).
+    #[arg(long, default_value_t = 0.85)]
+    beta1: f64,
+    /// AdaLoRA: EMA coefficient of the importance's uncertainty.
+    #[arg(long, default_value_t = 0.85)]
+    beta2: f64,
+    /// AdaLoRA: weight of the orthogonality regularizer added to the loss.
+    #[arg(long, default_value_t = 0.5)]
+    orth_reg_weight: f64,
 }
 
 fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
@@ -115,6 +149,17 @@ fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
 pub fn run(args: Args) -> Result<()> {
     let opts = TrainOptions {
         model: args.model,
+        quantize: args.quant.options(),
+        adalora: lowrank_train::AdaloraOptions {
+            init_rank: args.adalora.init_rank,
+            target_rank: args.adalora.target_rank,
+            tinit: args.adalora.tinit,
+            tfinal: args.adalora.tfinal,
+            delta_t: args.adalora.delta_t,
+            beta1: args.adalora.beta1,
+            beta2: args.adalora.beta2,
+            orth_reg_weight: args.adalora.orth_reg_weight,
+        },
         data: args.data,
         out: args.out,
         eval_data: args.eval_data,

@@ -101,7 +101,12 @@ fn parse_key(key: &str, file: &Path) -> Result<(String, Part)> {
 impl LoraAdapter {
     /// Loads a PEFT adapter folder and checks it against the base model's linear layers: every
     /// targeted linear must have tensors of the right shapes and every tensor a targeted linear.
+    /// A PEFT AdaLoRA folder (`peft_type` "ADALORA") loads as its LoRA form
+    /// ([`crate::adalora::AdaloraAdapter::to_lora`]).
     pub fn load(dir: &Path, base: &[LinearShape], device: &Device) -> Result<Self> {
+        if crate::adalora::is_adalora_dir(dir) {
+            return crate::adalora::AdaloraAdapter::load(dir, base, device)?.to_lora();
+        }
         let config_path = dir.join(CONFIG_FILE);
         if !config_path.exists() {
             return Err(Error::io(
@@ -133,6 +138,9 @@ impl LoraAdapter {
     /// Loads a PEFT adapter folder without a base model, taking each layer's shape from its own
     /// tensors (for inspection and adapter algebra).
     pub fn load_standalone(dir: &Path, device: &Device) -> Result<Self> {
+        if crate::adalora::is_adalora_dir(dir) {
+            return crate::adalora::AdaloraAdapter::load_standalone(dir, device)?.to_lora();
+        }
         let weights_path = dir.join(WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| Error::tensors(&weights_path, format!("cannot read safetensors: {e}")))?;
