@@ -120,7 +120,10 @@ impl BaseWeight {
     /// (differentiable with respect to x).
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            BaseWeight::Dense(w) => matmul_t(x, w),
+            // A trainable weight (full fine-tuning) needs candle's matmul and its weight
+            // gradient; a frozen one goes through the kernel whose backward skips it.
+            BaseWeight::Dense(w) if w.is_variable() || w.track_op() => matmul_t(x, w),
+            BaseWeight::Dense(w) => Ok(lowrank_kernels::frozen_linear(x, w)?),
             BaseWeight::Quantized(q) => Ok(QMatMul::new(q.clone())?.forward(x)?),
         }
     }
@@ -387,6 +390,9 @@ impl AdaptedLinear {
     /// DoRA: y = (m/‖W + s·BA‖)·(W·x + s·B(A·x)) + b, the norm treated as a constant in
     /// backward, as the DoRA paper (§4.3) and PEFT do. A DoRA module must be the only adapter.
     pub fn forward(&self, x: &Tensor, active: &[ActiveModule]) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(x, active)? {
+            return Ok(y);
+        }
         let mut y = self.base.matmul_t(x)?;
         let dora = active.iter().find(|a| a.module.magnitude.is_some());
         if let Some(dora) = dora {
@@ -409,6 +415,25 @@ impl AdaptedLinear {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
         }
+    }
+
+    /// The common case — one adapter over a frozen dense base — as one fused op whose backward
+    /// computes only grad-x, grad-A, grad-B (and grad-m for DoRA), never W's. `None` when the
+    /// case is not that one.
+    fn forward_fused(&self, x: &Tensor, active: &[ActiveModule]) -> Result<Option<Tensor>> {
+        let ([one], BaseWeight::Dense(w)) = (active, &self.base) else { return Ok(None) };
+        if w.is_variable() || w.track_op() {
+            return Ok(None);
+        }
+        let m = one.module;
+        let y = match &m.magnitude {
+            None => lowrank_kernels::lora_linear(x, w, self.bias.as_ref(), &m.a, &m.b, m.scale * one.weight)?,
+            Some(magnitude) if one.weight == 1.0 => {
+                lowrank_kernels::dora_linear(x, w, self.bias.as_ref(), &m.a, &m.b, magnitude, m.scale)?
+            }
+            Some(_) => return Ok(None),
+        };
+        Ok(Some(y))
     }
 
     /// Folds an adapter into the weight (times `weight`, LoRA only) so later calls pay nothing

@@ -1,0 +1,76 @@
+//! y = x·Wᵀ with W frozen: backward gives grad-x = dy·W only.
+//!
+//! candle's own matmul backward always computes the weight's gradient too (lhsᵀ·dy, an
+//! out×in GEMM and buffer per layer) even when nothing needs it; for LoRA training over a
+//! frozen base that doubles the backward work of every linear layer.
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use crate::cpu::{require_cpu, sgemm, slice, view, Mat};
+
+const NAME: &str = "lowrank-frozen-linear";
+
+/// x (..., in) · wᵀ (w: out × in), with gradient to x only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    if x.dims().last() != Some(&in_f) {
+        bail!("frozen_linear: x {:?} does not fit w {:?}", x.dims(), w.dims())
+    }
+    require_cpu(w, NAME)?;
+    let dims = x.dims().to_vec();
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let op = FrozenLinear { w: w.detach().contiguous()? };
+    let y = x.contiguous()?.reshape((rows, in_f))?.apply_op1(op)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("x has a last dimension") = out_f;
+    y.reshape(out_dims)
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, NAME)?;
+        let (n, in_f) = l.shape().dims2()?;
+        let wv = view(&self.w, NAME)?;
+        let w = wv.get();
+        let out_f = w.len() / in_f.max(1);
+        let mut y = vec![0f32; n * out_f];
+        sgemm(n, out_f, in_f, &mut y, out_f, Mat::rows(x, in_f), Mat::t(w, in_f), 1.0, false, true);
+        Ok((CpuStorage::F32(y), Shape::from((n, out_f))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn forward_and_grad_match_candle_and_w_gets_none() {
+        let dev = Device::Cpu;
+        let w = Var::randn(0f32, 1., (7, 5), &dev).unwrap();
+        let x = Var::randn(0f32, 1., (2, 3, 5), &dev).unwrap();
+        let y = frozen_linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let expect = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let diff = (&y - &expect).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let probe = Tensor::randn(0f32, 1., (2, 3, 7), &dev).unwrap();
+        let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(x.as_tensor()).unwrap();
+        let expect_gx = probe.broadcast_matmul(w.as_tensor()).unwrap();
+        let diff = (gx - expect_gx).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        assert!(grads.get(w.as_tensor()).is_none(), "a frozen weight gets no gradient");
+    }
+}
