@@ -50,6 +50,11 @@ fn quick_demo_runs_end_to_end_and_measures_memory_per_run() {
             );
         }
     }
+    // The probe's weights are deleted once measured; only its spec and result files stay.
+    for name in ["probe-model", "probe-adapter", "probe-full"] {
+        assert!(!out.join("runs").join(name).exists(), "{name} left behind");
+    }
+    assert!(out.join("runs/probe-full.spec.result.json").exists());
     for cost in report["costs"].as_array().unwrap() {
         assert!(cost["peak_rss_mb"].as_f64().is_some(), "{cost}");
     }

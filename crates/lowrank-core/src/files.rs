@@ -27,11 +27,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = builder(".tmp", 0o644).tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// A temporary folder in `parent` to stage a multi-file output before renaming it into place.
+/// Made with the usual folder permissions (tempfile's default is owner-only), so the renamed
+/// output is readable like any other.
+pub fn staging_dir(parent: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    builder(prefix, 0o755).tempdir_in(parent).map_err(|e| Error::io(parent, e))
+}
+
+/// A tempfile builder whose files/folders get `mode` on Unix (tempfile's own default is
+/// owner-only, which would make every output unreadable to other users).
+fn builder(prefix: &str, mode: u32) -> tempfile::Builder<'_, 'static> {
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    b
 }
 
 /// Pretty-printed JSON, written atomically.
@@ -81,6 +103,18 @@ mod tests {
         assert_eq!(loaded["b"].dtype(), DType::BF16);
         let back: Vec<Vec<f32>> = loaded["a"].to_vec2().unwrap();
         assert_eq!(back, vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn written_files_and_staged_folders_are_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        write_json(&path, &serde_json::json!({"a": 1})).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        let staged = staging_dir(dir.path(), ".s-").unwrap();
+        assert_eq!(std::fs::metadata(staged.path()).unwrap().permissions().mode() & 0o777, 0o755);
     }
 
     #[test]

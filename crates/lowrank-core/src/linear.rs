@@ -421,16 +421,31 @@ impl AdaptedLinear {
     /// computes only grad-x, grad-A, grad-B (and grad-m for DoRA), never W's. `None` when the
     /// case is not that one.
     fn forward_fused(&self, x: &Tensor, active: &[ActiveModule]) -> Result<Option<Tensor>> {
-        let ([one], BaseWeight::Dense(w)) = (active, &self.base) else { return Ok(None) };
+        let ([one], BaseWeight::Dense(w)) = (active, &self.base) else {
+            return Ok(None);
+        };
         if w.is_variable() || w.track_op() {
             return Ok(None);
         }
         let m = one.module;
         let y = match &m.magnitude {
-            None => lowrank_kernels::lora_linear(x, w, self.bias.as_ref(), &m.a, &m.b, m.scale * one.weight)?,
-            Some(magnitude) if one.weight == 1.0 => {
-                lowrank_kernels::dora_linear(x, w, self.bias.as_ref(), &m.a, &m.b, magnitude, m.scale)?
-            }
+            None => lowrank_kernels::lora_linear(
+                x,
+                w,
+                self.bias.as_ref(),
+                &m.a,
+                &m.b,
+                m.scale * one.weight,
+            )?,
+            Some(magnitude) if one.weight == 1.0 => lowrank_kernels::dora_linear(
+                x,
+                w,
+                self.bias.as_ref(),
+                &m.a,
+                &m.b,
+                magnitude,
+                m.scale,
+            )?,
             Some(_) => return Ok(None),
         };
         Ok(Some(y))

@@ -6,9 +6,6 @@ use lowrank_demo::tasks::Task;
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
 
 fn main() -> anyhow::Result<()> {
-    if std::env::var_os("FTZ").is_some() {
-        lowrank_demo::engine::flush_denormals();
-    }
     let a: Vec<String> = std::env::args().skip(1).collect();
     let out = std::path::PathBuf::from(&a[0]);
     let task = Task::ALL.into_iter().find(|t| t.name() == a[1]).unwrap();

@@ -114,21 +114,6 @@ pub fn train_here(spec: &TrainSpec) -> Result<TrainOutcome> {
     })
 }
 
-/// Makes this thread (and threads it starts later, which inherit the setting) treat subnormal
-/// floats as zero. Sharp attention softmaxes underflow into subnormals, which x86 CPUs compute
-/// many times slower; training of position-precise skills (reversing) slows down severalfold
-/// without this. Numerically it only drops values below 1.2e-38.
-pub fn flush_denormals() {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: sets the FTZ (bit 15) and DAZ (bit 6) flags of MXCSR, which only change how
-    // subnormal results and inputs are treated.
-    #[allow(deprecated)]
-    unsafe {
-        use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
-        _mm_setcsr(_mm_getcsr() | 0x8040);
-    }
-}
-
 /// The peak resident set size of this process in MiB (Linux `VmHWM`).
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -142,7 +142,7 @@ impl DemoConfig {
                 },
             ],
             finetune: Phase {
-                steps: 400,
+                steps: 500,
                 batch_size: 16,
                 lr: 5e-3,
                 warmup_steps: 20,
@@ -638,6 +638,12 @@ pub fn run(
             };
             let lora = probe_run(plan.method, "probe-adapter")?;
             let full = probe_run(Method::Full, "probe-full")?;
+            // Only the measurements are kept: the probe's weights are large and meaningless.
+            for name in ["probe-model", "probe-adapter", "probe-full"] {
+                let dir = runs.join(name);
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
             memory.push(MemoryRow {
                 model: format!(
                     "same architecture, hidden {}, {} layers (memory only)",

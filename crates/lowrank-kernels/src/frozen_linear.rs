@@ -14,12 +14,18 @@ const NAME: &str = "lowrank-frozen-linear";
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2()?;
     if x.dims().last() != Some(&in_f) {
-        bail!("frozen_linear: x {:?} does not fit w {:?}", x.dims(), w.dims())
+        bail!(
+            "frozen_linear: x {:?} does not fit w {:?}",
+            x.dims(),
+            w.dims()
+        )
     }
     require_cpu(w, NAME)?;
     let dims = x.dims().to_vec();
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let op = FrozenLinear { w: w.detach().contiguous()? };
+    let op = FrozenLinear {
+        w: w.detach().contiguous()?,
+    };
     let y = x.contiguous()?.reshape((rows, in_f))?.apply_op1(op)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("x has a last dimension") = out_f;
@@ -42,7 +48,18 @@ impl CustomOp1 for FrozenLinear {
         let w = wv.get();
         let out_f = w.len() / in_f.max(1);
         let mut y = vec![0f32; n * out_f];
-        sgemm(n, out_f, in_f, &mut y, out_f, Mat::rows(x, in_f), Mat::t(w, in_f), 1.0, false, true);
+        sgemm(
+            n,
+            out_f,
+            in_f,
+            &mut y,
+            out_f,
+            Mat::rows(x, in_f),
+            Mat::t(w, in_f),
+            1.0,
+            false,
+            true,
+        );
         Ok((CpuStorage::F32(y), Shape::from((n, out_f))))
     }
 
@@ -62,15 +79,35 @@ mod tests {
         let w = Var::randn(0f32, 1., (7, 5), &dev).unwrap();
         let x = Var::randn(0f32, 1., (2, 3, 5), &dev).unwrap();
         let y = frozen_linear(x.as_tensor(), w.as_tensor()).unwrap();
-        let expect = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
-        let diff = (&y - &expect).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let expect = x
+            .as_tensor()
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap();
+        let diff = (&y - &expect)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
         let probe = Tensor::randn(0f32, 1., (2, 3, 7), &dev).unwrap();
         let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gx = grads.get(x.as_tensor()).unwrap();
         let expect_gx = probe.broadcast_matmul(w.as_tensor()).unwrap();
-        let diff = (gx - expect_gx).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (gx - expect_gx)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
-        assert!(grads.get(w.as_tensor()).is_none(), "a frozen weight gets no gradient");
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "a frozen weight gets no gradient"
+        );
     }
 }

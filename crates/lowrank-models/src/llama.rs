@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use lowrank_core::lora::{LinearShape, LoraAdapter};
 use lowrank_core::{ActiveModule, AdaptedLinear, Error, QuantSpec, QuantizeStats, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -24,7 +24,10 @@ pub struct ActiveAdapter<'a> {
 
 impl<'a> ActiveAdapter<'a> {
     pub fn new(adapter: &'a LoraAdapter) -> Self {
-        ActiveAdapter { adapter, weight: 1.0 }
+        ActiveAdapter {
+            adapter,
+            weight: 1.0,
+        }
     }
 }
 
@@ -39,11 +42,22 @@ impl Proj {
     /// Training forward: with `dropout_seed`, LoRA dropout (the adapter's `lora_dropout`) on
     /// the adapters' input, from a mask seeded by (seed, module name) so a recomputation
     /// (gradient checkpointing) draws the same mask.
-    fn forward_train(&self, x: &Tensor, adapters: &[ActiveAdapter], dropout_seed: Option<u64>) -> Result<Tensor> {
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        adapters: &[ActiveAdapter],
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
         let active: Vec<ActiveModule> = adapters
             .iter()
             .filter_map(|a| {
-                a.adapter.modules.get(&self.name).map(|module| ActiveModule { module, weight: a.weight })
+                a.adapter
+                    .modules
+                    .get(&self.name)
+                    .map(|module| ActiveModule {
+                        module,
+                        weight: a.weight,
+                    })
             })
             .collect();
         let p = adapters
@@ -97,11 +111,21 @@ struct Layer {
 
 impl Layer {
     fn projs(&self) -> [&Proj; 7] {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
     }
 
     fn projs_mut(&mut self) -> [&mut Proj; 7] {
-        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
     }
 }
 
@@ -182,7 +206,12 @@ fn proj_keys(config: &ModelConfig) -> [(&'static str, bool); 7] {
 
 /// (out, in) of each linear of a layer, in `Layer::projs` order.
 fn proj_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
-    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let (h, q, kv, i) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
     [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
 }
 
@@ -260,7 +289,11 @@ impl LinearMemory {
             self.bytes,
             self.bytes as f64 / 1e6,
             self.params,
-            if self.params == 0 { 0.0 } else { self.bytes as f64 * 8.0 / self.params as f64 }
+            if self.params == 0 {
+                0.0
+            } else {
+                self.bytes as f64 * 8.0 / self.params as f64
+            }
         );
         if self.quantized_params > 0 && self.quantized_params < self.params {
             s.push_str(&format!(
@@ -294,7 +327,11 @@ impl Llama {
         Self::from_checkpoint_with(config, &ckpt, device, opts)
     }
 
-    pub fn from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+    pub fn from_checkpoint(
+        config: ModelConfig,
+        ckpt: &Checkpoint,
+        device: &Device,
+    ) -> Result<Self> {
         Self::from_checkpoint_with(config, ckpt, device, &LoadOptions::default())
     }
 
@@ -338,10 +375,21 @@ impl Llama {
                 };
                 projs.push(Proj { name, linear });
             }
-            let [q, k, v, o, gate, up, down]: [Proj; 7] = projs.try_into().expect("seven projections");
+            let [q, k, v, o, gate, up, down]: [Proj; 7] =
+                projs.try_into().expect("seven projections");
             layers.push(Layer {
-                input_norm: ckpt.load(&format!("{prefix}.input_layernorm.weight"), &[h], dtype, device)?,
-                post_norm: ckpt.load(&format!("{prefix}.post_attention_layernorm.weight"), &[h], dtype, device)?,
+                input_norm: ckpt.load(
+                    &format!("{prefix}.input_layernorm.weight"),
+                    &[h],
+                    dtype,
+                    device,
+                )?,
+                post_norm: ckpt.load(
+                    &format!("{prefix}.post_attention_layernorm.weight"),
+                    &[h],
+                    dtype,
+                    device,
+                )?,
                 q,
                 k,
                 v,
@@ -358,7 +406,15 @@ impl Llama {
             Some(ckpt.load(LM_HEAD, &[config.vocab_size, h], dtype, device)?)
         };
         let rope = Rope::new(&config, device)?;
-        Ok(Llama { config, embed, layers, norm, lm_head, rope, stored_dtype })
+        Ok(Llama {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            stored_dtype,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -375,7 +431,10 @@ impl Llama {
 
     /// Whether any linear weight is 4-bit.
     pub fn is_quantized(&self) -> bool {
-        self.layers.iter().flat_map(|l| l.projs()).any(|p| p.linear.is_quantized())
+        self.layers
+            .iter()
+            .flat_map(|l| l.projs())
+            .any(|p| p.linear.is_quantized())
     }
 
     /// Resident memory of the decoder layers' linear weights.
@@ -428,14 +487,22 @@ impl Llama {
             .flat_map(|l| l.projs())
             .map(|p| {
                 let (out_features, in_features) = p.linear.shape();
-                LinearShape { name: p.name.clone(), out_features, in_features }
+                LinearShape {
+                    name: p.name.clone(),
+                    out_features,
+                    in_features,
+                }
             })
             .collect()
     }
 
     /// The linear layer with module key `name`.
     pub fn linear(&self, name: &str) -> Option<&AdaptedLinear> {
-        self.layers.iter().flat_map(|l| l.projs()).find(|p| p.name == name).map(|p| &p.linear)
+        self.layers
+            .iter()
+            .flat_map(|l| l.projs())
+            .find(|p| p.name == name)
+            .map(|p| &p.linear)
     }
 
     /// Loads a PEFT adapter folder checked against this model.
@@ -499,8 +566,14 @@ impl Llama {
         var(EMBED.to_string(), &mut self.embed)?;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let prefix = format!("model.layers.{i}");
-            var(format!("{prefix}.input_layernorm.weight"), &mut layer.input_norm)?;
-            var(format!("{prefix}.post_attention_layernorm.weight"), &mut layer.post_norm)?;
+            var(
+                format!("{prefix}.input_layernorm.weight"),
+                &mut layer.input_norm,
+            )?;
+            var(
+                format!("{prefix}.post_attention_layernorm.weight"),
+                &mut layer.post_norm,
+            )?;
             for p in layer.projs_mut() {
                 let mut w = p.linear.weight()?.clone();
                 var(format!("{}.weight", p.name), &mut w)?;
@@ -534,30 +607,58 @@ impl Llama {
         let tables = match positions {
             Some(p) => {
                 if p.dims() != [batch, seq] {
-                    return Err(Error::Msg(format!("positions have shape {:?}, expected [{batch}, {seq}]", p.dims())));
+                    return Err(Error::Msg(format!(
+                        "positions have shape {:?}, expected [{batch}, {seq}]",
+                        p.dims()
+                    )));
                 }
                 self.rope.tables_for(p)?
             }
             None => self.rope.tables(0, seq)?,
         };
-        Ok(TrainContext { tables, mask, dropout_seed })
+        Ok(TrainContext {
+            tables,
+            mask,
+            dropout_seed,
+        })
     }
 
     /// Token embeddings (batch, seq, hidden).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, self.config.hidden_size))?)
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            batch,
+            seq,
+            self.config.hidden_size,
+        ))?)
     }
 
     /// Decoder layer `index` in training mode (no cache; LoRA dropout if the context asks).
-    pub fn train_layer(&self, index: usize, x: &Tensor, ctx: &TrainContext, adapters: &[ActiveAdapter]) -> Result<Tensor> {
+    pub fn train_layer(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &TrainContext,
+        adapters: &[ActiveAdapter],
+    ) -> Result<Tensor> {
         let layer = self
             .layers
             .get(index)
             .ok_or_else(|| Error::Msg(format!("layer {index} out of range")))?;
         // Each layer draws its own dropout masks.
-        let seed = ctx.dropout_seed.map(|s| mix_seed(s, &format!("layer{index}")));
-        self.layer_forward_impl(index, layer, x, &ctx.tables, ctx.mask.as_ref(), None, adapters, seed)
+        let seed = ctx
+            .dropout_seed
+            .map(|s| mix_seed(s, &format!("layer{index}")));
+        self.layer_forward_impl(
+            index,
+            layer,
+            x,
+            &ctx.tables,
+            ctx.mask.as_ref(),
+            None,
+            adapters,
+            seed,
+        )
     }
 
     /// The final RMSNorm.
@@ -566,7 +667,12 @@ impl Llama {
     }
 
     /// Final normalized hidden states of a training forward: embed, every layer, norm.
-    pub fn hidden_states_train(&self, ids: &Tensor, ctx: &TrainContext, adapters: &[ActiveAdapter]) -> Result<Tensor> {
+    pub fn hidden_states_train(
+        &self,
+        ids: &Tensor,
+        ctx: &TrainContext,
+        adapters: &[ActiveAdapter],
+    ) -> Result<Tensor> {
         let mut x = self.embed(ids)?;
         for i in 0..self.layers.len() {
             x = self.train_layer(i, &x, ctx, adapters)?;
@@ -580,25 +686,29 @@ impl Llama {
     /// leaves nothing half-written. `out` must not hold a checkpoint already.
     pub fn save_pretrained(&self, base_dir: &Path, out: &Path) -> Result<()> {
         if out.join("model.safetensors").exists() || out.join("config.json").exists() {
-            return Err(Error::Msg(format!("{}: already holds a checkpoint; choose an empty folder", out.display())));
+            return Err(Error::Msg(format!(
+                "{}: already holds a checkpoint; choose an empty folder",
+                out.display()
+            )));
         }
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let staging = tempfile::Builder::new()
-            .prefix(".lowrank-ckpt-")
-            .tempdir_in(&parent)
-            .map_err(|e| Error::io(&parent, e))?;
+        let staging = lowrank_core::files::staging_dir(&parent, ".lowrank-ckpt-")?;
         let quantized = self.is_quantized();
         if quantized {
             let ckpt = self.bnb_checkpoint()?;
             let path = staging.path().join("model.safetensors");
-            ckpt.write(&path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+            ckpt.write(&path)
+                .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
         } else {
             let weights = self.named_weights()?;
-            lowrank_core::files::write_safetensors(&staging.path().join("model.safetensors"), &weights)?;
+            lowrank_core::files::write_safetensors(
+                &staging.path().join("model.safetensors"),
+                &weights,
+            )?;
         }
         for name in COPIED_FILES {
             let src = base_dir.join(name);
@@ -613,9 +723,12 @@ impl Llama {
                     obj.remove("quantization_config");
                 }
                 if let Some(qc) = self.quantization_config() {
-                    qc.insert_into(&mut cfg).map_err(|e| Error::Msg(e.to_string()))?;
+                    qc.insert_into(&mut cfg)
+                        .map_err(|e| Error::Msg(e.to_string()))?;
                 }
-                let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))? + "\n";
+                let text = serde_json::to_string_pretty(&cfg)
+                    .map_err(|e| Error::Msg(e.to_string()))?
+                    + "\n";
                 let dest = staging.path().join(name);
                 std::fs::write(&dest, text).map_err(|e| Error::io(&dest, e))?;
                 continue;
@@ -624,7 +737,9 @@ impl Llama {
         }
         if out.exists() {
             // An existing (empty) folder: move the files in.
-            for entry in std::fs::read_dir(staging.path()).map_err(|e| Error::io(staging.path(), e))? {
+            for entry in
+                std::fs::read_dir(staging.path()).map_err(|e| Error::io(staging.path(), e))?
+            {
                 let entry = entry.map_err(|e| Error::io(staging.path(), e))?;
                 let dest = out.join(entry.file_name());
                 std::fs::rename(entry.path(), &dest).map_err(|e| Error::io(&dest, e))?;
@@ -636,16 +751,30 @@ impl Llama {
     }
 
     /// Logits (batch, seq, vocab) for token ids (batch, seq), continuing from `cache` if given.
-    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, adapters: &[ActiveAdapter]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        adapters: &[ActiveAdapter],
+    ) -> Result<Tensor> {
         let hidden = self.hidden_states(ids, cache, adapters)?;
         self.logits(&hidden)
     }
 
     /// The final normalized hidden states (batch, seq, hidden).
-    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, adapters: &[ActiveAdapter]) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        adapters: &[ActiveAdapter],
+    ) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, self.config.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            batch,
+            seq,
+            self.config.hidden_size,
+        ))?;
         let tables = self.rope.tables(past, seq)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // No mask: causal (and windowed) attention, done by the fused kernel.
@@ -691,7 +820,9 @@ impl Llama {
         adapters: &[ActiveAdapter],
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
-        let proj = |p: &Proj, x: &Tensor, n: u64| p.forward_train(x, adapters, dropout_seed.map(|s| s.wrapping_add(n)));
+        let proj = |p: &Proj, x: &Tensor, n: u64| {
+            p.forward_train(x, adapters, dropout_seed.map(|s| s.wrapping_add(n)))
+        };
         let c = &self.config;
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -699,7 +830,9 @@ impl Llama {
 
         let normed = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
         let split_heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, n, head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((batch, seq, n, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = split_heads(proj(&layer.q, &normed, 0)?, heads)?;
         let k = split_heads(proj(&layer.k, &normed, 1)?, kv_heads)?;
@@ -714,19 +847,35 @@ impl Llama {
         let scale = 1.0 / (head_dim as f64).sqrt();
         let attn = match mask {
             // Causal (with a sliding window for Mistral): the fused, tiled kernel.
-            None => lowrank_kernels::causal_attention(&q, &k, &v, scale as f32, total - seq, c.sliding_window)?,
+            None => lowrank_kernels::causal_attention(
+                &q,
+                &k,
+                &v,
+                scale as f32,
+                total - seq,
+                c.sliding_window,
+            )?,
             // Packed rows bring their own mask: the composed path. Grouped-query attention
             // without copying K/V: the `group` query heads that share a key/value head are
             // stacked along the sequence axis.
             Some(mask) => {
                 let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
                 let scores = (q.matmul(&k.t()?)? * scale)?;
-                let scores = scores.reshape((batch, kv_heads, group, seq, total))?.broadcast_add(mask)?;
-                let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((batch, kv_heads, group * seq, total))?;
+                let scores = scores
+                    .reshape((batch, kv_heads, group, seq, total))?
+                    .broadcast_add(mask)?;
+                let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((
+                    batch,
+                    kv_heads,
+                    group * seq,
+                    total,
+                ))?;
                 probs.matmul(&v)?.reshape((batch, heads, seq, head_dim))?
             }
         };
-        let attn = attn.transpose(1, 2)?.reshape((batch, seq, heads * head_dim))?;
+        let attn = attn
+            .transpose(1, 2)?
+            .reshape((batch, seq, heads * head_dim))?;
         let x = (x + proj(&layer.o, &attn, 3)?)?;
 
         let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
@@ -739,8 +888,13 @@ impl Llama {
     /// The `quantization_config` describing this model's 4-bit weights (from the first one:
     /// quant type and double quantization), or `None` when no weight is 4-bit.
     pub fn quantization_config(&self) -> Option<lowrank_quant::QuantizationConfig> {
-        let q = self.layers.iter().flat_map(|l| l.projs()).find_map(|p| p.linear.base().as_quantized())?;
-        let mut qc = lowrank_quant::QuantizationConfig::for_4bit(q.kind(), q.is_double_quant(), "float32");
+        let q = self
+            .layers
+            .iter()
+            .flat_map(|l| l.projs())
+            .find_map(|p| p.linear.base().as_quantized())?;
+        let mut qc =
+            lowrank_quant::QuantizationConfig::for_4bit(q.kind(), q.is_double_quant(), "float32");
         if let Some(old) = &self.config.quantization {
             // Keep what the base said beyond the fields that describe the tensors.
             qc.bnb_4bit_compute_dtype = old.bnb_4bit_compute_dtype.clone();
@@ -755,11 +909,18 @@ impl Llama {
     pub fn bnb_checkpoint(&self) -> Result<lowrank_quant::BnbCheckpoint> {
         let dtype = self.stored_dtype;
         let mut ck = lowrank_quant::BnbCheckpoint::default();
-        ck.tensors.insert(EMBED.to_string(), self.embed.to_dtype(dtype)?);
+        ck.tensors
+            .insert(EMBED.to_string(), self.embed.to_dtype(dtype)?);
         for (i, layer) in self.layers.iter().enumerate() {
             let prefix = format!("model.layers.{i}");
-            ck.tensors.insert(format!("{prefix}.input_layernorm.weight"), layer.input_norm.to_dtype(dtype)?);
-            ck.tensors.insert(format!("{prefix}.post_attention_layernorm.weight"), layer.post_norm.to_dtype(dtype)?);
+            ck.tensors.insert(
+                format!("{prefix}.input_layernorm.weight"),
+                layer.input_norm.to_dtype(dtype)?,
+            );
+            ck.tensors.insert(
+                format!("{prefix}.post_attention_layernorm.weight"),
+                layer.post_norm.to_dtype(dtype)?,
+            );
             for p in layer.projs() {
                 let name = format!("{}.weight", p.name);
                 match p.linear.base() {
@@ -771,13 +932,16 @@ impl Llama {
                     }
                 }
                 if let Some(b) = p.linear.bias() {
-                    ck.tensors.insert(format!("{}.bias", p.name), b.to_dtype(dtype)?);
+                    ck.tensors
+                        .insert(format!("{}.bias", p.name), b.to_dtype(dtype)?);
                 }
             }
         }
-        ck.tensors.insert(NORM.to_string(), self.norm.to_dtype(dtype)?);
+        ck.tensors
+            .insert(NORM.to_string(), self.norm.to_dtype(dtype)?);
         if let Some(head) = &self.lm_head {
-            ck.tensors.insert(LM_HEAD.to_string(), head.to_dtype(dtype)?);
+            ck.tensors
+                .insert(LM_HEAD.to_string(), head.to_dtype(dtype)?);
         }
         Ok(ck)
     }
@@ -790,10 +954,19 @@ impl Llama {
         let mut out = vec![(EMBED.to_string(), self.embed.to_dtype(dtype)?)];
         for (i, layer) in self.layers.iter().enumerate() {
             let prefix = format!("model.layers.{i}");
-            out.push((format!("{prefix}.input_layernorm.weight"), layer.input_norm.to_dtype(dtype)?));
-            out.push((format!("{prefix}.post_attention_layernorm.weight"), layer.post_norm.to_dtype(dtype)?));
+            out.push((
+                format!("{prefix}.input_layernorm.weight"),
+                layer.input_norm.to_dtype(dtype)?,
+            ));
+            out.push((
+                format!("{prefix}.post_attention_layernorm.weight"),
+                layer.post_norm.to_dtype(dtype)?,
+            ));
             for p in layer.projs() {
-                out.push((format!("{}.weight", p.name), p.linear.weight()?.to_dtype(dtype)?));
+                out.push((
+                    format!("{}.weight", p.name),
+                    p.linear.weight()?.to_dtype(dtype)?,
+                ));
                 if let Some(b) = p.linear.bias() {
                     out.push((format!("{}.bias", p.name), b.to_dtype(dtype)?));
                 }

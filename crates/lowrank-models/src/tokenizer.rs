@@ -42,7 +42,10 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::io(
                 &path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found (only fast tokenizers are supported)"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "tokenizer.json not found (only fast tokenizers are supported)",
+                ),
             ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
@@ -55,7 +58,10 @@ impl Tokenizer {
         };
         let template_file = dir.join("chat_template.jinja");
         let chat_template = if template_file.exists() {
-            Some(std::fs::read_to_string(&template_file).map_err(|e| Error::io(&template_file, e))?)
+            Some(
+                std::fs::read_to_string(&template_file)
+                    .map_err(|e| Error::io(&template_file, e))?,
+            )
         } else {
             match config.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -89,7 +95,11 @@ impl Tokenizer {
 
     /// Token ids with the byte range of `text` each token came from (special tokens the
     /// post-processor adds get an empty range), for masking parts of a rendered chat.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
@@ -121,11 +131,17 @@ impl Tokenizer {
     }
 
     /// Renders `messages` with the chat template, as `apply_chat_template(tokenize=False)`.
-    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| Error::Msg("the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)".into()))?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Msg(
+                "the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)"
+                    .into(),
+            )
+        })?;
         render_chat_template(
             template,
             messages,
@@ -137,7 +153,11 @@ impl Tokenizer {
 
     /// Token ids of the rendered chat, as `apply_chat_template(tokenize=True)`: the template
     /// writes the special tokens itself, so none are added.
-    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
@@ -157,9 +177,15 @@ pub fn render_chat_template(
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     minijinja_contrib::add_to_environment(&mut env);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_template("chat", template)
         .map_err(|e| Error::Msg(format!("chat template does not parse: {e}")))?;
     let tmpl = env.get_template("chat").expect("just added");
@@ -171,7 +197,10 @@ pub fn render_chat_template(
     })
     .map_err(|e| {
         // raise_exception's message is what the template author wrote for the user.
-        let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
+        let detail = e
+            .detail()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string());
         Error::Msg(format!("chat template: {detail}"))
     })
 }
@@ -183,11 +212,19 @@ mod tests {
     #[test]
     fn trim_blocks_and_exceptions_behave_like_transformers() {
         let tmpl = "{% for m in messages %}\n  {{ m['content'].strip() }}|{% endfor %}{% if messages|length > 1 %}{{ raise_exception('too many') }}{% endif %}";
-        let one = [Message { role: "user".into(), content: "  hi ".into() }];
+        let one = [Message {
+            role: "user".into(),
+            content: "  hi ".into(),
+        }];
         // lstrip_blocks strips before block tags only, so the indentation before `{{` stays, as in jinja2.
-        assert_eq!(render_chat_template(tmpl, &one, false, "", "").unwrap(), "  hi|");
+        assert_eq!(
+            render_chat_template(tmpl, &one, false, "", "").unwrap(),
+            "  hi|"
+        );
         let two = [one[0].clone(), one[0].clone()];
-        let err = render_chat_template(tmpl, &two, false, "", "").unwrap_err().to_string();
+        let err = render_chat_template(tmpl, &two, false, "", "")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("too many"), "{err}");
     }
 }

@@ -385,7 +385,11 @@ impl Worker {
         for (i, finish_reason) in done {
             let s = self.running.swap_remove(i);
             self.release(&s, Outcome::Finished);
-            let done = Event::Done { finish_reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len() };
+            let done = Event::Done {
+                finish_reason,
+                prompt_tokens: s.req.prompt.len(),
+                completion_tokens: s.generated.len(),
+            };
             let events = s.req.events.clone();
             // Unpin the adapter before the client hears back, so its next request may evict it.
             drop(s);

@@ -585,10 +585,7 @@ fn save_checkpoint(
     o: &TrainOptions,
 ) -> Result<PathBuf> {
     let dest = out.join(format!("checkpoint-{step}"));
-    let staging = tempfile::Builder::new()
-        .prefix(".checkpoint-")
-        .tempdir_in(out)
-        .map_err(|e| Error::io(out, e))?;
+    let staging = lowrank_core::files::staging_dir(out, ".checkpoint-")?;
     let tensors: Vec<(String, Tensor)> = t
         .names
         .iter()
