@@ -27,7 +27,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = builder(".tmp", 0o644).tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = builder(".tmp", 0o644)
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
@@ -38,7 +40,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Made with the usual folder permissions (tempfile's default is owner-only), so the renamed
 /// output is readable like any other.
 pub fn staging_dir(parent: &Path, prefix: &str) -> Result<tempfile::TempDir> {
-    builder(prefix, 0o755).tempdir_in(parent).map_err(|e| Error::io(parent, e))
+    builder(prefix, 0o755)
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))
 }
 
 /// A tempfile builder whose files/folders get `mode` on Unix (tempfile's own default is
@@ -112,9 +116,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.json");
         write_json(&path, &serde_json::json!({"a": 1})).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         let staged = staging_dir(dir.path(), ".s-").unwrap();
-        assert_eq!(std::fs::metadata(staged.path()).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            std::fs::metadata(staged.path())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
     }
 
     #[test]
