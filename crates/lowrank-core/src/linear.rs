@@ -359,16 +359,7 @@ impl AdaptedLinear {
             return self.forward(x, active);
         };
         let mut y = self.base.matmul_t(x)?;
-        if let Some(dora) = active.iter().find(|a| a.module.magnitude.is_some()) {
-            if active.len() > 1 || dora.weight != 1.0 {
-                return Err(Error::Msg(
-                    "a DoRA adapter cannot be stacked with other adapters".into(),
-                ));
-            }
-            let m = dora.module;
-            let magnitude = m.magnitude.as_ref().expect("checked above");
-            let norm = self.base.row_norm(&m.delta_weight()?.detach())?.detach();
-            let factor = (magnitude / norm)?;
+        if let Some((m, factor)) = self.dora_factor(active)? {
             let base_d = self.base.matmul_t(xd)?;
             let extra = (base_d.broadcast_mul(&(&factor - 1.0)?)?
                 + lora_path(xd, m, 1.0)?.broadcast_mul(&factor)?)?;
@@ -384,6 +375,26 @@ impl AdaptedLinear {
         }
     }
 
+    /// The DoRA module among `active`, if any, with its factor m/‖W + s·BA‖ per output row
+    /// (the norm a constant in backward). A DoRA module must be the only adapter.
+    fn dora_factor<'a>(
+        &self,
+        active: &[ActiveModule<'a>],
+    ) -> Result<Option<(&'a LoraModule, Tensor)>> {
+        let Some(dora) = active.iter().find(|a| a.module.magnitude.is_some()) else {
+            return Ok(None);
+        };
+        if active.len() > 1 || dora.weight != 1.0 {
+            return Err(Error::Msg(
+                "a DoRA adapter cannot be stacked with other adapters or re-weighted at inference; merge it first".into(),
+            ));
+        }
+        let m = dora.module;
+        let magnitude = m.magnitude.as_ref().expect("found by its magnitude");
+        let norm = self.base.row_norm(&m.delta_weight()?.detach())?.detach();
+        Ok(Some((m, (magnitude / norm)?)))
+    }
+
     /// Forward with `active` adapters applied unmerged.
     ///
     /// LoRA: y = W·x + b + Σ wᵢ·sᵢ·Bᵢ(Aᵢ·x).
@@ -394,17 +405,7 @@ impl AdaptedLinear {
             return Ok(y);
         }
         let mut y = self.base.matmul_t(x)?;
-        let dora = active.iter().find(|a| a.module.magnitude.is_some());
-        if let Some(dora) = dora {
-            if active.len() > 1 || dora.weight != 1.0 {
-                return Err(Error::Msg(
-                    "a DoRA adapter cannot be stacked with other adapters or re-weighted at inference; merge it first".into(),
-                ));
-            }
-            let m = dora.module;
-            let magnitude = m.magnitude.as_ref().expect("checked above");
-            let norm = self.base.row_norm(&m.delta_weight()?.detach())?.detach();
-            let factor = (magnitude / norm)?;
+        if let Some((m, factor)) = self.dora_factor(active)? {
             y = (y + lora_path(x, m, 1.0)?)?.broadcast_mul(&factor)?;
         } else {
             for a in active {

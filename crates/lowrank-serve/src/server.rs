@@ -255,10 +255,16 @@ impl AppState {
         })
     }
 
-    fn count_client_error(&self) {
-        self.metrics
-            .requests_client_error
-            .fetch_add(1, Ordering::Relaxed);
+    /// The response of a generation endpoint, counting client errors for /metrics.
+    fn respond(&self, result: Result<Response, ApiError>) -> Response {
+        result.unwrap_or_else(|e| {
+            if e.0.is_client_error() {
+                self.metrics
+                    .requests_client_error
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            e.into_response()
+        })
     }
 }
 
@@ -445,12 +451,7 @@ async fn completions(
         .into_response())
     }
     .await;
-    result.unwrap_or_else(|e: ApiError| {
-        if e.0.is_client_error() {
-            state.count_client_error();
-        }
-        e.into_response()
-    })
+    state.respond(result)
 }
 
 async fn chat_completions(
@@ -532,12 +533,7 @@ async fn chat_completions(
         .into_response())
     }
     .await;
-    result.unwrap_or_else(|e: ApiError| {
-        if e.0.is_client_error() {
-            state.count_client_error();
-        }
-        e.into_response()
-    })
+    state.respond(result)
 }
 
 async fn load_adapter(

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::lora::{LayersWire, LoraConfig, ALL_LINEAR};
+use crate::lora::{check_shared, LayersWire, LoraConfig, SharedFields};
 use crate::targets::{ModuleSelector, ModuleSelectorWire};
 
 /// The `rank_pattern` key PEFT writes for a module: `<module>.lora_E`.
@@ -153,26 +153,6 @@ pub struct AdaloraConfig {
     other: Map<String, Value>,
 }
 
-/// PEFT fields AdaLoRA cannot honour; a non-empty value is rejected. (`use_rslora` and
-/// `alpha_pattern` are ignored by PEFT's AdaLoRA layers, and so here.)
-const UNSUPPORTED_WHEN_SET: &[&str] = &[
-    "target_parameters",
-    "trainable_token_indices",
-    "layer_replication",
-    "lora_bias",
-    "use_qalora",
-    "megatron_config",
-];
-
-fn is_set(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => false,
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-        _ => true,
-    }
-}
-
 impl AdaloraConfig {
     /// A fresh config over `targets`, as `lowrank train --method adalora` creates it.
     pub fn new(schedule: AdaloraSchedule, alpha: f64, targets: ModuleSelector) -> Self {
@@ -220,59 +200,21 @@ impl AdaloraConfig {
                 format!("must be ≥ 0, found {}", file.orth_reg_weight),
             ));
         }
-        if file.bias != "none" {
-            return Err(bad(
-                "bias",
-                format!("only \"none\" is supported, found {:?}", file.bias),
-            ));
-        }
-        if file.fan_in_fan_out {
-            return Err(bad(
-                "fan_in_fan_out",
-                "transposed (Conv1D) weights are not supported".into(),
-            ));
-        }
         if file.use_dora {
             return Err(bad("use_dora", "AdaLoRA does not support DoRA".into()));
         }
-        if file.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(bad(
-                "modules_to_save",
-                "fully trained extra modules are not supported".into(),
-            ));
-        }
-        for field in UNSUPPORTED_WHEN_SET {
-            if file.other.get(*field).is_some_and(is_set) {
-                return Err(bad(field, "this PEFT option is not supported".into()));
-            }
-        }
-        if !(0.0..1.0).contains(&file.lora_dropout) {
-            return Err(bad(
-                "lora_dropout",
-                format!("expected a value in [0, 1), found {}", file.lora_dropout),
-            ));
-        }
-        let targets = match &file.target_modules {
-            None => {
-                return Err(bad(
-                    "target_modules",
-                    "missing: name the modules the adapter applies to".into(),
-                ))
-            }
-            Some(ModuleSelectorWire::Pattern(p)) if p == "all-linear" => {
-                ModuleSelector::Names(ALL_LINEAR.iter().map(|s| s.to_string()).collect())
-            }
-            Some(w) => ModuleSelector::from_wire(w)
-                .map_err(|e| bad("target_modules", format!("invalid regex: {e}")))?,
-        };
-        let exclude = file
-            .exclude_modules
-            .as_ref()
-            .map(|w| {
-                ModuleSelector::from_wire(w)
-                    .map_err(|e| bad("exclude_modules", format!("invalid regex: {e}")))
-            })
-            .transpose()?;
+        let (targets, exclude) = check_shared(
+            SharedFields {
+                bias: &file.bias,
+                fan_in_fan_out: file.fan_in_fan_out,
+                modules_to_save: file.modules_to_save.as_deref(),
+                other: &file.other,
+                lora_dropout: file.lora_dropout,
+                target_modules: file.target_modules.as_ref(),
+                exclude_modules: file.exclude_modules.as_ref(),
+            },
+            path,
+        )?;
         let rank_pattern = match file.rank_pattern {
             None => None,
             Some(map) => {

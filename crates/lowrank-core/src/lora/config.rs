@@ -131,6 +131,82 @@ fn is_set(v: &Value) -> bool {
     }
 }
 
+/// The PEFT fields LoRA and AdaLoRA configs share.
+pub(crate) struct SharedFields<'a> {
+    pub bias: &'a str,
+    pub fan_in_fan_out: bool,
+    pub modules_to_save: Option<&'a [String]>,
+    pub other: &'a Map<String, Value>,
+    pub lora_dropout: f64,
+    pub target_modules: Option<&'a ModuleSelectorWire>,
+    pub exclude_modules: Option<&'a ModuleSelectorWire>,
+}
+
+/// Checks the shared fields the same way for every adapter kind, rejecting by name what
+/// lowrank does not implement, and returns the target and exclude selectors.
+pub(crate) fn check_shared(
+    f: SharedFields,
+    path: &Path,
+) -> Result<(ModuleSelector, Option<ModuleSelector>)> {
+    let bad = |field: &str, msg: String| Error::field(path, field, msg);
+    if f.bias != "none" {
+        return Err(bad(
+            "bias",
+            format!("only \"none\" is supported, found {:?}", f.bias),
+        ));
+    }
+    if f.fan_in_fan_out {
+        return Err(bad(
+            "fan_in_fan_out",
+            "transposed (Conv1D) weights are not supported".into(),
+        ));
+    }
+    if f.modules_to_save.is_some_and(|m| !m.is_empty()) {
+        return Err(bad(
+            "modules_to_save",
+            "fully trained extra modules are not supported".into(),
+        ));
+    }
+    if f.other.get("lora_bias").is_some_and(is_set) {
+        return Err(bad("lora_bias", "adapter biases are not supported".into()));
+    }
+    if f.other.get("use_qalora").is_some_and(is_set) {
+        return Err(bad("use_qalora", "QA-LoRA is not supported".into()));
+    }
+    for field in UNSUPPORTED_WHEN_SET {
+        if f.other.get(*field).is_some_and(is_set) {
+            return Err(bad(field, "this PEFT option is not supported".into()));
+        }
+    }
+    if !(0.0..1.0).contains(&f.lora_dropout) {
+        return Err(bad(
+            "lora_dropout",
+            format!("expected a value in [0, 1), found {}", f.lora_dropout),
+        ));
+    }
+    let targets = match f.target_modules {
+        None => {
+            return Err(bad(
+                "target_modules",
+                "missing: name the modules the adapter applies to".into(),
+            ))
+        }
+        Some(ModuleSelectorWire::Pattern(p)) if p == "all-linear" => {
+            ModuleSelector::Names(ALL_LINEAR.iter().map(|s| s.to_string()).collect())
+        }
+        Some(w) => ModuleSelector::from_wire(w)
+            .map_err(|e| bad("target_modules", format!("invalid regex: {e}")))?,
+    };
+    let exclude = f
+        .exclude_modules
+        .map(|w| {
+            ModuleSelector::from_wire(w)
+                .map_err(|e| bad("exclude_modules", format!("invalid regex: {e}")))
+        })
+        .transpose()?;
+    Ok((targets, exclude))
+}
+
 impl LoraConfig {
     /// A plain LoRA config over `targets`, as `lowrank train` creates it.
     pub fn new(rank: usize, alpha: f64, targets: ModuleSelector) -> Self {
@@ -171,62 +247,18 @@ impl LoraConfig {
         if file.r == 0 {
             return Err(bad("r", "the rank must be at least 1".into()));
         }
-        if file.bias != "none" {
-            return Err(bad(
-                "bias",
-                format!("only \"none\" is supported, found {:?}", file.bias),
-            ));
-        }
-        if file.fan_in_fan_out {
-            return Err(bad(
-                "fan_in_fan_out",
-                "transposed (Conv1D) weights are not supported".into(),
-            ));
-        }
-        if file.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(bad(
-                "modules_to_save",
-                "fully trained extra modules are not supported".into(),
-            ));
-        }
-        if file.other.get("lora_bias").is_some_and(is_set) {
-            return Err(bad("lora_bias", "adapter biases are not supported".into()));
-        }
-        if file.other.get("use_qalora").is_some_and(is_set) {
-            return Err(bad("use_qalora", "QA-LoRA is not supported".into()));
-        }
-        for field in UNSUPPORTED_WHEN_SET {
-            if file.other.get(*field).is_some_and(is_set) {
-                return Err(bad(field, "this PEFT option is not supported".into()));
-            }
-        }
-        if !(0.0..1.0).contains(&file.lora_dropout) {
-            return Err(bad(
-                "lora_dropout",
-                format!("expected a value in [0, 1), found {}", file.lora_dropout),
-            ));
-        }
-        let targets = match &file.target_modules {
-            None => {
-                return Err(bad(
-                    "target_modules",
-                    "missing: name the modules the adapter applies to".into(),
-                ))
-            }
-            Some(ModuleSelectorWire::Pattern(p)) if p == "all-linear" => {
-                ModuleSelector::Names(ALL_LINEAR.iter().map(|s| s.to_string()).collect())
-            }
-            Some(w) => ModuleSelector::from_wire(w)
-                .map_err(|e| bad("target_modules", format!("invalid regex: {e}")))?,
-        };
-        let exclude = file
-            .exclude_modules
-            .as_ref()
-            .map(|w| {
-                ModuleSelector::from_wire(w)
-                    .map_err(|e| bad("exclude_modules", format!("invalid regex: {e}")))
-            })
-            .transpose()?;
+        let (targets, exclude) = check_shared(
+            SharedFields {
+                bias: &file.bias,
+                fan_in_fan_out: file.fan_in_fan_out,
+                modules_to_save: file.modules_to_save.as_deref(),
+                other: &file.other,
+                lora_dropout: file.lora_dropout,
+                target_modules: file.target_modules.as_ref(),
+                exclude_modules: file.exclude_modules.as_ref(),
+            },
+            path,
+        )?;
         let rank_pattern = file
             .rank_pattern
             .iter()
