@@ -640,6 +640,85 @@ impl<'a> RawTensorRef<'a> {
     }
 }
 
+/// Dequantizing packed codes with AVX2: the 16-entry code table lives in two registers, and
+/// each group of 8 nibbles becomes 8 floats through two in-register permutes and a blend.
+mod simd_lookup {
+    /// Writes 2·n values for the first n = 16·k bytes of `bytes` (high nibble first), scaled
+    /// by `scale`; returns how many values it wrote (0 without AVX2).
+    pub fn dequantize(code: &[f32; 16], scale: f32, bytes: &[u8], out: &mut [f32]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                let n = bytes.len() / 16 * 16;
+                // SAFETY: AVX2 is present; the loop reads bytes[..n] and writes out[..2n],
+                // both within their slices (out holds 2 values per byte).
+                unsafe { avx2(code, scale, &bytes[..n], &mut out[..2 * n]) };
+                return 2 * n;
+            }
+        }
+        let _ = (code, scale, bytes, out);
+        0
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(code: &[f32; 16], scale: f32, bytes: &[u8], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let low_table = _mm256_loadu_ps(code.as_ptr());
+        let high_table = _mm256_loadu_ps(code.as_ptr().add(8));
+        let scale = _mm256_set1_ps(scale);
+        let nibble = _mm_set1_epi8(0x0f);
+        let seven = _mm256_set1_epi32(7);
+        for (chunk, dst) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
+            let v = _mm_loadu_si128(chunk.as_ptr() as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nibble);
+            let lo = _mm_and_si128(v, nibble);
+            // Code order: each byte's high nibble, then its low one.
+            let first = _mm_unpacklo_epi8(hi, lo);
+            let second = _mm_unpackhi_epi8(hi, lo);
+            for (k, idx16) in [first, first, second, second].into_iter().enumerate() {
+                let idx8 = if k % 2 == 0 {
+                    idx16
+                } else {
+                    _mm_srli_si128::<8>(idx16)
+                };
+                let idx = _mm256_cvtepu8_epi32(idx8);
+                let from_low = _mm256_permutevar8x32_ps(low_table, idx);
+                let from_high = _mm256_permutevar8x32_ps(high_table, idx);
+                let use_high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+                let value = _mm256_blendv_ps(from_low, from_high, use_high);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(8 * k), _mm256_mul_ps(value, scale));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn simd_lookup_equals_the_scalar_table() {
+            let code: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.5) / 7.5);
+            let bytes: Vec<u8> = (0..80u32)
+                .map(|i| (i.wrapping_mul(97) % 256) as u8)
+                .collect();
+            let mut out = vec![0f32; 160];
+            let written = super::dequantize(&code, 0.37, &bytes, &mut out);
+            if !std::is_x86_feature_detected!("avx2") {
+                assert_eq!(written, 0);
+                return;
+            }
+            assert_eq!(written, 160);
+            for (i, &b) in bytes.iter().enumerate() {
+                assert_eq!(out[2 * i], code[(b >> 4) as usize] * 0.37, "byte {i} high");
+                assert_eq!(
+                    out[2 * i + 1],
+                    code[(b & 15) as usize] * 0.37,
+                    "byte {i} low"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -739,84 +818,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("blocksize") && err.contains("48"), "{err}");
-    }
-}
-
-/// Dequantizing packed codes with AVX2: the 16-entry code table lives in two registers, and
-/// each group of 8 nibbles becomes 8 floats through two in-register permutes and a blend.
-mod simd_lookup {
-    /// Writes 2·n values for the first n = 16·k bytes of `bytes` (high nibble first), scaled
-    /// by `scale`; returns how many values it wrote (0 without AVX2).
-    pub fn dequantize(code: &[f32; 16], scale: f32, bytes: &[u8], out: &mut [f32]) -> usize {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") {
-                let n = bytes.len() / 16 * 16;
-                // SAFETY: AVX2 is present; the loop reads bytes[..n] and writes out[..2n],
-                // both within their slices (out holds 2 values per byte).
-                unsafe { avx2(code, scale, &bytes[..n], &mut out[..2 * n]) };
-                return 2 * n;
-            }
-        }
-        let _ = (code, scale, bytes, out);
-        0
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn simd_lookup_equals_the_scalar_table() {
-            let code: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.5) / 7.5);
-            let bytes: Vec<u8> = (0..80u32)
-                .map(|i| (i.wrapping_mul(97) % 256) as u8)
-                .collect();
-            let mut out = vec![0f32; 160];
-            let written = super::dequantize(&code, 0.37, &bytes, &mut out);
-            if !std::is_x86_feature_detected!("avx2") {
-                assert_eq!(written, 0);
-                return;
-            }
-            assert_eq!(written, 160);
-            for (i, &b) in bytes.iter().enumerate() {
-                assert_eq!(out[2 * i], code[(b >> 4) as usize] * 0.37, "byte {i} high");
-                assert_eq!(
-                    out[2 * i + 1],
-                    code[(b & 15) as usize] * 0.37,
-                    "byte {i} low"
-                );
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn avx2(code: &[f32; 16], scale: f32, bytes: &[u8], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let low_table = _mm256_loadu_ps(code.as_ptr());
-        let high_table = _mm256_loadu_ps(code.as_ptr().add(8));
-        let scale = _mm256_set1_ps(scale);
-        let nibble = _mm_set1_epi8(0x0f);
-        let seven = _mm256_set1_epi32(7);
-        for (chunk, dst) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
-            let v = _mm_loadu_si128(chunk.as_ptr() as *const __m128i);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nibble);
-            let lo = _mm_and_si128(v, nibble);
-            // Code order: each byte's high nibble, then its low one.
-            let first = _mm_unpacklo_epi8(hi, lo);
-            let second = _mm_unpackhi_epi8(hi, lo);
-            for (k, idx16) in [first, first, second, second].into_iter().enumerate() {
-                let idx8 = if k % 2 == 0 {
-                    idx16
-                } else {
-                    _mm_srli_si128::<8>(idx16)
-                };
-                let idx = _mm256_cvtepu8_epi32(idx8);
-                let from_low = _mm256_permutevar8x32_ps(low_table, idx);
-                let from_high = _mm256_permutevar8x32_ps(high_table, idx);
-                let use_high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
-                let value = _mm256_blendv_ps(from_low, from_high, use_high);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(8 * k), _mm256_mul_ps(value, scale));
-            }
-        }
     }
 }
