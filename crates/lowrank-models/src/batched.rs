@@ -22,8 +22,53 @@ pub struct RowStep<'a> {
 /// Rows of the flattened token matrix that share one adapter.
 struct AdapterGroup<'a> {
     adapter: &'a LoraAdapter,
-    /// Token indices (u32) into the flattened batch.
+    /// Token indices into the flattened batch, as a tensor (for gathers) and as numbers.
     index: Tensor,
+    rows: Vec<u32>,
+}
+
+/// Σ s·B(A·x) for every LoRA (not DoRA) group's rows in one pass over plain slices: with one or
+/// a few rows per adapter (decoding many tenants), candle's per-op overhead for gathers, two
+/// tiny matmuls and a scatter-add per group would cost more than the arithmetic. The adapter
+/// factors are small (r × (in + out)), so reading them out is cheap.
+fn lora_rows_direct(
+    name: &str,
+    x: &Tensor,
+    out_f: usize,
+    groups: &[AdapterGroup],
+) -> Result<Vec<f32>> {
+    let (n, in_f) = x.dims2()?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut delta = vec![0f32; n * out_f];
+    for group in groups {
+        let Some(m) = group.adapter.modules.get(name) else {
+            continue;
+        };
+        let a = m.a.flatten_all()?.to_vec1::<f32>()?;
+        let b = m.b.flatten_all()?.to_vec1::<f32>()?;
+        let r = m.rank();
+        let scale = m.scale as f32;
+        let mut ax = vec![0f32; r];
+        for &row in &group.rows {
+            let row = row as usize;
+            let xr = &xs[row * in_f..(row + 1) * in_f];
+            for (k, v) in ax.iter_mut().enumerate() {
+                *v = scale
+                    * xr.iter()
+                        .zip(&a[k * in_f..(k + 1) * in_f])
+                        .map(|(p, q)| p * q)
+                        .sum::<f32>();
+            }
+            for (o, d) in delta[row * out_f..(row + 1) * out_f].iter_mut().enumerate() {
+                *d += b[o * r..(o + 1) * r]
+                    .iter()
+                    .zip(&ax)
+                    .map(|(p, q)| p * q)
+                    .sum::<f32>();
+            }
+        }
+    }
+    Ok(delta)
 }
 
 impl Proj {
@@ -35,6 +80,17 @@ impl Proj {
             Some(b) => base.broadcast_add(b)?,
             None => base.clone(),
         };
+        let all_lora = groups.iter().all(|g| {
+            g.adapter
+                .modules
+                .get(&self.name)
+                .is_none_or(|m| m.magnitude.is_none())
+        });
+        if all_lora && !groups.is_empty() {
+            let (n, out_f) = y.dims2()?;
+            let delta = lora_rows_direct(&self.name, x, out_f, groups)?;
+            return Ok((y + Tensor::from_vec(delta, (n, out_f), x.device())?)?);
+        }
         for group in groups {
             let Some(module) = group.adapter.modules.get(&self.name) else {
                 continue;
@@ -97,7 +153,8 @@ impl Llama {
                 let n = idx.len();
                 Ok(AdapterGroup {
                     adapter,
-                    index: Tensor::from_vec(idx, n, device)?,
+                    index: Tensor::from_vec(idx.clone(), n, device)?,
+                    rows: idx,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -193,8 +250,46 @@ mod tests {
             .unwrap()
     }
 
-    /// Rows with different adapters (LoRA, DoRA, none) and different cache lengths give each
-    /// row exactly what a forward of that row alone gives.
+    /// Each row of a batched step equals a forward of that row alone, for rows with different
+    /// adapters and cache lengths.
+    fn check_rows_alone(model: &Llama, adapters: [Option<&LoraAdapter>; 3]) {
+        let prompts: [&[u32]; 3] = [&[1, 40, 41, 42, 43], &[1, 50, 51], &[1, 60, 61, 62]];
+        let mut expect = Vec::new();
+        for (p, a) in prompts.iter().zip(adapters) {
+            let active: Vec<ActiveAdapter> = a.into_iter().map(ActiveAdapter::new).collect();
+            let ids = Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let logits = model.forward(&ids, None, &active).unwrap();
+            expect.push(logits.squeeze(0).unwrap().get(p.len() - 1).unwrap());
+        }
+        // Prefill different-length prefixes first, then the rest in one mixed step.
+        let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new()).collect();
+        let split = [2usize, 1, 3];
+        for part in 0..2 {
+            let mut rows: Vec<RowStep> = caches
+                .iter_mut()
+                .zip(prompts.iter().zip(adapters))
+                .zip(split)
+                .map(|((cache, (p, adapter)), s)| {
+                    let tokens = if part == 0 { &p[..s] } else { &p[s..] };
+                    RowStep {
+                        tokens,
+                        cache,
+                        adapter,
+                    }
+                })
+                .collect();
+            let got = model.forward_rows(&mut rows).unwrap();
+            if part == 1 {
+                for (i, e) in expect.iter().enumerate() {
+                    let d = max_diff(&got.get(i).unwrap(), e);
+                    assert!(d < 1e-4, "row {i}: {d}");
+                }
+            }
+        }
+        assert_eq!(caches[0].len(), 5);
+        assert_eq!(caches[1].len(), 3);
+    }
+
     #[test]
     fn mixed_adapter_rows_equal_single_row_forwards() {
         let model = Llama::load(&fixture("models/llama-tied"), &Device::Cpu).unwrap();
@@ -204,48 +299,9 @@ mod tests {
         let dora = model
             .load_adapter(&fixture("adapters/llama-tied__dora"))
             .unwrap();
-        let prompts: [&[u32]; 3] = [&[1, 40, 41, 42, 43], &[1, 50, 51], &[1, 60, 61, 62]];
-        let adapters = [Some(&lora), Some(&dora), None];
-        // Reference: each row alone through the ordinary forward, continuing after a prefix.
-        let mut expect = Vec::new();
-        for (p, a) in prompts.iter().zip(adapters) {
-            let active: Vec<ActiveAdapter> = a.into_iter().map(ActiveAdapter::new).collect();
-            let ids = Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let logits = model.forward(&ids, None, &active).unwrap();
-            expect.push(logits.squeeze(0).unwrap().get(p.len() - 1).unwrap());
-        }
-        // Batched: prefill different-length prefixes first, then the rest in one mixed step.
-        let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new()).collect();
-        let split = [2usize, 1, 3];
-        {
-            let mut rows: Vec<RowStep> = caches
-                .iter_mut()
-                .zip(prompts.iter().zip(adapters))
-                .zip(split)
-                .map(|((cache, (p, adapter)), s)| RowStep {
-                    tokens: &p[..s],
-                    cache,
-                    adapter,
-                })
-                .collect();
-            model.forward_rows(&mut rows).unwrap();
-        }
-        let mut rows: Vec<RowStep> = caches
-            .iter_mut()
-            .zip(prompts.iter().zip(adapters))
-            .zip(split)
-            .map(|((cache, (p, adapter)), s)| RowStep {
-                tokens: &p[s..],
-                cache,
-                adapter,
-            })
-            .collect();
-        let got = model.forward_rows(&mut rows).unwrap();
-        for (i, e) in expect.iter().enumerate() {
-            let d = max_diff(&got.get(i).unwrap(), e);
-            assert!(d < 1e-4, "row {i}: {d}");
-        }
-        assert_eq!(caches[0].len(), 5);
-        assert_eq!(caches[1].len(), 3);
+        // DoRA in the batch: the tensor path for every linear it touches.
+        check_rows_alone(&model, [Some(&lora), Some(&dora), None]);
+        // LoRA only: the direct per-row path.
+        check_rows_alone(&model, [Some(&lora), None, Some(&lora)]);
     }
 }

@@ -639,3 +639,45 @@ async fn merged_mode_serves_one_adapter_at_base_speed() {
     assert_eq!(s, 422);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_cut_the_text_and_end_the_request() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    let full = expected_text(Some("llama-tied__lora-qv"), "The quick cat", 24);
+    // A stop string taken from the middle of the greedy answer.
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[6..8].iter().collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    let mut body = completion("tenant-lora", "The quick cat", 24);
+    body["stop"] = json!([stop]);
+    let (s, b) = server.post("/v1/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["choices"][0]["text"], cut);
+    assert_eq!(b["choices"][0]["finish_reason"], "stop");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_their_timeout_get_an_error() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.request_timeout_s = 0;
+    let server = Server::start(opts).await;
+    let (s, b) = server
+        .post("/v1/completions", completion("base", "The quick cat", 8))
+        .await;
+    assert_eq!(s, 500, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{b}"
+    );
+    assert!(server
+        .get("/metrics")
+        .await
+        .contains("lowrank_requests_total{status=\"timed_out\"} 1"));
+    server.stop().await;
+}
