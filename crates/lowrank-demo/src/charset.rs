@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use serde_json::{json, Value};
 
 pub const UNK: &str = "<unk>";

@@ -8,6 +8,7 @@
 
 pub mod charset;
 pub mod engine;
+pub mod error;
 pub mod evaluate;
 pub mod pipeline;
 pub mod report;

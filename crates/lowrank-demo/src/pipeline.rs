@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use candle_core::Device;
 use lowrank_core::lora::LoraAdapter;
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
@@ -660,7 +660,11 @@ pub fn run(
     }
 
     // A few generations to look at.
-    let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(anyhow::Error::from);
+    let decode = |ids: &[u32]| {
+        tokenizer
+            .decode(ids, true)
+            .map_err(crate::error::Error::from)
+    };
     let mut samples = Vec::new();
     for task in Task::ALL {
         let Some(outputs) = own_outputs.get(&task) else {
@@ -735,7 +739,7 @@ pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

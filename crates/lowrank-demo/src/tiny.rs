@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use crate::error::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -94,15 +94,19 @@ impl TinyConfig {
     /// Writes a randomly initialized checkpoint (as transformers initializes Llama: normal
     /// weights, unit norms) with the demo tokenizer into `dir`. Deterministic in `seed`.
     pub fn write_random(&self, dir: &Path, seed: u64) -> Result<()> {
-        anyhow::ensure!(
-            self.hidden_size % self.num_heads == 0 && self.num_heads % self.num_kv_heads == 0,
-            "hidden size {} / {} heads / {} kv heads do not divide",
-            self.hidden_size,
-            self.num_heads,
-            self.num_kv_heads
-        );
+        if !(self.hidden_size.is_multiple_of(self.num_heads)
+            && self.num_heads.is_multiple_of(self.num_kv_heads))
+        {
+            bail!(
+                "hidden size {} / {} heads / {} kv heads do not divide",
+                self.hidden_size,
+                self.num_heads,
+                self.num_kv_heads
+            );
+        }
         let mut rng = StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0f32, INIT_STD)?;
+        let normal = Normal::new(0f32, INIT_STD)
+            .map_err(|e| crate::error::Error::Msg(format!("normal distribution: {e}")))?;
         let mut tensors = Vec::new();
         for (name, shape) in self.tensor_shapes() {
             let n: usize = shape.iter().product();
