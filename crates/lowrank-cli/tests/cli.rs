@@ -224,8 +224,11 @@ fn generate_streams_text_and_is_deterministic() {
         "0.8",
         "--top-p",
         "0.9",
+        "--top-k",
+        "20",
         "--seed",
         "3",
+        "--ignore-eos",
     ];
     let a = lowrank(&args);
     let b = lowrank(&args);
@@ -417,5 +420,136 @@ fn bad_models_and_data_are_named_errors() {
     assert_fails_with(
         &lowrank(&["eval", "--model", &m, "--data", &eval_data]),
         &["gate_proj", "has shape"],
+    );
+}
+
+/// `lowrank train` end to end with the flags the README shows: output files, log fields,
+/// determinism under a seed, and the trained adapter used by `eval`.
+#[test]
+fn train_writes_adapter_log_plot_and_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let out = tmp.path().join(name);
+        let o = out.to_string_lossy().into_owned();
+        let model = fx("models/llama-tied");
+        let data = fx("data/train.jsonl");
+        let args = [
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--out",
+            &o,
+            "--eval-split",
+            "0.2",
+            "--targets",
+            "q_proj,v_proj",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--lr",
+            "1e-2",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "3",
+            "--save-every",
+            "2",
+            "--seed",
+            "7",
+            "--max-len",
+            "32",
+            "--quiet",
+        ];
+        let result = lowrank(&args);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        out
+    };
+    let out = run("a");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_log.jsonl",
+        "loss.svg",
+        "checkpoint-2",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let log = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
+    let rows: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r.get("step").is_some() && r.get("grad_norm").is_some())
+        .collect();
+    assert_eq!(
+        steps
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for r in &steps {
+        for field in ["loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_mb"] {
+            assert!(
+                r[field].as_f64().is_some_and(f64::is_finite),
+                "{field} in {r}"
+            );
+        }
+    }
+    assert!(
+        rows.iter().any(|r| r.get("eval_loss").is_some()),
+        "no eval line: {log}"
+    );
+    // Same seed, same data, same machine: the same losses.
+    let again = std::fs::read_to_string(run("b").join("training_log.jsonl")).unwrap();
+    let losses = |text: &str| -> Vec<f64> {
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r.get("grad_norm").is_some())
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(&log), losses(&again));
+    let adapter = out.to_string_lossy().into_owned();
+    json_out(&lowrank(&[
+        "eval",
+        "--model",
+        &fx("models/llama-tied"),
+        "--adapter",
+        &adapter,
+        "--data",
+        &fx("data/eval.jsonl"),
+    ]));
+    // A bad line is named by file and line.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"ok\"}\n{\"prompt\": 3}\n").unwrap();
+    let b = bad.to_string_lossy().into_owned();
+    let o = tmp.path().join("c").to_string_lossy().into_owned();
+    assert_fails_with(
+        &lowrank(&[
+            "train",
+            "--model",
+            &fx("models/llama-tied"),
+            "--data",
+            &b,
+            "--out",
+            &o,
+        ]),
+        &["bad.jsonl:2"],
     );
 }

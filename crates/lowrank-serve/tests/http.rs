@@ -681,3 +681,53 @@ async fn requests_past_their_timeout_get_an_error() {
         .contains("lowrank_requests_total{status=\"timed_out\"} 1"));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adapter_memory_budget_evicts_too() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    // Room for no adapter at all: each load evicts every other idle one.
+    opts.adapter_memory_mb = 0;
+    let server = Server::start(opts).await;
+    for model in ["tenant-lora", "tenant-dora"] {
+        let (s, b) = server
+            .post("/v1/completions", completion(model, "x", 2))
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let metrics = server.get("/metrics").await;
+    assert!(metrics.contains("lowrank_adapters_loaded 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("lowrank_adapter_evictions_total 1\n"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_running_requests() {
+    let root = adapter_root();
+    let mut server = Server::start(options(root.path())).await;
+    let url = format!("{}/v1/completions", server.url);
+    let long = tokio::spawn(async move {
+        let resp = reqwest::Client::new()
+            .post(url)
+            .json(&completion("tenant-lora", "The quick cat", 240))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    });
+    server.wait_running(1).await;
+    let _ = server.shutdown.take().unwrap().send(());
+    let (s, b) = long.await.unwrap();
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["choices"][0]["text"],
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 240)
+    );
+    tokio::time::timeout(Duration::from_secs(30), server.handle)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -294,3 +294,86 @@ impl LoraAdapter {
         self.modules.values().map(LoraModule::num_parameters).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::ModuleSelector;
+
+    fn config() -> LoraConfig {
+        LoraConfig::new(
+            2,
+            4.0,
+            ModuleSelector::Names(vec!["q_proj".into(), "embed_tokens".into()]),
+        )
+    }
+
+    fn base() -> Vec<LinearShape> {
+        vec![LinearShape {
+            name: "model.layers.0.self_attn.q_proj".into(),
+            out_features: 3,
+            in_features: 4,
+        }]
+    }
+
+    fn zeros(shape: (usize, usize)) -> Tensor {
+        Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn err(tensors: Vec<(String, Tensor)>) -> String {
+        LoraAdapter::from_tensors(
+            config(),
+            tensors,
+            &base(),
+            Path::new("adapter_model.safetensors"),
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
+    #[test]
+    fn unsupported_and_unmatched_keys_are_named() {
+        let emb = "base_model.model.model.embed_tokens.lora_embedding_A".to_string();
+        let e = err(vec![(emb, zeros((2, 10)))]);
+        assert!(
+            e.contains("embedding adapters are not supported")
+                && e.contains("adapter_model.safetensors"),
+            "{e}"
+        );
+        let e = err(vec![(
+            "model.layers.0.self_attn.q_proj.lora_A.weight".into(),
+            zeros((2, 4)),
+        )]);
+        assert!(e.contains("expected a PEFT key"), "{e}");
+        let e = err(vec![(
+            "base_model.model.model.layers.0.self_attn.q_proj.bias".into(),
+            zeros((3, 1)),
+        )]);
+        assert!(e.contains("not a LoRA tensor"), "{e}");
+        let e = err(vec![(
+            "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight".into(),
+            zeros((2, 4)),
+        )]);
+        assert!(e.contains("not a linear layer of the base model"), "{e}");
+    }
+
+    #[test]
+    fn a_well_formed_module_loads_with_its_scale() {
+        let q = "base_model.model.model.layers.0.self_attn.q_proj";
+        let adapter = LoraAdapter::from_tensors(
+            config(),
+            vec![
+                (format!("{q}.lora_A.weight"), zeros((2, 4))),
+                (format!("{q}.lora_B.weight"), zeros((3, 2))),
+            ],
+            &base(),
+            Path::new("adapter_model.safetensors"),
+        )
+        .unwrap();
+        assert_eq!(
+            adapter.modules["model.layers.0.self_attn.q_proj"].scale,
+            2.0
+        );
+        assert_eq!(adapter.num_parameters(), 2 * (3 + 4));
+    }
+}
