@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use lowrank_quant::{QMatMul, QuantType, Quantized4Bit};
 
 use crate::error::{Error, Result};
@@ -172,7 +172,7 @@ fn quantized_row_norm(q: &Quantized4Bit, delta: &Tensor) -> Result<Tensor> {
         )));
     }
     let d = delta
-        .to_dtype(candle_core::DType::F32)?
+        .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let lut = q.pair_lut();
@@ -224,6 +224,16 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut out_dims = dims;
     *out_dims.last_mut().expect("x has at least one dimension") = out_f;
     Ok(y.reshape(out_dims)?)
+}
+
+/// y·f with one factor per output feature (DoRA's m/‖W + ΔW‖): the fused parallel kernel for
+/// f32 CPU tensors, candle's broadcast multiply elsewhere.
+fn scale_columns(y: &Tensor, factor: &Tensor) -> Result<Tensor> {
+    if y.device().is_cpu() && y.dtype() == DType::F32 && factor.dtype() == DType::F32 {
+        Ok(lowrank_kernels::scale_columns(y, factor)?)
+    } else {
+        Ok(y.broadcast_mul(factor)?)
+    }
 }
 
 /// The L2 norm of each row of W + ΔW: DoRA's ‖·‖ over the input dimension, one per output.
@@ -311,10 +321,7 @@ impl AdaptedLinear {
             BaseWeight::Dense(w) => w,
         };
         let q = Quantized4Bit::from_tensor(w, spec.kind, spec.block_size, spec.double_quant)?;
-        let orig = w
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let orig = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut stats = QuantizeStats {
             numel: orig.len(),
             ..Default::default()
@@ -361,8 +368,8 @@ impl AdaptedLinear {
         let mut y = self.base.matmul_t(x)?;
         if let Some((m, factor)) = self.dora_factor(active)? {
             let base_d = self.base.matmul_t(xd)?;
-            let extra = (base_d.broadcast_mul(&(&factor - 1.0)?)?
-                + lora_path(xd, m, 1.0)?.broadcast_mul(&factor)?)?;
+            let extra = (scale_columns(&base_d, &(&factor - 1.0)?)?
+                + scale_columns(&lora_path(xd, m, 1.0)?, &factor)?)?;
             y = (y + extra)?;
         } else {
             for a in active {
@@ -406,7 +413,7 @@ impl AdaptedLinear {
         }
         let mut y = self.base.matmul_t(x)?;
         if let Some((m, factor)) = self.dora_factor(active)? {
-            y = (y + lora_path(x, m, 1.0)?)?.broadcast_mul(&factor)?;
+            y = scale_columns(&(y + lora_path(x, m, 1.0)?)?, &factor)?;
         } else {
             for a in active {
                 y = (y + lora_path(x, a.module, a.weight)?)?;

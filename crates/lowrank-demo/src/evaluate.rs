@@ -186,7 +186,9 @@ pub fn batch_greedy(
     for p in prompts {
         model.check_ids(p)?;
     }
-    let mut cache = lowrank_models::KvCache::new();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let most = limits.iter().copied().max().unwrap_or(0);
+    let mut cache = lowrank_models::KvCache::with_capacity(longest + most);
     let mut input = Tensor::new(
         prompts.iter().map(|p| p.to_vec()).collect::<Vec<_>>(),
         device,

@@ -33,6 +33,40 @@ pub fn causal_attention(
     attention_blocks(q, k, v, scale, past, sliding_window, BLOCK_Q, BLOCK_K)
 }
 
+/// Decoding against a preallocated KV cache: `k_cache`/`v_cache` are (b, kv, capacity, d)
+/// buffers whose first `cached` positions are valid, the last `t` of them being the queries'
+/// own. Reads the buffers in place (no copy of the valid prefix). Inference only: fails when
+/// an input records gradients.
+pub fn causal_attention_cached(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    cached: usize,
+    scale: f32,
+    sliding_window: Option<usize>,
+) -> Result<Tensor> {
+    if q.track_op() || k_cache.track_op() || v_cache.track_op() {
+        bail!("causal_attention_cached: inference only, but an input records gradients")
+    }
+    let (t, capacity) = (q.dim(2)?, k_cache.dim(2)?);
+    if cached < t || cached > capacity {
+        bail!("causal_attention_cached: {cached} cached positions do not hold {t} queries in a cache of {capacity}")
+    }
+    check_attention(q, k_cache, v_cache, sliding_window)?;
+    let op = Attention {
+        scale,
+        past: cached - t,
+        window: sliding_window,
+        block_q: BLOCK_Q,
+        block_k: BLOCK_K,
+        keys: Some(cached),
+        keep_lse: false,
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k_cache.contiguous()?, &v_cache.contiguous()?, op)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_blocks(
     q: &Tensor,
@@ -44,6 +78,31 @@ pub(crate) fn attention_blocks(
     block_q: usize,
     block_k: usize,
 ) -> Result<Tensor> {
+    check_attention(q, k, v, sliding_window)?;
+    if block_q == 0 || block_q > BLOCK_Q_MAX || block_k == 0 {
+        bail!("causal_attention: bad block sizes {block_q}×{block_k}")
+    }
+    let op = Attention {
+        scale,
+        past,
+        window: sliding_window,
+        block_q,
+        block_k,
+        keys: None,
+        keep_lse: q.track_op() || k.track_op() || v.track_op(),
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// Shapes: q (b, h, t, d), k and v (b, kv, s, d) with h a multiple of kv.
+fn check_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sliding_window: Option<usize>,
+) -> Result<()> {
     let (b, h, _t, d) = q.dims4()?;
     let (kb, kv, _s, kd) = k.dims4()?;
     if k.dims() != v.dims() || kb != b || kd != d {
@@ -57,23 +116,10 @@ pub(crate) fn attention_blocks(
     if kv == 0 || h % kv != 0 {
         bail!("causal_attention: {h} query heads are not a multiple of {kv} kv heads")
     }
-    if block_q == 0 || block_q > BLOCK_Q_MAX || block_k == 0 {
-        bail!("causal_attention: bad block sizes {block_q}×{block_k}")
-    }
     if sliding_window == Some(0) {
         bail!("causal_attention: a sliding window of 0 sees nothing")
     }
-    let op = Attention {
-        scale,
-        past,
-        window: sliding_window,
-        block_q,
-        block_k,
-        keep_lse: q.track_op() || k.track_op() || v.track_op(),
-        lse: Mutex::new(None),
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    Ok(())
 }
 
 struct Attention {
@@ -82,6 +128,8 @@ struct Attention {
     window: Option<usize>,
     block_q: usize,
     block_k: usize,
+    /// Valid keys when k/v are a preallocated cache longer than that (None: all of them).
+    keys: Option<usize>,
     keep_lse: bool,
     /// (b, h, t) log-sum-exp of each query row's scaled scores, kept by forward for backward.
     lse: Mutex<Option<Tensor>>,
@@ -225,6 +273,7 @@ impl CustomOp3 for Attention {
         );
         let (b, h, t, d) = l1.shape().dims4()?;
         let (_, kv, s, _) = l2.shape().dims4()?;
+        let keys = self.keys.unwrap_or(s);
         let group = h / kv;
         let mut out = vec![0f32; b * h * t * d];
         let mut lse = vec![0f32; b * h * t];
@@ -244,7 +293,7 @@ impl CustomOp3 for Attention {
                         .for_each_init(Vec::new, |sbuf, (blk, (o, ls))| {
                             let i0 = blk * bq;
                             let qb = &qh[i0 * d..(i0 + ls.len()) * d];
-                            self.forward_block(s, d, qb, kh, vh, i0, o, ls, sbuf);
+                            self.forward_block(keys, d, qb, kh, vh, i0, o, ls, sbuf);
                         });
                 });
         }
@@ -556,5 +605,31 @@ mod tests {
             None
         )
         .is_err());
+    }
+
+    /// A preallocated cache read in place equals attention over its valid prefix; what lies
+    /// beyond the valid positions (here random values) is never read.
+    #[test]
+    fn cached_buffers_equal_the_valid_prefix() {
+        for (t, cached, window) in [(1, 10, None), (3, 10, None), (1, 16, Some(4)), (4, 4, None)] {
+            let q = randt(&[2, 6, t, 8], 41, 1.0);
+            let k_cache = randt(&[2, 2, 16, 8], 42, 1.0);
+            let v_cache = randt(&[2, 2, 16, 8], 43, 1.0);
+            let (k, v) = (
+                k_cache.narrow(2, 0, cached).unwrap(),
+                v_cache.narrow(2, 0, cached).unwrap(),
+            );
+            let want = causal_attention(&q, &k, &v, 0.3, cached - t, window).unwrap();
+            let got = causal_attention_cached(&q, &k_cache, &v_cache, cached, 0.3, window).unwrap();
+            assert!(rel_err(&got, &want) < 1e-6, "t={t} cached={cached}");
+        }
+        let q = randt(&[1, 2, 3, 4], 44, 1.0);
+        let cache = randt(&[1, 1, 8, 4], 45, 1.0);
+        let err = causal_attention_cached(&q, &cache, &cache, 2, 0.5, None).unwrap_err();
+        assert!(err.to_string().contains("do not hold"), "{err}");
+        let tracked = candle_core::Var::from_tensor(&q).unwrap();
+        assert!(
+            causal_attention_cached(tracked.as_tensor(), &cache, &cache, 4, 0.5, None).is_err()
+        );
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod column_scale;
 mod cpu;
 pub mod cross_entropy;
 pub mod decode;
@@ -27,9 +28,10 @@ pub mod swiglu;
 #[cfg(test)]
 pub(crate) mod test_util;
 
-pub use attention::causal_attention;
+pub use attention::{causal_attention, causal_attention_cached};
 
 pub use adamw::adamw_step;
+pub use column_scale::scale_columns;
 pub use cross_entropy::chunked_cross_entropy;
 pub use decode::{gemv_bf16, lora_linear_decode_bf16};
 pub use frozen_linear::frozen_linear;

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::column_scale::scale_columns;
 use crate::cpu::{dot, require_cpu, sgemm, slice, sum_sq, view, Mat};
 
 const NAME: &str = "lowrank-lora-linear";
@@ -77,7 +78,7 @@ pub fn dora_linear(
 ) -> Result<Tensor> {
     let norm = dora_row_norm(w, a, b, scale)?;
     let factor = magnitude.broadcast_div(&norm)?;
-    let y = lora_linear(x, w, None, a, b, scale)?.broadcast_mul(&factor)?;
+    let y = scale_columns(&lora_linear(x, w, None, a, b, scale)?, &factor)?;
     match bias {
         Some(bias) => y.broadcast_add(&bias.detach()),
         None => Ok(y),

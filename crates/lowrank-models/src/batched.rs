@@ -9,7 +9,7 @@ use lowrank_core::linear::matmul_t;
 use lowrank_core::lora::{LoraAdapter, LoraModule};
 use lowrank_core::{Error, Result};
 
-use super::{causal_mask, rms_norm, KvCache, Llama, Proj};
+use super::{rms_norm, KvCache, Llama, Proj};
 
 /// One sequence's part of a batched step: its new tokens (a prompt chunk, or the last
 /// sampled token), its cache (advanced by the step) and its adapter.
@@ -168,7 +168,6 @@ impl Llama {
         let ids = Tensor::new(all.as_slice(), device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let group = heads / kv_heads;
         for (layer_index, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let q = layer.q.forward_grouped(&normed, &groups)?;
@@ -176,7 +175,7 @@ impl Llama {
             let v = layer.v.forward_grouped(&normed, &groups)?;
             let mut outputs = Vec::with_capacity(rows.len());
             for (i, row) in rows.iter_mut().enumerate() {
-                let (start, seq, past) = (starts[i], row.tokens.len(), pasts[i]);
+                let (start, seq) = (starts[i], row.tokens.len());
                 let heads_of = |t: &Tensor, n: usize| -> Result<Tensor> {
                     Ok(t.narrow(0, start, seq)?
                         .reshape((1, seq, n, head_dim))?
@@ -185,24 +184,10 @@ impl Llama {
                 };
                 let qr = tables[i].apply(&heads_of(&q, heads)?)?;
                 let kr = tables[i].apply(&heads_of(&k, kv_heads)?)?;
-                let (kr, vr) = row.cache.append(layer_index, kr, heads_of(&v, kv_heads)?)?;
-                let total = kr.dim(2)?;
-                let qr = qr.reshape((1, kv_heads, group * seq, head_dim))?;
-                let mut scores = (qr.matmul(&kr.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-                if seq > 1 || c.sliding_window.is_some() {
-                    let mask = causal_mask(seq, past, c.sliding_window, device)?;
-                    scores = scores
-                        .reshape((1, kv_heads, group, seq, total))?
-                        .broadcast_add(&mask)?;
-                }
-                // Inference only, so the fused softmax (which has no backward) is fine here.
-                let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.reshape((
-                    1,
-                    kv_heads,
-                    group * seq,
-                    total,
-                ))?;
-                let attn = probs.matmul(&vr)?.reshape((1, heads, seq, head_dim))?;
+                let attn = row
+                    .cache
+                    .append(layer_index, kr, heads_of(&v, kv_heads)?)?
+                    .attend(&qr, c.sliding_window)?;
                 outputs.push(attn.transpose(1, 2)?.reshape((seq, heads * head_dim))?);
             }
             let attn = Tensor::cat(&outputs, 0)?;

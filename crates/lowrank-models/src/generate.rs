@@ -104,7 +104,8 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     model.check_ids(prompt)?;
-    let mut cache = KvCache::new();
+    // Room for the whole answer up front: no cache copy while decoding.
+    let mut cache = KvCache::with_capacity(prompt.len() + max_tokens);
     let mut out = Vec::new();
     let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     for _ in 0..max_tokens {

@@ -129,10 +129,73 @@ impl Layer {
     }
 }
 
-/// Keys and values of past positions, per layer: (batch, kv_heads, positions, head_dim).
-#[derive(Debug, Clone, Default)]
+/// Keys and values of past positions, per layer, in buffers (batch, kv_heads, capacity,
+/// head_dim) allocated ahead, so a decoding step writes its one position in place instead of
+/// copying the whole cache (`Tensor::cat` per step makes decoding quadratic in length).
+/// Capacity is what [`KvCache::with_capacity`] reserved, doubled when a step needs more.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+    reserve: usize,
+}
+
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// One layer's cache after an append: the buffers and how many positions are valid.
+pub(crate) struct CachedKv {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub len: usize,
+}
+
+impl CachedKv {
+    /// The valid positions as (narrowed, non-contiguous) views.
+    pub fn valid(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+
+    /// Causal attention of `q` (batch, heads, seq, head_dim) — the last `seq` cached positions'
+    /// queries — over the cache: the fused kernel reading the buffers in place on the CPU, the
+    /// composed candle ops elsewhere.
+    pub fn attend(&self, q: &Tensor, sliding_window: Option<usize>) -> Result<Tensor> {
+        let (batch, heads, seq, head_dim) = q.dims4()?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            return Ok(lowrank_kernels::causal_attention_cached(
+                q,
+                &self.k,
+                &self.v,
+                self.len,
+                scale as f32,
+                sliding_window,
+            )?);
+        }
+        let (k, v) = self.valid()?;
+        let kv_heads = k.dim(1)?;
+        let group = heads / kv_heads;
+        let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if seq > 1 || sliding_window.is_some() {
+            let mask = causal_mask(seq, self.len - seq, sliding_window, q.device())?;
+            scores = scores
+                .reshape((batch, kv_heads, group, seq, self.len))?
+                .broadcast_add(&mask)?
+                .reshape((batch, kv_heads, group * seq, self.len))?;
+        }
+        // Inference only, so the fused softmax (which has no backward) is fine here.
+        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        Ok(probs
+            .matmul(&v.contiguous()?)?
+            .reshape((batch, heads, seq, head_dim))?)
+    }
 }
 
 impl KvCache {
@@ -140,28 +203,70 @@ impl KvCache {
         Self::default()
     }
 
+    /// A cache with room for `positions` positions per layer (prompt + tokens to generate),
+    /// allocated at the first step.
+    pub fn with_capacity(positions: usize) -> Self {
+        Self {
+            layers: Vec::new(),
+            reserve: positions,
+        }
+    }
+
     /// Positions already cached.
     pub fn len(&self) -> usize {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+            .map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    /// Positions each layer holds room for (0 before the first step).
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |l| l.k.dim(2).unwrap_or(0))
+    }
+
+    /// Writes `k`, `v` (batch, kv_heads, seq, head_dim) after the layer's cached positions.
+    pub(crate) fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<CachedKv> {
         if self.layers.len() <= layer {
-            self.layers.resize(layer + 1, None);
+            self.layers.resize_with(layer + 1, || None);
         }
-        let (k, v) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        let (batch, kv_heads, seq, head_dim) = k.dims4()?;
+        let (len, needed) = match &self.layers[layer] {
+            Some(l) => (l.len, l.len + seq),
+            None => (0, seq),
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let capacity = self.layers[layer]
+            .as_ref()
+            .map_or(0, |l| l.k.dim(2).unwrap_or(0));
+        if needed > capacity {
+            let grown = needed.max(2 * capacity).max(self.reserve);
+            let shape = (batch, kv_heads, grown, head_dim);
+            let (nk, nv) = (
+                Tensor::zeros(shape, k.dtype(), k.device())?,
+                Tensor::zeros(shape, v.dtype(), v.device())?,
+            );
+            if let Some(old) = &self.layers[layer] {
+                nk.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            self.layers[layer] = Some(LayerKv { k: nk, v: nv, len });
+        }
+        let l = self.layers[layer].as_mut().expect("allocated above");
+        l.k.slice_set(&k.contiguous()?, 2, len)?;
+        l.v.slice_set(&v.contiguous()?, 2, len)?;
+        l.len = needed;
+        Ok(CachedKv {
+            k: l.k.clone(),
+            v: l.v.clone(),
+            len: needed,
+        })
     }
 }
 
@@ -839,10 +944,14 @@ impl Llama {
         let v = split_heads(proj(&layer.v, &normed, 2)?, kv_heads)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(index, k, v)?,
-            None => (k, v),
-        };
+        if let Some(cache) = cache {
+            let attn = cache
+                .append(index, k, v)?
+                .attend(&q, c.sliding_window)?
+                .transpose(1, 2)?
+                .reshape((batch, seq, heads * head_dim))?;
+            return self.layer_rest(layer, x, &attn, &proj);
+        }
         let total = k.dim(2)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let attn = match mask {
@@ -876,9 +985,20 @@ impl Llama {
         let attn = attn
             .transpose(1, 2)?
             .reshape((batch, seq, heads * head_dim))?;
-        let x = (x + proj(&layer.o, &attn, 3)?)?;
+        self.layer_rest(layer, x, &attn, &proj)
+    }
 
-        let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+    /// The layer after attention: output projection, residual, MLP, residual. `proj` applies
+    /// one of the layer's projections (numbered for dropout seeds).
+    fn layer_rest(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        attn: &Tensor,
+        proj: &dyn Fn(&Proj, &Tensor, u64) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let x = (x + proj(&layer.o, attn, 3)?)?;
+        let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
         let gate = proj(&layer.gate, &normed, 4)?;
         let up = proj(&layer.up, &normed, 5)?;
         let mlp = proj(&layer.down, &lowrank_kernels::swiglu(&gate, &up)?, 6)?;

@@ -276,6 +276,27 @@ fn kv_cached_decoding_equals_a_full_forward() {
         assert!(diff < 1e-4, "position {t}: {diff}");
     }
     assert_eq!(cache.len(), ids.len());
+    // Grown by doubling from the 5-position prompt.
+    assert!(cache.capacity() >= ids.len() && cache.capacity() < 2 * ids.len());
+
+    // Reserved up front: one allocation that never grows, the same logits.
+    let mut reserved = lowrank_models::KvCache::with_capacity(ids.len());
+    let whole = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.forward(&whole, Some(&mut reserved), &[]).unwrap();
+    let last = Tensor::new(&ids[ids.len() - 1..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let step = model.forward(&last, Some(&mut reserved), &[]).unwrap();
+    let diff = max_abs_diff(
+        &step.squeeze(0).unwrap().squeeze(0).unwrap(),
+        &full.get(ids.len() - 1).unwrap(),
+    );
+    assert!(diff < 1e-4, "last position with a reserved cache: {diff}");
+    assert_eq!(reserved.capacity(), ids.len());
 }
 
 #[test]

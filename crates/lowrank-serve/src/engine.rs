@@ -221,9 +221,11 @@ impl Worker {
 
     fn enqueue(&mut self, req: Request) {
         let sampler = Sampler::new(req.sampling.clone());
+        // The cache gets the room its admission reserves (prompt + max_tokens) at once.
+        let cache = KvCache::with_capacity(req.prompt.len() + req.max_tokens);
         self.waiting.push_back(Sequence {
             req,
-            cache: KvCache::new(),
+            cache,
             fed: 0,
             generated: Vec::new(),
             sampler,
