@@ -11,7 +11,13 @@ so that peak RSS is that measurement's alone:
 
 - LoRA training step (r=16, α=32, all-linear, batch 4 × 256 tokens, AdamW): seconds/step, peak RSS
 - DoRA training step, full fine-tuning step (same batch)
-- decoding tokens/s at batch 1: base, unmerged LoRA, merged LoRA; prefill tokens/s (256 tokens)
+- LoRA step with gradient checkpointing per layer (lowrank `--grad-checkpoint`, transformers
+  `gradient_checkpointing_enable()`): seconds/step, peak RSS
+- decoding tokens/s at batch 1: base, unmerged LoRA, merged LoRA; prefill tokens/s (256 tokens);
+  lowrank's base and unmerged LoRA again with `--bf16-weights` (ratio against transformers' f32)
+- the memory-bandwidth bound of decoding: bytes of weights read per token (every linear weight
+  and the LM head, f32) ÷ this machine's read bandwidth (torch summing a 1 GiB tensor, all
+  cores, best of 5), and each decode rate as a share of that bound
 
 PyTorch runs with torch's default threads (all cores), lowrank with its defaults.
 Needs: torch, transformers, peft (see scripts/make_fixtures.py for versions).
@@ -63,6 +69,26 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def read_bandwidth_gb_s():
+    """Bytes per second a multithreaded reduction streams from memory (best of 5)."""
+    import torch
+    x = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token():
+    """f32 bytes a batch-1 decoding step reads: every decoder linear weight and the LM head."""
+    head_dim = HIDDEN // HEADS
+    attn = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_HEADS * head_dim
+    mlp = 3 * HIDDEN * INTER
+    return 4 * (LAYERS * (attn + mlp) + VOCAB * HIDDEN)
+
+
 def torch_train(model_dir, method, steps):
     """Runs in a child process: seconds per step (median after one warm-up) and peak RSS."""
     import torch
@@ -71,6 +97,9 @@ def torch_train(model_dir, method, steps):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if method == "lora-ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if method != "full":
         config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, use_dora=method == "dora")
         model = get_peft_model(model, config)
@@ -125,19 +154,22 @@ def run_child(fn, *args):
 
 def lowrank_train(binary, model_dir, data, method, steps, work):
     out = os.path.join(work, f"train-{method}")
+    checkpointed = method == "lora-ckpt"
+    method = "lora" if checkpointed else method
     cmd = [binary, "train", "--model", model_dir, "--data", data, "--out", out, "--method", method,
            "--rank", "16", "--alpha", "32", "--targets", "all-linear", "--batch-size", str(BATCH),
            "--max-len", str(SEQ), "--max-steps", str(steps + 1), "--optimizer", "adamw", "--lr", "1e-4",
-           "--no-shuffle", "--quiet"]
+           "--no-shuffle", "--quiet"] + (["--grad-checkpoint"] if checkpointed else [])
     subprocess.run(cmd, check=True, capture_output=True)
     log = [json.loads(l) for l in open(os.path.join(out, "training_log.jsonl")) if '"step"' in l and '"loss"' in l]
     step_s = statistics.median(BATCH * SEQ / row["tokens_per_s"] for row in log[1:])
     return {"step_s": step_s, "peak_rss_mb": max(row["peak_rss_mb"] for row in log)}
 
 
-def lowrank_decode(binary, model_dir, adapter, merge, tokens):
+def lowrank_decode(binary, model_dir, adapter, merge, tokens, bf16=False):
     def gen(prompt, n):
         cmd = [binary, "generate", "--model", model_dir, "--prompt", prompt, "--max-tokens", str(n), "--ignore-eos"]
+        cmd += ["--bf16-weights"] if bf16 else []
         if adapter:
             cmd += ["--adapter", adapter] + (["--merge"] if merge else [])
         err = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
@@ -166,6 +198,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--lowrank", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "lowrank"))
     ap.add_argument("--skip-torch", action="store_true", help="measure lowrank only")
+    ap.add_argument("--skip-train", action="store_true", help="decoding only")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="lowrank-bench-")
@@ -178,26 +211,52 @@ def main():
         for t in texts(BATCH * (args.steps + 1), seed=3):
             f.write(json.dumps({"text": t}) + "\n")
 
-    rows = []
-    for method in ["lora", "dora", "full"]:
+    rows, ours_of = [], {}
+    for method in [] if args.skip_train else ["lora", "dora", "full", "lora-ckpt"]:
         print(f"training step: {method} ...", file=sys.stderr)
         ours = lowrank_train(args.lowrank, model_dir, data, method, args.steps, work)
         theirs = None if args.skip_torch else run_child("torch_train", model_dir, method, args.steps)
+        ours_of[method] = ours
         rows.append((f"{method} step (s)", ours["step_s"], theirs and theirs["step_s"], "lower"))
         rows.append((f"{method} peak RSS (MB)", ours["peak_rss_mb"], theirs and theirs["peak_rss_mb"], "lower"))
     for mode in ["base", "unmerged", "merged"]:
         print(f"decoding: {mode} ...", file=sys.stderr)
         ours = lowrank_decode(args.lowrank, model_dir, adapter if mode != "base" else None, mode == "merged", args.decode_tokens)
         theirs = None if args.skip_torch else run_child("torch_decode", model_dir, mode, args.decode_tokens)
+        ours_of[mode] = ours
         rows.append((f"decode {mode} (tok/s)", ours["decode_tok_s"], theirs and theirs["decode_tok_s"], "higher"))
         if mode == "base":
             rows.append(("prefill 256 (tok/s)", ours["prefill_tok_s"], theirs and theirs["prefill_tok_s"], "higher"))
+    base_f32_torch = next((t for n, _, t, _ in rows if n == "decode base (tok/s)"), None)
+    for mode in ["base", "unmerged"]:
+        print(f"decoding over bf16 weights: {mode} ...", file=sys.stderr)
+        ours = lowrank_decode(args.lowrank, model_dir, adapter if mode != "base" else None, False, args.decode_tokens, bf16=True)
+        ours_of[f"{mode} bf16"] = ours
+        # Against transformers' f32 decoding (its bf16 CPU path computes in bf16, not comparable).
+        rows.append((f"decode {mode} bf16 (tok/s)", ours["decode_tok_s"], base_f32_torch if mode == "base" else None, "higher"))
 
     print(f"\n{'measure':<26} {'lowrank':>10} {'torch+peft':>11} {'ratio':>7}  (ratio = lowrank / torch)")
     for name, ours, theirs, better in rows:
         ratio = f"{ours / theirs:7.2f}" if theirs else "      -"
         theirs_s = f"{theirs:11.2f}" if theirs else "          -"
         print(f"{name:<26} {ours:10.2f} {theirs_s} {ratio}  ({better} is better)")
+
+    bandwidth = run_child("read_bandwidth_gb_s")
+    per_token = weight_bytes_per_token()
+    bound = bandwidth * 1e9 / per_token
+    print(f"\nlowrank alone:")
+    if "dora" in ours_of:
+        print(f"  DoRA / LoRA step: {ours_of['dora']['step_s'] / ours_of['lora']['step_s']:.2f}")
+        print(f"  checkpointed / plain LoRA: step {ours_of['lora-ckpt']['step_s'] / ours_of['lora']['step_s']:.2f}, "
+              f"peak RSS {ours_of['lora-ckpt']['peak_rss_mb'] / ours_of['lora']['peak_rss_mb']:.2f}")
+    print(f"  unmerged / merged decode time per token: {ours_of['merged']['decode_tok_s'] / ours_of['unmerged']['decode_tok_s']:.3f}")
+    print(f"  read bandwidth {bandwidth:.1f} GB/s; weights read per token {per_token / 1e6:.1f} MB; "
+          f"bound {bound:.1f} tok/s")
+    for mode in ["base", "unmerged", "merged"]:
+        print(f"  decode {mode}: {ours_of[mode]['decode_tok_s']:.1f} tok/s = {100 * ours_of[mode]['decode_tok_s'] / bound:.0f}% of the bound")
+    for mode in ["base", "unmerged"]:
+        rate = ours_of[f"{mode} bf16"]["decode_tok_s"]
+        print(f"  decode {mode} bf16 weights: {rate:.1f} tok/s = {100 * rate / (2 * bound):.0f}% of the bf16 bound ({2 * bound:.1f} tok/s)")
 
 
 if __name__ == "__main__":

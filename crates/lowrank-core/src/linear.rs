@@ -123,6 +123,7 @@ impl BaseWeight {
             // A trainable weight (full fine-tuning) needs candle's matmul and its weight
             // gradient; a frozen one goes through the kernel whose backward skips it.
             BaseWeight::Dense(w) if w.is_variable() || w.track_op() => matmul_t(x, w),
+            BaseWeight::Dense(w) if w.dtype() == DType::BF16 => bf16_matmul_t(x, w),
             BaseWeight::Dense(w) => Ok(lowrank_kernels::frozen_linear(x, w)?),
             BaseWeight::Quantized(q) => Ok(QMatMul::new(q.clone())?.forward(x)?),
         }
@@ -141,7 +142,7 @@ impl BaseWeight {
     /// buffer in turn (one row resident at a time, never the whole weight).
     pub fn row_norm(&self, delta: &Tensor) -> Result<Tensor> {
         match self {
-            BaseWeight::Dense(w) => row_norm(w, delta),
+            BaseWeight::Dense(w) => row_norm(&w.to_dtype(delta.dtype())?, delta),
             BaseWeight::Quantized(q) => quantized_row_norm(q, delta),
         }
     }
@@ -226,6 +227,22 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
+/// x·Wᵀ with W stored in bf16 (inference): a few rows (decoding) go through the bf16 GEMV
+/// kernel, which reads W once and accumulates in f32; more rows (prefill) widen W to f32 for
+/// the GEMM, whose cost dwarfs the conversion.
+fn bf16_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && rows(x) <= lowrank_kernels::decode::MAX_ROWS {
+        Ok(lowrank_kernels::gemv_bf16(x, w)?)
+    } else {
+        matmul_t(x, &w.to_dtype(x.dtype())?)
+    }
+}
+
+/// Rows of x (all dimensions but the last).
+fn rows(x: &Tensor) -> usize {
+    x.dims().iter().rev().skip(1).product()
+}
+
 /// y·f with one factor per output feature (DoRA's m/‖W + ΔW‖): the fused parallel kernel for
 /// f32 CPU tensors, candle's broadcast multiply elsewhere.
 fn scale_columns(y: &Tensor, factor: &Tensor) -> Result<Tensor> {
@@ -290,6 +307,21 @@ impl AdaptedLinear {
     }
 
     /// Names of the adapters merged into the weight, oldest first.
+    /// Stores a dense frozen base weight in `dtype` — bf16 for inference: half the memory and
+    /// half the bytes each decoding step reads, products still accumulated in f32. A 4-bit base
+    /// stays as it is; a trainable weight is an error.
+    pub fn cast_base(&mut self, dtype: DType) -> Result<()> {
+        if let BaseWeight::Dense(w) = &self.base {
+            if w.is_variable() || w.track_op() {
+                return Err(Error::Msg(
+                    "a trainable base weight cannot change dtype".into(),
+                ));
+            }
+            self.base = BaseWeight::Dense(w.to_dtype(dtype)?);
+        }
+        Ok(())
+    }
+
     pub fn merged_adapters(&self) -> impl Iterator<Item = &str> {
         self.merged.iter().map(|(n, _)| n.as_str())
     }
@@ -436,6 +468,24 @@ impl AdaptedLinear {
             return Ok(None);
         }
         let m = one.module;
+        if w.dtype() == DType::BF16 {
+            // Decoding over a bf16 base: the LoRA path rides along the one pass over W.
+            let decode = m.magnitude.is_none()
+                && x.device().is_cpu()
+                && rows(x) <= lowrank_kernels::decode::MAX_ROWS;
+            return Ok(decode
+                .then(|| {
+                    lowrank_kernels::lora_linear_decode_bf16(
+                        x,
+                        w,
+                        self.bias.as_ref(),
+                        &m.a,
+                        &m.b,
+                        m.scale * one.weight,
+                    )
+                })
+                .transpose()?);
+        }
         let y = match &m.magnitude {
             None => lowrank_kernels::lora_linear(
                 x,
@@ -463,6 +513,16 @@ impl AdaptedLinear {
     /// for it. Over a 4-bit base the layer's weight is dequantized into a dense one first
     /// (see [`Self::quantize`] to pack it again).
     pub fn merge(&mut self, name: &str, module: &LoraModule, weight: f64) -> Result<()> {
+        if self
+            .base
+            .as_dense()
+            .is_some_and(|w| w.dtype() == DType::BF16)
+        {
+            return Err(Error::Msg(
+                "the base weight is stored in bf16 for inference; merge adapters before casting it"
+                    .into(),
+            ));
+        }
         let delta = (module.delta_weight()? * weight)?;
         if let BaseWeight::Quantized(q) = &self.base {
             let q = q.clone();

@@ -291,6 +291,8 @@ pub struct Llama {
     norm: Tensor,
     /// `None` when tied to the embedding.
     lm_head: Option<Tensor>,
+    /// The output head in a narrower dtype for inference (see [`Llama::cast_for_inference`]).
+    head_for_inference: Option<Tensor>,
     rope: Rope,
     /// The dtype the checkpoint stores its weights in.
     stored_dtype: DType,
@@ -517,6 +519,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            head_for_inference: None,
             rope,
             stored_dtype,
         })
@@ -895,8 +898,27 @@ impl Llama {
 
     /// Projects hidden states to vocabulary logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        lowrank_core::linear::matmul_t(hidden, head)
+        if let Some(head) = &self.head_for_inference {
+            return lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden);
+        }
+        lowrank_core::linear::matmul_t(hidden, self.head_weight())
+    }
+
+    /// Stores the decoder layers' frozen linear weights and the output head in `dtype` for
+    /// inference — bf16: half the memory and half the bytes each decoding step reads, products
+    /// still accumulated in f32. Embedding lookups and norms stay as they are, 4-bit layers
+    /// stay 4-bit, and adapters must be merged before (merging into bf16 is refused).
+    pub fn cast_for_inference(&mut self, dtype: DType) -> Result<()> {
+        for layer in &mut self.layers {
+            for proj in layer.projs_mut() {
+                proj.linear.cast_base(dtype)?;
+            }
+        }
+        let head = self.head_weight();
+        self.head_for_inference = (head.dtype() != dtype)
+            .then(|| head.to_dtype(dtype))
+            .transpose()?;
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

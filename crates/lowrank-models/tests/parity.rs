@@ -387,3 +387,58 @@ fn our_adapter_writer_round_trips_peft_files() {
         }
     }
 }
+
+/// Logits of a prompt (prefill) and of three cached decoding steps after it.
+fn prefill_and_decode(model: &Llama, ids: &[u32], adapters: &[ActiveAdapter]) -> Vec<Tensor> {
+    let row = |ids: &[u32]| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
+    let mut cache = lowrank_models::KvCache::new();
+    let mut out = vec![model
+        .forward(&row(ids), Some(&mut cache), adapters)
+        .unwrap()];
+    for &id in &ids[..3] {
+        out.push(
+            model
+                .forward(&row(&[id]), Some(&mut cache), adapters)
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// bf16 base weights for inference (prefill through the widened GEMM, decoding through the
+/// bf16 GEMV with the LoRA path fused): logits within bf16 rounding of the f32 model's, with
+/// and without an unmerged adapter; merging into a bf16 base is refused.
+#[test]
+fn bf16_weights_stay_within_rounding_of_f32() {
+    let name = "llama-tied__lora-qv";
+    let (reference, tokenizer) = load(base_of(name));
+    let (mut narrow, _) = load(base_of(name));
+    narrow.cast_for_inference(DType::BF16).unwrap();
+    let ids: Vec<u32> = (0..20)
+        .flat_map(|_| tokenizer.encode(&eval_texts()[0], true).unwrap())
+        .take(20)
+        .collect();
+    let adapter = reference
+        .load_adapter(&fixtures().join("adapters").join(name))
+        .unwrap();
+    for active in [vec![], vec![ActiveAdapter::new(&adapter)]] {
+        let want = prefill_and_decode(&reference, &ids, &active);
+        let got = prefill_and_decode(&narrow, &ids, &active);
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            let scale = max_abs_diff(w, &w.zeros_like().unwrap());
+            let rel = max_abs_diff(g, w) / scale;
+            assert!(
+                rel > 0.0 && rel < 2e-2,
+                "step {step}, {} adapters: {rel}",
+                active.len()
+            );
+        }
+    }
+    let err = narrow.merge_adapter(name, &adapter, 1.0).unwrap_err();
+    assert!(err.to_string().contains("bf16"), "{err}");
+}

@@ -139,6 +139,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             allow_any_adapter_path: false,
             merge: None,
             served_model_name: Some("base".into()),
+            bf16_weights: false,
             quantize: None,
         };
         let state = crate::build_state(&serve)?;

@@ -589,6 +589,8 @@ pub struct ServeOptions {
     /// Serve this adapter merged into the base (single tenant, base speed).
     pub merge: Option<String>,
     pub served_model_name: Option<String>,
+    /// Keep the base's linear weights and output head in bf16 (after `merge`).
+    pub bf16_weights: bool,
     /// Quantize the base's linear weights to 4 bits at load (a pre-quantized checkpoint is
     /// served 4-bit without it).
     pub quantize: Option<lowrank_core::QuantSpec>,
@@ -624,6 +626,11 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
         model
             .merge_adapter(name, &adapter, 1.0)
             .map_err(|e| e.to_string())?;
+    }
+    if opts.bf16_weights {
+        model
+            .cast_for_inference(candle_core::DType::BF16)
+            .map_err(|e| format!("--bf16-weights: {e}"))?;
     }
     let base_name = opts.served_model_name.clone().unwrap_or_else(|| {
         opts.merge.clone().unwrap_or_else(|| {

@@ -53,6 +53,7 @@ fn options(adapters: &Path) -> ServeOptions {
         allow_any_adapter_path: false,
         merge: None,
         served_model_name: Some("base".into()),
+        bf16_weights: false,
         quantize: None,
     }
 }
@@ -131,8 +132,21 @@ impl Server {
 
 /// What `lowrank generate` gives for this adapter and prompt, greedy.
 fn expected_text(adapter: Option<&str>, prompt: &str, max_tokens: usize) -> String {
+    expected_text_with(adapter, prompt, max_tokens, false)
+}
+
+/// Greedy text of one sequence decoded alone, over a base stored in bf16 when `bf16`.
+fn expected_text_with(
+    adapter: Option<&str>,
+    prompt: &str,
+    max_tokens: usize,
+    bf16: bool,
+) -> String {
     let dir = fixtures().join("models/llama-tied");
-    let model = Llama::load(&dir, &Device::Cpu).unwrap();
+    let mut model = Llama::load(&dir, &Device::Cpu).unwrap();
+    if bf16 {
+        model.cast_for_inference(candle_core::DType::BF16).unwrap();
+    }
     let tokenizer = Tokenizer::load(&dir).unwrap();
     let adapter = adapter.map(|a| {
         model
@@ -612,6 +626,40 @@ async fn a_client_that_hangs_up_cancels_its_sequence() {
         "generated {generated} tokens for a client that left"
     );
     server.stop().await;
+}
+
+/// A bf16 base serves LoRA, DoRA and base rows in one batch, each as that sequence decoded
+/// alone over the same bf16 base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bf16_base_serves_mixed_batches() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.bf16_weights = true;
+    let server = Arc::new(Server::start(opts).await);
+    let cases = [
+        ("tenant-lora", Some("llama-tied__lora-qv"), "The quick cat"),
+        ("tenant-dora", Some("llama-tied__dora"), "A dog runs"),
+        ("base", None, "Birds sing in the morning"),
+    ];
+    let mut tasks = Vec::new();
+    for (model, _, prompt) in cases {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            server
+                .post("/v1/completions", completion(model, prompt, 16))
+                .await
+        }));
+    }
+    for ((_, adapter, prompt), task) in cases.iter().zip(tasks) {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            expected_text_with(*adapter, prompt, 16, true),
+            "{adapter:?} {prompt}"
+        );
+    }
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
