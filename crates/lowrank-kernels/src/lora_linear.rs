@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
-use crate::cpu::{dot, require_cpu, sgemm, slice, sum_sq, view, Mat};
+use crate::cpu::{dot, dot4, require_cpu, sgemm, slice, sum_sq, view, Mat};
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
@@ -173,6 +173,30 @@ fn forward_gemv(
     const ROWS: usize = 16;
     // Output transposed (out × n) so each task owns a contiguous range; transposed back after.
     let mut yt = vec![0f32; out_f * n];
+    let lora_and_bias = |o: usize, i: usize| {
+        scale * dot(&b[o * r..(o + 1) * r], &ax[i * r..(i + 1) * r]) + bias.map_or(0.0, |b| b[o])
+    };
+    if n == 1 {
+        // Decoding one token: four rows of W per pass over x.
+        yt.par_chunks_mut(ROWS).enumerate().for_each(|(c, yt)| {
+            for (q, y4) in yt.chunks_mut(4).enumerate() {
+                let o0 = c * ROWS + 4 * q;
+                if y4.len() == 4 {
+                    let row = |k: usize| &w[(o0 + k) * in_f..(o0 + k + 1) * in_f];
+                    let base = dot4([row(0), row(1), row(2), row(3)], x);
+                    for (k, y) in y4.iter_mut().enumerate() {
+                        *y = base[k] + lora_and_bias(o0 + k, 0);
+                    }
+                } else {
+                    for (k, y) in y4.iter_mut().enumerate() {
+                        let o = o0 + k;
+                        *y = dot(&w[o * in_f..(o + 1) * in_f], x) + lora_and_bias(o, 0);
+                    }
+                }
+            }
+        });
+        return yt;
+    }
     yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yt)| {
         for (k, yo) in yt.chunks_mut(n).enumerate() {
             let o = c * ROWS + k;
@@ -186,9 +210,6 @@ fn forward_gemv(
             }
         }
     });
-    if n == 1 {
-        return yt;
-    }
     let mut y = vec![0f32; n * out_f];
     for o in 0..out_f {
         for i in 0..n {
@@ -536,5 +557,22 @@ mod tests {
             let dense = composed_row_norm(&w, &a, &b, scale).unwrap();
             assert!(rel_err(&fused, &dense) < 1e-5, "{out_f}x{in_f} r={r}");
         }
+    }
+
+    /// Decoding one token with the SIMD four-row path (in ≥ 64) and a ragged last group.
+    #[test]
+    fn single_row_decode_matches_composed() {
+        let (in_f, out_f, r) = (150, 37, 4);
+        let x = randt(&[1, in_f], 71, 1.0);
+        let w = randt(&[out_f, in_f], 72, 0.5);
+        let bias = randt(&[out_f], 73, 0.5);
+        let a = randt(&[r, in_f], 74, 0.5);
+        let b = randt(&[out_f, r], 75, 0.5);
+        let got = lora_linear(&x, &w, Some(&bias), &a, &b, 0.7).unwrap();
+        let want = (mm_t(&x, &w) + (mm_t(&mm_t(&x, &a), &b) * 0.7).unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        assert!(rel_err(&got, &want) < 1e-5);
     }
 }
