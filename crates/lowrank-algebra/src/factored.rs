@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use lowrank_core::lora::LoraModule;
-use nalgebra::{DMatrix, SVD};
+use nalgebra::DMatrix;
 
 use crate::{Error, Result};
 
@@ -104,29 +104,79 @@ impl Factored {
     pub fn svd(&self) -> LowRankSvd {
         let (q_b, r_b) = self.b.clone().qr().unpack();
         let (q_a, r_a) = self.a.transpose().qr().unpack();
-        let core = r_b * r_a.transpose();
-        let svd = SVD::new(core, true, true);
-        let (u_core, v_t_core) = (
-            svd.u.expect("SVD was asked for U"),
-            svd.v_t.expect("SVD was asked for Vᵀ"),
-        );
-        // nalgebra does not promise an order: sort descending.
-        let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
-        order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
-        let singular_values = order.iter().map(|&i| svd.singular_values[i]).collect();
-        let u_core = DMatrix::from_fn(u_core.nrows(), order.len(), |r, c| u_core[(r, order[c])]);
-        let v_t_core = DMatrix::from_fn(order.len(), v_t_core.ncols(), |r, c| {
-            v_t_core[(order[r], c)]
-        });
+        let core = LowRankSvd::of_dense(r_b * r_a.transpose());
         LowRankSvd {
-            u: q_b * u_core,
-            singular_values,
-            v_t: v_t_core * q_a.transpose(),
+            u: q_b * core.u,
+            singular_values: core.singular_values,
+            v_t: core.v_t * q_a.transpose(),
         }
+    }
+
+    /// A dense d×k update as exact factors without a decomposition: B = ΔW, A = I (or B = I,
+    /// A = ΔW when d < k), rank min(d, k). For updates that are not low rank by construction
+    /// (DoRA's effective update), so they can enter the factored algebra unchanged.
+    pub fn from_dense(delta: DMatrix<f64>) -> Self {
+        let (d, k) = delta.shape();
+        if k <= d {
+            Factored {
+                b: delta,
+                a: DMatrix::identity(k, k),
+            }
+        } else {
+            Factored {
+                b: DMatrix::identity(d, d),
+                a: delta,
+            }
+        }
+    }
+
+    /// The same factors rounded to f32, the precision adapters are saved in.
+    pub fn rounded_to_f32(&self) -> Self {
+        let round = |m: &DMatrix<f64>| m.map(|x| x as f32 as f64);
+        Factored {
+            b: round(&self.b),
+            a: round(&self.a),
+        }
+    }
+
+    /// ‖self − other‖_F from the singular values of the stacked difference (never d×k, and
+    /// without the cancellation of a trace formula, so tiny distances stay accurate).
+    pub fn frobenius_distance(&self, other: &Factored) -> Result<f64> {
+        let difference = Factored::weighted_sum(&[(1.0, self), (-1.0, other)])?;
+        Ok(difference.svd().frobenius_norm())
     }
 }
 
 impl LowRankSvd {
+    /// The thin SVD of a dense matrix, σ descending (the core of [`Factored::svd`], and updates
+    /// that only exist densely, such as an entrywise-pruned merge; O(d·k·min(d, k))). By
+    /// Jacobi rotations, not nalgebra's `SVD` (wrong for some inputs, see [`crate::jacobi`]).
+    pub fn of_dense(matrix: DMatrix<f64>) -> Self {
+        let (u, singular_values, v_t) = crate::jacobi::thin_svd(&matrix);
+        LowRankSvd {
+            u,
+            singular_values,
+            v_t,
+        }
+    }
+
+    /// How many singular values exceed `tolerance`: the numerical rank.
+    pub fn rank_above(&self, tolerance: f64) -> usize {
+        self.singular_values
+            .iter()
+            .take_while(|&&s| s > tolerance)
+            .count()
+    }
+
+    /// ‖ΔW‖_F = √Σσ².
+    pub fn frobenius_norm(&self) -> f64 {
+        self.singular_values
+            .iter()
+            .map(|s| s * s)
+            .sum::<f64>()
+            .sqrt()
+    }
+
     /// The best rank-`rank` approximation (Eckart–Young) as factors, with √σ on each side so
     /// B and A have balanced norms (what training would continue from).
     pub fn truncate(&self, rank: usize) -> Factored {
@@ -232,6 +282,37 @@ mod tests {
         let f2 = Factored::new(pseudo_random(5, 2, 1), pseudo_random(2, 4, 1)).unwrap();
         assert!(Factored::weighted_sum(&[(1.0, &f1), (1.0, &f2)]).is_err());
         assert!(Factored::weighted_sum(&[]).is_err());
+    }
+
+    #[test]
+    fn dense_updates_enter_the_algebra_exactly() {
+        for (d, k) in [(6, 4), (3, 7)] {
+            let dense = pseudo_random(d, k, 11);
+            let f = Factored::from_dense(dense.clone());
+            assert_eq!(f.rank(), d.min(k));
+            assert_eq!(f.to_dense(), dense);
+            let svd = LowRankSvd::of_dense(dense.clone());
+            assert!(svd.singular_values.windows(2).all(|w| w[0] >= w[1]));
+            assert_eq!(svd.rank_above(1e-12), d.min(k));
+            assert!((svd.frobenius_norm() - dense.norm()).abs() < 1e-12);
+            assert!(max_abs_diff(&svd.truncate(d.min(k)).to_dense(), &dense) < 1e-12);
+        }
+        // A rank-2 product has two singular values above round-off.
+        let low = Factored::new(pseudo_random(6, 2, 12), pseudo_random(2, 5, 13)).unwrap();
+        assert_eq!(LowRankSvd::of_dense(low.to_dense()).rank_above(1e-10), 2);
+    }
+
+    #[test]
+    fn frobenius_distance_resolves_tiny_differences() {
+        let f = Factored::new(pseudo_random(9, 3, 14), pseudo_random(3, 7, 15)).unwrap();
+        let mut g = f.clone();
+        g.b[(0, 0)] += 1e-12;
+        let want = (f.to_dense() - g.to_dense()).norm();
+        let got = f.frobenius_distance(&g).unwrap();
+        assert!((got - want).abs() < 1e-3 * want, "{got} vs {want}");
+        let rounded = f.rounded_to_f32();
+        assert!(f.frobenius_distance(&rounded).unwrap() < 1e-7 * f.frobenius_norm());
+        assert!(rounded.b.iter().all(|x| *x == (*x as f32) as f64));
     }
 
     #[test]

@@ -31,6 +31,10 @@ enum Command {
     Quantize(cmd::quantize::Args),
     /// Describe an adapter: method, rank and alpha per module, parameters, file size.
     Inspect(cmd::inspect::Args),
+    /// Combine several adapters into one: linear, cat, svd, TIES, DARE, magnitude pruning.
+    Combine(cmd::combine::Args),
+    /// Singular values of an adapter's (or a full fine-tune's) updates, the rank to train with, subspace similarity.
+    Analyze(cmd::analyze::Args),
     /// Load benchmark of the server over 1, 8, 64, 512 adapters (loopback only).
     BenchServe(cmd::bench_serve::Args),
     /// Serve many adapters over one base: an OpenAI-compatible HTTP server.
@@ -52,6 +56,8 @@ fn main() {
         Command::Merge(args) => cmd::merge::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Combine(args) => cmd::combine::run(args),
+        Command::Analyze(args) => cmd::analyze::run(args),
         Command::BenchServe(args) => cmd::bench_serve::run_cmd(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Train(args) => cmd::train::run(args),

@@ -25,6 +25,7 @@ fn quick_demo_runs_end_to_end_and_measures_memory_per_run() {
         "trainable params",
         "Peak memory",
         "max |logit diff|",
+        "Rank sweep",
         "Samples",
     ] {
         assert!(

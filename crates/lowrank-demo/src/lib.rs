@@ -4,7 +4,8 @@
 //! tokenizer, a procedurally generated corpus, a tiny Llama-architecture model pretrained on that
 //! corpus (full fine-tuning from random weights), then one LoRA/DoRA adapter per new skill, and a
 //! report comparing base and adapters on every skill, the cost of each (parameters, file size,
-//! peak memory against full fine-tuning) and merged against unmerged outputs.
+//! peak memory against full fine-tuning) and merged against unmerged outputs; then a rank sweep
+//! on one skill, with the spectrum of every adapter's update (`lowrank analyze`).
 
 pub mod charset;
 pub mod engine;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod evaluate;
 pub mod pipeline;
 pub mod report;
+pub mod sweep;
 pub mod tasks;
 pub mod tiny;
 

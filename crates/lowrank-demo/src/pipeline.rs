@@ -19,6 +19,7 @@ use crate::report::{
     CostRow, DemoReport, MemoryRow, MergeCheck, ModelRow, ModelSummary, PretrainSummary, Sample,
     TaskSummary,
 };
+use crate::sweep::{self, RankSweep};
 use crate::tasks::{self, Example, Task};
 use crate::tiny::TinyConfig;
 
@@ -93,6 +94,8 @@ pub struct DemoConfig {
     /// run a few steps each, only to measure peak memory where the weights, not the
     /// activations, dominate. Runs only when training runs in child processes.
     pub memory_probe: Option<MemoryProbe>,
+    /// LoRA adapters of several ranks on one task, scored and analysed (spectrum, φ).
+    pub rank_sweep: Option<RankSweep>,
     /// Let the training engine print its own progress.
     pub verbose: bool,
 }
@@ -163,6 +166,12 @@ impl DemoConfig {
                 steps: 2,
                 batch_size: 4,
             }),
+            rank_sweep: Some(RankSweep {
+                task: Task::Caesar,
+                ranks: vec![1, 2, 4, 8, 16],
+                steps: 200,
+                scale: 2.0,
+            }),
             verbose: false,
         }
     }
@@ -209,6 +218,12 @@ impl DemoConfig {
                 steps: 1,
                 batch_size: 2,
             }),
+            rank_sweep: Some(RankSweep {
+                task: Task::Caesar,
+                ranks: vec![1, 2, 4, 8, 16],
+                steps: 10,
+                scale: 2.0,
+            }),
             ..Self::standard()
         }
     }
@@ -251,6 +266,7 @@ const OWNED: &[&str] = &[
     "base",
     "adapters",
     "full",
+    "sweep",
     "runs",
     "report.json",
     "report.md",
@@ -659,6 +675,54 @@ pub fn run(
         }
     }
 
+    let rank_sweep = match &config.rank_sweep {
+        Some(plan) => {
+            progress.say(format!(
+                "rank sweep on {}: LoRA r = {:?}, {} steps each, then the spectrum of every update and φ against r{}",
+                plan.task.name(),
+                plan.ranks,
+                plan.steps,
+                plan.ranks.last().copied().unwrap_or(0)
+            ));
+            let train = |rank: usize, dir: &Path| {
+                let name = format!("sweep-{}-r{rank}", plan.task.name());
+                let spec = TrainSpec {
+                    steps: plan.steps,
+                    ..finetune_spec(
+                        plan.task,
+                        Method::Lora,
+                        rank,
+                        plan.alpha(rank),
+                        f.lr,
+                        dir.to_path_buf(),
+                    )
+                };
+                runner.train(&spec, &runs.join(format!("{name}.spec.json")))
+            };
+            let score = |dir: &Path| -> Result<Score> {
+                let adapter: LoraAdapter = base_model.load_adapter(dir)?;
+                evaluate::score(
+                    &base_model,
+                    &tokenizer,
+                    &[ActiveAdapter::new(&adapter)],
+                    eval_sets[&plan.task],
+                )
+            };
+            let report = sweep::run(
+                plan,
+                &out.join("sweep"),
+                out,
+                f.batch_size,
+                train,
+                score,
+                progress,
+            )?;
+            progress.say(format!("  rank sweep done in {:.0}s", report.seconds));
+            Some(report)
+        }
+        None => None,
+    };
+
     // A few generations to look at.
     let decode = |ids: &[u32]| {
         tokenizer
@@ -718,6 +782,7 @@ pub fn run(
         memory_task: config.full_task.name().into(),
         memory,
         merges,
+        rank_sweep,
         samples,
         config: config.clone(),
     };

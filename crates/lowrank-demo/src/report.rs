@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::evaluate::Score;
 use crate::pipeline::{fmt_loss, pct, thousands, DemoConfig};
+use crate::sweep::SweepReport;
 use crate::tasks::{Example, Task};
 use crate::tiny::TinyConfig;
 
@@ -123,6 +124,8 @@ pub struct DemoReport {
     pub memory_task: String,
     pub memory: Vec<MemoryRow>,
     pub merges: Vec<MergeCheck>,
+    /// LoRA at several ranks on one task, with the analysis of each update.
+    pub rank_sweep: Option<SweepReport>,
     pub samples: Vec<Sample>,
     pub config: DemoConfig,
 }
@@ -381,6 +384,62 @@ impl DemoReport {
         Some(t)
     }
 
+    fn sweep_table(sweep: &SweepReport) -> Table {
+        let largest = sweep.rows.last().map_or(0, |r| r.rank);
+        let mut t = Table::new(&[
+            "rank",
+            "params",
+            "train time",
+            "acc / loss",
+            "eff. rank",
+            "rank for 90%",
+            "suggested",
+            &format!("φ(r,{largest}) input side"),
+            &format!("φ(r,{largest}) output side"),
+        ]);
+        for r in &sweep.rows {
+            let is_reference = r.rank == largest;
+            let phi = |side: &crate::sweep::PhiVsLargest| {
+                if is_reference {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "{:.2} (chance {:.2})",
+                        side.whole_subspace, side.random_whole_subspace
+                    )
+                }
+            };
+            t.row(vec![
+                format!("LoRA r{}", r.rank),
+                thousands(r.trainable_parameters as u64),
+                format!("{:.0}s", r.train_seconds),
+                format!("{} / {}", pct(r.accuracy), fmt_loss(r.loss)),
+                format!("{:.2}", r.mean_effective_rank),
+                format!("{:.2}", r.mean_rank_for_90_percent),
+                r.suggested_rank.map_or("-".into(), |s| format!("r{s}")),
+                phi(&r.input_space),
+                phi(&r.output_space),
+            ]);
+        }
+        t
+    }
+
+    fn sweep_intro(sweep: &SweepReport) -> String {
+        let largest = sweep.rows.last().map_or(0, |r| r.rank);
+        format!(
+            "Rank sweep on {}: one LoRA adapter per rank (α = 2r: the same scale at every rank), {} steps x {}, scored on {} held-out prompts. \
+Each update ΔW = s·B·A analysed as `lowrank analyze` does, means over its {} modules: effective rank (exp of the entropy of σᵢ/Σσ), \
+the rank keeping 90% of ‖ΔW‖²_F, the suggested --rank, and the subspace similarity φ(r, {largest}) = ‖UᵣᵀU'_{largest}‖²/r with the r{largest} adapter's \
+singular vectors, input side (right, as Hu et al.) and output side (left): 1 = inside it, chance = random subspaces. {:.0}s in all:",
+            sweep.task.name(),
+            sweep.steps,
+            sweep.batch_size,
+            sweep.eval_examples,
+            sweep.modules,
+            sweep.seconds
+        )
+    }
+
     fn memory_intro(&self) -> String {
         format!(
             "Peak memory (resident set, VmHWM) of LoRA vs full fine-tuning on the {} task, each run in its own process:",
@@ -421,10 +480,17 @@ the wider model shows where the saving goes as weights grow.";
         }
         out.push_str("\nMerged (adapter folded into the weights) vs unmerged (applied on the fly), on each adapter's held-out prompts:\n");
         out.push_str(&self.merge_table().text());
+        if let Some(sweep) = &self.rank_sweep {
+            out.push_str(&format!("\n{}\n", Self::sweep_intro(sweep)));
+            out.push_str(&Self::sweep_table(sweep).text());
+            if !sweep.figures.is_empty() {
+                out.push_str(&format!("Figures: {}\n", sweep.figures.join(", ")));
+            }
+        }
         out.push_str("\nSamples (greedy):\n");
         out.push_str(&self.sample_table().text());
         out.push_str(&format!(
-            "\nWritten to {}: base/ (HF checkpoint), adapters/ (PEFT), full/, data/, report.json, report.md. Total {:.0}s.\n",
+            "\nWritten to {}: base/ (HF checkpoint), adapters/ (PEFT), full/, sweep/ (the rank sweep's adapters and figures), data/, report.json, report.md. Total {:.0}s.\n",
             self.out.display(),
             self.seconds
         ));
@@ -458,6 +524,16 @@ the wider model shows where the saving goes as weights grow.";
         }
         out.push_str("\n## Merged vs unmerged\n\n");
         out.push_str(&self.merge_table().markdown());
+        if let Some(sweep) = &self.rank_sweep {
+            out.push_str(&format!(
+                "\n## Rank sweep\n\n{}\n\n",
+                Self::sweep_intro(sweep)
+            ));
+            out.push_str(&Self::sweep_table(sweep).markdown());
+            for figure in &sweep.figures {
+                out.push_str(&format!("\n![{figure}]({figure})\n"));
+            }
+        }
         out.push_str("\n## Samples\n\n");
         out.push_str(&self.sample_table().markdown());
         out.push_str(&format!(

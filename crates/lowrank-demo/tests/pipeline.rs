@@ -90,6 +90,48 @@ fn the_quick_pipeline_teaches_each_adapter_its_task() {
         );
     }
 
+    // The rank sweep: one adapter per rank, scored and analysed.
+    let sweep = report
+        .rank_sweep
+        .as_ref()
+        .expect("the quick demo runs the sweep");
+    let ranks: Vec<usize> = sweep.rows.iter().map(|r| r.rank).collect();
+    assert_eq!(ranks, vec![1, 2, 4, 8, 16]);
+    for pair in sweep.rows.windows(2) {
+        assert!(pair[0].trainable_parameters < pair[1].trainable_parameters);
+    }
+    for row in &sweep.rows {
+        assert_eq!(row.alpha, 2.0 * row.rank as f64);
+        assert!(
+            row.mean_effective_rank >= 1.0 && row.mean_effective_rank <= row.rank as f64 + 1e-9
+        );
+        assert!(
+            row.mean_rank_for_90_percent >= 1.0 && row.mean_rank_for_90_percent <= row.rank as f64
+        );
+        for phi in [
+            row.input_space.top_direction,
+            row.input_space.whole_subspace,
+            row.output_space.top_direction,
+            row.output_space.whole_subspace,
+        ] {
+            assert!((0.0..=1.0 + 1e-9).contains(&phi), "r{}: {phi}", row.rank);
+        }
+        assert!(out
+            .join("sweep")
+            .join(format!("caesar-r{}", row.rank))
+            .join("adapter_model.safetensors")
+            .exists());
+    }
+    // The largest rank against itself is the same subspace.
+    let last = sweep.rows.last().unwrap();
+    assert!((last.input_space.whole_subspace - 1.0).abs() < 1e-9);
+    assert!((last.output_space.whole_subspace - 1.0).abs() < 1e-9);
+    for figure in &sweep.figures {
+        let svg = std::fs::read_to_string(out.join(figure)).unwrap();
+        assert!(svg.starts_with("<svg"), "{figure}");
+    }
+    assert_eq!(sweep.figures.len(), 2);
+
     // The report renders every section.
     let text = report.text();
     for needle in [
@@ -98,6 +140,8 @@ fn the_quick_pipeline_teaches_each_adapter_its_task() {
         "max |logit diff|",
         "Samples",
         "not measured",
+        "Rank sweep on caesar",
+        "LoRA r16",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }

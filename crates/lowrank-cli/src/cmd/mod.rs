@@ -1,6 +1,8 @@
 //! One file per subcommand; shared loading helpers here.
 
+pub mod analyze;
 pub mod bench_serve;
+pub mod combine;
 pub mod demo;
 pub mod eval;
 pub mod generate;
