@@ -266,4 +266,11 @@ fn bad_inputs_fail_with_a_message_naming_the_problem() {
         &lowrank(&["analyze", "--full", &model, "--base", &model, "--top", "0"]),
         &["--top"],
     );
+    // Randomized-SVD settings mean nothing for an adapter: an error, not silently ignored.
+    for flag in ["--top", "--oversample", "--power-iters", "--seed"] {
+        assert_fails_with(
+            &lowrank(&["analyze", &fx("adapters/llama-tied__lora-qv"), flag, "3"]),
+            &["--full"],
+        );
+    }
 }

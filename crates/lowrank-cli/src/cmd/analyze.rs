@@ -26,16 +26,16 @@ pub struct Args {
     #[arg(long, value_name = "MODEL", requires = "full")]
     base: Option<String>,
     /// With --full: singular values computed per layer (randomized SVD).
-    #[arg(long, value_name = "K", default_value_t = 32)]
+    #[arg(long, value_name = "K", default_value_t = 32, requires = "full")]
     top: usize,
     /// With --full: extra sketch columns of the randomized SVD.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, requires = "full")]
     oversample: usize,
     /// With --full: power iterations of the randomized SVD.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, requires = "full")]
     power_iters: usize,
     /// With --full: seed of the random sketch.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, requires = "full")]
     seed: u64,
     /// Energy share (σ² of ΔW) each module should keep at the suggested rank.
     #[arg(long, default_value_t = lowrank_algebra::analyze::DEFAULT_ENERGY)]
