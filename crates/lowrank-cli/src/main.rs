@@ -49,7 +49,21 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    // The command runs on a rayon pool with the main thread as one of its workers: candle, gemm
+    // and the kernels issue hundreds of short parallel ops per decoding step, and handing each
+    // from an outside thread to the global pool (and waking it) cost a fifth of the step.
+    let result = match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(|| run(cli.command)),
+        Err(_) => run(cli.command),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Generate(args) => cmd::generate::run(args),
@@ -61,9 +75,5 @@ fn main() {
         Command::BenchServe(args) => cmd::bench_serve::run_cmd(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Train(args) => cmd::train::run(args),
-    };
-    if let Err(err) = result {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
     }
 }

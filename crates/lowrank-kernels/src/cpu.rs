@@ -3,6 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
 
 /// The contiguous f32 data of a custom op's input.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -229,6 +230,34 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         s += a[k] * b[k];
     }
     s
+}
+
+/// y[o] = W[o]·x + extra(o) for one input row (W: out × x.len(), row-major): batch-1
+/// decoding. Rows are split across the rayon pool in runs of 16 and read four at a time per
+/// pass over x. Measured faster here than the `gemm` crate's m = 1 path, which matters because
+/// decoding reads every weight once per token.
+pub(crate) fn gemv(x: &[f32], w: &[f32], extra: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    const ROWS: usize = 16;
+    let in_f = x.len();
+    let out_f = w.len().checked_div(in_f).unwrap_or(0);
+    let mut y = vec![0f32; out_f];
+    let row = |o: usize| &w[o * in_f..(o + 1) * in_f];
+    y.par_chunks_mut(ROWS).enumerate().for_each(|(c, y)| {
+        for (q, y4) in y.chunks_mut(4).enumerate() {
+            let o0 = c * ROWS + 4 * q;
+            if y4.len() == 4 {
+                let base = dot4([row(o0), row(o0 + 1), row(o0 + 2), row(o0 + 3)], x);
+                for (k, y) in y4.iter_mut().enumerate() {
+                    *y = base[k] + extra(o0 + k);
+                }
+            } else {
+                for (k, y) in y4.iter_mut().enumerate() {
+                    *y = dot(row(o0 + k), x) + extra(o0 + k);
+                }
+            }
+        }
+    });
+    y
 }
 
 /// Four dot products against one x at once: [w₀·x, w₁·x, w₂·x, w₃·x]. Batch-1 decoding's

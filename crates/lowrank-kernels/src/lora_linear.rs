@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
-use crate::cpu::{dot, dot4, require_cpu, sgemm, slice, sum_sq, view, Mat};
+use crate::cpu::{dot, gemv, require_cpu, sgemm, slice, sum_sq, view, Mat};
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
@@ -177,25 +177,7 @@ fn forward_gemv(
         scale * dot(&b[o * r..(o + 1) * r], &ax[i * r..(i + 1) * r]) + bias.map_or(0.0, |b| b[o])
     };
     if n == 1 {
-        // Decoding one token: four rows of W per pass over x.
-        yt.par_chunks_mut(ROWS).enumerate().for_each(|(c, yt)| {
-            for (q, y4) in yt.chunks_mut(4).enumerate() {
-                let o0 = c * ROWS + 4 * q;
-                if y4.len() == 4 {
-                    let row = |k: usize| &w[(o0 + k) * in_f..(o0 + k + 1) * in_f];
-                    let base = dot4([row(0), row(1), row(2), row(3)], x);
-                    for (k, y) in y4.iter_mut().enumerate() {
-                        *y = base[k] + lora_and_bias(o0 + k, 0);
-                    }
-                } else {
-                    for (k, y) in y4.iter_mut().enumerate() {
-                        let o = o0 + k;
-                        *y = dot(&w[o * in_f..(o + 1) * in_f], x) + lora_and_bias(o, 0);
-                    }
-                }
-            }
-        });
-        return yt;
+        return gemv(x, w, |o| lora_and_bias(o, 0));
     }
     yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yt)| {
         for (k, yo) in yt.chunks_mut(n).enumerate() {

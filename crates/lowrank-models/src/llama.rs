@@ -898,10 +898,13 @@ impl Llama {
 
     /// Projects hidden states to vocabulary logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if let Some(head) = &self.head_for_inference {
-            return lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden);
-        }
-        lowrank_core::linear::matmul_t(hidden, self.head_weight())
+        // Through the base-weight path: the decoding GEMV for one row, the frozen-linear
+        // kernel otherwise (candle's matmul when the head is being trained).
+        let head = self
+            .head_for_inference
+            .as_ref()
+            .unwrap_or(self.head_weight());
+        lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden)
     }
 
     /// Stores the decoder layers' frozen linear weights and the output head in `dtype` for

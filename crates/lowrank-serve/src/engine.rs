@@ -114,7 +114,13 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("lowrank-engine".into())
-            .spawn(move || worker.run(rx))
+            // The engine's steps run on a pool of their own with this thread as one of its
+            // workers: a decoding step is hundreds of short parallel ops, and handing each
+            // from an outside thread to the pool (and waking it) costs a fifth of the step.
+            .spawn(move || match rayon::ThreadPoolBuilder::new().build() {
+                Ok(pool) => pool.install(|| worker.run(rx)),
+                Err(_) => worker.run(rx),
+            })
             .expect("spawn the engine thread");
         Engine {
             jobs: std::sync::Mutex::new(Some(tx)),
