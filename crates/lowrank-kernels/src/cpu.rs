@@ -178,9 +178,10 @@ pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// Eight independent accumulators, so the loop vectorises without fast-math.
-#[inline]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+/// Eight independent accumulators, so the loop vectorises without fast-math. Called directly
+/// for short vectors (a rank-r row), where the SIMD dispatch would cost more than the work.
+#[inline(always)]
+pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());

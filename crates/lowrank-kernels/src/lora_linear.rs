@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
-use crate::cpu::{dot, gemv, require_cpu, sgemm, slice, sum_sq, view, Mat};
+use crate::cpu::{dot, dot_portable, gemv, require_cpu, sgemm, slice, sum_sq, view, Mat};
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
@@ -174,7 +174,8 @@ fn forward_gemv(
     // Output transposed (out × n) so each task owns a contiguous range; transposed back after.
     let mut yt = vec![0f32; out_f * n];
     let lora_and_bias = |o: usize, i: usize| {
-        scale * dot(&b[o * r..(o + 1) * r], &ax[i * r..(i + 1) * r]) + bias.map_or(0.0, |b| b[o])
+        scale * dot_portable(&b[o * r..(o + 1) * r], &ax[i * r..(i + 1) * r])
+            + bias.map_or(0.0, |b| b[o])
     };
     if n == 1 {
         return gemv(x, w, |o| lora_and_bias(o, 0));
