@@ -234,70 +234,21 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// y[o] = W[o]·x + extra(o) for one input row (W: out × x.len(), row-major): batch-1
-/// decoding. Rows are split across the rayon pool in runs of 16 and read four at a time per
-/// pass over x. Measured faster here than the `gemm` crate's m = 1 path, which matters because
-/// decoding reads every weight once per token.
+/// decoding, rows split across the rayon pool in runs of 16. Measured faster here than the
+/// `gemm` crate's m = 1 path (and than reading four rows per pass over x), which matters
+/// because decoding reads every weight once per token.
 pub(crate) fn gemv(x: &[f32], w: &[f32], extra: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
     const ROWS: usize = 16;
     let in_f = x.len();
     let out_f = w.len().checked_div(in_f).unwrap_or(0);
     let mut y = vec![0f32; out_f];
-    let row = |o: usize| &w[o * in_f..(o + 1) * in_f];
     y.par_chunks_mut(ROWS).enumerate().for_each(|(c, y)| {
-        for (q, y4) in y.chunks_mut(4).enumerate() {
-            let o0 = c * ROWS + 4 * q;
-            if y4.len() == 4 {
-                let base = dot4([row(o0), row(o0 + 1), row(o0 + 2), row(o0 + 3)], x);
-                for (k, y) in y4.iter_mut().enumerate() {
-                    *y = base[k] + extra(o0 + k);
-                }
-            } else {
-                for (k, y) in y4.iter_mut().enumerate() {
-                    *y = dot(row(o0 + k), x) + extra(o0 + k);
-                }
-            }
+        for (k, y) in y.iter_mut().enumerate() {
+            let o = c * ROWS + k;
+            *y = dot(&w[o * in_f..(o + 1) * in_f], x) + extra(o);
         }
     });
     y
-}
-
-/// Four dot products against one x at once: [w₀·x, w₁·x, w₂·x, w₃·x]. Batch-1 decoding's
-/// inner loop: each x load feeds four FMAs (four independent chains), so the loop keeps up with
-/// memory where one row at a time is bound by load ports and the FMA latency.
-#[inline]
-pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if x.len() >= 64 && has_avx2_fma() && w.iter().all(|r| r.len() == x.len()) {
-            // SAFETY: the CPU supports the features; every row has x's length.
-            return unsafe { dot4_avx2(w, x) };
-        }
-    }
-    w.map(|row| dot_portable(row, x))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_avx2(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let n = x.len();
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY (all loads): i + 8 ≤ n and every row has n elements.
-    while i + 8 <= n {
-        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-        for (acc, row) in acc.iter_mut().zip(&w) {
-            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(row.as_ptr().add(i)), xv, *acc);
-        }
-        i += 8;
-    }
-    let mut out = [0f32; 4];
-    for (k, (acc, row)) in acc.iter().zip(&w).enumerate() {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-        out[k] = lanes.iter().sum::<f32>() + (i..n).map(|j| row[j] * x[j]).sum::<f32>();
-    }
-    out
 }
 
 /// Σ a², vectorisable.
@@ -346,14 +297,6 @@ mod tests {
             let tol = 1e-5 * (1.0 + exact.abs()) * (n as f64).sqrt().max(1.0);
             assert!((dot(&a, &b) as f64 - exact).abs() < tol, "n={n}");
             assert!((dot_portable(&a, &b) as f64 - exact).abs() < tol, "n={n}");
-            let rows = [&a[..], &b[..], &a[..], &b[..]];
-            let four = dot4(rows, &b);
-            for (got, row) in four.iter().zip(rows) {
-                assert!(
-                    (got - dot_portable(row, &b)).abs() <= 1e-4 * (1.0 + got.abs()),
-                    "n={n}"
-                );
-            }
         }
     }
 }

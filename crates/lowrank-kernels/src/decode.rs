@@ -11,7 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{dot, require_cpu, slice, view};
+use crate::cpu::{dot, dot_portable, require_cpu, slice, view};
 
 const NAME: &str = "lowrank-gemv-bf16";
 /// The most input rows the kernels are meant for (a decoding step over a small batch): each
@@ -200,31 +200,32 @@ impl CustomOp2 for DecodeBf16 {
         // Output transposed (out × n): each task owns a contiguous run of output rows, and reads
         // each row of W once for all n inputs.
         let mut yt = vec![0f32; out_f * n];
+        let lora_and_bias = |o: usize, i: usize| {
+            let lora = if r > 0 {
+                dot_portable(&bmat[o * r..(o + 1) * r], &ax[i * r..(i + 1) * r])
+            } else {
+                0.0
+            };
+            lora + bias.map_or(0.0, |b| b[o])
+        };
         yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yt)| {
             for (k, yo) in yt.chunks_mut(n).enumerate() {
                 let o = c * ROWS + k;
                 let wrow = &w[o * in_f..(o + 1) * in_f];
-                let bias_o = bias.map_or(0.0, |b| b[o]);
                 for (i, y) in yo.iter_mut().enumerate() {
-                    let mut acc = dot_bf16(wrow, &x[i * in_f..(i + 1) * in_f]) + bias_o;
-                    if r > 0 {
-                        acc += dot(&bmat[o * r..(o + 1) * r], &ax[i * r..(i + 1) * r]);
-                    }
-                    *y = acc;
+                    *y = dot_bf16(wrow, &x[i * in_f..(i + 1) * in_f]) + lora_and_bias(o, i);
                 }
             }
         });
-        let y = if n == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; n * out_f];
-            for o in 0..out_f {
-                for i in 0..n {
-                    y[i * out_f + o] = yt[o * n + i];
-                }
+        if n == 1 {
+            return Ok((CpuStorage::F32(yt), Shape::from((1, out_f))));
+        }
+        let mut y = vec![0f32; n * out_f];
+        for o in 0..out_f {
+            for i in 0..n {
+                y[i * out_f + o] = yt[o * n + i];
             }
-            y
-        };
+        }
         Ok((CpuStorage::F32(y), Shape::from((n, out_f))))
     }
 }
