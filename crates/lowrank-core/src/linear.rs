@@ -195,6 +195,26 @@ fn quantized_row_norm(q: &Quantized4Bit, delta: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(norms, out_f, delta.device())?)
 }
 
+/// A 4-bit weight as the LoRA kernel's frozen base: its own matmul and grad-input products,
+/// which dequantize a tile at a time.
+struct FourBitBase(Arc<Quantized4Bit>);
+
+impl lowrank_kernels::FrozenMatmul for FourBitBase {
+    fn shape(&self) -> (usize, usize) {
+        self.0.dims2().unwrap_or((0, 0))
+    }
+
+    fn forward(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        lowrank_quant::matmul_4bit(x, rows, &self.0)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn grad_input(&self, dy: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        lowrank_quant::matmul_4bit_grad_input(dy, rows, &self.0)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
 /// What a merge did, kept so that `unmerge` can undo it.
 #[derive(Debug, Clone)]
 enum Merged {
@@ -461,6 +481,21 @@ impl AdaptedLinear {
     /// computes only grad-x, grad-A, grad-B (and grad-m for DoRA), never W's. `None` when the
     /// case is not that one.
     fn forward_fused(&self, x: &Tensor, active: &[ActiveModule]) -> Result<Option<Tensor>> {
+        if let ([one], BaseWeight::Quantized(q)) = (active, &self.base) {
+            // QLoRA: the 4-bit matmul with the LoRA path fused around it (plain LoRA on the CPU).
+            let m = one.module;
+            if m.magnitude.is_some() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+                return Ok(None);
+            }
+            return Ok(Some(lowrank_kernels::lora_linear_over(
+                x,
+                Arc::new(FourBitBase(q.clone())),
+                self.bias.as_ref(),
+                &m.a,
+                &m.b,
+                m.scale * one.weight,
+            )?));
+        }
         let ([one], BaseWeight::Dense(w)) = (active, &self.base) else {
             return Ok(None);
         };

@@ -35,7 +35,7 @@ pub use column_scale::scale_columns;
 pub use cross_entropy::chunked_cross_entropy;
 pub use decode::{gemv_bf16, lora_linear_decode_bf16};
 pub use frozen_linear::frozen_linear;
-pub use lora_linear::{dora_linear, dora_row_norm, lora_linear};
+pub use lora_linear::{dora_linear, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

@@ -9,7 +9,7 @@
 //! (r×in, tiny), then per output row W[o]·x + s·B[o]·(A·x) + bias[o], so W is read exactly once
 //! and the LoRA path adds no second pass over the output.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -21,6 +21,23 @@ const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
 pub const GEMV_ROWS: usize = 4;
 
+/// A frozen base weight the kernel cannot read as an f32 matrix (a 4-bit one): it supplies
+/// x·Wᵀ and dy·W itself, and the LoRA path is fused around those two products.
+pub trait FrozenMatmul: Send + Sync {
+    /// (out, in) of W.
+    fn shape(&self) -> (usize, usize);
+    /// x·Wᵀ for `rows` rows of x (rows × in) → rows × out.
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>>;
+    /// dy·W for `rows` rows of dy (rows × out) → rows × in.
+    fn grad_input(&self, dy: &[f32], rows: usize) -> Result<Vec<f32>>;
+}
+
+/// The frozen base of a LoRA linear: a dense f32 matrix, or one that multiplies itself.
+enum Base {
+    Dense(Tensor),
+    Custom(Arc<dyn FrozenMatmul>),
+}
+
 /// x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ for x (..., in), w (out, in), a (r, in), b (out, r).
 /// Gradients flow to x, a and b only; w and bias are treated as constants.
 pub fn lora_linear(
@@ -31,13 +48,49 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    require_cpu(w, NAME)?;
     let (out_f, in_f) = w.dims2()?;
+    lora_linear_op(
+        x,
+        Base::Dense(w.detach().contiguous()?),
+        (out_f, in_f),
+        bias,
+        a,
+        b,
+        scale,
+    )
+}
+
+/// [`lora_linear`] over a base that multiplies itself (QLoRA's 4-bit W): the same fused
+/// backward, which keeps only x·Aᵀ — the composed candle path would keep three out-wide
+/// activations per layer for backward.
+pub fn lora_linear_over(
+    x: &Tensor,
+    base: Arc<dyn FrozenMatmul>,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let shape = base.shape();
+    lora_linear_op(x, Base::Custom(base), shape, bias, a, b, scale)
+}
+
+fn lora_linear_op(
+    x: &Tensor,
+    base: Base,
+    (out_f, in_f): (usize, usize),
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (r, a_in) = a.dims2()?;
     if a_in != in_f || b.dims() != [out_f, r] || x.dims().last() != Some(&in_f) {
         bail!(
             "lora_linear: x {:?}, w {:?}, a {:?}, b {:?} do not fit",
             x.dims(),
-            w.dims(),
+            (out_f, in_f),
             a.dims(),
             b.dims()
         )
@@ -47,12 +100,11 @@ pub fn lora_linear(
             bail!("lora_linear: bias {:?} for {out_f} outputs", bias.dims())
         }
     }
-    require_cpu(w, NAME)?;
     let dims = x.dims().to_vec();
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.contiguous()?.reshape((rows, in_f))?;
     let op = LoraLinear {
-        w: w.detach().contiguous()?,
+        w: base,
         bias: bias.map(|b| b.detach().contiguous()).transpose()?,
         scale: scale as f32,
         keep_ax: x.track_op() || a.track_op() || b.track_op(),
@@ -148,7 +200,7 @@ pub fn dora_row_norm(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<T
 }
 
 struct LoraLinear {
-    w: Tensor,
+    w: Base,
     bias: Option<Tensor>,
     scale: f32,
     keep_ax: bool,
@@ -202,6 +254,48 @@ fn forward_gemv(
     y
 }
 
+/// y += scale·(x·Aᵀ)·Bᵀ + bias, leaving x·Aᵀ in `ax` (n × r).
+#[allow(clippy::too_many_arguments)]
+fn add_lora_and_bias(
+    y: &mut [f32],
+    x: &[f32],
+    ax: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    scale: f32,
+    (n, in_f, r, out_f): (usize, usize, usize, usize),
+) {
+    sgemm(
+        n,
+        r,
+        in_f,
+        ax,
+        r,
+        Mat::rows(x, in_f),
+        Mat::t(a, in_f),
+        1.0,
+        false,
+        true,
+    );
+    sgemm(
+        n,
+        out_f,
+        r,
+        y,
+        out_f,
+        Mat::rows(ax, r),
+        Mat::t(b, r),
+        scale,
+        true,
+        true,
+    );
+    if let Some(bias) = bias {
+        y.par_chunks_mut(out_f)
+            .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
+    }
+}
+
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         NAME
@@ -224,12 +318,29 @@ impl CustomOp3 for LoraLinear {
         let (n, in_f) = l1.shape().dims2()?;
         let (r, _) = l2.shape().dims2()?;
         let (out_f, _) = l3.shape().dims2()?;
-        let wv = view(&self.w, NAME)?;
         let bv = self.bias.as_ref().map(|b| view(b, NAME)).transpose()?;
-        let (w, bias) = (wv.get(), bv.as_ref().map(|b| b.get()));
+        let bias = bv.as_ref().map(|b| b.get());
         // x·Aᵀ (n × r)
         let mut ax = vec![0f32; n * r];
-        let y = if n <= GEMV_ROWS {
+        let wv = match &self.w {
+            Base::Dense(w) => Some(view(w, NAME)?),
+            Base::Custom(_) => None,
+        };
+        let y = if let Base::Custom(base) = &self.w {
+            let mut y = base.forward(x, n)?;
+            add_lora_and_bias(
+                &mut y,
+                x,
+                &mut ax,
+                a,
+                b,
+                bias,
+                self.scale,
+                (n, in_f, r, out_f),
+            );
+            y
+        } else if n <= GEMV_ROWS {
+            let w = wv.as_ref().expect("dense").get();
             for i in 0..n {
                 for k in 0..r {
                     ax[i * r + k] = dot(&x[i * in_f..(i + 1) * in_f], &a[k * in_f..(k + 1) * in_f]);
@@ -237,6 +348,7 @@ impl CustomOp3 for LoraLinear {
             }
             forward_gemv(x, w, bias, &ax, b, self.scale, n, in_f, r)
         } else {
+            let w = wv.as_ref().expect("dense").get();
             let mut y = vec![0f32; n * out_f];
             sgemm(
                 n,
@@ -250,34 +362,16 @@ impl CustomOp3 for LoraLinear {
                 false,
                 true,
             );
-            sgemm(
-                n,
-                r,
-                in_f,
-                &mut ax,
-                r,
-                Mat::rows(x, in_f),
-                Mat::t(a, in_f),
-                1.0,
-                false,
-                true,
-            );
-            sgemm(
-                n,
-                out_f,
-                r,
+            add_lora_and_bias(
                 &mut y,
-                out_f,
-                Mat::rows(&ax, r),
-                Mat::t(b, r),
+                x,
+                &mut ax,
+                a,
+                b,
+                bias,
                 self.scale,
-                true,
-                true,
+                (n, in_f, r, out_f),
             );
-            if let Some(bias) = bias {
-                y.par_chunks_mut(out_f)
-                    .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
-            }
             y
         };
         if self.keep_ax {
@@ -305,15 +399,14 @@ impl CustomOp3 for LoraLinear {
         let (r, _) = at.dims2()?;
         let (out_f, _) = bt.dims2()?;
         let g = grad.contiguous()?;
-        let (xv, av, bv, gv, axv, wv) = (
+        let (xv, av, bv, gv, axv) = (
             view(xt, NAME)?,
             view(at, NAME)?,
             view(bt, NAME)?,
             view(&g, NAME)?,
             view(&ax, NAME)?,
-            view(&self.w, NAME)?,
         );
-        let (x, a, b, g, ax, w) = (xv.get(), av.get(), bv.get(), gv.get(), axv.get(), wv.get());
+        let (x, a, b, g, ax) = (xv.get(), av.get(), bv.get(), gv.get(), axv.get());
         let s = self.scale;
         // g·B (n × r), shared by grad-x and grad-A.
         let mut gb = vec![0f32; n * r];
@@ -332,19 +425,26 @@ impl CustomOp3 for LoraLinear {
             );
         }
         let grad_x = if want_x {
-            let mut dx = vec![0f32; n * in_f];
-            sgemm(
-                n,
-                in_f,
-                out_f,
-                &mut dx,
-                in_f,
-                Mat::rows(g, out_f),
-                Mat::rows(w, in_f),
-                1.0,
-                false,
-                true,
-            );
+            let mut dx = match &self.w {
+                Base::Custom(base) => base.grad_input(g, n)?,
+                Base::Dense(w) => {
+                    let wv = view(w, NAME)?;
+                    let mut dx = vec![0f32; n * in_f];
+                    sgemm(
+                        n,
+                        in_f,
+                        out_f,
+                        &mut dx,
+                        in_f,
+                        Mat::rows(g, out_f),
+                        Mat::rows(wv.get(), in_f),
+                        1.0,
+                        false,
+                        true,
+                    );
+                    dx
+                }
+            };
             sgemm(
                 n,
                 in_f,
@@ -557,5 +657,63 @@ mod tests {
             .broadcast_add(&bias)
             .unwrap();
         assert!(rel_err(&got, &want) < 1e-5);
+    }
+
+    /// A base that multiplies itself (here a plain matrix behind the trait) gives the same
+    /// output and gradients as the dense path, for decoding-sized and training-sized inputs.
+    #[test]
+    fn custom_base_matches_dense() {
+        struct Plain(Vec<f32>, usize, usize);
+        impl FrozenMatmul for Plain {
+            fn shape(&self) -> (usize, usize) {
+                (self.1, self.2)
+            }
+            fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+                let (o, i) = (self.1, self.2);
+                Ok((0..rows * o)
+                    .map(|k| {
+                        dot(
+                            &x[k / o * i..(k / o + 1) * i],
+                            &self.0[k % o * i..(k % o + 1) * i],
+                        )
+                    })
+                    .collect())
+            }
+            fn grad_input(&self, dy: &[f32], rows: usize) -> Result<Vec<f32>> {
+                let (o, i) = (self.1, self.2);
+                Ok((0..rows * i)
+                    .map(|k| {
+                        (0..o)
+                            .map(|j| dy[k / i * o + j] * self.0[j * i + k % i])
+                            .sum()
+                    })
+                    .collect())
+            }
+        }
+        let (in_f, out_f, r) = (19, 13, 3);
+        let w = randt(&[out_f, in_f], 91, 0.5);
+        let bias = randt(&[out_f], 92, 0.5);
+        let base: Arc<dyn FrozenMatmul> = Arc::new(Plain(vals(&w), out_f, in_f));
+        for rows in [1, 9] {
+            let x = randt(&[rows, in_f], 93, 1.0);
+            let a = randt(&[r, in_f], 94, 0.5);
+            let b = randt(&[out_f, r], 95, 0.5);
+            let rr = randt(&[rows, out_f], 96, 1.0);
+            let dense =
+                |t: &[Tensor]| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 1.5).unwrap();
+            let custom = |t: &[Tensor]| {
+                lora_linear_over(&t[0], base.clone(), Some(&bias), &t[1], &t[2], 1.5).unwrap()
+            };
+            let ins = [x, a, b];
+            let (yd, gd) = autograd(&dense, &ins, &[true, true, true], &rr);
+            let (yc, gc) = autograd(&custom, &ins, &[true, true, true], &rr);
+            assert!(rel_err(&yc, &yd) < 1e-5, "rows {rows}");
+            for (c, d) in gc.iter().zip(&gd) {
+                assert!(
+                    rel_err(c.as_ref().unwrap(), d.as_ref().unwrap()) < 1e-5,
+                    "rows {rows}"
+                );
+            }
+        }
     }
 }
