@@ -1,38 +1,10 @@
 //! `lowrank` with AdaLoRA adapters end to end: eval / merge of a PEFT AdaLoRA adapter,
 //! `inspect` showing the kept ranks, `train --method adalora` with its rank report.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn fx(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-fn lowrank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowrank"))
-        .args(args)
-        .output()
-        .expect("run lowrank")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn last_json(stdout: &str) -> Value {
-    serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON last line")
-}
+mod common;
+use common::*;
 
 #[test]
 fn eval_and_merge_of_a_peft_adalora_adapter_match_peft() {

@@ -1,8 +1,8 @@
 //! `lowrank analyze` end to end on the committed fixtures: the JSON report against the dense
 //! update computed here, `--compare`, `--full`, the pictures, and bad inputs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use candle_core::Device;
 use lowrank_algebra::analyze::{randomized_svd, RandomizedOptions};
@@ -10,20 +10,8 @@ use lowrank_algebra::factored::matrix_from_tensor;
 use lowrank_core::lora::LoraAdapter;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn fx(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-fn lowrank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowrank"))
-        .args(args)
-        .output()
-        .expect("run lowrank")
-}
+mod common;
+use common::*;
 
 fn json(out: &Output) -> Value {
     assert!(
@@ -40,15 +28,6 @@ fn floats(v: &Value) -> Vec<f64> {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect()
-}
-
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure, got success");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for n in needles {
-        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

@@ -1,51 +1,19 @@
 //! The `lowrank` binary end to end on the committed fixtures: outputs against the transformers
 //! + PEFT references, and every bad input giving a clear error and a non-zero exit.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn lowrank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowrank"))
-        .args(args)
-        .output()
-        .expect("run lowrank")
-}
-
-fn fx(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-/// The last stdout line as JSON, asserting success.
-fn json_out(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON last line")
-}
+mod common;
+use common::*;
 
 fn reference(name: &str) -> Value {
     serde_json::from_str(
         &std::fs::read_to_string(fixtures().join(format!("reference/{name}.json"))).unwrap(),
     )
     .unwrap()
-}
-
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure, got success");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for n in needles {
-        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

@@ -4,47 +4,15 @@
 //! without leaving an output folder.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{Device, Tensor};
 use lowrank_core::lora::{LoraAdapter, LoraConfig, LoraModule};
 use lowrank_core::targets::ModuleSelector;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn fx(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-fn lowrank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowrank"))
-        .args(args)
-        .output()
-        .expect("run lowrank")
-}
-
-/// The last stdout line as JSON, asserting success.
-fn json_out(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON last line")
-}
-
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure, got success");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for n in needles {
-        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "{stderr}");
-}
+mod common;
+use common::*;
 
 const MODEL: &str = "models/llama-tied";
 const QV: &str = "adapters/llama-tied__lora-qv";

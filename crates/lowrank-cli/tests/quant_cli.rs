@@ -2,44 +2,10 @@
 //! with `--quantize`, `merge` over a 4-bit base (full precision and `--requantize`), and the
 //! error cases. References: fixtures/quant/ (scripts/make_quant_fixtures.py).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn fx(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-fn lowrank(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowrank"))
-        .args(args)
-        .output()
-        .expect("run lowrank")
-}
-
-fn json_out(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON last line")
-}
-
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure, got success");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for n in needles {
-        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "{stderr}");
-}
+mod common;
+use common::*;
 
 /// bitsandbytes' eval loss for (model, adapter, quant type).
 fn bnb_loss(model: &str, adapter: Option<&str>, kind: &str) -> f64 {
