@@ -174,6 +174,34 @@ fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
     json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
 }
 
+/// Sends every (model, adapter fixture, prompt) case at once and checks each answer against
+/// that sequence decoded alone (over a bf16 base when `bf16`).
+async fn assert_concurrent_greedy(
+    server: &Arc<Server>,
+    cases: &[(&'static str, Option<&str>, &'static str)],
+    max_tokens: usize,
+    bf16: bool,
+) {
+    let mut tasks = Vec::new();
+    for &(model, _, prompt) in cases {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            server
+                .post("/v1/completions", completion(model, prompt, max_tokens))
+                .await
+        }));
+    }
+    for ((_, adapter, prompt), task) in cases.iter().zip(tasks) {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            expected_text_with(*adapter, prompt, max_tokens, bf16),
+            "{adapter:?} {prompt}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_adapter_batches_give_each_request_its_own_greedy_tokens() {
     let root = adapter_root();
@@ -189,24 +217,7 @@ async fn mixed_adapter_batches_give_each_request_its_own_greedy_tokens() {
         ),
         ("tenant-dora", Some("llama-tied__dora"), "The quick cat"),
     ];
-    let mut tasks = Vec::new();
-    for (model, _, prompt) in cases {
-        let server = server.clone();
-        tasks.push(tokio::spawn(async move {
-            server
-                .post("/v1/completions", completion(model, prompt, 24))
-                .await
-        }));
-    }
-    for ((_, adapter, prompt), task) in cases.iter().zip(tasks) {
-        let (status, body) = task.await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(
-            body["choices"][0]["text"],
-            expected_text(*adapter, prompt, 24),
-            "{adapter:?} {prompt}"
-        );
-    }
+    assert_concurrent_greedy(&server, &cases, 24, false).await;
     let metrics = server.get("/metrics").await;
     // Rows were batched: some step saw more than one row.
     let single: u64 = metrics
@@ -641,24 +652,7 @@ async fn a_bf16_base_serves_mixed_batches() {
         ("tenant-dora", Some("llama-tied__dora"), "A dog runs"),
         ("base", None, "Birds sing in the morning"),
     ];
-    let mut tasks = Vec::new();
-    for (model, _, prompt) in cases {
-        let server = server.clone();
-        tasks.push(tokio::spawn(async move {
-            server
-                .post("/v1/completions", completion(model, prompt, 16))
-                .await
-        }));
-    }
-    for ((_, adapter, prompt), task) in cases.iter().zip(tasks) {
-        let (status, body) = task.await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(
-            body["choices"][0]["text"],
-            expected_text_with(*adapter, prompt, 16, true),
-            "{adapter:?} {prompt}"
-        );
-    }
+    assert_concurrent_greedy(&server, &cases, 16, true).await;
     Arc::try_unwrap(server).ok().unwrap().stop().await;
 }
 
