@@ -49,13 +49,17 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    // The command runs on a rayon pool with the main thread as one of its workers: candle, gemm
-    // and the kernels issue hundreds of short parallel ops per decoding step, and handing each
-    // from an outside thread to the global pool (and waking it) cost a fifth of the step.
-    let result = match rayon::ThreadPoolBuilder::new().build() {
-        Ok(pool) => pool.install(|| run(cli.command)),
-        Err(_) => run(cli.command),
-    };
+    // The main thread joins the global rayon pool as one of its workers: candle, gemm and the
+    // kernels issue hundreds of short parallel ops per decoding step, and handing each from an
+    // outside thread to the pool (and waking it) cost a fifth of the step. Running the command
+    // on the main thread itself (rather than `install`ing it on a pool thread) keeps its
+    // allocations in glibc's main arena, which reuses freed activation buffers; a thread arena
+    // hands them back to the kernel and every training step paid the page faults again.
+    // Failing to build the pool (one already exists) only loses that speed.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global();
+    let result = run(cli.command);
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         std::process::exit(1);
