@@ -44,6 +44,13 @@ enum Command {
 }
 
 fn main() {
+    // Like other command-line tools, end quietly when the reader of stdout goes away
+    // (`lowrank analyze ... | head`): Rust ignores SIGPIPE, so printing would panic instead.
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

@@ -521,3 +521,20 @@ fn train_writes_adapter_log_plot_and_checkpoints() {
         &["bad.jsonl:2"],
     );
 }
+
+/// A reader that goes away (`lowrank ... | head`) ends the command quietly, not with a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .args(["inspect", &fx("adapters/llama-untied__all-linear")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run lowrank");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
