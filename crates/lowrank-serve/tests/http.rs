@@ -112,11 +112,11 @@ impl Server {
     /// Waits until the engine reports `n` running sequences.
     async fn wait_running(&self, n: usize) {
         let want = format!("lowrank_running_requests {n}\n");
-        for _ in 0..500 {
+        for _ in 0..2000 {
             if self.get("/metrics").await.contains(&want) {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::task::yield_now().await;
         }
         panic!("never saw {n} running requests");
     }
@@ -304,7 +304,8 @@ async fn adapters_load_unload_and_replace_while_requests_run() {
             server
                 .post(
                     "/v1/completions",
-                    completion("tenant-lora", "The quick cat", 240),
+                    // A prompt whose greedy answer runs the full 240 tokens (no early EOS).
+                    completion("tenant-lora", "A dog runs", 240),
                 )
                 .await
         })
@@ -341,7 +342,7 @@ async fn adapters_load_unload_and_replace_while_requests_run() {
     assert_eq!(s, 200);
     assert_eq!(
         b["choices"][0]["text"],
-        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 240)
+        expected_text(Some("llama-tied__lora-qv"), "A dog runs", 240)
     );
     let (s, _) = server
         .post("/v1/unload_lora_adapter", json!({"lora_name": "extra"}))
@@ -601,8 +602,9 @@ async fn a_full_queue_answers_429() {
 async fn a_client_that_hangs_up_cancels_its_sequence() {
     let root = adapter_root();
     let server = Server::start(options(root.path())).await;
-    // The fixture model has 256 positions: the longest answer it can give.
-    let mut body = completion("tenant-lora", "The quick cat", 250);
+    // The fixture model has 256 positions: about the longest answer it can give after this
+    // prompt (whose greedy answer does not stop at EOS before).
+    let mut body = completion("tenant-lora", "A dog runs", 240);
     body["stream"] = true.into();
     let mut resp = reqwest::Client::new()
         .post(format!("{}/v1/completions", server.url))
@@ -633,7 +635,7 @@ async fn a_client_that_hangs_up_cancels_its_sequence() {
         .parse()
         .unwrap();
     assert!(
-        generated < 250,
+        generated < 240,
         "generated {generated} tokens for a client that left"
     );
     server.stop().await;
@@ -750,24 +752,33 @@ async fn the_adapter_memory_budget_evicts_too() {
 async fn graceful_shutdown_finishes_running_requests() {
     let root = adapter_root();
     let mut server = Server::start(options(root.path())).await;
-    let url = format!("{}/v1/completions", server.url);
-    let long = tokio::spawn(async move {
-        let resp = reqwest::Client::new()
-            .post(url)
-            .json(&completion("tenant-lora", "The quick cat", 240))
-            .send()
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
-    });
-    server.wait_running(1).await;
+    // Three long requests in one batch: on this tiny model a lone one can finish between two
+    // polls of /metrics, and the test needs requests still running when the signal comes.
+    // (Prompts whose greedy answers run the full 240 tokens rather than stopping at EOS.)
+    let prompts = ["A dog runs", "Birds sing", "The quick dog"];
+    let mut tasks = Vec::new();
+    for prompt in prompts {
+        let url = format!("{}/v1/completions", server.url);
+        tasks.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .json(&completion("tenant-lora", prompt, 240))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }));
+    }
+    server.wait_running(prompts.len()).await;
     let _ = server.shutdown.take().unwrap().send(());
-    let (s, b) = long.await.unwrap();
-    assert_eq!(s, 200, "{b}");
-    assert_eq!(
-        b["choices"][0]["text"],
-        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 240)
-    );
+    for (prompt, task) in prompts.iter().zip(tasks) {
+        let (s, b) = task.await.unwrap();
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(
+            b["choices"][0]["text"],
+            expected_text(Some("llama-tied__lora-qv"), prompt, 240)
+        );
+    }
     tokio::time::timeout(Duration::from_secs(30), server.handle)
         .await
         .unwrap()
