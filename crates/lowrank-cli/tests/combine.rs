@@ -143,6 +143,21 @@ fn combined_adapters_give_the_loss_of_the_stacked_adapters() {
         assert_eq!(config["r"], config["lora_alpha"]);
     }
 
+    // Stacking at generation time gives the greedy text of the exact combination.
+    let generate = |adapters: &[&str]| -> String {
+        let model = fx(MODEL);
+        let mut args = vec!["generate", "--model", &model, "--prompt", "The quick cat"];
+        args.extend(["--max-tokens", "12", "--ignore-eos"]);
+        for a in adapters {
+            args.extend(["--adapter", a]);
+        }
+        ok(&lowrank(&args))
+    };
+    let linear = tmp.path().join("linear"); // written by the loop above
+    let stacked_text = generate(&[&format!("{qv}:0.6"), &format!("{other}:-0.4")]);
+    assert_eq!(stacked_text, generate(&[&linear.to_string_lossy()]));
+    assert_ne!(stacked_text, generate(&[]));
+
     // Truncated to rank 1, the loss moves and every module reports a truncation error.
     let (out, summary, table) = run("svd", &["--rank", "1"]);
     assert!(summary["max_relative_error"].as_f64().unwrap() > 1e-3);

@@ -277,13 +277,13 @@ impl Worker {
             .partition(gone);
         self.waiting = still_waiting.into();
         for s in finished.into_iter().chain(gone_waiting) {
-            let outcome = if s.req.events.is_closed() {
-                Outcome::Cancelled
+            // Counted before the client hears of it, so /metrics already shows it then.
+            if s.req.events.is_closed() {
+                self.release(&s, Outcome::Cancelled);
             } else {
+                self.release(&s, Outcome::TimedOut);
                 let _ = s.req.events.send(Event::Error("request timed out".into()));
-                Outcome::TimedOut
-            };
-            self.release(&s, outcome);
+            }
         }
     }
 
@@ -342,11 +342,11 @@ impl Worker {
             Err(e) => {
                 tracing::error!("forward failed: {e}");
                 for s in std::mem::take(&mut self.running) {
+                    self.release(&s, Outcome::Failed);
                     let _ = s
                         .req
                         .events
                         .send(Event::Error(format!("internal error: {e}")));
-                    self.release(&s, Outcome::Failed);
                 }
                 return;
             }

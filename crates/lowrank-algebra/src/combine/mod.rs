@@ -622,6 +622,33 @@ mod tests {
         assert_close(&delta(&exact, "q"), &merged, 1e-6);
     }
 
+    /// The other `_svd` forms: the hand-computed merges of `magnitude_prune_and_dare_at_density_one`
+    /// truncated to rank 1, with the error from the 2×2 spectrum: σ₂² is the smaller root of
+    /// λ² − ‖M‖²_F·λ + det(M)² = 0.
+    #[test]
+    fn other_svd_variants_truncate_their_hand_computed_merges() {
+        for (method, density, merged) in [
+            ("magnitude_prune_svd", 0.5, m(2, 2, &[-1.0, 2.0, 0.0, 5.0])),
+            ("dare_linear_svd", 1.0, m(2, 2, &[-1.0, 1.0, 3.0, 4.5])),
+            ("dare_ties_svd", 1.0, m(2, 2, &[-4.0, 2.0, 1.5, 5.0])),
+        ] {
+            let adapters = dense_adapters();
+            let mut options = with(method);
+            options.density = Some(density);
+            options.rank = Some(1);
+            let out = run(&[&adapters[0], &adapters[1]], &[1.0, 1.0], &options).unwrap();
+            let total = merged.norm_squared();
+            let det = merged[(0, 0)] * merged[(1, 1)] - merged[(0, 1)] * merged[(1, 0)];
+            let smaller = (total - (total * total - 4.0 * det * det).sqrt()) / 2.0;
+            let error = (smaller / total).sqrt();
+            let report = &out.modules[0];
+            assert_eq!(report.rank, 1, "{method}");
+            assert!((report.relative_error - error).abs() < 1e-6, "{method}");
+            let got = (delta(&out, "q") - &merged).norm() / merged.norm();
+            assert!((got - error).abs() < 1e-6, "{method}: {got} vs {error}");
+        }
+    }
+
     #[test]
     fn dare_masks_are_seeded_and_rescale_the_survivors() {
         // One adapter with a 20×30 rank-2 update: every entry is dropped or doubled.
