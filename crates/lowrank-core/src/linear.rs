@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
+use lowrank_kernels::FrozenMatmul;
 use lowrank_quant::{QMatMul, QuantType, Quantized4Bit};
 
 use crate::error::{Error, Result};
@@ -234,6 +235,9 @@ pub struct AdaptedLinear {
     /// A merge over a 4-bit base dequantizes it into a dense weight; the packed original is
     /// kept so that unmerging the last adapter restores it exactly.
     quantized_before_merge: Option<Arc<Quantized4Bit>>,
+    /// The base is bf16 and its matmuls take bf16 inputs (`--compute-dtype bf16` training);
+    /// otherwise a bf16 base is storage only and computes in f32 (inference).
+    bf16_compute: bool,
 }
 
 /// x·Wᵀ for x of shape (..., in).
@@ -295,6 +299,7 @@ impl AdaptedLinear {
             bias,
             merged: Vec::new(),
             quantized_before_merge: None,
+            bf16_compute: false,
         }
     }
 
@@ -340,6 +345,41 @@ impl AdaptedLinear {
             self.base = BaseWeight::Dense(w.to_dtype(dtype)?);
         }
         Ok(())
+    }
+
+    /// Mixed-precision training: the frozen dense base is stored in bf16 and both of its
+    /// products (x·Wᵀ forward, dy·W backward) take bf16 inputs with f32 accumulation; adapters
+    /// and everything else stay f32. A 4-bit or trainable base is an error.
+    pub fn compute_in_bf16(&mut self) -> Result<()> {
+        if self.is_quantized() {
+            return Err(Error::Msg(
+                "bf16 compute applies to a dense base; this one is 4-bit".into(),
+            ));
+        }
+        self.cast_base(DType::BF16)?;
+        self.bf16_compute = true;
+        Ok(())
+    }
+
+    /// The bf16 base as a self-multiplying operand for the kernels, when this layer computes
+    /// in bf16 on the CPU in f32 (what the bf16 GEMM takes).
+    fn bf16_operand(&self, x: &Tensor) -> Result<Option<Arc<dyn FrozenMatmul>>> {
+        match &self.base {
+            BaseWeight::Dense(w)
+                if self.bf16_compute && x.device().is_cpu() && x.dtype() == DType::F32 =>
+            {
+                Ok(Some(lowrank_kernels::Bf16Frozen::new(w)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// x·Wᵀ through the bf16 GEMM when the layer computes in bf16, else as the base does.
+    fn base_matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self.bf16_operand(x)? {
+            Some(base) => Ok(lowrank_kernels::frozen_linear_over(x, base)?),
+            None => self.base.matmul_t(x),
+        }
     }
 
     pub fn merged_adapters(&self) -> impl Iterator<Item = &str> {
@@ -417,9 +457,9 @@ impl AdaptedLinear {
         let Some(xd) = dropped else {
             return self.forward(x, active);
         };
-        let mut y = self.base.matmul_t(x)?;
+        let mut y = self.base_matmul_t(x)?;
         if let Some((m, factor)) = self.dora_factor(active)? {
-            let base_d = self.base.matmul_t(xd)?;
+            let base_d = self.base_matmul_t(xd)?;
             let extra = (scale_columns(&base_d, &(&factor - 1.0)?)?
                 + scale_columns(&lora_path(xd, m, 1.0)?, &factor)?)?;
             y = (y + extra)?;
@@ -463,7 +503,7 @@ impl AdaptedLinear {
         if let Some(y) = self.forward_fused(x, active)? {
             return Ok(y);
         }
-        let mut y = self.base.matmul_t(x)?;
+        let mut y = self.base_matmul_t(x)?;
         if let Some((m, factor)) = self.dora_factor(active)? {
             y = scale_columns(&(y + lora_path(x, m, 1.0)?)?, &factor)?;
         } else {
@@ -508,6 +548,31 @@ impl AdaptedLinear {
             let decode = m.magnitude.is_none()
                 && x.device().is_cpu()
                 && rows(x) <= lowrank_kernels::decode::MAX_ROWS;
+            if let (false, Some(base)) = (decode, self.bf16_operand(x)?) {
+                return Ok(match &m.magnitude {
+                    None => Some(lowrank_kernels::lora_linear_over(
+                        x,
+                        base,
+                        self.bias.as_ref(),
+                        &m.a,
+                        &m.b,
+                        m.scale * one.weight,
+                    )?),
+                    Some(magnitude) if one.weight == 1.0 => {
+                        Some(lowrank_kernels::dora_linear_over(
+                            x,
+                            base,
+                            w,
+                            self.bias.as_ref(),
+                            &m.a,
+                            &m.b,
+                            magnitude,
+                            m.scale,
+                        )?)
+                    }
+                    Some(_) => None,
+                });
+            }
             return Ok(decode
                 .then(|| {
                     lowrank_kernels::lora_linear_decode_bf16(

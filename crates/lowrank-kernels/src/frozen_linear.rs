@@ -4,9 +4,12 @@
 //! out×in GEMM and buffer per layer) even when nothing needs it; for LoRA training over a
 //! frozen base that doubles the backward work of every linear layer.
 
+use std::sync::Arc;
+
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{gemv, require_cpu, sgemm, slice, view, Mat};
+use crate::lora_linear::FrozenMatmul;
 
 const NAME: &str = "lowrank-frozen-linear";
 
@@ -32,8 +35,53 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// x (..., in) · Wᵀ for a base that multiplies itself (a bf16 one), gradient to x only.
+pub fn frozen_linear_over(x: &Tensor, base: Arc<dyn FrozenMatmul>) -> Result<Tensor> {
+    let (out_f, in_f) = base.shape();
+    if x.dims().last() != Some(&in_f) {
+        bail!(
+            "frozen_linear: x {:?} does not fit w {:?}",
+            x.dims(),
+            (out_f, in_f)
+        )
+    }
+    let dims = x.dims().to_vec();
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x
+        .contiguous()?
+        .reshape((rows, in_f))?
+        .apply_op1(FrozenOver { base })?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("x has a last dimension") = out_f;
+    y.reshape(out_dims)
+}
+
 struct FrozenLinear {
     w: Tensor,
+}
+
+struct FrozenOver {
+    base: Arc<dyn FrozenMatmul>,
+}
+
+impl CustomOp1 for FrozenOver {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, NAME)?;
+        let (n, _) = l.shape().dims2()?;
+        let y = self.base.forward(x, n)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, self.base.shape().0))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let (n, _) = g.dims2()?;
+        let dx = self.base.grad_input(view(&g, NAME)?.get(), n)?;
+        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
+    }
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -134,5 +182,41 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(diff < 1e-4, "{diff}");
+    }
+
+    /// Over a bf16 base: x·Wᵀ and grad-x equal candle's f32 products of the bf16-rounded
+    /// values (x rounded in forward, dy in backward).
+    #[test]
+    fn bf16_base_matches_candle_on_rounded_values() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let w = round(&Tensor::randn(0f32, 1., (23, 40), &dev).unwrap());
+        let x = Var::randn(0f32, 1., (3, 11, 40), &dev).unwrap();
+        let base = crate::Bf16Frozen::new(&w.to_dtype(DType::BF16).unwrap()).unwrap();
+        let y = frozen_linear_over(x.as_tensor(), base).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let expect = round(x.as_tensor())
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap();
+        assert!(max_diff(&y, &expect) < 1e-4);
+        let probe = Tensor::randn(0f32, 1., (3, 11, 23), &dev).unwrap();
+        let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let expect_gx = round(&probe).broadcast_matmul(&w).unwrap();
+        assert!(max_diff(grads.get(x.as_tensor()).unwrap(), &expect_gx) < 1e-4);
     }
 }

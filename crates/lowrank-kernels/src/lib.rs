@@ -15,6 +15,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16_gemm;
 pub mod column_scale;
 mod cpu;
 pub mod cross_entropy;
@@ -31,11 +32,14 @@ pub(crate) mod test_util;
 pub use attention::{causal_attention, causal_attention_cached};
 
 pub use adamw::adamw_step;
+pub use bf16_gemm::Bf16Frozen;
 pub use column_scale::scale_columns;
 pub use cross_entropy::chunked_cross_entropy;
 pub use decode::{gemv_bf16, lora_linear_decode_bf16};
-pub use frozen_linear::frozen_linear;
-pub use lora_linear::{dora_linear, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul};
+pub use frozen_linear::{frozen_linear, frozen_linear_over};
+pub use lora_linear::{
+    dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul,
+};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

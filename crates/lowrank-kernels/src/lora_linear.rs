@@ -128,9 +128,41 @@ pub fn dora_linear(
     magnitude: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    let undirected = lora_linear(x, w, None, a, b, scale)?;
+    dora_rescale(undirected, w, bias, a, b, magnitude, scale)
+}
+
+/// [`dora_linear`] over a base that multiplies itself (a bf16 one); `w` is that base's weight
+/// in any float dtype, read (in f32) for the row norm only.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_linear_over(
+    x: &Tensor,
+    base: Arc<dyn FrozenMatmul>,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    magnitude: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let undirected = lora_linear_over(x, base, None, a, b, scale)?;
+    let w = w.to_dtype(candle_core::DType::F32)?;
+    dora_rescale(undirected, &w, bias, a, b, magnitude, scale)
+}
+
+/// (m / ‖W + s·B·A‖_row) ∘ y + bias.
+fn dora_rescale(
+    y: Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    magnitude: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let norm = dora_row_norm(w, a, b, scale)?;
     let factor = magnitude.broadcast_div(&norm)?;
-    let y = scale_columns(&lora_linear(x, w, None, a, b, scale)?, &factor)?;
+    let y = scale_columns(&y, &factor)?;
     match bias {
         Some(bias) => y.broadcast_add(&bias.detach()),
         None => Ok(y),

@@ -924,6 +924,18 @@ impl Llama {
         Ok(())
     }
 
+    /// Mixed-precision training: every decoder layer's frozen dense linear weight stored in
+    /// bf16, its matmuls fed bf16 inputs with f32 accumulation (see
+    /// `AdaptedLinear::compute_in_bf16`). Embeddings, norms and the head stay as they are.
+    pub fn compute_in_bf16(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for proj in layer.projs_mut() {
+                proj.linear.compute_in_bf16()?;
+            }
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,

@@ -67,6 +67,18 @@ named_enum!(
 );
 
 named_enum!(
+    /// The dtype the frozen base's matmuls take (`--compute-dtype`).
+    ComputeDtype, "compute dtype", {
+        /// Everything in f32.
+        F32 = "f32",
+        /// Mixed precision: the frozen base's linear weights stored in bf16 and their matmuls
+        /// fed bf16 activations, accumulated in f32; adapters, their gradients, the optimizer
+        /// state, norms, attention, the head and the loss stay f32.
+        Bf16 = "bf16",
+    }
+);
+
+named_enum!(
     /// The 4-bit code of a quantized base (bitsandbytes' `bnb_4bit_quant_type`).
     QuantKind, "quant type", {
         /// NormalFloat4: quantiles of N(0, 1), for normally distributed weights.
@@ -137,6 +149,9 @@ pub struct TrainOptions {
     /// Quantize the base's linear weights to 4 bits at load (QLoRA).
     #[serde(default)]
     pub quantize: Option<QuantizeOptions>,
+    /// The frozen base's matmul dtype (bf16: mixed precision over a dense base).
+    #[serde(default = "default_compute_dtype")]
+    pub compute_dtype: ComputeDtype,
     /// Training data, JSONL: `{"text"}`, `{"prompt","completion"}` or `{"messages":[...]}`.
     pub data: PathBuf,
     /// Output folder: adapter (or full checkpoint), training_log.jsonl, loss.svg, checkpoints.
@@ -233,11 +248,17 @@ impl Default for AdaloraOptions {
     }
 }
 
+/// Runs saved before `--compute-dtype` existed trained in f32.
+fn default_compute_dtype() -> ComputeDtype {
+    ComputeDtype::F32
+}
+
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             model: String::new(),
             quantize: None,
+            compute_dtype: ComputeDtype::F32,
             data: PathBuf::new(),
             out: PathBuf::from("out"),
             eval_data: None,

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::data::{self, Batch, Example};
 use crate::optim::{clip, Optimizer};
-use crate::{memory, plot, schedule, Init, Method, TrainOptions, TrainReport};
+use crate::{memory, plot, schedule, ComputeDtype, Init, Method, TrainOptions, TrainReport};
 
 pub const LOG_FILE: &str = "training_log.jsonl";
 pub const PLOT_FILE: &str = "loss.svg";
@@ -196,6 +196,18 @@ fn validate(o: &TrainOptions) -> Result<()> {
     }
     if o.max_steps == Some(0) || o.save_every == Some(0) || o.eval_every == Some(0) {
         return Err(bad("max_steps", "step counts must be at least 1"));
+    }
+    if o.compute_dtype == ComputeDtype::Bf16 && o.method == Method::Full {
+        return Err(bad(
+            "compute_dtype",
+            "bf16 applies to a frozen base; full fine-tuning trains every weight in f32",
+        ));
+    }
+    if o.compute_dtype == ComputeDtype::Bf16 && o.quantize.is_some() {
+        return Err(bad(
+            "compute_dtype",
+            "bf16 applies to a dense base; a 4-bit base (--quantize) already multiplies from its packed codes in f32",
+        ));
     }
     if o.method == Method::Full && o.init_adapter.is_some() {
         return Err(bad("init_adapter", "cannot be combined with --method full"));
@@ -710,6 +722,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     };
 
     let mut trainable = setup_trainable(&mut model, o)?;
+    if o.compute_dtype == ComputeDtype::Bf16 {
+        // After the adapters' set-up, which may read W in f32 (PiSSA's SVD, DoRA's ‖W‖).
+        model.compute_in_bf16()?;
+    }
     let mut optimizer =
         Optimizer::new(o.optimizer, &trainable.vars, o.weight_decay, o.betas, o.eps)?;
     let mut start_step = 0;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use lowrank_train::{Init, Method, OptimizerKind, Schedule, TrainOptions};
+use lowrank_train::{ComputeDtype, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -87,6 +87,10 @@ pub struct Args {
     /// Recompute each layer's activations in backward to save memory.
     #[arg(long)]
     grad_checkpoint: bool,
+    /// f32, or bf16: the frozen base's linear weights kept in bf16 and their matmuls fed
+    /// bf16 activations with f32 accumulation (adapters and optimizer state stay f32).
+    #[arg(long, default_value = "f32")]
+    compute_dtype: ComputeDtype,
     /// Write a checkpoint every N steps.
     #[arg(long)]
     save_every: Option<usize>,
@@ -150,6 +154,7 @@ pub fn run(args: Args) -> Result<()> {
     let opts = TrainOptions {
         model: args.model,
         quantize: args.quant.options(),
+        compute_dtype: args.compute_dtype,
         adalora: lowrank_train::AdaloraOptions {
             init_rank: args.adalora.init_rank,
             target_rank: args.adalora.target_rank,

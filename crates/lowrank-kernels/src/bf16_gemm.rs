@@ -1,0 +1,520 @@
+//! GEMM with bf16 inputs and f32 accumulation, for training over a frozen bf16 base
+//! (`--compute-dtype bf16`): dst = bf16(lhs) · rhs, lhs f32 activations rounded to bf16
+//! (round to nearest even), rhs a bf16 weight, every product exact in f32 and summed in f32.
+//!
+//! CPUs with AVX512-BF16 run our own microkernel on `vdpbf16ps`, which multiplies pairs of
+//! bf16 and adds both products to an f32 lane: twice the multiply-adds per instruction of an
+//! f32 FMA. Elsewhere the same numbers come from the f32 GEMM on the rounded activations and
+//! the weight widened to f32 a block of columns at a time (bf16 → f32 is exact), so results
+//! agree across CPUs up to the order of the f32 sums.
+
+use std::sync::Arc;
+
+use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::cpu::{require_cpu, sgemm, Mat};
+use crate::lora_linear::FrozenMatmul;
+
+const NAME: &str = "lowrank-bf16-gemm";
+
+/// A strided bf16 matrix operand: data and (row stride, column stride).
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Mat<'a> {
+    pub data: &'a [bf16],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Bf16Mat<'_> {
+    #[inline(always)]
+    fn at(&self, row: usize, col: usize) -> bf16 {
+        self.data[row * self.rs + col * self.cs]
+    }
+}
+
+/// dst (m×n, row-major) [+]= bf16(lhs) (m×k) · rhs (k×n), accumulated in f32.
+pub(crate) fn gemm_bf16(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Bf16Mat,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n, "gemm_bf16: dst too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        k == 0 || (m - 1) * lhs.rs + (k - 1) * lhs.cs < lhs.data.len(),
+        "gemm_bf16: lhs too small"
+    );
+    assert!(
+        k == 0 || (k - 1) * rhs.rs + (n - 1) * rhs.cs < rhs.data.len(),
+        "gemm_bf16: rhs too small"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if k > 0 && avx512::available() {
+            return avx512::gemm((m, n, k), dst, lhs, rhs, accumulate);
+        }
+    }
+    widened::gemm((m, n, k), dst, lhs, rhs, accumulate)
+}
+
+/// f32 → bf16 → f32, round to nearest even (NaN stays NaN).
+#[inline(always)]
+fn round_bf16(v: f32) -> f32 {
+    bf16::from_f32(v).to_f32()
+}
+
+/// The fallback: f32 GEMMs on exactly the values the bf16 kernel multiplies.
+mod widened {
+    use super::*;
+
+    /// At most this many rhs elements are widened at once (16 MiB of f32): a whole weight of
+    /// a 135M–1B model, a block of columns of anything larger, so the conversion never holds
+    /// a second full-size copy of a big weight.
+    const WIDEN_ELEMS: usize = 1 << 22;
+
+    pub(super) fn gemm(
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [f32],
+        lhs: Mat,
+        rhs: Bf16Mat,
+        accumulate: bool,
+    ) {
+        let mut a = vec![0f32; m * k];
+        a.par_chunks_mut(k.max(1)).enumerate().for_each(|(i, row)| {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = round_bf16(lhs.data[i * lhs.rs + c * lhs.cs]);
+            }
+        });
+        let block_cols = (WIDEN_ELEMS / k.max(1)).max(64).min(n);
+        let mut block = vec![0f32; k * block_cols];
+        for j0 in (0..n).step_by(block_cols) {
+            let cols = block_cols.min(n - j0);
+            // Widened in the layout rhs already has, so the copy reads it in order: W read as
+            // Wᵀ (x·Wᵀ) is column-major, W itself (dy·W) row-major.
+            let widened = if rhs.rs == 1 {
+                block
+                    .par_chunks_mut(k.max(1))
+                    .take(cols)
+                    .enumerate()
+                    .for_each(|(j, col)| {
+                        for (kk, v) in col.iter_mut().enumerate() {
+                            *v = rhs.at(kk, j0 + j).to_f32();
+                        }
+                    });
+                Mat::t(&block[..k * cols], k)
+            } else {
+                block
+                    .par_chunks_mut(cols)
+                    .take(k)
+                    .enumerate()
+                    .for_each(|(kk, row)| {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = rhs.at(kk, j0 + j).to_f32();
+                        }
+                    });
+                Mat::rows(&block[..k * cols], cols)
+            };
+            sgemm(
+                m,
+                cols,
+                k,
+                &mut dst[j0..],
+                n,
+                Mat::rows(&a, k),
+                widened,
+                1.0,
+                accumulate,
+                true,
+            );
+        }
+    }
+}
+
+/// The AVX512-BF16 kernel. `vdpbf16ps` takes its operands as bf16 pairs along k (one u32
+/// each): a bf16 row of lhs already is that, so lhs is only rounded (32 lanes at a time,
+/// `vcvtne2ps2bf16`); rhs is packed into panels of 32 columns × k/2 pairs. A 12×32 tile of f32
+/// accumulators lives in 24 zmm registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{bf16, Bf16Mat, Mat};
+    use rayon::prelude::*;
+    use std::arch::x86_64::{
+        __m512bh, __m512i, _mm512_cvtne2ps_pbh, _mm512_dpbf16_ps, _mm512_loadu_ps,
+        _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_ps, _mm512_storeu_ps,
+        _mm512_storeu_si512,
+    };
+
+    /// Rows of a tile: 12 × 2 accumulators + 2 rhs vectors + 1 broadcast fit the 32 zmm.
+    const MR: usize = 12;
+    /// Columns of a tile: two zmm of 16 f32 lanes.
+    const NR: usize = 32;
+    /// Rows per parallel task: a task streams every rhs panel once for this many rows.
+    const TASK_ROWS: usize = 2 * MR;
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+
+    pub(super) fn gemm(
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [f32],
+        lhs: Mat,
+        rhs: Bf16Mat,
+        accumulate: bool,
+    ) {
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut packed_rhs = vec![0u32; panels * kp * NR];
+        packed_rhs
+            .par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                pack_rhs_panel(rhs, k, panel * NR, NR.min(n - panel * NR), out)
+            });
+        dst[..m * n]
+            .par_chunks_mut(TASK_ROWS * n)
+            .enumerate()
+            .for_each(|(task, rows_out)| {
+                let row0 = task * TASK_ROWS;
+                let rows = rows_out.len() / n;
+                // This task's lhs rows in bf16, each 2·kp long (a zero pad for odd k), and
+                // zero rows up to a whole tile.
+                let tiles = rows.div_ceil(MR);
+                let mut lhs16 = vec![0u32; tiles * MR * kp];
+                for (i, row) in lhs16.chunks_mut(kp).take(rows).enumerate() {
+                    round_row(lhs, row0 + i, k, row);
+                }
+                let mut tile = [0f32; MR * NR];
+                for t in 0..tiles {
+                    let a = &lhs16[t * MR * kp..(t + 1) * MR * kp];
+                    let tile_rows = MR.min(rows - t * MR);
+                    for panel in 0..panels {
+                        let b = &packed_rhs[panel * kp * NR..(panel + 1) * kp * NR];
+                        // SAFETY: `available()` checked the CPU features; `a` holds MR rows of
+                        // kp pairs and `b` kp × NR pairs, which is what the kernel reads.
+                        unsafe { tile_kernel(kp, a, b, &mut tile) };
+                        let cols = NR.min(n - panel * NR);
+                        for i in 0..tile_rows {
+                            let out = &mut rows_out[(t * MR + i) * n + panel * NR..][..cols];
+                            let got = &tile[i * NR..i * NR + cols];
+                            if accumulate {
+                                out.iter_mut().zip(got).for_each(|(o, g)| *o += g);
+                            } else {
+                                out.copy_from_slice(got);
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// Columns col0..col0+cols of rhs as kp × NR pairs (rhs[2p][j] low, rhs[2p+1][j] high);
+    /// columns past `cols` and the pad row of an odd k stay zero.
+    fn pack_rhs_panel(rhs: Bf16Mat, k: usize, col0: usize, cols: usize, out: &mut [u32]) {
+        let bits = |row: usize, col: usize| rhs.data[row * rhs.rs + col * rhs.cs].to_bits() as u32;
+        if rhs.rs == 1 && k.is_multiple_of(2) {
+            // rhs = Wᵀ (x·Wᵀ): a pair is two neighbours in a row of W.
+            for j in 0..cols {
+                let w_row = &rhs.data[(col0 + j) * rhs.cs..][..k];
+                for (p, pair) in w_row.chunks_exact(2).enumerate() {
+                    out[p * NR + j] = pair[0].to_bits() as u32 | (pair[1].to_bits() as u32) << 16;
+                }
+            }
+            return;
+        }
+        for p in 0..k / 2 {
+            for j in 0..cols {
+                out[p * NR + j] = bits(2 * p, col0 + j) | bits(2 * p + 1, col0 + j) << 16;
+            }
+        }
+        if k % 2 == 1 {
+            let p = k / 2;
+            for j in 0..cols {
+                out[p * NR + j] = bits(2 * p, col0 + j);
+            }
+        }
+    }
+
+    /// Row `r` of lhs rounded to bf16 (nearest even), written as pairs into `out` (kp long).
+    fn round_row(lhs: Mat, r: usize, k: usize, out: &mut [u32]) {
+        let at = |c: usize| lhs.data[r * lhs.rs + c * lhs.cs];
+        let whole = if lhs.cs == 1 { k / 32 * 32 } else { 0 };
+        if whole > 0 {
+            let src = &lhs.data[r * lhs.rs..][..whole];
+            // SAFETY: `available()` checked the CPU features; `src` holds `whole` floats and
+            // `out` at least whole / 2 pairs.
+            unsafe { round_32s(src, &mut out[..whole / 2]) };
+        }
+        for c in (whole..k).step_by(2) {
+            let hi = if c + 1 < k {
+                bf16::from_f32(at(c + 1)).to_bits() as u32
+            } else {
+                0
+            };
+            out[c / 2] = bf16::from_f32(at(c)).to_bits() as u32 | hi << 16;
+        }
+    }
+
+    /// 32 floats at a time → 32 bf16 (16 pairs), round to nearest even.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn round_32s(src: &[f32], out: &mut [u32]) {
+        for (c, o) in src.chunks_exact(32).zip(out.chunks_exact_mut(16)) {
+            let lo = _mm512_loadu_ps(c.as_ptr());
+            let hi = _mm512_loadu_ps(c.as_ptr().add(16));
+            // The second operand fills the low half.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(o.as_mut_ptr().cast(), v);
+        }
+    }
+
+    /// tile (MR × NR) = Σ over kp pairs of a[i][p] ⊗ b[p] (NR pairs), a holding MR rows of kp.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_kernel(kp: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR]) {
+        debug_assert!(a.len() >= kp * MR && b.len() >= kp * NR);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for p in 0..kp {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*ap.add(i * kp + p) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
+            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), row[1]);
+        }
+    }
+}
+
+/// A frozen bf16 weight W (out × in) as the base of a LoRA linear or a frozen linear:
+/// x·Wᵀ and dy·W through [`gemm_bf16`].
+pub struct Bf16Frozen {
+    w: Tensor,
+    out_f: usize,
+    in_f: usize,
+}
+
+impl Bf16Frozen {
+    /// `w` must be a bf16 CPU matrix (out × in).
+    pub fn new(w: &Tensor) -> Result<Arc<Self>> {
+        require_cpu(w, NAME)?;
+        if w.dtype() != DType::BF16 {
+            bail!("{NAME}: the weight must be bf16, got {:?}", w.dtype())
+        }
+        let (out_f, in_f) = w.dims2()?;
+        Ok(Arc::new(Bf16Frozen {
+            w: w.detach().contiguous()?,
+            out_f,
+            in_f,
+        }))
+    }
+
+    fn with_data<R>(&self, f: impl FnOnce(&[bf16]) -> R) -> Result<R> {
+        let (guard, layout) = self.w.storage_and_layout();
+        let Storage::Cpu(CpuStorage::BF16(v)) = &*guard else {
+            bail!("{NAME}: the weight must be a bf16 CPU tensor")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("{NAME}: the weight must be contiguous")
+        };
+        Ok(f(&v[start..end]))
+    }
+}
+
+impl FrozenMatmul for Bf16Frozen {
+    fn shape(&self) -> (usize, usize) {
+        (self.out_f, self.in_f)
+    }
+
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (out_f, in_f) = (self.out_f, self.in_f);
+        self.with_data(|w| {
+            let mut y = vec![0f32; rows * out_f];
+            let wt = Bf16Mat {
+                data: w,
+                rs: 1,
+                cs: in_f,
+            };
+            gemm_bf16((rows, out_f, in_f), &mut y, Mat::rows(x, in_f), wt, false);
+            y
+        })
+    }
+
+    fn grad_input(&self, dy: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (out_f, in_f) = (self.out_f, self.in_f);
+        self.with_data(|w| {
+            let mut dx = vec![0f32; rows * in_f];
+            let wm = Bf16Mat {
+                data: w,
+                rs: in_f,
+                cs: 1,
+            };
+            gemm_bf16(
+                (rows, in_f, out_f),
+                &mut dx,
+                Mat::rows(dy, out_f),
+                wm,
+                false,
+            );
+            dx
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    /// Σ bf16(a)·b in f64 — the exact value the kernels approximate in f32.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &Bf16Mat) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|c| round_bf16(a[i * k + c]) as f64 * b.at(c, j).to_f64())
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn check(got: &[f32], want: &[f64], k: usize, what: &str) {
+        for (g, w) in got.iter().zip(want) {
+            // f32 sums of k terms of magnitude ≤ 1.
+            let tol = 1e-6 * k as f64 + 1e-6;
+            assert!((*g as f64 - w).abs() <= tol, "{what}: {g} vs {w}");
+        }
+    }
+
+    /// Odd and tile-unaligned sizes, both rhs layouts, store and accumulate, through the
+    /// dispatching entry point and the fallback (the same on a CPU without AVX512-BF16).
+    #[test]
+    fn matches_the_exact_product_of_the_rounded_inputs() {
+        // The last one is over widened::WIDEN_ELEMS: the fallback widens it a block of columns at a time.
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 33, 7),
+            (25, 70, 64),
+            (40, 31, 129),
+            (3, 2100, 2048),
+        ] {
+            let a = values(m * k, 1);
+            let w: Vec<bf16> = values(n * k, 2).into_iter().map(bf16::from_f32).collect();
+            // rhs as Wᵀ (W n×k row-major) and as a row-major k×n matrix.
+            let wt = Bf16Mat {
+                data: &w,
+                rs: 1,
+                cs: k,
+            };
+            let wr = Bf16Mat {
+                data: &w,
+                rs: n,
+                cs: 1,
+            };
+            for (rhs, layout) in [(wt, "Wt"), (wr, "rows")] {
+                let want = reference(m, n, k, &a, &rhs);
+                let lhs = Mat::rows(&a, k);
+                let mut got = vec![0f32; m * n];
+                gemm_bf16((m, n, k), &mut got, lhs, rhs, false);
+                check(&got, &want, k, &format!("{m}x{n}x{k} {layout}"));
+                let mut fallback = vec![0f32; m * n];
+                widened::gemm((m, n, k), &mut fallback, lhs, rhs, false);
+                check(
+                    &fallback,
+                    &want,
+                    k,
+                    &format!("fallback {m}x{n}x{k} {layout}"),
+                );
+                // Accumulating adds the same product again.
+                gemm_bf16((m, n, k), &mut got, lhs, rhs, true);
+                let twice: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();
+                check(
+                    &got,
+                    &twice,
+                    2 * k,
+                    &format!("accumulate {m}x{n}x{k} {layout}"),
+                );
+            }
+        }
+    }
+
+    /// The activations really are rounded: an input that bf16 cannot hold gives bf16's value.
+    #[test]
+    fn activations_are_rounded_to_bf16() {
+        let x = [1.0 + 1.0 / 512.0]; // between two bf16 values (spacing 1/128 near 1)
+        let w = [bf16::ONE];
+        let mut y = [0f32];
+        let rhs = Bf16Mat {
+            data: &w,
+            rs: 1,
+            cs: 1,
+        };
+        gemm_bf16((1, 1, 1), &mut y, Mat::rows(&x, 1), rhs, false);
+        assert_eq!(y[0], 1.0);
+    }
+
+    #[test]
+    fn frozen_base_products_match_f32_on_the_rounded_values() {
+        let (rows, out_f, in_f) = (9, 20, 17);
+        let w32 = Tensor::from_vec(
+            values(out_f * in_f, 3),
+            (out_f, in_f),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let base = Bf16Frozen::new(&w32.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert!(Bf16Frozen::new(&w32).is_err(), "an f32 weight is refused");
+        let w: Vec<f32> = w32
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let x = values(rows * in_f, 4);
+        let dy = values(rows * out_f, 5);
+        let y = base.forward(&x, rows).unwrap();
+        let dx = base.grad_input(&dy, rows).unwrap();
+        for i in 0..rows {
+            for o in 0..out_f {
+                let want: f64 = (0..in_f)
+                    .map(|c| round_bf16(x[i * in_f + c]) as f64 * w[o * in_f + c] as f64)
+                    .sum();
+                assert!((y[i * out_f + o] as f64 - want).abs() < 1e-5);
+            }
+            for c in 0..in_f {
+                let want: f64 = (0..out_f)
+                    .map(|o| round_bf16(dy[i * out_f + o]) as f64 * w[o * in_f + c] as f64)
+                    .sum();
+                assert!((dx[i * in_f + c] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+}
