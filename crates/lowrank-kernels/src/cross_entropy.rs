@@ -1,9 +1,14 @@
 //! Cross-entropy over the vocabulary fused with the LM head, in (row block × vocab chunk)
 //! tiles: the (n × vocab) logits are never materialised, in forward or backward.
 //!
-//! Forward keeps one log-sum-exp per counted row; backward recomputes each logits tile,
-//! turns it into softmax − one-hot in place and feeds it to the two gradient GEMMs.
-//! Rows whose target is `ignore_index` are dropped before any GEMM.
+//! With a frozen head (LoRA training) forward computes grad-hidden as well: a block of rows
+//! keeps its logits across the vocabulary (at most [`KEEP_FLOATS`]), turns them into
+//! softmax − one-hot in place and multiplies by the head, so backward only scales that n × h
+//! result by the incoming gradient (the loss is a scalar, so its gradient is one number).
+//! That saves the logits GEMM and two of the three exps per logit a recomputing backward costs.
+//! With a trainable head forward keeps one log-sum-exp per counted row; backward recomputes
+//! each logits tile, turns it into softmax − one-hot in place and feeds it to the two gradient
+//! GEMMs. Rows whose target is `ignore_index` are dropped before any GEMM.
 
 use std::sync::Mutex;
 
@@ -15,6 +20,8 @@ use crate::cpu::{sgemm, slice, view, Mat};
 const NAME: &str = "lowrank-chunked-cross-entropy";
 const ROW_BLOCK: usize = 128;
 const VOCAB_CHUNK: usize = 1024;
+/// Logits a block of rows keeps when forward computes the gradient (16 MiB per thread).
+const KEEP_FLOATS: usize = 1 << 22;
 
 /// Σ over counted rows of −log softmax(hidden·headᵀ)[target], for hidden (n, h), head (v, h)
 /// and targets (n) u32; rows whose target is `ignore_index` count for nothing. Returns the sum
@@ -67,8 +74,10 @@ pub(crate) fn ce_blocks(
         ignore_index,
         row_block,
         vocab_chunk,
-        keep_lse: hidden.track_op() || head.track_op(),
+        keep_lse: head.track_op(),
+        grad_in_forward: hidden.track_op() && !head.track_op(),
         lse: Mutex::new(None),
+        grad_hidden: Mutex::new(None),
     };
     let loss = hidden
         .contiguous()?
@@ -81,8 +90,11 @@ struct CrossEntropy {
     row_block: usize,
     vocab_chunk: usize,
     keep_lse: bool,
+    grad_in_forward: bool,
     /// Log-sum-exp of each counted row's logits, in counted-row order.
     lse: Mutex<Option<Tensor>>,
+    /// ∂loss/∂hidden (n × h, ignored rows zero), when forward computed it.
+    grad_hidden: Mutex<Option<Vec<f32>>>,
 }
 
 /// Counted rows: their indices and hidden states gathered contiguously (borrowed when all
@@ -116,6 +128,77 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     Ok(&v[a..b])
 }
 
+impl CrossEntropy {
+    /// Σ −log softmax[target] over the counted rows and ∂/∂hidden of it (nv × h), one block
+    /// of rows at a time with its logits across the whole vocabulary kept.
+    fn loss_and_grad(
+        &self,
+        hc: &[f32],
+        head: &[f32],
+        targets: &[u32],
+        idx: &[usize],
+        h: usize,
+        vocab: usize,
+    ) -> (f64, Vec<f32>) {
+        let nv = idx.len();
+        // Enough blocks for every thread, each within the kept-logits budget.
+        let rows_per_block = (KEEP_FLOATS / vocab)
+            .min(self.row_block)
+            .min(nv.div_ceil(rayon::current_num_threads()))
+            .max(1);
+        let mut gh = vec![0f32; nv * h];
+        let total = gh
+            .par_chunks_mut(rows_per_block * h)
+            .enumerate()
+            .map(|(blk, gh)| {
+                let (r0, rows) = (blk * rows_per_block, gh.len() / h);
+                let mut p = vec![0f32; rows * vocab];
+                sgemm(
+                    rows,
+                    vocab,
+                    h,
+                    &mut p,
+                    vocab,
+                    Mat::rows(&hc[r0 * h..(r0 + rows) * h], h),
+                    Mat::t(head, h),
+                    1.0,
+                    false,
+                    false,
+                );
+                let mut loss = 0f64;
+                for (r, row) in p.chunks_mut(vocab).enumerate() {
+                    let t = targets[idx[r0 + r]] as usize;
+                    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let target_logit = row[t];
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - mx).exp();
+                        sum += *x;
+                    }
+                    loss += (mx + sum.ln() - target_logit) as f64;
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    row[t] -= 1.0;
+                }
+                sgemm(
+                    rows,
+                    h,
+                    vocab,
+                    gh,
+                    h,
+                    Mat::rows(&p, vocab),
+                    Mat::rows(head, h),
+                    1.0,
+                    false,
+                    false,
+                );
+                loss
+            })
+            .sum();
+        (total, gh)
+    }
+}
+
 impl CustomOp3 for CrossEntropy {
     fn name(&self) -> &'static str {
         NAME
@@ -139,6 +222,15 @@ impl CustomOp3 for CrossEntropy {
         let (vocab, _) = l2.shape().dims2()?;
         let (idx, hc) = counted(hidden, targets, self.ignore_index, h);
         let nv = idx.len();
+        if self.grad_in_forward {
+            let (total, gh) = self.loss_and_grad(&hc, head, targets, &idx, h, vocab);
+            let mut dh = vec![0f32; hidden.len()];
+            for (k, &i) in idx.iter().enumerate() {
+                dh[i * h..(i + 1) * h].copy_from_slice(&gh[k * h..(k + 1) * h]);
+            }
+            *self.grad_hidden.lock().expect("grad lock") = Some(dh);
+            return Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())));
+        }
         let (rb, vc) = (self.row_block, self.vocab_chunk);
         let mut lse = vec![0f32; nv];
         let total: f64 = lse
@@ -204,6 +296,12 @@ impl CustomOp3 for CrossEntropy {
         let (want_h, want_w) = (hidden_t.track_op(), head_t.track_op());
         if !(want_h || want_w) {
             return Ok((None, None, None));
+        }
+        if let Some(dh) = self.grad_hidden.lock().expect("grad lock").as_ref() {
+            let gscale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let dh: Vec<f32> = dh.iter().map(|g| g * gscale).collect();
+            let grad_h = Tensor::from_vec(dh, hidden_t.dims(), hidden_t.device())?;
+            return Ok((Some(grad_h), None, None));
         }
         let Some(lse) = self.lse.lock().expect("lse lock").clone() else {
             bail!("{NAME}: backward without the forward's log-sum-exp")
@@ -405,6 +503,17 @@ mod tests {
             let tv2 = tv.clone();
             let comp = move |x: &[Tensor]| composed(&x[0], &x[1], &tv2, ignore);
             let ins = [hidden, head];
+            // A frozen head takes the path that computes grad-hidden in forward.
+            let (yf1, gf1) = autograd(&fused, &ins, &[true, false], &one);
+            let (yc1, gc1) = autograd(&comp, &ins, &[true, false], &one);
+            let e_frozen = rel_err(gf1[0].as_ref().unwrap(), gc1[0].as_ref().unwrap());
+            let fd_frozen = fd_err(&fused, &ins, 0, gf1[0].as_ref().unwrap(), &one, 1e-2, 30);
+            println!(
+                "frozen head: fwd {:.2e} grad hidden {e_frozen:.2e} fd {fd_frozen:.2e}",
+                rel_err(&yf1, &yc1)
+            );
+            assert!(rel_err(&yf1, &yc1) < 1e-5 && e_frozen < 1e-5 && fd_frozen < 1e-2);
+            assert!(gf1[1].is_none());
             let (yf, gf) = autograd(&fused, &ins, &[true, true], &one);
             let (yc, gc) = autograd(&comp, &ins, &[true, true], &one);
             let e_fwd = rel_err(&yf, &yc);

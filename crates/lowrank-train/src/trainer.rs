@@ -528,11 +528,32 @@ pub fn evaluate(
     examples: &[Example],
     batch_size: usize,
 ) -> Result<f64> {
+    // Detached, so the fused ops skip their backward work (the loss computes no gradient).
+    let detached: Vec<LoraAdapter> = adapters
+        .iter()
+        .map(|a| LoraAdapter {
+            config: a.adapter.config.clone(),
+            modules: a
+                .adapter
+                .modules
+                .iter()
+                .map(|(k, m)| (k.clone(), m.detached()))
+                .collect(),
+        })
+        .collect();
+    let adapters: Vec<ActiveAdapter> = detached
+        .iter()
+        .zip(adapters)
+        .map(|(d, a)| ActiveAdapter {
+            adapter: d,
+            weight: a.weight,
+        })
+        .collect();
     let (mut total, mut count) = (0.0, 0usize);
     let order: Vec<usize> = (0..examples.len()).collect();
     for rows in data::plan_micro_batches(examples, &order, batch_size, false, usize::MAX) {
         let batch = data::make_batch(examples, &rows, model.device())?;
-        total += to_f64(&batch_nll(model, adapters, &batch, None)?.detach())?;
+        total += to_f64(&batch_nll(model, &adapters, &batch, None)?.detach())?;
         count += batch.loss_tokens;
     }
     Ok(total / count.max(1) as f64)

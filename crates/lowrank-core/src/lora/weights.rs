@@ -46,6 +46,17 @@ impl LoraModule {
         Ok((self.b.matmul(&self.a)? * self.scale)?)
     }
 
+    /// The same module cut from the autograd graph (evaluation during training: no op then
+    /// keeps or computes what a backward would need).
+    pub fn detached(&self) -> LoraModule {
+        LoraModule {
+            a: self.a.detach(),
+            b: self.b.detach(),
+            magnitude: self.magnitude.as_ref().map(Tensor::detach),
+            scale: self.scale,
+        }
+    }
+
     /// r·(in + out) (+ out for DoRA's magnitude).
     pub fn num_parameters(&self) -> usize {
         self.a.elem_count()
