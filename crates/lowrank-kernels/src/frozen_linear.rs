@@ -15,29 +15,25 @@ const NAME: &str = "lowrank-frozen-linear";
 
 /// x (..., in) · wᵀ (w: out × in), with gradient to x only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (out_f, in_f) = w.dims2()?;
-    if x.dims().last() != Some(&in_f) {
-        bail!(
-            "frozen_linear: x {:?} does not fit w {:?}",
-            x.dims(),
-            w.dims()
-        )
-    }
     require_cpu(w, NAME)?;
-    let dims = x.dims().to_vec();
-    let rows: usize = dims[..dims.len() - 1].iter().product();
     let op = FrozenLinear {
         w: w.detach().contiguous()?,
     };
-    let y = x.contiguous()?.reshape((rows, in_f))?.apply_op1(op)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("x has a last dimension") = out_f;
-    y.reshape(out_dims)
+    over_rows(x, w.dims2()?, op)
 }
 
 /// x (..., in) · Wᵀ for a base that multiplies itself (a bf16 one), gradient to x only.
 pub fn frozen_linear_over(x: &Tensor, base: Arc<dyn FrozenMatmul>) -> Result<Tensor> {
-    let (out_f, in_f) = base.shape();
+    let shape = base.shape();
+    over_rows(x, shape, FrozenOver { base })
+}
+
+/// Applies `op` to x flattened to (rows, in) and gives the result x's leading dimensions.
+fn over_rows(
+    x: &Tensor,
+    (out_f, in_f): (usize, usize),
+    op: impl CustomOp1 + Send + Sync + 'static,
+) -> Result<Tensor> {
     if x.dims().last() != Some(&in_f) {
         bail!(
             "frozen_linear: x {:?} does not fit w {:?}",
@@ -47,10 +43,7 @@ pub fn frozen_linear_over(x: &Tensor, base: Arc<dyn FrozenMatmul>) -> Result<Ten
     }
     let dims = x.dims().to_vec();
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x
-        .contiguous()?
-        .reshape((rows, in_f))?
-        .apply_op1(FrozenOver { base })?;
+    let y = x.contiguous()?.reshape((rows, in_f))?.apply_op1(op)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("x has a last dimension") = out_f;
     y.reshape(out_dims)
