@@ -693,6 +693,47 @@ mod tests {
 
     /// A base that multiplies itself (here a plain matrix behind the trait) gives the same
     /// output and gradients as the dense path, for decoding-sized and training-sized inputs.
+    /// Over a bf16 base (`--compute-dtype bf16`) the base products take x and dy rounded to
+    /// bf16 while the LoRA path stays f32: checked against those formulas written out.
+    #[test]
+    fn bf16_base_rounds_only_the_base_products() {
+        use candle_core::DType;
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let (in_f, out_f, r, rows, s) = (40, 24, 4, 21, 1.5);
+        let w = round(&randt(&[out_f, in_f], 71, 0.5));
+        let bias = randt(&[out_f], 72, 0.5);
+        let base = crate::Bf16Frozen::new(&w.to_dtype(DType::BF16).unwrap()).unwrap();
+        let x = randt(&[rows, in_f], 73, 1.0);
+        let a = randt(&[r, in_f], 74, 0.5);
+        let b = randt(&[out_f, r], 75, 0.5);
+        let g = randt(&[rows, out_f], 76, 1.0);
+        let f = |t: &[Tensor]| {
+            lora_linear_over(&t[0], base.clone(), Some(&bias), &t[1], &t[2], s).unwrap()
+        };
+        let (y, grads) = autograd(&f, &[x.clone(), a.clone(), b.clone()], &[true; 3], &g);
+        let mm = |p: &Tensor, q: &Tensor| p.matmul(q).unwrap();
+        let ax = mm(&x, &a.t().unwrap());
+        let gb = mm(&g, &b);
+        let want_y = (mm(&round(&x), &w.t().unwrap()) + (mm(&ax, &b.t().unwrap()) * s).unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let want = [
+            (mm(&round(&g), &w) + (mm(&gb, &a) * s).unwrap()).unwrap(),
+            (mm(&gb.t().unwrap(), &x) * s).unwrap(),
+            (mm(&g.t().unwrap(), &ax) * s).unwrap(),
+        ];
+        assert!(rel_err(&y, &want_y) < 1e-5);
+        for (i, (got, want)) in grads.iter().zip(&want).enumerate() {
+            assert!(rel_err(got.as_ref().unwrap(), want) < 1e-5, "gradient {i}");
+        }
+    }
+
     #[test]
     fn custom_base_matches_dense() {
         struct Plain(Vec<f32>, usize, usize);
