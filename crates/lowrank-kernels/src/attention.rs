@@ -15,6 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::cpu::{sgemm, slice, view, Mat};
+use crate::exp::exp_shifted;
 
 const NAME: &str = "lowrank-causal-attention";
 const BLOCK_Q: usize = 64;
@@ -212,11 +213,7 @@ impl Attention {
                     row.fill(0.0);
                     continue;
                 }
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - m_new).exp();
-                    sum += *x;
-                }
+                let sum = exp_shifted(row, m_new);
                 let corr = (m[r] - m_new).exp();
                 if corr != 1.0 {
                     out[r * d..(r + 1) * d].iter_mut().for_each(|o| *o *= corr);
@@ -388,13 +385,14 @@ impl CustomOp3 for Attention {
                                 let masked = !self.all_visible(p0, p1, j0, j0 + cols - 1);
                                 for r in 0..rows {
                                     let ls = lse[slab * t + i0 + r];
-                                    for (c, x) in p[r * cols..(r + 1) * cols].iter_mut().enumerate()
-                                    {
-                                        *x = if masked && !self.visible(p0 + r, j0 + c) {
-                                            0.0
-                                        } else {
-                                            (*x - ls).exp()
-                                        };
+                                    let row = &mut p[r * cols..(r + 1) * cols];
+                                    exp_shifted(row, ls);
+                                    if masked {
+                                        for (c, x) in row.iter_mut().enumerate() {
+                                            if !self.visible(p0 + r, j0 + c) {
+                                                *x = 0.0;
+                                            }
+                                        }
                                     }
                                 }
                                 if want_v {

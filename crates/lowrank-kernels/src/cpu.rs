@@ -2,7 +2,7 @@
 //! `gemm` crate, and SIMD-friendly reductions.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
+use candle_core::{bail, CpuStorage, Layout, Result, Shape, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 /// The contiguous f32 data of a custom op's input.
@@ -59,6 +59,25 @@ pub(crate) fn require_cpu(t: &Tensor, op: &str) -> Result<()> {
         )
     }
     Ok(())
+}
+
+/// (rows, features) of a tensor whose last dimension is the feature axis: the linear ops take
+/// (..., in) inputs as they are, because a reshape to 2-D and back would add two nodes to the
+/// autograd graph, and candle's backward materialises a zeroed gradient and an add for each.
+pub(crate) fn rows_and_features(shape: &Shape, op: &str) -> Result<(usize, usize)> {
+    match shape.dims().last() {
+        Some(&f) if f > 0 => Ok((shape.elem_count() / f, f)),
+        _ => bail!("{op}: expects a tensor with a non-empty last dimension, got {shape:?}"),
+    }
+}
+
+/// `shape` with its last dimension replaced by `features`.
+pub(crate) fn with_features(shape: &Shape, features: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = features;
+    }
+    Shape::from(dims)
 }
 
 /// A row-major or strided matrix operand: data and (row stride, column stride).

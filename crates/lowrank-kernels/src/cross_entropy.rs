@@ -16,6 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Sh
 use rayon::prelude::*;
 
 use crate::cpu::{sgemm, slice, view, Mat};
+use crate::exp::exp_shifted;
 
 const NAME: &str = "lowrank-chunked-cross-entropy";
 const ROW_BLOCK: usize = 128;
@@ -170,11 +171,7 @@ impl CrossEntropy {
                     let t = targets[idx[r0 + r]] as usize;
                     let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let target_logit = row[t];
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
+                    let sum = exp_shifted(row, mx);
                     loss += (mx + sum.ln() - target_logit) as f64;
                     let inv = 1.0 / sum;
                     row.iter_mut().for_each(|x| *x *= inv);
@@ -259,14 +256,14 @@ impl CustomOp3 for CrossEntropy {
                         false,
                     );
                     for r in 0..rows {
-                        let row = &tl[r * cols..(r + 1) * cols];
+                        let row = &mut tl[r * cols..(r + 1) * cols];
                         let t = targets[idx[r0 + r]] as usize;
                         if (c0..c0 + cols).contains(&t) {
                             tgt[r] = row[t - c0];
                         }
                         let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                         let m_new = m[r].max(mx);
-                        let sum: f32 = row.iter().map(|&x| (x - m_new).exp()).sum();
+                        let sum = exp_shifted(row, m_new);
                         l[r] = l[r] * (m[r] - m_new).exp() + sum;
                         m[r] = m_new;
                     }
@@ -370,9 +367,8 @@ impl CustomOp3 for CrossEntropy {
                         for r in 0..rows {
                             let ls = lse[r0 + r];
                             let row = &mut tl[r * cols..(r + 1) * cols];
-                            for x in row.iter_mut() {
-                                *x = gscale * (*x - ls).exp();
-                            }
+                            exp_shifted(row, ls);
+                            row.iter_mut().for_each(|x| *x *= gscale);
                             let t = targets[idx[r0 + r]] as usize;
                             if (c0..c0 + cols).contains(&t) {
                                 row[t - c0] -= gscale;

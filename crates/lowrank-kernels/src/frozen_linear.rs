@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{gemv, require_cpu, sgemm, slice, view, Mat};
+use crate::cpu::{gemv, require_cpu, rows_and_features, sgemm, slice, view, with_features, Mat};
 use crate::lora_linear::FrozenMatmul;
 
 const NAME: &str = "lowrank-frozen-linear";
@@ -28,7 +28,7 @@ pub fn frozen_linear_over(x: &Tensor, base: Arc<dyn FrozenMatmul>) -> Result<Ten
     over_rows(x, shape, FrozenOver { base })
 }
 
-/// Applies `op` to x flattened to (rows, in) and gives the result x's leading dimensions.
+/// Applies `op` to x (..., in); the op keeps x's leading dimensions.
 fn over_rows(
     x: &Tensor,
     (out_f, in_f): (usize, usize),
@@ -41,12 +41,7 @@ fn over_rows(
             (out_f, in_f)
         )
     }
-    let dims = x.dims().to_vec();
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.contiguous()?.reshape((rows, in_f))?.apply_op1(op)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("x has a last dimension") = out_f;
-    y.reshape(out_dims)
+    x.contiguous()?.apply_op1(op)
 }
 
 struct FrozenLinear {
@@ -64,14 +59,17 @@ impl CustomOp1 for FrozenOver {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, NAME)?;
-        let (n, _) = l.shape().dims2()?;
+        let (n, _) = rows_and_features(l.shape(), NAME)?;
         let y = self.base.forward(x, n)?;
-        Ok((CpuStorage::F32(y), Shape::from((n, self.base.shape().0))))
+        Ok((
+            CpuStorage::F32(y),
+            with_features(l.shape(), self.base.shape().0),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.contiguous()?;
-        let (n, _) = g.dims2()?;
+        let (n, _) = rows_and_features(g.shape(), NAME)?;
         let dx = self.base.grad_input(view(&g, NAME)?.get(), n)?;
         Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
     }
@@ -84,15 +82,13 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, NAME)?;
-        let (n, in_f) = l.shape().dims2()?;
+        let (n, in_f) = rows_and_features(l.shape(), NAME)?;
         let wv = view(&self.w, NAME)?;
         let w = wv.get();
-        let out_f = w.len() / in_f.max(1);
+        let out_f = w.len() / in_f;
+        let out_shape = with_features(l.shape(), out_f);
         if n == 1 {
-            return Ok((
-                CpuStorage::F32(gemv(x, w, |_| 0.0)),
-                Shape::from((1, out_f)),
-            ));
+            return Ok((CpuStorage::F32(gemv(x, w, |_| 0.0)), out_shape));
         }
         let mut y = vec![0f32; n * out_f];
         sgemm(
@@ -107,11 +103,28 @@ impl CustomOp1 for FrozenLinear {
             false,
             true,
         );
-        Ok((CpuStorage::F32(y), Shape::from((n, out_f))))
+        Ok((CpuStorage::F32(y), out_shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let (out_f, in_f) = self.w.dims2()?;
+        let (n, _) = rows_and_features(g.shape(), NAME)?;
+        let (gv, wv) = (view(&g, NAME)?, view(&self.w, NAME)?);
+        let mut dx = vec![0f32; n * in_f];
+        sgemm(
+            n,
+            in_f,
+            out_f,
+            &mut dx,
+            in_f,
+            Mat::rows(gv.get(), out_f),
+            Mat::rows(wv.get(), in_f),
+            1.0,
+            false,
+            true,
+        );
+        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
     }
 }
 

@@ -20,6 +20,7 @@ pub mod column_scale;
 mod cpu;
 pub mod cross_entropy;
 pub mod decode;
+mod exp;
 pub mod frozen_linear;
 pub mod lora_linear;
 pub mod rms_norm;

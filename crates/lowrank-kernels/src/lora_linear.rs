@@ -15,7 +15,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
-use crate::cpu::{dot, dot_portable, gemv, require_cpu, sgemm, slice, sum_sq, view, Mat};
+use crate::cpu::{
+    dot, dot_portable, gemv, require_cpu, rows_and_features, sgemm, slice, sum_sq, view,
+    with_features, Mat,
+};
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
@@ -100,9 +103,6 @@ fn lora_linear_op(
             bail!("lora_linear: bias {:?} for {out_f} outputs", bias.dims())
         }
     }
-    let dims = x.dims().to_vec();
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.contiguous()?.reshape((rows, in_f))?;
     let op = LoraLinear {
         w: base,
         bias: bias.map(|b| b.detach().contiguous()).transpose()?,
@@ -110,10 +110,8 @@ fn lora_linear_op(
         keep_ax: x.track_op() || a.track_op() || b.track_op(),
         ax: Mutex::new(None),
     };
-    let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("x has a last dimension") = out_f;
-    y.reshape(out_dims)
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
 /// DoRA: y = (m / ‖W + s·B·A‖_row) ∘ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias, the row norm treated as a
@@ -347,7 +345,7 @@ impl CustomOp3 for LoraLinear {
             slice(s2, l2, NAME)?,
             slice(s3, l3, NAME)?,
         );
-        let (n, in_f) = l1.shape().dims2()?;
+        let (n, in_f) = rows_and_features(l1.shape(), NAME)?;
         let (r, _) = l2.shape().dims2()?;
         let (out_f, _) = l3.shape().dims2()?;
         let bv = self.bias.as_ref().map(|b| view(b, NAME)).transpose()?;
@@ -409,7 +407,7 @@ impl CustomOp3 for LoraLinear {
         if self.keep_ax {
             *self.ax.lock().expect("ax lock") = Some(Tensor::from_vec(ax, (n, r), &Device::Cpu)?);
         }
-        Ok((CpuStorage::F32(y), Shape::from((n, out_f))))
+        Ok((CpuStorage::F32(y), with_features(l1.shape(), out_f)))
     }
 
     fn bwd(
@@ -427,7 +425,7 @@ impl CustomOp3 for LoraLinear {
         let Some(ax) = self.ax.lock().expect("ax lock").clone() else {
             bail!("{NAME}: backward without the forward's x·Aᵀ")
         };
-        let (n, in_f) = xt.dims2()?;
+        let (n, in_f) = rows_and_features(xt.shape(), NAME)?;
         let (r, _) = at.dims2()?;
         let (out_f, _) = bt.dims2()?;
         let g = grad.contiguous()?;
@@ -489,7 +487,7 @@ impl CustomOp3 for LoraLinear {
                 true,
                 true,
             );
-            Some(Tensor::from_vec(dx, (n, in_f), xt.device())?)
+            Some(Tensor::from_vec(dx, xt.shape(), xt.device())?)
         } else {
             None
         };

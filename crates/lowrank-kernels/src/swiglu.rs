@@ -4,6 +4,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{slice, view};
+use crate::exp::sigmoid_into;
 
 const NAME: &str = "lowrank-swiglu";
 const CHUNK: usize = 4096;
@@ -22,11 +23,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         NAME
@@ -44,8 +40,9 @@ impl CustomOp2 for SwiGlu {
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
+                sigmoid_into(g, o);
                 for i in 0..o.len() {
-                    o[i] = g[i] * sigmoid(g[i]) * u[i];
+                    o[i] *= g[i] * u[i];
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -77,8 +74,9 @@ impl CustomOp2 for SwiGlu {
                 .for_each(|(c, (dg, du))| {
                     let (lo, hi) = range(c, dg.len());
                     let (g, u, dy) = (&g[lo..hi], &u[lo..hi], &dy[lo..hi]);
+                    sigmoid_into(g, du);
                     for i in 0..dg.len() {
-                        let s = sigmoid(g[i]);
+                        let s = du[i];
                         dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                         du[i] = dy[i] * g[i] * s;
                     }
@@ -86,16 +84,18 @@ impl CustomOp2 for SwiGlu {
             (true, false) => dg.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dg)| {
                 let (lo, hi) = range(c, dg.len());
                 let (g, u, dy) = (&g[lo..hi], &u[lo..hi], &dy[lo..hi]);
+                sigmoid_into(g, dg);
                 for i in 0..dg.len() {
-                    let s = sigmoid(g[i]);
+                    let s = dg[i];
                     dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                 }
             }),
             _ => du.par_chunks_mut(CHUNK).enumerate().for_each(|(c, du)| {
                 let (lo, hi) = range(c, du.len());
                 let (g, dy) = (&g[lo..hi], &dy[lo..hi]);
+                sigmoid_into(g, du);
                 for i in 0..du.len() {
-                    du[i] = dy[i] * g[i] * sigmoid(g[i]);
+                    du[i] *= dy[i] * g[i];
                 }
             }),
         }
