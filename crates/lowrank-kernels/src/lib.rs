@@ -22,6 +22,7 @@ pub mod cross_entropy;
 pub mod decode;
 mod exp;
 pub mod frozen_linear;
+pub mod heads;
 pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;
@@ -38,6 +39,7 @@ pub use column_scale::scale_columns;
 pub use cross_entropy::chunked_cross_entropy;
 pub use decode::{gemv_bf16, lora_linear_decode_bf16};
 pub use frozen_linear::{frozen_linear, frozen_linear_over};
+pub use heads::{merge_heads, split_heads};
 pub use lora_linear::{
     dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul,
 };

@@ -971,22 +971,16 @@ impl Llama {
         let group = heads / kv_heads;
 
         let normed = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
-        let split_heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, n, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+        let split_heads = |t: Tensor, n: usize| lowrank_kernels::split_heads(&t, n);
         let q = split_heads(proj(&layer.q, &normed, 0)?, heads)?;
         let k = split_heads(proj(&layer.k, &normed, 1)?, kv_heads)?;
         let v = split_heads(proj(&layer.v, &normed, 2)?, kv_heads)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         if let Some(cache) = cache {
-            let attn = cache
-                .append(index, k, v)?
-                .attend(&q, c.sliding_window)?
-                .transpose(1, 2)?
-                .reshape((batch, seq, heads * head_dim))?;
+            let attn = lowrank_kernels::merge_heads(
+                &cache.append(index, k, v)?.attend(&q, c.sliding_window)?,
+            )?;
             return self.layer_rest(layer, x, &attn, &proj);
         }
         let total = k.dim(2)?;
@@ -1019,9 +1013,7 @@ impl Llama {
                 probs.matmul(&v)?.reshape((batch, heads, seq, head_dim))?
             }
         };
-        let attn = attn
-            .transpose(1, 2)?
-            .reshape((batch, seq, heads * head_dim))?;
+        let attn = lowrank_kernels::merge_heads(&attn)?;
         self.layer_rest(layer, x, &attn, &proj)
     }
 
