@@ -2,7 +2,7 @@
 """Speed and memory benchmark: lowrank against PyTorch + PEFT + transformers, measured in one
 run on this machine, printed as ratios. A benchmark, not a test: nothing here is asserted.
 
-    cargo build --release && python3 scripts/bench.py [--steps 3] [--decode-tokens 32]
+    cargo build --release && python3 scripts/bench.py [--steps 3] [--warmup 2] [--decode-tokens 32]
 
 It builds a SmolLM-135M-shaped Llama with random weights (vocab 49152, hidden 576, 30 layers,
 9 heads / 3 KV heads, intermediate 1536, tied embeddings; f32, not committed) and a word-level
@@ -91,8 +91,8 @@ def weight_bytes_per_token():
     return 4 * (LAYERS * (attn + mlp) + VOCAB * HIDDEN)
 
 
-def torch_train(model_dir, method, steps):
-    """Runs in a child process: seconds per step (median after one warm-up) and peak RSS."""
+def torch_train(model_dir, method, steps, warmup):
+    """Runs in a child process: seconds per step (median after the warm-up steps) and peak RSS."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,14 +110,14 @@ def torch_train(model_dir, method, steps):
     opt = torch.optim.AdamW(params, lr=1e-4)
     batch = tok(texts(BATCH), return_tensors="pt")
     times = []
-    for _ in range(steps + 1):
+    for _ in range(warmup + steps):
         start = time.perf_counter()
         out = model(**batch, labels=batch["input_ids"])
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times[1:]), "peak_rss_mb": peak_rss_mb()}
+    return {"step_s": statistics.median(times[warmup:]), "peak_rss_mb": peak_rss_mb()}
 
 
 def torch_decode(model_dir, mode, tokens):
@@ -154,18 +154,18 @@ def run_child(fn, *args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def lowrank_train(binary, model_dir, data, method, steps, work):
+def lowrank_train(binary, model_dir, data, method, steps, warmup, work):
     out = os.path.join(work, f"train-{method}")
     checkpointed, bf16 = method == "lora-ckpt", method == "lora-bf16"
     method = "lora" if checkpointed or bf16 else method
     cmd = [binary, "train", "--model", model_dir, "--data", data, "--out", out, "--method", method,
            "--rank", "16", "--alpha", "32", "--targets", "all-linear", "--batch-size", str(BATCH),
-           "--max-len", str(SEQ), "--max-steps", str(steps + 1), "--optimizer", "adamw", "--lr", "1e-4",
+           "--max-len", str(SEQ), "--max-steps", str(warmup + steps), "--optimizer", "adamw", "--lr", "1e-4",
            "--no-shuffle", "--quiet"] + (["--grad-checkpoint"] if checkpointed else [])
     cmd += ["--compute-dtype", "bf16"] if bf16 else []
     subprocess.run(cmd, check=True, capture_output=True)
     log = [json.loads(l) for l in open(os.path.join(out, "training_log.jsonl")) if '"step"' in l and '"loss"' in l]
-    step_s = statistics.median(BATCH * SEQ / row["tokens_per_s"] for row in log[1:])
+    step_s = statistics.median(BATCH * SEQ / row["tokens_per_s"] for row in log[warmup:])
     return {"step_s": step_s, "peak_rss_mb": max(row["peak_rss_mb"] for row in log), "losses": [row["loss"] for row in log]}
 
 
@@ -197,7 +197,9 @@ def make_adapter(model_dir, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps first, on both sides (the first steps of either pay for allocation)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--lowrank", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "lowrank"))
     ap.add_argument("--skip-torch", action="store_true", help="measure lowrank only")
@@ -214,19 +216,19 @@ def main():
     build_model(model_dir)
     make_adapter(model_dir, adapter)
     with open(data, "w") as f:
-        for t in texts(BATCH * (args.steps + 1), seed=3):
+        for t in texts(BATCH * (args.warmup + args.steps), seed=3):
             f.write(json.dumps({"text": t}) + "\n")
 
     rows, ours_of = [], {}
     theirs_of = {}
     for method in [] if args.skip_train else args.methods.split(","):
         print(f"training step: {method} ...", file=sys.stderr)
-        ours = lowrank_train(args.lowrank, model_dir, data, method, args.steps, work)
+        ours = lowrank_train(args.lowrank, model_dir, data, method, args.steps, args.warmup, work)
         # PEFT has no bf16-compute counterpart on CPU worth timing: lora-bf16 is held against
         # its f32 LoRA step, the issue's bar.
         torch_method = "lora" if method == "lora-bf16" else method
         if not args.skip_torch and torch_method not in theirs_of:
-            theirs_of[torch_method] = run_child("torch_train", model_dir, torch_method, args.steps)
+            theirs_of[torch_method] = run_child("torch_train", model_dir, torch_method, args.steps, args.warmup)
         theirs = theirs_of.get(torch_method)
         ours_of[method] = ours
         rows.append((f"{method} step (s)", ours["step_s"], theirs and theirs["step_s"], "lower"))

@@ -135,8 +135,8 @@ mod tests {
                     .contiguous()
                     .unwrap()
             };
-            let (yf, gf) = autograd(&fused, &[x.clone()], &[true], &r);
-            let (yc, gc) = autograd(&composed, &[x.clone()], &[true], &r);
+            let (yf, gf) = autograd(&fused, std::slice::from_ref(&x), &[true], &r);
+            let (yc, gc) = autograd(&composed, std::slice::from_ref(&x), &[true], &r);
             assert_eq!(vals(&yf), vals(&yc));
             assert_eq!(yf.dims(), [b, n, t, d]);
             let (gf, gc) = (gf[0].as_ref().unwrap(), gc[0].as_ref().unwrap());
@@ -152,8 +152,8 @@ mod tests {
                     .reshape((b, t, n * d))
                     .unwrap()
             };
-            let (mf, gf) = autograd(&fused, &[yc.clone()], &[true], &r2);
-            let (mc, gc) = autograd(&composed, &[yc.clone()], &[true], &r2);
+            let (mf, gf) = autograd(&fused, std::slice::from_ref(&yc), &[true], &r2);
+            let (mc, gc) = autograd(&composed, std::slice::from_ref(&yc), &[true], &r2);
             assert_eq!(vals(&mf), vals(&mc));
             assert_eq!(vals(&mf), vals(&x), "merge undoes split");
             assert_eq!(vals(gf[0].as_ref().unwrap()), vals(gc[0].as_ref().unwrap()));
