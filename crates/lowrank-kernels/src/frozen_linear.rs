@@ -111,21 +111,32 @@ impl CustomOp1 for FrozenLinear {
         let (out_f, in_f) = self.w.dims2()?;
         let (n, _) = rows_and_features(g.shape(), NAME)?;
         let (gv, wv) = (view(&g, NAME)?, view(&self.w, NAME)?);
-        let mut dx = vec![0f32; n * in_f];
-        sgemm(
-            n,
-            in_f,
-            out_f,
-            &mut dx,
-            in_f,
-            Mat::rows(gv.get(), out_f),
-            Mat::rows(wv.get(), in_f),
-            1.0,
-            false,
-            true,
-        );
+        let dx = dense_grad_input(gv.get(), wv.get(), n, (out_f, in_f));
         Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
     }
+}
+
+/// dy (n × out) · W (out × in): the input gradient of a linear layer with a dense frozen W.
+pub(crate) fn dense_grad_input(
+    dy: &[f32],
+    w: &[f32],
+    n: usize,
+    (out_f, in_f): (usize, usize),
+) -> Vec<f32> {
+    let mut dx = vec![0f32; n * in_f];
+    sgemm(
+        n,
+        in_f,
+        out_f,
+        &mut dx,
+        in_f,
+        Mat::rows(dy, out_f),
+        Mat::rows(w, in_f),
+        1.0,
+        false,
+        true,
+    );
+    dx
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::cpu::{
     dot, dot_portable, gemv, require_cpu, rows_and_features, sgemm, slice, sum_sq, view,
     with_features, Mat,
 };
+use crate::frozen_linear::dense_grad_input;
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
@@ -457,23 +458,7 @@ impl CustomOp3 for LoraLinear {
         let grad_x = if want_x {
             let mut dx = match &self.w {
                 Base::Custom(base) => base.grad_input(g, n)?,
-                Base::Dense(w) => {
-                    let wv = view(w, NAME)?;
-                    let mut dx = vec![0f32; n * in_f];
-                    sgemm(
-                        n,
-                        in_f,
-                        out_f,
-                        &mut dx,
-                        in_f,
-                        Mat::rows(g, out_f),
-                        Mat::rows(wv.get(), in_f),
-                        1.0,
-                        false,
-                        true,
-                    );
-                    dx
-                }
+                Base::Dense(w) => dense_grad_input(g, view(w, NAME)?.get(), n, (out_f, in_f)),
             };
             sgemm(
                 n,
