@@ -59,6 +59,7 @@ fn main() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -78,6 +79,32 @@ fn main() {
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         std::process::exit(1);
+    }
+}
+
+/// Lets glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+/// A training step frees and reallocates the same activation buffers (megabytes each) every
+/// step; by default glibc returns them (munmap, heap trimming) and every step page-faults them
+/// in again: about 105 000 faults per LoRA step, 370 000 per DoRA step and 330 000 per
+/// checkpointed step of a SmolLM-135M-sized model (`perf stat -e page-faults`), a quarter of a
+/// DoRA step's time. With buffers up to 32 MiB (glibc's largest allowed threshold) taken from
+/// the heap and the heap never trimmed below 2 GiB of free space, steady steps fault about
+/// never; peak RSS is unchanged, since it is set by the step's peak use either way. Settings
+/// the user made through glibc's environment variables win.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let user_tuned = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"]
+            .iter()
+            .any(|var| std::env::var_os(var).is_some());
+        if !user_tuned {
+            // SAFETY: mallopt only changes malloc's parameters; called before any other
+            // thread exists, so no allocation runs concurrently.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            }
+        }
     }
 }
 
