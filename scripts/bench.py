@@ -19,7 +19,9 @@ so that peak RSS is that measurement's alone:
   lowrank's base and unmerged LoRA again with `--bf16-weights` (ratio against transformers' f32)
 - the memory-bandwidth bound of decoding: bytes of weights read per token (every linear weight
   and the LM head, f32) ÷ this machine's read bandwidth (torch summing a 1 GiB tensor, all
-  cores, best of 5), and each decode rate as a share of that bound
+  cores, best of 5), and each decode rate as a share of that bound. Decoding runs in rounds
+  (--decode-rounds, default 3): the bandwidth is read just before every decode run, since on a
+  shared host it moves by tens of percent within a minute; figures are medians over rounds
 
 PyTorch runs with torch's default threads (all cores), lowrank with its defaults.
 Needs: torch, transformers, peft (see scripts/make_fixtures.py for versions).
@@ -201,6 +203,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed steps first, on both sides (the first steps of either pay for allocation)")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-rounds", type=int, default=3,
+                    help="rounds of decoding measurements (medians reported; bandwidth read before each run)")
     ap.add_argument("--lowrank", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "lowrank"))
     ap.add_argument("--skip-torch", action="store_true", help="measure lowrank only")
     ap.add_argument("--skip-train", action="store_true", help="decoding only")
@@ -233,21 +237,33 @@ def main():
         ours_of[method] = ours
         rows.append((f"{method} step (s)", ours["step_s"], theirs and theirs["step_s"], "lower"))
         rows.append((f"{method} peak RSS (MB)", ours["peak_rss_mb"], theirs and theirs["peak_rss_mb"], "lower"))
-    for mode in [] if args.skip_decode else ["base", "unmerged", "merged"]:
-        print(f"decoding: {mode} ...", file=sys.stderr)
-        ours = lowrank_decode(args.lowrank, model_dir, adapter if mode != "base" else None, mode == "merged", args.decode_tokens)
-        theirs = None if args.skip_torch else run_child("torch_decode", model_dir, mode, args.decode_tokens)
-        ours_of[mode] = ours
-        rows.append((f"decode {mode} (tok/s)", ours["decode_tok_s"], theirs and theirs["decode_tok_s"], "higher"))
-        if mode == "base":
-            rows.append(("prefill 256 (tok/s)", ours["prefill_tok_s"], theirs and theirs["prefill_tok_s"], "higher"))
-    base_f32_torch = next((t for n, _, t, _ in rows if n == "decode base (tok/s)"), None)
-    for mode in [] if args.skip_decode else ["base", "unmerged"]:
-        print(f"decoding over bf16 weights: {mode} ...", file=sys.stderr)
-        ours = lowrank_decode(args.lowrank, model_dir, adapter if mode != "base" else None, False, args.decode_tokens, bf16=True)
-        ours_of[f"{mode} bf16"] = ours
-        # Against transformers' f32 decoding (its bf16 CPU path computes in bf16, not comparable).
-        rows.append((f"decode {mode} bf16 (tok/s)", ours["decode_tok_s"], base_f32_torch if mode == "base" else None, "higher"))
+    # Decoding is bound by memory bandwidth, which on a shared host moves by tens of percent
+    # from one minute to the next (44 to 81 GB/s seen within a minute). So decoding is measured
+    # in rounds, each mode's lowrank and transformers runs back to back with the bandwidth read
+    # just before, and every figure and ratio is the median over rounds of that round's values.
+    decode_modes = [("base", False, False), ("unmerged", False, False), ("merged", True, False),
+                    ("base bf16", False, True), ("unmerged bf16", False, True)]
+    samples = {name: [] for name, _, _ in decode_modes}
+    for round_ in range(0 if args.skip_decode else args.decode_rounds):
+        for name, merge, bf16 in decode_modes:
+            print(f"decoding, round {round_ + 1}/{args.decode_rounds}: {name} ...", file=sys.stderr)
+            mode = name.split()[0]
+            bandwidth = run_child("read_bandwidth_gb_s")
+            ours = lowrank_decode(args.lowrank, model_dir, adapter if mode != "base" else None, merge, args.decode_tokens, bf16=bf16)
+            # bf16 rows are held against transformers' f32 decoding (its bf16 CPU path computes
+            # in bf16, not comparable), taken from the same rounds' f32 base runs.
+            theirs = None if args.skip_torch or bf16 else run_child("torch_decode", model_dir, mode, args.decode_tokens)
+            samples[name].append({"ours": ours, "theirs": theirs, "bandwidth": bandwidth})
+    median = statistics.median
+    for name, _, bf16 in [] if args.skip_decode else decode_modes:
+        runs = samples[name]
+        ours_of[name] = {"decode_tok_s": median(r["ours"]["decode_tok_s"] for r in runs)}
+        theirs_runs = samples["base"] if bf16 else runs
+        theirs = None if args.skip_torch else median(r["theirs"]["decode_tok_s"] for r in theirs_runs)
+        rows.append((f"decode {name} (tok/s)", ours_of[name]["decode_tok_s"], theirs, "higher"))
+        if name == "base":
+            theirs = None if args.skip_torch else median(r["theirs"]["prefill_tok_s"] for r in runs)
+            rows.append(("prefill 256 (tok/s)", median(r["ours"]["prefill_tok_s"] for r in runs), theirs, "higher"))
 
     print(f"\n{'measure':<26} {'lowrank':>10} {'torch+peft':>11} {'ratio':>7}  (ratio = lowrank / torch)")
     for name, ours, theirs, better in rows:
@@ -268,17 +284,19 @@ def main():
               f"losses f32 {[round(x, 5) for x in f32['losses']]} bf16 {[round(x, 5) for x in bf16['losses']]} (worst relative difference {worst:.2e})")
     if args.skip_decode:
         return
-    bandwidth = run_child("read_bandwidth_gb_s")
     per_token = weight_bytes_per_token()
-    bound = bandwidth * 1e9 / per_token
-    print(f"  unmerged / merged decode time per token: {ours_of['merged']['decode_tok_s'] / ours_of['unmerged']['decode_tok_s']:.3f}")
-    print(f"  read bandwidth {bandwidth:.1f} GB/s; weights read per token {per_token / 1e6:.1f} MB; "
-          f"bound {bound:.1f} tok/s")
-    for mode in ["base", "unmerged", "merged"]:
-        print(f"  decode {mode}: {ours_of[mode]['decode_tok_s']:.1f} tok/s = {100 * ours_of[mode]['decode_tok_s'] / bound:.0f}% of the bound")
-    for mode in ["base", "unmerged"]:
-        rate = ours_of[f"{mode} bf16"]["decode_tok_s"]
-        print(f"  decode {mode} bf16 weights: {rate:.1f} tok/s = {100 * rate / (2 * bound):.0f}% of the bf16 bound ({2 * bound:.1f} tok/s)")
+    rounds = len(samples["base"])
+    per_round = [samples["merged"][i]["ours"]["decode_tok_s"] / samples["unmerged"][i]["ours"]["decode_tok_s"] for i in range(rounds)]
+    print(f"  unmerged / merged decode time per token: {median(per_round):.3f} (rounds: {', '.join(f'{x:.3f}' for x in per_round)})")
+    bandwidths = [r["bandwidth"] for runs in samples.values() for r in runs]
+    print(f"  read bandwidth {min(bandwidths):.1f} to {max(bandwidths):.1f} GB/s (median {median(bandwidths):.1f}) over {len(bandwidths)} readings; "
+          f"weights read per token {per_token / 1e6:.1f} MB (f32), half that over bf16 weights")
+    for name, _, bf16 in decode_modes:
+        bytes_per_token = per_token / 2 if bf16 else per_token
+        shares = [r["ours"]["decode_tok_s"] * bytes_per_token / (r["bandwidth"] * 1e9) for r in samples[name]]
+        bound = median(r["bandwidth"] * 1e9 / bytes_per_token for r in samples[name])
+        print(f"  decode {name}: {ours_of[name]['decode_tok_s']:.1f} tok/s; bound {bound:.1f} tok/s; share of the bound read just before it "
+              f"{100 * median(shares):.0f}% (rounds: {', '.join(f'{100 * x:.0f}%' for x in shares)})")
 
 
 if __name__ == "__main__":

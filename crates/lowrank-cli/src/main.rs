@@ -82,6 +82,14 @@ fn main() {
     }
 }
 
+/// Environment variables through which a user tunes glibc's malloc.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const USER_SETTINGS: [&str; 3] = [
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+];
+
 /// Lets glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 /// A training step frees and reallocates the same activation buffers (megabytes each) every
 /// step; by default glibc returns them (munmap, heap trimming) and every step page-faults them
@@ -94,7 +102,7 @@ fn main() {
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let user_tuned = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"]
+        let user_tuned = USER_SETTINGS
             .iter()
             .any(|var| std::env::var_os(var).is_some());
         if !user_tuned {
@@ -121,5 +129,36 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::BenchServe(args) => cmd::bench_serve::run_cmd(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Train(args) => cmd::train::run(args),
+    }
+}
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod tests {
+    use super::{keep_freed_memory, USER_SETTINGS};
+
+    /// Bytes glibc currently holds in mmapped blocks (outside its heaps).
+    fn mmapped_bytes() -> usize {
+        // SAFETY: mallinfo2 only reads malloc's statistics.
+        unsafe { libc::mallinfo2() }.hblkhd
+    }
+
+    #[test]
+    fn activation_sized_buffers_come_from_the_heap() {
+        if USER_SETTINGS
+            .iter()
+            .any(|var| std::env::var_os(var).is_some())
+        {
+            return; // the user's malloc settings win; nothing of ours to check
+        }
+        keep_freed_memory();
+        // 16 MiB, a large activation buffer: above glibc's default threshold, below ours.
+        let before = mmapped_bytes();
+        let buffer = vec![1u8; 16 << 20];
+        let during = mmapped_bytes();
+        assert_eq!(buffer.iter().map(|&b| b as usize).sum::<usize>(), 16 << 20);
+        assert!(
+            during < before + (16 << 20),
+            "a 16 MiB buffer was mmapped ({before} -> {during} bytes): freeing it would hand it back to the kernel"
+        );
     }
 }
