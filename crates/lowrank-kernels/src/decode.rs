@@ -11,7 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{dot, dot_portable, require_cpu, slice, view};
+use crate::cpu::{dot, dot_portable, gemv_rows, require_cpu, slice, view, LowRankTerm};
 
 const NAME: &str = "lowrank-gemv-bf16";
 /// The most input rows the kernels are meant for (a decoding step over a small batch): each
@@ -197,6 +197,20 @@ impl CustomOp2 for DecodeBf16 {
             }
             None => (0, Vec::new(), &[][..]),
         };
+        if n == 1 {
+            let lora = (r > 0).then_some(LowRankTerm {
+                b: bmat,
+                ax: &ax,
+                scale: 1.0,
+            });
+            let y = gemv_rows(
+                out_f,
+                |o| dot_bf16(&w[o * in_f..(o + 1) * in_f], x),
+                lora,
+                bias,
+            );
+            return Ok((CpuStorage::F32(y), Shape::from((1, out_f))));
+        }
         // Output transposed (out × n): each task owns a contiguous run of output rows, and reads
         // each row of W once for all n inputs.
         let mut yt = vec![0f32; out_f * n];
@@ -217,9 +231,6 @@ impl CustomOp2 for DecodeBf16 {
                 }
             }
         });
-        if n == 1 {
-            return Ok((CpuStorage::F32(yt), Shape::from((1, out_f))));
-        }
         let mut y = vec![0f32; n * out_f];
         for o in 0..out_f {
             for i in 0..n {
@@ -237,41 +248,44 @@ mod tests {
 
     #[test]
     fn bf16_gemv_matches_f32_reference_on_the_rounded_weights() {
-        let (in_f, out_f, r) = (77, 45, 4);
-        let w32 = randt(&[out_f, in_f], 81, 0.5);
-        let w = w32.to_dtype(DType::BF16).unwrap();
-        let wr = w.to_dtype(DType::F32).unwrap(); // the weights the kernel actually sees
-        let a = randt(&[r, in_f], 82, 0.5);
-        let b = randt(&[out_f, r], 83, 0.5);
-        let bias = randt(&[out_f], 84, 0.5);
-        for rows in [1, 3] {
-            let x = randt(&[1, rows, in_f], 85, 1.0);
-            let x2 = x.reshape((rows, in_f)).unwrap();
-            let base = x2.matmul(&wr.t().unwrap()).unwrap();
-            let e1 = rel_err(
-                &gemv_bf16(&x, &w).unwrap().reshape((rows, out_f)).unwrap(),
-                &base,
-            );
-            let lora = x2
-                .matmul(&a.t().unwrap())
-                .unwrap()
-                .matmul(&b.t().unwrap())
-                .unwrap();
-            let expect = (base + (lora * 0.5).unwrap())
-                .unwrap()
-                .broadcast_add(&bias)
-                .unwrap();
-            let got = lora_linear_decode_bf16(&x, &w, Some(&bias), &a, &b, 0.5).unwrap();
-            let e2 = rel_err(&got.reshape((rows, out_f)).unwrap(), &expect);
-            // bf16 rounding of W itself: compare with the unrounded f32 weights too.
-            let e3 = rel_err(
-                &gemv_bf16(&x, &w).unwrap().reshape((rows, out_f)).unwrap(),
-                &x2.matmul(&w32.t().unwrap()).unwrap(),
-            );
-            println!("gemv_bf16 rows {rows}: vs rounded-f32 {e1:.2e}, lora {e2:.2e}, vs unrounded f32 {e3:.2e}");
-            assert!(e1 < 1e-5 && e2 < 1e-5 && e3 < 2e-2);
+        // Ranks on both sides of the eight-lane LoRA-term kernel.
+        for r in [4, 16] {
+            let (in_f, out_f) = (77, 45);
+            let w32 = randt(&[out_f, in_f], 81, 0.5);
+            let w = w32.to_dtype(DType::BF16).unwrap();
+            let wr = w.to_dtype(DType::F32).unwrap(); // the weights the kernel actually sees
+            let a = randt(&[r, in_f], 82, 0.5);
+            let b = randt(&[out_f, r], 83, 0.5);
+            let bias = randt(&[out_f], 84, 0.5);
+            for rows in [1, 3] {
+                let x = randt(&[1, rows, in_f], 85, 1.0);
+                let x2 = x.reshape((rows, in_f)).unwrap();
+                let base = x2.matmul(&wr.t().unwrap()).unwrap();
+                let e1 = rel_err(
+                    &gemv_bf16(&x, &w).unwrap().reshape((rows, out_f)).unwrap(),
+                    &base,
+                );
+                let lora = x2
+                    .matmul(&a.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.t().unwrap())
+                    .unwrap();
+                let expect = (base + (lora * 0.5).unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
+                let got = lora_linear_decode_bf16(&x, &w, Some(&bias), &a, &b, 0.5).unwrap();
+                let e2 = rel_err(&got.reshape((rows, out_f)).unwrap(), &expect);
+                // bf16 rounding of W itself: compare with the unrounded f32 weights too.
+                let e3 = rel_err(
+                    &gemv_bf16(&x, &w).unwrap().reshape((rows, out_f)).unwrap(),
+                    &x2.matmul(&w32.t().unwrap()).unwrap(),
+                );
+                println!("gemv_bf16 r {r} rows {rows}: vs rounded-f32 {e1:.2e}, lora {e2:.2e}, vs unrounded f32 {e3:.2e}");
+                assert!(e1 < 1e-5 && e2 < 1e-5 && e3 < 2e-2);
+            }
+            assert!(gemv_bf16(&randt(&[1, in_f], 1, 1.0), &w32).is_err());
         }
-        assert!(gemv_bf16(&randt(&[1, in_f], 1, 1.0), &w32).is_err());
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl CustomOp1 for FrozenLinear {
         let out_f = w.len() / in_f;
         let out_shape = with_features(l.shape(), out_f);
         if n == 1 {
-            return Ok((CpuStorage::F32(gemv(x, w, |_| 0.0)), out_shape));
+            return Ok((CpuStorage::F32(gemv(x, w, None, None)), out_shape));
         }
         let mut y = vec![0f32; n * out_f];
         sgemm(

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
 use crate::cpu::{
-    dot, dot_portable, gemv, require_cpu, rows_and_features, sgemm, slice, sum_sq, view,
-    with_features, Mat,
+    dot, gemv, require_cpu, rows_and_features, sgemm, slice, sum_sq, view, with_features,
+    LowRankTerm, Mat,
 };
 use crate::frozen_linear::dense_grad_input;
 
@@ -256,12 +256,8 @@ fn forward_gemv(
     const ROWS: usize = 16;
     // Output transposed (out × n) so each task owns a contiguous range; transposed back after.
     let mut yt = vec![0f32; out_f * n];
-    let lora_and_bias = |o: usize, i: usize| {
-        scale * dot_portable(&b[o * r..(o + 1) * r], &ax[i * r..(i + 1) * r])
-            + bias.map_or(0.0, |b| b[o])
-    };
     if n == 1 {
-        return gemv(x, w, |o| lora_and_bias(o, 0));
+        return gemv(x, w, Some(LowRankTerm { b, ax, scale }), bias);
     }
     yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yt)| {
         for (k, yo) in yt.chunks_mut(n).enumerate() {
@@ -660,18 +656,22 @@ mod tests {
     /// Decoding one token with the SIMD four-row path (in ≥ 64) and a ragged last group.
     #[test]
     fn single_row_decode_matches_composed() {
-        let (in_f, out_f, r) = (150, 37, 4);
-        let x = randt(&[1, in_f], 71, 1.0);
-        let w = randt(&[out_f, in_f], 72, 0.5);
-        let bias = randt(&[out_f], 73, 0.5);
-        let a = randt(&[r, in_f], 74, 0.5);
-        let b = randt(&[out_f, r], 75, 0.5);
-        let got = lora_linear(&x, &w, Some(&bias), &a, &b, 0.7).unwrap();
-        let want = (mm_t(&x, &w) + (mm_t(&mm_t(&x, &a), &b) * 0.7).unwrap())
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap();
-        assert!(rel_err(&got, &want) < 1e-5);
+        // Ranks on both sides of the eight-lane LoRA-term kernel; 37 rows leave a tail of runs
+        // and of eight-row blocks.
+        for r in [4, 8, 16] {
+            let (in_f, out_f) = (150, 37);
+            let x = randt(&[1, in_f], 71, 1.0);
+            let w = randt(&[out_f, in_f], 72, 0.5);
+            let bias = randt(&[out_f], 73, 0.5);
+            let a = randt(&[r, in_f], 74, 0.5);
+            let b = randt(&[out_f, r], 75, 0.5);
+            let got = lora_linear(&x, &w, Some(&bias), &a, &b, 0.7).unwrap();
+            let want = (mm_t(&x, &w) + (mm_t(&mm_t(&x, &a), &b) * 0.7).unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            assert!(rel_err(&got, &want) < 1e-5, "r {r}");
+        }
     }
 
     /// A base that multiplies itself (here a plain matrix behind the trait) gives the same
