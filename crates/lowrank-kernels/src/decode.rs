@@ -11,7 +11,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{dot, dot_portable, gemv_rows, require_cpu, slice, view, LowRankTerm};
+use crate::cpu::{
+    add_scaled_matvec, dot_portable, gemv_rows, require_cpu, slice, view, LowRankTerm,
+};
 
 const NAME: &str = "lowrank-gemv-bf16";
 /// The most input rows the kernels are meant for (a decoding step over a small batch): each
@@ -187,11 +189,11 @@ impl CustomOp2 for DecodeBf16 {
                 let (a, b) = (a.get(), b.get());
                 let r = a.len() / in_f;
                 let mut ax = vec![0f32; n * r];
-                for i in 0..n {
-                    for k in 0..r {
-                        ax[i * r + k] = self.scale
-                            * dot(&x[i * in_f..(i + 1) * in_f], &a[k * in_f..(k + 1) * in_f]);
-                    }
+                for (ax, x) in ax
+                    .chunks_exact_mut(r.max(1))
+                    .zip(x.chunks_exact(in_f.max(1)))
+                {
+                    add_scaled_matvec(ax, a, x, self.scale);
                 }
                 (r, ax, b)
             }

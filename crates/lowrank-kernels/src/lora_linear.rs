@@ -16,8 +16,8 @@ use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
 use crate::cpu::{
-    dot, gemv, require_cpu, rows_and_features, sgemm, slice, sum_sq, view, with_features,
-    LowRankTerm, Mat,
+    add_scaled_matvec, dot, gemv, require_cpu, rows_and_features, sgemm, slice, sum_sq, view,
+    with_features, LowRankTerm, Mat,
 };
 use crate::frozen_linear::dense_grad_input;
 
@@ -368,10 +368,11 @@ impl CustomOp3 for LoraLinear {
             y
         } else if n <= GEMV_ROWS {
             let w = wv.as_ref().expect("dense").get();
-            for i in 0..n {
-                for k in 0..r {
-                    ax[i * r + k] = dot(&x[i * in_f..(i + 1) * in_f], &a[k * in_f..(k + 1) * in_f]);
-                }
+            for (ax, x) in ax
+                .chunks_exact_mut(r.max(1))
+                .zip(x.chunks_exact(in_f.max(1)))
+            {
+                add_scaled_matvec(ax, a, x, 1.0);
             }
             forward_gemv(x, w, bias, &ax, b, self.scale, n, in_f, r)
         } else {
