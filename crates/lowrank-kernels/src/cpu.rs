@@ -289,27 +289,54 @@ pub(crate) fn gemv_rows(
     lora: Option<LowRankTerm>,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    let part = GemvPart {
+        out_f,
+        row_dot: &row_dot,
+        lora,
+        bias,
+    };
+    gemv_parts(&[part]).pop().expect("one part")
+}
+
+/// One linear of [`gemv_parts`]: its output size, the product of its row o with the input,
+/// and its LoRA term and bias.
+pub(crate) struct GemvPart<'a> {
+    pub out_f: usize,
+    pub row_dot: &'a (dyn Fn(usize) -> f32 + Sync),
+    pub lora: Option<LowRankTerm<'a>>,
+    pub bias: Option<&'a [f32]>,
+}
+
+/// Several [`gemv_rows`] of the same input in one parallel pass over all their rows (batch-1
+/// decoding's q, k and v, or gate and up): one dispatch and one tail instead of one per linear.
+pub(crate) fn gemv_parts(parts: &[GemvPart]) -> Vec<Vec<f32>> {
     const ROWS: usize = 16;
-    let mut y = vec![0f32; out_f];
-    y.par_chunks_mut(ROWS).enumerate().for_each(|(c, y)| {
-        let rows = c * ROWS..c * ROWS + y.len();
-        let r = lora.map_or(0, |l| l.ax.len());
-        if let Some(l) = lora {
+    let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f]).collect();
+    let mut runs: Vec<(&GemvPart, usize, &mut [f32])> = Vec::new();
+    for (part, y) in parts.iter().zip(ys.iter_mut()) {
+        for (c, y) in y.chunks_mut(ROWS).enumerate() {
+            runs.push((part, c * ROWS, y));
+        }
+    }
+    runs.into_par_iter().for_each(|(part, start, y)| {
+        let rows = start..start + y.len();
+        let r = part.lora.map_or(0, |l| l.ax.len());
+        if let Some(l) = part.lora {
             prefetch(&l.b[rows.start * r..rows.end * r]);
         }
         for (y, o) in y.iter_mut().zip(rows.clone()) {
-            *y = row_dot(o);
+            *y = (part.row_dot)(o);
         }
-        if let Some(l) = lora {
+        if let Some(l) = part.lora {
             add_scaled_matvec(y, &l.b[rows.start * r..rows.end * r], l.ax, l.scale);
         }
-        if let Some(bias) = bias {
+        if let Some(bias) = part.bias {
             for (y, b) in y.iter_mut().zip(&bias[rows]) {
                 *y += b;
             }
         }
     });
-    y
+    ys
 }
 
 /// Asks the CPU to start loading `data` into cache (a hint: no effect on results).

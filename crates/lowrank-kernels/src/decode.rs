@@ -144,7 +144,7 @@ unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32]) -> f32 {
     s
 }
 
-fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+pub(crate) fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::cpu::has_avx2_fma() {

@@ -24,6 +24,7 @@ mod exp;
 pub mod frozen_linear;
 pub mod heads;
 pub mod lora_linear;
+pub mod projections;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
@@ -43,6 +44,7 @@ pub use heads::{merge_heads, split_heads};
 pub use lora_linear::{
     dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul,
 };
+pub use projections::{linears_one_row, RowLinear};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

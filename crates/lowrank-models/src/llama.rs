@@ -48,18 +48,7 @@ impl Proj {
         adapters: &[ActiveAdapter],
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
-        let active: Vec<ActiveModule> = adapters
-            .iter()
-            .filter_map(|a| {
-                a.adapter
-                    .modules
-                    .get(&self.name)
-                    .map(|module| ActiveModule {
-                        module,
-                        weight: a.weight,
-                    })
-            })
-            .collect();
+        let active = self.active(adapters);
         let p = adapters
             .iter()
             .find(|a| a.adapter.modules.contains_key(&self.name))
@@ -71,6 +60,49 @@ impl Proj {
             }
             _ => self.linear.forward(x, &active),
         }
+    }
+}
+
+impl Proj {
+    /// The modules of `adapters` that apply to this projection, with their weights.
+    fn active<'a>(&self, adapters: &'a [ActiveAdapter]) -> Vec<ActiveModule<'a>> {
+        adapters
+            .iter()
+            .filter_map(|a| {
+                a.adapter
+                    .modules
+                    .get(&self.name)
+                    .map(|module| ActiveModule {
+                        module,
+                        weight: a.weight,
+                    })
+            })
+            .collect()
+    }
+}
+
+/// One token's projections of the same input (q, k, v; gate, up) in one pass over their
+/// weights (`lowrank_kernels::linears_one_row`: one dispatch to the thread pool instead of
+/// one per projection), when x is a single untracked row and every projection can go that
+/// way (`AdaptedLinear::row_linear`); `None` otherwise.
+fn project_one_row(
+    projs: &[&Proj],
+    x: &Tensor,
+    adapters: &[ActiveAdapter],
+) -> Result<Option<Vec<Tensor>>> {
+    let one_row = x.elem_count() == x.dims().last().copied().unwrap_or(0);
+    if !one_row || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let actives: Vec<Vec<ActiveModule>> = projs.iter().map(|p| p.active(adapters)).collect();
+    let linears: Option<Vec<_>> = projs
+        .iter()
+        .zip(&actives)
+        .map(|(p, active)| p.linear.row_linear(active))
+        .collect();
+    match linears {
+        Some(linears) => Ok(Some(lowrank_kernels::linears_one_row(x, &linears)?)),
+        None => Ok(None),
     }
 }
 
@@ -965,6 +997,8 @@ impl Llama {
         let proj = |p: &Proj, x: &Tensor, n: u64| {
             p.forward_train(x, adapters, dropout_seed.map(|s| s.wrapping_add(n)))
         };
+        // Projections of one input share a pass only outside training (no dropout masks).
+        let fuse_adapters = dropout_seed.is_none().then_some(adapters);
         let c = &self.config;
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -972,16 +1006,28 @@ impl Llama {
 
         let normed = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
         let split_heads = |t: Tensor, n: usize| lowrank_kernels::split_heads(&t, n);
-        let q = split_heads(proj(&layer.q, &normed, 0)?, heads)?;
-        let k = split_heads(proj(&layer.k, &normed, 1)?, kv_heads)?;
-        let v = split_heads(proj(&layer.v, &normed, 2)?, kv_heads)?;
+        let fused = match fuse_adapters {
+            Some(adapters) => project_one_row(&[&layer.q, &layer.k, &layer.v], &normed, adapters)?,
+            None => None,
+        };
+        let (q, k, v) = match fused.as_deref() {
+            Some([q, k, v]) => (q.clone(), k.clone(), v.clone()),
+            _ => (
+                proj(&layer.q, &normed, 0)?,
+                proj(&layer.k, &normed, 1)?,
+                proj(&layer.v, &normed, 2)?,
+            ),
+        };
+        let q = split_heads(q, heads)?;
+        let k = split_heads(k, kv_heads)?;
+        let v = split_heads(v, kv_heads)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         if let Some(cache) = cache {
             let attn = lowrank_kernels::merge_heads(
                 &cache.append(index, k, v)?.attend(&q, c.sliding_window)?,
             )?;
-            return self.layer_rest(layer, x, &attn, &proj);
+            return self.layer_rest(layer, x, &attn, &proj, fuse_adapters);
         }
         let total = k.dim(2)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
@@ -1014,7 +1060,7 @@ impl Llama {
             }
         };
         let attn = lowrank_kernels::merge_heads(&attn)?;
-        self.layer_rest(layer, x, &attn, &proj)
+        self.layer_rest(layer, x, &attn, &proj, fuse_adapters)
     }
 
     /// The layer after attention: output projection, residual, MLP, residual. `proj` applies
@@ -1025,11 +1071,18 @@ impl Llama {
         x: &Tensor,
         attn: &Tensor,
         proj: &dyn Fn(&Proj, &Tensor, u64) -> Result<Tensor>,
+        fuse_adapters: Option<&[ActiveAdapter]>,
     ) -> Result<Tensor> {
         let x = (x + proj(&layer.o, attn, 3)?)?;
         let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-        let gate = proj(&layer.gate, &normed, 4)?;
-        let up = proj(&layer.up, &normed, 5)?;
+        let fused = match fuse_adapters {
+            Some(adapters) => project_one_row(&[&layer.gate, &layer.up], &normed, adapters)?,
+            None => None,
+        };
+        let (gate, up) = match fused.as_deref() {
+            Some([gate, up]) => (gate.clone(), up.clone()),
+            _ => (proj(&layer.gate, &normed, 4)?, proj(&layer.up, &normed, 5)?),
+        };
         let mlp = proj(&layer.down, &lowrank_kernels::swiglu(&gate, &up)?, 6)?;
         Ok((x + mlp)?)
     }

@@ -235,6 +235,55 @@ fn greedy_generation_matches_transformers() {
     }
 }
 
+/// One-token steps over the KV cache with every fixture adapter applied unmerged (and the
+/// biased qwen2 base alone) give the full forward's logits: the steps take the one-row path
+/// that projects q/k/v and gate/up in one pass each (LoRA on some of them only, DoRA and
+/// layer-selected adapters falling back per layer), the full forward the per-module one.
+#[test]
+fn kv_cached_steps_with_unmerged_adapters_equal_a_full_forward() {
+    let mut cases: Vec<(String, Option<String>)> = vec![("qwen2-tied".into(), None)];
+    for entry in std::fs::read_dir(fixtures().join("adapters")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        cases.push((base_of(&name).to_string(), Some(name)));
+    }
+    for (base, adapter_name) in cases {
+        let (model, tokenizer) = load(&base);
+        let adapter = adapter_name.as_ref().map(|a| {
+            model
+                .load_adapter(&fixtures().join("adapters").join(a))
+                .unwrap()
+        });
+        let active: Vec<ActiveAdapter> = adapter.iter().map(ActiveAdapter::new).collect();
+        let ids = tokenizer.encode(&eval_texts()[1], true).unwrap();
+        let row = |ids: &[u32]| {
+            Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        };
+        let full = model
+            .forward(&row(&ids), None, &active)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let mut cache = lowrank_models::KvCache::new();
+        let split = 3;
+        model
+            .forward(&row(&ids[..split]), Some(&mut cache), &active)
+            .unwrap();
+        for (t, &id) in ids.iter().enumerate().skip(split) {
+            let step = model
+                .forward(&row(&[id]), Some(&mut cache), &active)
+                .unwrap();
+            let diff = max_abs_diff(
+                &step.squeeze(0).unwrap().squeeze(0).unwrap(),
+                &full.get(t).unwrap(),
+            );
+            assert!(diff < 1e-4, "{base} {adapter_name:?} position {t}: {diff}");
+        }
+    }
+}
+
 #[test]
 fn kv_cached_decoding_equals_a_full_forward() {
     let (model, tokenizer) = load("mistral");
