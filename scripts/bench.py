@@ -21,7 +21,10 @@ so that peak RSS is that measurement's alone:
   and the LM head, f32) ÷ this machine's read bandwidth (torch summing a 1 GiB tensor, all
   cores, best of 5), and each decode rate as a share of that bound. Decoding runs in rounds
   (--decode-rounds, default 3): the bandwidth is read just before every decode run, since on a
-  shared host it moves by tens of percent within a minute; figures are medians over rounds
+  shared host it moves by tens of percent within a minute; figures are medians over rounds.
+  Unmerged against merged (and base) decoding is also timed in lockstep in one process, token
+  by token (`cargo bench -p lowrank-models --bench decode_pair`), whose per-step ratios that
+  noise does not swamp.
 
 PyTorch runs with torch's default threads (all cores), lowrank with its defaults.
 Needs: torch, transformers, peft (see scripts/make_fixtures.py for versions).
@@ -203,6 +206,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed steps first, on both sides (the first steps of either pay for allocation)")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--paired-tokens", type=int, default=256,
+                    help="tokens of the in-process unmerged/merged/base lockstep comparison")
     ap.add_argument("--decode-rounds", type=int, default=3,
                     help="rounds of decoding measurements (medians reported; bandwidth read before each run)")
     ap.add_argument("--lowrank", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "lowrank"))
@@ -239,21 +244,25 @@ def main():
         rows.append((f"{method} peak RSS (MB)", ours["peak_rss_mb"], theirs and theirs["peak_rss_mb"], "lower"))
     # Decoding is bound by memory bandwidth, which on a shared host moves by tens of percent
     # from one minute to the next (44 to 81 GB/s seen within a minute). So decoding is measured
-    # in rounds, each mode's lowrank and transformers runs back to back with the bandwidth read
-    # just before, and every figure and ratio is the median over rounds of that round's values.
+    # in rounds: lowrank's runs of every mode back to back (each after a bandwidth reading), so
+    # that unmerged and merged see nearly the same memory, then transformers' runs; every
+    # figure and ratio is the median over rounds of that round's values.
     decode_modes = [("base", False, False), ("unmerged", False, False), ("merged", True, False),
                     ("base bf16", False, True), ("unmerged bf16", False, True)]
     samples = {name: [] for name, _, _ in decode_modes}
     for round_ in range(0 if args.skip_decode else args.decode_rounds):
         for name, merge, bf16 in decode_modes:
-            print(f"decoding, round {round_ + 1}/{args.decode_rounds}: {name} ...", file=sys.stderr)
+            print(f"decoding, round {round_ + 1}/{args.decode_rounds}: lowrank {name} ...", file=sys.stderr)
             mode = name.split()[0]
             bandwidth = run_child("read_bandwidth_gb_s")
             ours = lowrank_decode(args.lowrank, model_dir, adapter if mode != "base" else None, merge, args.decode_tokens, bf16=bf16)
-            # bf16 rows are held against transformers' f32 decoding (its bf16 CPU path computes
-            # in bf16, not comparable), taken from the same rounds' f32 base runs.
-            theirs = None if args.skip_torch or bf16 else run_child("torch_decode", model_dir, mode, args.decode_tokens)
-            samples[name].append({"ours": ours, "theirs": theirs, "bandwidth": bandwidth})
+            samples[name].append({"ours": ours, "theirs": None, "bandwidth": bandwidth})
+        # bf16 rows are held against transformers' f32 decoding (its bf16 CPU path computes in
+        # bf16, not comparable), taken from the same rounds' f32 base runs.
+        for name, _, bf16 in [] if args.skip_torch else decode_modes:
+            if not bf16:
+                print(f"decoding, round {round_ + 1}/{args.decode_rounds}: transformers {name} ...", file=sys.stderr)
+                samples[name][-1]["theirs"] = run_child("torch_decode", model_dir, name, args.decode_tokens)
     median = statistics.median
     for name, _, bf16 in [] if args.skip_decode else decode_modes:
         runs = samples[name]
@@ -284,10 +293,22 @@ def main():
               f"losses f32 {[round(x, 5) for x in f32['losses']]} bf16 {[round(x, 5) for x in bf16['losses']]} (worst relative difference {worst:.2e})")
     if args.skip_decode:
         return
+    # Separate runs cannot resolve a 5% difference under that noise; decode_pair decodes
+    # unmerged, merged and base in lockstep in one process and compares each step's times.
+    print("decoding in lockstep (cargo bench --bench decode_pair) ...", file=sys.stderr)
+    paired = subprocess.run(
+        ["cargo", "bench", "-q", "-p", "lowrank-models", "--bench", "decode_pair", "--", model_dir, adapter,
+         str(args.paired_tokens)],
+        cwd=os.path.join(os.path.dirname(__file__), ".."), capture_output=True, text=True)
+    paired_lines = [l for l in paired.stdout.splitlines() if "per-step ratios" in l]
     per_token = weight_bytes_per_token()
     rounds = len(samples["base"])
     per_round = [samples["merged"][i]["ours"]["decode_tok_s"] / samples["unmerged"][i]["ours"]["decode_tok_s"] for i in range(rounds)]
     print(f"  unmerged / merged decode time per token: {median(per_round):.3f} (rounds: {', '.join(f'{x:.3f}' for x in per_round)})")
+    if paired.returncode == 0 and paired_lines:
+        print(f"  in lockstep, one process: {paired_lines[0].strip()}")
+    else:
+        print(f"  decode_pair failed ({paired.returncode}): {paired.stderr.strip()[-300:]}")
     bandwidths = [r["bandwidth"] for runs in samples.values() for r in runs]
     print(f"  read bandwidth {min(bandwidths):.1f} to {max(bandwidths):.1f} GB/s (median {median(bandwidths):.1f}) over {len(bandwidths)} readings; "
           f"weights read per token {per_token / 1e6:.1f} MB (f32), half that over bf16 weights")

@@ -1,0 +1,89 @@
+//! Unmerged LoRA decoding against merged (and the base) in one process, token by token.
+//!
+//! `cargo bench -p lowrank-models --bench decode_pair -- MODEL_DIR ADAPTER_DIR [TOKENS]`
+//! (`scripts/bench.py` runs it on its SmolLM-135M-shaped model and adapter).
+//!
+//! Decoding is bound by memory bandwidth, and on a shared host that moves by tens of percent
+//! within seconds, so separate runs cannot show a 5% difference. Here the three decode in
+//! lockstep over their own KV caches — one token each in turn, the order rotating every step —
+//! and each step's times are compared with each other: the figures are medians of per-step
+//! ratios, taken over the same seconds of memory traffic.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use lowrank_models::{ActiveAdapter, KvCache, Llama};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> Res<()> {
+    // As the CLI does: no spinning in candle's elementwise pool, and the main thread is one of
+    // rayon's workers (see crates/lowrank-cli/src/main.rs).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global();
+    // cargo bench appends `--bench`; everything else is ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let [model_dir, adapter_dir, rest @ ..] = args.as_slice() else {
+        eprintln!("usage: decode_pair MODEL_DIR ADAPTER_DIR [TOKENS]");
+        std::process::exit(2);
+    };
+    let tokens: usize = match rest.first() {
+        Some(n) => n.parse()?,
+        None => 128,
+    };
+    let device = Device::Cpu;
+    let unmerged_model = Llama::load(Path::new(model_dir), &device)?;
+    let adapter = unmerged_model.load_adapter(Path::new(adapter_dir))?;
+    let mut merged_model = Llama::load(Path::new(model_dir), &device)?;
+    merged_model.merge_adapter("bench", &adapter, 1.0)?;
+    let active = [ActiveAdapter::new(&adapter)];
+    // (name, model, adapters); each with its own cache.
+    let runs: [(&str, &Llama, &[ActiveAdapter]); 3] = [
+        ("unmerged", &unmerged_model, &active),
+        ("merged", &merged_model, &[]),
+        ("base", &unmerged_model, &[]),
+    ];
+    let mut caches: Vec<KvCache> = runs.iter().map(|_| KvCache::new()).collect();
+    let prompt = Tensor::new(&[1u32, 2, 3, 4, 5, 6, 7, 8], &device)?.unsqueeze(0)?;
+    for ((_, model, adapters), cache) in runs.iter().zip(caches.iter_mut()) {
+        model.forward(&prompt, Some(cache), adapters)?;
+    }
+    let mut times = vec![Vec::with_capacity(tokens); runs.len()];
+    for step in 0..tokens {
+        let token = Tensor::new(&[(10 + step % 1000) as u32], &device)?.unsqueeze(0)?;
+        for k in 0..runs.len() {
+            let i = (step + k) % runs.len();
+            let (_, model, adapters) = runs[i];
+            let start = Instant::now();
+            model.forward(&token, Some(&mut caches[i]), adapters)?;
+            times[i].push(start.elapsed().as_secs_f64());
+        }
+    }
+    for ((name, _, _), t) in runs.iter().zip(&times) {
+        println!(
+            "{name}: {:.2} ms per token (median)",
+            1e3 * median(t.clone())
+        );
+    }
+    let ratio =
+        |a: usize, b: usize| median(times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect());
+    println!(
+        "per-step ratios over {tokens} tokens: unmerged / merged {:.3}, base / merged {:.3}",
+        ratio(0, 1),
+        ratio(2, 1)
+    );
+    Ok(())
+}
