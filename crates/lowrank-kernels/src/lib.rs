@@ -23,6 +23,7 @@ pub mod decode;
 mod exp;
 pub mod frozen_linear;
 pub mod heads;
+pub mod huge_pages;
 pub mod lora_linear;
 pub mod projections;
 pub mod rms_norm;
@@ -41,6 +42,7 @@ pub use cross_entropy::chunked_cross_entropy;
 pub use decode::{gemv_bf16, lora_linear_decode_bf16};
 pub use frozen_linear::{frozen_linear, frozen_linear_over};
 pub use heads::{merge_heads, split_heads};
+pub use huge_pages::back_with_huge_pages;
 pub use lora_linear::{
     dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul,
 };

@@ -545,7 +545,7 @@ impl Llama {
             Some(ckpt.load(LM_HEAD, &[config.vocab_size, h], dtype, device)?)
         };
         let rope = Rope::new(&config, device)?;
-        Ok(Llama {
+        let model = Llama {
             config,
             embed,
             layers,
@@ -554,7 +554,21 @@ impl Llama {
             head_for_inference: None,
             rope,
             stored_dtype,
-        })
+        };
+        model.back_weights_with_huge_pages();
+        Ok(model)
+    }
+
+    /// Puts the weights that decoding streams every token on 2 MiB pages where the OS allows
+    /// (see `lowrank_kernels::huge_pages`). Called whenever they are made anew.
+    fn back_weights_with_huge_pages(&self) {
+        let mut tensors = vec![&self.embed];
+        tensors.extend(&self.lm_head);
+        tensors.extend(&self.head_for_inference);
+        for p in self.layers.iter().flat_map(|l| l.projs()) {
+            tensors.extend(p.linear.base().as_dense());
+        }
+        lowrank_kernels::back_with_huge_pages(&tensors);
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -647,7 +661,15 @@ impl Llama {
 
     /// Loads a PEFT adapter folder checked against this model.
     pub fn load_adapter(&self, dir: &Path) -> Result<LoraAdapter> {
-        LoraAdapter::load(dir, &self.linears(), self.device())
+        let adapter = LoraAdapter::load(dir, &self.linears(), self.device())?;
+        // Unmerged, its factors are read every decoding step along with the base weights.
+        let factors: Vec<&Tensor> = adapter
+            .modules
+            .values()
+            .flat_map(|m| [&m.a, &m.b])
+            .collect();
+        lowrank_kernels::back_with_huge_pages(&factors);
+        Ok(adapter)
     }
 
     /// Folds `adapter` (times `weight`) into the base weights.
@@ -659,6 +681,7 @@ impl Llama {
                 }
             }
         }
+        self.back_weights_with_huge_pages();
         Ok(())
     }
 
@@ -671,6 +694,7 @@ impl Llama {
                 }
             }
         }
+        self.back_weights_with_huge_pages();
         Ok(())
     }
 
@@ -953,6 +977,7 @@ impl Llama {
         self.head_for_inference = (head.dtype() != dtype)
             .then(|| head.to_dtype(dtype))
             .transpose()?;
+        self.back_weights_with_huge_pages();
         Ok(())
     }
 
