@@ -145,7 +145,7 @@ impl DemoConfig {
                 },
             ],
             finetune: Phase {
-                steps: 500,
+                steps: 800,
                 batch_size: 16,
                 lr: 5e-3,
                 warmup_steps: 20,
@@ -169,7 +169,7 @@ impl DemoConfig {
             rank_sweep: Some(RankSweep {
                 task: Task::Caesar,
                 ranks: vec![1, 2, 4, 8, 16],
-                steps: 200,
+                steps: 300,
                 scale: 2.0,
             }),
             verbose: false,

@@ -87,9 +87,11 @@ impl CustomOp2 for RmsNorm {
             None
         };
         let grad_w = if w.track_op() {
-            // dw = Σ_rows g∘x·r, one partial sum per block of rows.
+            // dw = Σ_rows g∘x·r, one partial sum per block of rows, the partials then added in
+            // block order: a parallel reduce would add them in whatever order the threads
+            // finished, and training would not repeat itself from the same seed.
             const ROWS: usize = 64;
-            let dw = xs
+            let partials: Vec<Vec<f32>> = xs
                 .par_chunks(h * ROWS)
                 .zip(gs.par_chunks(h * ROWS))
                 .map(|(xb, gb)| {
@@ -102,11 +104,11 @@ impl CustomOp2 for RmsNorm {
                     }
                     acc
                 })
-                .reduce_with(|mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                })
-                .unwrap_or_else(|| vec![0f32; h]);
+                .collect();
+            let mut dw = vec![0f32; h];
+            for partial in &partials {
+                dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+            }
             Some(Tensor::from_vec(dw, h, w.device())?)
         } else {
             None
@@ -163,6 +165,42 @@ mod tests {
             println!("rms_norm {shape:?}: fwd {e_fwd:.2e} gx {e_gx:.2e} gw {e_gw:.2e} fd_x {fd_x:.2e} fd_w {fd_w:.2e}");
             assert!(e_fwd < 1e-5 && e_gx < 1e-5 && e_gw < 1e-5);
             assert!(fd_x < 1e-2 && fd_w < 1e-2);
+        }
+    }
+
+    /// The weight's gradient is the same, bit for bit, on every call: its per-block partial
+    /// sums are added in block order (a parallel reduce added them in whatever order the
+    /// threads finished, so training did not repeat itself from the same seed).
+    #[test]
+    fn weight_grad_adds_blocks_in_order() {
+        let (rows, h) = (64 * 40 + 7, 48);
+        let x = randt(&[rows, h], 7, 1.0);
+        let w = randt(&[h], 8, 1.0);
+        let r = randt(&[rows, h], 9, 1.0);
+        let f = |t: &[Tensor]| rms_norm(&t[0], &t[1], 1e-5).unwrap();
+        let grad_w = || {
+            let (_, g) = autograd(&f, &[x.clone(), w.clone()], &[false, true], &r);
+            g[1].as_ref().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (xs, gs) = (
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            r.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let mut expected = vec![0f32; h];
+        for (xb, gb) in xs.chunks(64 * h).zip(gs.chunks(64 * h)) {
+            let mut block = vec![0f32; h];
+            for (x, g) in xb.chunks(h).zip(gb.chunks(h)) {
+                let inv = inv_rms(x, 1e-5);
+                for i in 0..h {
+                    block[i] += g[i] * x[i] * inv;
+                }
+            }
+            for (e, b) in expected.iter_mut().zip(&block) {
+                *e += b;
+            }
+        }
+        for _ in 0..5 {
+            assert_eq!(grad_w(), expected);
         }
     }
 
