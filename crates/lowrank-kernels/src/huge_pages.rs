@@ -15,22 +15,33 @@ use candle_core::{CpuStorage, Storage, Tensor};
 
 const HUGE_PAGE: usize = 2 << 20;
 
+/// Below this many bytes in all, nothing is collapsed: a handful of TLB entries do not matter,
+/// and each collapse copies 2 MiB while holding the process's memory-map lock, which stalls
+/// every other thread that faults a page meanwhile (the tests' servers, started side by side).
+const MIN_BYTES: usize = 16 << 20;
+
 /// Moves the memory of every CPU tensor in `tensors` onto 2 MiB pages where the kernel can,
-/// and returns how many bytes it collapsed (0 where the platform has no `MADV_COLLAPSE`).
-/// Neighbouring data in the same blocks is collapsed too, which changes nothing for it.
+/// and returns how many bytes it collapsed (0 where the platform has no `MADV_COLLAPSE`, or
+/// when the tensors hold less than 16 MiB in all). Neighbouring data in the same blocks is
+/// collapsed too, which changes nothing for it.
 pub fn back_with_huge_pages(tensors: &[&Tensor]) -> usize {
     let mut blocks: Vec<usize> = Vec::new();
+    let mut bytes = 0;
     for t in tensors {
         let (storage, _) = t.storage_and_layout();
         if let Storage::Cpu(cpu) = &*storage {
             if let Some((start, len)) = byte_range(cpu) {
                 if len > 0 {
+                    bytes += len;
                     let first = start / HUGE_PAGE;
                     let last = (start + len - 1) / HUGE_PAGE;
                     blocks.extend(first..=last);
                 }
             }
         }
+    }
+    if bytes < MIN_BYTES {
+        return 0;
     }
     blocks.sort_unstable();
     blocks.dedup();
@@ -123,10 +134,15 @@ mod tests {
         assert!(smaps_kb(address, "AnonHugePages:") >= 22 << 10);
     }
 
-    /// An empty tensor holds no block to collapse.
+    /// Tensors of less than 16 MiB in all are left alone, however many huge-page blocks they
+    /// touch.
     #[test]
-    fn skips_empty_tensors() {
-        let t = Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(back_with_huge_pages(&[&t]), 0);
+    fn leaves_small_tensors_alone() {
+        let empty = Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(back_with_huge_pages(&[&empty]), 0);
+        let small: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::zeros(1 << 20, candle_core::DType::F32, &Device::Cpu).unwrap())
+            .collect();
+        assert_eq!(back_with_huge_pages(&small.iter().collect::<Vec<_>>()), 0);
     }
 }

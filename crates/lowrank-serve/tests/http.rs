@@ -109,14 +109,16 @@ impl Server {
             .unwrap()
     }
 
-    /// Waits until the engine reports `n` running sequences.
+    /// Waits (up to 30 s: tests run side by side on two cores) until the engine reports `n`
+    /// running sequences.
     async fn wait_running(&self, n: usize) {
         let want = format!("lowrank_running_requests {n}\n");
-        for _ in 0..2000 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
             if self.get("/metrics").await.contains(&want) {
                 return;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("never saw {n} running requests");
     }
