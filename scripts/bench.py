@@ -24,7 +24,9 @@ so that peak RSS is that measurement's alone:
   shared host it moves by tens of percent within a minute; figures are medians over rounds.
   Unmerged against merged (and base) decoding is also timed in lockstep in one process, token
   by token (`cargo bench -p lowrank-models --bench decode_pair`), whose per-step ratios that
-  noise does not swamp.
+  noise does not swamp (it also reads the bandwidth between steps, its own way, and reports
+  each mode's share of that bound); DoRA's training step against LoRA's likewise, step by step
+  (`cargo bench -p lowrank-train --bench train_pair`).
 
 PyTorch runs with torch's default threads (all cores), lowrank with its defaults.
 Needs: torch, transformers, peft (see scripts/make_fixtures.py for versions).
@@ -208,6 +210,8 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--paired-tokens", type=int, default=256,
                     help="tokens of the in-process unmerged/merged/base lockstep comparison")
+    ap.add_argument("--paired-rounds", type=int, default=8,
+                    help="rounds (one DoRA and one LoRA step each) of the in-process lockstep comparison")
     ap.add_argument("--decode-rounds", type=int, default=3,
                     help="rounds of decoding measurements (medians reported; bandwidth read before each run)")
     ap.add_argument("--lowrank", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "lowrank"))
@@ -282,7 +286,19 @@ def main():
 
     print(f"\nlowrank alone:")
     if "dora" in ours_of and "lora" in ours_of:
-        print(f"  DoRA / LoRA step: {ours_of['dora']['step_s'] / ours_of['lora']['step_s']:.2f}")
+        print(f"  DoRA / LoRA step: {ours_of['dora']['step_s'] / ours_of['lora']['step_s']:.2f} (separate runs)")
+        # Separate runs minutes apart see different machines' worth of noise (1.01 and 1.26 in
+        # two runs of the same code); train_pair alternates the two methods' steps in one process.
+        print("training DoRA and LoRA in lockstep (cargo bench --bench train_pair) ...", file=sys.stderr)
+        paired = subprocess.run(
+            ["cargo", "bench", "-q", "-p", "lowrank-train", "--bench", "train_pair", "--", model_dir,
+             str(args.paired_rounds)],
+            cwd=os.path.join(os.path.dirname(__file__), ".."), capture_output=True, text=True)
+        lines = [l for l in paired.stdout.splitlines() if "per-round ratios" in l]
+        if paired.returncode == 0 and lines:
+            print(f"  in lockstep, one process: {lines[0].strip()}")
+        else:
+            print(f"  train_pair failed ({paired.returncode}): {paired.stderr.strip()[-300:]}")
     if "lora-ckpt" in ours_of and "lora" in ours_of:
         print(f"  checkpointed / plain LoRA: step {ours_of['lora-ckpt']['step_s'] / ours_of['lora']['step_s']:.2f}, "
               f"peak RSS {ours_of['lora-ckpt']['peak_rss_mb'] / ours_of['lora']['peak_rss_mb']:.2f}")
@@ -300,13 +316,16 @@ def main():
         ["cargo", "bench", "-q", "-p", "lowrank-models", "--bench", "decode_pair", "--", model_dir, adapter,
          str(args.paired_tokens)],
         cwd=os.path.join(os.path.dirname(__file__), ".."), capture_output=True, text=True)
-    paired_lines = [l for l in paired.stdout.splitlines() if "per-step ratios" in l]
+    paired_lines = [l for l in paired.stdout.splitlines()
+                    if "per-step ratios" in l or "read bandwidth" in l or "of the bound" in l]
     per_token = weight_bytes_per_token()
     rounds = len(samples["base"])
     per_round = [samples["merged"][i]["ours"]["decode_tok_s"] / samples["unmerged"][i]["ours"]["decode_tok_s"] for i in range(rounds)]
     print(f"  unmerged / merged decode time per token: {median(per_round):.3f} (rounds: {', '.join(f'{x:.3f}' for x in per_round)})")
     if paired.returncode == 0 and paired_lines:
         print(f"  in lockstep, one process: {paired_lines[0].strip()}")
+        for line in paired_lines[1:]:
+            print(f"    {line.strip()}")
     else:
         print(f"  decode_pair failed ({paired.returncode}): {paired.stderr.strip()[-300:]}")
     bandwidths = [r["bandwidth"] for runs in samples.values() for r in runs]

@@ -8,18 +8,57 @@
 //! lockstep over their own KV caches — one token each in turn, the order rotating every step —
 //! and each step's times are compared with each other: the figures are medians of per-step
 //! ratios, taken over the same seconds of memory traffic.
+//!
+//! The bandwidth bound is read the same way: every fourth step the pool's threads sum a 1 GiB
+//! buffer (one long stream each, on 2 MiB pages as the weights are), and each decode's bytes of
+//! weights per token over its time in that step, as a share of that reading, is one sample of
+//! its share of the bound.
 
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use lowrank_models::{ActiveAdapter, KvCache, Llama};
+use rayon::prelude::*;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Bytes a batch-1 decoding step reads from the weights: every decoder linear and the head.
+fn weight_bytes(model: &Llama) -> usize {
+    let head = model.head_weight();
+    model.linear_memory().bytes + head.elem_count() * head.dtype().size_in_bytes()
+}
+
+/// GB/s of the thread pool summing `buffer` (f32) once.
+fn read_bandwidth(buffer: &Tensor) -> Res<f64> {
+    let (storage, _) = buffer.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return Err("the bandwidth buffer must be an f32 CPU tensor".into());
+    };
+    // One long stream per thread: the hardware prefetchers run ahead best on those.
+    let per_thread = data.len().div_ceil(rayon::current_num_threads());
+    let start = Instant::now();
+    let total: f32 = data
+        .par_chunks(per_thread)
+        .map(|chunk| {
+            // Sixteen independent sums, so the loop vectorises and no add waits on the last.
+            let mut acc = [0f32; 16];
+            for block in chunk.chunks_exact(16) {
+                for (a, x) in acc.iter_mut().zip(block) {
+                    *a += x;
+                }
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum();
+    let secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(total);
+    Ok((data.len() * 4) as f64 / secs / 1e9)
 }
 
 fn main() -> Res<()> {
@@ -61,6 +100,21 @@ fn main() -> Res<()> {
     for ((_, model, adapters), cache) in runs.iter().zip(caches.iter_mut()) {
         model.forward(&prompt, Some(cache), adapters)?;
     }
+    let adapter_bytes: usize = adapter
+        .modules
+        .values()
+        .map(|m| (m.a.elem_count() + m.b.elem_count()) * 4)
+        .sum();
+    let bytes = [
+        weight_bytes(&unmerged_model) + adapter_bytes,
+        weight_bytes(&merged_model),
+        weight_bytes(&unmerged_model),
+    ];
+    let buffer = Tensor::ones(1usize << 28, DType::F32, &device)?;
+    lowrank_kernels::back_with_huge_pages(&[&buffer]);
+    read_bandwidth(&buffer)?;
+    let mut bandwidths = Vec::new();
+    let mut shares = vec![Vec::new(); runs.len()];
     let mut times = vec![Vec::with_capacity(tokens); runs.len()];
     for step in 0..tokens {
         let token = Tensor::new(&[(10 + step % 1000) as u32], &device)?.unsqueeze(0)?;
@@ -70,6 +124,14 @@ fn main() -> Res<()> {
             let start = Instant::now();
             model.forward(&token, Some(&mut caches[i]), adapters)?;
             times[i].push(start.elapsed().as_secs_f64());
+        }
+        if step % 4 == 0 {
+            let bandwidth = read_bandwidth(&buffer)?;
+            bandwidths.push(bandwidth);
+            for i in 0..runs.len() {
+                let rate = bytes[i] as f64 / times[i][step] / 1e9;
+                shares[i].push(rate / bandwidth);
+            }
         }
     }
     for ((name, _, _), t) in runs.iter().zip(&times) {
@@ -85,5 +147,19 @@ fn main() -> Res<()> {
         ratio(0, 1),
         ratio(2, 1)
     );
+    println!(
+        "read bandwidth ({} threads summing 1 GiB, every fourth step): {:.1} to {:.1} GB/s, median {:.1}",
+        rayon::current_num_threads(),
+        bandwidths.iter().copied().fold(f64::INFINITY, f64::min),
+        bandwidths.iter().copied().fold(0.0, f64::max),
+        median(bandwidths.clone())
+    );
+    for (((name, _, _), share), bytes) in runs.iter().zip(shares).zip(bytes) {
+        println!(
+            "{name}: {:.1} MB of weights per token, {:.0}% of the bound (median of per-step shares)",
+            bytes as f64 / 1e6,
+            100.0 * median(share)
+        );
+    }
     Ok(())
 }
