@@ -25,6 +25,7 @@ pub mod frozen_linear;
 pub mod heads;
 pub mod huge_pages;
 pub mod lora_linear;
+pub mod process;
 pub mod projections;
 pub mod rms_norm;
 pub mod rope;

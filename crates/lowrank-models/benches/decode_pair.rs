@@ -62,14 +62,9 @@ fn read_bandwidth(buffer: &Tensor) -> Res<f64> {
 }
 
 fn main() -> Res<()> {
-    // As the CLI does: no spinning in candle's elementwise pool, and the main thread is one of
-    // rayon's workers (see crates/lowrank-cli/src/main.rs).
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
-    }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .use_current_thread()
-        .build_global();
+    // As the CLI does: no spinning in candle's pool, freed memory kept by malloc, the main
+    // thread one of rayon's workers.
+    lowrank_kernels::process::set_up();
     // cargo bench appends `--bench`; everything else is ours.
     let args: Vec<String> = std::env::args()
         .skip(1)

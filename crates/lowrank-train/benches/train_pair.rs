@@ -92,21 +92,9 @@ impl Run {
 }
 
 fn main() -> Res<()> {
-    // As the CLI does (see crates/lowrank-cli/src/main.rs): freed activation buffers stay with
-    // malloc for the next step instead of being page-faulted in again,
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes malloc's parameters; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-    // no spinning in candle's elementwise pool, and the main thread is one of rayon's workers.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
-    }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .use_current_thread()
-        .build_global();
+    // As the CLI does: no spinning in candle's pool, freed memory kept by malloc, the main
+    // thread one of rayon's workers.
+    lowrank_kernels::process::set_up();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
