@@ -662,13 +662,7 @@ impl Llama {
     /// Loads a PEFT adapter folder checked against this model.
     pub fn load_adapter(&self, dir: &Path) -> Result<LoraAdapter> {
         let adapter = LoraAdapter::load(dir, &self.linears(), self.device())?;
-        // Unmerged, its factors are read every decoding step along with the base weights.
-        let factors: Vec<&Tensor> = adapter
-            .modules
-            .values()
-            .flat_map(|m| [&m.a, &m.b])
-            .collect();
-        lowrank_kernels::back_with_huge_pages(&factors);
+        adapter.back_with_huge_pages();
         Ok(adapter)
     }
 

@@ -176,7 +176,11 @@ impl AdapterRegistry {
 
     fn load_from(&self, id: &str, path: &Path) -> Result<Arc<LoraAdapter>, RegistryError> {
         LoraAdapter::load(path, &self.base, &self.device)
-            .map(Arc::new)
+            .map(|adapter| {
+                // Served unmerged: its factors are read at every decoding step.
+                adapter.back_with_huge_pages();
+                Arc::new(adapter)
+            })
             .map_err(|e| RegistryError::Broken {
                 id: id.to_string(),
                 message: e.to_string(),
