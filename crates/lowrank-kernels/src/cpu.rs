@@ -3,7 +3,6 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Shape, Storage, StorageRef, Tensor};
-use rayon::prelude::*;
 
 /// The contiguous f32 data of a custom op's input.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -252,96 +251,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// The LoRA term of a decoding GEMV: y[o] += scale·B[o]·ax, B (out × r) row-major.
-#[derive(Clone, Copy)]
-pub(crate) struct LowRankTerm<'a> {
-    pub b: &'a [f32],
-    pub ax: &'a [f32],
-    pub scale: f32,
-}
-
-/// y[o] = W[o]·x (+ scale·B[o]·ax) (+ bias[o]) for one input row (W: out × x.len(), row-major):
-/// batch-1 decoding, rows split across the rayon pool in runs of 16. Measured faster here than
-/// the `gemm` crate's m = 1 path (and than reading four rows per pass over x), which matters
-/// because decoding reads every weight once per token.
-///
-/// An unmerged LoRA (r = 16) reads 3.6% more bytes than merged weights, yet its linears took
-/// 7–15% longer per token (more when memory was fast) when each row's B[o]·ax ran between two
-/// rows of W: each short dot waited on its own cache line of B and ended in a horizontal sum.
-/// So each run adds its LoRA terms after its rows of W, eight rows at a time, with its rows of
-/// B prefetched before them: 6–11% longer than merged. (Computing A·x beside the pass over W
-/// instead of before it, by `rayon::join` or as the pass's first task, gained nothing more.)
-pub(crate) fn gemv(
-    x: &[f32],
-    w: &[f32],
-    lora: Option<LowRankTerm>,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    let in_f = x.len();
-    let out_f = w.len().checked_div(in_f).unwrap_or(0);
-    gemv_rows(out_f, |o| dot(&w[o * in_f..(o + 1) * in_f], x), lora, bias)
-}
-
-/// [`gemv`] with the product of W's row o and x given by `row_dot(o)` (a bf16 W's, say).
-pub(crate) fn gemv_rows(
-    out_f: usize,
-    row_dot: impl Fn(usize) -> f32 + Sync,
-    lora: Option<LowRankTerm>,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    let part = GemvPart {
-        out_f,
-        row_dot: &row_dot,
-        lora,
-        bias,
-    };
-    gemv_parts(&[part]).pop().expect("one part")
-}
-
-/// One linear of [`gemv_parts`]: its output size, the product of its row o with the input,
-/// and its LoRA term and bias.
-pub(crate) struct GemvPart<'a> {
-    pub out_f: usize,
-    pub row_dot: &'a (dyn Fn(usize) -> f32 + Sync),
-    pub lora: Option<LowRankTerm<'a>>,
-    pub bias: Option<&'a [f32]>,
-}
-
-/// Several [`gemv_rows`] of the same input in one parallel pass over all their rows (batch-1
-/// decoding's q, k and v, or gate and up): one dispatch and one tail instead of one per linear.
-pub(crate) fn gemv_parts(parts: &[GemvPart]) -> Vec<Vec<f32>> {
-    const ROWS: usize = 16;
-    let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f]).collect();
-    let mut runs: Vec<(&GemvPart, usize, &mut [f32])> = Vec::new();
-    for (part, y) in parts.iter().zip(ys.iter_mut()) {
-        for (c, y) in y.chunks_mut(ROWS).enumerate() {
-            runs.push((part, c * ROWS, y));
-        }
-    }
-    runs.into_par_iter().for_each(|(part, start, y)| {
-        let rows = start..start + y.len();
-        let r = part.lora.map_or(0, |l| l.ax.len());
-        if let Some(l) = part.lora {
-            prefetch(&l.b[rows.start * r..rows.end * r]);
-        }
-        for (y, o) in y.iter_mut().zip(rows.clone()) {
-            *y = (part.row_dot)(o);
-        }
-        if let Some(l) = part.lora {
-            add_scaled_matvec(y, &l.b[rows.start * r..rows.end * r], l.ax, l.scale);
-        }
-        if let Some(bias) = part.bias {
-            for (y, b) in y.iter_mut().zip(&bias[rows]) {
-                *y += b;
-            }
-        }
-    });
-    ys
-}
-
 /// Asks the CPU to start loading `data` into cache (a hint: no effect on results).
 #[inline]
-fn prefetch(data: &[f32]) {
+pub(crate) fn prefetch(data: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in data.chunks(16) {
         // SAFETY: a prefetch is a hint that cannot fault; the address is inside `data`.

@@ -11,9 +11,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{
-    add_scaled_matvec, dot_portable, gemv_rows, require_cpu, slice, view, LowRankTerm,
-};
+use crate::cpu::{add_scaled_matvec, dot_portable, require_cpu, slice, view};
+use crate::gemv::{gemv_rows, LowRankTerm};
 
 const NAME: &str = "lowrank-gemv-bf16";
 /// The most input rows the kernels are meant for (a decoding step over a small batch): each
@@ -184,6 +183,21 @@ impl CustomOp2 for DecodeBf16 {
             .as_ref()
             .map(|(a, b)| Ok::<_, candle_core::Error>((view(a, NAME)?, view(b, NAME)?)))
             .transpose()?;
+        if n == 1 {
+            let lora = lora_v.as_ref().map(|(a, b)| LowRankTerm {
+                a: a.get(),
+                b: b.get(),
+                scale: self.scale,
+            });
+            let y = gemv_rows(
+                x,
+                out_f,
+                |o| dot_bf16(&w[o * in_f..(o + 1) * in_f], x),
+                lora,
+                bias,
+            );
+            return Ok((CpuStorage::F32(y), Shape::from((1, out_f))));
+        }
         let (r, ax, bmat) = match &lora_v {
             Some((a, b)) => {
                 let (a, b) = (a.get(), b.get());
@@ -199,20 +213,6 @@ impl CustomOp2 for DecodeBf16 {
             }
             None => (0, Vec::new(), &[][..]),
         };
-        if n == 1 {
-            let lora = (r > 0).then_some(LowRankTerm {
-                b: bmat,
-                ax: &ax,
-                scale: 1.0,
-            });
-            let y = gemv_rows(
-                out_f,
-                |o| dot_bf16(&w[o * in_f..(o + 1) * in_f], x),
-                lora,
-                bias,
-            );
-            return Ok((CpuStorage::F32(y), Shape::from((1, out_f))));
-        }
         // Output transposed (out × n): each task owns a contiguous run of output rows, and reads
         // each row of W once for all n inputs.
         let mut yt = vec![0f32; out_f * n];

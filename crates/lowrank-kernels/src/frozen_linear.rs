@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{gemv, require_cpu, rows_and_features, sgemm, slice, view, with_features, Mat};
+use crate::cpu::{require_cpu, rows_and_features, sgemm, slice, view, with_features, Mat};
+use crate::gemv::gemv;
 use crate::lora_linear::FrozenMatmul;
 
 const NAME: &str = "lowrank-frozen-linear";

@@ -22,6 +22,7 @@ pub mod cross_entropy;
 pub mod decode;
 mod exp;
 pub mod frozen_linear;
+mod gemv;
 pub mod heads;
 pub mod huge_pages;
 pub mod lora_linear;

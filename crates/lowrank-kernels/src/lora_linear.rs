@@ -16,10 +16,11 @@ use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
 use crate::cpu::{
-    add_scaled_matvec, dot, gemv, require_cpu, rows_and_features, sgemm, slice, sum_sq, view,
-    with_features, LowRankTerm, Mat,
+    add_scaled_matvec, dot, require_cpu, rows_and_features, sgemm, slice, sum_sq, view,
+    with_features, Mat,
 };
 use crate::frozen_linear::dense_grad_input;
+use crate::gemv::{gemv, LowRankTerm};
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
@@ -256,9 +257,6 @@ fn forward_gemv(
     const ROWS: usize = 16;
     // Output transposed (out × n) so each task owns a contiguous range; transposed back after.
     let mut yt = vec![0f32; out_f * n];
-    if n == 1 {
-        return gemv(x, w, Some(LowRankTerm { b, ax, scale }), bias);
-    }
     yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yt)| {
         for (k, yo) in yt.chunks_mut(n).enumerate() {
             let o = c * ROWS + k;
@@ -366,6 +364,19 @@ impl CustomOp3 for LoraLinear {
                 (n, in_f, r, out_f),
             );
             y
+        } else if n == 1 && !self.keep_ax {
+            // Decoding: A·x inside the pass over W (`gemv`); nothing kept for backward.
+            let w = wv.as_ref().expect("dense").get();
+            gemv(
+                x,
+                w,
+                Some(LowRankTerm {
+                    a,
+                    b,
+                    scale: self.scale,
+                }),
+                bias,
+            )
         } else if n <= GEMV_ROWS {
             let w = wv.as_ref().expect("dense").get();
             for (ax, x) in ax

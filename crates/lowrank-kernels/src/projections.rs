@@ -11,8 +11,9 @@
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
 use half::bf16;
 
-use crate::cpu::{add_scaled_matvec, dot, gemv_parts, require_cpu, view, GemvPart, LowRankTerm};
+use crate::cpu::{dot, require_cpu, view};
 use crate::decode::dot_bf16;
+use crate::gemv::{gemv_parts, GemvPart, LowRankTerm};
 
 const NAME: &str = "lowrank-linears-one-row";
 
@@ -114,18 +115,6 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
                 .transpose()
         })
         .collect::<Result<Vec<_>>>()?;
-    // A·x of each LoRA first (r × in, tiny); the runs then only add B·(A·x).
-    let axs: Vec<Vec<f32>> = factor_views
-        .iter()
-        .map(|f| {
-            f.as_ref().map_or_else(Vec::new, |(a, _)| {
-                let a = a.get();
-                let mut ax = vec![0f32; a.len() / in_f.max(1)];
-                add_scaled_matvec(&mut ax, a, xs, 1.0);
-                ax
-            })
-        })
-        .collect();
     let row_dots: Vec<Box<dyn Fn(usize) -> f32 + Sync + '_>> = data
         .iter()
         .map(|w| -> Box<dyn Fn(usize) -> f32 + Sync + '_> {
@@ -143,15 +132,15 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
         .map(|(i, l)| GemvPart {
             out_f: weights[i].dim(0).unwrap_or(0),
             row_dot: &*row_dots[i],
-            lora: factor_views[i].as_ref().map(|(_, b)| LowRankTerm {
+            lora: factor_views[i].as_ref().map(|(a, b)| LowRankTerm {
+                a: a.get(),
                 b: b.get(),
-                ax: &axs[i],
                 scale: l.lora.map_or(0.0, |(_, _, s)| s as f32),
             }),
             bias: bias_views[i].as_ref().map(|b| b.get()),
         })
         .collect();
-    let outputs = gemv_parts(&parts);
+    let outputs = gemv_parts(xs, &parts);
     let dims = x.dims().to_vec();
     outputs
         .into_iter()
