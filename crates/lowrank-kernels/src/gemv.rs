@@ -105,73 +105,79 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
                 .map_or(0, |l| l.a.len().checked_div(in_f).unwrap_or(0))
         })
         .collect();
+    // Every part's scale·A·x in one buffer, part i's at offsets[i]..offsets[i] + ranks[i].
+    let offsets: Vec<usize> = ranks
+        .iter()
+        .scan(0, |next, &r| {
+            let offset = *next;
+            *next += r;
+            Some(offset)
+        })
+        .collect();
+    let total_rank: usize = ranks.iter().sum();
+    let adapted = ranks.iter().filter(|&&r| r > 0).count();
+    let n_runs: usize = parts.iter().map(|p| p.out_f.div_ceil(ROWS)).sum();
+
+    // [A·x first half, first half of the runs, A·x second half, the other runs]: rayon splits
+    // a parallel iterator's items at len / 2 first, which is where the second half of A·x is.
+    let low_rank_half = |tasks: &mut Vec<Task>, second: bool| {
+        for (part, &r) in ranks.iter().enumerate().filter(|(_, &r)| r > 0) {
+            let rows = if second { r / 2..r } else { 0..r / 2 };
+            tasks.push(Task::LowRankInput { part, rows });
+        }
+    };
     let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f]).collect();
-    let mut halves: [Vec<Task>; 2] = [Vec::new(), Vec::new()];
-    for (part, &r) in ranks.iter().enumerate().filter(|(_, &r)| r > 0) {
-        halves[0].push(Task::LowRankInput {
-            part,
-            rows: 0..r / 2,
-        });
-        halves[1].push(Task::LowRankInput {
-            part,
-            rows: r / 2..r,
-        });
-    }
-    let low_rank_tasks = halves[0].len() + halves[1].len();
-    let mut runs: Vec<Task> = Vec::new();
+    let mut tasks = Vec::with_capacity(n_runs + 2 * adapted);
+    low_rank_half(&mut tasks, false);
+    let mut runs = 0;
     for (part, y) in ys.iter_mut().enumerate() {
         for (c, y) in y.chunks_mut(ROWS).enumerate() {
-            runs.push(Task::Run {
+            if runs == n_runs / 2 {
+                low_rank_half(&mut tasks, true);
+            }
+            tasks.push(Task::Run {
                 part,
                 start: c * ROWS,
                 y,
             });
+            runs += 1;
         }
     }
-    // [A·x first half, first half of the runs, A·x second half, the other runs]: rayon splits
-    // a parallel iterator's items at len / 2 first, which is where the second half of A·x is.
-    let second_runs = runs.split_off(runs.len() / 2);
-    let [mut tasks, second_half] = halves;
-    tasks.extend(runs);
-    tasks.extend(second_half);
-    tasks.extend(second_runs);
+    if n_runs == 0 {
+        low_rank_half(&mut tasks, true);
+    }
 
-    // A·x (times the scale) of every part, written by its two tasks, snapshotted by whichever
-    // thread completes the last of them; runs that found it incomplete wait in `late`.
-    let ax_bits: Vec<Vec<AtomicU32>> = ranks
-        .iter()
-        .map(|&r| (0..r).map(|_| AtomicU32::new(0)).collect())
-        .collect();
+    // Written by the A·x tasks, snapshotted by whichever thread completes the last of them;
+    // runs that found the snapshot missing wait in `late` for that thread.
+    let ax_bits: Vec<AtomicU32> = (0..total_rank).map(|_| AtomicU32::new(0)).collect();
     let low_rank_done = AtomicUsize::new(0);
-    let axs: OnceLock<Vec<Vec<f32>>> = OnceLock::new();
+    let axs: OnceLock<Vec<f32>> = OnceLock::new();
     let late: Mutex<Vec<(usize, usize, &mut [f32])>> = Mutex::new(Vec::new());
-    let add_low_rank = |axs: &[Vec<f32>], part: usize, start: usize, y: &mut [f32]| {
-        let (ax, lora) = (&axs[part], parts[part].lora.expect("a part with A·x"));
-        let r = ax.len();
-        add_scaled_matvec(y, &lora.b[start * r..(start + y.len()) * r], ax, 1.0);
+    let add_low_rank = |axs: &[f32], part: usize, start: usize, y: &mut [f32]| {
+        let r = ranks[part];
+        let ax = &axs[offsets[part]..offsets[part] + r];
+        let b = parts[part].lora.expect("a part with A·x").b;
+        add_scaled_matvec(y, &b[start * r..(start + y.len()) * r], ax, 1.0);
     };
     tasks.into_par_iter().for_each(|task| match task {
         Task::LowRankInput { part, rows } => {
             let lora = parts[part].lora.expect("a part with A·x");
-            let mut ax = vec![0f32; rows.len()];
-            add_scaled_matvec(
-                &mut ax,
-                &lora.a[rows.start * in_f..rows.end * in_f],
-                x,
-                lora.scale,
-            );
-            for (bits, v) in ax_bits[part][rows].iter().zip(ax) {
-                bits.store(v.to_bits(), Ordering::Relaxed);
+            // Eight rows of A at a time, as `add_scaled_matvec` reads them.
+            for first in rows.clone().step_by(8) {
+                let block = first..(first + 8).min(rows.end);
+                let mut ax = [0f32; 8];
+                let ax = &mut ax[..block.len()];
+                let a = &lora.a[block.start * in_f..block.end * in_f];
+                add_scaled_matvec(ax, a, x, lora.scale);
+                for (bits, v) in ax_bits[offsets[part] + block.start..].iter().zip(ax) {
+                    bits.store(v.to_bits(), Ordering::Relaxed);
+                }
             }
             // AcqRel: the last task sees every other task's stores before it reads them.
-            if low_rank_done.fetch_add(1, Ordering::AcqRel) + 1 == low_rank_tasks {
+            if low_rank_done.fetch_add(1, Ordering::AcqRel) + 1 == 2 * adapted {
                 let snapshot = ax_bits
                     .iter()
-                    .map(|ax| {
-                        ax.iter()
-                            .map(|b| f32::from_bits(b.load(Ordering::Relaxed)))
-                            .collect()
-                    })
+                    .map(|b| f32::from_bits(b.load(Ordering::Relaxed)))
                     .collect();
                 let axs = axs.get_or_init(|| snapshot);
                 // Set before taking the lock: a run that locks after this sees it set.
@@ -196,7 +202,7 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
                     *y += b;
                 }
             }
-            if p.lora.is_none() {
+            if r == 0 {
                 return;
             }
             if let Some(axs) = axs.get() {

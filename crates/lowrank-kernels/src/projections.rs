@@ -88,7 +88,7 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
             _ => bail!("{NAME}: weights must be f32 or bf16 on the CPU"),
         });
     }
-    let small = |t: &Tensor| t.detach().contiguous();
+    let small = |t: &Tensor| t.contiguous();
     let biases = linears
         .iter()
         .map(|l| l.bias.map(small).transpose())

@@ -49,16 +49,18 @@ impl Proj {
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let active = self.active(adapters);
+        let Some(seed) = dropout_seed.filter(|_| !active.is_empty()) else {
+            return self.linear.forward(x, &active);
+        };
         let p = adapters
             .iter()
             .find(|a| a.adapter.modules.contains_key(&self.name))
             .map_or(0.0, |a| a.adapter.config.dropout);
-        match dropout_seed {
-            Some(seed) if p > 0.0 && !active.is_empty() => {
-                let dropped = dropout(x, p, mix_seed(seed, &self.name))?;
-                self.linear.forward_dropped(x, &active, Some(&dropped))
-            }
-            _ => self.linear.forward(x, &active),
+        if p > 0.0 {
+            let dropped = dropout(x, p, mix_seed(seed, &self.name))?;
+            self.linear.forward_dropped(x, &active, Some(&dropped))
+        } else {
+            self.linear.forward(x, &active)
         }
     }
 }
