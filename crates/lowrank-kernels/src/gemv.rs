@@ -13,9 +13,10 @@
 //! threads of the pool start (the first item, and the one at the midpoint where rayon first
 //! splits the work), so both threads compute half of A·x at once and then stream W. A run that
 //! finds A·x not yet complete leaves its B term to whichever thread completes it. On the 2-core
-//! Zen 5 of these figures, computing A·x on the calling thread before the pass had made
-//! unmerged decoding of the SmolLM-135M-shaped model 12–13% slower than merged when memory was
-//! fast, and the split 9% (6% and 5.5–6% when memory was slow; `decode_pair`, one process).
+//! Zen 5 of these figures, unmerged decoding of the SmolLM-135M-shaped model took 12–13%
+//! longer than merged when memory was fast and 6–7% when slow with A·x computed on the calling
+//! thread before the pass (the other thread idle meanwhile), and 7–9% and 5–6% with the split
+//! (`decode_pair`, both ways in one process).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
