@@ -277,26 +277,18 @@ mod tests {
         let x = values(in_f, 1);
         // (out, rank, bias)
         let shapes = [(50, 5, true), (37, 0, false), (130, 16, false)];
-        let ws: Vec<Vec<f32>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(o, _, _))| values(o * in_f, 10 + i))
-            .collect();
-        let a_s: Vec<Vec<f32>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, r, _))| values(r * in_f, 20 + i))
-            .collect();
-        let b_s: Vec<Vec<f32>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(o, r, _))| values(o * r, 30 + i))
-            .collect();
-        let biases: Vec<Vec<f32>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(o, _, _))| values(o, 40 + i))
-            .collect();
+        // One vector per shape, of the length `len` gives, from its own seed.
+        let per_shape = |seed: usize, len: &dyn Fn((usize, usize, bool)) -> usize| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &shape)| values(len(shape), seed + i))
+                .collect::<Vec<_>>()
+        };
+        let ws = per_shape(10, &|(o, _, _)| o * in_f);
+        let a_s = per_shape(20, &|(_, r, _)| r * in_f);
+        let b_s = per_shape(30, &|(o, r, _)| o * r);
+        let biases = per_shape(40, &|(o, _, _)| o);
         let loras: Vec<Option<LowRankTerm>> = shapes
             .iter()
             .enumerate()
