@@ -14,9 +14,9 @@
 //! splits the work), so both threads compute half of A·x at once and then stream W. A run that
 //! finds A·x not yet complete leaves its B term to whichever thread completes it. On the 2-core
 //! Zen 5 of these figures, unmerged decoding of the SmolLM-135M-shaped model took 12–13%
-//! longer than merged when memory was fast and 6–7% when slow with A·x computed on the calling
-//! thread before the pass (the other thread idle meanwhile), and 7–9% and 5–6% with the split
-//! (`decode_pair`, both ways in one process).
+//! longer than merged when memory was fast with A·x computed on the calling thread before the
+//! pass (the other thread idle meanwhile), and 7–9% with the split; when memory was slow the
+//! split saved 0–1.1 points (5.0–7.0% → 5.0–6.6%; `decode_pair`, both ways in one process).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
