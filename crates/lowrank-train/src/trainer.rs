@@ -544,10 +544,7 @@ pub fn evaluate(
     let adapters: Vec<ActiveAdapter> = detached
         .iter()
         .zip(adapters)
-        .map(|(d, a)| ActiveAdapter {
-            adapter: d,
-            weight: a.weight,
-        })
+        .map(|(d, a)| ActiveAdapter::weighted(d, a.weight))
         .collect();
     let (mut total, mut count) = (0.0, 0usize);
     let order: Vec<usize> = (0..examples.len()).collect();

@@ -148,10 +148,7 @@ pub fn activate<'a>(
     }
     Ok(adapters
         .iter()
-        .map(|(adapter, weight)| ActiveAdapter {
-            adapter,
-            weight: *weight,
-        })
+        .map(|(adapter, weight)| ActiveAdapter::weighted(adapter, *weight))
         .collect())
 }
 
