@@ -173,20 +173,30 @@ pub(crate) fn sgemm(
     }
 }
 
+/// A second pair of vectors a dot product adds into the same sums: an unmerged LoRA's B[o] and
+/// scale·A·x, so its B term costs two FMAs per row of W and no horizontal sum of its own.
+pub(crate) type Tail<'a> = Option<(&'a [f32], &'a [f32])>;
+
 /// Σ a·b. Long slices take an AVX2+FMA path when the CPU has it (the build targets baseline
 /// x86-64, where the portable loop compiles to 4-wide SSE without FMA): it is the inner loop
 /// of batch-1 decoding, which must keep up with memory bandwidth.
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_with_tail(a, b, None)
+}
+
+/// Σ a·b + Σ tail.0·tail.1.
+#[inline]
+pub(crate) fn dot_with_tail(a: &[f32], b: &[f32], tail: Tail) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     {
         if a.len() >= 64 && has_avx2_fma() {
             // SAFETY: the CPU supports the features `dot_avx2` is compiled for.
-            return unsafe { dot_avx2(a, b) };
+            return unsafe { dot_avx2(a, b, tail) };
         }
     }
-    dot_portable(a, b)
+    dot_portable(a, b) + tail.map_or(0.0, |(p, q)| dot_portable(p, q))
 }
 
 /// Whether this x86-64 CPU has AVX2 and FMA (std caches the answer).
@@ -218,7 +228,7 @@ pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 /// Four 8-wide FMA chains (32 floats per iteration) hide the FMA latency.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dot_avx2(a: &[f32], b: &[f32], tail: Tail) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -241,14 +251,40 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         );
         i += 8;
     }
+    let (tail_sums, tail_rest) = tail_avx2(tail);
+    acc[1] = _mm256_add_ps(acc[1], tail_sums);
     let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    let mut s = lanes.iter().sum::<f32>();
+    let mut s = lanes.iter().sum::<f32>() + tail_rest;
     for k in i..n {
         s += a[k] * b[k];
     }
     s
+}
+
+/// A tail's products: eight lanes of sums, and the sum over what is left past a multiple of
+/// eight (none for r = 8, 16, 32…).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn tail_avx2(tail: Tail) -> (std::arch::x86_64::__m256, f32) {
+    use std::arch::x86_64::*;
+    let mut sums = _mm256_setzero_ps();
+    let Some((p, q)) = tail else {
+        return (sums, 0.0);
+    };
+    let n = p.len().min(q.len());
+    let mut j = 0;
+    // SAFETY: j + 8 ≤ n keeps both loads inside both slices.
+    while j + 8 <= n {
+        sums = _mm256_fmadd_ps(
+            _mm256_loadu_ps(p.as_ptr().add(j)),
+            _mm256_loadu_ps(q.as_ptr().add(j)),
+            sums,
+        );
+        j += 8;
+    }
+    (sums, dot_portable(&p[j..n], &q[j..n]))
 }
 
 /// Asks the CPU to start loading `data` into cache (a hint: no effect on results).
@@ -353,6 +389,37 @@ pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Σ a·b + Σ p·q against f64: slices the AVX2 path takes (64 and longer) and shorter ones,
+    /// tails of multiples of eight and not, and none.
+    #[test]
+    fn dot_with_tail_matches_f64() {
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 24.0)
+                .collect()
+        };
+        let exact = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+        };
+        for n in [0, 5, 63, 64, 100, 576] {
+            let (a, b) = (values(n, 1), values(n, 2));
+            for r in [0, 3, 8, 13, 16] {
+                let (p, q) = (values(r, 3), values(r, 4));
+                let got = dot_with_tail(&a, &b, Some((&p, &q))) as f64;
+                let want = exact(&a, &b) + exact(&p, &q);
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "n={n}, r={r}"
+                );
+            }
+            let got = dot_with_tail(&a, &b, None) as f64;
+            assert!(
+                (got - exact(&a, &b)).abs() < 1e-4 * (1.0 + got.abs()),
+                "n={n}"
+            );
+        }
+    }
 
     /// y + s·M·v against an f64 reference: rows around the eight-row blocks (and their
     /// tail), row lengths the AVX2 path takes (multiples of 8) and ones it leaves to the loop.

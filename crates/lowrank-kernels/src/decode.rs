@@ -11,8 +11,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{add_scaled_matvec, dot_portable, require_cpu, slice, view};
-use crate::gemv::{gemv_rows, LowRankTerm};
+use crate::cpu::{add_scaled_matvec, dot_portable, require_cpu, slice, view, Tail};
+use crate::gemv::{gemv, LowRankTerm, Weights};
 
 const NAME: &str = "lowrank-gemv-bf16";
 /// The most input rows the kernels are meant for (a decoding step over a small batch): each
@@ -90,7 +90,7 @@ struct DecodeBf16 {
 }
 
 /// Σ bf16(w)·x in f32, eight lanes at a time (the portable path).
-fn dot_bf16_portable(w: &[bf16], x: &[f32]) -> f32 {
+fn dot_bf16_portable(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
     let mut acc = [0f32; 8];
     let (cw, cx) = (w.chunks_exact(8), x.chunks_exact(8));
     let (rw, rx) = (cw.remainder(), cx.remainder());
@@ -99,7 +99,7 @@ fn dot_bf16_portable(w: &[bf16], x: &[f32]) -> f32 {
             acc[i] += f32::from_bits((w[i].to_bits() as u32) << 16) * x[i];
         }
     }
-    let mut s = acc.iter().sum::<f32>();
+    let mut s = acc.iter().sum::<f32>() + tail.map_or(0.0, |(p, q)| dot_portable(p, q));
     for (w, x) in rw.iter().zip(rx) {
         s += w.to_f32() * x;
     }
@@ -110,7 +110,8 @@ fn dot_bf16_portable(w: &[bf16], x: &[f32]) -> f32 {
 /// accumulated by four 8-wide FMA chains, so the FMA latency does not bound the loop.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32]) -> f32 {
+unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
+    use crate::cpu::tail_avx2;
     use std::arch::x86_64::*;
     let n = w.len().min(x.len());
     let (pw, px) = (w.as_ptr() as *const u16, x.as_ptr());
@@ -133,25 +134,28 @@ unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32]) -> f32 {
         acc[0] = _mm256_fmadd_ps(widen(pw.add(i)), _mm256_loadu_ps(px.add(i)), acc[0]);
         i += 8;
     }
+    let (tail_sums, tail_rest) = tail_avx2(tail);
+    acc[1] = _mm256_add_ps(acc[1], tail_sums);
     let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    let mut s = lanes.iter().sum::<f32>();
+    let mut s = lanes.iter().sum::<f32>() + tail_rest;
     for k in i..n {
         s += w[k].to_f32() * x[k];
     }
     s
 }
 
-pub(crate) fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+/// Σ bf16(w)·x + Σ tail.0·tail.1, in f32.
+pub(crate) fn dot_bf16(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::cpu::has_avx2_fma() {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_bf16_avx2(w, x) };
+            return unsafe { dot_bf16_avx2(w, x, tail) };
         }
     }
-    dot_bf16_portable(w, x)
+    dot_bf16_portable(w, x, tail)
 }
 
 impl CustomOp2 for DecodeBf16 {
@@ -189,13 +193,7 @@ impl CustomOp2 for DecodeBf16 {
                 b: b.get(),
                 scale: self.scale,
             });
-            let y = gemv_rows(
-                x,
-                out_f,
-                |o| dot_bf16(&w[o * in_f..(o + 1) * in_f], x),
-                lora,
-                bias,
-            );
+            let y = gemv(x, Weights::Bf16(w), lora, bias);
             return Ok((CpuStorage::F32(y), Shape::from((1, out_f))));
         }
         let (r, ax, bmat) = match &lora_v {
@@ -229,7 +227,7 @@ impl CustomOp2 for DecodeBf16 {
                 let o = c * ROWS + k;
                 let wrow = &w[o * in_f..(o + 1) * in_f];
                 for (i, y) in yo.iter_mut().enumerate() {
-                    *y = dot_bf16(wrow, &x[i * in_f..(i + 1) * in_f]) + lora_and_bias(o, i);
+                    *y = dot_bf16(wrow, &x[i * in_f..(i + 1) * in_f], None) + lora_and_bias(o, i);
                 }
             }
         });
@@ -301,9 +299,9 @@ mod tests {
                 .collect();
             let exact: f64 = w.iter().zip(&x).map(|(a, b)| a.to_f64() * *b as f64).sum();
             let tol = 1e-5 * (1.0 + exact.abs()) * (n as f64).sqrt().max(1.0);
-            assert!((dot_bf16(&w, &x) as f64 - exact).abs() < tol, "n={n}");
+            assert!((dot_bf16(&w, &x, None) as f64 - exact).abs() < tol, "n={n}");
             assert!(
-                (dot_bf16_portable(&w, &x) as f64 - exact).abs() < tol,
+                (dot_bf16_portable(&w, &x, None) as f64 - exact).abs() < tol,
                 "n={n}"
             );
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{require_cpu, rows_and_features, sgemm, slice, view, with_features, Mat};
-use crate::gemv::gemv;
+use crate::gemv::{gemv, Weights};
 use crate::lora_linear::FrozenMatmul;
 
 const NAME: &str = "lowrank-frozen-linear";
@@ -89,7 +89,10 @@ impl CustomOp1 for FrozenLinear {
         let out_f = w.len() / in_f;
         let out_shape = with_features(l.shape(), out_f);
         if n == 1 {
-            return Ok((CpuStorage::F32(gemv(x, w, None, None)), out_shape));
+            return Ok((
+                CpuStorage::F32(gemv(x, Weights::F32(w), None, None)),
+                out_shape,
+            ));
         }
         let mut y = vec![0f32; n * out_f];
         sgemm(

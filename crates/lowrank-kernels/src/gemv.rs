@@ -5,18 +5,21 @@
 //! crate's m = 1 path (and than reading four rows per pass over x), which matters because
 //! decoding reads every weight once per token.
 //!
-//! An unmerged LoRA (r = 16) reads 3.6% more bytes than merged weights. Its B term is added by
-//! each run after its rows of W, eight rows at a time, with its rows of B prefetched first:
-//! each row's B[o]·(A·x) run between two rows of W had made the linears 7–15% slower than
-//! merged (each short dot waited on its own cache line of B and ended in a horizontal sum).
+//! An unmerged LoRA (r = 16) reads 3.6% more bytes than merged weights. Its B term rides in
+//! each row's dot product: B[o]·(scale·A·x) is folded into the same eight-lane sums as W[o]·x
+//! (two FMAs for r = 16) before their one horizontal sum, with the run's rows of B prefetched
+//! first. That took 0.3–0.7% less time per token than adding it after the run's rows of W,
+//! eight rows at a time (`decode_pair`, both ways in one process); a separate short dot per
+//! row, between two rows of W, had made the linears 7–15% slower than merged (each waited on
+//! its own cache line of B and ended in a horizontal sum of its own).
 //! A·x is computed inside the same pass: its rows are split in two halves, put where the two
 //! threads of the pool start (the first item, and the one at the midpoint where rayon first
 //! splits the work), so both threads compute half of A·x at once and then stream W. A run that
-//! finds A·x not yet complete leaves its B term to whichever thread completes it. On the 2-core
-//! Zen 5 of these figures, unmerged decoding of the SmolLM-135M-shaped model took 12–13%
-//! longer than merged when memory was fast with A·x computed on the calling thread before the
-//! pass (the other thread idle meanwhile), and 7–9% with the split; when memory was slow the
-//! split saved 0–1.1 points (5.0–7.0% → 5.0–6.6%; `decode_pair`, both ways in one process).
+//! finds A·x not yet complete adds its B term apart, or leaves it to whichever thread
+//! completes A·x. On the 2-core Zen 5 of these figures, unmerged decoding of the
+//! SmolLM-135M-shaped model took 12–13% longer than merged when memory was fast with A·x
+//! computed on the calling thread before the pass (the other thread idle meanwhile), and 7–9%
+//! with the split; when memory was slow the split saved 0–1.1 points (5.0–7.0% → 5.0–6.6%).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -24,7 +27,10 @@ use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
-use crate::cpu::{add_scaled_matvec, dot, prefetch};
+use half::bf16;
+
+use crate::cpu::{add_scaled_matvec, dot_with_tail, prefetch, Tail};
+use crate::decode::dot_bf16;
 
 /// Output rows per task.
 const ROWS: usize = 16;
@@ -38,47 +44,52 @@ pub(crate) struct LowRankTerm<'a> {
     pub scale: f32,
 }
 
-/// One linear of [`gemv_parts`]: its output size, the product of its row o with the input,
-/// and its LoRA term and bias.
+/// W (out × in) row-major: f32, or bf16 widened in registers (f32 accumulation either way).
+#[derive(Clone, Copy)]
+pub(crate) enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Weights<'_> {
+    /// W[o]·x, plus tail.0·tail.1 in the same sums.
+    fn row_dot(self, o: usize, x: &[f32], tail: Tail) -> f32 {
+        let in_f = x.len();
+        match self {
+            Weights::F32(w) => dot_with_tail(&w[o * in_f..(o + 1) * in_f], x, tail),
+            Weights::Bf16(w) => dot_bf16(&w[o * in_f..(o + 1) * in_f], x, tail),
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// One linear of [`gemv_parts`]: its weights, LoRA term and bias.
 pub(crate) struct GemvPart<'a> {
-    pub out_f: usize,
-    pub row_dot: &'a (dyn Fn(usize) -> f32 + Sync),
+    pub w: Weights<'a>,
     pub lora: Option<LowRankTerm<'a>>,
     pub bias: Option<&'a [f32]>,
 }
 
-/// y = W·x (+ LoRA term) (+ bias) for one input row, W (out × x.len()) row-major.
-pub(crate) fn gemv(
-    x: &[f32],
-    w: &[f32],
-    lora: Option<LowRankTerm>,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    let in_f = x.len();
-    let out_f = w.len().checked_div(in_f).unwrap_or(0);
-    gemv_rows(
-        x,
-        out_f,
-        |o| dot(&w[o * in_f..(o + 1) * in_f], x),
-        lora,
-        bias,
-    )
+impl GemvPart<'_> {
+    fn out_f(&self, in_f: usize) -> usize {
+        self.w.len().checked_div(in_f).unwrap_or(0)
+    }
 }
 
-/// [`gemv`] with the product of W's row o and x given by `row_dot(o)` (a bf16 W's, say).
-pub(crate) fn gemv_rows(
+/// y = W·x (+ LoRA term) (+ bias) for one input row, W (out × x.len()).
+pub(crate) fn gemv(
     x: &[f32],
-    out_f: usize,
-    row_dot: impl Fn(usize) -> f32 + Sync,
+    w: Weights,
     lora: Option<LowRankTerm>,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let part = GemvPart {
-        out_f,
-        row_dot: &row_dot,
-        lora,
-        bias,
-    };
+    let part = GemvPart { w, lora, bias };
     gemv_parts(x, &[part]).pop().expect("one part")
 }
 
@@ -117,7 +128,7 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
         .collect();
     let total_rank: usize = ranks.iter().sum();
     let adapted = ranks.iter().filter(|&&r| r > 0).count();
-    let n_runs: usize = parts.iter().map(|p| p.out_f.div_ceil(ROWS)).sum();
+    let n_runs: usize = parts.iter().map(|p| p.out_f(in_f).div_ceil(ROWS)).sum();
 
     // [A·x first half, first half of the runs, A·x second half, the other runs]: rayon splits
     // a parallel iterator's items at len / 2 first, which is where the second half of A·x is.
@@ -127,7 +138,7 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
             tasks.push(Task::LowRankInput { part, rows });
         }
     };
-    let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f]).collect();
+    let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f(in_f)]).collect();
     let mut tasks = Vec::with_capacity(n_runs + 2 * adapted);
     low_rank_half(&mut tasks, false);
     let mut runs = 0;
@@ -192,20 +203,29 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
             let p = &parts[part];
             let rows = start..start + y.len();
             let r = ranks[part];
-            if let Some(lora) = p.lora {
+            let lora = p.lora.filter(|_| r > 0);
+            if let Some(lora) = lora {
                 prefetch(&lora.b[rows.start * r..rows.end * r]);
             }
+            // With A·x complete, each row's B term rides in its dot product's sums.
+            let ax = lora
+                .and(axs.get())
+                .map(|axs| &axs[offsets[part]..offsets[part] + r]);
             for (y, o) in y.iter_mut().zip(rows.clone()) {
-                *y = (p.row_dot)(o);
+                let tail = lora
+                    .zip(ax)
+                    .map(|(lora, ax)| (&lora.b[o * r..(o + 1) * r], ax));
+                *y = p.w.row_dot(o, x, tail);
             }
             if let Some(bias) = p.bias {
                 for (y, b) in y.iter_mut().zip(&bias[rows]) {
                     *y += b;
                 }
             }
-            if r == 0 {
+            if lora.is_none() || ax.is_some() {
                 return;
             }
+            // A·x was incomplete when the run began: the B term is added apart.
             if let Some(axs) = axs.get() {
                 return add_low_rank(axs, part, start, y);
             }
@@ -301,19 +321,9 @@ mod tests {
             })
             .collect();
         let bias_of = |i: usize| shapes[i].2.then_some(biases[i].as_slice());
-        let row_dots: Vec<Box<dyn Fn(usize) -> f32 + Sync>> = ws
-            .iter()
-            .map(|w| -> Box<dyn Fn(usize) -> f32 + Sync> {
-                let (w, x) = (w.as_slice(), x.as_slice());
-                Box::new(move |o| dot(&w[o * in_f..(o + 1) * in_f], x))
-            })
-            .collect();
-        let parts: Vec<GemvPart> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(out_f, _, _))| GemvPart {
-                out_f,
-                row_dot: &*row_dots[i],
+        let parts: Vec<GemvPart> = (0..shapes.len())
+            .map(|i| GemvPart {
+                w: Weights::F32(&ws[i]),
                 lora: loras[i],
                 bias: bias_of(i),
             })

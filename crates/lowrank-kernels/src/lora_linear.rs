@@ -20,7 +20,7 @@ use crate::cpu::{
     with_features, Mat,
 };
 use crate::frozen_linear::dense_grad_input;
-use crate::gemv::{gemv, LowRankTerm};
+use crate::gemv::{gemv, LowRankTerm, Weights};
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
@@ -369,7 +369,7 @@ impl CustomOp3 for LoraLinear {
             let w = wv.as_ref().expect("dense").get();
             gemv(
                 x,
-                w,
+                Weights::F32(w),
                 Some(LowRankTerm {
                     a,
                     b,

@@ -8,12 +8,9 @@
 //! memory was slow and 8–11% less when it was fast (one process, alternating tokens).
 //! No backward: inference only (the outputs record no op).
 
+use crate::cpu::{require_cpu, view};
+use crate::gemv::{gemv_parts, GemvPart, LowRankTerm, Weights};
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
-use half::bf16;
-
-use crate::cpu::{dot, require_cpu, view};
-use crate::decode::dot_bf16;
-use crate::gemv::{gemv_parts, GemvPart, LowRankTerm};
 
 const NAME: &str = "lowrank-linears-one-row";
 
@@ -24,12 +21,6 @@ pub struct RowLinear<'a> {
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
     pub lora: Option<(&'a Tensor, &'a Tensor, f64)>,
-}
-
-/// The weight's data, borrowed from its storage.
-enum WeightData<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
 }
 
 /// Every linear's output for x (…, in) holding exactly one row, shaped like x with the last
@@ -83,8 +74,8 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
             bail!("{NAME}: a weight is not contiguous")
         };
         data.push(match &**guard {
-            Storage::Cpu(CpuStorage::F32(v)) => WeightData::F32(&v[start..end]),
-            Storage::Cpu(CpuStorage::BF16(v)) => WeightData::Bf16(&v[start..end]),
+            Storage::Cpu(CpuStorage::F32(v)) => Weights::F32(&v[start..end]),
+            Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[start..end]),
             _ => bail!("{NAME}: weights must be f32 or bf16 on the CPU"),
         });
     }
@@ -115,23 +106,11 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
                 .transpose()
         })
         .collect::<Result<Vec<_>>>()?;
-    let row_dots: Vec<Box<dyn Fn(usize) -> f32 + Sync + '_>> = data
-        .iter()
-        .map(|w| -> Box<dyn Fn(usize) -> f32 + Sync + '_> {
-            match *w {
-                WeightData::F32(w) => Box::new(move |o| dot(&w[o * in_f..(o + 1) * in_f], xs)),
-                WeightData::Bf16(w) => {
-                    Box::new(move |o| dot_bf16(&w[o * in_f..(o + 1) * in_f], xs))
-                }
-            }
-        })
-        .collect();
     let parts: Vec<GemvPart> = linears
         .iter()
         .enumerate()
         .map(|(i, l)| GemvPart {
-            out_f: weights[i].dim(0).unwrap_or(0),
-            row_dot: &*row_dots[i],
+            w: data[i],
             lora: factor_views[i].as_ref().map(|(a, b)| LowRankTerm {
                 a: a.get(),
                 b: b.get(),
