@@ -520,7 +520,11 @@ impl AdaptedLinear {
                     && frozen(&one.module.b) =>
             {
                 let m = one.module;
-                Some((&m.a, &m.b, m.scale * one.weight))
+                Some(lowrank_kernels::RowLora::Tensors {
+                    a: &m.a,
+                    b: &m.b,
+                    scale: m.scale * one.weight,
+                })
             }
             _ => return None,
         };

@@ -25,20 +25,31 @@ const MIN_BYTES: usize = 16 << 20;
 /// when the tensors hold less than 16 MiB in all). Neighbouring data in the same blocks is
 /// collapsed too, which changes nothing for it.
 pub fn back_with_huge_pages(tensors: &[&Tensor]) -> usize {
-    let mut blocks: Vec<usize> = Vec::new();
-    let mut bytes = 0;
+    let mut ranges = Vec::with_capacity(tensors.len());
     for t in tensors {
         let (storage, _) = t.storage_and_layout();
         if let Storage::Cpu(cpu) = &*storage {
-            if let Some((start, len)) = byte_range(cpu) {
-                if len > 0 {
-                    bytes += len;
-                    let first = start / HUGE_PAGE;
-                    let last = (start + len - 1) / HUGE_PAGE;
-                    blocks.extend(first..=last);
-                }
-            }
+            ranges.extend(byte_range(cpu));
         }
+    }
+    collapse_ranges(&ranges)
+}
+
+/// [`back_with_huge_pages`] for a buffer of our own rather than a tensor's.
+pub fn back_slice_with_huge_pages(data: &[f32]) -> usize {
+    collapse_ranges(&[(data.as_ptr() as usize, std::mem::size_of_val(data))])
+}
+
+/// Collapses the 2 MiB blocks that (address, bytes) ranges touch, if they hold 16 MiB or more
+/// in all; the bytes collapsed.
+fn collapse_ranges(ranges: &[(usize, usize)]) -> usize {
+    let mut blocks: Vec<usize> = Vec::new();
+    let mut bytes = 0;
+    for &(start, len) in ranges.iter().filter(|(_, len)| *len > 0) {
+        bytes += len;
+        let first = start / HUGE_PAGE;
+        let last = (start + len - 1) / HUGE_PAGE;
+        blocks.extend(first..=last);
     }
     if bytes < MIN_BYTES {
         return 0;
@@ -132,6 +143,25 @@ mod tests {
         // At least the 2 MiB blocks wholly inside the 24 MiB buffer.
         assert!(collapsed >= 22 << 20, "collapsed {collapsed} bytes");
         assert!(smaps_kb(address, "AnonHugePages:") >= 22 << 10);
+    }
+
+    /// A 24 MiB buffer of our own ends up on huge pages with its values unchanged, where the
+    /// kernel offers transparent huge pages at all.
+    #[test]
+    fn collapses_a_buffer_in_place() {
+        let values: Vec<f32> = (0..6 << 20).map(|i| (i % 1000) as f32).collect();
+        let copy = values.clone();
+        let collapsed = back_slice_with_huge_pages(&values);
+        assert_eq!(values, copy);
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if thp.is_empty() || thp.contains("[never]") {
+            assert_eq!(collapsed, 0);
+            return;
+        }
+        assert!(collapsed >= 22 << 20, "collapsed {collapsed} bytes");
+        assert!(smaps_kb(values.as_ptr() as usize, "AnonHugePages:") >= 22 << 10);
+        assert_eq!(back_slice_with_huge_pages(&values[..1 << 20]), 0);
     }
 
     /// Tensors of less than 16 MiB in all are left alone, however many huge-page blocks they

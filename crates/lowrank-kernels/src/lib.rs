@@ -44,11 +44,11 @@ pub use cross_entropy::chunked_cross_entropy;
 pub use decode::{gemv_bf16, lora_linear_decode_bf16};
 pub use frozen_linear::{frozen_linear, frozen_linear_over};
 pub use heads::{merge_heads, split_heads};
-pub use huge_pages::back_with_huge_pages;
+pub use huge_pages::{back_slice_with_huge_pages, back_with_huge_pages};
 pub use lora_linear::{
     dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul,
 };
-pub use projections::{linears_one_row, RowLinear};
+pub use projections::{linears_one_row, RowLinear, RowLora};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

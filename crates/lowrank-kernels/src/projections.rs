@@ -20,7 +20,26 @@ const NAME: &str = "lowrank-linears-one-row";
 pub struct RowLinear<'a> {
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
-    pub lora: Option<(&'a Tensor, &'a Tensor, f64)>,
+    pub lora: Option<RowLora<'a>>,
+}
+
+/// The LoRA term of a [`RowLinear`]: A (r × in), B (out × r) and the scale.
+#[derive(Clone, Copy)]
+pub enum RowLora<'a> {
+    /// Factors as f32 tensors.
+    Tensors {
+        a: &'a Tensor,
+        b: &'a Tensor,
+        scale: f64,
+    },
+    /// Factors as plain row-major slices: an adapter's factors copied out for decoding, which
+    /// spares every token the tensors' bookkeeping (locks, shapes, strides), whose memory the
+    /// streamed weights have pushed out of cache since the last token.
+    Slices {
+        a: &'a [f32],
+        b: &'a [f32],
+        scale: f64,
+    },
 }
 
 /// Every linear's output for x (…, in) holding exactly one row, shaped like x with the last
@@ -50,16 +69,30 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
         if l.bias.is_some_and(|b| b.dims() != [out_f]) {
             bail!("{NAME}: a bias does not fit weight {:?}", l.weight.dims())
         }
-        if let Some((a, b, _)) = l.lora {
-            let r = a.dim(0)?;
-            if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
-                bail!(
-                    "{NAME}: a {:?}, b {:?} do not fit weight {:?}",
-                    a.dims(),
-                    b.dims(),
-                    l.weight.dims()
-                )
+        match l.lora {
+            Some(RowLora::Tensors { a, b, .. }) => {
+                let r = a.dim(0)?;
+                if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
+                    bail!(
+                        "{NAME}: a {:?}, b {:?} do not fit weight {:?}",
+                        a.dims(),
+                        b.dims(),
+                        l.weight.dims()
+                    )
+                }
             }
+            Some(RowLora::Slices { a, b, .. }) => {
+                let r = a.len().checked_div(in_f).unwrap_or(0);
+                if a.len() != r * in_f || b.len() != out_f * r {
+                    bail!(
+                        "{NAME}: a of {} and b of {} values do not fit weight {:?}",
+                        a.len(),
+                        b.len(),
+                        l.weight.dims()
+                    )
+                }
+            }
+            None => {}
         }
     }
     let x = x.contiguous()?;
@@ -86,10 +119,9 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
         .collect::<Result<Vec<_>>>()?;
     let factors = linears
         .iter()
-        .map(|l| {
-            l.lora
-                .map(|(a, b, _)| Ok::<_, candle_core::Error>((small(a)?, small(b)?)))
-                .transpose()
+        .map(|l| match l.lora {
+            Some(RowLora::Tensors { a, b, .. }) => Ok(Some((small(a)?, small(b)?))),
+            _ => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
     let xv = view(&x, NAME)?;
@@ -111,11 +143,19 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
         .enumerate()
         .map(|(i, l)| GemvPart {
             w: data[i],
-            lora: factor_views[i].as_ref().map(|(a, b)| LowRankTerm {
-                a: a.get(),
-                b: b.get(),
-                scale: l.lora.map_or(0.0, |(_, _, s)| s as f32),
-            }),
+            lora: match (l.lora, &factor_views[i]) {
+                (Some(RowLora::Tensors { scale, .. }), Some((a, b))) => Some(LowRankTerm {
+                    a: a.get(),
+                    b: b.get(),
+                    scale: scale as f32,
+                }),
+                (Some(RowLora::Slices { a, b, scale }), _) => Some(LowRankTerm {
+                    a,
+                    b,
+                    scale: scale as f32,
+                }),
+                _ => None,
+            },
             bias: bias_views[i].as_ref().map(|b| b.get()),
         })
         .collect();
@@ -138,7 +178,8 @@ mod tests {
     use crate::{frozen_linear, gemv_bf16, lora_linear, lora_linear_decode_bf16};
 
     /// Each output equals the single-linear kernels' (f32 and bf16 weights, with and without
-    /// bias and LoRA, output sizes that leave partial runs), and bad shapes are refused.
+    /// bias and LoRA, factors as tensors and as slices, output sizes that leave partial runs),
+    /// and bad shapes are refused.
     #[test]
     fn matches_one_linear_at_a_time() {
         let in_f = 96;
@@ -151,6 +192,8 @@ mod tests {
         let bias4 = randt(&[9], 97, 0.5);
         let (a3, b3) = (randt(&[16, in_f], 98, 0.3), randt(&[50, 16], 99, 0.3));
         let (a4, b4) = (randt(&[8, in_f], 100, 0.3), randt(&[9, 8], 101, 0.3));
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (a4_values, b4_values) = (flat(&a4), flat(&b4));
         let got = linears_one_row(
             &x,
             &[
@@ -167,12 +210,20 @@ mod tests {
                 RowLinear {
                     weight: &w3,
                     bias: None,
-                    lora: Some((&a3, &b3, 0.7)),
+                    lora: Some(RowLora::Tensors {
+                        a: &a3,
+                        b: &b3,
+                        scale: 0.7,
+                    }),
                 },
                 RowLinear {
                     weight: &w4,
                     bias: Some(&bias4),
-                    lora: Some((&a4, &b4, 1.5)),
+                    lora: Some(RowLora::Slices {
+                        a: &a4_values,
+                        b: &b4_values,
+                        scale: 1.5,
+                    }),
                 },
             ],
         )
@@ -218,7 +269,25 @@ mod tests {
             &[RowLinear {
                 weight: &w1,
                 bias: None,
-                lora: Some((&a3, &b3, 1.0)),
+                lora: Some(RowLora::Tensors {
+                    a: &a3,
+                    b: &b3,
+                    scale: 1.0,
+                }),
+            }],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+        let err = linears_one_row(
+            &x,
+            &[RowLinear {
+                weight: &w1,
+                bias: None,
+                lora: Some(RowLora::Slices {
+                    a: &a4_values,
+                    b: &b4_values,
+                    scale: 1.0,
+                }),
             }],
         )
         .unwrap_err();

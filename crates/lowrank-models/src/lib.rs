@@ -1,6 +1,7 @@
 //! lowrank-models: Llama-family model code, Hugging Face checkpoint loading, tokenizers and
 //! chat templates.
 
+mod active;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
