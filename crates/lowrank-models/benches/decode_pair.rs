@@ -69,7 +69,8 @@ fn read_bandwidth(buffer: &Tensor) -> Res<f64> {
 }
 
 /// `adapter` with each module's A and B replaced by those of the first module (in key order)
-/// with the same shapes, and the bytes of the distinct factors left.
+/// with the same shapes, and the bytes of the distinct factors left. The modules share the
+/// tensors themselves, which decoding's packed copy of the factors keeps shared.
 fn with_shared_factors(adapter: &LoraAdapter) -> (LoraAdapter, usize) {
     let mut shared = adapter.clone();
     let mut first: HashMap<(Vec<usize>, Vec<usize>), (Tensor, Tensor)> = HashMap::new();
