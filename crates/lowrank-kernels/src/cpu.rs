@@ -49,6 +49,26 @@ pub(crate) fn view<'a>(t: &'a Tensor, op: &str) -> Result<View<'a>> {
     Ok(View { guard, start, end })
 }
 
+/// The rank r of LoRA factors A (r × in) and B (out × r) for a weight of shape (out, in), or
+/// an error naming `op` and the shapes when they do not fit.
+pub(crate) fn factor_rank(
+    op: &str,
+    a: &Tensor,
+    b: &Tensor,
+    (out_f, in_f): (usize, usize),
+) -> Result<usize> {
+    let r = a.dims().first().copied().unwrap_or(0);
+    if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
+        bail!(
+            "{op}: a {:?}, b {:?} do not fit a weight of shape {:?}",
+            a.dims(),
+            b.dims(),
+            (out_f, in_f)
+        )
+    }
+    Ok(r)
+}
+
 /// Fails unless `t` is on the CPU (for ops whose forward reads captured tensors).
 pub(crate) fn require_cpu(t: &Tensor, op: &str) -> Result<()> {
     if !t.device().is_cpu() {

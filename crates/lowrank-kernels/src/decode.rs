@@ -11,7 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{add_scaled_matvec, dot_portable, require_cpu, slice, view, Tail};
+use crate::cpu::{add_scaled_matvec, dot_portable, factor_rank, require_cpu, slice, view, Tail};
 use crate::gemv::{gemv, LowRankTerm, Weights};
 
 const NAME: &str = "lowrank-gemv-bf16";
@@ -54,15 +54,7 @@ fn decode_op(
         bail!("{NAME}: x {:?} does not fit w {:?}", x.dims(), w.dims())
     }
     if let Some((a, b)) = lora {
-        let r = a.dim(0)?;
-        if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
-            bail!(
-                "{NAME}: a {:?}, b {:?} do not fit w {:?}",
-                a.dims(),
-                b.dims(),
-                w.dims()
-            )
-        }
+        factor_rank(NAME, a, b, (out_f, in_f))?;
         require_cpu(a, NAME)?;
     }
     let dims = x.dims().to_vec();

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
 use crate::cpu::{
-    add_scaled_matvec, dot, require_cpu, rows_and_features, sgemm, slice, sum_sq, view,
-    with_features, Mat,
+    add_scaled_matvec, dot, factor_rank, require_cpu, rows_and_features, sgemm, slice, sum_sq,
+    view, with_features, Mat,
 };
 use crate::frozen_linear::dense_grad_input;
 use crate::gemv::{gemv, LowRankTerm, Weights};
@@ -175,15 +175,7 @@ fn dora_rescale(
 /// the norm every step (A and B change), so this is on the training path of every module.
 pub fn dora_row_norm(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2()?;
-    let r = a.dim(0)?;
-    if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
-        bail!(
-            "dora_row_norm: w {:?}, a {:?}, b {:?} do not fit",
-            w.dims(),
-            a.dims(),
-            b.dims()
-        )
-    }
+    let r = factor_rank("dora_row_norm", a, b, (out_f, in_f))?;
     let (w, a, b) = (
         w.detach().contiguous()?,
         a.detach().contiguous()?,

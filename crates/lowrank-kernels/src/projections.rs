@@ -8,7 +8,7 @@
 //! memory was slow and 8–11% less when it was fast (one process, alternating tokens).
 //! No backward: inference only (the outputs record no op).
 
-use crate::cpu::{require_cpu, view};
+use crate::cpu::{factor_rank, require_cpu, view};
 use crate::gemv::{gemv_parts, GemvPart, LowRankTerm, Weights};
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
 
@@ -71,15 +71,7 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
         }
         match l.lora {
             Some(RowLora::Tensors { a, b, .. }) => {
-                let r = a.dim(0)?;
-                if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
-                    bail!(
-                        "{NAME}: a {:?}, b {:?} do not fit weight {:?}",
-                        a.dims(),
-                        b.dims(),
-                        l.weight.dims()
-                    )
-                }
+                factor_rank(NAME, a, b, (out_f, in_f))?;
             }
             Some(RowLora::Slices { a, b, .. }) => {
                 let r = a.len().checked_div(in_f).unwrap_or(0);
@@ -244,53 +236,34 @@ mod tests {
             assert!(e < 1e-6, "linear {i}: {e:.2e}");
         }
         let two_rows = randt(&[2, in_f], 102, 1.0);
-        let err = linears_one_row(
-            &two_rows,
-            &[RowLinear {
+        let refused = |x: &Tensor, bias: Option<&Tensor>, lora: Option<RowLora>| {
+            let linear = RowLinear {
                 weight: &w1,
-                bias: None,
-                lora: None,
-            }],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("exactly one row"), "{err}");
-        let err = linears_one_row(
-            &x,
-            &[RowLinear {
-                weight: &w1,
-                bias: Some(&bias4),
-                lora: None,
-            }],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("bias"), "{err}");
-        let err = linears_one_row(
-            &x,
-            &[RowLinear {
-                weight: &w1,
-                bias: None,
-                lora: Some(RowLora::Tensors {
-                    a: &a3,
-                    b: &b3,
-                    scale: 1.0,
-                }),
-            }],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("do not fit"), "{err}");
-        let err = linears_one_row(
-            &x,
-            &[RowLinear {
-                weight: &w1,
-                bias: None,
-                lora: Some(RowLora::Slices {
-                    a: &a4_values,
-                    b: &b4_values,
-                    scale: 1.0,
-                }),
-            }],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("do not fit"), "{err}");
+                bias,
+                lora,
+            };
+            linears_one_row(x, &[linear]).unwrap_err().to_string()
+        };
+        let err = refused(&two_rows, None, None);
+        assert!(err.contains("exactly one row"), "{err}");
+        let err = refused(&x, Some(&bias4), None);
+        assert!(err.contains("bias"), "{err}");
+        // Factors of other shapes, as tensors (r = 16 for 50 outputs) and as slices (r = 8 for 9).
+        let misfits = [
+            RowLora::Tensors {
+                a: &a3,
+                b: &b3,
+                scale: 1.0,
+            },
+            RowLora::Slices {
+                a: &a4_values,
+                b: &b4_values,
+                scale: 1.0,
+            },
+        ];
+        for lora in misfits {
+            let err = refused(&x, None, Some(lora));
+            assert!(err.contains("do not fit"), "{err}");
+        }
     }
 }
