@@ -99,12 +99,15 @@ fn dot_bf16_portable(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
 }
 
 /// Σ bf16(w)·x: each bf16 widened in registers (zero-extend to 32 bits, shift left 16) and
-/// accumulated by four 8-wide FMA chains, so the FMA latency does not bound the loop.
+/// accumulated by four 8-wide FMA chains, so the FMA latency does not bound the loop. Each
+/// iteration (one cache line of w) also asks for the line `STREAM_AHEAD_BYTES` past it: the
+/// weight is streamed from memory row after row, as in `streamed_dot`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
-    use crate::cpu::tail_avx2;
+    use crate::cpu::{prefetch_line, tail_avx2, STREAM_AHEAD_BYTES};
     use std::arch::x86_64::*;
+    const AHEAD: usize = STREAM_AHEAD_BYTES / 2;
     let n = w.len().min(x.len());
     let (pw, px) = (w.as_ptr() as *const u16, x.as_ptr());
     let widen = |p: *const u16| {
@@ -116,6 +119,7 @@ unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
     let mut i = 0;
     // SAFETY (all loads): i + 32 ≤ n, resp. i + 8 ≤ n, keeps them inside both slices.
     while i + 32 <= n {
+        prefetch_line(pw.wrapping_add(i + AHEAD));
         for (j, acc) in acc.iter_mut().enumerate() {
             let wv = widen(pw.add(i + 8 * j));
             *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i + 8 * j)), *acc);
