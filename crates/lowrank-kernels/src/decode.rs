@@ -11,7 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{add_scaled_matvec, dot_portable, factor_rank, require_cpu, slice, view, Tail};
+use crate::cpu::{add_scaled_matvec, dot_portable, factor_rank, require_cpu, slice, view, RunTail};
 use crate::gemv::{gemv, LowRankTerm, Weights};
 
 const NAME: &str = "lowrank-gemv-bf16";
@@ -81,8 +81,8 @@ struct DecodeBf16 {
     scale: f32,
 }
 
-/// Σ bf16(w)·x in f32, eight lanes at a time (the portable path).
-fn dot_bf16_portable(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
+/// Σ bf16(w)·x in f32, eight lanes at a time.
+fn dot_bf16_portable(w: &[bf16], x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (cw, cx) = (w.chunks_exact(8), x.chunks_exact(8));
     let (rw, rx) = (cw.remainder(), cx.remainder());
@@ -91,67 +91,96 @@ fn dot_bf16_portable(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
             acc[i] += f32::from_bits((w[i].to_bits() as u32) << 16) * x[i];
         }
     }
-    let mut s = acc.iter().sum::<f32>() + tail.map_or(0.0, |(p, q)| dot_portable(p, q));
+    let mut s = acc.iter().sum::<f32>();
     for (w, x) in rw.iter().zip(rx) {
         s += w.to_f32() * x;
     }
     s
 }
 
-/// Σ bf16(w)·x: each bf16 widened in registers (zero-extend to 32 bits, shift left 16) and
-/// accumulated by four 8-wide FMA chains, so the FMA latency does not bound the loop. Each
-/// iteration (one cache line of w) also asks for the line `STREAM_AHEAD_BYTES` past it: the
-/// weight is streamed from memory row after row, as in `streamed_dot`.
+/// y[k] = bf16(w[k])·x (+ B[k]·(scale·A·x) from `tail`) in f32 for each row k of `w`
+/// (row-major, x.len() wide), streamed from memory as `cpu::streamed_rows` streams f32 rows:
+/// one call per run, each row's reads asking for the bytes `STREAM_AHEAD_BYTES` past them.
+pub(crate) fn streamed_rows_bf16(w: &[bf16], x: &[f32], y: &mut [f32], tail: RunTail) {
+    assert_eq!(
+        w.len(),
+        y.len() * x.len(),
+        "streamed_rows_bf16: w is not y.len() rows of x"
+    );
+    if let Some((b, ax)) = tail {
+        assert_eq!(
+            b.len(),
+            y.len() * ax.len(),
+            "streamed_rows_bf16: B is not y.len() rows of ax"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::has_avx2_fma() {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { streamed_rows_bf16_avx2(w, x, y, tail) };
+        }
+    }
+    streamed_rows_bf16_portable(w, x, y, tail)
+}
+
+/// [`streamed_rows_bf16`] without SIMD intrinsics (and without prefetching).
+fn streamed_rows_bf16_portable(w: &[bf16], x: &[f32], y: &mut [f32], tail: RunTail) {
+    let in_f = x.len();
+    let r = tail.map_or(0, |(_, ax)| ax.len());
+    for (k, y) in y.iter_mut().enumerate() {
+        *y = dot_bf16_portable(&w[k * in_f..(k + 1) * in_f], x)
+            + tail.map_or(0.0, |(b, ax)| dot_portable(&b[k * r..(k + 1) * r], ax));
+    }
+}
+
+/// Each bf16 widened in registers (zero-extend to 32 bits, shift left 16) and accumulated by
+/// four 8-wide FMA chains, so the FMA latency does not bound the loop; each iteration (one
+/// cache line of w) also asks for the line `STREAM_AHEAD_BYTES` past it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
-    use crate::cpu::{prefetch_line, tail_avx2, STREAM_AHEAD_BYTES};
+unsafe fn streamed_rows_bf16_avx2(w: &[bf16], x: &[f32], y: &mut [f32], tail: RunTail) {
+    use crate::cpu::{add_tail_row, prefetch_line, sum_lanes, STREAM_AHEAD_BYTES};
     use std::arch::x86_64::*;
     const AHEAD: usize = STREAM_AHEAD_BYTES / 2;
-    let n = w.len().min(x.len());
-    let (pw, px) = (w.as_ptr() as *const u16, x.as_ptr());
+    let n = x.len();
+    let r = tail.map_or(0, |(_, ax)| ax.len());
+    let px = x.as_ptr();
     let widen = |p: *const u16| {
         // SAFETY: callers pass p with 8 readable u16s.
         let half = unsafe { _mm_loadu_si128(p as *const __m128i) };
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
     };
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY (all loads): i + 32 ≤ n, resp. i + 8 ≤ n, keeps them inside both slices.
-    while i + 32 <= n {
-        prefetch_line(pw.wrapping_add(i + AHEAD));
-        for (j, acc) in acc.iter_mut().enumerate() {
-            let wv = widen(pw.add(i + 8 * j));
-            *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i + 8 * j)), *acc);
+    for (k, y) in y.iter_mut().enumerate() {
+        // SAFETY (all loads from `row`): w holds y.len() rows of n, and i + 32 ≤ n, resp.
+        // i + 8 ≤ n, keeps each load inside row k and inside x.
+        let row = w.as_ptr().add(k * n) as *const u16;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            prefetch_line(row.wrapping_add(i + AHEAD));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let wv = widen(row.add(i + 8 * j));
+                *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i + 8 * j)), *acc);
+            }
+            i += 32;
         }
-        i += 32;
-    }
-    while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(widen(pw.add(i)), _mm256_loadu_ps(px.add(i)), acc[0]);
-        i += 8;
-    }
-    let (tail_sums, tail_rest) = tail_avx2(tail);
-    acc[1] = _mm256_add_ps(acc[1], tail_sums);
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    let mut s = lanes.iter().sum::<f32>() + tail_rest;
-    for k in i..n {
-        s += w[k].to_f32() * x[k];
-    }
-    s
-}
-
-/// Σ bf16(w)·x + Σ tail.0·tail.1, in f32.
-pub(crate) fn dot_bf16(w: &[bf16], x: &[f32], tail: Tail) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::cpu::has_avx2_fma() {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_bf16_avx2(w, x, tail) };
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(widen(row.add(i)), _mm256_loadu_ps(px.add(i)), acc[0]);
+            i += 8;
         }
+        let mut rest = 0.0;
+        for (wj, xj) in w[k * n + i..(k + 1) * n].iter().zip(&x[i..]) {
+            rest += wj.to_f32() * xj;
+        }
+        if let Some((b, ax)) = tail {
+            rest += add_tail_row(&mut acc[1], b.as_ptr().add(k * r), ax);
+        }
+        *y = sum_lanes(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        )) + rest;
     }
-    dot_bf16_portable(w, x, tail)
 }
 
 impl CustomOp2 for DecodeBf16 {
@@ -223,7 +252,9 @@ impl CustomOp2 for DecodeBf16 {
                 let o = c * ROWS + k;
                 let wrow = &w[o * in_f..(o + 1) * in_f];
                 for (i, y) in yo.iter_mut().enumerate() {
-                    *y = dot_bf16(wrow, &x[i * in_f..(i + 1) * in_f], None) + lora_and_bias(o, i);
+                    let xi = &x[i * in_f..(i + 1) * in_f];
+                    streamed_rows_bf16(wrow, xi, std::slice::from_mut(y), None);
+                    *y += lora_and_bias(o, i);
                 }
             }
         });
@@ -284,22 +315,43 @@ mod tests {
         }
     }
 
+    /// Rows of bf16 weights (with and without a B term, r a multiple of eight and not) on
+    /// the SIMD and portable paths against an f64 sum, at row lengths around the unroll
+    /// boundaries.
     #[test]
-    fn bf16_dot_paths_agree() {
+    fn bf16_row_paths_agree() {
+        let rows = 3;
         for n in [0, 5, 8, 31, 32, 40, 77, 576, 1537] {
-            let w: Vec<bf16> = (0..n)
+            let w: Vec<bf16> = (0..rows * n)
                 .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 25.0))
                 .collect();
             let x: Vec<f32> = (0..n)
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
                 .collect();
-            let exact: f64 = w.iter().zip(&x).map(|(a, b)| a.to_f64() * *b as f64).sum();
-            let tol = 1e-5 * (1.0 + exact.abs()) * (n as f64).sqrt().max(1.0);
-            assert!((dot_bf16(&w, &x, None) as f64 - exact).abs() < tol, "n={n}");
-            assert!(
-                (dot_bf16_portable(&w, &x, None) as f64 - exact).abs() < tol,
-                "n={n}"
-            );
+            for r in [0, 5, 16] {
+                let b: Vec<f32> = (0..rows * r).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
+                let ax: Vec<f32> = (0..r).map(|i| (i % 5) as f32 * 0.2 - 0.4).collect();
+                let tail = (r > 0).then_some((b.as_slice(), ax.as_slice()));
+                let mut fast = vec![f32::NAN; rows];
+                streamed_rows_bf16(&w, &x, &mut fast, tail);
+                let mut portable = vec![f32::NAN; rows];
+                streamed_rows_bf16_portable(&w, &x, &mut portable, tail);
+                for k in 0..rows {
+                    let exact: f64 = (0..n)
+                        .map(|j| w[k * n + j].to_f64() * x[j] as f64)
+                        .sum::<f64>()
+                        + (0..r)
+                            .map(|j| b[k * r + j] as f64 * ax[j] as f64)
+                            .sum::<f64>();
+                    let tol = 1e-5 * (1.0 + exact.abs()) * (n as f64).sqrt().max(1.0);
+                    for (path, got) in [("streamed", fast[k]), ("portable", portable[k])] {
+                        assert!(
+                            (got as f64 - exact).abs() < tol,
+                            "{path}: n={n} r={r} row {k}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

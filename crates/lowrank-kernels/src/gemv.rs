@@ -3,9 +3,9 @@
 //!
 //! Rows are split across the rayon pool in runs of 16. Measured faster here than the `gemm`
 //! crate's m = 1 path (and than reading four rows per pass over x), which matters because
-//! decoding reads every weight once per token. Each row's dot asks for the weight's bytes 2 KiB
-//! ahead of its reads (`streamed_dot`, `dot_bf16`): the rows that follow, already on their way
-//! when it gets to them.
+//! decoding reads every weight once per token. Each run is one call (`streamed_rows`,
+//! `streamed_rows_bf16`) whose row dots ask for the weight's bytes 2 KiB ahead of their reads:
+//! the rows that follow, already on their way when it gets to them.
 //!
 //! An unmerged LoRA (r = 16) reads 3.6% more bytes than merged weights. Its B term rides in
 //! each row's dot product: B[o]·(scale·A·x) is folded into the same eight-lane sums as W[o]·x
@@ -24,15 +24,15 @@
 //! with the split; when memory was slow the split saved 0–1.1 points (5.0–7.0% → 5.0–6.6%).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
 use half::bf16;
 
-use crate::cpu::{add_scaled_matvec, prefetch, streamed_dot, Tail};
-use crate::decode::dot_bf16;
+use crate::cpu::{add_scaled_matvec, prefetch, streamed_rows, RunTail};
+use crate::decode::streamed_rows_bf16;
 
 /// Output rows per task.
 const ROWS: usize = 16;
@@ -54,12 +54,13 @@ pub(crate) enum Weights<'a> {
 }
 
 impl Weights<'_> {
-    /// W[o]·x, plus tail.0·tail.1 in the same sums.
-    fn row_dot(self, o: usize, x: &[f32], tail: Tail) -> f32 {
+    /// y[k] = W[rows.start + k]·x, plus the tail's B term, for a run of rows.
+    fn run(self, rows: Range<usize>, x: &[f32], y: &mut [f32], tail: RunTail) {
         let in_f = x.len();
+        let span = rows.start * in_f..rows.end * in_f;
         match self {
-            Weights::F32(w) => streamed_dot(&w[o * in_f..(o + 1) * in_f], x, tail),
-            Weights::Bf16(w) => dot_bf16(&w[o * in_f..(o + 1) * in_f], x, tail),
+            Weights::F32(w) => streamed_rows(&w[span], x, y, tail),
+            Weights::Bf16(w) => streamed_rows_bf16(&w[span], x, y, tail),
         }
     }
 
@@ -95,11 +96,11 @@ pub(crate) fn gemv(
     gemv_parts(x, &[part]).pop().expect("one part")
 }
 
-/// A task of the pass: rows of one part's A·x, or a run of one part's output rows.
+/// A task of the pass: one half of A·x (the first r/2 rows of every part's A, or the rest), or
+/// a run of one part's output rows.
 enum Task<'y> {
     LowRankInput {
-        part: usize,
-        rows: Range<usize>,
+        second: bool,
     },
     Run {
         part: usize,
@@ -129,25 +130,21 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
         })
         .collect();
     let total_rank: usize = ranks.iter().sum();
-    let adapted = ranks.iter().filter(|&&r| r > 0).count();
     let n_runs: usize = parts.iter().map(|p| p.out_f(in_f).div_ceil(ROWS)).sum();
 
     // [A·x first half, first half of the runs, A·x second half, the other runs]: rayon splits
     // a parallel iterator's items at len / 2 first, which is where the second half of A·x is.
-    let low_rank_half = |tasks: &mut Vec<Task>, second: bool| {
-        for (part, &r) in ranks.iter().enumerate().filter(|(_, &r)| r > 0) {
-            let rows = if second { r / 2..r } else { 0..r / 2 };
-            tasks.push(Task::LowRankInput { part, rows });
-        }
-    };
+    let low_rank = total_rank > 0;
     let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f(in_f)]).collect();
-    let mut tasks = Vec::with_capacity(n_runs + 2 * adapted);
-    low_rank_half(&mut tasks, false);
+    let mut tasks = Vec::with_capacity(n_runs + 2);
+    if low_rank {
+        tasks.push(Task::LowRankInput { second: false });
+    }
     let mut runs = 0;
     for (part, y) in ys.iter_mut().enumerate() {
         for (c, y) in y.chunks_mut(ROWS).enumerate() {
-            if runs == n_runs / 2 {
-                low_rank_half(&mut tasks, true);
+            if runs == n_runs / 2 && low_rank {
+                tasks.push(Task::LowRankInput { second: true });
             }
             tasks.push(Task::Run {
                 part,
@@ -157,14 +154,16 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
             runs += 1;
         }
     }
-    if n_runs == 0 {
-        low_rank_half(&mut tasks, true);
+    if n_runs == 0 && low_rank {
+        tasks.push(Task::LowRankInput { second: true });
     }
 
-    // Written by the A·x tasks, snapshotted by whichever thread completes the last of them;
-    // runs that found the snapshot missing wait in `late` for that thread.
-    let ax_bits: Vec<AtomicU32> = (0..total_rank).map(|_| AtomicU32::new(0)).collect();
-    let low_rank_done = AtomicUsize::new(0);
+    // Each half of A·x is written whole by one thread (its own buffer, so the two threads
+    // never write the same cache line), and whichever completes second adds the two into
+    // `axs` (the rows each half leaves are zero). Runs that found `axs` missing wait in
+    // `late` for that thread.
+    let halves: [OnceLock<Vec<f32>>; 2] = Default::default();
+    let halves_done = AtomicUsize::new(0);
     let axs: OnceLock<Vec<f32>> = OnceLock::new();
     let late: Mutex<Vec<(usize, usize, &mut [f32])>> = Mutex::new(Vec::new());
     let add_low_rank = |axs: &[f32], part: usize, start: usize, y: &mut [f32]| {
@@ -174,26 +173,27 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
         add_scaled_matvec(y, &b[start * r..(start + y.len()) * r], ax, 1.0);
     };
     tasks.into_par_iter().for_each(|task| match task {
-        Task::LowRankInput { part, rows } => {
-            let lora = parts[part].lora.expect("a part with A·x");
-            // Eight rows of A at a time, as `add_scaled_matvec` reads them.
-            for first in rows.clone().step_by(8) {
-                let block = first..(first + 8).min(rows.end);
-                let mut ax = [0f32; 8];
-                let ax = &mut ax[..block.len()];
-                let a = &lora.a[block.start * in_f..block.end * in_f];
-                add_scaled_matvec(ax, a, x, lora.scale);
-                for (bits, v) in ax_bits[offsets[part] + block.start..].iter().zip(ax) {
-                    bits.store(v.to_bits(), Ordering::Relaxed);
-                }
+        Task::LowRankInput { second } => {
+            let mut ax = vec![0f32; total_rank];
+            for (part, &r) in ranks.iter().enumerate().filter(|(_, &r)| r > 0) {
+                let lora = parts[part].lora.expect("a part with A·x");
+                let rows = if second { r / 2..r } else { 0..r / 2 };
+                // Rows of A as `add_scaled_matvec` reads them, eight at a time.
+                add_scaled_matvec(
+                    &mut ax[offsets[part] + rows.start..offsets[part] + rows.end],
+                    &lora.a[rows.start * in_f..rows.end * in_f],
+                    x,
+                    lora.scale,
+                );
             }
-            // AcqRel: the last task sees every other task's stores before it reads them.
-            if low_rank_done.fetch_add(1, Ordering::AcqRel) + 1 == 2 * adapted {
-                let snapshot = ax_bits
-                    .iter()
-                    .map(|b| f32::from_bits(b.load(Ordering::Relaxed)))
-                    .collect();
-                let axs = axs.get_or_init(|| snapshot);
+            halves[usize::from(second)]
+                .set(ax)
+                .expect("each half of A·x is computed once");
+            // AcqRel: the second half to finish sees the first one's buffer.
+            if halves_done.fetch_add(1, Ordering::AcqRel) == 1 {
+                let [first, second] = halves.each_ref().map(|h| h.get().expect("both halves"));
+                let sum = first.iter().zip(second).map(|(a, b)| a + b).collect();
+                let axs = axs.get_or_init(|| sum);
                 // Set before taking the lock: a run that locks after this sees it set.
                 let waiting = std::mem::take(&mut *late.lock().expect("late runs"));
                 for (part, start, y) in waiting {
@@ -213,12 +213,10 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
             let ax = lora
                 .and(axs.get())
                 .map(|axs| &axs[offsets[part]..offsets[part] + r]);
-            for (y, o) in y.iter_mut().zip(rows.clone()) {
-                let tail = lora
-                    .zip(ax)
-                    .map(|(lora, ax)| (&lora.b[o * r..(o + 1) * r], ax));
-                *y = p.w.row_dot(o, x, tail);
-            }
+            let tail = lora
+                .zip(ax)
+                .map(|(lora, ax)| (&lora.b[rows.start * r..rows.end * r], ax));
+            p.w.run(rows.clone(), x, y, tail);
             if let Some(bias) = p.bias {
                 for (y, b) in y.iter_mut().zip(&bias[rows]) {
                     *y += b;
