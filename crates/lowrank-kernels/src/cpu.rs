@@ -254,10 +254,22 @@ pub(crate) fn streamed_rows(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail) 
 
 /// [`streamed_rows`] without SIMD intrinsics (and without prefetching).
 fn streamed_rows_portable(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail) {
+    rows_with(w, x, y, tail, dot_portable)
+}
+
+/// y[k] = row_dot(w[k], x) + B[k]·ax, one row at a time: the portable loop of the streamed
+/// rows, f32 or bf16.
+pub(crate) fn rows_with<T>(
+    w: &[T],
+    x: &[f32],
+    y: &mut [f32],
+    tail: RunTail,
+    row_dot: impl Fn(&[T], &[f32]) -> f32,
+) {
     let in_f = x.len();
     let r = tail.map_or(0, |(_, ax)| ax.len());
     for (k, y) in y.iter_mut().enumerate() {
-        *y = dot_portable(&w[k * in_f..(k + 1) * in_f], x)
+        *y = row_dot(&w[k * in_f..(k + 1) * in_f], x)
             + tail.map_or(0.0, |(b, ax)| dot_portable(&b[k * r..(k + 1) * r], ax));
     }
 }
@@ -297,87 +309,70 @@ pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Four 8-wide FMA chains (32 floats per iteration) hide the FMA latency.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
     let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (sums, rest) = dot_sums::<false>(a.as_ptr(), b.as_ptr(), n);
+    sum_lanes(sums) + rest
+}
+
+/// Σ a·b over n floats as eight lanes of sums plus what is left past a multiple of eight:
+/// four 8-wide FMA chains (32 floats per iteration) hide the FMA latency. With `STREAM`, each
+/// iteration also asks for the two cache lines [`STREAM_AHEAD_BYTES`] past its reads of `a`.
+///
+/// # Safety
+/// `a` and `b` must each point at n readable f32s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_sums<const STREAM: bool>(
+    a: *const f32,
+    b: *const f32,
+    n: usize,
+) -> (std::arch::x86_64::__m256, f32) {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = STREAM_AHEAD_BYTES / 4;
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
-    // SAFETY (all loads): i + 32 ≤ n, resp. i + 8 ≤ n, keeps them inside both slices.
     while i + 32 <= n {
+        if STREAM {
+            prefetch_line(a.wrapping_add(i + AHEAD));
+            prefetch_line(a.wrapping_add(i + AHEAD + 16));
+        }
         for (j, acc) in acc.iter_mut().enumerate() {
-            let x = _mm256_loadu_ps(pa.add(i + 8 * j));
-            let y = _mm256_loadu_ps(pb.add(i + 8 * j));
-            *acc = _mm256_fmadd_ps(x, y, *acc);
+            let av = _mm256_loadu_ps(a.add(i + 8 * j));
+            *acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(b.add(i + 8 * j)), *acc);
         }
         i += 32;
     }
     while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i)),
-            _mm256_loadu_ps(pb.add(i)),
-            acc[0],
-        );
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
         i += 8;
     }
-    let mut s = sum_lanes(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
-    for k in i..n {
-        s += a[k] * b[k];
+    let mut rest = 0.0;
+    while i < n {
+        rest += *a.add(i) * *b.add(i);
+        i += 1;
     }
-    s
+    let sums = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    (sums, rest)
 }
 
-/// [`streamed_rows`] with four 8-wide FMA chains per row, and its B row's products in the
-/// second chain.
+/// [`streamed_rows`]: each row's dot as [`dot_sums`] streams it, its B row's products added
+/// into the same sums.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn streamed_rows_avx2(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail) {
-    use std::arch::x86_64::*;
-    const AHEAD: usize = STREAM_AHEAD_BYTES / 4;
     let n = x.len();
     let r = tail.map_or(0, |(_, ax)| ax.len());
-    let px = x.as_ptr();
     for (k, y) in y.iter_mut().enumerate() {
-        // SAFETY (all loads from `row`): w holds y.len() rows of n, and i + 32 ≤ n, resp.
-        // i + 8 ≤ n, keeps each load inside row k and inside x.
-        let row = w.as_ptr().add(k * n);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            prefetch_line(row.wrapping_add(i + AHEAD));
-            prefetch_line(row.wrapping_add(i + AHEAD + 16));
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let wv = _mm256_loadu_ps(row.add(i + 8 * j));
-                *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i + 8 * j)), *acc);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(row.add(i)),
-                _mm256_loadu_ps(px.add(i)),
-                acc[0],
-            );
-            i += 8;
-        }
-        let mut rest = 0.0;
-        while i < n {
-            rest += *row.add(i) * *px.add(i);
-            i += 1;
-        }
+        // SAFETY: w holds y.len() rows of n (and B y.len() rows of r), checked by the caller.
+        let (mut sums, mut rest) = dot_sums::<true>(w.as_ptr().add(k * n), x.as_ptr(), n);
         if let Some((b, ax)) = tail {
-            rest += add_tail_row(&mut acc[1], b.as_ptr().add(k * r), ax);
+            rest += add_tail_row(&mut sums, b.as_ptr().add(k * r), ax);
         }
-        *y = sum_lanes(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        )) + rest;
+        *y = sum_lanes(sums) + rest;
     }
 }
 

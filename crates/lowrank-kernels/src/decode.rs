@@ -11,7 +11,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{add_scaled_matvec, dot_portable, factor_rank, require_cpu, slice, view, RunTail};
+use crate::cpu::{
+    add_scaled_matvec, dot_portable, factor_rank, require_cpu, rows_with, slice, view, RunTail,
+};
 use crate::gemv::{gemv, LowRankTerm, Weights};
 
 const NAME: &str = "lowrank-gemv-bf16";
@@ -126,12 +128,7 @@ pub(crate) fn streamed_rows_bf16(w: &[bf16], x: &[f32], y: &mut [f32], tail: Run
 
 /// [`streamed_rows_bf16`] without SIMD intrinsics (and without prefetching).
 fn streamed_rows_bf16_portable(w: &[bf16], x: &[f32], y: &mut [f32], tail: RunTail) {
-    let in_f = x.len();
-    let r = tail.map_or(0, |(_, ax)| ax.len());
-    for (k, y) in y.iter_mut().enumerate() {
-        *y = dot_bf16_portable(&w[k * in_f..(k + 1) * in_f], x)
-            + tail.map_or(0.0, |(b, ax)| dot_portable(&b[k * r..(k + 1) * r], ax));
-    }
+    rows_with(w, x, y, tail, dot_bf16_portable)
 }
 
 /// Each bf16 widened in registers (zero-extend to 32 bits, shift left 16) and accumulated by
