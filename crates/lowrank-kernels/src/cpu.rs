@@ -230,18 +230,7 @@ pub(crate) const STREAM_AHEAD_BYTES: usize = 2048;
 /// token than a dot-product call per row with memory fast (merged and unmerged alike, tokens
 /// alternating in one process), and 0–0.5% less with memory slow.
 pub(crate) fn streamed_rows(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail) {
-    assert_eq!(
-        w.len(),
-        y.len() * x.len(),
-        "streamed_rows: w is not y.len() rows of x"
-    );
-    if let Some((b, ax)) = tail {
-        assert_eq!(
-            b.len(),
-            y.len() * ax.len(),
-            "streamed_rows: B is not y.len() rows of ax"
-        );
-    }
+    check_run("streamed_rows", w.len(), x, y, tail);
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
@@ -250,6 +239,23 @@ pub(crate) fn streamed_rows(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail) 
         }
     }
     streamed_rows_portable(w, x, y, tail)
+}
+
+/// Panics unless the run's weight holds y.len() rows of x.len() values (`w_len` of them) and
+/// its B y.len() rows of ax.len(): the SIMD paths read by pointer within those bounds.
+pub(crate) fn check_run(kernel: &str, w_len: usize, x: &[f32], y: &[f32], tail: RunTail) {
+    assert_eq!(
+        w_len,
+        y.len() * x.len(),
+        "{kernel}: w is not y.len() rows of x"
+    );
+    if let Some((b, ax)) = tail {
+        assert_eq!(
+            b.len(),
+            y.len() * ax.len(),
+            "{kernel}: B is not y.len() rows of ax"
+        );
+    }
 }
 
 /// [`streamed_rows`] without SIMD intrinsics (and without prefetching).

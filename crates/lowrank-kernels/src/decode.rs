@@ -12,7 +12,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{
-    add_scaled_matvec, dot_portable, factor_rank, require_cpu, rows_with, slice, view, RunTail,
+    add_scaled_matvec, check_run, dot_portable, factor_rank, require_cpu, rows_with, slice, view,
+    RunTail,
 };
 use crate::gemv::{gemv, LowRankTerm, Weights};
 
@@ -104,18 +105,7 @@ fn dot_bf16_portable(w: &[bf16], x: &[f32]) -> f32 {
 /// (row-major, x.len() wide), streamed from memory as `cpu::streamed_rows` streams f32 rows:
 /// one call per run, each row's reads asking for the bytes `STREAM_AHEAD_BYTES` past them.
 pub(crate) fn streamed_rows_bf16(w: &[bf16], x: &[f32], y: &mut [f32], tail: RunTail) {
-    assert_eq!(
-        w.len(),
-        y.len() * x.len(),
-        "streamed_rows_bf16: w is not y.len() rows of x"
-    );
-    if let Some((b, ax)) = tail {
-        assert_eq!(
-            b.len(),
-            y.len() * ax.len(),
-            "streamed_rows_bf16: B is not y.len() rows of ax"
-        );
-    }
+    check_run("streamed_rows_bf16", w.len(), x, y, tail);
     #[cfg(target_arch = "x86_64")]
     {
         if crate::cpu::has_avx2_fma() {
