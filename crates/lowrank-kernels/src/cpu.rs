@@ -319,12 +319,21 @@ pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    let (sums, rest) = dot_sums::<false>(a.as_ptr(), b.as_ptr(), n);
-    sum_lanes(sums) + rest
+    let (sums, vectorised) = dot_sums::<false>(a.as_ptr(), b.as_ptr(), n);
+    // The lanes summed in order, then the rest one by one: training's sums stay bit for bit
+    // what they were before the streamed rows' shuffled sum (`sum_lanes`), and with them the
+    // demo's documented runs.
+    let mut lanes = [0f32; 8];
+    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+    let mut s = lanes.iter().sum::<f32>();
+    for k in vectorised..n {
+        s += a[k] * b[k];
+    }
+    s
 }
 
-/// Σ a·b over n floats as eight lanes of sums plus what is left past a multiple of eight:
-/// four 8-wide FMA chains (32 floats per iteration) hide the FMA latency. With `STREAM`, each
+/// Σ a·b over the first multiple of eight of n floats, as eight lanes of sums, and that
+/// multiple: four 8-wide FMA chains (32 floats per iteration) hide the FMA latency. With `STREAM`, each
 /// iteration also asks for the two cache lines [`STREAM_AHEAD_BYTES`] past its reads of `a`.
 ///
 /// # Safety
@@ -336,7 +345,7 @@ unsafe fn dot_sums<const STREAM: bool>(
     a: *const f32,
     b: *const f32,
     n: usize,
-) -> (std::arch::x86_64::__m256, f32) {
+) -> (std::arch::x86_64::__m256, usize) {
     use std::arch::x86_64::*;
     const AHEAD: usize = STREAM_AHEAD_BYTES / 4;
     let mut acc = [_mm256_setzero_ps(); 4];
@@ -356,13 +365,8 @@ unsafe fn dot_sums<const STREAM: bool>(
         acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
         i += 8;
     }
-    let mut rest = 0.0;
-    while i < n {
-        rest += *a.add(i) * *b.add(i);
-        i += 1;
-    }
     let sums = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    (sums, rest)
+    (sums, i)
 }
 
 /// [`streamed_rows`]: each row's dot as [`dot_sums`] streams it, its B row's products added
@@ -374,7 +378,12 @@ unsafe fn streamed_rows_avx2(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail)
     let r = tail.map_or(0, |(_, ax)| ax.len());
     for (k, y) in y.iter_mut().enumerate() {
         // SAFETY: w holds y.len() rows of n (and B y.len() rows of r), checked by the caller.
-        let (mut sums, mut rest) = dot_sums::<true>(w.as_ptr().add(k * n), x.as_ptr(), n);
+        let row = w.as_ptr().add(k * n);
+        let (mut sums, vectorised) = dot_sums::<true>(row, x.as_ptr(), n);
+        let mut rest = 0.0;
+        for (j, xj) in x.iter().enumerate().skip(vectorised) {
+            rest += *row.add(j) * xj;
+        }
         if let Some((b, ax)) = tail {
             rest += add_tail_row(&mut sums, b.as_ptr().add(k * r), ax);
         }
