@@ -315,6 +315,7 @@ pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`dot`] on AVX2: [`dot_sums`], without streaming.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
@@ -333,8 +334,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Σ a·b over the first multiple of eight of n floats, as eight lanes of sums, and that
-/// multiple: four 8-wide FMA chains (32 floats per iteration) hide the FMA latency. With `STREAM`, each
-/// iteration also asks for the two cache lines [`STREAM_AHEAD_BYTES`] past its reads of `a`.
+/// multiple: four 8-wide FMA chains (32 floats per iteration) hide the FMA latency. With
+/// `STREAM`, each iteration also asks for the two cache lines [`STREAM_AHEAD_BYTES`] past its
+/// reads of `a`.
 ///
 /// # Safety
 /// `a` and `b` must each point at n readable f32s.
