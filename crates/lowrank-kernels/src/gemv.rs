@@ -14,11 +14,14 @@
 //! eight rows at a time (`decode_pair`, both ways in one process); a separate short dot per
 //! row, between two rows of W, had made the linears 7–15% slower than merged (each waited on
 //! its own cache line of B and ended in a horizontal sum of its own).
-//! A·x is computed inside the same pass: its rows are split in two halves, put where the two
-//! threads of the pool start (the first item, and the one at the midpoint where rayon first
-//! splits the work), so both threads compute half of A·x at once and then stream W. A run that
-//! finds A·x not yet complete adds its B term apart, or leaves it to whichever thread
-//! completes A·x. On the 2-core Zen 5 of these figures, unmerged decoding of the
+//! A·x is computed inside the same pass. Inside a decoding step with helpers awake
+//! (`decode_team`), which has had a helper load the pass's A during the serial work before it,
+//! A·x is one task at the midpoint of the pass's items, where rayon first splits the work, so
+//! a helper computes it from its cache while the calling thread streams W from the first item.
+//! Otherwise its rows are split in two halves, put where the two threads of the pool start (the
+//! first item, and the midpoint), so both threads compute half of A·x at once and then stream
+//! W. A run that finds A·x not yet complete adds its B term apart, or leaves it to whichever
+//! thread completes A·x. On the 2-core Zen 5 of these figures, unmerged decoding of the
 //! SmolLM-135M-shaped model took 12–13% longer than merged when memory was fast with A·x
 //! computed on the calling thread before the pass (the other thread idle meanwhile), and 7–9%
 //! with the split; when memory was slow the split saved 0–1.1 points (5.0–7.0% → 5.0–6.6%).
@@ -96,11 +99,36 @@ pub(crate) fn gemv(
     gemv_parts(x, &[part]).pop().expect("one part")
 }
 
-/// A task of the pass: one half of A·x (the first r/2 rows of every part's A, or the rest), or
-/// a run of one part's output rows.
+/// Which rows of every part's A one A·x task computes.
+#[derive(Clone, Copy)]
+enum Share {
+    Whole,
+    FirstHalf,
+    SecondHalf,
+}
+
+impl Share {
+    fn rows(self, r: usize) -> Range<usize> {
+        match self {
+            Share::Whole => 0..r,
+            Share::FirstHalf => 0..r / 2,
+            Share::SecondHalf => r / 2..r,
+        }
+    }
+
+    /// Its slot among the pass's shares.
+    fn slot(self) -> usize {
+        match self {
+            Share::Whole | Share::FirstHalf => 0,
+            Share::SecondHalf => 1,
+        }
+    }
+}
+
+/// A task of the pass: a share of A·x, or a run of one part's output rows.
 enum Task<'y> {
     LowRankInput {
-        second: bool,
+        share: Share,
     },
     Run {
         part: usize,
@@ -132,19 +160,28 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
     let total_rank: usize = ranks.iter().sum();
     let n_runs: usize = parts.iter().map(|p| p.out_f(in_f).div_ceil(ROWS)).sum();
 
-    // [A·x first half, first half of the runs, A·x second half, the other runs]: rayon splits
-    // a parallel iterator's items at len / 2 first, which is where the second half of A·x is.
+    // [A·x first half, first half of the runs, A·x second half, the other runs], or with
+    // helpers awake [first half of the runs, A·x, the other runs]: rayon splits a parallel
+    // iterator's items at len / 2 first, which is where the second share of A·x is.
     let low_rank = total_rank > 0;
+    let (first_share, second_share) = if crate::decode_team::helpers_awake() {
+        (None, Share::Whole)
+    } else {
+        (Some(Share::FirstHalf), Share::SecondHalf)
+    };
+    let shares = 1 + usize::from(first_share.is_some());
     let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f(in_f)]).collect();
     let mut tasks = Vec::with_capacity(n_runs + 2);
-    if low_rank {
-        tasks.push(Task::LowRankInput { second: false });
+    if let Some(share) = first_share.filter(|_| low_rank) {
+        tasks.push(Task::LowRankInput { share });
     }
     let mut runs = 0;
     for (part, y) in ys.iter_mut().enumerate() {
         for (c, y) in y.chunks_mut(ROWS).enumerate() {
             if runs == n_runs / 2 && low_rank {
-                tasks.push(Task::LowRankInput { second: true });
+                tasks.push(Task::LowRankInput {
+                    share: second_share,
+                });
             }
             tasks.push(Task::Run {
                 part,
@@ -155,13 +192,15 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
         }
     }
     if n_runs == 0 && low_rank {
-        tasks.push(Task::LowRankInput { second: true });
+        tasks.push(Task::LowRankInput {
+            share: second_share,
+        });
     }
 
-    // Each half of A·x is written whole by one thread (its own buffer, so the two threads
-    // never write the same cache line), and whichever completes second adds the two into
-    // `axs` (the rows each half leaves are zero). Runs that found `axs` missing wait in
-    // `late` for that thread.
+    // Each share of A·x is written whole by one thread (its own buffer, so two threads never
+    // write the same cache line), and whichever completes last adds them into `axs` (the rows
+    // each share leaves are zero). Runs that found `axs` missing wait in `late` for that
+    // thread.
     let halves: [OnceLock<Vec<f32>>; 2] = Default::default();
     let halves_done = AtomicUsize::new(0);
     let axs: OnceLock<Vec<f32>> = OnceLock::new();
@@ -173,11 +212,11 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
         add_scaled_matvec(y, &b[start * r..(start + y.len()) * r], ax, 1.0);
     };
     tasks.into_par_iter().for_each(|task| match task {
-        Task::LowRankInput { second } => {
+        Task::LowRankInput { share } => {
             let mut ax = vec![0f32; total_rank];
             for (part, &r) in ranks.iter().enumerate().filter(|(_, &r)| r > 0) {
                 let lora = parts[part].lora.expect("a part with A·x");
-                let rows = if second { r / 2..r } else { 0..r / 2 };
+                let rows = share.rows(r);
                 // Rows of A as `add_scaled_matvec` reads them, eight at a time.
                 add_scaled_matvec(
                     &mut ax[offsets[part] + rows.start..offsets[part] + rows.end],
@@ -186,13 +225,16 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
                     lora.scale,
                 );
             }
-            halves[usize::from(second)]
+            halves[share.slot()]
                 .set(ax)
-                .expect("each half of A·x is computed once");
-            // AcqRel: the second half to finish sees the first one's buffer.
-            if halves_done.fetch_add(1, Ordering::AcqRel) == 1 {
-                let [first, second] = halves.each_ref().map(|h| h.get().expect("both halves"));
-                let sum = first.iter().zip(second).map(|(a, b)| a + b).collect();
+                .expect("each share of A·x is computed once");
+            // AcqRel: the last share to finish sees the others' buffers.
+            if halves_done.fetch_add(1, Ordering::AcqRel) + 1 == shares {
+                let mut done = halves.iter().filter_map(OnceLock::get);
+                let mut sum = done.next().expect("a share of A·x").clone();
+                for other in done {
+                    sum.iter_mut().zip(other).for_each(|(s, o)| *s += o);
+                }
                 let axs = axs.get_or_init(|| sum);
                 // Set before taking the lock: a run that locks after this sees it set.
                 let waiting = std::mem::take(&mut *late.lock().expect("late runs"));
@@ -290,7 +332,8 @@ mod tests {
 
     /// Three linears of one input (with and without LoRA and bias, odd ranks and output sizes
     /// that leave partial runs) match the reference, on one thread — where runs before the
-    /// second half of A·x always leave their B term to it — and on two.
+    /// second half of A·x always leave their B term to it — on two, and on two inside a
+    /// decoding step with a helper awake, where A·x is one task.
     #[test]
     fn parts_match_the_reference_on_one_and_two_threads() {
         let in_f = 96;
@@ -328,13 +371,22 @@ mod tests {
                 bias: bias_of(i),
             })
             .collect();
-        for threads in [1, 2] {
+        for (threads, helped) in [(1, false), (2, false), (2, true)] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             for _ in 0..20 {
-                let got = pool.install(|| gemv_parts(&x, &parts));
+                let got = pool.install(|| {
+                    if helped {
+                        crate::with_helpers(|team| {
+                            assert!(team.is_helped());
+                            gemv_parts(&x, &parts)
+                        })
+                    } else {
+                        gemv_parts(&x, &parts)
+                    }
+                });
                 for (i, y) in got.iter().enumerate() {
                     let want = reference(&x, &ws[i], loras[i], bias_of(i));
                     for (o, (g, w)) in y.iter().zip(&want).enumerate() {
@@ -343,7 +395,7 @@ mod tests {
                         }
                         assert!(
                             (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                            "part {i}, {threads} threads: {g} vs {w}"
+                            "part {i}, {threads} threads (helped {helped}): {g} vs {w}"
                         );
                     }
                 }

@@ -89,14 +89,22 @@ impl<'a> ActiveAdapter<'a> {
         })
     }
 
+    /// Whether any module has factors copied out for decoding (see [`Self::decode_lora`]).
+    pub(crate) fn has_decode_factors(&self) -> bool {
+        self.packed().by_slot.iter().any(Option::is_some)
+    }
+
+    fn packed(&self) -> &PackedFactors {
+        self.packed
+            .get_or_init(|| PackedFactors::pack(self.modules_by_slot()))
+    }
+
     /// The module in `slot` as plain slices for a one-row pass, when it is a plain LoRA
     /// module whose factors are frozen f32 CPU tensors. The first call copies every such
     /// module's factors into one buffer (as much memory again as those factors, for as long
     /// as this `ActiveAdapter` lives).
     pub(crate) fn decode_lora(&self, slot: usize) -> Option<RowLora<'_>> {
-        let packed = self
-            .packed
-            .get_or_init(|| PackedFactors::pack(self.modules_by_slot()));
+        let packed = self.packed();
         let span = packed.by_slot.get(slot).copied().flatten()?;
         Some(RowLora::Slices {
             a: &packed.data[span.a.0..span.a.0 + span.a.1],

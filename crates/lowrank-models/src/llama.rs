@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var, D};
 use lowrank_core::lora::{LinearShape, LoraAdapter};
 use lowrank_core::{ActiveModule, AdaptedLinear, Error, QuantSpec, QuantizeStats, Result};
+use lowrank_kernels::DecodeTeam;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -110,6 +111,30 @@ fn project_one_row(
     match linears {
         Some(linears) => Ok(Some(lowrank_kernels::linears_one_row(x, &linears)?)),
         None => Ok(None),
+    }
+}
+
+/// The A factors a one-row pass over `projs` reads first: those of the projections whose one
+/// adapter module has decoding slices (see [`Proj::row_linear`]).
+fn decode_inputs<'a>(projs: &[&'a Proj], adapters: &'a [ActiveAdapter]) -> Vec<&'a [f32]> {
+    projs
+        .iter()
+        .filter_map(|p| match p.row_linear(adapters)?.lora? {
+            lowrank_kernels::RowLora::Slices { a, .. } => Some(a),
+            lowrank_kernels::RowLora::Tensors { .. } => None,
+        })
+        .collect()
+}
+
+/// Has a decoding step's helper load the A factors of the pass over `projs` (see
+/// `lowrank_kernels::decode_team`).
+fn warm_inputs<'a>(
+    team: Option<&DecodeTeam<'a>>,
+    projs: &[&'a Proj],
+    adapters: &'a [ActiveAdapter],
+) {
+    if let Some(team) = team.filter(|t| t.is_helped()) {
+        team.warm(&decode_inputs(projs, adapters));
     }
 }
 
@@ -828,6 +853,7 @@ impl Llama {
             None,
             adapters,
             seed,
+            None,
         )
     }
 
@@ -935,22 +961,55 @@ impl Llama {
     pub fn hidden_states(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
     ) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
             batch,
             seq,
             self.config.hidden_size,
         ))?;
         let tables = self.rope.tables(past, seq)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            // No mask: causal (and windowed) attention, done by the fused kernel.
-            x = self.layer_forward(i, layer, &x, &tables, None, cache.as_deref_mut(), adapters)?;
+        // A decoding step with an unmerged adapter runs with the pool's other threads awake,
+        // which load each pass's A factors before it (see `lowrank_kernels::decode_team`).
+        let decoding = batch == 1 && seq == 1 && cache.is_some();
+        if decoding && adapters.iter().any(ActiveAdapter::has_decode_factors) {
+            let x = lowrank_kernels::with_helpers(|team| {
+                self.layers_forward(x, &tables, cache, adapters, Some(team))
+            })?;
+            return rms_norm(&x, &self.norm, self.config.rms_norm_eps);
         }
+        let x = self.layers_forward(x, &tables, cache, adapters, None)?;
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Every decoder layer over x, continuing from `cache` if given.
+    fn layers_forward<'a>(
+        &'a self,
+        mut x: Tensor,
+        tables: &RopeTables,
+        mut cache: Option<&mut KvCache>,
+        adapters: &'a [ActiveAdapter],
+        team: Option<&DecodeTeam<'a>>,
+    ) -> Result<Tensor> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            warm_inputs(team, &[&layer.q, &layer.k, &layer.v], adapters);
+            // No mask: causal (and windowed) attention, done by the fused kernel.
+            x = self.layer_forward_impl(
+                i,
+                layer,
+                &x,
+                tables,
+                None,
+                cache.as_deref_mut(),
+                adapters,
+                None,
+                team,
+            )?;
+        }
+        Ok(x)
     }
 
     /// The output head's weight (vocab × hidden): lm_head, or the embedding when tied.
@@ -999,31 +1058,20 @@ impl Llama {
         Ok(())
     }
 
+    /// Decoder layer `index`: with `dropout_seed`, in training mode (LoRA dropout); with
+    /// `team`, as part of a decoding step whose helpers load each pass's A factors first.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
-        &self,
+    fn layer_forward_impl<'a>(
+        &'a self,
         index: usize,
-        layer: &Layer,
+        layer: &'a Layer,
         x: &Tensor,
         rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
-        adapters: &[ActiveAdapter],
-    ) -> Result<Tensor> {
-        self.layer_forward_impl(index, layer, x, rope, mask, cache, adapters, None)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward_impl(
-        &self,
-        index: usize,
-        layer: &Layer,
-        x: &Tensor,
-        rope: &RopeTables,
-        mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-        adapters: &[ActiveAdapter],
+        adapters: &'a [ActiveAdapter],
         dropout_seed: Option<u64>,
+        team: Option<&DecodeTeam<'a>>,
     ) -> Result<Tensor> {
         let proj = |p: &Proj, x: &Tensor, n: u64| {
             p.forward_train(x, adapters, dropout_seed.map(|s| s.wrapping_add(n)))
@@ -1041,6 +1089,11 @@ impl Llama {
             Some(adapters) => project_one_row(&[&layer.q, &layer.k, &layer.v], &normed, adapters)?,
             None => None,
         };
+        if fused.is_some() {
+            // Attention comes next, the longest stretch without a pass: long enough to load
+            // gate's and up's A as well as o's.
+            warm_inputs(team, &[&layer.o, &layer.gate, &layer.up], adapters);
+        }
         let (q, k, v) = match fused.as_deref() {
             Some([q, k, v]) => (q.clone(), k.clone(), v.clone()),
             _ => (
@@ -1058,7 +1111,7 @@ impl Llama {
             let attn = lowrank_kernels::merge_heads(
                 &cache.append(index, k, v)?.attend(&q, c.sliding_window)?,
             )?;
-            return self.layer_rest(layer, x, &attn, &proj, fuse_adapters);
+            return self.layer_rest(layer, x, &attn, &proj, fuse_adapters, team);
         }
         let total = k.dim(2)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
@@ -1091,18 +1144,19 @@ impl Llama {
             }
         };
         let attn = lowrank_kernels::merge_heads(&attn)?;
-        self.layer_rest(layer, x, &attn, &proj, fuse_adapters)
+        self.layer_rest(layer, x, &attn, &proj, fuse_adapters, team)
     }
 
     /// The layer after attention: output projection, residual, MLP, residual. `proj` applies
     /// one of the layer's projections (numbered for dropout seeds).
-    fn layer_rest(
+    fn layer_rest<'a>(
         &self,
-        layer: &Layer,
+        layer: &'a Layer,
         x: &Tensor,
         attn: &Tensor,
         proj: &dyn Fn(&Proj, &Tensor, u64) -> Result<Tensor>,
-        fuse_adapters: Option<&[ActiveAdapter]>,
+        fuse_adapters: Option<&'a [ActiveAdapter]>,
+        team: Option<&DecodeTeam<'a>>,
     ) -> Result<Tensor> {
         // A single projection takes the one-row pass too: for an unmerged adapter it reads
         // the decoding slices, not the factor tensors (0.3% of a token, in-process).
@@ -1122,6 +1176,9 @@ impl Llama {
             Some(adapters) => project_one_row(&[&layer.gate, &layer.up], &normed, adapters)?,
             None => None,
         };
+        if let (Some(_), Some(adapters)) = (&fused, fuse_adapters) {
+            warm_inputs(team, &[&layer.down], adapters);
+        }
         let (gate, up) = match fused.as_deref() {
             Some([gate, up]) => (gate.clone(), up.clone()),
             _ => (proj(&layer.gate, &normed, 4)?, proj(&layer.up, &normed, 5)?),

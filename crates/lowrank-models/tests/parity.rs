@@ -238,9 +238,16 @@ fn greedy_generation_matches_transformers() {
 /// One-token steps over the KV cache with every fixture adapter applied unmerged (and the
 /// biased qwen2 base alone) give the full forward's logits: the steps take the one-row path
 /// that projects q/k/v and gate/up in one pass each (LoRA on some of them only, DoRA and
-/// layer-selected adapters falling back per layer), the full forward the per-module one.
+/// layer-selected adapters falling back per layer), the full forward the per-module one. The
+/// steps run on the test's own thread (no helpers) and inside a pool of two threads, where
+/// a step with an unmerged adapter runs with a helper awake that computes each pass's A·x
+/// (`lowrank_kernels::with_helpers`).
 #[test]
 fn kv_cached_steps_with_unmerged_adapters_equal_a_full_forward() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     let mut cases: Vec<(String, Option<String>)> = vec![("qwen2-tied".into(), None)];
     for entry in std::fs::read_dir(fixtures().join("adapters")).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
@@ -266,20 +273,32 @@ fn kv_cached_steps_with_unmerged_adapters_equal_a_full_forward() {
             .unwrap()
             .squeeze(0)
             .unwrap();
-        let mut cache = lowrank_models::KvCache::new();
         let split = 3;
-        model
-            .forward(&row(&ids[..split]), Some(&mut cache), &active)
-            .unwrap();
-        for (t, &id) in ids.iter().enumerate().skip(split) {
-            let step = model
-                .forward(&row(&[id]), Some(&mut cache), &active)
+        let steps = || {
+            let mut cache = lowrank_models::KvCache::new();
+            model
+                .forward(&row(&ids[..split]), Some(&mut cache), &active)
                 .unwrap();
-            let diff = max_abs_diff(
-                &step.squeeze(0).unwrap().squeeze(0).unwrap(),
-                &full.get(t).unwrap(),
-            );
-            assert!(diff < 1e-4, "{base} {adapter_name:?} position {t}: {diff}");
+            ids[split..]
+                .iter()
+                .map(|&id| {
+                    model
+                        .forward(&row(&[id]), Some(&mut cache), &active)
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        for (threads, logits) in [("alone", steps()), ("pool of two", pool.install(steps))] {
+            for (t, step) in (split..).zip(logits) {
+                let diff = max_abs_diff(
+                    &step.squeeze(0).unwrap().squeeze(0).unwrap(),
+                    &full.get(t).unwrap(),
+                );
+                assert!(
+                    diff < 1e-4,
+                    "{base} {adapter_name:?} ({threads}) position {t}: {diff}"
+                );
+            }
         }
     }
 }

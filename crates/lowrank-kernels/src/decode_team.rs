@@ -1,0 +1,270 @@
+//! Helper threads for one batch-1 decoding step.
+//!
+//! A decoding step is some hundred short parallel passes over the weights (one per group of
+//! projections), with short serial stretches between them (norms, attention, residual adds)
+//! in which the pool's other threads have nothing to do and memory is idle. [`with_helpers`]
+//! runs a step on the calling thread while the pool's other threads stay awake for the whole
+//! step — spinning on rayon's queues, so they take a pass's work as soon as it is split rather
+//! than waking from sleep — and lets the step [`warm`](DecodeTeam::warm) what a later pass
+//! reads first: a helper loads it into its own caches during a serial stretch.
+//!
+//! Unmerged LoRA decoding warms the next pass's A factors (`lowrank-models`' layer loop), and
+//! with helpers awake a pass computes its A·x as one task that a helper takes (`gemv.rs`),
+//! reading A from cache rather than from memory, while the calling thread streams W at once.
+//! Without them, both threads first read half of A from memory, before their first row of W,
+//! and every pass waited for the second thread to wake (1.4–5.8 µs until its half of A·x
+//! began, measured by timers in the tasks). On the 2-core Zen 5 of the README's figures,
+//! unmerged decoding of the SmolLM-135M-shaped model took 2.3–2.8% less time per token this
+//! way (`decode_pair`, both ways in one process), which took unmerged/base from 1.047–1.065
+//! to 1.019–1.024 in the same runs; base decoding with helpers awake ran as fast as without
+//! (0.992–1.006), so only steps with an unmerged adapter use them.
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+thread_local! {
+    /// On a step's thread: whether helpers are awake for it. `None` where no step runs.
+    static ROLE: Cell<Option<Role>> = const { Cell::new(None) };
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Runs a step; `true` when other threads help it.
+    Step { helped: bool },
+    /// Helps another thread's step.
+    Helper,
+}
+
+/// What a step's thread shares with its helpers.
+#[derive(Default)]
+struct Shared {
+    /// Set when the step's work has returned or unwound: the helpers leave.
+    done: AtomicBool,
+    /// (address, bytes) of memory to load: slices handed to [`DecodeTeam::warm`].
+    spans: Mutex<Vec<(usize, usize)>>,
+    /// Counts the `warm` calls, so that helpers look at `spans` only when there is news.
+    posted: AtomicUsize,
+    /// Bytes the helpers have loaded, for the tests.
+    #[cfg(test)]
+    loaded: AtomicUsize,
+}
+
+/// A step's handle on its helpers, lent to the work of [`with_helpers`]. Memory handed to
+/// [`warm`](Self::warm) must live for `'t`, which outlasts the `with_helpers` call: the
+/// helpers read it until they leave, which is before that call returns.
+pub struct DecodeTeam<'t> {
+    shared: Option<Arc<Shared>>,
+    /// Invariant in `'t`: a team must not take memory that lives less than `'t`.
+    _memory: PhantomData<Cell<&'t [f32]>>,
+}
+
+impl<'t> DecodeTeam<'t> {
+    /// Asks a helper to load `data` into its caches. Does nothing without helpers.
+    pub fn warm(&self, data: &[&'t [f32]]) {
+        let Some(shared) = &self.shared else { return };
+        if data.is_empty() {
+            return;
+        }
+        let mut spans = shared.spans.lock().expect("warm spans");
+        spans.extend(
+            data.iter()
+                .map(|d| (d.as_ptr() as usize, std::mem::size_of_val(*d))),
+        );
+        drop(spans);
+        shared.posted.fetch_add(1, Ordering::Release);
+    }
+
+    /// Whether other threads help this step.
+    pub fn is_helped(&self) -> bool {
+        self.shared.is_some()
+    }
+}
+
+/// Runs `work` on the calling thread with the current rayon pool's other threads as helpers
+/// until it returns (see the module docs), and returns what it returns. Without helpers —
+/// a caller outside any rayon pool, a pool of one thread, or a call made inside another step
+/// or by a helper — `work` runs alone and [`DecodeTeam::warm`] does nothing. The pool's
+/// threads spin while `work` runs, so it should be one decoding step, not a whole generation.
+pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send) -> R {
+    let caller = rayon::current_thread_index();
+    let alone = DecodeTeam {
+        shared: None,
+        _memory: PhantomData,
+    };
+    let Some(caller) = caller.filter(|_| rayon::current_num_threads() > 1) else {
+        return as_step(false, || work(&alone));
+    };
+    if ROLE.with(Cell::get).is_some() {
+        return work(&alone);
+    }
+    let shared = Arc::new(Shared::default());
+    let work = Mutex::new(Some(work));
+    let mut results = rayon::broadcast(|ctx| {
+        if ctx.index() != caller {
+            set_role(Some(Role::Helper), || help(&shared));
+            return None;
+        }
+        // The helpers leave even if the work panics (the panic then reaches the caller).
+        let _leave = Leave(&shared);
+        let work = work
+            .lock()
+            .expect("the step's work")
+            .take()
+            .expect("one thread runs the work");
+        let team = DecodeTeam {
+            shared: Some(Arc::clone(&shared)),
+            _memory: PhantomData,
+        };
+        Some(as_step(true, || work(&team)))
+    });
+    results
+        .swap_remove(caller)
+        .expect("rayon runs a broadcast's share of the calling thread on it")
+}
+
+/// Whether the current thread runs a step that other threads help.
+pub(crate) fn helpers_awake() -> bool {
+    ROLE.with(Cell::get) == Some(Role::Step { helped: true })
+}
+
+fn as_step<R>(helped: bool, work: impl FnOnce() -> R) -> R {
+    set_role(Some(Role::Step { helped }), work)
+}
+
+/// Runs `work` with this thread's role set, and restores the role it had (also on unwind).
+fn set_role<R>(role: Option<Role>, work: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Role>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ROLE.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(ROLE.with(|r| r.replace(role)));
+    work()
+}
+
+struct Leave<'a>(&'a Shared);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::Release);
+    }
+}
+
+/// A helper's loop: load what the step warms, run the pool's pending work (a pass's share,
+/// a parallel attention), and otherwise spin.
+fn help(shared: &Shared) {
+    let mut seen = 0;
+    while !shared.done.load(Ordering::Acquire) {
+        let posted = shared.posted.load(Ordering::Acquire);
+        if posted != seen {
+            seen = posted;
+            let spans = std::mem::take(&mut *shared.spans.lock().expect("warm spans"));
+            let bytes = load(&spans);
+            #[cfg(test)]
+            shared.loaded.fetch_add(bytes, Ordering::Relaxed);
+            #[cfg(not(test))]
+            let _ = bytes;
+        }
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Reads one value of every 64-byte line of `spans` (and each span's last value), and returns
+/// their bytes. Loads rather than prefetch hints: the CPU drops prefetches it has no room
+/// for, and on the Zen 5 of these figures a helper issued the hints for 80 KB in 0.6 µs,
+/// after which the next pass's A·x still read most of A from memory.
+fn load(spans: &[(usize, usize)]) -> usize {
+    const LINE: usize = 64;
+    let mut sum = 0f32;
+    for &(start, bytes) in spans {
+        if bytes == 0 {
+            continue;
+        }
+        let last = bytes - std::mem::size_of::<f32>();
+        for offset in (0..bytes).step_by(LINE).chain([last]) {
+            // SAFETY: (start, bytes) is the memory of a `&'t [f32]` given to `warm`, which
+            // lives until the `with_helpers` call that lent the team returns, and that call
+            // waits for every helper to leave; offset < bytes and is a multiple of 4, so the
+            // read is an aligned f32 inside that slice.
+            sum += unsafe { std::ptr::read_volatile((start + offset) as *const f32) };
+        }
+    }
+    std::hint::black_box(sum);
+    spans.iter().map(|&(_, bytes)| bytes).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    /// Inside a pool of two, the work runs on the calling thread with helpers awake, rayon
+    /// work inside it completes, and a helper loads what it warms before the call returns.
+    #[test]
+    fn the_step_runs_on_its_thread_and_a_helper_loads_what_it_warms() {
+        let data: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
+        let halves: (&[f32], &[f32]) = data.split_at(4321);
+        pool(2).install(|| {
+            let caller = std::thread::current().id();
+            let (loaded, sum) = with_helpers(|team| {
+                assert_eq!(std::thread::current().id(), caller);
+                assert!(team.is_helped() && helpers_awake());
+                team.warm(&[halves.0, halves.1]);
+                let sum: f64 = data.par_iter().map(|&v| v as f64).sum();
+                let shared = team.shared.as_ref().unwrap();
+                let start = std::time::Instant::now();
+                while shared.loaded.load(Ordering::Relaxed) < data.len() * 4
+                    && start.elapsed().as_secs() < 10
+                {
+                    std::hint::spin_loop();
+                }
+                (shared.loaded.load(Ordering::Relaxed), sum)
+            });
+            assert_eq!(loaded, data.len() * 4);
+            assert_eq!(sum, (0..10_000).map(|i| i as f64).sum::<f64>());
+            assert!(!helpers_awake(), "the role ends with the step");
+        });
+    }
+
+    /// Outside any pool, in a pool of one thread, and inside another step, the work runs
+    /// alone: nothing is warmed and no helper is awake.
+    #[test]
+    fn without_helpers_the_work_runs_alone() {
+        fn step<'t>(team: &DecodeTeam<'t>, data: &'t [f32]) -> (bool, bool) {
+            team.warm(&[data]);
+            (team.is_helped(), helpers_awake())
+        }
+        let data = vec![1f32; 64];
+        assert_eq!(with_helpers(|team| step(team, &data)), (false, false));
+        let one = pool(1).install(|| with_helpers(|team| step(team, &data)));
+        assert_eq!(one, (false, false));
+        let nested = pool(2).install(|| with_helpers(|_| with_helpers(|team| step(team, &data))));
+        assert_eq!(
+            nested,
+            (false, true),
+            "a nested call runs inside the outer step"
+        );
+    }
+
+    /// A panic in the work reaches the caller, and the helpers leave rather than spin on.
+    #[test]
+    fn a_panic_in_the_step_reaches_the_caller() {
+        let pool = pool(2);
+        let result = pool
+            .install(|| std::panic::catch_unwind(|| with_helpers(|_| -> u8 { panic!("step") })));
+        assert!(result.is_err());
+        assert!(pool.install(|| with_helpers(|team| team.is_helped())));
+    }
+}
