@@ -12,12 +12,12 @@
 //! with helpers awake a pass computes its A·x as one task that a helper takes (`gemv.rs`),
 //! reading A from cache rather than from memory, while the calling thread streams W at once.
 //! Without them, both threads first read half of A from memory, before their first row of W,
-//! and every pass waited for the second thread to wake (1.4–5.8 µs until its half of A·x
-//! began, measured by timers in the tasks). On the 2-core Zen 5 of the README's figures,
-//! unmerged decoding of the SmolLM-135M-shaped model took 2.3–2.8% less time per token this
-//! way (`decode_pair`, both ways in one process), which took unmerged/base from 1.047–1.065
-//! to 1.019–1.024 in the same runs; base decoding with helpers awake ran as fast as without
-//! (0.992–1.006), so only steps with an unmerged adapter use them.
+//! and the second thread began its half 1.4–5.8 µs into every pass (timers in the tasks). On
+//! the 2-core Zen 5 of the README's figures, unmerged decoding of the SmolLM-135M-shaped model
+//! took 1.2–2.6% less time per token this way (six `decode_pair` runs, both ways in one
+//! process): unmerged/base 1.028–1.035 against 1.044–1.068 without helpers. Base decoding with
+//! helpers awake ran as fast as without (0.992–1.006), so only steps with an unmerged adapter
+//! use them.
 
 use std::cell::Cell;
 use std::marker::PhantomData;

@@ -169,7 +169,7 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
     } else {
         (Some(Share::FirstHalf), Share::SecondHalf)
     };
-    let shares = 1 + usize::from(first_share.is_some());
+    let n_shares = 1 + usize::from(first_share.is_some());
     let mut ys: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.out_f(in_f)]).collect();
     let mut tasks = Vec::with_capacity(n_runs + 2);
     if let Some(share) = first_share.filter(|_| low_rank) {
@@ -201,8 +201,8 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
     // write the same cache line), and whichever completes last adds them into `axs` (the rows
     // each share leaves are zero). Runs that found `axs` missing wait in `late` for that
     // thread.
-    let halves: [OnceLock<Vec<f32>>; 2] = Default::default();
-    let halves_done = AtomicUsize::new(0);
+    let shares: [OnceLock<Vec<f32>>; 2] = Default::default();
+    let shares_done = AtomicUsize::new(0);
     let axs: OnceLock<Vec<f32>> = OnceLock::new();
     let late: Mutex<Vec<(usize, usize, &mut [f32])>> = Mutex::new(Vec::new());
     let add_low_rank = |axs: &[f32], part: usize, start: usize, y: &mut [f32]| {
@@ -225,12 +225,12 @@ pub(crate) fn gemv_parts(x: &[f32], parts: &[GemvPart]) -> Vec<Vec<f32>> {
                     lora.scale,
                 );
             }
-            halves[share.slot()]
+            shares[share.slot()]
                 .set(ax)
                 .expect("each share of A·x is computed once");
             // AcqRel: the last share to finish sees the others' buffers.
-            if halves_done.fetch_add(1, Ordering::AcqRel) + 1 == shares {
-                let mut done = halves.iter().filter_map(OnceLock::get);
+            if shares_done.fetch_add(1, Ordering::AcqRel) + 1 == n_shares {
+                let mut done = shares.iter().filter_map(OnceLock::get);
                 let mut sum = done.next().expect("a share of A·x").clone();
                 for other in done {
                     sum.iter_mut().zip(other).for_each(|(s, o)| *s += o);

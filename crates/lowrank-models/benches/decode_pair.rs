@@ -9,6 +9,9 @@
 //! and each step's times are compared with each other: the figures are medians of per-step
 //! ratios, taken over the same seconds of memory traffic.
 //!
+//! Each decode is `Llama::forward`, as `lowrank generate` runs it: a step with an unmerged
+//! adapter has the pool's other thread awake as its helper (`lowrank_kernels::with_helpers`).
+//!
 //! A fourth decode splits unmerged decoding's extra time in two: the same adapter code path
 //! with every module's A and B replaced by those of the first module of the same shapes, so
 //! the few distinct factors stay in cache. Its time over merged is what the LoRA arithmetic
