@@ -6,7 +6,7 @@
 //! runs a step on the calling thread while the pool's other threads stay awake for the whole
 //! step — spinning on rayon's queues, so they take a pass's work as soon as it is split rather
 //! than waking from sleep — and lets the step [`warm`](DecodeTeam::warm) what a later pass
-//! reads first: a helper loads it into its own caches during a serial stretch.
+//! reads first: the helpers load it into their own caches during a serial stretch.
 //!
 //! Unmerged LoRA decoding warms the next pass's A factors (`lowrank-models`' layer loop), and
 //! with helpers awake a pass computes its A·x as one task that a helper takes (`gemv.rs`),
@@ -25,14 +25,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 thread_local! {
-    /// On a step's thread: whether helpers are awake for it. `None` where no step runs.
+    /// This thread's part in a helped step, if any.
     static ROLE: Cell<Option<Role>> = const { Cell::new(None) };
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
-    /// Runs a step; `true` when other threads help it.
-    Step { helped: bool },
+    /// Runs a step that other threads help.
+    Step,
     /// Helps another thread's step.
     Helper,
 }
@@ -42,9 +42,9 @@ enum Role {
 struct Shared {
     /// Set when the step's work has returned or unwound: the helpers leave.
     done: AtomicBool,
-    /// (address, bytes) of memory to load: slices handed to [`DecodeTeam::warm`].
+    /// (address, bytes) of every slice handed to [`DecodeTeam::warm`] in this step, in order.
     spans: Mutex<Vec<(usize, usize)>>,
-    /// Counts the `warm` calls, so that helpers look at `spans` only when there is news.
+    /// How many of `spans` are there, so that helpers take the lock only when there is news.
     posted: AtomicUsize,
     /// Bytes the helpers have loaded, for the tests.
     #[cfg(test)]
@@ -61,19 +61,16 @@ pub struct DecodeTeam<'t> {
 }
 
 impl<'t> DecodeTeam<'t> {
-    /// Asks a helper to load `data` into its caches. Does nothing without helpers.
+    /// Asks every helper to load `data` into its caches (with more than one, whichever takes
+    /// the next pass's A·x has it). Does nothing without helpers.
     pub fn warm(&self, data: &[&'t [f32]]) {
         let Some(shared) = &self.shared else { return };
-        if data.is_empty() {
-            return;
-        }
         let mut spans = shared.spans.lock().expect("warm spans");
         spans.extend(
             data.iter()
                 .map(|d| (d.as_ptr() as usize, std::mem::size_of_val(*d))),
         );
-        drop(spans);
-        shared.posted.fetch_add(1, Ordering::Release);
+        shared.posted.store(spans.len(), Ordering::Release);
     }
 
     /// Whether other threads help this step.
@@ -88,17 +85,15 @@ impl<'t> DecodeTeam<'t> {
 /// or by a helper — `work` runs alone and [`DecodeTeam::warm`] does nothing. The pool's
 /// threads spin while `work` runs, so it should be one decoding step, not a whole generation.
 pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send) -> R {
-    let caller = rayon::current_thread_index();
-    let alone = DecodeTeam {
-        shared: None,
-        _memory: PhantomData,
+    let in_team = ROLE.with(Cell::get).is_some();
+    let caller =
+        rayon::current_thread_index().filter(|_| rayon::current_num_threads() > 1 && !in_team);
+    let Some(caller) = caller else {
+        return work(&DecodeTeam {
+            shared: None,
+            _memory: PhantomData,
+        });
     };
-    let Some(caller) = caller.filter(|_| rayon::current_num_threads() > 1) else {
-        return as_step(false, || work(&alone));
-    };
-    if ROLE.with(Cell::get).is_some() {
-        return work(&alone);
-    }
     let shared = Arc::new(Shared::default());
     let work = Mutex::new(Some(work));
     let mut results = rayon::broadcast(|ctx| {
@@ -117,7 +112,7 @@ pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send)
             shared: Some(Arc::clone(&shared)),
             _memory: PhantomData,
         };
-        Some(as_step(true, || work(&team)))
+        Some(set_role(Some(Role::Step), || work(&team)))
     });
     results
         .swap_remove(caller)
@@ -126,11 +121,7 @@ pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send)
 
 /// Whether the current thread runs a step that other threads help.
 pub(crate) fn helpers_awake() -> bool {
-    ROLE.with(Cell::get) == Some(Role::Step { helped: true })
-}
-
-fn as_step<R>(helped: bool, work: impl FnOnce() -> R) -> R {
-    set_role(Some(Role::Step { helped }), work)
+    ROLE.with(Cell::get) == Some(Role::Step)
 }
 
 /// Runs `work` with this thread's role set, and restores the role it had (also on unwind).
@@ -156,17 +147,17 @@ impl Drop for Leave<'_> {
 /// A helper's loop: load what the step warms, run the pool's pending work (a pass's share,
 /// a parallel attention), and otherwise spin.
 fn help(shared: &Shared) {
-    let mut seen = 0;
+    let mut loaded = 0;
     while !shared.done.load(Ordering::Acquire) {
-        let posted = shared.posted.load(Ordering::Acquire);
-        if posted != seen {
-            seen = posted;
-            let spans = std::mem::take(&mut *shared.spans.lock().expect("warm spans"));
-            let bytes = load(&spans);
+        if shared.posted.load(Ordering::Acquire) > loaded {
+            let spans = shared.spans.lock().expect("warm spans")[loaded..].to_vec();
+            loaded += spans.len();
+            load(&spans);
             #[cfg(test)]
-            shared.loaded.fetch_add(bytes, Ordering::Relaxed);
-            #[cfg(not(test))]
-            let _ = bytes;
+            shared.loaded.fetch_add(
+                spans.iter().map(|&(_, bytes)| bytes).sum(),
+                Ordering::Relaxed,
+            );
         }
         if rayon::yield_now() != Some(rayon::Yield::Executed) {
             std::hint::spin_loop();
@@ -174,11 +165,11 @@ fn help(shared: &Shared) {
     }
 }
 
-/// Reads one value of every 64-byte line of `spans` (and each span's last value), and returns
-/// their bytes. Loads rather than prefetch hints: the CPU drops prefetches it has no room
+/// Reads one value of every 64-byte line of `spans` (and each span's last value). Loads
+/// rather than prefetch hints: the CPU drops prefetches it has no room
 /// for, and on the Zen 5 of these figures a helper issued the hints for 80 KB in 0.6 µs,
 /// after which the next pass's A·x still read most of A from memory.
-fn load(spans: &[(usize, usize)]) -> usize {
+fn load(spans: &[(usize, usize)]) {
     const LINE: usize = 64;
     let mut sum = 0f32;
     for &(start, bytes) in spans {
@@ -195,7 +186,6 @@ fn load(spans: &[(usize, usize)]) -> usize {
         }
     }
     std::hint::black_box(sum);
-    spans.iter().map(|&(_, bytes)| bytes).sum()
 }
 
 #[cfg(test)]
@@ -210,32 +200,37 @@ mod tests {
             .unwrap()
     }
 
-    /// Inside a pool of two, the work runs on the calling thread with helpers awake, rayon
-    /// work inside it completes, and a helper loads what it warms before the call returns.
+    /// Inside a pool of two or three, the work runs on the calling thread with helpers awake,
+    /// rayon work inside it completes, and every helper loads what it warms (in two calls)
+    /// before the call returns.
     #[test]
-    fn the_step_runs_on_its_thread_and_a_helper_loads_what_it_warms() {
+    fn the_step_runs_on_its_thread_and_the_helpers_load_what_it_warms() {
         let data: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
-        let halves: (&[f32], &[f32]) = data.split_at(4321);
-        pool(2).install(|| {
-            let caller = std::thread::current().id();
-            let (loaded, sum) = with_helpers(|team| {
-                assert_eq!(std::thread::current().id(), caller);
-                assert!(team.is_helped() && helpers_awake());
-                team.warm(&[halves.0, halves.1]);
-                let sum: f64 = data.par_iter().map(|&v| v as f64).sum();
-                let shared = team.shared.as_ref().unwrap();
-                let start = std::time::Instant::now();
-                while shared.loaded.load(Ordering::Relaxed) < data.len() * 4
-                    && start.elapsed().as_secs() < 10
-                {
-                    std::hint::spin_loop();
-                }
-                (shared.loaded.load(Ordering::Relaxed), sum)
+        let (first, rest) = data.split_at(4321);
+        for threads in [2, 3] {
+            let want = (threads - 1) * data.len() * 4;
+            pool(threads).install(|| {
+                let caller = std::thread::current().id();
+                let (loaded, sum) = with_helpers(|team| {
+                    assert_eq!(std::thread::current().id(), caller);
+                    assert!(team.is_helped() && helpers_awake());
+                    team.warm(&[first]);
+                    let sum: f64 = data.par_iter().map(|&v| v as f64).sum();
+                    team.warm(&[rest]);
+                    let shared = team.shared.as_ref().unwrap();
+                    let start = std::time::Instant::now();
+                    while shared.loaded.load(Ordering::Relaxed) < want
+                        && start.elapsed().as_secs() < 10
+                    {
+                        std::hint::spin_loop();
+                    }
+                    (shared.loaded.load(Ordering::Relaxed), sum)
+                });
+                assert_eq!(loaded, want, "{threads} threads");
+                assert_eq!(sum, (0..10_000).map(|i| i as f64).sum::<f64>());
+                assert!(!helpers_awake(), "the role ends with the step");
             });
-            assert_eq!(loaded, data.len() * 4);
-            assert_eq!(sum, (0..10_000).map(|i| i as f64).sum::<f64>());
-            assert!(!helpers_awake(), "the role ends with the step");
-        });
+        }
     }
 
     /// Outside any pool, in a pool of one thread, and inside another step, the work runs
