@@ -89,9 +89,10 @@ impl<'a> ActiveAdapter<'a> {
         })
     }
 
-    /// Whether any module has factors copied out for decoding (see [`Self::decode_lora`]).
-    pub(crate) fn has_decode_factors(&self) -> bool {
-        self.packed().by_slot.iter().any(Option::is_some)
+    /// The first projection slot whose module has factors copied out for decoding (see
+    /// [`Self::decode_lora`]), if any.
+    pub(crate) fn first_decode_slot(&self) -> Option<usize> {
+        self.packed().by_slot.iter().position(Option::is_some)
     }
 
     fn packed(&self) -> &PackedFactors {

@@ -972,10 +972,22 @@ impl Llama {
             self.config.hidden_size,
         ))?;
         let tables = self.rope.tables(past, seq)?;
-        // A decoding step with an unmerged adapter runs with the pool's other threads awake,
-        // which load each pass's A factors before it (see `lowrank_kernels::decode_team`).
+        // A decoding step whose passes read an unmerged adapter's packed factors runs with the
+        // pool's other threads awake, which load each pass's A before it (see
+        // `lowrank_kernels::decode_team`). A 4-bit base or `--compute-dtype bf16` takes the
+        // per-module path, which has no use for them: the first adapted layer tells.
         let decoding = batch == 1 && seq == 1 && cache.is_some();
-        if decoding && adapters.iter().any(ActiveAdapter::has_decode_factors) {
+        let reads_packed_factors = || {
+            adapters
+                .iter()
+                .filter_map(ActiveAdapter::first_decode_slot)
+                .any(|slot| {
+                    self.layers
+                        .get(slot / PROJ_NAMES.len())
+                        .is_some_and(|layer| !decode_inputs(&layer.projs(), adapters).is_empty())
+                })
+        };
+        if decoding && reads_packed_factors() {
             let x = lowrank_kernels::with_helpers(|team| {
                 self.layers_forward(x, &tables, cache, adapters, Some(team))
             })?;
