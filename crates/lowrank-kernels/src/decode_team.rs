@@ -98,7 +98,7 @@ pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send)
     let work = Mutex::new(Some(work));
     let mut results = rayon::broadcast(|ctx| {
         if ctx.index() != caller {
-            set_role(Some(Role::Helper), || help(&shared));
+            set_role(Role::Helper, || help(&shared));
             return None;
         }
         // The helpers leave even if the work panics (the panic then reaches the caller).
@@ -112,7 +112,7 @@ pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send)
             shared: Some(Arc::clone(&shared)),
             _memory: PhantomData,
         };
-        Some(set_role(Some(Role::Step), || work(&team)))
+        Some(set_role(Role::Step, || work(&team)))
     });
     results
         .swap_remove(caller)
@@ -124,15 +124,15 @@ pub(crate) fn helpers_awake() -> bool {
     ROLE.with(Cell::get) == Some(Role::Step)
 }
 
-/// Runs `work` with this thread's role set, and restores the role it had (also on unwind).
-fn set_role<R>(role: Option<Role>, work: impl FnOnce() -> R) -> R {
+/// Runs `work` in `role`, and restores the role this thread had (also on unwind).
+fn set_role<R>(role: Role, work: impl FnOnce() -> R) -> R {
     struct Restore(Option<Role>);
     impl Drop for Restore {
         fn drop(&mut self) {
             ROLE.with(|r| r.set(self.0));
         }
     }
-    let _restore = Restore(ROLE.with(|r| r.replace(role)));
+    let _restore = Restore(ROLE.with(|r| r.replace(Some(role))));
     work()
 }
 

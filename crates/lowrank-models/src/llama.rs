@@ -987,13 +987,13 @@ impl Llama {
                         .is_some_and(|layer| !decode_inputs(&layer.projs(), adapters).is_empty())
                 })
         };
-        if decoding && reads_packed_factors() {
-            let x = lowrank_kernels::with_helpers(|team| {
+        let x = if decoding && reads_packed_factors() {
+            lowrank_kernels::with_helpers(|team| {
                 self.layers_forward(x, &tables, cache, adapters, Some(team))
-            })?;
-            return rms_norm(&x, &self.norm, self.config.rms_norm_eps);
-        }
-        let x = self.layers_forward(x, &tables, cache, adapters, None)?;
+            })?
+        } else {
+            self.layers_forward(x, &tables, cache, adapters, None)?
+        };
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
