@@ -40,7 +40,7 @@ pub struct Args {
     /// Energy share (σ² of ΔW) each module should keep at the suggested rank.
     #[arg(long, default_value_t = lowrank_algebra::analyze::DEFAULT_ENERGY)]
     energy: f64,
-    /// Print the report as JSON (schema in the README) instead of tables.
+    /// Print the report as JSON (schema in docs/analyze.md) instead of tables.
     #[arg(long)]
     json: bool,
     /// Write spectrum.svg (and similarity.svg with --compare) to this folder.
