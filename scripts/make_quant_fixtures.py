@@ -37,6 +37,27 @@ What bitsandbytes does on CPU (and what the Rust code reproduces):
 
 The sum of the absmax values depends on the width of torch's Vectorized<float>: 8 lanes
 (AVX2, NEON, default) — the capability these fixtures were made on — or 16 (AVX-512).
+
+fixtures/quant-straddle/ (written by make_straddle(), after fixtures/quant/; run with the
+argument `straddle` to regenerate that folder alone): 4-bit blocks that do not align with
+weight rows. bitsandbytes cuts the row-major flattened weight into blocks, so a block may
+end mid-row or span several rows. The tiny llama `llama-i176` (hidden 32, intermediate 176,
+2 layers, f32) has down_proj in_features 176: at block 64 its blocks straddle rows; at block
+256 every block spans several rows of every projection; at block 4096 q/k/v/o (<= 1024
+values) are one short block each and gate/up/down (5632 values) one full block plus a short
+one. transformers' BitsAndBytesConfig has no block size, so the decoder linears are replaced
+by bnb.nn.Linear4bit with Params4bit(blocksize=...) (at block 64 this gives the very losses
+of load_in_4bit, checked below). Files:
+  * llama-i176/: the f32 model + fixtures/models/llama-tied's tokenizer files;
+  * llama-i176__lora/, llama-i176__dora/: PEFT adapters (r 4 on all seven projections,
+    lora_B ~ N(0, 0.3), DoRA magnitude x (1 + N(0, 0.1)));
+  * reference.json: "eval": eval loss (as in fixtures/quant/) for every adapter (none, lora,
+    dora) x block (64, 256, 4096) x nf4/fp4 x double quant or not, plus the f32 base;
+    "qlora_train": per-step losses of 6 SGD steps (lr 0.05, batch 1, train.jsonl in order)
+    from each adapter over three 4-bit bases; "decode": greedy decoding (the prompt in one
+    forward, then one token a step over the KV cache: one row through every 4-bit linear)
+    of one prompt over four 4-bit bases, with the tokens and each step's logits in
+    decode.safetensors (`<case>.logits`: steps x vocab).
 """
 
 import json
@@ -339,5 +360,241 @@ def main():
     print(f"wrote {OUT} ({total} bytes, {len(cases)} cases)")
 
 
+# ---------------------------------------------------------------------------
+# fixtures/quant-straddle/: blocks that straddle weight rows
+# ---------------------------------------------------------------------------
+
+STRADDLE = Path("fixtures/quant-straddle")
+STRADDLE_MODEL = "llama-i176"
+STRADDLE_BLOCKS = [64, 256, 4096]
+STRADDLE_VARIANTS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
+STRADDLE_ADAPTERS = {
+    "llama-i176__lora": dict(use_dora=False),
+    "llama-i176__dora": dict(use_dora=True),
+}
+# (adapter, quant type, double quant, block size) of the QLoRA training references.
+STRADDLE_TRAIN = [
+    (adapter, kind, dq, bs)
+    for adapter in STRADDLE_ADAPTERS
+    for kind, dq, bs in [("nf4", True, 64), ("fp4", False, 256), ("nf4", False, 4096)]
+]
+# (adapter, quant type, double quant, block size) of the greedy decoding references.
+STRADDLE_DECODE = [
+    (None, "nf4", True, 64),
+    (None, "fp4", False, 4096),
+    ("llama-i176__lora", "nf4", False, 256),
+    ("llama-i176__dora", "fp4", True, 64),
+]
+DECODE_PROMPT = "The quick cat"
+DECODE_STEPS = 8
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def straddle_model_dir():
+    return STRADDLE / STRADDLE_MODEL
+
+
+def make_straddle_model():
+    """The f32 tiny llama whose down_proj rows (176 values) are not a multiple of 64;
+    initialised like scripts/make_fixtures.py's models (N(0, 0.3), norms 1 + N(0, 0.1))."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(400)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=384, max_position_embeddings=256, tie_word_embeddings=True,
+        rope_theta=10000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False)
+    out = straddle_model_dir()
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path("fixtures/models/llama-tied") / f, out / f)
+
+
+def make_straddle_adapters():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for seed, (adapter, kwargs) in enumerate(STRADDLE_ADAPTERS.items(), start=410):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(straddle_model_dir(), dtype=torch.float32)
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, bias="none",
+                         target_modules=PROJECTIONS, **kwargs)
+        peft_model = get_peft_model(base, cfg)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.3)
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1.0 + 0.1 * torch.randn_like(p))
+        out = STRADDLE / adapter
+        peft_model.save_pretrained(out)
+        (out / "README.md").unlink(missing_ok=True)
+        cfg_path = out / "adapter_config.json"
+        cfg_json = json.loads(cfg_path.read_text())
+        cfg_json["target_modules"] = sorted(cfg_json["target_modules"])  # a set in PEFT
+        cfg_json["base_model_name_or_path"] = str(straddle_model_dir())
+        cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+
+
+def load_4bit_blocks(kind, dq, block_size):
+    """The straddle model with every decoder linear replaced by a bitsandbytes Linear4bit
+    quantized at `block_size` (what load_in_4bit does, at any block size)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(straddle_model_dir(), dtype=torch.float32)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                                      compute_dtype=torch.float32, compress_statistics=dq, quant_type=kind)
+                q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=kind,
+                                             compress_statistics=dq, blocksize=block_size)
+                q = q.to("cpu")  # quantizes
+                assert q.weight.quant_state.blocksize == block_size
+                setattr(parent, name, q)
+    model.eval()
+    return model
+
+
+def with_straddle_adapter(model, adapter, trainable=False):
+    from peft import PeftModel
+
+    if adapter is None:
+        return model
+    return PeftModel.from_pretrained(model, STRADDLE / adapter, is_trainable=trainable)
+
+
+def straddle_eval():
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(straddle_model_dir())
+    out = []
+    for adapter in [None, *STRADDLE_ADAPTERS]:
+        base = AutoModelForCausalLM.from_pretrained(straddle_model_dir(), dtype=torch.float32).eval()
+        if adapter is not None:
+            base = PeftModel.from_pretrained(base, STRADDLE / adapter).eval()
+        loss, tokens = eval_loss(base, tok)
+        out.append({"adapter": adapter, "quant_type": None, "double_quant": False, "block_size": None,
+                    "loss": loss, "tokens": tokens})
+        for bs in STRADDLE_BLOCKS:
+            for kind, dq in STRADDLE_VARIANTS:
+                model = with_straddle_adapter(load_4bit_blocks(kind, dq, bs), adapter).eval()
+                loss, tokens = eval_loss(model, tok)
+                out.append({"adapter": adapter, "quant_type": kind, "double_quant": dq, "block_size": bs,
+                            "loss": loss, "tokens": tokens})
+                print(f"  straddle eval {adapter} {kind} dq={dq} bs={bs}: {loss:.8f}")
+    # The replacement above is load_in_4bit at bitsandbytes' default block.
+    for kind, dq in STRADDLE_VARIANTS:
+        model = AutoModelForCausalLM.from_pretrained(
+            straddle_model_dir(), quantization_config=bnb_config(kind, dq), device_map="cpu", dtype=torch.float32
+        ).eval()
+        want = next(c["loss"] for c in out if c["adapter"] is None and c["quant_type"] == kind
+                    and c["double_quant"] == dq and c["block_size"] == 64)
+        assert eval_loss(model, tok)[0] == want, (kind, dq)
+    return out
+
+
+def straddle_train():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(straddle_model_dir())
+    with open("fixtures/data/train.jsonl") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    out = []
+    for adapter, kind, dq, bs in STRADDLE_TRAIN:
+        torch.manual_seed(300)
+        model = with_straddle_adapter(load_4bit_blocks(kind, dq, bs), adapter, trainable=True)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=TRAIN_LR, momentum=0.0, weight_decay=0.0)
+        losses = []
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]], dtype=torch.long)
+            logits = model(input_ids=ids).logits[0].float()
+            loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
+            losses.append(loss.item())  # before this step's update
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out.append({"adapter": adapter, "quant_type": kind, "double_quant": dq, "block_size": bs,
+                    "lr": TRAIN_LR, "batch_size": 1, "trainable_tensors": len(params), "losses": losses})
+        print(f"  straddle qlora train {adapter} {kind} dq={dq} bs={bs}: {losses}")
+    return out
+
+
+def straddle_decode():
+    """Greedy decoding with the KV cache: the prompt in one forward, then one token (one row
+    through every 4-bit linear) per step; each step's last-position logits are kept."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(straddle_model_dir())
+    prompt = tok(DECODE_PROMPT)["input_ids"]
+    out, tensors = [], {}
+    for adapter, kind, dq, bs in STRADDLE_DECODE:
+        model = with_straddle_adapter(load_4bit_blocks(kind, dq, bs), adapter).eval()
+        step_logits, tokens = [], []
+        with torch.no_grad():
+            step = model(input_ids=torch.tensor([prompt]), use_cache=True)
+            for _ in range(DECODE_STEPS):
+                last = step.logits[0, -1].float()
+                step_logits.append(last)
+                tokens.append(int(last.argmax()))  # the first maximum, like lowrank's argmax
+                step = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=step.past_key_values,
+                             use_cache=True)
+        key = f"{adapter or 'base'}.{kind}.{'dq' if dq else 'plain'}.bs{bs}"
+        tensors[f"{key}.logits"] = torch.stack(step_logits).contiguous()
+        out.append({"key": key, "adapter": adapter, "quant_type": kind, "double_quant": dq, "block_size": bs,
+                    "prompt": DECODE_PROMPT, "prompt_ids": prompt, "token_ids": tokens})
+        print(f"  straddle decode {key}: {tokens}")
+    save_file(tensors, str(STRADDLE / "decode.safetensors"))
+    return out
+
+
+def make_straddle():
+    if STRADDLE.exists():
+        shutil.rmtree(STRADDLE)
+    STRADDLE.mkdir(parents=True)
+    make_straddle_model()
+    make_straddle_adapters()
+    reference = {
+        "note": "4-bit blocks that straddle weight rows (see scripts/make_quant_fixtures.py): "
+        "transformers + bitsandbytes (Linear4bit at each block size, compute dtype float32, CPU) + PEFT. "
+        "eval: lowrank eval's loss over fixtures/data/eval.jsonl (quant_type null = f32 base); "
+        "qlora_train: per-step losses of 6 SGD steps; decode: greedy tokens, logits in decode.safetensors.",
+        "versions": {
+            "torch": torch.__version__,
+            "bitsandbytes": bnb.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "model": STRADDLE_MODEL,
+        "eval": straddle_eval(),
+        "qlora_train": straddle_train(),
+        "decode": straddle_decode(),
+    }
+    with open(STRADDLE / "reference.json", "w") as f:
+        json.dump(reference, f, indent=1)
+        f.write("\n")
+    for p in STRADDLE.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    total = sum(p.stat().st_size for p in STRADDLE.rglob("*") if p.is_file())
+    print(f"wrote {STRADDLE} ({total} bytes)")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["straddle"]:
+        make_straddle()
+    else:
+        main()
+        make_straddle()

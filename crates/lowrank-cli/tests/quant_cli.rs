@@ -301,3 +301,81 @@ fn quantization_flag_errors() {
     let o = lowrank(&["eval", "--model", dir.to_str().unwrap(), "--data", &data]);
     assert_fails_with(&o, &["quant_method", "gptq"]);
 }
+
+/// `eval --quantize … --block-size …` where blocks straddle weight rows (fixtures/quant-straddle:
+/// down_proj rows of 176 values at block 64, blocks over several rows at 256 and 4096),
+/// quantized at load and from the folder `quantize --block-size` writes, against transformers
+/// + bitsandbytes (+ PEFT).
+#[test]
+fn eval_with_blocks_straddling_rows_matches_bitsandbytes() {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("quant-straddle/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let want = |adapter: Option<&str>, kind: &str, dq: bool, block: u64| -> f64 {
+        r["eval"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["adapter"].as_str() == adapter
+                    && c["quant_type"] == kind
+                    && c["double_quant"] == dq
+                    && c["block_size"] == block
+            })
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let model = fx("quant-straddle/llama-i176");
+    let data = fx("data/eval.jsonl");
+    let tmp = tempfile::tempdir().unwrap();
+    for (adapter, kind, dq, block) in [
+        (None, "nf4", true, 64),
+        (Some("llama-i176__dora"), "fp4", false, 256),
+        (Some("llama-i176__lora"), "nf4", false, 4096),
+    ] {
+        let block_arg = block.to_string();
+        let adapter_arg = adapter.map(|a| fx(&format!("quant-straddle/{a}")));
+        let mut at_load = vec![
+            "eval",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--quantize",
+            kind,
+            "--block-size",
+            &block_arg,
+        ];
+        let folder = tmp.path().join(format!("{kind}-{block}"));
+        let mut quantize = vec![
+            "quantize",
+            "--model",
+            &model,
+            "--out",
+            folder.to_str().unwrap(),
+            "--quant",
+            kind,
+            "--block-size",
+            &block_arg,
+        ];
+        if dq {
+            at_load.push("--double-quant");
+            quantize.push("--double-quant");
+        }
+        json_out(&lowrank(&quantize));
+        let mut from_folder = vec!["eval", "--model", folder.to_str().unwrap(), "--data", &data];
+        for args in [&mut at_load, &mut from_folder] {
+            if let Some(a) = &adapter_arg {
+                args.extend(["--adapter", a.as_str()]);
+            }
+            let loss = json_out(&lowrank(args))["loss"].as_f64().unwrap();
+            let want = want(adapter, kind, dq, block);
+            assert!(
+                (loss - want).abs() <= 1e-5,
+                "{args:?}: {loss} vs bnb {want}"
+            );
+        }
+    }
+}

@@ -277,7 +277,9 @@ impl Quantized4Bit {
 
     /// Dequantize elements `start..start + out.len()` of the flattened weight into `out`.
     /// Used by the fused matmul on tiles; runs of whole bytes go through a byte → value-pair
-    /// table so that each packed byte costs one lookup.
+    /// table so that each packed byte costs one lookup. Element i (= row·in + column) takes
+    /// the absmax of block i / block_size, as in bitsandbytes: a block may end mid-row or
+    /// span several rows (tests: fixtures/quant-straddle).
     pub fn dequantize_range(&self, pairs: &PairLut, start: usize, out: &mut [f32]) {
         let end = start + out.len();
         let mut i = start;

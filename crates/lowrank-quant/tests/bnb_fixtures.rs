@@ -308,3 +308,61 @@ fn memory_bits_per_parameter() {
     assert!((dq.bits_per_param() - (4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0))).abs() < 1e-4);
     assert_eq!(plain.resident_bytes(), x.len() / 2 + x.len() / 64 * 4);
 }
+
+/// The fused 4-bit matmul and its input gradient, on every 2-D case whose blocks straddle
+/// rows (w3x100: 100-value rows at blocks 64 and 128; w256x160: 160-value rows at 64) and the
+/// aligned w64x64, against x·Wᵀ and dy·W with W as bitsandbytes dequantizes it (f64 sums): one
+/// row (decoding), a few rows and enough rows for the tiled GEMM path.
+#[test]
+fn fused_matmul_with_blocks_straddling_rows_equals_bitsandbytes_dequant() {
+    let t = Tensors::open("cases.safetensors");
+    let mut straddling = 0;
+    for c in info().cases.iter().filter(|c| c.shape.len() == 2) {
+        let (out_f, in_f) = (c.shape[0], c.shape[1]);
+        if in_f % c.blocksize != 0 {
+            straddling += 1;
+        }
+        let kind = QuantType::parse(&c.quant_type).unwrap();
+        let x = t.f32(&format!("{}.input", c.input));
+        let q = Quantized4Bit::quantize(&x, &c.shape, kind, c.blocksize, c.double_quant).unwrap();
+        let w = t.f32(&format!("{}.dequant", c.key));
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for rows in [1, 3, lowrank_quant::matmul::GEMM_MIN_ROWS + 5] {
+            let input: Vec<f32> = (0..rows * in_f)
+                .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+                .collect();
+            let y = lowrank_quant::matmul_4bit(&input, rows, &q).unwrap();
+            for r in 0..rows {
+                for o in 0..out_f {
+                    let want: f64 = (0..in_f)
+                        .map(|i| input[r * in_f + i] as f64 * w[o * in_f + i] as f64)
+                        .sum();
+                    let got = y[r * out_f + o] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (scale as f64) * in_f as f64,
+                        "{} rows {rows}: y[{r}, {o}] {got} vs {want}",
+                        c.key
+                    );
+                }
+            }
+            let dy: Vec<f32> = (0..rows * out_f)
+                .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+                .collect();
+            let dx = lowrank_quant::matmul_4bit_grad_input(&dy, rows, &q).unwrap();
+            for r in 0..rows {
+                for i in 0..in_f {
+                    let want: f64 = (0..out_f)
+                        .map(|o| dy[r * out_f + o] as f64 * w[o * in_f + i] as f64)
+                        .sum();
+                    let got = dx[r * in_f + i] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (scale as f64) * out_f as f64,
+                        "{} rows {rows}: dx[{r}, {i}] {got} vs {want}",
+                        c.key
+                    );
+                }
+            }
+        }
+    }
+    assert!(straddling >= 9, "{straddling} straddling cases");
+}
