@@ -487,3 +487,42 @@ fn non_utf8_data_is_named_by_line() {
         &["latin1.jsonl:2:", "UTF-8"],
     );
 }
+
+/// An error names each path and says each cause once ("x: No such file or directory (os
+/// error 2): No such file or directory (os error 2)" and "loading adapter a:
+/// a/adapter_config.json: ..." said them twice).
+#[test]
+fn errors_say_each_thing_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = s(&tmp.path().join("missing.jsonl"));
+    let out = lowrank(&["eval", "--model", &fx(MODEL), "--data", &missing]);
+    assert_fails_with(&out, &["missing.jsonl"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    let adapter = s(&tmp.path().join("no-adapter"));
+    for command in [
+        vec![
+            "eval",
+            "--model",
+            &fx(MODEL),
+            "--data",
+            &fx("data/eval.jsonl"),
+            "--adapter",
+            &adapter,
+        ],
+        vec!["inspect", &adapter],
+    ] {
+        let out = lowrank(&command);
+        assert_fails_with(&out, &["no-adapter"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.matches("no-adapter").count(), 1, "{stderr}");
+        assert!(
+            stderr.matches("adapter_config.json").count() <= 1,
+            "{stderr}"
+        );
+    }
+}

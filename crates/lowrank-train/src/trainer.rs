@@ -240,25 +240,19 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if o.method == Method::Adalora {
         let a = &o.adalora;
         if a.init_rank == 0 || a.target_rank > a.init_rank {
-            return Err(bad(
-                "init_rank",
-                format!(
-                    "need 1 ≤ --target-rank ≤ --init-rank, found {} and {}",
-                    a.target_rank, a.init_rank
-                ),
-            ));
+            return Err(Error::Msg(format!(
+                "--target-rank {} and --init-rank {}: need 1 ≤ --target-rank ≤ --init-rank",
+                a.target_rank, a.init_rank
+            )));
         }
         if a.delta_t == 0 {
             return Err(bad("delta_t", "must be at least 1"));
         }
         if !(a.beta1 > 0.0 && a.beta1 < 1.0 && a.beta2 > 0.0 && a.beta2 < 1.0) {
-            return Err(bad(
-                "beta1",
-                format!(
-                    "--beta1 and --beta2 must be in (0, 1), found {} and {}",
-                    a.beta1, a.beta2
-                ),
-            ));
+            return Err(Error::Msg(format!(
+                "--beta1 {} and --beta2 {}: each must be in (0, 1)",
+                a.beta1, a.beta2
+            )));
         }
         if a.orth_reg_weight.is_nan() || a.orth_reg_weight < 0.0 {
             return Err(bad("orth_reg_weight", "must be ≥ 0"));
@@ -725,7 +719,8 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.join(STATE_FILE).exists() {
         return Ok(path.to_path_buf());
     }
-    let entries = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| Error::Msg(format!("--resume {}: {e}", path.display())))?;
     let latest = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {

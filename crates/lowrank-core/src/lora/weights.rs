@@ -124,7 +124,7 @@ impl LoraAdapter {
                 &config_path,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "no adapter_config.json: not a PEFT adapter folder",
+                    "not found: not a PEFT adapter folder",
                 ),
             ));
         }
