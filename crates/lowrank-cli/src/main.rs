@@ -61,9 +61,27 @@ fn main() {
     let cli = Cli::parse();
     let result = run(cli.command);
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", describe(&err));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes joined by ": ", as `{:#}` prints them, less a cause whose text the
+/// message already ends with: errors that show their source and also chain it
+/// ("x.jsonl: No such file or directory (os error 2)") would otherwise print it twice.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.ends_with(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

@@ -54,6 +54,12 @@ impl Error {
         }
     }
 
+    /// A command-line option (`--name`) holding a value that cannot be used; `field` is its
+    /// name with underscores (`save_every` is `--save-every`).
+    pub fn option(field: &str, message: impl std::fmt::Display) -> Self {
+        Error::Msg(format!("--{}: {message}", field.replace('_', "-")))
+    }
+
     pub fn tensors(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Tensors {
             path: path.into(),

@@ -20,6 +20,25 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Reads a text file that must be UTF-8; otherwise the error names the line (1-based) and the
+/// byte within it where the encoding breaks, as a JSONL reader names its lines.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = valid
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |at| at + 1);
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::Msg(format!(
+            "{}:{line}: not valid UTF-8 (at byte {} of the line); the file must be UTF-8 text",
+            path.display(),
+            valid.len() - line_start + 1
+        ))
+    })
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
@@ -129,6 +148,20 @@ mod tests {
                 & 0o777,
             0o755
         );
+    }
+
+    #[test]
+    fn non_utf8_text_names_line_and_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.jsonl");
+        std::fs::write(&path, b"{\"text\": \"ok\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+        let err = read_text(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("data.jsonl:2:") && err.contains("UTF-8") && err.contains("byte 14"),
+            "{err}"
+        );
+        std::fs::write(&path, "{\"text\": \"café\"}\n").unwrap();
+        assert_eq!(read_text(&path).unwrap(), "{\"text\": \"café\"}\n");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod adalora;
 pub mod error;
 pub mod files;
+pub mod finite;
 pub mod linear;
 pub mod lora;
 pub mod targets;

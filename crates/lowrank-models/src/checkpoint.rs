@@ -171,7 +171,17 @@ impl Checkpoint {
                 t.dims()
             )));
         }
-        Ok(t.to_dtype(dtype)?)
+        let t = t.to_dtype(dtype)?;
+        lowrank_core::finite::ensure_finite(self.source(), name, &t)?;
+        Ok(t)
+    }
+
+    /// What errors about a tensor name: the file of a single-file checkpoint, else the folder.
+    fn source(&self) -> &Path {
+        match self.files.as_slice() {
+            [one] => one,
+            _ => &self.dir,
+        }
     }
 
     /// Whether `weight_name` is stored 4-bit in the bitsandbytes layout (it has a

@@ -212,6 +212,8 @@ impl ModelConfig {
             }
             _ => None,
         };
+        check_ranges(&file, head_dim, rope_theta, &rope_scaling, sliding_window)
+            .map_err(|(field, msg)| bad(field, msg))?;
         let tie_default = false;
         let dtype = file.torch_dtype.clone().or(file.dtype.clone());
         Ok(ModelConfig {
@@ -241,6 +243,11 @@ impl ModelConfig {
         })
     }
 
+    /// Bytes of KV cache one position takes: an f32 key and value per layer and KV head.
+    pub fn kv_cache_bytes_per_token(&self) -> u64 {
+        (self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4) as u64
+    }
+
     /// Parameters of the model (embeddings, lm_head unless tied, layers, norms).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
@@ -262,6 +269,78 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_layers * layer + h
     }
+}
+
+/// Sizes and constants a forward pass divides by, takes powers of or allocates from: zero,
+/// negative or non-finite values would give NaN everywhere (or nothing) instead of an error.
+fn check_ranges(
+    file: &ConfigFile,
+    head_dim: usize,
+    rope_theta: f64,
+    rope_scaling: &RopeScaling,
+    sliding_window: Option<usize>,
+) -> std::result::Result<(), (&'static str, String)> {
+    let sizes = [
+        ("vocab_size", file.vocab_size),
+        ("hidden_size", file.hidden_size),
+        ("intermediate_size", file.intermediate_size),
+        ("num_hidden_layers", file.num_hidden_layers),
+        ("head_dim", head_dim),
+        ("max_position_embeddings", file.max_position_embeddings),
+    ];
+    for (field, value) in sizes {
+        if value == 0 {
+            return Err((field, "must be at least 1, found 0".into()));
+        }
+    }
+    if sliding_window == Some(0) {
+        return Err(("sliding_window", "must be at least 1, found 0".into()));
+    }
+    // Computed in f32: a value beyond f32's range is infinite there.
+    let positive = |field: &'static str, v: f64| {
+        if v.is_finite() && v > 0.0 && v <= f64::from(f32::MAX) {
+            Ok(())
+        } else {
+            Err((
+                field,
+                format!("must be a positive finite number, found {v}"),
+            ))
+        }
+    };
+    positive("rms_norm_eps", file.rms_norm_eps)?;
+    positive("rope_theta", rope_theta)?;
+    match *rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            positive("rope_scaling", factor).map_err(|(f, m)| (f, format!("factor {m}")))?
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            for (key, v) in [
+                ("factor", factor),
+                ("low_freq_factor", low_freq_factor),
+                ("high_freq_factor", high_freq_factor),
+                (
+                    "original_max_position_embeddings",
+                    original_max_position_embeddings,
+                ),
+            ] {
+                positive("rope_scaling", v).map_err(|(f, m)| (f, format!("{key} {m}")))?;
+            }
+            // The smooth interpolation divides by their difference.
+            if high_freq_factor <= low_freq_factor {
+                return Err((
+                    "rope_scaling",
+                    format!("high_freq_factor ({high_freq_factor}) must be greater than low_freq_factor ({low_freq_factor})"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, String> {
@@ -379,6 +458,41 @@ mod tests {
         for (v, expect) in cases {
             let err = parse(v).unwrap_err().to_string();
             assert!(err.contains("config.json") && err.contains(expect), "{err}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let cases = [
+            ("rms_norm_eps", json!(0.0)),
+            ("rms_norm_eps", json!(-1e-6)),
+            ("rope_theta", json!(0.0)),
+            ("rope_theta", json!(1e300)),
+            ("num_hidden_layers", json!(0)),
+            ("hidden_size", json!(0)),
+            ("intermediate_size", json!(0)),
+            ("vocab_size", json!(0)),
+            ("max_position_embeddings", json!(0)),
+            ("head_dim", json!(0)),
+        ];
+        for (field, value) in cases {
+            let mut v = base();
+            v[field] = value.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(
+                err.contains("config.json") && err.contains(&format!("`{field}`")),
+                "{field} = {value}: {err}"
+            );
+        }
+        for scaling in [
+            json!({"rope_type":"linear","factor":0.0}),
+            json!({"rope_type":"llama3","factor":8.0,"low_freq_factor":4.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}),
+            json!({"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":-1}),
+        ] {
+            let mut v = base();
+            v["rope_scaling"] = scaling.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains("`rope_scaling`"), "{scaling}: {err}");
         }
     }
 

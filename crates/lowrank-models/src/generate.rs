@@ -92,8 +92,46 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// Checks that `prompt_len` + `max_tokens` positions fit the model's context
+/// (`max_position_embeddings`) and that their KV cache, reserved up front, fits the memory
+/// the system has available (where /proc/meminfo tells), as the server checks each request.
+pub fn check_fits(model: &Llama, prompt_len: usize, max_tokens: usize) -> Result<()> {
+    let config = model.config();
+    let positions = config.max_position_embeddings;
+    let total = prompt_len.saturating_add(max_tokens);
+    if total > positions {
+        return Err(lowrank_core::Error::Msg(format!(
+            "prompt ({prompt_len} tokens) + max tokens ({max_tokens}) exceeds the model's {positions} positions (max_position_embeddings){}",
+            match positions.checked_sub(prompt_len) {
+                Some(room) if room > 0 => format!("; at most {room} new tokens fit"),
+                _ => "; the prompt alone fills them".into(),
+            }
+        )));
+    }
+    let need = (total as u64).saturating_mul(config.kv_cache_bytes_per_token());
+    if let Some(available) = available_memory_bytes() {
+        if need > available {
+            return Err(lowrank_core::Error::Msg(format!(
+                "the KV cache for {total} positions needs {} MB, more than the {} MB of memory available; lower max tokens",
+                need / (1 << 20),
+                available / (1 << 20)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (None where there is no such file).
+fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
 /// Generates up to `max_tokens` after `prompt`, calling `on_token` for each new token; stops
-/// after a token in `stop_ids` (which is not returned). Returns the new tokens.
+/// after a token in `stop_ids` (which is not returned). Returns the new tokens. Refuses (see
+/// [`check_fits`]) more positions than the model has or a cache the memory cannot hold.
 pub fn generate(
     model: &Llama,
     prompt: &[u32],
@@ -104,6 +142,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     model.check_ids(prompt)?;
+    check_fits(model, prompt.len(), max_tokens)?;
     // Room for the whole answer up front: no cache copy while decoding.
     let mut cache = KvCache::with_capacity(prompt.len() + max_tokens);
     let mut out = Vec::new();
@@ -154,20 +193,66 @@ pub fn sequence_nll(
     ids: &[u32],
     adapters: &[ActiveAdapter],
 ) -> Result<(f64, usize)> {
-    if ids.len() < 2 {
+    scored_nll(model, ids, 1, adapters)
+}
+
+/// Sum of −log p(token_t | tokens_<t) over `first ≤ t < ids.len()` (t ≥ 1) and how many
+/// there are: one window of a sliding-window evaluation, where the tokens before `first` were
+/// scored by an earlier window and are only context here.
+pub fn scored_nll(
+    model: &Llama,
+    ids: &[u32],
+    first: usize,
+    adapters: &[ActiveAdapter],
+) -> Result<(f64, usize)> {
+    let first = first.max(1);
+    if ids.len() <= first {
         return Ok((0.0, 0));
     }
     model.check_ids(ids)?;
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
     let logits = model.forward(&input, None, adapters)?.squeeze(0)?;
-    let logprobs = candle_nn::ops::log_softmax(&logits.narrow(0, 0, ids.len() - 1)?, D::Minus1)?;
-    let targets = Tensor::new(&ids[1..], model.device())?.unsqueeze(1)?;
+    let scored = ids.len() - first;
+    let logprobs = candle_nn::ops::log_softmax(&logits.narrow(0, first - 1, scored)?, D::Minus1)?;
+    let targets = Tensor::new(&ids[first..], model.device())?.unsqueeze(1)?;
     let picked = logprobs.gather(&targets, 1)?;
     let total = picked
         .sum_all()?
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()?;
-    Ok((-total, ids.len() - 1))
+    Ok((-total, scored))
+}
+
+/// [`sequence_nll`] of a sequence longer than the model's context, in windows of `window`
+/// tokens starting every `stride` tokens (1 ≤ stride < window): each window scores the tokens
+/// after the previous window's end, so every token after the first is scored once, with at
+/// least `window − stride` tokens of context (transformers' sliding-window perplexity).
+pub fn windowed_nll(
+    model: &Llama,
+    ids: &[u32],
+    window: usize,
+    stride: usize,
+    adapters: &[ActiveAdapter],
+) -> Result<(f64, usize)> {
+    if stride == 0 || stride >= window {
+        return Err(lowrank_core::Error::Msg(format!(
+            "the window stride must be between 1 and {} (window {window}), found {stride}",
+            window.saturating_sub(1)
+        )));
+    }
+    let (mut total, mut count) = (0.0, 0);
+    let (mut begin, mut scored_to) = (0, 0);
+    loop {
+        let end = (begin + window).min(ids.len());
+        let (nll, n) = scored_nll(model, &ids[begin..end], scored_to - begin, adapters)?;
+        total += nll;
+        count += n;
+        scored_to = end;
+        if end == ids.len() {
+            return Ok((total, count));
+        }
+        begin += stride;
+    }
 }
 
 #[cfg(test)]

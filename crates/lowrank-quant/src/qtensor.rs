@@ -214,6 +214,32 @@ impl Quantized4Bit {
                 ));
             }
         }
+        // A NaN or infinite scale or table entry makes the whole block (or weight) non-finite.
+        let finite =
+            |part: &str, values: &[f32]| match values.iter().filter(|x| !x.is_finite()).count() {
+                0 => Ok(()),
+                bad => Err(Error::tensor(
+                    format!("{name}.{part}"),
+                    format!(
+                        "{bad} non-finite value(s) (NaN or ±inf) of {}",
+                        values.len()
+                    ),
+                )),
+            };
+        finite("quant_map", &code)?;
+        match &absmax {
+            AbsmaxState::Plain(a) => finite("absmax", a)?,
+            AbsmaxState::Double {
+                nested_absmax,
+                offset,
+                nested_map,
+                ..
+            } => {
+                finite("nested_absmax", nested_absmax)?;
+                finite("nested_quant_map", &nested_map[..])?;
+                finite("quant_state offset", &[*offset])?;
+            }
+        }
         let code = if code == *kind.table() {
             shared_table(kind)
         } else {

@@ -53,7 +53,7 @@ fn normal_tensor(rng: &mut StdRng, shape: (usize, usize), std: f64) -> Result<Te
 }
 
 fn bad(field: &str, msg: impl Into<String>) -> Error {
-    Error::field(format!("--{}", field.replace('_', "-")), field, msg)
+    Error::option(field, msg.into())
 }
 
 /// The trainable adapter: fresh (E = 0, A and B ~ N(0, 0.02), PEFT's `reset_lora_parameters`)

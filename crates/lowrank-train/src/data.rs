@@ -82,32 +82,42 @@ pub fn tokenize(
     value: &Value,
     tokenizer: &Tokenizer,
 ) -> std::result::Result<Example, String> {
-    match format {
+    tokenize_truncated(format, value, tokenizer, usize::MAX)
+}
+
+/// [`tokenize`] truncated to the first `max_len` tokens, tokenizing only the part of a long
+/// text those need (the same ids and targets as tokenizing it whole, then truncating).
+pub fn tokenize_truncated(
+    format: Format,
+    value: &Value,
+    tokenizer: &Tokenizer,
+    max_len: usize,
+) -> std::result::Result<Example, String> {
+    let encode = |text: &str, special: bool, max: usize| {
+        tokenizer
+            .encode_truncated(text, special, max)
+            .map_err(|e| e.to_string())
+    };
+    let mut ex = match format {
         Format::Text => {
-            let ids = tokenizer
-                .encode(str_field(value, "text")?, true)
-                .map_err(|e| e.to_string())?;
+            let ids = encode(str_field(value, "text")?, true, max_len)?;
             let targets = (0..ids.len()).map(|t| t >= 1).collect();
-            Ok(Example { ids, targets })
+            Example { ids, targets }
         }
         Format::PromptCompletion => {
             let prompt = str_field(value, "prompt")?;
             let completion = str_field(value, "completion")?;
-            let p = tokenizer.encode(prompt, true).map_err(|e| e.to_string())?;
-            let full = tokenizer
-                .encode(&format!("{prompt}{completion}"), true)
-                .map_err(|e| e.to_string())?;
+            // Both cut to max_len: when the prompt alone fills it, nothing after it is kept,
+            // and otherwise "full starts with p" reads the same on the cut sequences.
+            let p = encode(prompt, true, max_len)?;
+            let full = encode(&format!("{prompt}{completion}"), true, max_len)?;
             // As TRL: tokenize prompt and prompt+completion; if merges cross the boundary,
             // tokenize the completion on its own instead.
             let mut ids = if full.starts_with(&p) {
                 full
             } else {
                 let mut ids = p.clone();
-                ids.extend(
-                    tokenizer
-                        .encode(completion, false)
-                        .map_err(|e| e.to_string())?,
-                );
+                ids.extend(encode(completion, false, max_len - p.len())?);
                 ids
             };
             if let Some(eos) = tokenizer.eos_token_id() {
@@ -116,7 +126,7 @@ pub fn tokenize(
                 }
             }
             let targets = (0..ids.len()).map(|t| t >= p.len().max(1)).collect();
-            Ok(Example { ids, targets })
+            Example { ids, targets }
         }
         Format::Messages => {
             let messages: Vec<Message> =
@@ -159,7 +169,7 @@ pub fn tokenize(
                 spans.push((before.len(), upto.len()));
             }
             let (ids, offsets) = tokenizer
-                .encode_with_offsets(&full, false)
+                .encode_truncated_with_offsets(&full, false, max_len)
                 .map_err(|e| e.to_string())?;
             let targets = offsets
                 .iter()
@@ -168,9 +178,11 @@ pub fn tokenize(
                     t >= 1 && end > start && spans.iter().any(|&(a, b)| start >= a && start < b)
                 })
                 .collect();
-            Ok(Example { ids, targets })
+            Example { ids, targets }
         }
-    }
+    };
+    ex.truncate(max_len);
+    Ok(ex)
 }
 
 /// Reads a JSONL file: the format of its first line, every line tokenized and truncated to
@@ -181,7 +193,7 @@ pub fn load(
     tokenizer: &Tokenizer,
     max_len: usize,
 ) -> Result<(Format, Vec<Example>, usize)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = lowrank_core::files::read_text(path)?;
     let mut format = None;
     let mut out = Vec::new();
     let mut dropped = 0;
@@ -206,8 +218,7 @@ pub fn load(
                 format.as_str()
             )));
         }
-        let mut ex = tokenize(format, &value, tokenizer).map_err(at)?;
-        ex.truncate(max_len);
+        let ex = tokenize_truncated(format, &value, tokenizer, max_len).map_err(at)?;
         if ex.loss_tokens() == 0 {
             dropped += 1;
         } else {
@@ -231,8 +242,7 @@ pub fn split(
     seed: u64,
 ) -> Result<(Vec<Example>, Vec<Example>)> {
     if !(fraction > 0.0 && fraction < 1.0) {
-        return Err(Error::field(
-            "--eval-split",
+        return Err(Error::option(
             "eval_split",
             format!("expected a fraction in (0, 1), found {fraction}"),
         ));
@@ -484,6 +494,65 @@ mod tests {
                 // The end-of-turn marker is learned so the model learns to stop.
                 assert_eq!(text.matches("<|im_end|>").count(), 2, "{text:?}");
                 assert!(!text.contains("assistant"), "{text:?}");
+            }
+        }
+    }
+
+    /// Long records cut to `max_len` while tokenizing give what tokenizing them whole and
+    /// truncating gives, in every format, for both tokenizer styles and cuts that fall in the
+    /// prompt, at the prompt's end, in the completion and past the end.
+    #[test]
+    fn truncated_tokenizing_equals_whole_tokenizing_then_truncating() {
+        let sentence = "The small dog finds the red ball under the tree, café 🤔 12 trains. ";
+        let long = sentence.repeat(400);
+        let records = [
+            (Format::Text, json!({ "text": long })),
+            (Format::Text, json!({"text": "a b".repeat(5000)})),
+            (Format::Text, json!({"text": "x".repeat(30000)})),
+            (
+                Format::PromptCompletion,
+                json!({"prompt": long, "completion": " and it ends."}),
+            ),
+            (
+                Format::PromptCompletion,
+                json!({"prompt": "Where is the dog?", "completion": long}),
+            ),
+            (
+                Format::Messages,
+                json!({"messages": [
+                    {"role": "user", "content": long},
+                    {"role": "assistant", "content": long},
+                ]}),
+            ),
+        ];
+        for style in ["llama-style", "qwen-style"] {
+            let t = tok(style);
+            for (format, value) in &records {
+                let whole = tokenize(*format, value, &t).unwrap();
+                let p = t
+                    .encode(
+                        value.get("prompt").and_then(Value::as_str).unwrap_or(""),
+                        true,
+                    )
+                    .unwrap()
+                    .len();
+                for max_len in [
+                    2,
+                    7,
+                    64,
+                    512,
+                    p.saturating_sub(1).max(2),
+                    p,
+                    p + 1,
+                    p + 3,
+                    whole.ids.len(),
+                    whole.ids.len() + 5,
+                ] {
+                    let mut want = whole.clone();
+                    want.truncate(max_len);
+                    let got = tokenize_truncated(*format, value, &t, max_len).unwrap();
+                    assert_eq!(got, want, "{style} {} max_len {max_len}", format.as_str());
+                }
             }
         }
     }

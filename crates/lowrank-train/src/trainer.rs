@@ -115,7 +115,7 @@ pub fn parse_targets(spec: &str) -> Result<ModuleSelector> {
     }
     if spec.chars().any(|c| "*+?()[]|^$\\".contains(c)) {
         return ModuleSelector::regex(spec)
-            .map_err(|e| Error::field("--targets", "targets", format!("invalid regex: {e}")));
+            .map_err(|e| Error::option("targets", format!("invalid regex: {e}")));
     }
     let names: Vec<String> = spec
         .split(',')
@@ -124,17 +124,13 @@ pub fn parse_targets(spec: &str) -> Result<ModuleSelector> {
         .map(String::from)
         .collect();
     if names.is_empty() {
-        return Err(Error::field(
-            "--targets",
-            "targets",
-            "no module names given",
-        ));
+        return Err(Error::option("targets", "no module names given"));
     }
     Ok(ModuleSelector::Names(names))
 }
 
 fn bad(field: &str, msg: impl Into<String>) -> Error {
-    Error::field(format!("--{}", field.replace('_', "-")), field, msg)
+    Error::option(field, msg.into())
 }
 
 fn validate(o: &TrainOptions) -> Result<()> {
@@ -142,10 +138,15 @@ fn validate(o: &TrainOptions) -> Result<()> {
         if o.rank == 0 {
             return Err(bad("rank", "must be at least 1"));
         }
-        if !o.alpha.is_finite() || o.alpha <= 0.0 {
+        // The scale α/r is applied in f32.
+        if !(o.alpha.is_finite() && o.alpha > 0.0 && o.alpha <= f64::from(f32::MAX)) {
             return Err(bad(
                 "alpha",
-                format!("must be a positive number, found {}", o.alpha),
+                format!(
+                    "must be a positive number at most {:e}, found {}",
+                    f32::MAX,
+                    o.alpha
+                ),
             ));
         }
     }
@@ -167,23 +168,32 @@ fn validate(o: &TrainOptions) -> Result<()> {
             format!("each must be in [0, 1), found {:?}", o.betas),
         ));
     }
-    if o.eps.is_nan()
-        || o.eps <= 0.0
-        || o.weight_decay.is_nan()
-        || o.weight_decay < 0.0
-        || o.max_grad_norm.is_nan()
-        || o.max_grad_norm < 0.0
-    {
+    if !(o.eps.is_finite() && o.eps > 0.0) {
         return Err(bad(
             "eps",
-            "eps must be > 0, weight decay and max grad norm ≥ 0",
+            format!("must be a positive number, found {}", o.eps),
         ));
     }
-    if o.batch_size == 0 || o.grad_accum == 0 {
+    if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
         return Err(bad(
-            "batch_size",
-            "batch size and grad accumulation must be at least 1",
+            "weight_decay",
+            format!("must be a number ≥ 0, found {}", o.weight_decay),
         ));
+    }
+    // inf clips nothing, as 0 does.
+    if o.max_grad_norm.is_nan() || o.max_grad_norm < 0.0 {
+        return Err(bad(
+            "max_grad_norm",
+            format!(
+                "must be a number ≥ 0 (0 disables clipping), found {}",
+                o.max_grad_norm
+            ),
+        ));
+    }
+    for (field, value) in [("batch_size", o.batch_size), ("grad_accum", o.grad_accum)] {
+        if value == 0 {
+            return Err(bad(field, "must be at least 1"));
+        }
     }
     if o.max_len < 2 {
         return Err(bad(
@@ -194,8 +204,14 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if o.epochs == 0 && o.max_steps.is_none() {
         return Err(bad("epochs", "must be at least 1 (or give --max-steps)"));
     }
-    if o.max_steps == Some(0) || o.save_every == Some(0) || o.eval_every == Some(0) {
-        return Err(bad("max_steps", "step counts must be at least 1"));
+    for (field, value) in [
+        ("max_steps", o.max_steps),
+        ("save_every", o.save_every),
+        ("eval_every", o.eval_every),
+    ] {
+        if value == Some(0) {
+            return Err(bad(field, "must be at least 1"));
+        }
     }
     if o.compute_dtype == ComputeDtype::Bf16 && o.method == Method::Full {
         return Err(bad(
@@ -224,25 +240,19 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if o.method == Method::Adalora {
         let a = &o.adalora;
         if a.init_rank == 0 || a.target_rank > a.init_rank {
-            return Err(bad(
-                "init_rank",
-                format!(
-                    "need 1 ≤ --target-rank ≤ --init-rank, found {} and {}",
-                    a.target_rank, a.init_rank
-                ),
-            ));
+            return Err(Error::Msg(format!(
+                "--target-rank {} and --init-rank {}: need 1 ≤ --target-rank ≤ --init-rank",
+                a.target_rank, a.init_rank
+            )));
         }
         if a.delta_t == 0 {
             return Err(bad("delta_t", "must be at least 1"));
         }
         if !(a.beta1 > 0.0 && a.beta1 < 1.0 && a.beta2 > 0.0 && a.beta2 < 1.0) {
-            return Err(bad(
-                "beta1",
-                format!(
-                    "--beta1 and --beta2 must be in (0, 1), found {} and {}",
-                    a.beta1, a.beta2
-                ),
-            ));
+            return Err(Error::Msg(format!(
+                "--beta1 {} and --beta2 {}: each must be in (0, 1)",
+                a.beta1, a.beta2
+            )));
         }
         if a.orth_reg_weight.is_nan() || a.orth_reg_weight < 0.0 {
             return Err(bad("orth_reg_weight", "must be ≥ 0"));
@@ -585,12 +595,132 @@ fn run_identity(o: &TrainOptions) -> Value {
     v
 }
 
+/// The model and data a run trains on, recorded in each checkpoint for `--resume` to compare:
+/// the model folder (path, bytes of config.json and weights, CRC-32 of config.json) and each
+/// data file (path, bytes, CRC-32 of its contents).
+fn input_identity(o: &TrainOptions, model_dir: &Path) -> Result<Value> {
+    let absolute = |p: &Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    };
+    let data = |path: &Path| -> Result<Value> {
+        let (bytes, crc) = file_checksum(path)?;
+        Ok(json!({"path": absolute(path), "bytes": bytes, "crc32": format!("{crc:08x}")}))
+    };
+    let (mut bytes, config_crc) = file_checksum(&model_dir.join("config.json"))?;
+    let entries = std::fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))?;
+    for entry in entries.filter_map(|e| e.ok()) {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".safetensors")
+        {
+            // Through symlinks, as the HF cache stores its blobs.
+            let meta = std::fs::metadata(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+            bytes += meta.len();
+        }
+    }
+    Ok(json!({
+        "model": {"path": absolute(model_dir), "bytes": bytes, "config_crc32": format!("{config_crc:08x}")},
+        "data": data(&o.data)?,
+        "eval_data": o.eval_data.as_deref().map(data).transpose()?,
+    }))
+}
+
+/// Size and CRC-32 of a file, read in chunks.
+fn file_checksum(path: &Path) -> Result<(u64, u32)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            return Ok((bytes, hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+}
+
+/// Refuses to resume on another model or other data. The model must be the same folder with
+/// the same config and weight sizes (two fine-tunes of one architecture differ only there);
+/// data files must hold the same bytes, wherever they now are. Checkpoints written before the
+/// inputs were recorded are not checked.
+fn check_inputs(ckpt: &Path, saved: Option<&Value>, now: &Value) -> Result<()> {
+    let Some(saved) = saved else {
+        return Ok(());
+    };
+    for (key, flag) in [
+        ("model", "--model"),
+        ("data", "--data"),
+        ("eval_data", "--eval-data"),
+    ] {
+        let (was, is) = (&saved[key], &now[key]);
+        let same = if key == "model" {
+            was == is
+        } else {
+            was.get("bytes") == is.get("bytes") && was.get("crc32") == is.get("crc32")
+        };
+        if !same {
+            return Err(Error::Msg(format!(
+                "--resume {}: {flag} is not what the checkpoint was trained on: the checkpoint has {}, this run gives {}",
+                ckpt.display(),
+                describe_input(was),
+                describe_input(is)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn describe_input(v: &Value) -> String {
+    if v.is_null() {
+        return "none".into();
+    }
+    let crc = v.get("crc32").or_else(|| v.get("config_crc32"));
+    format!(
+        "{} ({} bytes, {}crc32 {})",
+        v["path"].as_str().unwrap_or("?"),
+        v["bytes"],
+        if v.get("config_crc32").is_some() {
+            "config.json "
+        } else {
+            ""
+        },
+        crc.and_then(Value::as_str).unwrap_or("?")
+    )
+}
+
+/// Removes what a killed run left half-written in its `--out`: checkpoint staging folders
+/// (`.checkpoint-XXXXXX`) and temporary files of atomic writes (`.tmpXXXXXX`).
+fn remove_stale_staging(out: &Path) -> Result<()> {
+    let random_tail =
+        |rest: &str| rest.len() == 6 && rest.chars().all(|c| c.is_ascii_alphanumeric());
+    let entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let removed = match (name.strip_prefix(".checkpoint-"), name.strip_prefix(".tmp")) {
+            (Some(rest), _) if random_tail(rest) && path.is_dir() => std::fs::remove_dir_all(&path),
+            (_, Some(rest)) if random_tail(rest) && path.is_file() => std::fs::remove_file(&path),
+            _ => continue,
+        };
+        removed.map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
 /// The checkpoint folder `--resume` names: a checkpoint itself, or the run folder's latest.
 pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.join(STATE_FILE).exists() {
         return Ok(path.to_path_buf());
     }
-    let entries = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| Error::Msg(format!("--resume {}: {e}", path.display())))?;
     let latest = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -613,6 +743,7 @@ fn save_checkpoint(
     t: &Trainable,
     opt: &Optimizer,
     o: &TrainOptions,
+    inputs: &Value,
 ) -> Result<PathBuf> {
     let dest = out.join(format!("checkpoint-{step}"));
     let staging = lowrank_core::files::staging_dir(out, ".checkpoint-")?;
@@ -633,7 +764,7 @@ fn save_checkpoint(
     } else if let Some(adapter) = t.export_adapter()? {
         adapter.save(staging.path())?;
     }
-    let info = json!({"step": step, "optimizer_steps": opt.t, "options": o});
+    let info = json!({"step": step, "optimizer_steps": opt.t, "options": o, "inputs": inputs});
     lowrank_core::files::write_json(&staging.path().join(STATE_FILE), &info)?;
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
@@ -651,19 +782,29 @@ fn active_of(t: &Trainable) -> Vec<ActiveAdapter<'_>> {
         .collect()
 }
 
-/// Appends JSON lines to training_log.jsonl, one write per line.
+/// Appends JSON lines to training_log.jsonl, one write per line. The file is created by the
+/// first line, so a run that fails while setting up leaves no log to block its `--out`.
 struct Log {
-    file: std::fs::File,
+    file: Option<std::fs::File>,
     path: PathBuf,
 }
 
 impl Log {
     fn write(&mut self, v: &Value) -> Result<()> {
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .map_err(|e| Error::io(&self.path, e))?,
+            ),
+        };
         let line = format!("{v}\n");
-        self.file
-            .write_all(line.as_bytes())
+        file.write_all(line.as_bytes())
             .map_err(|e| Error::io(&self.path, e))?;
-        self.file.flush().map_err(|e| Error::io(&self.path, e))
+        file.flush().map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -733,6 +874,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         )));
     }
 
+    let inputs = input_identity(o, &dir)?;
+
     let base_eval_loss = if eval_ex.is_empty() {
         None
     } else {
@@ -773,6 +916,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 diff.join(", ")
             )));
         }
+        check_inputs(ckpt, state.get("inputs"), &inputs)?;
         start_step = state.get("step").and_then(Value::as_u64).unwrap_or(0) as usize;
         let tensors = candle_core::safetensors::load(ckpt.join(TRAINABLE_FILE), &device)?;
         for (name, v) in trainable.names.iter().zip(&trainable.vars) {
@@ -791,33 +935,33 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         } else {
             optimizer.t = start_step;
         }
-        // Keep the log up to the checkpoint.
+        // Keep the log up to the checkpoint: its lines as written (parsing and printing a
+        // number again may change its last digit), less any line a kill cut short.
+        let mut kept_text = String::new();
         if let Ok(text) = std::fs::read_to_string(&log_path) {
-            kept_log = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter(|v| {
-                    v.get("step")
-                        .and_then(Value::as_u64)
-                        .is_some_and(|s| s as usize <= start_step)
-                })
-                .collect();
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if v.get("step")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|s| s as usize <= start_step)
+                {
+                    kept_text.push_str(line);
+                    kept_text.push('\n');
+                    kept_log.push(v);
+                }
+            }
         }
-        let text: String = kept_log.iter().map(|v| format!("{v}\n")).collect();
-        lowrank_core::files::write_atomic(&log_path, text.as_bytes())?;
+        lowrank_core::files::write_atomic(&log_path, kept_text.as_bytes())?;
+        remove_stale_staging(&o.out)?;
         say(
             o,
             &format!("resuming from {} (step {start_step})", ckpt.display()),
         );
-    } else {
-        lowrank_core::files::write_atomic(&log_path, b"")?;
     }
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| Error::io(&log_path, e))?;
     let mut log = Log {
-        file,
+        file: None,
         path: log_path.clone(),
     };
 
@@ -1033,7 +1177,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             ));
             bar.inc(1);
             if o.save_every.is_some_and(|n| step % n == 0) {
-                last_checkpoint = Some(save_checkpoint(&o.out, step, &trainable, &optimizer, o)?);
+                last_checkpoint = Some(save_checkpoint(
+                    &o.out, step, &trainable, &optimizer, o, &inputs,
+                )?);
             }
             if !eval_ex.is_empty()
                 && o.eval_every.is_some_and(|n| step % n == 0)

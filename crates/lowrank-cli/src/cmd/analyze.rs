@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::NamePath;
 use anyhow::{Context, Result};
 use lowrank_algebra::analyze::report::{AnalysisReport, Comparison, ModuleSpectrum};
 use lowrank_algebra::analyze::{
@@ -51,12 +52,12 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let report = match (&args.adapter, &args.full, &args.base) {
         (Some(adapter), _, _) => {
-            let mut analysis = analyze_adapter(adapter, args.energy)
-                .with_context(|| format!("analysing adapter {}", adapter.display()))?;
+            let mut analysis =
+                analyze_adapter(adapter, args.energy).naming("analysing adapter", adapter)?;
             if let Some(other) = &args.compare {
                 analysis
                     .compare_with(other)
-                    .with_context(|| format!("comparing with adapter {}", other.display()))?;
+                    .naming("comparing with adapter", other)?;
             }
             analysis.report
         }

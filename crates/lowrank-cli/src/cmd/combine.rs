@@ -10,6 +10,8 @@ use lowrank_algebra::factored::matrix_from_tensor;
 use lowrank_core::lora::LoraAdapter;
 use lowrank_models::Llama;
 
+use super::NamePath;
+
 const LONG_HELP: &str = "\
 Every method works on the updates the adapters make, ΔWᵢ = sᵢ·BᵢAᵢ, weighted by wᵢ (negative
 weights subtract). A module missing from an adapter contributes zero; different ranks, scales
@@ -107,7 +109,7 @@ pub fn run(args: Args) -> Result<()> {
         .as_deref()
         .map(|spec| -> Result<Llama> {
             let dir = lowrank_models::checkpoint::resolve_model_dir(spec)?;
-            Llama::load(&dir, &device).with_context(|| format!("loading --base {}", dir.display()))
+            Llama::load(&dir, &device).naming("loading --base", &dir)
         })
         .transpose()?;
     let adapters = args
@@ -118,7 +120,7 @@ pub fn run(args: Args) -> Result<()> {
                 Some(model) => model.load_adapter(dir),
                 None => LoraAdapter::load_standalone(dir, &device),
             }
-            .with_context(|| format!("loading adapter {}", dir.display()))
+            .naming("loading adapter", dir)
         })
         .collect::<Result<Vec<_>>>()?;
     let inputs: Vec<Input> = adapters
@@ -154,6 +156,12 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     if let Some(spec) = &args.base {
         combined.adapter.config.base_model = Some(spec.clone());
+    }
+    // Finite inputs can still overflow f32 once weighted and summed: write no such adapter.
+    for (name, tensor) in combined.adapter.peft_tensors() {
+        lowrank_core::finite::ensure_finite(&args.out, &name, &tensor).context(
+            "the combined adapter does not fit in f32 (lower --weights); nothing was written",
+        )?;
     }
     combine::output::save_to_new_dir(&combined.adapter, &args.out)?;
     print_report(&args, &combined);

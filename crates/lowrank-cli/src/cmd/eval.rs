@@ -1,9 +1,16 @@
 //! `lowrank eval`: mean token loss and perplexity on `{"text": ...}` lines.
+//!
+//! A line longer than the model's context (`max_position_embeddings`) is scored in windows of
+//! that many tokens, as transformers' sliding-window perplexity: a window starts every
+//! `--stride` tokens and scores the tokens after the previous window's end, so every token
+//! after a line's first is scored exactly once. The default stride, context − 1, makes
+//! consecutive windows share one token (the cheapest pass, lm-evaluation-harness's rolling
+//! windows); a smaller stride gives each token more context for more compute.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use lowrank_models::generate::sequence_nll;
+use lowrank_models::generate::{sequence_nll, windowed_nll};
 
 use super::{activate, load_adapters, load_model_with, read_jsonl, AdapterSpec, QuantArgs};
 
@@ -24,6 +31,11 @@ pub struct Args {
     /// Truncate each sequence to its first N tokens.
     #[arg(long)]
     max_len: Option<usize>,
+    /// Lines longer than the model's context are scored in windows of that length, one
+    /// every N tokens; each token is scored once, with at least context − N tokens before it
+    /// [default: context − 1].
+    #[arg(long)]
+    stride: Option<usize>,
     #[command(flatten)]
     quant: QuantArgs,
 }
@@ -35,8 +47,19 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--merge needs an --adapter");
     }
     let active = activate(&mut loaded.model, &adapters, args.merge)?;
+    let window = loaded.model.config().max_position_embeddings;
+    let stride = args.stride.unwrap_or(window.saturating_sub(1));
+    if stride == 0 || stride >= window {
+        bail!(
+            "--stride: must be between 1 and {} (the model's context of {window} tokens, max_position_embeddings, less one), found {stride}",
+            window.saturating_sub(1)
+        );
+    }
+    if args.max_len == Some(0) {
+        bail!("--max-len: must be at least 1");
+    }
     let lines = read_jsonl(&args.data)?;
-    let (mut total, mut count) = (0.0, 0usize);
+    let (mut total, mut count, mut windowed) = (0.0, 0usize, 0usize);
     for (i, line) in lines.iter().enumerate() {
         let Some(text) = line.get("text").and_then(|t| t.as_str()) else {
             bail!(
@@ -45,11 +68,16 @@ pub fn run(args: Args) -> Result<()> {
                 i + 1
             );
         };
-        let mut ids = loaded.tokenizer.encode(text, true)?;
-        if let Some(n) = args.max_len {
-            ids.truncate(n);
-        }
-        let (nll, n) = sequence_nll(&loaded.model, &ids, &active)?;
+        let ids = match args.max_len {
+            Some(n) => loaded.tokenizer.encode_truncated(text, true, n)?,
+            None => loaded.tokenizer.encode(text, true)?,
+        };
+        let (nll, n) = if ids.len() > window {
+            windowed += 1;
+            windowed_nll(&loaded.model, &ids, window, stride, &active)?
+        } else {
+            sequence_nll(&loaded.model, &ids, &active)?
+        };
         total += nll;
         count += n;
     }
@@ -60,9 +88,26 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let loss = total / count as f64;
-    println!(
-        "{}",
-        serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": count})
-    );
+    if !loss.is_finite() {
+        bail!(
+            "the loss is {loss}: the model{} computes non-finite values on {}",
+            if adapters.is_empty() {
+                ""
+            } else {
+                " with its adapters"
+            },
+            args.data.display()
+        );
+    }
+    let mut report = serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": count});
+    if windowed > 0 {
+        eprintln!(
+            "note: {windowed} line(s) longer than the model's context ({window} tokens, max_position_embeddings) were scored in windows of {window} tokens starting every {stride} (--stride)"
+        );
+        report["windowed_lines"] = windowed.into();
+        report["window"] = window.into();
+        report["stride"] = stride.into();
+    }
+    println!("{report}");
     Ok(())
 }

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use super::NamePath;
+use anyhow::Result;
 use lowrank_core::adalora::{is_adalora_dir, AdaloraAdapter};
 use lowrank_core::lora::{LoraAdapter, LoraVariant, CONFIG_FILE, WEIGHTS_FILE};
 use lowrank_models::ModelConfig;
@@ -55,7 +56,7 @@ pub fn run(args: Args) -> Result<()> {
         return run_adalora(args);
     }
     let adapter = LoraAdapter::load_standalone(&args.adapter, &super::device())
-        .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
+        .naming("reading adapter", &args.adapter)?;
     let config = &adapter.config;
     let modules: Vec<ModuleReport> = adapter
         .modules
@@ -90,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
 /// An AdaLoRA adapter: every module with its kept rank of the initial one.
 fn run_adalora(args: Args) -> Result<()> {
     let adapter = AdaloraAdapter::load_standalone(&args.adapter, &super::device())
-        .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
+        .naming("reading adapter", &args.adapter)?;
     let config = &adapter.config;
     let modules: Vec<ModuleReport> = adapter
         .modules

@@ -21,6 +21,27 @@ use lowrank_core::QuantSpec;
 use lowrank_models::{ActiveAdapter, Llama, LoadOptions, Tokenizer};
 use lowrank_train::{QuantKind, QuantizeOptions};
 
+/// Names a path in front of an error ("loading adapter DIR: ...") unless the error names it
+/// already: the library's errors name the file at fault, and saying the folder twice
+/// ("loading adapter a: a/adapter_config.json: ...") repeats the message.
+pub trait NamePath<T> {
+    fn naming(self, what: &str, path: &Path) -> Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> NamePath<T> for std::result::Result<T, E> {
+    fn naming(self, what: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| {
+            let e: anyhow::Error = e.into();
+            let path = path.display().to_string();
+            if format!("{e:#}").contains(&path) {
+                e
+            } else {
+                e.context(format!("{what} {path}"))
+            }
+        })
+    }
+}
+
 /// The compute device. CPU for now; a CUDA build would choose it here.
 pub fn device() -> Device {
     Device::Cpu
@@ -40,8 +61,7 @@ pub fn load_model_with(spec: &str, quant: &QuantArgs) -> Result<Loaded> {
     let opts = LoadOptions {
         quantize: quant.spec()?,
     };
-    let model = Llama::load_with(&dir, &device(), &opts)
-        .with_context(|| format!("loading model {}", dir.display()))?;
+    let model = Llama::load_with(&dir, &device(), &opts).naming("loading model", &dir)?;
     if model.is_quantized() {
         eprintln!("{}", model.linear_memory().summary());
     }
@@ -104,8 +124,12 @@ impl std::str::FromStr for AdapterSpec {
         // A trailing `:number` is a weight; anything else is part of the path.
         if let Some((path, weight)) = s.rsplit_once(':') {
             if let Ok(weight) = weight.parse::<f64>() {
-                if !weight.is_finite() {
-                    return Err(format!("adapter weight {weight} is not finite"));
+                // The weight multiplies f32 updates.
+                if !(weight.is_finite() && weight.abs() <= f64::from(f32::MAX)) {
+                    return Err(format!(
+                        "adapter weight {weight} is not a finite f32 number (|weight| ≤ {:e})",
+                        f32::MAX
+                    ));
                 }
                 return Ok(AdapterSpec {
                     path: path.into(),
@@ -127,7 +151,7 @@ pub fn load_adapters(model: &Llama, specs: &[AdapterSpec]) -> Result<Vec<(LoraAd
         .map(|s| {
             let adapter = model
                 .load_adapter(&s.path)
-                .with_context(|| format!("loading adapter {}", s.path.display()))?;
+                .naming("loading adapter", &s.path)?;
             Ok((adapter, s.weight))
         })
         .collect()
@@ -154,8 +178,7 @@ pub fn activate<'a>(
 
 /// Reads a JSONL file into JSON values, naming file:line on a bad line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = lowrank_core::files::read_text(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use super::NamePath;
+use anyhow::{bail, Result};
 use lowrank_models::{Llama, LoadOptions};
 use lowrank_train::QuantKind;
 
@@ -50,7 +51,7 @@ pub fn run(args: Args) -> Result<()> {
             quantize: Some(spec),
         },
     )
-    .with_context(|| format!("loading model {}", dir.display()))?;
+    .naming("loading model", &dir)?;
     let memory = model.linear_memory();
     model.save_pretrained(&dir, &args.out)?;
     eprintln!("{}", memory.summary());

@@ -186,6 +186,7 @@ impl AdaloraConfig {
         if file.init_r == 0 {
             return Err(bad("init_r", "the initial rank must be at least 1".into()));
         }
+        crate::lora::check_alpha(file.lora_alpha).map_err(|m| bad("lora_alpha", m))?;
         if file.delta_t == 0 {
             return Err(bad("deltaT", "must be at least 1".into()));
         }

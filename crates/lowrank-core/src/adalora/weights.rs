@@ -174,7 +174,9 @@ impl AdaloraAdapter {
         for (key, tensor) in tensors {
             let (module, part) = parse_key(&key, file)?;
             let slot = parts.entry(module).or_default();
-            slot[part as usize] = Some(tensor.to_dtype(DType::F32)?);
+            let tensor = tensor.to_dtype(DType::F32)?;
+            crate::finite::ensure_finite(file, &key, &tensor)?;
+            slot[part as usize] = Some(tensor);
         }
         for name in parts.keys() {
             match base.iter().find(|l| &l.name == name) {

@@ -131,6 +131,19 @@ fn is_set(v: &Value) -> bool {
     }
 }
 
+/// α must be a number whose scale (α/r or α/√r, r ≥ 1, applied in f32) is finite: a larger one
+/// turns every output of the adapted layers into ±inf or NaN. PEFT accepts any sign (and 0).
+pub(crate) fn check_alpha(alpha: f64) -> std::result::Result<(), String> {
+    if alpha.is_finite() && alpha.abs() <= f64::from(f32::MAX) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{alpha:e} is out of range: the scale α/r is applied in f32, so |α| must be at most {:e}",
+            f32::MAX
+        ))
+    }
+}
+
 /// The PEFT fields LoRA and AdaLoRA configs share.
 pub(crate) struct SharedFields<'a> {
     pub bias: &'a str,
@@ -270,11 +283,14 @@ impl LoraConfig {
                 )),
             })
             .collect::<Result<Vec<_>>>()?;
+        check_alpha(file.lora_alpha).map_err(|m| bad("lora_alpha", m))?;
         let alpha_pattern = file
             .alpha_pattern
             .iter()
             .map(|(k, v)| match v.as_f64() {
-                Some(a) => Ok((k.clone(), a)),
+                Some(a) => check_alpha(a)
+                    .map(|()| (k.clone(), a))
+                    .map_err(|m| bad("alpha_pattern", format!("{k:?}: {m}"))),
                 None => Err(bad(
                     "alpha_pattern",
                     format!("{k:?}: expected a number, found {v}"),

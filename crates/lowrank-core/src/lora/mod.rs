@@ -3,6 +3,6 @@
 mod config;
 mod weights;
 
-pub(crate) use config::{check_shared, SharedFields};
+pub(crate) use config::{check_alpha, check_shared, SharedFields};
 pub use config::{LayersWire, LoraConfig, LoraConfigFile, LoraVariant, ALL_LINEAR};
 pub use weights::{LinearShape, LoraAdapter, LoraModule, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};

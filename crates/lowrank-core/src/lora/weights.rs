@@ -124,7 +124,7 @@ impl LoraAdapter {
                 &config_path,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "no adapter_config.json: not a PEFT adapter folder",
+                    "not found: not a PEFT adapter folder",
                 ),
             ));
         }
@@ -188,6 +188,7 @@ impl LoraAdapter {
             let (module, part) = parse_key(&key, file)?;
             let slot = parts.entry(module).or_default();
             let tensor = tensor.to_dtype(DType::F32)?;
+            crate::finite::ensure_finite(file, &key, &tensor)?;
             match part {
                 Part::A => slot[0] = Some(tensor),
                 Part::B => slot[1] = Some(tensor),
