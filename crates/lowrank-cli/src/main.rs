@@ -54,8 +54,12 @@ fn main() {
     // Before any other thread exists: candle's pool does not spin, glibc keeps freed memory,
     // and the main thread is one of rayon's workers (see `lowrank_kernels::process`).
     lowrank_kernels::process::set_up();
+    // Warnings show unless RUST_LOG says otherwise (the server's skipped adapter folders).
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+        .from_env_lossy();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -1,7 +1,10 @@
 //! OpenAI-compatible request and response bodies (the wire format), kept apart from the
 //! engine's own types so the JSON shape is pinned by tests here.
 
-use serde::{Deserialize, Serialize};
+use axum::http::StatusCode;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -37,11 +40,15 @@ pub struct StreamOptions {
 /// Sampling fields shared by both endpoints.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Sampling {
+    /// Choices to generate, each its own sequence in the batch.
+    pub n: Option<usize>,
     pub max_tokens: Option<usize>,
     /// The chat endpoint's newer name for `max_tokens`.
     pub max_completion_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    /// vLLM's and llama.cpp's extension; 0 or -1 turn it off.
+    pub top_k: Option<i64>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
     #[serde(default)]
@@ -52,12 +59,21 @@ pub struct Sampling {
 /// `POST /v1/completions`
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    pub model: String,
+    /// The base model's id or an adapter's; absent: the base (as vLLM and llama.cpp do).
+    pub model: Option<String>,
     pub prompt: Prompt,
     /// lowrank extension: the adapter id, when `model` names the base.
     pub adapter: Option<String>,
+    /// How many most likely tokens to report with each token (0 to 20).
+    pub logprobs: Option<usize>,
+    /// Answer with the prompt followed by the completion.
+    #[serde(default)]
+    pub echo: bool,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Every other field, checked against [`COMPLETION_UNSUPPORTED`].
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -69,11 +85,124 @@ pub struct ChatMessage {
 /// `POST /v1/chat/completions`
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
-    pub model: String,
+    pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
     pub adapter: Option<String>,
+    /// Report each token's log-probability.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// And this many most likely tokens at each position (0 to 20; needs `logprobs`).
+    pub top_logprobs: Option<usize>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Every other field, checked against [`CHAT_UNSUPPORTED`].
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// A field of OpenAI's (or vLLM's) API this server does not implement, and the values that
+/// ask for nothing (null always does).
+pub struct Unsupported {
+    pub field: &'static str,
+    pub no_op: fn(&Value) -> bool,
+}
+
+const fn refuse(field: &'static str, no_op: fn(&Value) -> bool) -> Unsupported {
+    Unsupported { field, no_op }
+}
+
+fn never(_: &Value) -> bool {
+    false
+}
+fn is_false(v: &Value) -> bool {
+    v == &Value::Bool(false)
+}
+fn is_true(v: &Value) -> bool {
+    v == &Value::Bool(true)
+}
+fn is_zero(v: &Value) -> bool {
+    v.as_f64() == Some(0.0)
+}
+fn is_one(v: &Value) -> bool {
+    v.as_f64() == Some(1.0)
+}
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+fn is_none_choice(v: &Value) -> bool {
+    v == "none"
+}
+fn is_text_format(v: &Value) -> bool {
+    v.get("type").is_some_and(|t| t == "text") && v.as_object().is_some_and(|o| o.len() == 1)
+}
+fn is_text_modality(v: &Value) -> bool {
+    v.as_array().is_some_and(|a| a.iter().all(|m| m == "text"))
+}
+
+/// Sampling and decoding fields neither endpoint implements.
+const SHARED_UNSUPPORTED: &[Unsupported] = &[
+    refuse("best_of", is_one),
+    refuse("logit_bias", is_empty),
+    refuse("presence_penalty", is_zero),
+    refuse("frequency_penalty", is_zero),
+    refuse("repetition_penalty", is_one),
+    refuse("min_p", is_zero),
+    refuse("min_tokens", is_zero),
+    refuse("ignore_eos", is_false),
+    refuse("stop_token_ids", is_empty),
+    refuse("include_stop_str_in_output", is_false),
+    refuse("skip_special_tokens", is_true),
+    refuse("use_beam_search", is_false),
+    refuse("prompt_logprobs", never),
+    refuse("truncate_prompt_tokens", never),
+    refuse("response_format", is_text_format),
+    refuse("guided_json", never),
+    refuse("guided_regex", never),
+    refuse("guided_choice", never),
+    refuse("guided_grammar", never),
+    refuse("structured_outputs", never),
+];
+
+/// Completion fields refused unless they ask for nothing.
+pub const COMPLETION_UNSUPPORTED: &[&[Unsupported]] =
+    &[SHARED_UNSUPPORTED, &[refuse("suffix", is_empty)]];
+
+/// Chat fields refused unless they ask for nothing.
+pub const CHAT_UNSUPPORTED: &[&[Unsupported]] = &[
+    SHARED_UNSUPPORTED,
+    &[
+        refuse("tools", is_empty),
+        refuse("tool_choice", is_none_choice),
+        refuse("functions", is_empty),
+        refuse("function_call", is_none_choice),
+        refuse("audio", never),
+        refuse("modalities", is_text_modality),
+        refuse("prediction", never),
+        refuse("web_search_options", never),
+        refuse("reasoning_effort", never),
+        refuse("echo", is_false),
+        refuse("add_generation_prompt", is_true),
+        refuse("continue_final_message", is_false),
+        refuse("chat_template", never),
+        refuse("chat_template_kwargs", is_empty),
+    ],
+];
+
+/// The first field of `other` that asks for something this server does not do. Fields of
+/// neither list are ignored, as vLLM does (`user`, `metadata`, `store`...).
+pub fn first_unsupported<'a>(
+    other: &'a Map<String, Value>,
+    lists: &[&[Unsupported]],
+) -> Option<&'a str> {
+    lists.iter().flat_map(|l| l.iter()).find_map(|u| {
+        let v = other.get(u.field)?;
+        (!v.is_null() && !(u.no_op)(v)).then_some(u.field)
+    })
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -83,11 +212,54 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+/// A completion choice's `logprobs`: per token, its text, log-probability, the most likely
+/// tokens there (text → log-probability; the token itself included) and where its text
+/// starts in the choice's text (in characters). A prompt's first token has no log-probability.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<TopLogprobs>>,
+    pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    pub fn append(&mut self, other: CompletionLogprobs) {
+        self.tokens.extend(other.tokens);
+        self.token_logprobs.extend(other.token_logprobs);
+        self.top_logprobs.extend(other.top_logprobs);
+        self.text_offset.extend(other.text_offset);
+    }
+}
+
+/// Token text → log-probability, in order (an object on the wire; of two tokens with the same
+/// text, the first is kept).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobs(pub Vec<(String, f32)>);
+
+impl TopLogprobs {
+    pub fn insert(&mut self, token: String, logprob: f32) {
+        if !self.0.iter().any(|(t, _)| *t == token) {
+            self.0.push((token, logprob));
+        }
+    }
+}
+
+impl Serialize for TopLogprobs {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (token, logprob) in &self.0 {
+            map.serialize_entry(token, logprob)?;
+        }
+        map.end()
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -104,10 +276,34 @@ pub struct CompletionResponse {
     pub usage: Option<Usage>,
 }
 
+/// One of a chat position's most likely tokens.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's text as UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One generated token of a chat answer.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: ChatMessage,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -133,6 +329,8 @@ pub struct Delta {
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: Delta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -189,6 +387,27 @@ pub struct ErrorDetail {
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+}
+
+impl ErrorBody {
+    /// The body for `status`, with OpenAI's error type for it.
+    pub fn new(status: StatusCode, message: String) -> Self {
+        let kind = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => "timeout_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message,
+                kind,
+                code: status.as_u16(),
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -268,6 +487,7 @@ mod tests {
                     role: Some("assistant"),
                     content: None,
                 },
+                logprobs: None,
                 finish_reason: None,
             }],
             usage: None,

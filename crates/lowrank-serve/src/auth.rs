@@ -69,10 +69,14 @@ impl ApiKeys {
         Ok(ApiKeys { keys })
     }
 
-    /// The grant of an `Authorization: Bearer <key>` header value, if the key is known.
+    /// The grant of an `Authorization: Bearer <key>` header value, if the key is known. The
+    /// scheme's name is case-insensitive (RFC 9110, section 11.1).
     pub fn check(&self, authorization: Option<&str>) -> Option<&Grant> {
-        let key = authorization?.strip_prefix("Bearer ")?.trim();
-        self.keys.get(key)
+        let (scheme, key) = authorization?.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        self.keys.get(key.trim())
     }
 }
 
@@ -90,6 +94,9 @@ mod tests {
         assert!(a.allows("tenant-a") && !a.allows("tenant-b") && !a.is_admin());
         assert!(keys.check(Some("Bearer sk-root")).unwrap().is_admin());
         assert!(keys.check(Some("Bearer nope")).is_none());
+        assert!(keys.check(Some("bearer sk-a")).unwrap().allows("tenant-a"));
+        assert!(keys.check(Some("BEARER  sk-root")).unwrap().is_admin());
+        assert!(keys.check(Some("Basic sk-a")).is_none());
         assert!(keys.check(Some("sk-a")).is_none());
         assert!(keys.check(None).is_none());
 

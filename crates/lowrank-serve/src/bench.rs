@@ -135,7 +135,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             kv_cache_mb: 4096,
             max_tokens_limit: opts.max_tokens,
             max_body_bytes: 1 << 20,
-            request_timeout_s: opts.time_limit.as_secs().max(1),
+            request_timeout: opts.time_limit.max(Duration::from_secs(1)),
+            // Every client's connection, and the listener's neighbours in the default limit.
+            max_connections: (opts.clients * 2).max(64),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             allow_any_adapter_path: false,
             merge: None,
             served_model_name: Some("base".into()),

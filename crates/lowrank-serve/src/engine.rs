@@ -3,6 +3,11 @@
 //! token, or by a chunk of its prompt, in a single `Llama::forward_rows` pass shared by all
 //! tenants' adapters. Requests beyond the batch wait in a bounded queue; the KV cache budget
 //! is reserved per request (prompt + max_tokens) on admission.
+//!
+//! A request whose prompt's log-probabilities are asked for (`echo` with `logprobs`) feeds its
+//! prompt chunks through `Llama::forward` instead, which returns every position's logits, in
+//! the same steps. A client that goes away is noticed between steps, so between the chunks of
+//! a long prompt too.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -10,12 +15,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lowrank_core::lora::LoraAdapter;
+use candle_core::Tensor;
 use lowrank_models::generate::{Sampler, SamplingParams};
-use lowrank_models::{KvCache, Llama, RowStep, Tokenizer};
+use lowrank_models::{ActiveAdapter, KvCache, Llama, RowStep, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::logprobs::{floor_boundary, token_logprobs, TokenLogprobs};
 use crate::metrics::Metrics;
+use crate::registry::AdapterLease;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -29,26 +36,58 @@ pub struct EngineConfig {
     pub request_timeout: Duration,
 }
 
-/// What a request gets back, in order: text pieces, then one `Done` or `Error`.
+/// What a sequence sends back, in order: its prompt's log-probabilities (when asked), text
+/// pieces, then one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Text(String),
+    /// One per prompt token; the first has none (nothing comes before it).
+    PromptLogprobs(Vec<Option<TokenLogprobs>>),
+    /// New text, with the log-probabilities (when asked) of the tokens sampled since the
+    /// previous piece. The text may be empty when only held-back tokens remain. `last`: the
+    /// sequence's final piece, which includes any character its last tokens left incomplete.
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprobs>,
+        last: bool,
+    },
     Done {
         finish_reason: &'static str,
         prompt_tokens: usize,
         completion_tokens: usize,
     },
-    Error(String),
+    Error(EngineError),
 }
 
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("request timed out")]
+    TimedOut,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// One sequence to generate. An HTTP request asking for `n` choices submits `n` of them.
 pub struct Request {
     pub prompt: Vec<u32>,
-    pub adapter: Option<Arc<LoraAdapter>>,
+    pub adapter: Option<AdapterLease>,
+    /// 0 only to score the prompt (`echo` with `max_tokens` 0).
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
-    pub events: UnboundedSender<Event>,
+    /// How many most likely tokens to report with each sampled one; `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
+    /// Likewise for every prompt token.
+    pub prompt_logprobs: Option<usize>,
+    /// Which choice of its HTTP request this is; events are tagged with it.
+    pub choice: usize,
+    pub events: UnboundedSender<(usize, Event)>,
+}
+
+impl Request {
+    fn send(&self, event: Event) {
+        let _ = self.events.send((self.choice, event));
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -85,6 +124,10 @@ struct Sequence {
     sampler: Sampler,
     /// Bytes of decoded text already sent.
     sent: usize,
+    /// Log-probabilities of sampled tokens not yet sent with a text piece.
+    unsent_logprobs: Vec<TokenLogprobs>,
+    /// The prompt's, gathered chunk by chunk until the prompt is fed.
+    prompt_logprobs: Vec<Option<TokenLogprobs>>,
     started: Instant,
     first_token: Option<Instant>,
     kv_reserved: u64,
@@ -131,30 +174,39 @@ impl Engine {
         }
     }
 
-    pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
-        let need = (req.prompt.len() + req.max_tokens) as u64 * self.kv_bytes_per_token;
-        if need > self.config.kv_cache_bytes {
-            return Err(SubmitError::TooLarge {
-                prompt: req.prompt.len(),
-                max_tokens: req.max_tokens,
-                need,
-                budget: self.config.kv_cache_bytes,
-            });
+    /// Submits the sequences of one HTTP request: all are admitted, or none.
+    pub fn submit(&self, reqs: Vec<Request>) -> Result<(), SubmitError> {
+        for req in &reqs {
+            let need = (req.prompt.len() + req.max_tokens) as u64 * self.kv_bytes_per_token;
+            if need > self.config.kv_cache_bytes {
+                return Err(SubmitError::TooLarge {
+                    prompt: req.prompt.len(),
+                    max_tokens: req.max_tokens,
+                    need,
+                    budget: self.config.kv_cache_bytes,
+                });
+            }
         }
+        let count = reqs.len();
         let capacity = self.config.max_batch + self.config.max_queue;
         let admitted = self
             .pending
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < capacity).then_some(n + 1)
+                (n + count <= capacity).then_some(n + count)
             })
             .is_ok();
         if !admitted {
             return Err(SubmitError::QueueFull);
         }
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = jobs.as_ref().is_some_and(|tx| tx.send(req).is_ok());
-        if !sent {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+        let Some(tx) = jobs.as_ref() else {
+            self.pending.fetch_sub(count, Ordering::SeqCst);
+            return Err(SubmitError::ShuttingDown);
+        };
+        let failed = reqs.into_iter().filter_map(|r| tx.send(r).err()).count();
+        if failed > 0 {
+            // The engine thread is gone.
+            self.pending.fetch_sub(failed, Ordering::SeqCst);
             return Err(SubmitError::ShuttingDown);
         }
         Ok(())
@@ -215,8 +267,9 @@ impl Worker {
                     }
                 }
             }
-            self.admit();
+            // Gone clients first, so that none of them takes a batch slot.
             self.drop_abandoned();
+            self.admit();
             if !self.running.is_empty() {
                 self.step();
             }
@@ -236,6 +289,8 @@ impl Worker {
             generated: Vec::new(),
             sampler,
             sent: 0,
+            unsent_logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
             started: Instant::now(),
             first_token: None,
             kv_reserved: 0,
@@ -282,7 +337,7 @@ impl Worker {
                 self.release(&s, Outcome::Cancelled);
             } else {
                 self.release(&s, Outcome::TimedOut);
-                let _ = s.req.events.send(Event::Error("request timed out".into()));
+                s.req.send(Event::Error(EngineError::TimedOut));
             }
         }
     }
@@ -304,56 +359,37 @@ impl Worker {
 
     fn step(&mut self) {
         let chunk = self.config.prefill_chunk.max(1);
-        // (row index in `running`, tokens this step)
-        let plan: Vec<(usize, Vec<u32>)> = self
+        // The tokens each running sequence feeds this step.
+        let plan: Vec<Vec<u32>> = self
             .running
             .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let tokens = if s.fed < s.req.prompt.len() {
+            .map(|s| {
+                if s.fed < s.req.prompt.len() {
                     s.req.prompt[s.fed..(s.fed + chunk).min(s.req.prompt.len())].to_vec()
                 } else {
                     vec![*s
                         .generated
                         .last()
                         .expect("a fed sequence has sampled a token")]
-                };
-                (i, tokens)
+                }
             })
             .collect();
         self.metrics.batch_size.observe(plan.len() as f64);
-        let logits = {
-            let mut rows: Vec<RowStep> = self
-                .running
-                .iter_mut()
-                .zip(&plan)
-                .map(|(s, (_, tokens))| RowStep {
-                    tokens,
-                    cache: &mut s.cache,
-                    adapter: s.req.adapter.as_deref(),
-                })
-                .collect();
-            self.model
-                .forward_rows(&mut rows)
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
-        };
-        let logits = match logits {
+        let logits = match self.forward(&plan) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("forward failed: {e}");
                 for s in std::mem::take(&mut self.running) {
                     self.release(&s, Outcome::Failed);
-                    let _ = s
-                        .req
-                        .events
-                        .send(Event::Error(format!("internal error: {e}")));
+                    s.req
+                        .send(Event::Error(EngineError::Internal(e.to_string())));
                 }
                 return;
             }
         };
         let mut done = Vec::new();
-        for ((i, tokens), row_logits) in plan.iter().zip(logits) {
-            let s = &mut self.running[*i];
+        for (i, (tokens, row_logits)) in plan.iter().zip(logits).enumerate() {
+            let s = &mut self.running[i];
             let was_prefill = s.fed < s.req.prompt.len();
             if was_prefill {
                 s.fed += tokens.len();
@@ -361,6 +397,15 @@ impl Worker {
                     .prompt_tokens
                     .fetch_add(tokens.len() as u64, Ordering::Relaxed);
                 if s.fed < s.req.prompt.len() {
+                    continue;
+                }
+                if s.req.prompt_logprobs.is_some() {
+                    s.req.send(Event::PromptLogprobs(std::mem::take(
+                        &mut s.prompt_logprobs,
+                    )));
+                }
+                if s.req.max_tokens == 0 {
+                    done.push((i, "length"));
                     continue;
                 }
             }
@@ -372,21 +417,24 @@ impl Worker {
                     .observe(s.started.elapsed().as_secs_f64());
             }
             let finish = if s.req.stop_ids.contains(&next) {
-                self.emit_text(*i, true);
+                self.emit_text(i, true);
                 Some("stop")
             } else {
                 s.generated.push(next);
+                if let Some(k) = s.req.logprobs {
+                    s.unsent_logprobs.push(token_logprobs(&row_logits, next, k));
+                }
                 self.metrics
                     .generated_tokens
                     .fetch_add(1, Ordering::Relaxed);
                 let at_limit = s.generated.len() >= s.req.max_tokens;
-                match self.emit_text(*i, at_limit) {
+                match self.emit_text(i, at_limit) {
                     Some(stop) => Some(stop),
                     None => at_limit.then_some("length"),
                 }
             };
             if let Some(reason) = finish {
-                done.push((*i, reason));
+                done.push((i, reason));
             }
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
@@ -398,11 +446,39 @@ impl Worker {
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: s.generated.len(),
             };
-            let events = s.req.events.clone();
-            // Unpin the adapter before the client hears back, so its next request may evict it.
+            let (events, choice) = (s.req.events.clone(), s.req.choice);
+            // Unpin the adapter before the client hears back, so the budget already holds then.
             drop(s);
-            let _ = events.send(done);
+            let _ = events.send((choice, done));
         }
+    }
+
+    /// One step's logits after each running sequence's tokens: one batched pass over the
+    /// rows, and a pass of their own for prompt chunks whose every position is scored.
+    fn forward(&mut self, plan: &[Vec<u32>]) -> lowrank_core::Result<Vec<Vec<f32>>> {
+        let scored = |s: &Sequence| s.req.prompt_logprobs.is_some() && s.fed < s.req.prompt.len();
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); plan.len()];
+        let mut rows = Vec::new();
+        let mut batched = Vec::new();
+        for (i, (s, tokens)) in self.running.iter_mut().zip(plan).enumerate() {
+            if scored(s) {
+                logits[i] = score_chunk(&self.model, s, tokens)?;
+            } else {
+                batched.push(i);
+                rows.push(RowStep {
+                    tokens,
+                    cache: &mut s.cache,
+                    adapter: s.req.adapter.as_ref().map(AdapterLease::adapter),
+                });
+            }
+        }
+        if !rows.is_empty() {
+            let out = self.model.forward_rows(&mut rows)?.to_vec2::<f32>()?;
+            for (i, row) in batched.into_iter().zip(out) {
+                logits[i] = row;
+            }
+        }
+        Ok(logits)
     }
 
     /// Sends the new text of sequence `i`. Holds back a partial UTF-8 character and anything
@@ -444,22 +520,47 @@ impl Worker {
                 (floor_boundary(&text, end).max(s.sent), None)
             }
         };
-        if end > s.sent {
-            let _ = s
-                .req
-                .events
-                .send(Event::Text(text[s.sent..end].to_string()));
+        // Held-back tokens' log-probabilities go out with the text they end up in, or with
+        // the last piece.
+        let finished = flush || reason.is_some();
+        if end > s.sent || (finished && !s.unsent_logprobs.is_empty()) {
+            s.req.send(Event::Text {
+                text: text[s.sent..end].to_string(),
+                logprobs: std::mem::take(&mut s.unsent_logprobs),
+                last: finished,
+            });
             s.sent = end;
         }
         reason
     }
 }
 
-/// The largest char boundary ≤ i.
-fn floor_boundary(text: &str, mut i: usize) -> usize {
-    i = i.min(text.len());
-    while !text.is_char_boundary(i) {
-        i -= 1;
+/// Feeds a prompt chunk of `s` and records the log-probability of each prompt token it
+/// predicts; returns the logits after its last token.
+fn score_chunk(model: &Llama, s: &mut Sequence, tokens: &[u32]) -> lowrank_core::Result<Vec<f32>> {
+    model.check_ids(tokens)?;
+    let active: Vec<ActiveAdapter> = s
+        .req
+        .adapter
+        .iter()
+        .map(|a| ActiveAdapter::new(a.adapter()))
+        .collect();
+    let ids = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
+    let rows = model
+        .forward(&ids, Some(&mut s.cache), &active)?
+        .squeeze(0)?
+        .to_vec2::<f32>()?;
+    let k = s.req.prompt_logprobs.unwrap_or(0);
+    if s.fed == 0 {
+        s.prompt_logprobs.push(None);
     }
-    i
+    // Row j predicts the prompt token after position fed + j.
+    for (j, row) in rows.iter().enumerate() {
+        if let Some(&next) = s.req.prompt.get(s.fed + j + 1) {
+            s.prompt_logprobs.push(Some(token_logprobs(row, next, k)));
+        }
+    }
+    rows.into_iter()
+        .last()
+        .ok_or_else(|| lowrank_core::Error::Msg("empty prompt chunk".into()))
 }

@@ -5,8 +5,10 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod engine;
+pub mod logprobs;
 pub mod metrics;
 pub mod registry;
+pub mod render;
 pub mod server;
 
-pub use server::{build_state, router, serve, serve_on, AppState, ServeOptions};
+pub use server::{build_state, router, serve_on, AppState, ServeOptions};

@@ -72,6 +72,7 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     pub queue_length: AtomicU64,
     pub running: AtomicU64,
+    pub open_connections: AtomicU64,
     pub request_latency: Histogram,
     pub time_to_first_token: Histogram,
     pub batch_size: Histogram,
@@ -90,6 +91,7 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             queue_length: AtomicU64::new(0),
             running: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
             request_latency: Histogram::new(SECONDS),
             time_to_first_token: Histogram::new(SECONDS),
             batch_size: Histogram::new(SIZES),
@@ -152,6 +154,12 @@ impl Metrics {
             "lowrank_running_requests",
             "Requests in the running batch.",
             load(&self.running),
+        );
+        gauge(
+            &mut out,
+            "lowrank_open_connections",
+            "HTTP connections being served.",
+            load(&self.open_connections),
         );
         gauge(
             &mut out,

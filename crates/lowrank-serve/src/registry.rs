@@ -1,8 +1,12 @@
 //! The adapters a server can serve: every PEFT adapter folder under the adapter root, plus
 //! those added at run time. Loaded lazily on first use, kept under a count and a memory
-//! budget with least-recently-used eviction. An adapter in use (its `Arc` held by a running
-//! request) is never evicted, and replacing or unloading one leaves running requests with the
-//! version they started with.
+//! budget with least-recently-used eviction. An adapter in use (an [`AdapterLease`] held by a
+//! running request) is never evicted; the budget is enforced again as soon as the last lease
+//! on an adapter ends, keeping the most recently used one. Replacing or unloading an adapter
+//! leaves running requests with the version they started with.
+//!
+//! The adapter root's sub-folders and run-time loads follow one rule: an id the API accepts
+//! (not the base model's own), a folder under the root (unless any path is allowed).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -55,12 +59,56 @@ pub struct RegistryStats {
 }
 
 pub struct AdapterRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     root: PathBuf,
     allow_any_path: bool,
+    /// The base model's id in the API, which no adapter may take.
+    base_id: String,
     limits: Limits,
     base: Vec<LinearShape>,
     device: Device,
     state: Mutex<State>,
+}
+
+/// A loaded adapter pinned in memory for as long as the lease lives. Dropping the last lease on
+/// an adapter lets the registry evict it (and does so at once if the loaded set is over budget).
+pub struct AdapterLease {
+    adapter: Option<Arc<LoraAdapter>>,
+    registry: Arc<Inner>,
+}
+
+impl AdapterLease {
+    pub fn adapter(&self) -> &LoraAdapter {
+        self.adapter
+            .as_deref()
+            .expect("a lease holds its adapter until dropped")
+    }
+}
+
+impl Clone for AdapterLease {
+    fn clone(&self) -> Self {
+        AdapterLease {
+            adapter: self.adapter.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+impl Drop for AdapterLease {
+    fn drop(&mut self) {
+        // Unpin first, so the adapter counts as idle when the budget is checked.
+        self.adapter.take();
+        let mut s = self.registry.lock();
+        let most_recent = s
+            .loaded
+            .iter()
+            .max_by_key(|(_, l)| l.last_used)
+            .map(|(id, _)| id.clone());
+        self.registry.evict(&mut s, most_recent.as_deref());
+    }
 }
 
 /// Adapter ids are folder-name-like: letters, digits, `.`, `_`, `-`; not `.` or `..`.
@@ -91,42 +139,52 @@ fn adapter_bytes(adapter: &LoraAdapter) -> u64 {
 
 impl AdapterRegistry {
     /// Scans `root` for adapter folders (those holding adapter_config.json). `base` is the
-    /// served model's linear layers, which every adapter is checked against when loaded.
+    /// served model's linear layers, which every adapter is checked against when loaded;
+    /// `base_id` the base model's id in the API. Folders that break the rules of
+    /// [`AdapterRegistry::register`] are skipped with a warning.
     pub fn new(
         root: &Path,
+        base_id: &str,
         base: Vec<LinearShape>,
         device: Device,
         limits: Limits,
         allow_any_path: bool,
     ) -> std::io::Result<Self> {
-        let root = root.canonicalize()?;
-        let mut known = BTreeMap::new();
-        for entry in std::fs::read_dir(&root)? {
-            let path = entry?.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            if path.join(CONFIG_FILE).is_file() && validate_id(name).is_ok() {
-                known.insert(name.to_string(), path);
-            }
-        }
-        Ok(AdapterRegistry {
-            root,
+        let inner = Inner {
+            root: root.canonicalize()?,
             allow_any_path,
+            base_id: base_id.to_string(),
             limits,
             base,
             device,
-            state: Mutex::new(State {
-                known,
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
+        };
+        let mut known = BTreeMap::new();
+        for entry in std::fs::read_dir(&inner.root)? {
+            let path = entry?.path();
+            if !path.join(CONFIG_FILE).is_file() {
+                continue;
+            }
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let checked = inner.check_id(&name).and_then(|()| {
+                let shown = path.display().to_string();
+                inner.resolve(&path, &shown)
+            });
+            match checked {
+                Ok(resolved) => {
+                    known.insert(name.into_owned(), resolved);
+                }
+                Err(e) => tracing::warn!("{}: adapter folder skipped: {e}", path.display()),
+            }
+        }
+        inner.lock().known = known;
+        Ok(AdapterRegistry {
+            inner: Arc::new(inner),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that
-        // matters more than refusing service, so keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// Every servable adapter id.
@@ -149,15 +207,20 @@ impl AdapterRegistry {
         }
     }
 
-    /// The adapter `id`, loading it if needed. The returned `Arc` pins it in memory.
-    pub fn get(&self, id: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
+    /// The adapter `id`, loading it if needed, pinned in memory while the lease lives.
+    pub fn get(&self, id: &str) -> Result<AdapterLease, RegistryError> {
+        let inner = &self.inner;
+        let lease = |adapter: &Arc<LoraAdapter>| AdapterLease {
+            adapter: Some(adapter.clone()),
+            registry: inner.clone(),
+        };
         let path = {
             let mut s = self.lock();
             s.clock += 1;
             let now = s.clock;
             if let Some(l) = s.loaded.get_mut(id) {
                 l.last_used = now;
-                return Ok(l.adapter.clone());
+                return Ok(lease(&l.adapter));
             }
             s.known
                 .get(id)
@@ -165,13 +228,82 @@ impl AdapterRegistry {
                 .ok_or_else(|| RegistryError::NotFound(id.to_string()))?
         };
         // Read and check the files outside the lock: other tenants keep being served meanwhile.
-        let adapter = self.load_from(id, &path)?;
+        let adapter = inner.load_from(id, &path)?;
         let mut s = self.lock();
         if let Some(l) = s.loaded.get(id) {
             // Another request loaded it first.
-            return Ok(l.adapter.clone());
+            return Ok(lease(&l.adapter));
         }
-        Ok(self.insert(&mut s, id, adapter))
+        // The lease exists before the budget is enforced, so this adapter counts as in use.
+        let leased = lease(&adapter);
+        inner.insert(&mut s, id, adapter);
+        Ok(leased)
+    }
+
+    /// Adds or replaces adapter `id` from `path` (vLLM's load_lora_adapter). The path must lie
+    /// under the adapter root unless the operator allowed any path. Loaded at once, so a
+    /// broken adapter is reported to the caller.
+    pub fn register(&self, id: &str, path: &str) -> Result<(), RegistryError> {
+        let inner = &self.inner;
+        inner.check_id(id)?;
+        let requested = Path::new(path);
+        let joined = if requested.is_absolute() {
+            requested.to_path_buf()
+        } else {
+            inner.root.join(requested)
+        };
+        let resolved = inner.resolve(&joined, &format!("lora_path {path:?}"))?;
+        let adapter = inner.load_from(id, &resolved)?;
+        let mut s = self.lock();
+        s.known.insert(id.to_string(), resolved);
+        s.loaded.remove(id);
+        inner.insert(&mut s, id, adapter);
+        Ok(())
+    }
+
+    /// Removes adapter `id`; requests already holding it finish with it.
+    pub fn unregister(&self, id: &str) -> Result<(), RegistryError> {
+        let mut s = self.lock();
+        if s.known.remove(id).is_none() {
+            return Err(RegistryError::NotFound(id.to_string()));
+        }
+        s.loaded.remove(id);
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than refusing service, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A valid adapter id that is not the base model's.
+    fn check_id(&self, id: &str) -> Result<(), RegistryError> {
+        validate_id(id)?;
+        if id == self.base_id {
+            return Err(RegistryError::Invalid(format!(
+                "adapter id {id:?} is the base model's id; choose another name"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `path` resolved (symbolic links followed), which must lie under the adapter root
+    /// unless the operator allowed any path. `shown` names it in errors.
+    fn resolve(&self, path: &Path, shown: &str) -> Result<PathBuf, RegistryError> {
+        let resolved = path
+            .canonicalize()
+            .map_err(|e| RegistryError::Invalid(format!("{shown}: {e}")))?;
+        if !self.allow_any_path && !resolved.starts_with(&self.root) {
+            return Err(RegistryError::Invalid(format!(
+                "{shown} is outside the adapter root {} (it resolves to {})",
+                self.root.display(),
+                resolved.display()
+            )));
+        }
+        Ok(resolved)
     }
 
     fn load_from(&self, id: &str, path: &Path) -> Result<Arc<LoraAdapter>, RegistryError> {
@@ -187,24 +319,24 @@ impl AdapterRegistry {
             })
     }
 
-    fn insert(&self, s: &mut State, id: &str, adapter: Arc<LoraAdapter>) -> Arc<LoraAdapter> {
+    fn insert(&self, s: &mut State, id: &str, adapter: Arc<LoraAdapter>) {
         s.clock += 1;
         let bytes = adapter_bytes(&adapter);
         s.loaded.insert(
             id.to_string(),
             Loaded {
-                adapter: adapter.clone(),
+                adapter,
                 bytes,
                 last_used: s.clock,
             },
         );
         s.loads += 1;
-        self.evict(s, id);
-        adapter
+        self.evict(s, Some(id));
     }
 
-    /// Drops least-recently-used adapters that no request holds until the limits hold again.
-    fn evict(&self, s: &mut State, keep: &str) {
+    /// Drops least-recently-used adapters that no request holds (other than `keep`) until the
+    /// limits hold again.
+    fn evict(&self, s: &mut State, keep: Option<&str>) {
         loop {
             let bytes: u64 = s.loaded.values().map(|l| l.bytes).sum();
             if s.loaded.len() <= self.limits.max_loaded && bytes <= self.limits.max_bytes {
@@ -213,7 +345,7 @@ impl AdapterRegistry {
             let victim = s
                 .loaded
                 .iter()
-                .filter(|(id, l)| id.as_str() != keep && Arc::strong_count(&l.adapter) == 1)
+                .filter(|(id, l)| Some(id.as_str()) != keep && Arc::strong_count(&l.adapter) == 1)
                 .min_by_key(|(_, l)| l.last_used)
                 .map(|(id, _)| id.clone());
             match victim {
@@ -222,47 +354,9 @@ impl AdapterRegistry {
                     s.evictions += 1;
                     tracing::info!(adapter = %id, "evicted");
                 }
-                // Everything else is in use: stay over budget until requests finish.
+                // Everything else is in use: stay over budget until their last lease ends.
                 None => return,
             }
         }
-    }
-
-    /// Adds or replaces adapter `id` from `path` (vLLM's load_lora_adapter). The path must lie
-    /// under the adapter root unless the operator allowed any path. Loaded at once, so a
-    /// broken adapter is reported to the caller.
-    pub fn register(&self, id: &str, path: &str) -> Result<(), RegistryError> {
-        validate_id(id)?;
-        let requested = Path::new(path);
-        let joined = if requested.is_absolute() {
-            requested.to_path_buf()
-        } else {
-            self.root.join(requested)
-        };
-        let resolved = joined
-            .canonicalize()
-            .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?;
-        if !self.allow_any_path && !resolved.starts_with(&self.root) {
-            return Err(RegistryError::Invalid(format!(
-                "lora_path {path:?} is outside the adapter root {}",
-                self.root.display()
-            )));
-        }
-        let adapter = self.load_from(id, &resolved)?;
-        let mut s = self.lock();
-        s.known.insert(id.to_string(), resolved);
-        s.loaded.remove(id);
-        self.insert(&mut s, id, adapter);
-        Ok(())
-    }
-
-    /// Removes adapter `id`; requests already holding it finish with it.
-    pub fn unregister(&self, id: &str) -> Result<(), RegistryError> {
-        let mut s = self.lock();
-        if s.known.remove(id).is_none() {
-            return Err(RegistryError::NotFound(id.to_string()));
-        }
-        s.loaded.remove(id);
-        Ok(())
     }
 }

@@ -1,31 +1,31 @@
 //! The HTTP layer (axum): OpenAI-compatible endpoints, adapter management, health and metrics.
 //! Every failure is a JSON error body with a status code; no request can panic the server.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use lowrank_core::lora::LoraAdapter;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use lowrank_models::generate::SamplingParams;
 use lowrank_models::{Message, Tokenizer};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::StreamExt;
 
 use crate::api::*;
 use crate::auth::{ApiKeys, Grant};
-use crate::engine::{Engine, Event, Request, SubmitError};
+use crate::engine::{Engine, EngineError, Request, SubmitError};
 use crate::metrics::Metrics;
-use crate::registry::{validate_id, AdapterRegistry, RegistryError};
+use crate::registry::{validate_id, AdapterLease, AdapterRegistry, RegistryError};
+use crate::render::{self, ChunkHeader, CompletionRender, Echo, Events, StreamRender};
 
 /// Request limits enforced before anything reaches the engine.
 #[derive(Debug, Clone)]
@@ -33,6 +33,20 @@ pub struct RequestLimits {
     pub max_tokens: usize,
     pub max_body_bytes: usize,
     pub max_positions: usize,
+    /// The most choices (`n`) one request may ask for: the batch size.
+    pub max_choices: usize,
+}
+
+/// What a client may hold of the server's connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time to send a request's head, from the connection's start or, on a kept-alive
+    /// connection, from the previous response's end (so also the keep-alive idle timeout).
+    pub header_timeout: Duration,
+    /// Time to send a request's body once its head has arrived.
+    pub body_timeout: Duration,
 }
 
 pub struct AppState {
@@ -44,6 +58,7 @@ pub struct AppState {
     pub keys: Option<ApiKeys>,
     pub metrics: Arc<Metrics>,
     pub limits: RequestLimits,
+    pub connections: ConnectionLimits,
 }
 
 /// An error answer: status + OpenAI-style body.
@@ -55,23 +70,24 @@ impl ApiError {
     }
 }
 
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        ApiError(render::engine_error_status(&e), e.to_string())
+    }
+}
+
+/// Seconds a client told "at capacity" should wait before trying again.
+const RETRY_AFTER_S: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = match self.0 {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "authentication_error",
-            StatusCode::NOT_FOUND => "not_found_error",
-            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-            s if s.is_server_error() => "server_error",
-            _ => "invalid_request_error",
-        };
-        let body = ErrorBody {
-            error: ErrorDetail {
-                message: self.1,
-                kind,
-                code: self.0.as_u16(),
-            },
-        };
-        (self.0, Json(body)).into_response()
+        let mut response = (self.0, Json(ErrorBody::new(self.0, self.1))).into_response();
+        if self.0 == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+        }
+        response
     }
 }
 
@@ -88,7 +104,6 @@ impl From<RegistryError> for ApiError {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.limits.max_body_bytes;
     Router::new()
         .route(
             "/health",
@@ -100,7 +115,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -145,24 +159,26 @@ impl AppState {
         }
     }
 
-    /// The adapter a request asks for: `model` names an adapter, or the base with an optional
-    /// `adapter` field.
+    /// The adapter a request asks for: `model` names an adapter, or the base (or is absent)
+    /// with an optional `adapter` field.
     fn resolve(
         &self,
         grant: Option<&Grant>,
-        model: &str,
+        model: Option<&str>,
         adapter: Option<&str>,
-    ) -> Result<(String, Option<Arc<LoraAdapter>>), ApiError> {
-        let id = if model == self.base_name {
-            adapter
-        } else {
-            if adapter.is_some_and(|a| a != model) {
-                return Err(ApiError::bad(format!(
-                    "`model` {model:?} and `adapter` {:?} disagree",
-                    adapter.unwrap_or_default()
-                )));
+    ) -> Result<(String, Option<AdapterLease>), ApiError> {
+        let id = match model {
+            None => adapter,
+            Some(model) if model == self.base_name => adapter,
+            Some(model) => {
+                if adapter.is_some_and(|a| a != model) {
+                    return Err(ApiError::bad(format!(
+                        "`model` {model:?} and `adapter` {:?} disagree",
+                        adapter.unwrap_or_default()
+                    )));
+                }
+                Some(model)
             }
-            Some(model)
         };
         let name = id.unwrap_or(&self.base_name).to_string();
         if grant.is_some_and(|g| !g.allows(&name)) {
@@ -180,21 +196,60 @@ impl AppState {
         }
     }
 
-    /// Checks the sampling fields and builds the engine request.
-    fn build(
-        &self,
-        prompt: Vec<u32>,
-        adapter: Option<Arc<LoraAdapter>>,
-        s: &Sampling,
-        default_max: usize,
-    ) -> Result<(Request, UnboundedReceiver<Event>), ApiError> {
+    /// Reads a request body within the size limit and the body timeout.
+    async fn read_body(&self, body: Body) -> Result<Bytes, ApiError> {
+        let limit = self.limits.max_body_bytes;
+        let read = async {
+            let mut data = body.into_data_stream();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = data.next().await {
+                let chunk =
+                    chunk.map_err(|e| ApiError::bad(format!("reading the request body: {e}")))?;
+                if bytes.len() + chunk.len() > limit {
+                    return Err(ApiError(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "the request body is larger than the server's limit of {limit} bytes (--max-body-bytes)"
+                        ),
+                    ));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(Bytes::from(bytes))
+        };
+        let timeout = self.connections.body_timeout;
+        tokio::time::timeout(timeout, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} s (--body-timeout-s)",
+                        timeout.as_secs_f64()
+                    ),
+                ))
+            })
+    }
+
+    /// Checks a generation request and submits its choices to the engine.
+    fn start(&self, g: Generation) -> Result<Events, ApiError> {
+        let s = g.sampling;
+        let n = s.n.unwrap_or(1);
+        if n == 0 || n > self.limits.max_choices {
+            return Err(ApiError::bad(format!(
+                "n must be between 1 and {} (the server's --max-batch)",
+                self.limits.max_choices
+            )));
+        }
         let max_tokens = s
             .max_completion_tokens
             .or(s.max_tokens)
-            .unwrap_or(default_max);
-        if max_tokens == 0 || max_tokens > self.limits.max_tokens {
+            .unwrap_or(g.default_max_tokens);
+        // Only an echo may ask for no new tokens: it scores the prompt.
+        let min_tokens = usize::from(!g.echo);
+        if max_tokens < min_tokens || max_tokens > self.limits.max_tokens {
             return Err(ApiError::bad(format!(
-                "max_tokens must be between 1 and {}",
+                "max_tokens must be between {min_tokens} and {}",
                 self.limits.max_tokens
             )));
         }
@@ -206,6 +261,13 @@ impl AppState {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::bad("top_p must be in (0, 1]"));
         }
+        let top_k = match s.top_k {
+            None | Some(0) | Some(-1) => None,
+            Some(k) => Some(usize::try_from(k).map_err(|_| {
+                ApiError::bad("top_k must be a positive number of tokens, or 0 or -1 for all")
+            })?),
+        };
+        let prompt = g.prompt;
         if prompt.is_empty() {
             return Err(ApiError::bad("the prompt is empty"));
         }
@@ -221,26 +283,33 @@ impl AppState {
             return Err(ApiError::bad("stop takes up to 4 non-empty strings"));
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let sampling = SamplingParams {
-            temperature,
-            top_k: None,
-            top_p: Some(top_p),
-            seed: s.seed.unwrap_or_else(now),
-        };
-        let req = Request {
-            prompt,
-            adapter,
-            max_tokens,
-            sampling,
-            stop_ids: self.stop_ids.clone(),
-            stop_strings,
-            events: tx,
-        };
-        Ok((req, rx))
+        let seed = s.seed.unwrap_or_else(now);
+        let requests = (0..n)
+            .map(|choice| Request {
+                prompt: prompt.clone(),
+                adapter: g.adapter.clone(),
+                max_tokens,
+                // Each choice its own draw, as vLLM seeds them (seed + index).
+                sampling: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p: Some(top_p),
+                    seed: seed.wrapping_add(choice as u64),
+                },
+                stop_ids: self.stop_ids.clone(),
+                stop_strings: stop_strings.clone(),
+                logprobs: g.logprobs,
+                prompt_logprobs: g.prompt_logprobs,
+                choice,
+                events: tx.clone(),
+            })
+            .collect();
+        self.submit(requests)?;
+        Ok(rx)
     }
 
-    fn submit(&self, req: Request) -> Result<(), ApiError> {
-        self.engine.submit(req).map_err(|e| {
+    fn submit(&self, requests: Vec<Request>) -> Result<(), ApiError> {
+        self.engine.submit(requests).map_err(|e| {
             let status = match e {
                 SubmitError::QueueFull => {
                     self.metrics
@@ -300,95 +369,52 @@ async fn models(
     }))
 }
 
-/// Waits for the whole answer.
-async fn collect(
-    mut rx: UnboundedReceiver<Event>,
-) -> Result<(String, &'static str, Usage), ApiError> {
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done {
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                let usage = Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
-                };
-                return Ok((text, finish_reason, usage));
-            }
-            Event::Error(e) => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e)),
-        }
-    }
-    Err(ApiError(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the engine stopped".into(),
-    ))
+/// A generation request, checked by [`AppState::start`].
+struct Generation<'a> {
+    prompt: Vec<u32>,
+    adapter: Option<AdapterLease>,
+    sampling: &'a Sampling,
+    default_max_tokens: usize,
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
+    echo: bool,
 }
 
-/// Turns engine events into SSE `data:` lines, ending with `[DONE]`. A task forwards them, so
-/// that a client hanging up drops the engine's channel and cancels the sequence.
-fn sse_stream(
-    mut rx: UnboundedReceiver<Event>,
-    mut chunk: impl FnMut(Option<String>, Option<&'static str>, Option<Usage>) -> serde_json::Value
-        + Send
-        + 'static,
-    include_usage: bool,
-) -> Response {
-    let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
-    tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            let events = match ev {
-                Event::Text(t) => vec![chunk(Some(t), None, None).to_string()],
-                Event::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                } => {
-                    let usage = Usage {
-                        prompt_tokens,
-                        completion_tokens,
-                        total_tokens: prompt_tokens + completion_tokens,
-                    };
-                    let mut v = vec![chunk(None, Some(finish_reason), None).to_string()];
-                    if include_usage {
-                        v.push(chunk(None, None, Some(usage)).to_string());
-                    }
-                    v.push("[DONE]".to_string());
-                    v
-                }
-                Event::Error(e) => {
-                    let body = ErrorBody {
-                        error: ErrorDetail {
-                            message: e,
-                            kind: "server_error",
-                            code: 500,
-                        },
-                    };
-                    vec![serde_json::to_string(&body).unwrap_or_default()]
-                }
-            };
-            for data in events {
-                if tx.send(Ok(SseEvent::default().data(data))).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).into_response()
+/// The most tokens `logprobs` / `top_logprobs` may ask for at each position (OpenAI's and
+/// vLLM's default bound).
+const MAX_TOP_LOGPROBS: usize = 20;
+
+fn check_top(value: usize, field: &str) -> Result<usize, ApiError> {
+    if value > MAX_TOP_LOGPROBS {
+        return Err(ApiError::bad(format!(
+            "{field} must be between 0 and {MAX_TOP_LOGPROBS}"
+        )));
+    }
+    Ok(value)
+}
+
+/// Refuses the first field of `other` that asks for something not implemented here.
+fn refuse_unsupported(
+    other: &serde_json::Map<String, serde_json::Value>,
+    lists: &[&[Unsupported]],
+) -> Result<(), ApiError> {
+    match first_unsupported(other, lists) {
+        Some(field) => Err(ApiError::bad(format!(
+            "`{field}` is not supported by this server"
+        ))),
+        None => Ok(()),
+    }
 }
 
 async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let result = async {
         let grant = state.authorize(&headers)?;
-        let req: CompletionRequest = parse(&body)?;
+        let req: CompletionRequest = parse(&state.read_body(body).await?)?;
+        refuse_unsupported(&req.other, COMPLETION_UNSUPPORTED)?;
         let prompt = match req.prompt {
             Prompt::One(p) => p,
             Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -398,48 +424,47 @@ async fn completions(
                 ))
             }
         };
-        let (model, adapter) = state.resolve(grant, &req.model, req.adapter.as_deref())?;
+        let logprobs = req.logprobs.map(|k| check_top(k, "logprobs")).transpose()?;
+        let (model, adapter) =
+            state.resolve(grant, req.model.as_deref(), req.adapter.as_deref())?;
         let ids = state
             .tokenizer
             .encode(&prompt, true)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        let (engine_req, rx) = state.build(ids, adapter, &req.sampling, 16)?;
-        state.submit(engine_req)?;
+        let n = req.sampling.n.unwrap_or(1);
+        let rx = state.start(Generation {
+            prompt: ids.clone(),
+            adapter,
+            sampling: &req.sampling,
+            default_max_tokens: 16,
+            logprobs,
+            prompt_logprobs: logprobs.filter(|_| req.echo),
+            echo: req.echo,
+        })?;
+        let render = CompletionRender {
+            tokenizer: state.tokenizer.clone(),
+            echo: req.echo.then_some(Echo { text: prompt, ids }),
+            logprobs: logprobs.is_some(),
+        };
         let id = request_id("cmpl");
         let created = now();
         if req.sampling.stream {
             let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-            let chunk =
-                move |text: Option<String>, finish: Option<&'static str>, usage: Option<Usage>| {
-                    let choices = if usage.is_some() {
-                        vec![]
-                    } else {
-                        vec![CompletionChoice {
-                            index: 0,
-                            text: text.unwrap_or_default(),
-                            logprobs: None,
-                            finish_reason: finish,
-                        }]
-                    };
-                    serde_json::to_value(CompletionResponse {
-                        id: id.clone(),
-                        object: "text_completion",
-                        created,
-                        model: model.clone(),
-                        choices,
-                        usage,
-                    })
-                    .unwrap_or_default()
-                };
-            return Ok(sse_stream(rx, chunk, include_usage));
+            let header = ChunkHeader {
+                id,
+                created,
+                model,
+                tokenizer: state.tokenizer.clone(),
+            };
+            let render = StreamRender::Completion(render);
+            return Ok(render::stream(rx, n, render, header, include_usage));
         }
-        let (text, finish, usage) = collect(rx).await?;
-        let choices = vec![CompletionChoice {
-            index: 0,
-            text,
-            logprobs: None,
-            finish_reason: Some(finish),
-        }];
+        let (outputs, usage) = render::collect(rx, n).await?;
+        let choices = outputs
+            .into_iter()
+            .enumerate()
+            .map(|(index, output)| render.choice(index, output))
+            .collect();
         Ok(Json(CompletionResponse {
             id,
             object: "text_completion",
@@ -457,15 +482,22 @@ async fn completions(
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let result = async {
         let grant = state.authorize(&headers)?;
-        let req: ChatRequest = parse(&body)?;
+        let req: ChatRequest = parse(&state.read_body(body).await?)?;
+        refuse_unsupported(&req.other, CHAT_UNSUPPORTED)?;
         if req.messages.is_empty() {
             return Err(ApiError::bad("messages is empty"));
         }
-        let (model, adapter) = state.resolve(grant, &req.model, req.adapter.as_deref())?;
+        if req.top_logprobs.is_some() && !req.logprobs {
+            return Err(ApiError::bad("top_logprobs needs `logprobs: true`"));
+        }
+        let top_logprobs = check_top(req.top_logprobs.unwrap_or(0), "top_logprobs")?;
+        let logprobs = req.logprobs.then_some(top_logprobs);
+        let (model, adapter) =
+            state.resolve(grant, req.model.as_deref(), req.adapter.as_deref())?;
         let messages: Vec<Message> = req
             .messages
             .iter()
@@ -478,50 +510,47 @@ async fn chat_completions(
             .tokenizer
             .encode_chat(&messages, true)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        let (engine_req, rx) = state.build(ids, adapter, &req.sampling, 256)?;
-        state.submit(engine_req)?;
+        let n = req.sampling.n.unwrap_or(1);
+        let rx = state.start(Generation {
+            prompt: ids,
+            adapter,
+            sampling: &req.sampling,
+            default_max_tokens: 256,
+            logprobs,
+            prompt_logprobs: None,
+            echo: false,
+        })?;
         let id = request_id("chatcmpl");
         let created = now();
         if req.sampling.stream {
             let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-            let mut first = true;
-            let chunk =
-                move |text: Option<String>, finish: Option<&'static str>, usage: Option<Usage>| {
-                    let role = std::mem::take(&mut first).then_some("assistant");
-                    let choices = if usage.is_some() {
-                        vec![]
-                    } else {
-                        vec![ChatChunkChoice {
-                            index: 0,
-                            delta: Delta {
-                                role,
-                                content: text,
-                            },
-                            finish_reason: finish,
-                        }]
-                    };
-                    serde_json::to_value(ChatChunk {
-                        id: id.clone(),
-                        object: "chat.completion.chunk",
-                        created,
-                        model: model.clone(),
-                        choices,
-                        usage,
-                    })
-                    .unwrap_or_default()
-                };
-            return Ok(sse_stream(rx, chunk, include_usage));
+            let header = ChunkHeader {
+                id,
+                created,
+                model,
+                tokenizer: state.tokenizer.clone(),
+            };
+            let render = StreamRender::Chat { logprobs };
+            return Ok(render::stream(rx, n, render, header, include_usage));
         }
-        let (text, finish, usage) = collect(rx).await?;
-        let message = ChatMessage {
-            role: "assistant".into(),
-            content: text,
-        };
-        let choices = vec![ChatChoice {
-            index: 0,
-            message,
-            finish_reason: Some(finish),
-        }];
+        let (outputs, usage) = render::collect(rx, n).await?;
+        let choices = outputs
+            .into_iter()
+            .enumerate()
+            .map(|(index, output)| {
+                let mut texts = render::TokenTexts::new(state.tokenizer.clone(), 0);
+                let logprobs = logprobs.map(|_| texts.chat_logprobs(&output.logprobs, true));
+                ChatChoice {
+                    index,
+                    message: ChatMessage {
+                        role: "assistant".into(),
+                        content: output.text,
+                    },
+                    logprobs,
+                    finish_reason: Some(output.finish_reason),
+                }
+            })
+            .collect();
         Ok(Json(ChatResponse {
             id,
             object: "chat.completion",
@@ -539,10 +568,10 @@ async fn chat_completions(
 async fn load_adapter(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.require_admin(&headers)?;
-    let req: LoadAdapterRequest = parse(&body)?;
+    let req: LoadAdapterRequest = parse(&state.read_body(body).await?)?;
     let registry_state = state.clone();
     let name = req.lora_name.clone();
     // Loading reads files: keep it off the async workers.
@@ -559,10 +588,10 @@ async fn load_adapter(
 async fn unload_adapter(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.require_admin(&headers)?;
-    let req: UnloadAdapterRequest = parse(&body)?;
+    let req: UnloadAdapterRequest = parse(&state.read_body(body).await?)?;
     state.registry.unregister(&req.lora_name)?;
     Ok(Json(
         serde_json::json!({"status": "ok", "lora_name": req.lora_name}),
@@ -584,7 +613,10 @@ pub struct ServeOptions {
     pub kv_cache_mb: u64,
     pub max_tokens_limit: usize,
     pub max_body_bytes: usize,
-    pub request_timeout_s: u64,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
     pub allow_any_adapter_path: bool,
     /// Serve this adapter merged into the base (single tenant, base speed).
     pub merge: Option<String>,
@@ -596,8 +628,33 @@ pub struct ServeOptions {
     pub quantize: Option<lowrank_core::QuantSpec>,
 }
 
+impl ServeOptions {
+    /// Refuses limits that would make the server refuse everything, naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let zero = |is_zero: bool, flag: &str| {
+            if is_zero {
+                Err(format!(
+                    "{flag} 0 would refuse every request; give a positive value"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        zero(self.max_batch == 0, "--max-batch")?;
+        zero(self.max_loaded_adapters == 0, "--max-loaded-adapters")?;
+        zero(self.kv_cache_mb == 0, "--kv-cache-mb")?;
+        zero(self.max_tokens_limit == 0, "--max-tokens-limit")?;
+        zero(self.max_body_bytes == 0, "--max-body-bytes")?;
+        zero(self.request_timeout.is_zero(), "--request-timeout-s")?;
+        zero(self.max_connections == 0, "--max-connections")?;
+        zero(self.header_timeout.is_zero(), "--header-timeout-s")?;
+        zero(self.body_timeout.is_zero(), "--body-timeout-s")
+    }
+}
+
 /// Loads the model and builds the shared state.
 pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
+    opts.validate()?;
     let device = candle_core::Device::Cpu;
     let dir =
         lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(|e| e.to_string())?;
@@ -652,6 +709,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     };
     let registry = AdapterRegistry::new(
         &opts.adapters,
+        &base_name,
         linears,
         device,
         limits,
@@ -668,7 +726,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             max_queue: opts.max_queue,
             kv_cache_bytes: opts.kv_cache_mb * 1024 * 1024,
             prefill_chunk: 64,
-            request_timeout: std::time::Duration::from_secs(opts.request_timeout_s),
+            request_timeout: opts.request_timeout,
         },
         metrics.clone(),
     );
@@ -684,33 +742,80 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             max_tokens: opts.max_tokens_limit,
             max_body_bytes: opts.max_body_bytes,
             max_positions,
+            max_choices: opts.max_batch,
+        },
+        connections: ConnectionLimits {
+            max_connections: opts.max_connections,
+            header_timeout: opts.header_timeout,
+            body_timeout: opts.body_timeout,
         },
     }))
 }
 
-/// Binds and serves until `shutdown` resolves, then finishes running requests.
-pub async fn serve(
-    state: Arc<AppState>,
-    addr: SocketAddr,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_on(state, listener, shutdown).await
-}
-
-/// Serves on a bound listener (tests bind port 0 and read the port back).
+/// Serves on a bound listener until `shutdown` resolves, then lets running requests finish.
+/// Each connection is driven by hyper's HTTP/1 machinery with a header-read timeout, and at
+/// most `max_connections` at once: the others wait in the listen backlog, so half-open clients
+/// cannot take every file descriptor of the process.
 pub async fn serve_on(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let app = router(state.clone());
+    let limits = &state.connections;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = shutdown.as_mut() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = shutdown.as_mut() => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let metrics = state.metrics.clone();
+        metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended: {e}");
+            }
+            metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     let engine_state = state.clone();
     tokio::task::spawn_blocking(move || engine_state.engine.shutdown())
         .await
         .ok();
     Ok(())
+}
+
+/// A failed accept: a connection that went away before being accepted is nothing; anything
+/// else (out of file descriptors) is logged, and accepting pauses a moment rather than spin.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept error: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }

@@ -49,7 +49,10 @@ fn options(adapters: &Path) -> ServeOptions {
         kv_cache_mb: 64,
         max_tokens_limit: 512,
         max_body_bytes: 64 * 1024,
-        request_timeout_s: 60,
+        request_timeout: Duration::from_secs(60),
+        max_connections: 256,
+        header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(30),
         allow_any_adapter_path: false,
         merge: None,
         served_model_name: Some("base".into()),
@@ -443,6 +446,15 @@ async fn api_keys_guard_adapters_and_management() {
         )
         .await;
     assert_eq!(s, 403, "{b}");
+    // The scheme's name is case-insensitive.
+    let lower = reqwest::Client::new()
+        .post(format!("{}/v1/completions", server.url))
+        .header("authorization", "bearer sk-lora")
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
     assert_eq!(
         server
             .post_with(
@@ -596,6 +608,15 @@ async fn a_full_queue_answers_429() {
         .post("/v1/completions", completion("base", "x", 2))
         .await;
     assert_eq!(s, 429, "{b}");
+    // Clients are told when to come back.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", server.url))
+        .json(&completion("base", "x", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
     assert_eq!(long.await.unwrap().0, 200);
     Arc::try_unwrap(server).ok().unwrap().stop().await;
 }
@@ -708,12 +729,14 @@ async fn stop_strings_cut_the_text_and_end_the_request() {
 async fn requests_past_their_timeout_get_an_error() {
     let root = adapter_root();
     let mut opts = options(root.path());
-    opts.request_timeout_s = 0;
+    // Far shorter than 240 decoding steps (a zero timeout is refused at start).
+    opts.request_timeout = Duration::from_millis(1);
     let server = Server::start(opts).await;
     let (s, b) = server
-        .post("/v1/completions", completion("base", "The quick cat", 8))
+        .post("/v1/completions", completion("base", "The quick cat", 240))
         .await;
-    assert_eq!(s, 500, "{b}");
+    assert_eq!(s, 504, "{b}");
+    assert_eq!(b["error"]["type"], "timeout_error", "{b}");
     assert!(
         b["error"]["message"]
             .as_str()
@@ -785,4 +808,801 @@ async fn graceful_shutdown_finishes_running_requests() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// The value of an unlabelled metric line.
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+        .parse()
+        .unwrap()
+}
+
+impl Server {
+    fn addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
+    }
+
+    /// A raw connection that has sent `bytes`.
+    fn raw(&self, bytes: &[u8]) -> std::net::TcpStream {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(self.addr()).unwrap();
+        stream.write_all(bytes).unwrap();
+        stream
+    }
+}
+
+/// Reads until the server closes the connection (30 s at most), returning what it sent.
+async fn read_until_closed(mut stream: std::net::TcpStream) -> String {
+    use std::io::Read;
+    tokio::task::spawn_blocking(move || {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut out = Vec::new();
+        let read = stream.read_to_end(&mut out);
+        assert!(
+            read.is_ok(),
+            "the server kept the connection open: {read:?}"
+        );
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+const PARTIAL_HEAD: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_heads_and_idle_connections_are_closed_after_the_header_timeout() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.header_timeout = Duration::from_millis(500);
+    let server = Server::start(opts).await;
+    // Slowloris clients: a bounded number of connections that never finish their head.
+    let partial: Vec<_> = (0..200).map(|_| server.raw(PARTIAL_HEAD)).collect();
+    // The server still answers meanwhile.
+    assert_eq!(server.get("/health").await, r#"{"status":"ok"}"#);
+    // A kept-alive connection that goes idle after one answer.
+    let idle = server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    for stream in partial {
+        read_until_closed(stream).await;
+    }
+    let answered = read_until_closed(idle).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    assert!(answered.ends_with(r#"{"status":"ok"}"#), "{answered}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_makes_clients_wait_for_a_free_slot() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.max_connections = 2;
+    opts.header_timeout = Duration::from_secs(2);
+    let server = Server::start(opts).await;
+    let start = std::time::Instant::now();
+    let first = server.raw(PARTIAL_HEAD);
+    let second = server.raw(PARTIAL_HEAD);
+    // The two partial connections hold both slots: this one can be served only once the
+    // header timeout has closed one of them, so not before it has run out.
+    let third = server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let answer = read_until_closed(third).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "a third connection was served while two were open"
+    );
+    read_until_closed(first).await;
+    read_until_closed(second).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_gets_408_and_an_oversized_one_413_as_json() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.body_timeout = Duration::from_millis(300);
+    let server = Server::start(opts).await;
+    let slow = server.raw(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"",
+    );
+    let answer = read_until_closed(slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""type":"timeout_error""#), "{answer}");
+    assert!(answer.contains("--body-timeout-s"), "{answer}");
+    let big = "x".repeat(100 * 1024);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", server.url))
+        .json(&json!({"model": "base", "prompt": big}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], 413, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-body-bytes"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_many_adapters_is_evicted_as_soon_as_it_ends() {
+    let root = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("tenant-{i:02}")).collect();
+    for id in &ids {
+        let dir = root.path().join(id);
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            let src = fixtures().join("adapters/llama-tied__lora-qv").join(f);
+            std::fs::copy(src, dir.join(f)).unwrap();
+        }
+    }
+    let mut opts = options(root.path());
+    opts.max_loaded_adapters = 2;
+    opts.max_batch = 12;
+    let server = Arc::new(Server::start(opts).await);
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let (server, id) = (server.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            server
+                .post("/v1/completions", completion(&id, "The quick cat", 8))
+                .await
+        }));
+    }
+    for task in tasks {
+        let (s, b) = task.await.unwrap();
+        assert_eq!(s, 200, "{b}");
+    }
+    let metrics = server.get("/metrics").await;
+    assert_eq!(metric(&metrics, "lowrank_adapter_loads_total"), 12);
+    assert!(
+        metric(&metrics, "lowrank_adapters_loaded") <= 2,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "lowrank_adapter_evictions_total") >= 10,
+        "{metrics}"
+    );
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+/// Log-softmax rows (f64) of the model's full forward over `ids`: row i is the distribution
+/// of the token after position i. Independent of the server's engine and batching.
+fn log_softmax_rows(adapter: Option<&str>, ids: &[u32]) -> Vec<Vec<f64>> {
+    let dir = fixtures().join("models/llama-tied");
+    let model = Llama::load(&dir, &Device::Cpu).unwrap();
+    let adapter = adapter.map(|a| {
+        model
+            .load_adapter(&fixtures().join("adapters").join(a))
+            .unwrap()
+    });
+    let active: Vec<ActiveAdapter> = adapter.iter().map(ActiveAdapter::new).collect();
+    let input = candle_core::Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&input, None, &active).unwrap();
+    let rows = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    rows.into_iter()
+        .map(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let norm = max
+                + row
+                    .iter()
+                    .map(|&l| (l as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            row.iter().map(|&l| l as f64 - norm).collect()
+        })
+        .collect()
+}
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::load(&fixtures().join("models/llama-tied")).unwrap()
+}
+
+fn close(got: &Value, want: f64) -> bool {
+    (got.as_f64().unwrap() - want).abs() < 1e-4
+}
+
+/// The k largest values of a row, largest first.
+fn top_values(row: &[f64], k: usize) -> Vec<f64> {
+    let mut sorted = row.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted.truncate(k);
+    sorted
+}
+
+/// Greedy ids after `prompt` (as `lowrank generate` picks them), and the log-softmax rows of
+/// prompt + answer.
+fn greedy_ids_and_rows(
+    adapter: Option<&str>,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> (Vec<u32>, Vec<Vec<f64>>) {
+    let dir = fixtures().join("models/llama-tied");
+    let model = Llama::load(&dir, &Device::Cpu).unwrap();
+    let loaded = adapter.map(|a| {
+        model
+            .load_adapter(&fixtures().join("adapters").join(a))
+            .unwrap()
+    });
+    let active: Vec<ActiveAdapter> = loaded.iter().map(ActiveAdapter::new).collect();
+    let stops = lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer()).unwrap();
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let ids = generate(
+        &model,
+        prompt,
+        &active,
+        &mut sampler,
+        max_tokens,
+        &stops,
+        |_| Ok(()),
+    )
+    .unwrap();
+    let all: Vec<u32> = prompt.iter().chain(&ids).copied().collect();
+    (ids, log_softmax_rows(adapter, &all))
+}
+
+/// Checks a completion `logprobs` object: token i is `ids[i]`, with the log-probability
+/// `rows[i][ids[i]]` and the `k` most likely tokens of `rows[i]` (no row: no logprob, as the
+/// prompt's first token). Token texts join up to `text` and `text_offset` counts them.
+fn assert_completion_logprobs(
+    lp: &Value,
+    text: &str,
+    ids: &[u32],
+    rows: &[Option<&Vec<f64>>],
+    k: usize,
+) {
+    let keys: Vec<&str> = lp.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["tokens", "token_logprobs", "top_logprobs", "text_offset"]
+    );
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), ids.len(), "{lp}");
+    let joined: String = tokens.iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(joined, text);
+    let mut offset = 0;
+    for (i, (&id, row)) in ids.iter().zip(rows).enumerate() {
+        assert_eq!(lp["text_offset"][i], offset, "text_offset {i}: {lp}");
+        let token = tokens[i].as_str().unwrap();
+        offset += token.chars().count();
+        let Some(row) = row else {
+            assert!(lp["token_logprobs"][i].is_null(), "{lp}");
+            assert!(lp["top_logprobs"][i].is_null(), "{lp}");
+            continue;
+        };
+        assert!(
+            close(&lp["token_logprobs"][i], row[id as usize]),
+            "token {i}: {lp}"
+        );
+        // The k most likely and the token itself, keyed by text (tokens that read the same,
+        // like partial characters, share one entry: the likelier one's).
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= k + 1, "{top:?}");
+        let mut allowed = top_values(row, k);
+        allowed.push(row[id as usize]);
+        for value in top.values() {
+            assert!(
+                allowed.iter().any(|a| close(value, *a)),
+                "top at {i}: {top:?} vs {allowed:?}"
+            );
+        }
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(
+            (best - allowed[0].max(row[id as usize])).abs() < 1e-4,
+            "{top:?}"
+        );
+    }
+}
+
+/// `got` equals `want` but for numbers, which may differ by 1e-4: the same request batched
+/// differently sums in another order.
+fn assert_json_close(got: &Value, want: &Value) {
+    match (got, want) {
+        (Value::Number(a), Value::Number(b)) => {
+            assert!(
+                (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4,
+                "{a} vs {b}"
+            )
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{got} vs {want}");
+            a.iter().zip(b).for_each(|(x, y)| assert_json_close(x, y));
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            let keys = |o: &serde_json::Map<String, Value>| o.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(a), keys(b));
+            a.iter().for_each(|(k, x)| assert_json_close(x, &b[k]));
+        }
+        _ => assert_eq!(got, want),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_honour_n_logprobs_and_echo() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    let tok = tokenizer();
+    let prompt = "The quick cat";
+    let prompt_ids = tok.encode(prompt, true).unwrap();
+    let p = prompt_ids.len();
+    let (answer_ids, rows) = greedy_ids_and_rows(Some("llama-tied__lora-qv"), &prompt_ids, 6);
+    assert_eq!(answer_ids.len(), 6, "the fixture's answer stops early");
+    let greedy = tok.decode(&answer_ids, true).unwrap();
+
+    // n greedy choices: the same answer each, counted n times in usage.
+    let mut body = completion("tenant-lora", prompt, 6);
+    body["n"] = 3.into();
+    body["logprobs"] = 2.into();
+    let (s, b) = server.post("/v1/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    let choices = b["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["text"], greedy);
+        assert_json_close(&c["logprobs"], &choices[0]["logprobs"]);
+    }
+    assert_eq!(b["usage"]["prompt_tokens"], p);
+    assert_eq!(b["usage"]["completion_tokens"], 18);
+    // Answer token j is predicted by row p - 1 + j of the model's own forward.
+    let answer_rows: Vec<Option<&Vec<f64>>> = rows[p - 1..p + 5].iter().map(Some).collect();
+    assert_completion_logprobs(
+        &choices[0]["logprobs"],
+        &greedy,
+        &answer_ids,
+        &answer_rows,
+        2,
+    );
+
+    // echo + logprobs: the prompt's tokens first (the first without a logprob), then the answer.
+    let mut body = completion("tenant-lora", prompt, 6);
+    body["echo"] = true.into();
+    body["logprobs"] = 3.into();
+    let (s, b) = server.post("/v1/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    let c = &b["choices"][0];
+    assert_eq!(c["text"], format!("{prompt}{greedy}"));
+    let all: Vec<u32> = prompt_ids.iter().chain(&answer_ids).copied().collect();
+    let all_rows: Vec<Option<&Vec<f64>>> = std::iter::once(None)
+        .chain(rows[..all.len() - 1].iter().map(Some))
+        .collect();
+    assert_completion_logprobs(
+        &c["logprobs"],
+        &format!("{prompt}{greedy}"),
+        &all,
+        &all_rows,
+        3,
+    );
+
+    // echo with max_tokens 0 scores the prompt only (over the base).
+    let body =
+        json!({"model": "base", "prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1});
+    let (s, b) = server.post("/v1/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    let c = &b["choices"][0];
+    assert_eq!(c["text"], prompt);
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(b["usage"]["completion_tokens"], 0);
+    let base_rows = log_softmax_rows(None, &prompt_ids);
+    let prompt_rows: Vec<Option<&Vec<f64>>> = std::iter::once(None)
+        .chain(base_rows[..p - 1].iter().map(Some))
+        .collect();
+    assert_completion_logprobs(&c["logprobs"], prompt, &prompt_ids, &prompt_rows, 1);
+
+    // echo without logprobs: the text only. max_tokens 0 needs echo.
+    let body =
+        json!({"model": "base", "prompt": prompt, "max_tokens": 3, "echo": true, "temperature": 0});
+    let (s, b) = server.post("/v1/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    let base_answer = expected_text(None, prompt, 3);
+    assert_eq!(b["choices"][0]["text"], format!("{prompt}{base_answer}"));
+    assert!(b["choices"][0]["logprobs"].is_null());
+    let (s, b) = server
+        .post(
+            "/v1/completions",
+            json!({"model": "base", "prompt": prompt, "max_tokens": 0}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_logprobs_have_openai_shapes() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    let tok = tokenizer();
+    let messages = vec![lowrank_models::Message {
+        role: "user".into(),
+        content: "hello".into(),
+    }];
+    let prompt_ids = tok.encode_chat(&messages, true).unwrap();
+    let p = prompt_ids.len();
+    let (answer_ids, rows) = greedy_ids_and_rows(Some("llama-tied__dora"), &prompt_ids, 5);
+    let body = json!({"model": "tenant-dora", "messages": [{"role": "user", "content": "hello"}],
+                      "max_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 2, "n": 2});
+    let (s, b) = server.post("/v1/chat/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["choices"].as_array().unwrap().len(), 2);
+    let c = &b["choices"][0];
+    let keys: Vec<&str> = c.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["index", "message", "logprobs", "finish_reason"]);
+    assert_eq!(b["choices"][1]["message"], c["message"]);
+    let content = c["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), answer_ids.len());
+    let mut joined = String::new();
+    for (j, entry) in content.iter().enumerate() {
+        let keys: Vec<&str> = entry
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["token", "logprob", "bytes", "top_logprobs"]);
+        let token = entry["token"].as_str().unwrap();
+        joined.push_str(token);
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, token.as_bytes());
+        let row = &rows[p - 1 + j];
+        assert!(
+            close(&entry["logprob"], row[answer_ids[j] as usize]),
+            "{entry}"
+        );
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        for (t, want) in top.iter().zip(top_values(row, 2)) {
+            let keys: Vec<&str> = t.as_object().unwrap().keys().map(String::as_str).collect();
+            assert_eq!(keys, ["token", "logprob", "bytes"]);
+            assert!(close(&t["logprob"], want), "{t}");
+        }
+    }
+    assert_eq!(joined, c["message"]["content"].as_str().unwrap());
+    // Without logprobs: null, as OpenAI answers.
+    let body = json!({"model": "tenant-dora", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2});
+    let (s, b) = server.post("/v1/chat/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["choices"][0]["logprobs"].is_null(), "{b}");
+    let (s, b) = server
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error"]["message"].as_str().unwrap().contains("logprobs"));
+    server.stop().await;
+}
+
+/// The `data:` payloads of an SSE answer, before `[DONE]` (which must end it).
+async fn sse_chunks(server: &Server, path: &str, body: Value) -> Vec<Value> {
+    let text = reqwest::Client::new()
+        .post(format!("{}{path}", server.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_carry_every_choice_with_its_logprobs_and_echo() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    let prompt = "A dog runs";
+    let mut body = completion("tenant-lora", prompt, 12);
+    body["n"] = 2.into();
+    body["logprobs"] = 2.into();
+    body["echo"] = true.into();
+    let (s, whole) = server.post("/v1/completions", body.clone()).await;
+    assert_eq!(s, 200, "{whole}");
+    body["stream"] = true.into();
+    body["stream_options"] = json!({"include_usage": true});
+    let chunks = sse_chunks(&server, "/v1/completions", body).await;
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+    for index in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .filter(|c| c["index"] == index)
+            .collect();
+        let text: String = mine.iter().map(|c| c["text"].as_str().unwrap()).collect();
+        assert_eq!(text, whole["choices"][index]["text"]);
+        let mut joined =
+            json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+        for c in &mine {
+            if c["logprobs"].is_null() {
+                continue;
+            }
+            for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                let more = c["logprobs"][key].as_array().unwrap().clone();
+                joined[key].as_array_mut().unwrap().extend(more);
+            }
+        }
+        assert_json_close(&joined, &whole["choices"][index]["logprobs"]);
+        assert_eq!(
+            mine.last().unwrap()["finish_reason"],
+            whole["choices"][index]["finish_reason"]
+        );
+    }
+    // Chat: each choice starts with the assistant role; logprobs ride along.
+    let mut chat = json!({"model": "tenant-dora", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 4, "temperature": 0, "n": 2, "logprobs": true});
+    let (s, whole) = server.post("/v1/chat/completions", chat.clone()).await;
+    assert_eq!(s, 200, "{whole}");
+    chat["stream"] = true.into();
+    let chunks = sse_chunks(&server, "/v1/chat/completions", chat).await;
+    for index in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .filter(|c| c["index"] == index)
+            .collect();
+        assert_eq!(mine[0]["delta"]["role"], "assistant");
+        let text: String = mine
+            .iter()
+            .filter_map(|c| c["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, whole["choices"][index]["message"]["content"]);
+        let content: Vec<Value> = mine
+            .iter()
+            .filter_map(|c| c["logprobs"]["content"].as_array())
+            .flatten()
+            .cloned()
+            .collect();
+        assert_json_close(
+            &Value::from(content),
+            &whole["choices"][index]["logprobs"]["content"],
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_fields_are_refused_by_name() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    for (field, value) in [
+        ("best_of", json!(2)),
+        ("suffix", json!("end")),
+        ("logit_bias", json!({"5": 10})),
+        ("presence_penalty", json!(0.5)),
+        ("frequency_penalty", json!(1)),
+        ("response_format", json!({"type": "json_object"})),
+    ] {
+        let mut body = completion("base", "x", 2);
+        body[field] = value;
+        let (s, b) = server.post("/v1/completions", body).await;
+        assert_eq!(s, 400, "{field}: {b}");
+        assert_eq!(
+            b["error"]["message"],
+            format!("`{field}` is not supported by this server")
+        );
+    }
+    for (field, value) in [
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("auto")),
+        ("functions", json!([{"name": "f"}])),
+        ("response_format", json!({"type": "json_schema"})),
+        ("best_of", json!(3)),
+    ] {
+        let mut body = json!({"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2});
+        body[field] = value;
+        let (s, b) = server.post("/v1/chat/completions", body).await;
+        assert_eq!(s, 400, "{field}: {b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains(field),
+            "{b}"
+        );
+    }
+    // Values that ask for nothing, and fields that change nothing, pass.
+    let mut body = completion("base", "x", 2);
+    for (field, value) in [
+        ("best_of", json!(1)),
+        ("suffix", json!(null)),
+        ("presence_penalty", json!(0)),
+        ("logit_bias", json!({})),
+        ("user", json!("someone")),
+    ] {
+        body[field] = value;
+    }
+    let (s, b) = server.post("/v1/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    let body = json!({"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                      "tools": [], "tool_choice": "none", "response_format": {"type": "text"}});
+    let (s, b) = server.post("/v1/chat/completions", body).await;
+    assert_eq!(s, 200, "{b}");
+    for (body, needle) in [
+        (json!({"model": "base", "prompt": "x", "n": 0}), "n must be"),
+        (json!({"model": "base", "prompt": "x", "n": 9}), "n must be"),
+        (
+            json!({"model": "base", "prompt": "x", "logprobs": 21}),
+            "logprobs must be",
+        ),
+    ] {
+        let (s, b) = server.post("/v1/completions", body).await;
+        assert_eq!(s, 400, "{b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains(needle),
+            "{b}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_model_is_served_by_the_base() {
+    let root = adapter_root();
+    let server = Server::start(options(root.path())).await;
+    let (s, b) = server
+        .post(
+            "/v1/completions",
+            json!({"prompt": "The quick cat", "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["model"], "base");
+    assert_eq!(
+        b["choices"][0]["text"],
+        expected_text(None, "The quick cat", 5)
+    );
+    let (s, b) = server
+        .post(
+            "/v1/completions",
+            json!({"prompt": "The quick cat", "adapter": "tenant-lora", "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["choices"][0]["text"],
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 5)
+    );
+    let (s, b) = server
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    server.stop().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_ids_and_folders_follow_one_rule() {
+    let root = adapter_root();
+    let outside = tempfile::tempdir().unwrap();
+    let elsewhere = outside.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let src = fixtures().join("adapters/llama-tied__lora-qv").join(f);
+        std::fs::copy(&src, elsewhere.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink(&elsewhere, root.path().join("escape")).unwrap();
+    // A folder under the base's id would be unreachable, and listed twice.
+    std::fs::create_dir(root.path().join("base")).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let src = fixtures().join("adapters/llama-tied__lora-qv").join(f);
+        std::fs::copy(&src, root.path().join("base").join(f)).unwrap();
+    }
+    let server = Server::start(options(root.path())).await;
+    let models: Value = serde_json::from_str(&server.get("/v1/models").await).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["base", "tenant-dora", "tenant-lora", "wrong-base"]);
+    let (s, b) = server
+        .post("/v1/completions", completion("escape", "x", 2))
+        .await;
+    assert_eq!(s, 404, "{b}");
+    let (s, b) = server
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "base", "lora_path": "tenant-lora"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("base model's id"),
+        "{b}"
+    );
+    let (s, b) = server
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "escape", "lora_path": "escape"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outside the adapter root"),
+        "{b}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_during_prefill_is_cancelled_before_its_prompt_is_fed() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    // One running sequence; the next waits in the queue.
+    opts.max_batch = 1;
+    let server = Arc::new(Server::start(opts).await);
+    let running = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .post("/v1/completions", completion("base", "A dog runs", 240))
+                .await
+        })
+    };
+    server.wait_running(1).await;
+    // A long prompt, streamed: no event reaches its client before its first token.
+    let mut body = completion("base", &"the cat sat on a mat ".repeat(20), 8);
+    body["stream"] = true.into();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", server.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !server
+        .get("/metrics")
+        .await
+        .contains(r#"lowrank_requests_total{status="cancelled"} 1"#)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never cancelled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (s, b) = running.await.unwrap();
+    assert_eq!(s, 200, "{b}");
+    // Only the running request's prompt was ever fed.
+    let metrics = server.get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "lowrank_prompt_tokens_total"),
+        b["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{metrics}"
+    );
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
 }

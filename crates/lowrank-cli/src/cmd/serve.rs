@@ -2,9 +2,17 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use lowrank_serve::ServeOptions;
+
+/// Connections served at once unless `--max-connections` says otherwise (fewer when the
+/// process may not open that many files).
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Descriptors kept for everything but connections: the listener, model and adapter files
+/// being read, standard streams.
+const RESERVED_FILES: usize = 128;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,8 +46,20 @@ pub struct Args {
     max_tokens_limit: usize,
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// A request still running after this long ends with 504.
     #[arg(long, default_value_t = 600)]
     request_timeout_s: u64,
+    /// HTTP connections served at once; more wait until one closes [default: 1024, or fewer
+    /// if the open-files limit (raised to its hard limit at start) cannot hold them].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// A client must send a request's head within this time, from connecting or from the end
+    /// of its previous response: slow or idle (kept-alive) connections are closed after it.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_s: u64,
+    /// A client must send a request's body within this time once its head has arrived (408).
+    #[arg(long, default_value_t = 30)]
+    body_timeout_s: u64,
     /// Let load_lora_adapter read folders outside --adapters.
     #[arg(long)]
     allow_any_adapter_path: bool,
@@ -61,37 +81,99 @@ pub fn run(args: Args) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("--host {} --port {}: not an address", args.host, args.port))?;
+    let max_connections = connection_limit(args.max_connections)?;
     let opts = ServeOptions {
         model: args.model,
         adapters: args.adapters,
         host: args.host,
         port: args.port,
         api_keys: args.api_keys,
-        max_batch: args.max_batch.max(1),
+        max_batch: args.max_batch,
         max_queue: args.max_queue,
-        max_loaded_adapters: args.max_loaded_adapters.max(1),
+        max_loaded_adapters: args.max_loaded_adapters,
         adapter_memory_mb: args.adapter_memory_mb,
         kv_cache_mb: args.kv_cache_mb,
         max_tokens_limit: args.max_tokens_limit,
         max_body_bytes: args.max_body_bytes,
-        request_timeout_s: args.request_timeout_s,
+        request_timeout: Duration::from_secs(args.request_timeout_s),
+        max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout_s),
+        body_timeout: Duration::from_secs(args.body_timeout_s),
         allow_any_adapter_path: args.allow_any_adapter_path,
         merge: args.merge,
         served_model_name: args.served_model_name,
         bf16_weights: args.bf16_weights,
         quantize: args.quant.spec()?,
     };
+    opts.validate().map_err(|e| anyhow!(e))?;
+    // Bound before the model loads, so a taken port fails at once.
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .with_context(|| format!("--host {} --port {}: cannot listen", opts.host, opts.port))?;
     let state = lowrank_serve::build_state(&opts).map_err(|e| anyhow!(e))?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         eprintln!(
-            "serving {} on http://{addr} (adapters from {})",
+            "serving {} on http://{} (adapters from {})",
             state.base_name,
+            listener.local_addr()?,
             opts.adapters.display()
         );
-        lowrank_serve::serve(state, addr, shutdown_signal()).await
+        lowrank_serve::serve_on(state, listener, shutdown_signal()).await
     })?;
     Ok(())
+}
+
+/// `--max-connections`, checked against the open-files limit after raising it.
+fn connection_limit(asked: Option<usize>) -> Result<usize> {
+    let Some(files) = raise_open_files_limit() else {
+        return Ok(asked.unwrap_or(DEFAULT_MAX_CONNECTIONS));
+    };
+    let room = files.saturating_sub(RESERVED_FILES);
+    match asked {
+        Some(n) if n > room => bail!(
+            "--max-connections {n}: this process may open only {files} files (ulimit -n, hard \
+             limit included), which leaves room for {room} connections"
+        ),
+        Some(n) => Ok(n),
+        None if room == 0 => bail!(
+            "this process may open only {files} files (ulimit -n): too few to serve connections"
+        ),
+        None => Ok(DEFAULT_MAX_CONNECTIONS.min(room)),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as servers do: each connection is
+/// a file descriptor, and the soft limit is often a small default (1024). Returns the limit in
+/// force, if the platform has one.
+#[cfg(unix)]
+fn raise_open_files_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into memory we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct. It may refuse (macOS caps the soft limit
+        // below an unlimited hard one); then the old limit stays.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    Some(usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX))
+}
+
+#[cfg(not(unix))]
+fn raise_open_files_limit() -> Option<usize> {
+    None
 }
 
 /// Ctrl-C or SIGTERM: stop accepting, finish running requests, exit.
