@@ -137,6 +137,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             max_body_bytes: 1 << 20,
             request_timeout_s: opts.time_limit.as_secs().max(1),
             allow_any_adapter_path: false,
+            allow_hub_adapters: false,
             merge: None,
             served_model_name: Some("base".into()),
             bf16_weights: false,

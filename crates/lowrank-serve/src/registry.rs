@@ -57,6 +57,8 @@ pub struct RegistryStats {
 pub struct AdapterRegistry {
     root: PathBuf,
     allow_any_path: bool,
+    /// `lora_path` may be a Hub id (`--allow-hub-adapters`).
+    allow_hub: bool,
     limits: Limits,
     base: Vec<LinearShape>,
     device: Device,
@@ -113,6 +115,7 @@ impl AdapterRegistry {
         Ok(AdapterRegistry {
             root,
             allow_any_path,
+            allow_hub: false,
             limits,
             base,
             device,
@@ -121,6 +124,13 @@ impl AdapterRegistry {
                 ..State::default()
             }),
         })
+    }
+
+    /// Lets `load_lora_adapter` take a Hub id (`org/name[@revision]`) as `lora_path`: fetched
+    /// into the HF cache (or found there) like `--adapter org/name`.
+    pub fn with_hub_adapters(mut self, allow: bool) -> Self {
+        self.allow_hub = allow;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -229,8 +239,8 @@ impl AdapterRegistry {
     }
 
     /// Adds or replaces adapter `id` from `path` (vLLM's load_lora_adapter). The path must lie
-    /// under the adapter root unless the operator allowed any path. Loaded at once, so a
-    /// broken adapter is reported to the caller.
+    /// under the adapter root unless the operator allowed any path, or be a Hub id when the
+    /// operator allowed those. Loaded at once, so a broken adapter is reported to the caller.
     pub fn register(&self, id: &str, path: &str) -> Result<(), RegistryError> {
         validate_id(id)?;
         let requested = Path::new(path);
@@ -239,10 +249,19 @@ impl AdapterRegistry {
         } else {
             self.root.join(requested)
         };
+        // A folder under the root wins over a Hub id of the same name.
+        let hub_id = !joined.exists() && lowrank_models::hub::HubId::parse(path).is_some();
+        let joined = if self.allow_hub && hub_id {
+            lowrank_models::hub::resolve_adapter_dir(requested)
+                .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?
+        } else {
+            joined
+        };
         let resolved = joined
             .canonicalize()
             .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?;
-        if !self.allow_any_path && !resolved.starts_with(&self.root) {
+        if !self.allow_any_path && !(self.allow_hub && hub_id) && !resolved.starts_with(&self.root)
+        {
             return Err(RegistryError::Invalid(format!(
                 "lora_path {path:?} is outside the adapter root {}",
                 self.root.display()

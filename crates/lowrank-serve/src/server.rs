@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -586,6 +586,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     pub request_timeout_s: u64,
     pub allow_any_adapter_path: bool,
+    /// load_lora_adapter may name a Hub id as lora_path (fetched into the HF cache).
+    pub allow_hub_adapters: bool,
     /// Serve this adapter merged into the base (single tenant, base speed).
     pub merge: Option<String>,
     pub served_model_name: Option<String>,
@@ -634,6 +636,10 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     }
     let base_name = opts.served_model_name.clone().unwrap_or_else(|| {
         opts.merge.clone().unwrap_or_else(|| {
+            if dir.as_path() != Path::new(&opts.model) {
+                // A Hub id, whose folder is a snapshot named by its commit: serve it by its id.
+                return opts.model.clone();
+            }
             dir.file_name()
                 .map_or("base".into(), |n| n.to_string_lossy().into_owned())
         })
@@ -657,7 +663,8 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
         limits,
         opts.allow_any_adapter_path,
     )
-    .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?;
+    .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?
+    .with_hub_adapters(opts.allow_hub_adapters);
     let max_positions = model.config().max_position_embeddings;
     let model = Arc::new(model);
     let engine = Engine::start(

@@ -51,6 +51,7 @@ fn options(adapters: &Path) -> ServeOptions {
         max_body_bytes: 64 * 1024,
         request_timeout_s: 60,
         allow_any_adapter_path: false,
+        allow_hub_adapters: false,
         merge: None,
         served_model_name: Some("base".into()),
         bf16_weights: false,

@@ -12,13 +12,13 @@ use lowrank_algebra::analyze::{
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Adapter folder (PEFT LoRA, DoRA or AdaLoRA).
+    /// Adapter folder (PEFT LoRA, DoRA or AdaLoRA) or Hub id org/name[@revision].
     #[arg(required_unless_present = "full", conflicts_with = "full")]
     adapter: Option<PathBuf>,
-    /// A second adapter folder: subspace similarity φ(i, j) with it, per module both adapt.
+    /// A second adapter (folder or Hub id): subspace similarity φ(i, j) with it, per module both adapt.
     #[arg(long, value_name = "ADAPTER")]
     compare: Option<PathBuf>,
-    /// A fully fine-tuned model (folder or repo id in the HF cache): analyse ΔW = W_ft − W of
+    /// A fully fine-tuned model (folder or Hub id): analyse ΔW = W_ft − W of
     /// its decoder-layer linears against --base.
     #[arg(long, value_name = "MODEL_FT", requires = "base")]
     full: Option<String>,
@@ -51,11 +51,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let report = match (&args.adapter, &args.full, &args.base) {
         (Some(adapter), _, _) => {
-            let mut analysis = analyze_adapter(adapter, args.energy)
+            let mut analysis = analyze_adapter(&super::resolve_adapter(adapter)?, args.energy)
                 .with_context(|| format!("analysing adapter {}", adapter.display()))?;
             if let Some(other) = &args.compare {
                 analysis
-                    .compare_with(other)
+                    .compare_with(&super::resolve_adapter(other)?)
                     .with_context(|| format!("comparing with adapter {}", other.display()))?;
             }
             analysis.report

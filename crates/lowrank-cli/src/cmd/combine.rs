@@ -47,7 +47,7 @@ needs the base weights: --base MODEL. The result is then a plain LoRA adapter fo
 #[derive(clap::Args)]
 #[command(after_long_help = LONG_HELP)]
 pub struct Args {
-    /// Adapter folders to combine, comma-separated.
+    /// Adapter folders or Hub ids (org/name[@revision]) to combine, comma-separated.
     #[arg(long, required = true, value_delimiter = ',')]
     adapters: Vec<PathBuf>,
     /// One weight per adapter, comma-separated; negative subtracts (e.g. 0.6,-0.4).
@@ -79,7 +79,7 @@ pub struct Args {
     /// dare_*: seed of the random masks [default: 0].
     #[arg(long)]
     seed: Option<u64>,
-    /// Base model (folder or repo id in the local HF cache): needed for DoRA inputs, and checks
+    /// Base model (folder or Hub id): needed for DoRA inputs, and checks
     /// every adapter against it.
     #[arg(long)]
     base: Option<String>,
@@ -113,12 +113,13 @@ pub fn run(args: Args) -> Result<()> {
     let adapters = args
         .adapters
         .iter()
-        .map(|dir| {
+        .map(|spec| {
+            let dir = super::resolve_adapter(spec)?;
             match &base {
-                Some(model) => model.load_adapter(dir),
-                None => LoraAdapter::load_standalone(dir, &device),
+                Some(model) => model.load_adapter(&dir),
+                None => LoraAdapter::load_standalone(&dir, &device),
             }
-            .with_context(|| format!("loading adapter {}", dir.display()))
+            .with_context(|| format!("loading adapter {}", spec.display()))
         })
         .collect::<Result<Vec<_>>>()?;
     let inputs: Vec<Input> = adapters

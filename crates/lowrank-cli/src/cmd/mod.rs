@@ -90,7 +90,8 @@ pub fn parse_block_size(s: &str) -> std::result::Result<usize, String> {
     Ok(n)
 }
 
-/// `--adapter PATH[:WEIGHT]`: an adapter folder and the multiplier on its ΔW (default 1).
+/// `--adapter PATH[:WEIGHT]`: an adapter folder or Hub id (`org/name[@revision]`) and the
+/// multiplier on its ΔW (default 1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterSpec {
     pub path: PathBuf,
@@ -125,12 +126,19 @@ pub fn load_adapters(model: &Llama, specs: &[AdapterSpec]) -> Result<Vec<(LoraAd
     specs
         .iter()
         .map(|s| {
+            let dir = resolve_adapter(&s.path)?;
             let adapter = model
-                .load_adapter(&s.path)
+                .load_adapter(&dir)
                 .with_context(|| format!("loading adapter {}", s.path.display()))?;
             Ok((adapter, s.weight))
         })
         .collect()
+}
+
+/// An `--adapter` argument's folder: the folder itself, or a Hub id's snapshot in the HF cache
+/// (downloaded when missing).
+pub fn resolve_adapter(spec: &Path) -> Result<PathBuf> {
+    Ok(lowrank_models::hub::resolve_adapter_dir(spec)?)
 }
 
 /// Either merges the adapters into the model (`--merge`) and returns no active adapters, or

@@ -8,7 +8,7 @@ use lowrank_train::{ComputeDtype, Init, Method, OptimizerKind, Schedule, TrainOp
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or repo id in the local HF cache.
+    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// JSONL: {"text"}, {"prompt","completion"} or {"messages":[{"role","content"}...]} per line.
@@ -42,7 +42,7 @@ pub struct Args {
     /// kaiming, gaussian, pissa or olora.
     #[arg(long, default_value = "kaiming")]
     init: Init,
-    /// Continue from an existing PEFT adapter folder.
+    /// Continue from an existing PEFT adapter (folder or Hub id org/name[@revision]).
     #[arg(long)]
     init_adapter: Option<PathBuf>,
     /// adamw or sgd.
@@ -176,7 +176,11 @@ pub fn run(args: Args) -> Result<()> {
         targets: args.targets,
         rslora: args.rslora,
         init: args.init,
-        init_adapter: args.init_adapter,
+        init_adapter: args
+            .init_adapter
+            .as_deref()
+            .map(super::resolve_adapter)
+            .transpose()?,
         optimizer: args.optimizer,
         lr: args.lr,
         weight_decay: args.weight_decay,
