@@ -21,7 +21,7 @@ use std::path::{Component, Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
-use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lowrank_core::lora::{CONFIG_FILE, WEIGHTS_FILE};
 use lowrank_core::{Error, Result};
 use serde::Deserialize;
@@ -344,7 +344,8 @@ impl Hub {
         let snapshot = repo_dir.join("snapshots").join(&listing.sha);
         let mut files = wanted.select(id, &listing)?;
         if files.iter().any(|f| f == INDEX_FILE) {
-            let index = self.download(&repo, id, INDEX_FILE, &snapshot)?;
+            // Small, and fetched before the total is known: no bar of its own.
+            let index = self.download(&repo, id, INDEX_FILE, &snapshot, false)?;
             for shard in shard_names(&index)? {
                 let plain = Path::new(&shard)
                     .components()
@@ -371,7 +372,7 @@ impl Hub {
             HumanBytes(bytes)
         );
         for file in missing {
-            self.download(&repo, id, file, &snapshot)?;
+            self.download(&repo, id, file, &snapshot, true)?;
         }
         if !is_commit_hash(id.revision()) {
             // hf-hub points the ref at each file's commit; this covers files already cached.
@@ -412,10 +413,19 @@ impl Hub {
         Ok(listing)
     }
 
-    /// Downloads `file` (resuming a partial one) and checks it landed in `snapshot`.
-    fn download(&self, repo: &ApiRepo, id: &HubId, file: &str, snapshot: &Path) -> Result<PathBuf> {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(0);
+    /// Downloads `file` (resuming a partial one) and checks it landed in `snapshot`; with a
+    /// progress bar when `bar` and stderr is a terminal.
+    fn download(
+        &self,
+        repo: &ApiRepo,
+        id: &HubId,
+        file: &str,
+        snapshot: &Path,
+        bar: bool,
+    ) -> Result<PathBuf> {
+        let bar = (bar && std::io::stderr().is_terminal()).then(|| {
+            // Drawn from `init` on, once it has its length and name.
+            let bar = ProgressBar::hidden();
             bar.set_style(
                 ProgressStyle::with_template(
                     "{msg:32!} {bytes:>10}/{total_bytes:<10} {wide_bar} {bytes_per_sec:>12} {eta:>4}",
@@ -590,9 +600,12 @@ impl hf_hub::api::Progress for FileBar {
     // Called again with the resumed offset when a transfer is retried: start from zero then.
     fn init(&mut self, size: usize, filename: &str) {
         if let Some(bar) = &self.0 {
+            bar.set_message(filename.to_string());
             bar.set_length(size as u64);
             bar.set_position(0);
-            bar.set_message(filename.to_string());
+            if bar.is_hidden() {
+                bar.set_draw_target(ProgressDrawTarget::stderr());
+            }
         }
     }
 
@@ -605,6 +618,8 @@ impl hf_hub::api::Progress for FileBar {
     fn finish(&mut self) {
         if let Some(bar) = &self.0 {
             bar.finish();
+            // The finished bar stays as the file's line; what follows starts below it.
+            eprintln!();
         }
     }
 }

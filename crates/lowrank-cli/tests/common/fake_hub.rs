@@ -1,8 +1,9 @@
 //! A stand-in for the Hugging Face Hub on 127.0.0.1, for the real client to talk to: the file
 //! route `/{org}/{name}/resolve/{revision}/{file}` with the headers hf-hub and huggingface_hub
-//! read (`ETag`, `X-Linked-Etag`, `X-Linked-Size`, `X-Repo-Commit`, `X-Error-Code`), a 302 to a
-//! CDN route for LFS files (as the Hub redirects to its storage), `Range` requests with
-//! `Content-Range`, and the repo listing `/api/models/{org}/{name}/revision/{revision}`.
+//! read (`ETag`, `X-Linked-Etag`, `X-Linked-Size`, `X-Repo-Commit`, `X-Error-Code`), a 302 for
+//! LFS files to a storage route on another port (as the Hub redirects to its storage host; the
+//! file's metadata is on the redirect), `Range` requests with `Content-Range`, and the repo
+//! listing `/api/models/{org}/{name}/revision/{revision}`.
 //! Every request is logged; one transfer can be cut midway.
 
 use std::collections::BTreeMap;
@@ -93,7 +94,8 @@ pub struct Logged {
 }
 
 struct Shared {
-    base: String,
+    /// The storage host LFS files are redirected to.
+    storage: String,
     repos: BTreeMap<String, FakeRepo>,
     log: Mutex<Vec<Logged>>,
     /// The sha256 of a blob whose next transfer stops halfway.
@@ -114,12 +116,17 @@ impl FakeHub {
             .enable_all()
             .build()
             .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let bind = || {
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            (listener, url)
+        };
+        let (listener, url) = bind();
+        let (storage_listener, storage) = bind();
         let shared = Arc::new(Shared {
-            base: url.clone(),
+            storage,
             repos: repos.into_iter().collect(),
             log: Mutex::new(Vec::new()),
             cut_next: Mutex::new(None),
@@ -130,9 +137,12 @@ impl FakeHub {
                 get(listing),
             )
             .route("/{org}/{name}/resolve/{revision}/{*file}", get(resolve))
+            .with_state(shared.clone());
+        let storage_app = Router::new()
             .route("/cdn/{sha}", get(cdn))
             .with_state(shared.clone());
         runtime.spawn(async move { axum::serve(listener, app).await });
+        runtime.spawn(async move { axum::serve(storage_listener, storage_app).await });
         FakeHub {
             url,
             shared,
@@ -259,7 +269,7 @@ async fn resolve(
         out.insert("x-linked-size", bytes.len().into());
         out.insert(
             "location",
-            format!("{}/cdn/{sha}", hub.base).parse().unwrap(),
+            format!("{}/cdn/{sha}", hub.storage).parse().unwrap(),
         );
         return (StatusCode::FOUND, out).into_response();
     }
