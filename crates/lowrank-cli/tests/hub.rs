@@ -310,8 +310,28 @@ fn a_killed_download_is_never_used_and_continues_on_the_next_run() {
 fn a_sharded_model_fetches_its_index_and_exactly_its_shards() {
     let hub = FakeHub::start(fixture_repos());
     let env = Env::new(&hub);
+    // Describing an adapter against a base reads only the base's config.json.
+    let inspect = env.run(&[], &["inspect", ADAPTER, "--model", SHARDED, "--json"]);
+    let report: Value = serde_json::from_str(&ok(&inspect)).unwrap();
+    assert!(report["base_parameters"].as_u64().unwrap() > 0);
+    assert_eq!(
+        hub.resolved_files()
+            .iter()
+            .filter(|f| f.starts_with(SHARDED))
+            .collect::<Vec<_>>(),
+        [&format!("{SHARDED}/config.json")]
+    );
+    // The model then completes that snapshot, without fetching config.json again.
+    let config_requests = || {
+        hub.log()
+            .iter()
+            .filter(|l| l.path == format!("{SHARDED}/resolve/main/config.json"))
+            .count()
+    };
+    let before = config_requests();
     let out = env.run(&[], &eval_args(SHARDED, None, &fx("data/eval.jsonl")));
     assert_loss(&out, "llama-untied");
+    assert_eq!(config_requests(), before);
     let files = [
         "config.json",
         "generation_config.json",
@@ -324,6 +344,7 @@ fn a_sharded_model_fetches_its_index_and_exactly_its_shards() {
         "model-00004-of-00004.safetensors",
     ];
     let mut fetched = hub.resolved_files();
+    fetched.retain(|f| f.starts_with(SHARDED));
     fetched.sort();
     let mut want: Vec<String> = files.iter().map(|f| format!("{SHARDED}/{f}")).collect();
     want.sort();

@@ -653,6 +653,14 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_spec_that_is_neither_a_folder_nor_a_hub_id_says_so() {
+        let err = resolve("./no-such-dir", Wanted::Model)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a folder, nor a Hub repo id"), "{err}");
+    }
+
     fn offline_hub(cache: &Path) -> Hub {
         Hub {
             cache: cache.to_path_buf(),
