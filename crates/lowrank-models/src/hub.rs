@@ -289,7 +289,7 @@ impl Hub {
     /// The cached snapshot of `id` when it holds what `wanted` needs: the commit its revision's
     /// ref names (or the revision itself when it is a commit hash). Without a ref for the
     /// default revision, the only snapshot there is (a cache copied without its refs).
-    pub fn cached(&self, id: &HubId, wanted: Wanted) -> Option<PathBuf> {
+    fn cached(&self, id: &HubId, wanted: Wanted) -> Option<PathBuf> {
         let repo_dir = self.repo_dir(id);
         let snapshots = repo_dir.join("snapshots");
         let revision = id.revision();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::Device;
 use lowrank_core::lora::{LinearShape, LoraAdapter, CONFIG_FILE};
+use lowrank_models::hub::{Hub, HubId, Wanted};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RegistryError {
@@ -249,19 +250,19 @@ impl AdapterRegistry {
         } else {
             self.root.join(requested)
         };
-        // A folder under the root wins over a Hub id of the same name.
-        let hub_id = !joined.exists() && lowrank_models::hub::HubId::parse(path).is_some();
-        let joined = if self.allow_hub && hub_id {
-            lowrank_models::hub::resolve_adapter_dir(requested)
-                .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?
-        } else {
-            joined
+        // A folder under the root wins over a Hub id of the same name; a Hub id is fetched into
+        // (or found in) the HF cache, never looked up as a folder elsewhere.
+        let hub_id = HubId::parse(path).filter(|_| self.allow_hub && !joined.exists());
+        let joined = match &hub_id {
+            Some(id) => Hub::from_env()
+                .fetch(id, Wanted::Adapter)
+                .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?,
+            None => joined,
         };
         let resolved = joined
             .canonicalize()
             .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?;
-        if !self.allow_any_path && !(self.allow_hub && hub_id) && !resolved.starts_with(&self.root)
-        {
+        if !(self.allow_any_path || hub_id.is_some() || resolved.starts_with(&self.root)) {
             return Err(RegistryError::Invalid(format!(
                 "lora_path {path:?} is outside the adapter root {}",
                 self.root.display()

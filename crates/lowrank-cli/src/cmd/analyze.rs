@@ -9,6 +9,7 @@ use lowrank_algebra::analyze::report::{AnalysisReport, Comparison, ModuleSpectru
 use lowrank_algebra::analyze::{
     analyze_adapter, analyze_full_fine_tune, plot, FullOptions, RandomizedOptions,
 };
+use lowrank_models::hub::resolve_adapter_dir;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -51,11 +52,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let report = match (&args.adapter, &args.full, &args.base) {
         (Some(adapter), _, _) => {
-            let mut analysis = analyze_adapter(&super::resolve_adapter(adapter)?, args.energy)
+            let mut analysis = analyze_adapter(&resolve_adapter_dir(adapter)?, args.energy)
                 .with_context(|| format!("analysing adapter {}", adapter.display()))?;
             if let Some(other) = &args.compare {
                 analysis
-                    .compare_with(&super::resolve_adapter(other)?)
+                    .compare_with(&resolve_adapter_dir(other)?)
                     .with_context(|| format!("comparing with adapter {}", other.display()))?;
             }
             analysis.report

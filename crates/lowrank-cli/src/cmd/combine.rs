@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use lowrank_algebra::combine::{self, Input, MajoritySign, Method, Options};
 use lowrank_algebra::factored::matrix_from_tensor;
 use lowrank_core::lora::LoraAdapter;
+use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_models::Llama;
 
 const LONG_HELP: &str = "\
@@ -114,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
         .adapters
         .iter()
         .map(|spec| {
-            let dir = super::resolve_adapter(spec)?;
+            let dir = resolve_adapter_dir(spec)?;
             match &base {
                 Some(model) => model.load_adapter(&dir),
                 None => LoraAdapter::load_standalone(&dir, &device),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use lowrank_core::adalora::{is_adalora_dir, AdaloraAdapter};
 use lowrank_core::lora::{LoraAdapter, LoraVariant, CONFIG_FILE, WEIGHTS_FILE};
-use lowrank_models::hub::Wanted;
+use lowrank_models::hub::{resolve_adapter_dir, Wanted};
 use lowrank_models::ModelConfig;
 use serde::Serialize;
 
@@ -53,7 +53,7 @@ struct Report {
 }
 
 pub fn run(mut args: Args) -> Result<()> {
-    args.adapter = super::resolve_adapter(&args.adapter)?;
+    args.adapter = resolve_adapter_dir(&args.adapter)?;
     if is_adalora_dir(&args.adapter) {
         return run_adalora(args);
     }

@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lowrank_core::lora::LoraAdapter;
 use lowrank_core::QuantSpec;
+use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_models::{ActiveAdapter, Llama, LoadOptions, Tokenizer};
 use lowrank_train::{QuantKind, QuantizeOptions};
 
@@ -126,19 +127,13 @@ pub fn load_adapters(model: &Llama, specs: &[AdapterSpec]) -> Result<Vec<(LoraAd
     specs
         .iter()
         .map(|s| {
-            let dir = resolve_adapter(&s.path)?;
+            let dir = resolve_adapter_dir(&s.path)?;
             let adapter = model
                 .load_adapter(&dir)
                 .with_context(|| format!("loading adapter {}", s.path.display()))?;
             Ok((adapter, s.weight))
         })
         .collect()
-}
-
-/// An `--adapter` argument's folder: the folder itself, or a Hub id's snapshot in the HF cache
-/// (downloaded when missing).
-pub fn resolve_adapter(spec: &Path) -> Result<PathBuf> {
-    Ok(lowrank_models::hub::resolve_adapter_dir(spec)?)
 }
 
 /// Either merges the adapters into the model (`--merge`) and returns no active adapters, or

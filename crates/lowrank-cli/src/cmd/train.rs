@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_train::{ComputeDtype, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 #[derive(clap::Args)]
@@ -179,7 +180,7 @@ pub fn run(args: Args) -> Result<()> {
         init_adapter: args
             .init_adapter
             .as_deref()
-            .map(super::resolve_adapter)
+            .map(resolve_adapter_dir)
             .transpose()?,
         optimizer: args.optimizer,
         lr: args.lr,

@@ -191,17 +191,19 @@ impl Shared {
         });
     }
 
-    /// The repo, or the Hub's error for a missing repo or revision.
-    fn repo(&self, org: &str, name: &str, revision: &str) -> Result<&FakeRepo, Response> {
+    /// The repo, or the Hub's 404 for a missing repo or revision: its error code and the
+    /// commit to name.
+    fn repo(
+        &self,
+        org: &str,
+        name: &str,
+        revision: &str,
+    ) -> Result<&FakeRepo, (&'static str, Option<&str>)> {
         let Some(repo) = self.repos.get(&format!("{org}/{name}")) else {
-            return Err(hub_error(StatusCode::NOT_FOUND, "RepoNotFound", None));
+            return Err(("RepoNotFound", None));
         };
         if revision != "main" && revision != repo.commit {
-            return Err(hub_error(
-                StatusCode::NOT_FOUND,
-                "RevisionNotFound",
-                Some(&repo.commit),
-            ));
+            return Err(("RevisionNotFound", Some(&repo.commit)));
         }
         Ok(repo)
     }
@@ -225,7 +227,7 @@ async fn listing(
     hub.record(&uri, &headers);
     let repo = match hub.repo(&org, &name, &revision) {
         Ok(repo) => repo,
-        Err(response) => return response,
+        Err((code, commit)) => return hub_error(StatusCode::NOT_FOUND, code, commit),
     };
     let siblings: Vec<serde_json::Value> = repo
         .files
@@ -250,7 +252,7 @@ async fn resolve(
     hub.record(&uri, &headers);
     let repo = match hub.repo(&org, &name, &revision) {
         Ok(repo) => repo,
-        Err(response) => return response,
+        Err((code, commit)) => return hub_error(StatusCode::NOT_FOUND, code, commit),
     };
     let authorized = headers.get("authorization").and_then(|v| v.to_str().ok())
         == Some(&format!("Bearer {TOKEN}"));
