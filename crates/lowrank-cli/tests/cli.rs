@@ -347,8 +347,9 @@ fn bad_models_and_data_are_named_errors() {
         &lowrank(&["eval", "--model", &fx("models/llama-tied"), "--data", &d]),
         &["bad.jsonl:1", "\"text\""],
     );
+    // A path (an org/name would be looked up on the Hub: tests/hub.rs).
     assert_fails_with(
-        &lowrank(&["eval", "--model", "no/such-model", "--data", &d]),
+        &lowrank(&["eval", "--model", "./no/such-model", "--data", &d]),
         &["no/such-model", "not found"],
     );
 

@@ -1,5 +1,5 @@
-//! Finding and reading a Hugging Face checkpoint: a local folder or a repo id in the local HF
-//! cache (never the network), single or sharded safetensors, memory-mapped.
+//! Finding and reading a Hugging Face checkpoint: a local folder or a Hub repo id (the local HF
+//! cache, else a download: [`crate::hub`]), single or sharded safetensors, memory-mapped.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -12,68 +12,21 @@ use serde::Deserialize;
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// The local HF hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-pub fn hf_cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(p).join("hub");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("huggingface").join("hub")
-}
-
-/// Resolves `--model`: an existing folder, or `org/name` in the local HF cache (the snapshot
-/// `refs/main` points to, or the only snapshot there is).
+/// Resolves `--model`: an existing folder, or a Hub id `org/name[@revision]` from the local HF
+/// cache or downloaded into it (see [`crate::hub`]).
 pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let not_found = |why: String| {
-        Error::Msg(format!(
-            "model {spec:?} not found: it is not a folder, and {why} (lowrank never downloads; fetch the model into the HF cache first)"
-        ))
-    };
-    if spec.split('/').count() != 2 || spec.starts_with('.') || spec.starts_with('/') {
-        return Err(not_found("it is not an org/name repo id".into()));
-    }
-    let cache = hf_cache_dir();
-    let repo = cache.join(format!("models--{}", spec.replace('/', "--")));
-    if !repo.is_dir() {
-        return Err(not_found(format!("{} does not exist", repo.display())));
-    }
-    let snapshots = repo.join("snapshots");
-    if let Ok(commit) = std::fs::read_to_string(repo.join("refs").join("main")) {
-        let dir = snapshots.join(commit.trim());
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-    }
-    let entries: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map_err(|e| Error::io(&snapshots, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    match entries.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(not_found(format!(
-            "{} holds no snapshot",
-            snapshots.display()
-        ))),
-        _ => Err(not_found(format!(
-            "{} holds several snapshots and refs/main names none of them",
-            snapshots.display()
-        ))),
-    }
+    crate::hub::resolve(spec, crate::hub::Wanted::Model)
 }
 
 #[derive(Deserialize)]
 struct ShardIndex {
     weight_map: std::collections::BTreeMap<String, String>,
+}
+
+/// The shard files a `model.safetensors.index.json` lists, each once.
+pub fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
+    let idx: ShardIndex = lowrank_core::files::read_json(index)?;
+    Ok(idx.weight_map.into_values().collect())
 }
 
 /// The safetensors files of a checkpoint folder, memory-mapped.
@@ -87,9 +40,10 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
         let files: Vec<PathBuf> = if index.exists() {
-            let idx: ShardIndex = lowrank_core::files::read_json(&index)?;
-            let names: BTreeSet<&String> = idx.weight_map.values().collect();
-            names.into_iter().map(|n| dir.join(n)).collect()
+            shard_names(&index)?
+                .into_iter()
+                .map(|n| dir.join(n))
+                .collect()
         } else if dir.join(SINGLE_FILE).exists() {
             vec![dir.join(SINGLE_FILE)]
         } else {
@@ -267,25 +221,6 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn repo_ids_resolve_in_the_hf_cache_without_network() {
-        let cache = tempfile::tempdir().unwrap();
-        let snap = cache.path().join("models--org--tiny/snapshots/abc123");
-        std::fs::create_dir_all(&snap).unwrap();
-        std::fs::create_dir_all(cache.path().join("models--org--tiny/refs")).unwrap();
-        std::fs::write(cache.path().join("models--org--tiny/refs/main"), "abc123\n").unwrap();
-        // Env vars are process-wide: this is the only test that sets HF_HUB_CACHE.
-        std::env::set_var("HF_HUB_CACHE", cache.path());
-        assert_eq!(resolve_model_dir("org/tiny").unwrap(), snap);
-        let err = resolve_model_dir("org/missing").unwrap_err().to_string();
-        assert!(
-            err.contains("org/missing") && err.contains("never downloads"),
-            "{err}"
-        );
-        let err = resolve_model_dir("no-such-dir").unwrap_err().to_string();
-        assert!(err.contains("not a folder"), "{err}");
-    }
 
     #[test]
     fn a_folder_without_weights_is_a_clear_error() {

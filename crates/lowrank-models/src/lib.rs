@@ -5,6 +5,7 @@ mod active;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod hub;
 pub mod llama;
 pub mod rope;
 pub mod tokenizer;

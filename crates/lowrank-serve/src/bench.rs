@@ -141,6 +141,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             allow_any_adapter_path: false,
+            allow_hub_adapters: false,
             merge: None,
             served_model_name: Some("base".into()),
             bf16_weights: false,

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::Device;
 use lowrank_core::lora::{LinearShape, LoraAdapter, CONFIG_FILE};
+use lowrank_models::hub::{Hub, HubId, Wanted};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RegistryError {
@@ -67,6 +68,8 @@ struct Inner {
     allow_any_path: bool,
     /// The base model's id in the API, which no adapter may take.
     base_id: String,
+    /// `lora_path` may be a Hub id (`--allow-hub-adapters`).
+    allow_hub: bool,
     limits: Limits,
     base: Vec<LinearShape>,
     device: Device,
@@ -154,6 +157,7 @@ impl AdapterRegistry {
             root: root.canonicalize()?,
             allow_any_path,
             base_id: base_id.to_string(),
+            allow_hub: false,
             limits,
             base,
             device,
@@ -181,6 +185,16 @@ impl AdapterRegistry {
         Ok(AdapterRegistry {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Lets `load_lora_adapter` take a Hub id (`org/name[@revision]`) as `lora_path`: fetched
+    /// into the HF cache (or found there) like `--adapter org/name`.
+    pub fn with_hub_adapters(mut self, allow: bool) -> Self {
+        // Called right after `new`, before the registry is shared.
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.allow_hub = allow;
+        }
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -252,7 +266,17 @@ impl AdapterRegistry {
         } else {
             inner.root.join(requested)
         };
-        let resolved = inner.resolve(&joined, &format!("lora_path {path:?}"))?;
+        // A folder under the root wins over a Hub id of the same name; a Hub id is fetched into
+        // (or found in) the HF cache, never looked up as a folder elsewhere.
+        let hub_id = HubId::parse(path).filter(|_| inner.allow_hub && !joined.exists());
+        let resolved = match &hub_id {
+            Some(hub_id) => Hub::from_env()
+                .fetch(hub_id, Wanted::Adapter)
+                .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?
+                .canonicalize()
+                .map_err(|e| RegistryError::Invalid(format!("lora_path {path:?}: {e}")))?,
+            None => inner.resolve(&joined, &format!("lora_path {path:?}"))?,
+        };
         let adapter = inner.load_from(id, &resolved)?;
         let mut s = self.lock();
         s.known.insert(id.to_string(), resolved);

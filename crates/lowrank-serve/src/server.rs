@@ -1,7 +1,7 @@
 //! The HTTP layer (axum): OpenAI-compatible endpoints, adapter management, health and metrics.
 //! Every failure is a JSON error body with a status code; no request can panic the server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -618,6 +618,8 @@ pub struct ServeOptions {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub allow_any_adapter_path: bool,
+    /// load_lora_adapter may name a Hub id as lora_path (fetched into the HF cache).
+    pub allow_hub_adapters: bool,
     /// Serve this adapter merged into the base (single tenant, base speed).
     pub merge: Option<String>,
     pub served_model_name: Option<String>,
@@ -691,6 +693,10 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     }
     let base_name = opts.served_model_name.clone().unwrap_or_else(|| {
         opts.merge.clone().unwrap_or_else(|| {
+            if dir.as_path() != Path::new(&opts.model) {
+                // A Hub id, whose folder is a snapshot named by its commit: serve it by its id.
+                return opts.model.clone();
+            }
             dir.file_name()
                 .map_or("base".into(), |n| n.to_string_lossy().into_owned())
         })
@@ -715,7 +721,8 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
         limits,
         opts.allow_any_adapter_path,
     )
-    .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?;
+    .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?
+    .with_hub_adapters(opts.allow_hub_adapters);
     let max_positions = model.config().max_position_embeddings;
     let model = Arc::new(model);
     let engine = Engine::start(

@@ -54,6 +54,7 @@ fn options(adapters: &Path) -> ServeOptions {
         header_timeout: Duration::from_secs(10),
         body_timeout: Duration::from_secs(30),
         allow_any_adapter_path: false,
+        allow_hub_adapters: false,
         merge: None,
         served_model_name: Some("base".into()),
         bf16_weights: false,

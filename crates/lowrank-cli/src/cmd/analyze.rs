@@ -10,16 +10,17 @@ use lowrank_algebra::analyze::report::{AnalysisReport, Comparison, ModuleSpectru
 use lowrank_algebra::analyze::{
     analyze_adapter, analyze_full_fine_tune, plot, FullOptions, RandomizedOptions,
 };
+use lowrank_models::hub::resolve_adapter_dir;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Adapter folder (PEFT LoRA, DoRA or AdaLoRA).
+    /// Adapter folder (PEFT LoRA, DoRA or AdaLoRA) or Hub id org/name[@revision].
     #[arg(required_unless_present = "full", conflicts_with = "full")]
     adapter: Option<PathBuf>,
-    /// A second adapter folder: subspace similarity φ(i, j) with it, per module both adapt.
+    /// A second adapter (folder or Hub id): subspace similarity φ(i, j) with it, per module both adapt.
     #[arg(long, value_name = "ADAPTER")]
     compare: Option<PathBuf>,
-    /// A fully fine-tuned model (folder or repo id in the HF cache): analyse ΔW = W_ft − W of
+    /// A fully fine-tuned model (folder or Hub id): analyse ΔW = W_ft − W of
     /// its decoder-layer linears against --base.
     #[arg(long, value_name = "MODEL_FT", requires = "base")]
     full: Option<String>,
@@ -52,11 +53,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let report = match (&args.adapter, &args.full, &args.base) {
         (Some(adapter), _, _) => {
-            let mut analysis =
-                analyze_adapter(adapter, args.energy).naming("analysing adapter", adapter)?;
+            let mut analysis = analyze_adapter(&resolve_adapter_dir(adapter)?, args.energy)
+                .naming("analysing adapter", adapter)?;
             if let Some(other) = &args.compare {
                 analysis
-                    .compare_with(other)
+                    .compare_with(&resolve_adapter_dir(other)?)
                     .naming("comparing with adapter", other)?;
             }
             analysis.report

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use lowrank_algebra::combine::{self, Input, MajoritySign, Method, Options};
 use lowrank_algebra::factored::matrix_from_tensor;
 use lowrank_core::lora::LoraAdapter;
+use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_models::Llama;
 
 use super::NamePath;
@@ -49,7 +50,7 @@ needs the base weights: --base MODEL. The result is then a plain LoRA adapter fo
 #[derive(clap::Args)]
 #[command(after_long_help = LONG_HELP)]
 pub struct Args {
-    /// Adapter folders to combine, comma-separated.
+    /// Adapter folders or Hub ids (org/name[@revision]) to combine, comma-separated.
     #[arg(long, required = true, value_delimiter = ',')]
     adapters: Vec<PathBuf>,
     /// One weight per adapter, comma-separated; negative subtracts (e.g. 0.6,-0.4).
@@ -81,7 +82,7 @@ pub struct Args {
     /// dare_*: seed of the random masks [default: 0].
     #[arg(long)]
     seed: Option<u64>,
-    /// Base model (folder or repo id in the local HF cache): needed for DoRA inputs, and checks
+    /// Base model (folder or Hub id): needed for DoRA inputs, and checks
     /// every adapter against it.
     #[arg(long)]
     base: Option<String>,
@@ -115,12 +116,13 @@ pub fn run(args: Args) -> Result<()> {
     let adapters = args
         .adapters
         .iter()
-        .map(|dir| {
+        .map(|spec| {
+            let dir = resolve_adapter_dir(spec)?;
             match &base {
-                Some(model) => model.load_adapter(dir),
-                None => LoraAdapter::load_standalone(dir, &device),
+                Some(model) => model.load_adapter(&dir),
+                None => LoraAdapter::load_standalone(&dir, &device),
             }
-            .naming("loading adapter", dir)
+            .naming("loading adapter", spec)
         })
         .collect::<Result<Vec<_>>>()?;
     let inputs: Vec<Input> = adapters

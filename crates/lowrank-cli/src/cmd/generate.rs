@@ -10,10 +10,10 @@ use super::{activate, load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or repo id in the local HF cache.
+    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
-    /// PEFT adapter folder, optionally `PATH:WEIGHT`; repeat to stack adapters.
+    /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to stack adapters.
     #[arg(long)]
     adapter: Vec<AdapterSpec>,
     /// Merge the adapters into the weights first.

@@ -1,4 +1,4 @@
-//! `lowrank inspect`: what an adapter folder holds.
+//! `lowrank inspect`: what an adapter (a folder or a Hub id) holds.
 
 use std::path::PathBuf;
 
@@ -6,15 +6,17 @@ use super::NamePath;
 use anyhow::Result;
 use lowrank_core::adalora::{is_adalora_dir, AdaloraAdapter};
 use lowrank_core::lora::{LoraAdapter, LoraVariant, CONFIG_FILE, WEIGHTS_FILE};
+use lowrank_models::hub::{resolve_adapter_dir, Wanted};
 use lowrank_models::ModelConfig;
 use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Adapter folder (adapter_config.json + adapter_model.safetensors).
+    /// Adapter folder (adapter_config.json + adapter_model.safetensors), or Hub id
+    /// org/name[@revision].
     adapter: PathBuf,
-    /// Base model, for the share of its parameters (default: the adapter's
-    /// base_model_name_or_path, when that resolves locally).
+    /// Base model (folder or Hub id; only its config.json is read or fetched), for the share of
+    /// its parameters (default: the adapter's base_model_name_or_path, when that resolves).
     #[arg(long)]
     model: Option<String>,
     /// Print JSON instead of a table.
@@ -51,7 +53,8 @@ struct Report {
     file_bytes: u64,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    args.adapter = resolve_adapter_dir(&args.adapter)?;
     if is_adalora_dir(&args.adapter) {
         return run_adalora(args);
     }
@@ -120,12 +123,16 @@ fn print_report(
     trainable: usize,
     base_model: Option<String>,
 ) -> Result<()> {
-    let base_parameters = base_model.as_deref().and_then(|spec| {
-        let dir = lowrank_models::checkpoint::resolve_model_dir(spec).ok()?;
-        ModelConfig::load(&dir.join("config.json"))
-            .ok()
-            .map(|c| c.num_parameters())
-    });
+    let base_config = |spec: &str| -> Result<ModelConfig> {
+        let dir = lowrank_models::hub::resolve(spec, Wanted::ModelConfig)?;
+        Ok(ModelConfig::load(&dir.join("config.json"))?)
+    };
+    // A --model given must resolve; the adapter's own base_model_name_or_path is a best effort.
+    let base_parameters = match (&args.model, base_model.as_deref()) {
+        (Some(spec), _) => Some(base_config(spec)?.num_parameters()),
+        (None, Some(spec)) => base_config(spec).ok().map(|c| c.num_parameters()),
+        (None, None) => None,
+    };
     let file_bytes = [CONFIG_FILE, WEIGHTS_FILE]
         .iter()
         .filter_map(|f| std::fs::metadata(args.adapter.join(f)).ok())

@@ -12,10 +12,10 @@ use super::{load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or repo id in the local HF cache.
+    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
-    /// PEFT adapter folder, optionally `PATH:WEIGHT`; repeat to merge several.
+    /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to merge several.
     #[arg(long, required = true)]
     adapter: Vec<AdapterSpec>,
     /// Output folder (created; must not hold a checkpoint already).

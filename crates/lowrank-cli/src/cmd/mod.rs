@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lowrank_core::lora::LoraAdapter;
 use lowrank_core::QuantSpec;
+use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_models::{ActiveAdapter, Llama, LoadOptions, Tokenizer};
 use lowrank_train::{QuantKind, QuantizeOptions};
 
@@ -110,7 +111,8 @@ pub fn parse_block_size(s: &str) -> std::result::Result<usize, String> {
     Ok(n)
 }
 
-/// `--adapter PATH[:WEIGHT]`: an adapter folder and the multiplier on its ΔW (default 1).
+/// `--adapter PATH[:WEIGHT]`: an adapter folder or Hub id (`org/name[@revision]`) and the
+/// multiplier on its ΔW (default 1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterSpec {
     pub path: PathBuf,
@@ -149,8 +151,9 @@ pub fn load_adapters(model: &Llama, specs: &[AdapterSpec]) -> Result<Vec<(LoraAd
     specs
         .iter()
         .map(|s| {
+            let dir = resolve_adapter_dir(&s.path)?;
             let adapter = model
-                .load_adapter(&s.path)
+                .load_adapter(&dir)
                 .naming("loading adapter", &s.path)?;
             Ok((adapter, s.weight))
         })

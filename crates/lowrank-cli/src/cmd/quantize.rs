@@ -13,7 +13,7 @@ use lowrank_train::QuantKind;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or repo id in the local HF cache.
+    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// Output folder (created; must not hold a checkpoint already).

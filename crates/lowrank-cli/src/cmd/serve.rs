@@ -16,7 +16,7 @@ const RESERVED_FILES: usize = 128;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or repo id in the local HF cache.
+    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// Folder whose sub-folders are PEFT adapters, each served under its folder name.
@@ -63,6 +63,10 @@ pub struct Args {
     /// Let load_lora_adapter read folders outside --adapters.
     #[arg(long)]
     allow_any_adapter_path: bool,
+    /// Let load_lora_adapter take a Hub id (org/name[@revision]) as lora_path: found in the HF
+    /// cache or downloaded into it (as vLLM's Hub resolver). Off by default.
+    #[arg(long)]
+    allow_hub_adapters: bool,
     /// Serve this adapter (a folder under --adapters) merged into the base: one tenant at base speed.
     #[arg(long)]
     merge: Option<String>,
@@ -100,6 +104,7 @@ pub fn run(args: Args) -> Result<()> {
         header_timeout: Duration::from_secs(args.header_timeout_s),
         body_timeout: Duration::from_secs(args.body_timeout_s),
         allow_any_adapter_path: args.allow_any_adapter_path,
+        allow_hub_adapters: args.allow_hub_adapters,
         merge: args.merge,
         served_model_name: args.served_model_name,
         bf16_weights: args.bf16_weights,

@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_train::{ComputeDtype, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or repo id in the local HF cache.
+    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// JSONL: {"text"}, {"prompt","completion"} or {"messages":[{"role","content"}...]} per line.
@@ -42,7 +43,7 @@ pub struct Args {
     /// kaiming, gaussian, pissa or olora.
     #[arg(long, default_value = "kaiming")]
     init: Init,
-    /// Continue from an existing PEFT adapter folder.
+    /// Continue from an existing PEFT adapter (folder or Hub id org/name[@revision]).
     #[arg(long)]
     init_adapter: Option<PathBuf>,
     /// adamw or sgd.
@@ -176,7 +177,11 @@ pub fn run(args: Args) -> Result<()> {
         targets: args.targets,
         rslora: args.rslora,
         init: args.init,
-        init_adapter: args.init_adapter,
+        init_adapter: args
+            .init_adapter
+            .as_deref()
+            .map(resolve_adapter_dir)
+            .transpose()?,
         optimizer: args.optimizer,
         lr: args.lr,
         weight_decay: args.weight_decay,
