@@ -23,6 +23,19 @@ pub type ByteSpan = (usize, usize);
 const BYTES_PER_TOKEN_GUESS: usize = 8;
 const MIN_PREFIX_BYTES: usize = 4096;
 
+/// Long texts are tokenized in chunks of this many bytes, overlapping by this many tokens.
+const LONG_TEXT_CHUNK_BYTES: usize = 1 << 16;
+const CHUNK_OVERLAP_TOKENS: usize = 32;
+
+/// The largest char boundary of `text` at or before `len`.
+fn floor_boundary(text: &str, len: usize) -> usize {
+    let mut end = len.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
 /// A tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -124,13 +137,7 @@ impl Tokenizer {
         add_special_tokens: bool,
         max_tokens: usize,
     ) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
-        let prefix = |len: usize| {
-            let mut end = len.min(text.len());
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            &text[..end]
-        };
+        let prefix = |len: usize| &text[..floor_boundary(text, len)];
         let mut len = (max_tokens.saturating_mul(BYTES_PER_TOKEN_GUESS)).max(MIN_PREFIX_BYTES);
         while len < text.len() {
             let (ids, offsets) = self.encode_with_offsets(prefix(len), add_special_tokens)?;
@@ -150,6 +157,96 @@ impl Tokenizer {
         ids.truncate(max_tokens);
         offsets.truncate(max_tokens);
         Ok((ids, offsets))
+    }
+
+    /// [`Tokenizer::encode`] of a text of any length in bounded memory: the tokenizer holds
+    /// tens of bytes per input byte while it works (1.8 GB for a 10 MB line), so a long text
+    /// is tokenized in chunks of about 64 KB. Each chunk starts a few tokens before the
+    /// previous one's accepted end and drops its own last tokens (a cut changes only the
+    /// tokens next to it); the tokens of the overlap must come out the same (ids and byte
+    /// offsets), or the whole text is tokenized at once instead.
+    pub fn encode_long(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.encode_in_chunks(text, add_special_tokens, LONG_TEXT_CHUNK_BYTES)
+    }
+
+    fn encode_in_chunks(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        chunk_bytes: usize,
+    ) -> Result<Vec<u32>> {
+        if text.len() <= 2 * chunk_bytes {
+            return self.encode(text, add_special_tokens);
+        }
+        match self.chunked_ids(text, add_special_tokens, chunk_bytes)? {
+            Some(ids) => Ok(ids),
+            None => self.encode(text, add_special_tokens),
+        }
+    }
+
+    /// The ids of `text` chunk by chunk, or None where an overlap does not agree.
+    fn chunked_ids(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        chunk_bytes: usize,
+    ) -> Result<Option<Vec<u32>>> {
+        // The special tokens the post-processor puts around any text (BOS, EOS...), checked on
+        // the first chunk: the chunks are tokenized without them.
+        let (before, after) = if add_special_tokens {
+            let probe = floor_boundary(text, chunk_bytes);
+            let with = self.encode(&text[..probe], true)?;
+            let without = self.encode(&text[..probe], false)?;
+            match (0..=with.len().saturating_sub(without.len()))
+                .find(|&at| with[at..].starts_with(&without))
+            {
+                Some(at) => (with[..at].to_vec(), with[at + without.len()..].to_vec()),
+                None => return Ok(None),
+            }
+        } else {
+            (vec![], vec![])
+        };
+        let (mut ids, mut starts) = (before, Vec::new());
+        let specials = ids.len();
+        // Bytes before `next` are covered by accepted tokens; the next chunk starts at `from`.
+        let (mut from, mut next) = (0, 0);
+        loop {
+            let end = floor_boundary(text, from + chunk_bytes);
+            let last = end == text.len();
+            let (chunk_ids, offsets) = self.encode_with_offsets(&text[from..end], false)?;
+            let chunk_starts: Vec<usize> = offsets.iter().map(|o| o.0 + from).collect();
+            // Where the new tokens begin, and the accepted tokens just before it must match.
+            let Some(at) = chunk_starts.iter().position(|&s| s == next) else {
+                return Ok(None);
+            };
+            let accepted = starts.len();
+            let check = at.min(accepted).min(CHUNK_OVERLAP_TOKENS / 2);
+            if check < accepted.min(CHUNK_OVERLAP_TOKENS / 2)
+                || chunk_ids[at - check..at] != ids[ids.len() - check..]
+                || chunk_starts[at - check..at] != starts[accepted - check..]
+            {
+                return Ok(None);
+            }
+            if last {
+                ids.extend_from_slice(&chunk_ids[at..]);
+                ids.extend_from_slice(&after);
+                return Ok(Some(ids));
+            }
+            // Drop the tokens next to the cut; the kept ones end at a new byte position (the
+            // byte tokens of one character share their start).
+            let mut keep = chunk_ids.len().saturating_sub(CHUNK_OVERLAP_TOKENS);
+            while keep > at && chunk_starts[keep] == chunk_starts[keep - 1] {
+                keep -= 1;
+            }
+            if keep <= at {
+                return Ok(None);
+            }
+            ids.extend_from_slice(&chunk_ids[at..keep]);
+            starts.extend_from_slice(&chunk_starts[at..keep]);
+            next = chunk_starts[keep];
+            from = starts[starts.len().saturating_sub(CHUNK_OVERLAP_TOKENS)];
+            debug_assert_eq!(ids.len(), specials + starts.len());
+        }
     }
 
     /// The first `max_tokens` of [`Tokenizer::encode`], tokenizing only a prefix of a long text
@@ -266,6 +363,45 @@ pub fn render_chat_template(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture_tokenizer(style: &str) -> Tokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers");
+        Tokenizer::load(&dir.join(style)).unwrap()
+    }
+
+    /// Chunked tokenizing gives the ids of tokenizing at once (without falling back to it), for
+    /// both tokenizer styles, with and without special tokens, on texts whose chunks cut words,
+    /// numbers, multi-byte characters (byte-fallback tokens), runs of spaces and one unbroken
+    /// word.
+    #[test]
+    fn chunked_tokenizing_equals_tokenizing_at_once() {
+        let sentence =
+            "The small dog finds the red ball under the tree, café 🤔 in 2001;   12 trains. ";
+        let texts = [
+            sentence.repeat(60),
+            "ab ".repeat(2000),
+            "x".repeat(5000),
+            format!("{}<|im_end|>{}", sentence.repeat(20), "é".repeat(1500)),
+            "🤔".repeat(1500),
+        ];
+        for style in ["llama-style", "qwen-style"] {
+            let t = fixture_tokenizer(style);
+            for text in &texts {
+                for special in [true, false] {
+                    let whole = t.encode(text, special).unwrap();
+                    for chunk in [300, 1000] {
+                        let chunked = t.chunked_ids(text, special, chunk).unwrap();
+                        assert_eq!(
+                            chunked.as_ref(),
+                            Some(&whole),
+                            "{style} special {special} chunk {chunk}: {:?}",
+                            &text[..20]
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn trim_blocks_and_exceptions_behave_like_transformers() {

@@ -2,6 +2,12 @@
 //! accumulation over micro-batches, clipping, the optimizer step, logging, eval, checkpoints,
 //! resume and the NaN stop.
 //!
+//! Output folder: training_log.jsonl is created by its first line (a run that fails while
+//! setting up leaves nothing that blocks its `--out`). A checkpoint records the options and the
+//! identity of the model and data (see `input_identity`); `--resume` refuses other ones, keeps
+//! the log's lines up to the checkpoint exactly as written and removes what a killed run left
+//! half-written (staging folders, temporary files).
+//!
 //! Loss: per optimizer step, the summed token NLL of all its micro-batches divided by the
 //! step's number of loss tokens (the mean token loss of the step's batch, as transformers'
 //! Trainer computes it with `num_items_in_batch`), so accumulation equals one larger batch.

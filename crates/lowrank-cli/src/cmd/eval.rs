@@ -70,7 +70,7 @@ pub fn run(args: Args) -> Result<()> {
         };
         let ids = match args.max_len {
             Some(n) => loaded.tokenizer.encode_truncated(text, true, n)?,
-            None => loaded.tokenizer.encode(text, true)?,
+            None => loaded.tokenizer.encode_long(text, true)?,
         };
         let (nll, n) = if ids.len() > window {
             windowed += 1;

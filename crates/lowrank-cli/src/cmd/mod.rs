@@ -22,9 +22,9 @@ use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_models::{ActiveAdapter, Llama, LoadOptions, Tokenizer};
 use lowrank_train::{QuantKind, QuantizeOptions};
 
-/// Names a path in front of an error ("loading adapter DIR: ...") unless the error names it
-/// already: the library's errors name the file at fault, and saying the folder twice
-/// ("loading adapter a: a/adapter_config.json: ...") repeats the message.
+/// Puts what was being done with a path in front of an error ("loading adapter DIR: ..."),
+/// leaving the path out when the error names it already: the library's errors name the file
+/// at fault, and "loading adapter a: a/adapter_config.json: ..." says the folder twice.
 pub trait NamePath<T> {
     fn naming(self, what: &str, path: &Path) -> Result<T>;
 }
@@ -35,7 +35,7 @@ impl<T, E: Into<anyhow::Error>> NamePath<T> for std::result::Result<T, E> {
             let e: anyhow::Error = e.into();
             let path = path.display().to_string();
             if format!("{e:#}").contains(&path) {
-                e
+                e.context(what.to_string())
             } else {
                 e.context(format!("{what} {path}"))
             }

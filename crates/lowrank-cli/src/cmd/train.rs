@@ -98,7 +98,8 @@ pub struct Args {
     /// Evaluate every N steps.
     #[arg(long)]
     eval_every: Option<usize>,
-    /// Continue a killed run: its --out folder or a checkpoint-N folder.
+    /// Continue a killed run: its --out folder or a checkpoint-N folder. The options, the
+    /// model folder and the data's contents must be those the checkpoint was trained with.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// No progress bar or summary.
