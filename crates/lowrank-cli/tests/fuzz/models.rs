@@ -1,0 +1,399 @@
+//! Model checkpoints as every command loads them (`Llama::load`): `config.json`,
+//! `model.safetensors` (dense and bitsandbytes 4-bit), sharded checkpoints'
+//! `model.safetensors.index.json`, and the 4-bit reader of the quant crate on its own.
+
+use std::path::Path;
+
+use candle_core::Device;
+use lowrank_models::Llama;
+use lowrank_quant::BnbCheckpoint;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::TestCaseError;
+use serde_json::Value;
+
+use crate::ensure;
+use crate::support::*;
+
+const CONFIG_CASES: u32 = 600;
+const GENERATED_CONFIG_CASES: u32 = 300;
+const SAFETENSORS_CASES: u32 = 500;
+const QUANT_CASES: u32 = 800;
+const INDEX_CASES: u32 = 300;
+
+/// Dense and 4-bit fixtures of the same model.
+const MODELS: &[&str] = &["models/llama-tied", "quant/llama-tied-nf4-dq"];
+
+const CONFIG_FIELDS: &[(&str, &[Ty])] = &[
+    ("model_type", &[Ty::Str]),
+    ("vocab_size", &[Ty::UInt]),
+    ("hidden_size", &[Ty::UInt]),
+    ("intermediate_size", &[Ty::UInt]),
+    ("num_hidden_layers", &[Ty::UInt]),
+    ("num_attention_heads", &[Ty::UInt]),
+    ("num_key_value_heads", &[Ty::UInt, Ty::Null]),
+    ("head_dim", &[Ty::UInt, Ty::Null]),
+    ("rms_norm_eps", &[Ty::Num]),
+    ("rope_theta", &[Ty::Num, Ty::Null]),
+    ("rope_scaling", &[Ty::Object, Ty::Null]),
+    ("rope_parameters", &[Ty::Object, Ty::Null]),
+    ("rope_parameters.rope_theta", &[Ty::Num]),
+    ("tie_word_embeddings", &[Ty::Bool, Ty::Null]),
+    ("max_position_embeddings", &[Ty::UInt]),
+    ("attention_bias", &[Ty::Bool]),
+    ("mlp_bias", &[Ty::Bool]),
+    ("hidden_act", &[Ty::Str, Ty::Null]),
+    ("sliding_window", &[Ty::UInt, Ty::Null]),
+    ("use_sliding_window", &[Ty::Bool]),
+    ("bos_token_id", &[Ty::U32, Ty::U32s, Ty::Null]),
+    ("eos_token_id", &[Ty::U32, Ty::U32s, Ty::Null]),
+    ("torch_dtype", &[Ty::Str, Ty::Null]),
+    ("dtype", &[Ty::Str, Ty::Null]),
+    ("quantization_config", &[Ty::Object]),
+    ("quantization_config.quant_method", &[Ty::Str]),
+    ("quantization_config.bnb_4bit_quant_type", &[Ty::Str]),
+    ("quantization_config.load_in_4bit", &[Ty::Bool]),
+    ("quantization_config.bnb_4bit_use_double_quant", &[Ty::Bool]),
+];
+
+/// Writes a checkpoint folder (`files` by name), loads it, and checks the outcome: no panic,
+/// an error naming the folder, an error whenever `must_fail` lists something, nothing written.
+fn check_model(files: &[(&str, &[u8])], must_fail: &[String]) -> Result<(), TestCaseError> {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let before = snapshot(root.path());
+    match Llama::load(&dir, &Device::Cpu) {
+        Ok(_) => ensure!(
+            must_fail.is_empty(),
+            "loaded with fields of the wrong type: {must_fail:?}"
+        ),
+        Err(e) => check_error(&e.to_string(), &[&dir.display().to_string()])?,
+    }
+    check_unchanged(root.path(), &before)
+}
+
+struct Model {
+    config: Vec<u8>,
+    weights: Vec<u8>,
+}
+
+fn models() -> Vec<Model> {
+    MODELS
+        .iter()
+        .map(|m| Model {
+            config: read_fixture(&format!("{m}/config.json")),
+            weights: read_fixture(&format!("{m}/model.safetensors")),
+        })
+        .collect()
+}
+
+/// `config.json` of the dense and the 4-bit model, edited as JSON or as text.
+#[test]
+fn model_config_json() {
+    let models = models();
+    let docs: Vec<Value> = models
+        .iter()
+        .map(|m| serde_json::from_slice(&m.config).unwrap())
+        .collect();
+    let donors: Vec<Value> = [
+        "models/mistral/config.json",
+        "models/qwen2-tied/config.json",
+        "models/llama-untied/config.json",
+    ]
+    .iter()
+    .map(|f| fixture_json(f))
+    .chain(docs.iter().cloned())
+    .collect();
+    let text_donors: Vec<Vec<u8>> = donors
+        .iter()
+        .map(|d| serde_json::to_vec(d).unwrap())
+        .collect();
+    run(
+        "config.json (mutated fixtures)",
+        CONFIG_CASES,
+        (
+            any::<Index>(),
+            prop_oneof![4 => json_edits(3).prop_map(Ok), 1 => byte_edits(3).prop_map(Err)],
+        ),
+        |(src, edit)| {
+            let i = src.index(models.len());
+            let config = match &edit {
+                Ok(e) => {
+                    let refs: Vec<&Value> = donors.iter().collect();
+                    serde_json::to_vec_pretty(&apply_json(&docs[i], e, &refs)).unwrap()
+                }
+                Err(e) => {
+                    let refs: Vec<&[u8]> = text_donors.iter().map(Vec::as_slice).collect();
+                    apply_bytes(&models[i].config, 0..models[i].config.len(), e, &refs)
+                }
+            };
+            let must_fail = serde_json::from_slice::<Value>(&config)
+                .map(|v| wrong_types(&v, CONFIG_FIELDS))
+                .unwrap_or_default();
+            check_model(
+                &[
+                    ("config.json", &config),
+                    ("model.safetensors", &models[i].weights),
+                ],
+                &must_fail,
+            )
+        },
+    );
+}
+
+/// Configs made from scratch: the fixture's with each field of its own type or any other.
+#[test]
+fn model_config_generated() {
+    let models = models();
+    let fields: Vec<BoxedStrategy<Option<(String, Value)>>> = CONFIG_FIELDS
+        .iter()
+        .filter(|(name, _)| !name.contains('.'))
+        .map(|(name, tys)| {
+            let name = name.to_string();
+            let typed = prop::sample::select(tys.to_vec()).prop_flat_map(model_field_value);
+            prop::option::weighted(0.4, prop_oneof![2 => typed, 1 => nasty_value()])
+                .prop_map(move |v| v.map(|v| (name.clone(), v)))
+                .boxed()
+        })
+        .collect();
+    run(
+        "config.json (generated)",
+        GENERATED_CONFIG_CASES,
+        (any::<Index>(), fields),
+        |(src, fields)| {
+            let i = src.index(models.len());
+            let mut doc: Value = serde_json::from_slice(&models[i].config).unwrap();
+            for (k, v) in fields.into_iter().flatten() {
+                doc[k] = v;
+            }
+            let must_fail = wrong_types(&doc, CONFIG_FIELDS);
+            let config = serde_json::to_vec(&doc).unwrap();
+            check_model(
+                &[
+                    ("config.json", &config),
+                    ("model.safetensors", &models[i].weights),
+                ],
+                &must_fail,
+            )
+        },
+    );
+}
+
+/// A value a model config field could plausibly hold, of type `ty`.
+fn model_field_value(ty: Ty) -> BoxedStrategy<Value> {
+    match ty {
+        Ty::UInt | Ty::U32 => prop_oneof![0u64..600, Just(1 << 40), any::<u64>()]
+            .prop_map(Value::from)
+            .boxed(),
+        Ty::U32s => prop::collection::vec(0u64..400, 0..3)
+            .prop_map(|v| Value::Array(v.into_iter().map(Value::from).collect()))
+            .boxed(),
+        Ty::Num => prop_oneof![
+            0.0..1e-3f64,
+            1.0..1e7f64,
+            Just(0.0),
+            Just(-1.0),
+            Just(1e300)
+        ]
+        .prop_map(Value::from)
+        .boxed(),
+        Ty::Str => prop::sample::select(vec![
+            "llama", "mistral", "qwen2", "silu", "float32", "bfloat16", "gpt2",
+        ])
+        .prop_map(Value::from)
+        .boxed(),
+        Ty::Bool => any::<bool>().prop_map(Value::Bool).boxed(),
+        Ty::Null => Just(Value::Null).boxed(),
+        Ty::Object => prop::collection::btree_map(
+            prop::sample::select(vec![
+                "rope_type",
+                "type",
+                "factor",
+                "rope_theta",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+                "quant_method",
+                "load_in_4bit",
+                "bnb_4bit_quant_type",
+            ]),
+            prop_oneof![
+                prop::sample::select(vec![
+                    "default",
+                    "linear",
+                    "llama3",
+                    "yarn",
+                    "bitsandbytes",
+                    "nf4",
+                    "fp4"
+                ])
+                .prop_map(Value::from),
+                (0.0..10.0f64).prop_map(Value::from),
+                any::<bool>().prop_map(Value::Bool),
+            ],
+            0..5,
+        )
+        .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+        .boxed(),
+        Ty::Strs | Ty::UInts | Ty::Array => nasty_value().boxed(),
+    }
+}
+
+/// `model.safetensors` of the dense model edited: header bytes, any bytes, the header as JSON,
+/// and tensor by tensor (dropped, renamed, resized, retyped, reshaped, copied).
+#[test]
+fn model_safetensors() {
+    let models = models();
+    let dense = &models[0];
+    let donors: Vec<Vec<u8>> = [
+        "models/mistral/model.safetensors",
+        "adapters/llama-tied__lora-qv/adapter_model.safetensors",
+    ]
+    .iter()
+    .map(|f| read_fixture(f))
+    .collect();
+    let (tensors, metadata) = parse_tensors(&dense.weights);
+    run(
+        "model.safetensors (mutated fixtures)",
+        SAFETENSORS_CASES,
+        prop_oneof![
+            safetensors_edit().prop_map(Ok),
+            prop::collection::vec(tensor_edit(), 1..4).prop_map(Err),
+        ],
+        |edit| {
+            let weights = match &edit {
+                Ok(e) => {
+                    let refs: Vec<&[u8]> = donors.iter().map(Vec::as_slice).collect();
+                    apply_safetensors(&dense.weights, e, &refs)
+                }
+                Err(e) => {
+                    let mut t = tensors.clone();
+                    apply_tensor_edits(&mut t, e);
+                    build_tensors(&t, metadata.as_ref())
+                }
+            };
+            check_model(
+                &[
+                    ("config.json", &dense.config),
+                    ("model.safetensors", &weights),
+                ],
+                &[],
+            )
+        },
+    );
+}
+
+/// The bitsandbytes 4-bit checkpoint edited tensor by tensor, its `quant_state` JSON blobs
+/// included, and as bytes; loaded as a model and by the quant crate's own reader.
+#[test]
+fn quantized_safetensors() {
+    let models = models();
+    let quant = &models[1];
+    let (tensors, metadata) = parse_tensors(&quant.weights);
+    run(
+        "4-bit model.safetensors (mutated fixtures)",
+        QUANT_CASES,
+        prop_oneof![
+            1 => safetensors_edit().prop_map(Ok),
+            3 => prop::collection::vec(tensor_edit(), 1..4).prop_map(Err),
+        ],
+        |edit| {
+            let weights = match &edit {
+                Ok(e) => apply_safetensors(&quant.weights, e, &[]),
+                Err(e) => {
+                    let mut t = tensors.clone();
+                    apply_tensor_edits(&mut t, e);
+                    build_tensors(&t, metadata.as_ref())
+                }
+            };
+            if let Err(e) = BnbCheckpoint::from_bytes(&weights) {
+                check_error(&e.to_string(), &[])?;
+            }
+            check_model(
+                &[
+                    ("config.json", &quant.config),
+                    ("model.safetensors", &weights),
+                ],
+                &[],
+            )
+        },
+    );
+}
+
+/// A sharded checkpoint: `model.safetensors.index.json` edited (shards renamed, missing,
+/// outside the folder, of the wrong type) over the fixture's four shards.
+#[test]
+fn sharded_index_json() {
+    let dir = fixtures().join("models/llama-untied");
+    let index_name = "model.safetensors.index.json";
+    let index: Value = fixture_json(&format!("models/llama-untied/{index_name}"));
+    let shards: Vec<(String, Vec<u8>)> = (1..=4)
+        .map(|i| {
+            let name = format!("model-0000{i}-of-00004.safetensors");
+            let bytes = std::fs::read(dir.join(&name)).unwrap();
+            (name, bytes)
+        })
+        .collect();
+    let config = std::fs::read(dir.join("config.json")).unwrap();
+    let shard_names: Vec<Value> = shards
+        .iter()
+        .map(|(n, _)| Value::from(n.as_str()))
+        .chain(
+            [
+                "",
+                ".",
+                "..",
+                "/",
+                "config.json",
+                "../model/config.json",
+                "missing.safetensors",
+                "/dev/null",
+            ]
+            .map(Value::from),
+        )
+        .collect();
+    let name_edit = (any::<Index>(), prop::sample::select(shard_names));
+    run(
+        "model.safetensors.index.json (mutated fixtures)",
+        INDEX_CASES,
+        (
+            prop::collection::vec(name_edit, 0..3),
+            prop::option::of(json_edits(2)),
+            prop::option::of(any::<Index>()),
+        ),
+        |(renames, edits, drop_shard)| {
+            let mut doc = index.clone();
+            let map = doc["weight_map"].as_object_mut().unwrap();
+            let keys: Vec<String> = map.keys().cloned().collect();
+            for (at, to) in &renames {
+                map[&keys[at.index(keys.len())]] = to.clone();
+            }
+            if let Some(e) = &edits {
+                doc = apply_json(&doc, e, &[]);
+            }
+            let must_fail = wrong_types(&doc, &[("weight_map", &[Ty::Object])]);
+            let text = serde_json::to_vec(&doc).unwrap();
+            let mut files: Vec<(&str, &[u8])> = vec![("config.json", &config), (index_name, &text)];
+            let dropped = drop_shard.map(|d| d.index(shards.len()));
+            for (i, (name, bytes)) in shards.iter().enumerate() {
+                if Some(i) != dropped {
+                    files.push((name, bytes));
+                }
+            }
+            check_model(&files, &must_fail)
+        },
+    );
+}
+
+/// Every fixture model loads as it is: the properties above start from working files.
+#[test]
+fn fixture_models_load() {
+    for m in MODELS.iter().chain(&["models/llama-untied"]) {
+        Llama::load(Path::new(&fixtures().join(m)), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{m}: {e}"));
+    }
+}
