@@ -109,7 +109,7 @@ pub struct ModelConfig {
 
 /// `bos_token_id` / `eos_token_id`: one token id, a list of them, or null. Anything else is an
 /// error rather than "no such token": generation would silently never stop.
-fn token_ids(v: &Option<Value>) -> std::result::Result<Vec<u32>, String> {
+pub(crate) fn token_ids(v: &Option<Value>) -> std::result::Result<Vec<u32>, String> {
     let id = |x: &Value| {
         x.as_u64()
             .and_then(|x| u32::try_from(x).ok())
@@ -129,11 +129,7 @@ impl ModelConfig {
     }
 
     pub fn from_value(raw: Value, path: &Path) -> Result<Self> {
-        let file: ConfigFile =
-            serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let file: ConfigFile = lowrank_core::files::from_json_value(raw.clone(), path)?;
         let bad = |field: &str, msg: String| Error::field(path, field, msg);
         let model_type = file.model_type.clone().ok_or_else(|| {
             bad(

@@ -149,7 +149,10 @@ fn check_adapter(config: &[u8], weights: &[u8]) -> Result<(), TestCaseError> {
                 must_fail.is_empty(),
                 "loaded {how} with fields of the wrong type: {must_fail:?}"
             ),
-            Err(e) => check_error(&e.to_string(), &[&dir_name])?,
+            Err(e) => {
+                check_error(&e.to_string(), &[&dir_name])?;
+                check_type_error_names_field(&e.to_string(), &["adapter_config.json"], &must_fail)?;
+            }
         }
     }
     check_unchanged(root.path(), &before)

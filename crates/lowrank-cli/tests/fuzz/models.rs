@@ -20,6 +20,7 @@ const GENERATED_CONFIG_CASES: u32 = 300;
 const SAFETENSORS_CASES: u32 = 500;
 const QUANT_CASES: u32 = 800;
 const INDEX_CASES: u32 = 300;
+const GENERATION_CONFIG_CASES: u32 = 300;
 
 /// Dense and 4-bit fixtures of the same model.
 const MODELS: &[&str] = &["models/llama-tied", "quant/llama-tied-nf4-dq"];
@@ -71,7 +72,14 @@ fn check_model(files: &[(&str, &[u8])], must_fail: &[String]) -> Result<(), Test
             must_fail.is_empty(),
             "loaded with fields of the wrong type: {must_fail:?}"
         ),
-        Err(e) => check_error(&e.to_string(), &[&dir.display().to_string()])?,
+        Err(e) => {
+            check_error(&e.to_string(), &[&dir.display().to_string()])?;
+            check_type_error_names_field(
+                &e.to_string(),
+                &["/config.json", "index.json"],
+                must_fail,
+            )?;
+        }
     }
     check_unchanged(root.path(), &before)
 }
@@ -385,6 +393,48 @@ fn sharded_index_json() {
                 }
             }
             check_model(&files, &must_fail)
+        },
+    );
+}
+
+/// `generation_config.json` edited, read for the stop tokens as `generate` and the server do.
+#[test]
+fn generation_config_json() {
+    let fixture = fixtures().join("models/llama-tied");
+    let model = Llama::load(&fixture, &Device::Cpu).unwrap();
+    let tokenizer = lowrank_models::Tokenizer::load(&fixture).unwrap();
+    let source = read_fixture("models/llama-tied/generation_config.json");
+    let doc: Value = serde_json::from_slice(&source).unwrap();
+    run(
+        "generation_config.json (mutated fixtures)",
+        GENERATION_CONFIG_CASES,
+        prop_oneof![4 => json_edits(3).prop_map(Ok), 1 => byte_edits(3).prop_map(Err)],
+        |edit| {
+            let text = match &edit {
+                Ok(e) => serde_json::to_vec(&apply_json(&doc, e, &[])).unwrap(),
+                Err(e) => apply_bytes(&source, 0..source.len(), e, &[]),
+            };
+            let must_fail = serde_json::from_slice::<Value>(&text)
+                .map(|v| wrong_types(&v, &[("eos_token_id", &[Ty::U32, Ty::U32s, Ty::Null])]))
+                .unwrap_or_default();
+            let root = tempfile::tempdir().unwrap();
+            std::fs::write(root.path().join("generation_config.json"), &text).unwrap();
+            let before = snapshot(root.path());
+            match lowrank_models::generate::stop_token_ids(root.path(), &model, &tokenizer) {
+                Ok(ids) => {
+                    ensure!(must_fail.is_empty(), "accepted {must_fail:?}");
+                    ensure!(!ids.is_empty(), "no stop token at all");
+                }
+                Err(e) => {
+                    check_error(&e.to_string(), &[&root.path().display().to_string()])?;
+                    check_type_error_names_field(
+                        &e.to_string(),
+                        &["generation_config.json"],
+                        &must_fail,
+                    )?;
+                }
+            }
+            check_unchanged(root.path(), &before)
         },
     );
 }

@@ -29,3 +29,23 @@ fn a_huge_layer_count_is_an_error_not_an_abort() {
     let err = load_with_config(|c| c["num_hidden_layers"] = Value::from(1u64 << 31));
     assert!(err.contains("model.layers.2"), "{err}");
 }
+
+/// An `eos_token_id` of the wrong type in generation_config.json was ignored, as in config.json.
+#[test]
+fn generation_config_token_ids_of_the_wrong_type_are_errors() {
+    let fixture = fixtures().join("models/llama-tied");
+    let model = Llama::load(&fixture, &Device::Cpu).unwrap();
+    let tokenizer = lowrank_models::Tokenizer::load(&fixture).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    for text in [
+        r#"{"eos_token_id": "2"}"#,
+        r#"{"eos_token_id": [2, 1e20]}"#,
+        "[]",
+    ] {
+        std::fs::write(root.path().join("generation_config.json"), text).unwrap();
+        let err = lowrank_models::generate::stop_token_ids(root.path(), &model, &tokenizer)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("generation_config.json"), "{text}: {err}");
+    }
+}

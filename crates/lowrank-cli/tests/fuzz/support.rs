@@ -82,6 +82,26 @@ pub fn check_error(message: &str, names: &[&str]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// An error about a value of the wrong type in one of our JSON files (`files`) names its field
+/// (serde alone gives a line and column), unless the document itself is not an object
+/// (`wrong` from [`wrong_types`] says so).
+pub fn check_type_error_names_field(
+    message: &str,
+    files: &[&str],
+    wrong: &[String],
+) -> Result<(), TestCaseError> {
+    let about_file = files.iter().any(|f| message.contains(f));
+    let not_object = wrong.iter().any(|w| w.starts_with('<'));
+    let type_error = ["invalid type:", "invalid value:", "invalid length"]
+        .iter()
+        .any(|t| message.contains(t));
+    ensure!(
+        !(about_file && type_error) || not_object || message.contains("field `"),
+        "a type error that does not name its field: {message}"
+    );
+    Ok(())
+}
+
 /// Every file under `dir` (recursively) with its bytes.
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();

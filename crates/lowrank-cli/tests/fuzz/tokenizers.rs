@@ -68,7 +68,10 @@ fn check_tokenizer(
             );
             use_tokenizer(&tok, messages)?;
         }
-        Err(e) => check_error(&e.to_string(), &[&dir.display().to_string()])?,
+        Err(e) => {
+            check_error(&e.to_string(), &[&dir.display().to_string()])?;
+            check_type_error_names_field(&e.to_string(), &["tokenizer_config.json"], must_fail)?;
+        }
     }
     check_unchanged(root.path(), &before)
 }
