@@ -179,7 +179,16 @@ impl Quantized4Bit {
     ) -> Result<Self> {
         validate_block_size(block_size)
             .map_err(|e| Error::field(name, "blocksize", e.to_string()))?;
-        let n: usize = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(*d))
+            .ok_or_else(|| {
+                Error::field(
+                    name,
+                    "shape",
+                    format!("{shape:?} has more elements than fit in memory"),
+                )
+            })?;
         if packed.len() != n.div_ceil(2) {
             return Err(Error::tensor(
                 name,
@@ -493,6 +502,16 @@ impl Quantized4Bit {
                 }
             }
         };
+        // The dtype the weight had before quantization, written back as read: bitsandbytes
+        // reads it as a torch dtype name.
+        let dtype = state.dtype.unwrap_or_else(|| "float32".into());
+        if !["float32", "float16", "bfloat16", "float64"].contains(&dtype.as_str()) {
+            return Err(Error::field(
+                &blob_name,
+                "dtype",
+                format!("expected float32, float16, bfloat16 or float64, found {dtype:?}"),
+            ));
+        }
         Self::from_parts(
             weight_name,
             shape,
@@ -501,7 +520,7 @@ impl Quantized4Bit {
             packed,
             absmax,
             code,
-            state.dtype.unwrap_or_else(|| "float32".into()),
+            dtype,
         )
     }
 }
@@ -787,6 +806,53 @@ mod tests {
                 assert_eq!(blob.0, format!("m.weight.quant_state.bitsandbytes__{kind}"));
             }
         }
+    }
+
+    /// A dtype that is no torch float type was kept and written back into requantized files.
+    #[test]
+    fn a_blob_dtype_that_is_no_float_type_is_refused() {
+        let q = Quantized4Bit::quantize(&sample(128), &[2, 64], QuantType::Nf4, 64, false).unwrap();
+        let mut ts = q.to_bnb_tensors("m.weight");
+        let blob = ts.last_mut().unwrap();
+        let json = q
+            .quant_state_json()
+            .replace("\"dtype\": \"float32\"", "\"dtype\": \"NaN\"");
+        assert!(json.contains("NaN"), "{json}");
+        blob.1 = RawTensor::u8(json.into_bytes(), vec![0]);
+        let get = |n: &str| ts.iter().find(|(k, _)| k == n).map(|(_, t)| t.as_ref());
+        let err = Quantized4Bit::from_bnb_tensors("m.weight", get)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dtype") && err.contains("\"NaN\""), "{err}");
+    }
+
+    /// A shape whose element count overflows was read modulo 2^64 (here as 0 elements, so an
+    /// empty weight matched it) and accepted.
+    #[test]
+    fn a_shape_that_overflows_is_refused() {
+        let q = Quantized4Bit::quantize(&sample(128), &[2, 64], QuantType::Nf4, 64, false).unwrap();
+        let mut ts = q.to_bnb_tensors("m.weight");
+        for (name, t) in ts.iter_mut() {
+            if name == "m.weight" {
+                *t = RawTensor::u8(vec![], vec![0, 1]);
+            } else if name == "m.weight.absmax" {
+                *t = RawTensor::f32(&[], vec![0]);
+            } else if name.contains("quant_state") {
+                let json = q
+                    .quant_state_json()
+                    .replace("\"shape\": [2, 64]", "\"shape\": [4294967296, 4294967296]");
+                assert!(json.contains("4294967296"), "{json}");
+                *t = RawTensor::u8(json.into_bytes(), vec![0]);
+            }
+        }
+        let get = |n: &str| ts.iter().find(|(k, _)| k == n).map(|(_, t)| t.as_ref());
+        let err = Quantized4Bit::from_bnb_tensors("m.weight", get)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.weight") && err.contains("more elements than fit"),
+            "{err}"
+        );
     }
 
     #[test]

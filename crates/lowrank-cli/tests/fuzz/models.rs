@@ -310,26 +310,59 @@ fn quantized_safetensors() {
             3 => prop::collection::vec(tensor_edit(), 1..4).prop_map(Err),
         ],
         |edit| {
-            let weights = match &edit {
-                Ok(e) => apply_safetensors(&quant.weights, e, &[]),
+            let (weights, must_fail) = match &edit {
+                Ok(e) => (apply_safetensors(&quant.weights, e, &[]), vec![]),
                 Err(e) => {
                     let mut t = tensors.clone();
                     apply_tensor_edits(&mut t, e);
-                    build_tensors(&t, metadata.as_ref())
+                    (build_tensors(&t, metadata.as_ref()), quant_state_faults(&t))
                 }
             };
-            if let Err(e) = BnbCheckpoint::from_bytes(&weights) {
-                check_error(&e.to_string(), &[])?;
+            match BnbCheckpoint::from_bytes(&weights) {
+                Ok(_) => ensure!(must_fail.is_empty(), "read {must_fail:?}"),
+                Err(e) => check_error(&e.to_string(), &[])?,
             }
             check_model(
                 &[
                     ("config.json", &quant.config),
                     ("model.safetensors", &weights),
                 ],
-                &[],
+                &must_fail,
             )
         },
     );
+}
+
+const QUANT_STATE_FIELDS: &[(&str, &[Ty])] = &[
+    ("quant_type", &[Ty::Str]),
+    ("blocksize", &[Ty::UInt]),
+    ("dtype", &[Ty::Str, Ty::Null]),
+    ("shape", &[Ty::UInts, Ty::Null]),
+    ("nested_blocksize", &[Ty::UInt, Ty::Null]),
+    ("nested_offset", &[Ty::Num, Ty::Null]),
+];
+
+/// What must make the quant_state blobs (`<weight>.quant_state.bitsandbytes__nf4`, every one of
+/// which the loaders read) refused: not a JSON object, fields of the wrong type, a dtype that is
+/// no float type.
+fn quant_state_faults(tensors: &[StoredTensor]) -> Vec<String> {
+    let mut faults = Vec::new();
+    for t in tensors
+        .iter()
+        .filter(|t| t.name.ends_with(".quant_state.bitsandbytes__nf4"))
+    {
+        let Ok(doc) = serde_json::from_slice::<Value>(&t.data) else {
+            faults.push(format!("{}: not JSON", t.name));
+            continue;
+        };
+        faults.extend(wrong_types(&doc, QUANT_STATE_FIELDS));
+        if let Some(d) = doc.get("dtype").and_then(Value::as_str) {
+            if !["float32", "float16", "bfloat16", "float64"].contains(&d) {
+                faults.push(format!("{}: dtype {d:?}", t.name));
+            }
+        }
+    }
+    faults
 }
 
 /// A sharded checkpoint: `model.safetensors.index.json` edited (shards renamed, missing,
