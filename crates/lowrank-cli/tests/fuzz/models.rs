@@ -306,15 +306,29 @@ fn quantized_safetensors() {
         "4-bit model.safetensors (mutated fixtures)",
         QUANT_CASES,
         prop_oneof![
-            1 => safetensors_edit().prop_map(Ok),
-            3 => prop::collection::vec(tensor_edit(), 1..4).prop_map(Err),
+            1 => safetensors_edit().prop_map(QuantEdit::File),
+            2 => prop::collection::vec(tensor_edit(), 1..4).prop_map(QuantEdit::Tensors),
+            2 => (any::<Index>(), quant_state_field(), nasty_value())
+                .prop_map(|(blob, field, value)| QuantEdit::StateField { blob, field, value }),
         ],
         |edit| {
             let (weights, must_fail) = match &edit {
-                Ok(e) => (apply_safetensors(&quant.weights, e, &[]), vec![]),
-                Err(e) => {
+                QuantEdit::File(e) => (apply_safetensors(&quant.weights, e, &[]), vec![]),
+                QuantEdit::Tensors(e) => {
                     let mut t = tensors.clone();
                     apply_tensor_edits(&mut t, e);
+                    (build_tensors(&t, metadata.as_ref()), quant_state_faults(&t))
+                }
+                QuantEdit::StateField { blob, field, value } => {
+                    let mut t = tensors.clone();
+                    let blobs: Vec<usize> = (0..t.len())
+                        .filter(|&i| t[i].name.contains(".quant_state."))
+                        .collect();
+                    let b = &mut t[blobs[blob.index(blobs.len())]];
+                    let mut doc: Value = serde_json::from_slice(&b.data).unwrap();
+                    doc[field.as_str()] = value.clone();
+                    b.data = serde_json::to_vec(&doc).unwrap();
+                    b.shape = vec![b.data.len()];
                     (build_tensors(&t, metadata.as_ref()), quant_state_faults(&t))
                 }
             };
@@ -331,6 +345,26 @@ fn quantized_safetensors() {
             )
         },
     );
+}
+
+/// How the 4-bit checkpoint is broken.
+#[derive(Debug, Clone)]
+enum QuantEdit {
+    File(SafetensorsEdit),
+    Tensors(Vec<TensorEdit>),
+    /// One field of one weight's quant_state blob set to `value`.
+    StateField {
+        blob: Index,
+        field: String,
+        value: Value,
+    },
+}
+
+fn quant_state_field() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => prop::sample::select(QUANT_STATE_FIELDS.iter().map(|(f, _)| f.to_string()).collect::<Vec<_>>()),
+        1 => key(),
+    ]
 }
 
 const QUANT_STATE_FIELDS: &[(&str, &[Ty])] = &[
@@ -351,8 +385,12 @@ fn quant_state_faults(tensors: &[StoredTensor]) -> Vec<String> {
         .iter()
         .filter(|t| t.name.ends_with(".quant_state.bitsandbytes__nf4"))
     {
-        let Ok(doc) = serde_json::from_slice::<Value>(&t.data) else {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&t.data).is_err() {
             faults.push(format!("{}: not JSON", t.name));
+            continue;
+        }
+        // Nested deeper than `Value` may be (serde_json's limit): valid, checked no further.
+        let Ok(doc) = serde_json::from_slice::<Value>(&t.data) else {
             continue;
         };
         faults.extend(wrong_types(&doc, QUANT_STATE_FIELDS));

@@ -437,7 +437,7 @@ pub fn nasty_value() -> impl Strategy<Value = Value> {
         3 => nasty_number(),
         3 => nasty_string().prop_map(Value::String),
     ];
-    let tree = leaf.prop_recursive(3, 24, 6, |inner| {
+    let tree = leaf.clone().prop_recursive(3, 24, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::btree_map(key(), inner, 0..6)
@@ -445,7 +445,9 @@ pub fn nasty_value() -> impl Strategy<Value = Value> {
         ]
     });
     prop_oneof![
-        12 => tree,
+        // Scalars most of the time: a parser's first line of defence is the type of a field.
+        8 => leaf,
+        4 => tree,
         // Deeper than serde_json's recursion limit (128).
         1 => (1usize..200).prop_map(|depth| {
             (0..depth).fold(Value::Null, |v, _| Value::Array(vec![v]))
