@@ -13,10 +13,10 @@ use serde_json::Value;
 use crate::ensure;
 use crate::support::*;
 
-const MERGE_CASES: u32 = 40;
-const COMBINE_CASES: u32 = 40;
-const QUANTIZE_CASES: u32 = 40;
-const EVAL_CASES: u32 = 40;
+const MERGE_CASES: u32 = 50;
+const COMBINE_CASES: u32 = 50;
+const QUANTIZE_CASES: u32 = 50;
+const EVAL_CASES: u32 = 50;
 
 const ADAPTERS: &[&str] = &[
     "adapters/llama-tied__lora-qv",

@@ -13,8 +13,8 @@ use crate::ensure;
 use crate::support::*;
 use crate::tokenizers::messages;
 
-const MUTATED_CASES: u32 = 1000;
-const GENERATED_CASES: u32 = 1000;
+const MUTATED_CASES: u32 = 1500;
+const GENERATED_CASES: u32 = 1500;
 
 /// The model fixtures' tokenizers: llama-style with its template in tokenizer_config.json,
 /// qwen-style with `chat_template.jinja`.

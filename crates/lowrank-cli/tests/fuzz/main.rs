@@ -8,7 +8,8 @@
 //!
 //! Case counts are constants in each module and are printed when a property runs. The seed is
 //! fixed, so CI runs the same inputs every time; `PROPTEST_RNG_SEED=<n>` picks other inputs and
-//! `LOWRANK_FUZZ_SCALE=<k>` runs k times as many.
+//! `LOWRANK_FUZZ_SCALE=<k>` runs k times as many; `LOWRANK_FUZZ_VERBOSE=1` (with `--nocapture`)
+//! prints every error and status the inputs got, to see how deep they reach.
 
 mod support;
 

@@ -15,12 +15,12 @@ use serde_json::Value;
 use crate::ensure;
 use crate::support::*;
 
-const CONFIG_CASES: u32 = 600;
-const GENERATED_CONFIG_CASES: u32 = 300;
-const SAFETENSORS_CASES: u32 = 500;
+const CONFIG_CASES: u32 = 1000;
+const GENERATED_CONFIG_CASES: u32 = 500;
+const SAFETENSORS_CASES: u32 = 800;
 const QUANT_CASES: u32 = 800;
-const INDEX_CASES: u32 = 300;
-const GENERATION_CONFIG_CASES: u32 = 300;
+const INDEX_CASES: u32 = 500;
+const GENERATION_CONFIG_CASES: u32 = 500;
 
 /// Dense and 4-bit fixtures of the same model.
 const MODELS: &[&str] = &["models/llama-tied", "quant/llama-tied-nf4-dq"];

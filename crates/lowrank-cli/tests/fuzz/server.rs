@@ -18,10 +18,10 @@ use crate::ensure;
 use crate::support::*;
 use crate::tokenizers::messages;
 
-const GENERATED_CASES: u32 = 800;
-const MUTATED_CASES: u32 = 800;
-const ADMIN_CASES: u32 = 200;
-const KEYS_FILE_CASES: u32 = 1000;
+const GENERATED_CASES: u32 = 1500;
+const MUTATED_CASES: u32 = 1500;
+const ADMIN_CASES: u32 = 400;
+const KEYS_FILE_CASES: u32 = 1500;
 
 const ADMIN_KEY: &str = "sk-admin";
 
@@ -124,12 +124,7 @@ fn check_request(
         (status, bytes)
     });
     let text = String::from_utf8_lossy(&bytes);
-    if std::env::var_os("FUZZ_DEBUG").is_some() {
-        eprintln!(
-            "STATUS {status} {}",
-            text.chars().take(120).collect::<String>()
-        );
-    }
+    verbose(status.as_str(), &text);
     ensure!(!status.is_server_error(), "{status}: {text}");
     if status == StatusCode::OK {
         ensure!(

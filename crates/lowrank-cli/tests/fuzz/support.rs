@@ -67,11 +67,16 @@ macro_rules! ensure {
     };
 }
 
+/// With `LOWRANK_FUZZ_VERBOSE` set, prints what a case gave (to see how deep the inputs reach).
+pub fn verbose(what: &str, message: &str) {
+    if std::env::var_os("LOWRANK_FUZZ_VERBOSE").is_some() {
+        eprintln!("{what}: {}", message.chars().take(300).collect::<String>());
+    }
+}
+
 /// A clear error: a message that is not empty and names `names` (a file, a folder, a field...).
 pub fn check_error(message: &str, names: &[&str]) -> Result<(), TestCaseError> {
-    if std::env::var_os("FUZZ_DEBUG").is_some() {
-        eprintln!("ERR {}", message.chars().take(300).collect::<String>());
-    }
+    verbose("error", message);
     ensure!(!message.trim().is_empty(), "empty error message");
     for n in names {
         ensure!(
@@ -644,7 +649,7 @@ pub fn header_end(bytes: &[u8]) -> usize {
 /// A safetensors file of `header` (with a correct length prefix) and `data`.
 pub fn join_safetensors(header: &Value, data: &[u8]) -> Vec<u8> {
     let mut text = serde_json::to_vec(header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -719,12 +724,7 @@ pub fn generated_safetensors(names: Vec<String>) -> impl Strategy<Value = Vec<u8
             let mut header = Map::new();
             let mut offset = 0usize;
             for (name, dtype, shape, consistent, (a, b)) in entries {
-                let size = match dtype {
-                    "F64" | "I64" | "U64" => 8,
-                    "F32" | "I32" | "U32" => 4,
-                    "F16" | "BF16" | "I16" | "U16" => 2,
-                    _ => 1,
-                };
+                let size = dtype_size(dtype);
                 let bytes = shape
                     .iter()
                     .try_fold(size, |acc: usize, d| acc.checked_mul(*d))
@@ -799,6 +799,7 @@ pub fn build_tensors(tensors: &[StoredTensor], metadata: Option<&Value>) -> Vec<
     join_safetensors(&Value::Object(header), &data)
 }
 
+/// Bytes per element (one for the sub-byte and unknown dtypes, which is all the fuzz needs).
 fn dtype_size(dtype: &str) -> usize {
     match dtype {
         "F64" | "I64" | "U64" => 8,
