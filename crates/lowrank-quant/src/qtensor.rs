@@ -446,10 +446,28 @@ impl Quantized4Bit {
                 )
             })?;
         let blob = need(blob_name.clone())?.as_u8(&blob_name)?;
-        let state: QuantStateJson = serde_json::from_slice(blob).map_err(|source| Error::Json {
-            name: blob_name.clone(),
-            source,
-        })?;
+        let mut de = serde_json::Deserializer::from_slice(blob);
+        let state: QuantStateJson = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let source = e.into_inner();
+                // A value of the wrong type is an error on its field; bad JSON on the blob.
+                if source.is_data() && field != "." {
+                    Error::field(&blob_name, &field, source.to_string())
+                } else {
+                    Error::Json {
+                        name: blob_name.clone(),
+                        source,
+                    }
+                }
+            })
+            .and_then(|state| {
+                de.end().map_err(|source| Error::Json {
+                    name: blob_name.clone(),
+                    source,
+                })?;
+                Ok(state)
+            })?;
         if state.quant_type != kind.as_str() {
             return Err(Error::field(
                 &blob_name,
@@ -806,6 +824,28 @@ mod tests {
                 assert_eq!(blob.0, format!("m.weight.quant_state.bitsandbytes__{kind}"));
             }
         }
+    }
+
+    /// Found by the fuzz suite: a value of the wrong type in a quant_state blob was reported
+    /// with a line and column only.
+    #[test]
+    fn a_blob_field_of_the_wrong_type_is_named() {
+        let q = Quantized4Bit::quantize(&sample(128), &[2, 64], QuantType::Nf4, 64, false).unwrap();
+        let mut ts = q.to_bnb_tensors("m.weight");
+        let blob = ts.last_mut().unwrap();
+        let json = q
+            .quant_state_json()
+            .replace("\"blocksize\": 64", "\"blocksize\": [64]");
+        assert!(json.contains("[64]"), "{json}");
+        blob.1 = RawTensor::u8(json.into_bytes(), vec![0]);
+        let get = |n: &str| ts.iter().find(|(k, _)| k == n).map(|(_, t)| t.as_ref());
+        let err = Quantized4Bit::from_bnb_tensors("m.weight", get)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("quant_state.bitsandbytes__nf4") && err.contains("field `blocksize`"),
+            "{err}"
+        );
     }
 
     /// A dtype that is no torch float type was kept and written back into requantized files.

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use lowrank_models::Llama;
-use lowrank_quant::BnbCheckpoint;
+use lowrank_quant::qtensor::RawDtype;
+use lowrank_quant::{BnbCheckpoint, QuantType, Quantized4Bit};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
@@ -19,6 +20,8 @@ const CONFIG_CASES: u32 = 1000;
 const GENERATED_CONFIG_CASES: u32 = 500;
 const SAFETENSORS_CASES: u32 = 800;
 const QUANT_CASES: u32 = 800;
+const QUANT_GENERATED_CASES: u32 = 500;
+const GENERATED_SAFETENSORS_CASES: u32 = 300;
 const INDEX_CASES: u32 = 500;
 const GENERATION_CONFIG_CASES: u32 = 500;
 
@@ -68,10 +71,17 @@ fn check_model(files: &[(&str, &[u8])], must_fail: &[String]) -> Result<(), Test
     }
     let before = snapshot(root.path());
     match Llama::load(&dir, &Device::Cpu) {
-        Ok(_) => ensure!(
-            must_fail.is_empty(),
-            "loaded with fields of the wrong type: {must_fail:?}"
-        ),
+        Ok(model) => {
+            ensure!(
+                must_fail.is_empty(),
+                "loaded with fields of the wrong type: {must_fail:?}"
+            );
+            // What loads must run (or refuse with an error): a short forward pass.
+            let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+            if let Err(e) = model.forward(&ids, None, &[]) {
+                check_error(&e.to_string(), &[])?;
+            }
+        }
         Err(e) => {
             check_error(&e.to_string(), &[&dir.display().to_string()])?;
             check_type_error_names_field(
@@ -295,6 +305,30 @@ fn model_safetensors() {
     );
 }
 
+/// Safetensors files made from scratch under the model's tensor names (and others).
+#[test]
+fn model_safetensors_generated() {
+    let models = models();
+    let dense = &models[0];
+    let (tensors, _) = parse_tensors(&dense.weights);
+    let mut names: Vec<String> = tensors.into_iter().map(|t| t.name).collect();
+    names.extend(["lm_head.weight".to_string(), "x".into(), String::new()]);
+    run(
+        "model.safetensors (generated)",
+        GENERATED_SAFETENSORS_CASES,
+        generated_safetensors(names),
+        |weights| {
+            check_model(
+                &[
+                    ("config.json", &dense.config),
+                    ("model.safetensors", &weights),
+                ],
+                &[],
+            )
+        },
+    );
+}
+
 /// The bitsandbytes 4-bit checkpoint edited tensor by tensor, its `quant_state` JSON blobs
 /// included, and as bytes; loaded as a model and by the quant crate's own reader.
 #[test]
@@ -333,8 +367,14 @@ fn quantized_safetensors() {
                 }
             };
             match BnbCheckpoint::from_bytes(&weights) {
-                Ok(_) => ensure!(must_fail.is_empty(), "read {must_fail:?}"),
-                Err(e) => check_error(&e.to_string(), &[])?,
+                Ok(ck) => {
+                    ensure!(must_fail.is_empty(), "read {must_fail:?}");
+                    use_quantized(&ck)?;
+                }
+                Err(e) => {
+                    check_error(&e.to_string(), &[])?;
+                    check_type_error_names_field(&e.to_string(), &["quant_state"], &must_fail)?;
+                }
             }
             check_model(
                 &[
@@ -367,6 +407,92 @@ fn quant_state_field() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Dequantizes every 4-bit weight read and multiplies a row by it: what loads must be usable.
+fn use_quantized(ck: &BnbCheckpoint) -> Result<(), TestCaseError> {
+    for q in ck.quantized.values() {
+        ensure!(q.dequantize().len() == q.numel(), "dequantized length");
+        if let [_, cols] = q.shape() {
+            if let Err(e) = lowrank_quant::matmul_4bit(&vec![1.0; *cols], 1, q) {
+                check_error(&e.to_string(), &[])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 4-bit weights made from scratch (any shape, block size, NF4/FP4, double quantization),
+/// written in the bitsandbytes layout and read back: equal to what was written, then with one
+/// quant_state field changed: read and usable, or refused.
+#[test]
+fn quantized_generated() {
+    let block = prop_oneof![
+        4 => prop::sample::select(vec![32usize, 64, 128, 256, 4096]),
+        1 => prop::sample::select(vec![0usize, 1, 48, 8192]),
+    ];
+    let kind = prop::sample::select(vec![QuantType::Nf4, QuantType::Fp4]);
+    let edit = prop::option::of((quant_state_field(), nasty_value()));
+    run(
+        "4-bit tensors (generated)",
+        QUANT_GENERATED_CASES,
+        ((1usize..9, 1usize..300), block, kind, any::<bool>(), edit),
+        |((rows, cols), block, kind, double_quant, edit)| {
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let q = match Quantized4Bit::quantize(&values, &[rows, cols], kind, block, double_quant)
+            {
+                Ok(q) => q,
+                Err(e) => return check_error(&e.to_string(), &[]),
+            };
+            let mut tensors: Vec<StoredTensor> = q
+                .to_bnb_tensors("w.weight")
+                .into_iter()
+                .map(|(name, t)| StoredTensor {
+                    name,
+                    dtype: match t.dtype {
+                        RawDtype::U8 => "U8",
+                        RawDtype::F32 => "F32",
+                    }
+                    .into(),
+                    shape: t.shape,
+                    data: t.data,
+                })
+                .collect();
+            let must_fail = match &edit {
+                None => vec![],
+                Some((field, value)) => {
+                    let blob = tensors
+                        .iter_mut()
+                        .find(|t| t.name.contains(".quant_state."))
+                        .unwrap();
+                    let mut doc: Value = serde_json::from_slice(&blob.data).unwrap();
+                    doc[field.as_str()] = value.clone();
+                    blob.data = serde_json::to_vec(&doc).unwrap();
+                    blob.shape = vec![blob.data.len()];
+                    quant_state_faults(&tensors)
+                }
+            };
+            match BnbCheckpoint::from_bytes(&build_tensors(&tensors, None)) {
+                Ok(ck) => {
+                    ensure!(must_fail.is_empty(), "read {must_fail:?}");
+                    if edit.is_none() {
+                        ensure!(
+                            ck.quantized.get("w.weight") == Some(&q),
+                            "not read back as written"
+                        );
+                    }
+                    use_quantized(&ck)
+                }
+                Err(e) => {
+                    ensure!(edit.is_some(), "a weight as written is refused: {e}");
+                    check_error(&e.to_string(), &[])?;
+                    check_type_error_names_field(&e.to_string(), &["quant_state"], &must_fail)
+                }
+            }
+        },
+    );
+}
+
 const QUANT_STATE_FIELDS: &[(&str, &[Ty])] = &[
     ("quant_type", &[Ty::Str]),
     ("blocksize", &[Ty::UInt]),
@@ -376,17 +502,17 @@ const QUANT_STATE_FIELDS: &[(&str, &[Ty])] = &[
     ("nested_offset", &[Ty::Num, Ty::Null]),
 ];
 
-/// What must make the quant_state blobs (`<weight>.quant_state.bitsandbytes__nf4`, every one of
-/// which the loaders read) refused: not a JSON object, fields of the wrong type, a dtype that is
+/// What must make the quant_state blobs (`<weight>.quant_state.bitsandbytes__nf4|fp4`, which
+/// the loaders read) refused: not a JSON object, fields of the wrong type, a dtype that is
 /// no float type.
 fn quant_state_faults(tensors: &[StoredTensor]) -> Vec<String> {
     let mut faults = Vec::new();
     for t in tensors
         .iter()
-        .filter(|t| t.name.ends_with(".quant_state.bitsandbytes__nf4"))
+        .filter(|t| t.name.contains(".quant_state.bitsandbytes__"))
     {
         if serde_json::from_slice::<serde::de::IgnoredAny>(&t.data).is_err() {
-            faults.push(format!("{}: not JSON", t.name));
+            faults.push(format!("<{}: not JSON>", t.name));
             continue;
         }
         // Nested deeper than `Value` may be (serde_json's limit): valid, checked no further.

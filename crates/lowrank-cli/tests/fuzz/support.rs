@@ -88,8 +88,8 @@ pub fn check_error(message: &str, names: &[&str]) -> Result<(), TestCaseError> {
 }
 
 /// An error about a value of the wrong type in one of our JSON files (`files`) names its field
-/// (serde alone gives a line and column), unless the document itself is not an object
-/// (`wrong` from [`wrong_types`] says so).
+/// (serde alone gives a line and column), unless the document itself is not an object (`wrong`,
+/// from [`wrong_types`], then holds a `<...>` entry).
 pub fn check_type_error_names_field(
     message: &str,
     files: &[&str],

@@ -14,6 +14,7 @@ use crate::ensure;
 use crate::support::*;
 
 const CONFIG_CASES: u32 = 600;
+const GENERATED_CONFIG_CASES: u32 = 400;
 const TEMPLATE_CASES: u32 = 800;
 const GENERATED_TEMPLATE_CASES: u32 = 800;
 const TOKENIZER_JSON_CASES: u32 = 200;
@@ -168,6 +169,66 @@ fn tokenizer_config_json() {
             if drop_template {
                 files.retain(|(n, _)| *n != "chat_template.jinja");
             }
+            check_tokenizer(&files, &messages, &must_fail)
+        },
+    );
+}
+
+/// `tokenizer_config.json` made from scratch: the special tokens and the template as strings,
+/// AddedToken objects, lists of named templates, or anything else.
+#[test]
+fn tokenizer_config_generated() {
+    let folders = folders();
+    let token = || {
+        prop_oneof![
+            3 => prop::sample::select(vec!["</s>", "<s>", "<|im_end|>", "<unk>", "", "not-a-token"]).prop_map(Value::from),
+            1 => prop::sample::select(vec!["</s>", "<s>"]).prop_map(|t| serde_json::json!({"content": t, "special": true})),
+            1 => nasty_value(),
+        ]
+    };
+    let template = prop_oneof![
+        2 => prop::collection::vec(template_piece(), 0..6).prop_map(|p| Value::from(p.concat())),
+        1 => prop::collection::vec(
+            (prop::sample::select(vec!["default", "tool_use", "rag"]), prop::collection::vec(template_piece(), 0..4)),
+            0..3,
+        )
+        .prop_map(|list| {
+            Value::Array(
+                list.into_iter()
+                    .map(|(name, pieces)| serde_json::json!({"name": name, "template": pieces.concat()}))
+                    .collect(),
+            )
+        }),
+        1 => nasty_value(),
+    ];
+    let fields = (
+        prop::option::of(token()),
+        prop::option::of(token()),
+        prop::option::of(template),
+        prop::collection::btree_map(key(), nasty_value(), 0..3),
+    );
+    run(
+        "tokenizer_config.json (generated)",
+        GENERATED_CONFIG_CASES,
+        (any::<Index>(), fields, messages()),
+        |(src, (bos, eos, template, extra), messages)| {
+            let mut doc: serde_json::Map<String, Value> = extra.into_iter().collect();
+            for (k, v) in [
+                ("bos_token", bos),
+                ("eos_token", eos),
+                ("chat_template", template),
+            ] {
+                if let Some(v) = v {
+                    doc.insert(k.into(), v);
+                }
+            }
+            let doc = Value::Object(doc);
+            let must_fail = wrong_types(&doc, CONFIG_FIELDS);
+            let config = serde_json::to_vec(&doc).unwrap();
+            let f = &folders[src.index(folders.len())];
+            let mut files = files(f);
+            replace(&mut files, "tokenizer_config.json", &config);
+            files.retain(|(n, _)| *n != "chat_template.jinja");
             check_tokenizer(&files, &messages, &must_fail)
         },
     );
