@@ -14,9 +14,9 @@ use proptest::test_runner::TestCaseError;
 use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
-use crate::ensure;
 use crate::support::*;
 use crate::tokenizers::messages;
+use crate::{ensure, fail};
 
 const GENERATED_CASES: u32 = 1500;
 const MUTATED_CASES: u32 = 1500;
@@ -487,12 +487,10 @@ fn check_keys_usable(keys: &ApiKeys, name: &str, text: &[u8]) -> Result<(), Test
     };
     let entries = parsed.and_then(|v| v.as_object().cloned());
     let Some(entries) = entries.filter(|m| !m.is_empty()) else {
-        ensure!(
-            false,
+        fail!(
             "loaded a file that holds no keys: {:?}",
             String::from_utf8_lossy(text)
         );
-        unreachable!()
     };
     for (k, grant) in entries {
         let header = format!("Bearer {k}");
@@ -501,8 +499,7 @@ fn check_keys_usable(keys: &ApiKeys, name: &str, text: &[u8]) -> Result<(), Test
             .ok()
             .and_then(|h| h.to_str().ok().map(str::to_string));
         let Some(found) = sent.and_then(|h| keys.check(Some(&h))) else {
-            ensure!(false, "key {k:?} loads but can never be presented");
-            unreachable!()
+            fail!("key {k:?} loads but can never be presented");
         };
         match &grant {
             Value::String(s) => ensure!(
@@ -517,7 +514,7 @@ fn check_keys_usable(keys: &ApiKeys, name: &str, text: &[u8]) -> Result<(), Test
                     );
                 }
             }
-            other => ensure!(false, "key {k:?}: {other} accepted"),
+            other => fail!("key {k:?}: {other} accepted"),
         }
     }
     Ok(())

@@ -62,8 +62,16 @@ pub fn run<S: Strategy>(
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
         if !$cond {
-            return Err(proptest::test_runner::TestCaseError::fail(format!($($msg)+)));
+            $crate::fail!($($msg)+);
         }
+    };
+}
+
+/// Fails the case.
+#[macro_export]
+macro_rules! fail {
+    ($($msg:tt)+) => {
+        return Err(proptest::test_runner::TestCaseError::fail(format!($($msg)+)))
     };
 }
 
@@ -138,7 +146,7 @@ pub fn check_unchanged(
             .chain(before.keys())
             .filter(|k| after.get(*k) != before.get(*k))
             .collect();
-        ensure!(false, "files written or removed: {changed:?}");
+        crate::fail!("files written or removed: {changed:?}");
     }
     Ok(())
 }
