@@ -11,13 +11,37 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 
-/// Reads and parses a JSON file; errors name the file.
+/// Reads and parses a JSON file; errors name the file, and the field when a value has the
+/// wrong type ([`from_json_value`]).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(path, e))?;
+    de.end().map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    Ok(value)
+}
+
+/// Deserializes a parsed JSON document read from `path`: a value of the wrong type (or out of
+/// range) is an error on its field, e.g. `` field `rank_pattern.q_proj`: invalid type ``.
+pub fn from_json_value<T: DeserializeOwned>(value: serde_json::Value, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| json_error(path, e))
+}
+
+fn json_error(path: &Path, e: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let field = e.path().to_string();
+    let source = e.into_inner();
+    // "." is the document itself, "?" a place serde could not track (flattened fields).
+    if source.is_data() && field != "." && field != "?" {
+        Error::field(path, &field, source.to_string())
+    } else {
+        Error::Json {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// Reads a text file that must be UTF-8; otherwise the error names the line (1-based) and the
@@ -148,6 +172,48 @@ mod tests {
                 & 0o777,
             0o755
         );
+    }
+
+    /// Found by the fuzz suite: a value of the wrong type was reported as "invalid JSON" with
+    /// a line and column, without the field.
+    #[test]
+    fn json_values_of_the_wrong_type_name_their_field() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Config {
+            r: usize,
+            patterns: std::collections::BTreeMap<String, Vec<bool>>,
+            #[serde(flatten)]
+            other: serde_json::Map<String, serde_json::Value>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        for (text, field) in [
+            (r#"{"r": "8", "patterns": {}}"#, "field `r`"),
+            (
+                r#"{"r": 8, "patterns": {"q": [true, 1]}}"#,
+                "field `patterns.q[1]`",
+            ),
+            (r#"{"r": -1, "patterns": {}}"#, "field `r`"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = read_json::<Config>(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("c.json") && err.contains(field),
+                "{text}: {err}"
+            );
+            let value: serde_json::Value = serde_json::from_str(text).unwrap();
+            let err = from_json_value::<Config>(value, &path)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("c.json") && err.contains(field),
+                "{text}: {err}"
+            );
+        }
+        std::fs::write(&path, r#"{"r": 8, "patterns": {}} x"#).unwrap();
+        let err = read_json::<Config>(&path).unwrap_err().to_string();
+        assert!(err.contains("invalid JSON"), "{err}");
     }
 
     #[test]

@@ -107,14 +107,18 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
-fn token_ids(v: &Option<Value>) -> Vec<u32> {
+/// `bos_token_id` / `eos_token_id`: one token id, a list of them, or null. Anything else is an
+/// error rather than "no such token": generation would silently never stop.
+pub(crate) fn token_ids(v: &Option<Value>) -> std::result::Result<Vec<u32>, String> {
+    let id = |x: &Value| {
+        x.as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| format!("expected a token id (an integer from 0 to 2^32 - 1) or a list of them, found {x}"))
+    };
     match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => vec![],
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(id).collect(),
+        Some(x) => Ok(vec![id(x)?]),
     }
 }
 
@@ -125,11 +129,7 @@ impl ModelConfig {
     }
 
     pub fn from_value(raw: Value, path: &Path) -> Result<Self> {
-        let file: ConfigFile =
-            serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let file: ConfigFile = lowrank_core::files::from_json_value(raw.clone(), path)?;
         let bad = |field: &str, msg: String| Error::field(path, field, msg);
         let model_type = file.model_type.clone().ok_or_else(|| {
             bad(
@@ -183,25 +183,35 @@ impl ModelConfig {
             ));
         }
         // rope_parameters (newer transformers) holds rope_theta and the scaling together.
-        let rope_params = file.rope_parameters.as_ref().filter(|v| v.is_object());
-        let rope_theta = file
-            .rope_theta
-            .or_else(|| {
-                rope_params
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
-            .unwrap_or(if architecture == Architecture::Qwen2 {
-                1_000_000.0
-            } else {
-                10_000.0
-            });
-        let scaling = file
-            .rope_scaling
-            .as_ref()
-            .filter(|v| !v.is_null())
-            .or(rope_params);
-        let rope_scaling = parse_rope_scaling(scaling).map_err(|m| bad("rope_scaling", m))?;
+        let rope_params = file.rope_parameters.as_ref().filter(|v| !v.is_null());
+        if let Some(p) = rope_params.filter(|p| !p.is_object()) {
+            return Err(bad(
+                "rope_parameters",
+                format!("expected an object, found {p}"),
+            ));
+        }
+        let params_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+            Some(t) => Some(t.as_f64().ok_or_else(|| {
+                bad(
+                    "rope_parameters.rope_theta",
+                    format!("expected a number, found {t}"),
+                )
+            })?),
+            None => None,
+        };
+        let rope_theta =
+            file.rope_theta
+                .or(params_theta)
+                .unwrap_or(if architecture == Architecture::Qwen2 {
+                    1_000_000.0
+                } else {
+                    10_000.0
+                });
+        let (scaling_field, scaling) = match file.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            Some(v) => ("rope_scaling", Some(v)),
+            None => ("rope_parameters", rope_params),
+        };
+        let rope_scaling = parse_rope_scaling(scaling).map_err(|m| bad(scaling_field, m))?;
         let sliding_window = match architecture {
             Architecture::Mistral => file.sliding_window,
             Architecture::Qwen2 if file.use_sliding_window => {
@@ -235,8 +245,11 @@ impl ModelConfig {
             o_bias: architecture == Architecture::Llama && file.attention_bias,
             mlp_bias: architecture == Architecture::Llama && file.mlp_bias,
             sliding_window,
-            bos_token_id: token_ids(&file.bos_token_id).first().copied(),
-            eos_token_ids: token_ids(&file.eos_token_id),
+            bos_token_id: token_ids(&file.bos_token_id)
+                .map_err(|m| bad("bos_token_id", m))?
+                .first()
+                .copied(),
+            eos_token_ids: token_ids(&file.eos_token_id).map_err(|m| bad("eos_token_id", m))?,
             torch_dtype: dtype,
             quantization,
             raw,
@@ -347,11 +360,15 @@ fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, Str
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    if !v.is_object() {
+        return Err(format!("expected an object, found {v}"));
+    }
+    let kind = match v.get("rope_type").or_else(|| v.get("type")) {
+        None => "default",
+        Some(k) => k
+            .as_str()
+            .ok_or_else(|| format!("the rope type must be a string, found {k}"))?,
+    };
     let num = |key: &str| {
         v.get(key)
             .and_then(Value::as_f64)
@@ -459,6 +476,71 @@ mod tests {
             let err = parse(v).unwrap_err().to_string();
             assert!(err.contains("config.json") && err.contains(expect), "{err}");
         }
+    }
+
+    /// Found by the fuzz suite: ids of another type were dropped and ids past u32 truncated,
+    /// so generation never saw its end-of-sequence token.
+    #[test]
+    fn token_ids_of_the_wrong_type_or_range_are_errors() {
+        for (field, value) in [
+            ("bos_token_id", json!(false)),
+            ("eos_token_id", json!("2")),
+            ("eos_token_id", json!([2, "x"])),
+            ("eos_token_id", json!(4_294_967_298u64)),
+            ("bos_token_id", json!(-1)),
+        ] {
+            let mut v = base();
+            v[field] = value.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(
+                err.contains("config.json") && err.contains(&format!("`{field}`")),
+                "{value}: {err}"
+            );
+        }
+        let mut v = base();
+        v["bos_token_id"] = json!(1);
+        v["eos_token_id"] = json!([2, 7]);
+        let c = parse(v).unwrap();
+        assert_eq!((c.bos_token_id, c.eos_token_ids), (Some(1), vec![2, 7]));
+        let mut v = base();
+        v["eos_token_id"] = Value::Null;
+        assert!(parse(v).unwrap().eos_token_ids.is_empty());
+    }
+
+    /// Found by the fuzz suite: a rope_parameters or rope_scaling that is not an object, or a
+    /// rope type or rope_theta of the wrong type, was ignored (plain RoPE at the default θ).
+    #[test]
+    fn rope_fields_of_the_wrong_type_are_errors() {
+        for (field, value, named) in [
+            ("rope_parameters", json!([null]), "`rope_parameters`"),
+            (
+                "rope_parameters",
+                json!({"rope_theta": "5e5"}),
+                "`rope_parameters.rope_theta`",
+            ),
+            (
+                "rope_parameters",
+                json!({"rope_type": 3}),
+                "`rope_parameters`",
+            ),
+            ("rope_scaling", json!("linear"), "`rope_scaling`"),
+            (
+                "rope_scaling",
+                json!({"type": ["linear"], "factor": 2.0}),
+                "`rope_scaling`",
+            ),
+        ] {
+            let mut v = base();
+            v[field] = value.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(
+                err.contains("config.json") && err.contains(named),
+                "{value}: {err}"
+            );
+        }
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_theta": 5e5, "rope_type": "default"});
+        assert_eq!(parse(v).unwrap().rope_theta, 5e5);
     }
 
     #[test]

@@ -172,13 +172,15 @@ pub fn stop_token_ids(
     let path = model_dir.join("generation_config.json");
     if path.exists() {
         let v: serde_json::Value = lowrank_core::files::read_json(&path)?;
-        match v.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-            Some(serde_json::Value::Array(a)) => {
-                ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-            }
-            _ => {}
-        }
+        let Some(fields) = v.as_object() else {
+            return Err(lowrank_core::Error::Msg(format!(
+                "{}: expected a JSON object, found {v}",
+                path.display()
+            )));
+        };
+        let eos = crate::config::token_ids(&fields.get("eos_token_id").cloned())
+            .map_err(|m| lowrank_core::Error::field(&path, "eos_token_id", m))?;
+        ids.extend(eos);
     }
     ids.extend(tokenizer.eos_token_id());
     ids.sort_unstable();

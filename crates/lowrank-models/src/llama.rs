@@ -520,7 +520,9 @@ impl Llama {
         let h = config.hidden_size;
         let embed = ckpt.load(EMBED, &[config.vocab_size, h], dtype, device)?;
         let stored_dtype = ckpt.stored_dtype(EMBED).unwrap_or(DType::F32);
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Not `with_capacity(num_layers)`: config.json's count is checked only by the tensors
+        // found, and a huge one would abort on the allocation.
+        let mut layers = Vec::new();
         let keys = proj_keys(&config);
         let shapes = proj_shapes(&config);
         for i in 0..config.num_layers {

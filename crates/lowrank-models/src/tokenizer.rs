@@ -44,12 +44,56 @@ pub struct Tokenizer {
     chat_template: Option<String>,
 }
 
-/// A special token in tokenizer_config.json: a string or an AddedToken object.
-fn token_text(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-        _ => None,
+/// A special token in tokenizer_config.json: a string, an AddedToken object, or null/absent.
+fn token_text(config: &Path, field: &str, v: Option<&Value>) -> Result<Option<String>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Object(o)) => match o.get("content") {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            other => Err(Error::field(
+                config,
+                field,
+                format!(
+                    "an AddedToken needs a string \"content\", found {}",
+                    other.unwrap_or(&Value::Null)
+                ),
+            )),
+        },
+        Some(other) => Err(Error::field(
+            config,
+            field,
+            format!("expected a token string or an AddedToken object, found {other}"),
+        )),
+    }
+}
+
+/// `chat_template` of tokenizer_config.json: a string, or a list of `{"name", "template"}`
+/// of which "default" is used.
+fn config_template(config: &Path, v: Option<&Value>) -> Result<Option<String>> {
+    let bad = |msg: String| Error::field(config, "chat_template", msg);
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(list)) => {
+            for t in list {
+                let (Some(name), Some(template)) = (
+                    t.get("name").and_then(Value::as_str),
+                    t.get("template").and_then(Value::as_str),
+                ) else {
+                    return Err(bad(format!(
+                        "expected {{\"name\": string, \"template\": string}} entries, found {t}"
+                    )));
+                };
+                if name == "default" {
+                    return Ok(Some(template.to_string()));
+                }
+            }
+            Ok(None)
+        }
+        Some(other) => Err(bad(format!(
+            "expected a template string or a list of named templates, found {other}"
+        ))),
     }
 }
 
@@ -69,10 +113,18 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::Msg(format!("{}: cannot read tokenizer: {e}", path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
-        let config: Value = if config_path.exists() {
-            lowrank_core::files::read_json(&config_path)?
+        let config = if config_path.exists() {
+            match lowrank_core::files::read_json(&config_path)? {
+                Value::Object(fields) => fields,
+                other => {
+                    return Err(Error::Msg(format!(
+                        "{}: expected a JSON object, found {other}",
+                        config_path.display()
+                    )))
+                }
+            }
         } else {
-            Value::Null
+            serde_json::Map::new()
         };
         let template_file = dir.join("chat_template.jinja");
         let chat_template = if template_file.exists() {
@@ -81,22 +133,12 @@ impl Tokenizer {
                     .map_err(|e| Error::io(&template_file, e))?,
             )
         } else {
-            match config.get("chat_template") {
-                Some(Value::String(s)) => Some(s.clone()),
-                // A list of named templates: use "default".
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .and_then(|t| t.get("template"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                _ => None,
-            }
+            config_template(&config_path, config.get("chat_template"))?
         };
         Ok(Tokenizer {
             inner,
-            bos_token: token_text(config.get("bos_token")),
-            eos_token: token_text(config.get("eos_token")),
+            bos_token: token_text(&config_path, "bos_token", config.get("bos_token"))?,
+            eos_token: token_text(&config_path, "eos_token", config.get("eos_token"))?,
             chat_template,
         })
     }
@@ -401,6 +443,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A tokenizer folder of the llama-style fixture with `config` as tokenizer_config.json.
+    fn load_with_config(config: &str) -> Result<Tokenizer> {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers/llama-style");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fixture.join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
+        Tokenizer::load(dir.path())
+    }
+
+    /// Found by the fuzz suite: special tokens and templates of the wrong type, and a config
+    /// that is not an object, were ignored (no EOS, no template) instead of refused.
+    #[test]
+    fn config_fields_of_the_wrong_type_are_errors() {
+        for (config, named) in [
+            (r#"{"bos_token": []}"#, "`bos_token`"),
+            (r#"{"eos_token": 2}"#, "`eos_token`"),
+            (r#"{"eos_token": {"content": 2}}"#, "`eos_token`"),
+            (r#"{"chat_template": 5}"#, "`chat_template`"),
+            (
+                r#"{"chat_template": [{"name": "default", "template": 1}]}"#,
+                "`chat_template`",
+            ),
+            ("[]", "expected a JSON object"),
+        ] {
+            let err = load_with_config(config).err().unwrap().to_string();
+            assert!(
+                err.contains("tokenizer_config.json") && err.contains(named),
+                "{config}: {err}"
+            );
+        }
+        let ok = load_with_config(
+            r#"{"eos_token": {"content": "</s>"}, "bos_token": null,
+                "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ eos_token }}"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.apply_chat_template(&[], false).unwrap(), "</s>");
     }
 
     #[test]

@@ -179,7 +179,16 @@ impl Quantized4Bit {
     ) -> Result<Self> {
         validate_block_size(block_size)
             .map_err(|e| Error::field(name, "blocksize", e.to_string()))?;
-        let n: usize = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(*d))
+            .ok_or_else(|| {
+                Error::field(
+                    name,
+                    "shape",
+                    format!("{shape:?} has more elements than fit in memory"),
+                )
+            })?;
         if packed.len() != n.div_ceil(2) {
             return Err(Error::tensor(
                 name,
@@ -465,10 +474,28 @@ impl Quantized4Bit {
                 )
             })?;
         let blob = need(blob_name.clone())?.as_u8(&blob_name)?;
-        let state: QuantStateJson = serde_json::from_slice(blob).map_err(|source| Error::Json {
-            name: blob_name.clone(),
-            source,
-        })?;
+        let mut de = serde_json::Deserializer::from_slice(blob);
+        let state: QuantStateJson = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let source = e.into_inner();
+                // A value of the wrong type is an error on its field; bad JSON on the blob.
+                if source.is_data() && field != "." {
+                    Error::field(&blob_name, &field, source.to_string())
+                } else {
+                    Error::Json {
+                        name: blob_name.clone(),
+                        source,
+                    }
+                }
+            })
+            .and_then(|state| {
+                de.end().map_err(|source| Error::Json {
+                    name: blob_name.clone(),
+                    source,
+                })?;
+                Ok(state)
+            })?;
         if state.quant_type != kind.as_str() {
             return Err(Error::field(
                 &blob_name,
@@ -521,6 +548,16 @@ impl Quantized4Bit {
                 }
             }
         };
+        // The dtype the weight had before quantization, written back as read: bitsandbytes
+        // reads it as a torch dtype name.
+        let dtype = state.dtype.unwrap_or_else(|| "float32".into());
+        if !["float32", "float16", "bfloat16", "float64"].contains(&dtype.as_str()) {
+            return Err(Error::field(
+                &blob_name,
+                "dtype",
+                format!("expected float32, float16, bfloat16 or float64, found {dtype:?}"),
+            ));
+        }
         Self::from_parts(
             weight_name,
             shape,
@@ -529,7 +566,7 @@ impl Quantized4Bit {
             packed,
             absmax,
             code,
-            state.dtype.unwrap_or_else(|| "float32".into()),
+            dtype,
         )
     }
 }
@@ -815,6 +852,75 @@ mod tests {
                 assert_eq!(blob.0, format!("m.weight.quant_state.bitsandbytes__{kind}"));
             }
         }
+    }
+
+    /// Found by the fuzz suite: a value of the wrong type in a quant_state blob was reported
+    /// with a line and column only.
+    #[test]
+    fn a_blob_field_of_the_wrong_type_is_named() {
+        let q = Quantized4Bit::quantize(&sample(128), &[2, 64], QuantType::Nf4, 64, false).unwrap();
+        let mut ts = q.to_bnb_tensors("m.weight");
+        let blob = ts.last_mut().unwrap();
+        let json = q
+            .quant_state_json()
+            .replace("\"blocksize\": 64", "\"blocksize\": [64]");
+        assert!(json.contains("[64]"), "{json}");
+        blob.1 = RawTensor::u8(json.into_bytes(), vec![0]);
+        let get = |n: &str| ts.iter().find(|(k, _)| k == n).map(|(_, t)| t.as_ref());
+        let err = Quantized4Bit::from_bnb_tensors("m.weight", get)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("quant_state.bitsandbytes__nf4") && err.contains("field `blocksize`"),
+            "{err}"
+        );
+    }
+
+    /// A dtype that is no torch float type was kept and written back into requantized files.
+    #[test]
+    fn a_blob_dtype_that_is_no_float_type_is_refused() {
+        let q = Quantized4Bit::quantize(&sample(128), &[2, 64], QuantType::Nf4, 64, false).unwrap();
+        let mut ts = q.to_bnb_tensors("m.weight");
+        let blob = ts.last_mut().unwrap();
+        let json = q
+            .quant_state_json()
+            .replace("\"dtype\": \"float32\"", "\"dtype\": \"NaN\"");
+        assert!(json.contains("NaN"), "{json}");
+        blob.1 = RawTensor::u8(json.into_bytes(), vec![0]);
+        let get = |n: &str| ts.iter().find(|(k, _)| k == n).map(|(_, t)| t.as_ref());
+        let err = Quantized4Bit::from_bnb_tensors("m.weight", get)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dtype") && err.contains("\"NaN\""), "{err}");
+    }
+
+    /// A shape whose element count overflows was read modulo 2^64 (here as 0 elements, so an
+    /// empty weight matched it) and accepted.
+    #[test]
+    fn a_shape_that_overflows_is_refused() {
+        let q = Quantized4Bit::quantize(&sample(128), &[2, 64], QuantType::Nf4, 64, false).unwrap();
+        let mut ts = q.to_bnb_tensors("m.weight");
+        for (name, t) in ts.iter_mut() {
+            if name == "m.weight" {
+                *t = RawTensor::u8(vec![], vec![0, 1]);
+            } else if name == "m.weight.absmax" {
+                *t = RawTensor::f32(&[], vec![0]);
+            } else if name.contains("quant_state") {
+                let json = q
+                    .quant_state_json()
+                    .replace("\"shape\": [2, 64]", "\"shape\": [4294967296, 4294967296]");
+                assert!(json.contains("4294967296"), "{json}");
+                *t = RawTensor::u8(json.into_bytes(), vec![0]);
+            }
+        }
+        let get = |n: &str| ts.iter().find(|(k, _)| k == n).map(|(_, t)| t.as_ref());
+        let err = Quantized4Bit::from_bnb_tensors("m.weight", get)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.weight") && err.contains("more elements than fit"),
+            "{err}"
+        );
     }
 
     #[test]

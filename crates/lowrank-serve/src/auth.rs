@@ -50,6 +50,18 @@ impl ApiKeys {
         };
         let mut keys = HashMap::new();
         for (key, allowed) in raw {
+            // A client sends the key as `Authorization: Bearer <key>`, read back trimmed and as
+            // visible ASCII: any other key could never be presented.
+            let sendable = !key.is_empty()
+                && key.trim() == key
+                && key.bytes().all(|b| (b' '..=b'~').contains(&b));
+            if !sendable {
+                return Err(format!(
+                    "{}: key {:?}: keys must be non-empty printable ASCII without surrounding spaces (sent as `Authorization: Bearer <key>`)",
+                    path.display(),
+                    key.chars().take(4).collect::<String>()
+                ));
+            }
             let grant = match allowed {
                 Allowed::All(s) if s == "*" => Grant::All,
                 Allowed::All(s) => {
@@ -116,5 +128,24 @@ mod tests {
         assert!(ApiKeys::load(&p).unwrap_err().contains("no keys"));
         std::fs::write(&p, "{").unwrap();
         assert!(ApiKeys::load(&p).unwrap_err().contains("keys.json"));
+    }
+
+    /// Found by the fuzz suite: these keys loaded but no client could ever present them.
+    #[test]
+    fn keys_that_cannot_be_sent_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        for key in ["", " ", " sk-a", "sk-a\t", "sk\u{0}x", "sk-é"] {
+            let file = serde_json::json!({key: "*", "sk-ok": "*"});
+            std::fs::write(&p, file.to_string()).unwrap();
+            let err = ApiKeys::load(&p).unwrap_err();
+            assert!(
+                err.contains("keys.json") && err.contains("printable ASCII"),
+                "{key:?}: {err}"
+            );
+        }
+        std::fs::write(&p, r#"{"sk a!~": ["base"]}"#).unwrap();
+        let keys = ApiKeys::load(&p).unwrap();
+        assert!(keys.check(Some("Bearer sk a!~")).unwrap().allows("base"));
     }
 }
