@@ -5,6 +5,7 @@ mod active;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+mod kv_cache;
 pub mod llama;
 pub mod rope;
 pub mod tokenizer;

@@ -330,7 +330,7 @@ impl Worker {
                 .map(|(s, (_, tokens))| RowStep {
                     tokens,
                     cache: &mut s.cache,
-                    adapter: s.req.adapter.as_deref(),
+                    adapters: s.req.adapter.iter().map(|a| (&**a, 1.0)).collect(),
                 })
                 .collect();
             self.model
