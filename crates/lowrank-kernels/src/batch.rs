@@ -287,19 +287,24 @@ mod tests {
     }
 
     /// Every row count from 1 to 64 and a few above (each kernel), over f32, bf16, NF4 and FP4
-    /// weights (plain and double-quantized absmax; 4-bit blocks that straddle rows, with 100
-    /// inputs in blocks of 64, and that cover several rows, with 40 inputs in blocks of 128),
+    /// weights (plain and double-quantized absmax; 4-bit blocks that straddle rows, with 100 or
+    /// 48 inputs in blocks of 64, and that cover several rows, with 40 or 32 inputs in blocks
+    /// of 128),
     /// odd shapes, and adapters of ranks 3 and 16, a DoRA row, a row with two stacked adapters
     /// and rows without any, all in one step, against f64.
     #[test]
     fn every_row_count_and_base_kind_matches_f64() {
-        let cases: [(usize, usize, &str, usize); 6] = [
+        // Rows of a multiple of 16 values take the 4-bit path that decodes in registers (up
+        // to four rows of X), the others the decoded buffer.
+        let cases: [(usize, usize, &str, usize); 8] = [
             (77, 50, "f32", 0),
             (77, 37, "bf16", 0),
             (100, 29, "nf4", 64),
             (40, 21, "fp4", 128),
             (100, 33, "nf4-dq", 64),
             (40, 13, "fp4-dq", 128),
+            (48, 19, "nf4-dq", 64),
+            (32, 11, "fp4", 128),
         ];
         for (in_f, out_f, kind, block) in cases {
             let wv = values(out_f * in_f, 1);

@@ -197,6 +197,11 @@ fn base_tile(
 ) {
     let m = x_rows.len();
     let out_x: Vec<usize> = (0..m).collect();
+    if let BaseWeights::FourBit(q) = w {
+        if fourbit_rows(q, in_f, o0, rows_out, x_rows, tile, m) {
+            return;
+        }
+    }
     for g in (0..rows_out).step_by(BLOCK_W) {
         let nw = BLOCK_W.min(rows_out - g);
         let span = (o0 + g) * in_f..(o0 + g + nw) * in_f;
@@ -204,7 +209,12 @@ fn base_tile(
             BaseWeights::F32(w) => &w[span],
             BaseWeights::Bf16(w) => {
                 buf.clear();
-                buf.extend(w[span].iter().map(|v| v.to_f32()));
+                // A bf16 is the high half of an f32: the shift vectorises (`to_f32` does not).
+                buf.extend(
+                    w[span]
+                        .iter()
+                        .map(|v| f32::from_bits((v.to_bits() as u32) << 16)),
+                );
                 &buf[..]
             }
             BaseWeights::FourBit(q) => {
@@ -214,6 +224,122 @@ fn base_tile(
             }
         };
         dot_tile(rows, in_f, nw, in_f, x_rows, &mut tile[g * m..], &out_x, m);
+    }
+}
+
+/// Rows of X up to which a 4-bit W is decoded in registers, each group of codes once for all
+/// rows; with more, into a buffer that the f32 blocks read.
+const FOURBIT_DIRECT_ROWS: usize = 4;
+
+/// The base product of a 4-bit W's output rows o0..o0 + nw for up to [`FOURBIT_DIRECT_ROWS`]
+/// rows of X, into the transposed tile, decoding the codes in registers: sixteen codes at a
+/// time looked up in the 16-entry table (two 8-lane permutes and a blend), multiplied into
+/// every row's per-block sums, each block's sums scaled by its absmax once. Needs AVX2+FMA and
+/// rows of a multiple of 16 values (so that every block boundary falls on a byte); returns
+/// false, having done nothing, otherwise.
+fn fourbit_rows(
+    q: &Quantized4Bit,
+    in_f: usize,
+    o0: usize,
+    nw: usize,
+    x_rows: &[&[f32]],
+    tile: &mut [f32],
+    m: usize,
+) -> bool {
+    if m > FOURBIT_DIRECT_ROWS || in_f % 16 != 0 || q.block_size() % 16 != 0 {
+        return false;
+    }
+    assert!(
+        (o0 + nw) * in_f <= q.numel() && tile.len() >= nw * m,
+        "fourbit_rows: out of range"
+    );
+    assert!(
+        x_rows.iter().all(|x| x.len() >= in_f),
+        "fourbit_rows: a row of x is too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::has_avx2_fma() {
+            let x = |c: usize| x_rows[c.min(m - 1)].as_ptr();
+            // SAFETY: the CPU has the features; the asserts keep the codes read inside the
+            // weight, the rows of x inside their slices, and the writes inside the tile.
+            unsafe {
+                match m {
+                    1 => fourbit_rows_avx2::<1>(q, in_f, o0, nw, [x(0)], tile),
+                    2 => fourbit_rows_avx2::<2>(q, in_f, o0, nw, [x(0), x(1)], tile),
+                    3 => fourbit_rows_avx2::<3>(q, in_f, o0, nw, [x(0), x(1), x(2)], tile),
+                    _ => fourbit_rows_avx2::<4>(q, in_f, o0, nw, [x(0), x(1), x(2), x(3)], tile),
+                }
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// [`fourbit_rows`] for C rows of X.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; in_f and the block size multiples of 16, rows o0..o0 + nw
+/// inside the weight, each x[c] in_f values and the tile nw × C values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fourbit_rows_avx2<const C: usize>(
+    q: &Quantized4Bit,
+    in_f: usize,
+    o0: usize,
+    nw: usize,
+    x: [*const f32; C],
+    tile: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let code = q.code();
+    let (low, high) = (
+        _mm256_loadu_ps(code.as_ptr()),
+        _mm256_loadu_ps(code.as_ptr().add(8)),
+    );
+    let (nibble, seven) = (_mm_set1_epi8(0x0f), _mm256_set1_epi32(7));
+    let lookup = |idx: __m256i| {
+        let from_low = _mm256_permutevar8x32_ps(low, idx);
+        let from_high = _mm256_permutevar8x32_ps(high, idx);
+        _mm256_blendv_ps(
+            from_low,
+            from_high,
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)),
+        )
+    };
+    let (packed, block, absmax) = (q.packed().as_ptr(), q.block_size(), q.absmax());
+    for o in 0..nw {
+        let row = (o0 + o) * in_f;
+        let mut acc = [_mm256_setzero_ps(); C];
+        let mut k = 0;
+        while k < in_f {
+            // The block of flat index row + k: blocks run over the flattened weight.
+            let b = (row + k) / block;
+            let end = ((b + 1) * block - row).min(in_f);
+            let mut part = [_mm256_setzero_ps(); C];
+            while k < end {
+                // Sixteen codes, high nibble first in each byte.
+                let bytes = _mm_loadl_epi64(packed.add((row + k) / 2) as *const __m128i);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+                let lo = _mm_and_si128(bytes, nibble);
+                let idx = _mm_unpacklo_epi8(hi, lo);
+                let first = lookup(_mm256_cvtepu8_epi32(idx));
+                let second = lookup(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(idx)));
+                for c in 0..C {
+                    part[c] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x[c].add(k)), part[c]);
+                    part[c] = _mm256_fmadd_ps(second, _mm256_loadu_ps(x[c].add(k + 8)), part[c]);
+                }
+                k += 16;
+            }
+            let scale = _mm256_set1_ps(absmax.get(b));
+            for c in 0..C {
+                acc[c] = _mm256_fmadd_ps(part[c], scale, acc[c]);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            *tile.get_unchecked_mut(o * C + c) += crate::cpu::sum_lanes(*acc);
+        }
     }
 }
 
