@@ -5,21 +5,33 @@
 //! rows, and against the rows one at a time.
 //!
 //! `cargo bench --workspace --bench step_linears` (BENCH_ITERS repetitions, minimum reported).
-
-use std::time::Instant;
+//! Times are the process's CPU time per call (all threads), so a busy host slows the figures
+//! less than wall time would; with `RAYON_NUM_THREADS=1` they are one core's cost.
 
 use candle_core::{Device, Tensor};
 use half::bf16;
 use lowrank_kernels::batch::{apply, kernel_for, BaseWeights, StepLinear};
 use lowrank_quant::{QuantType, Quantized4Bit};
 
+/// CPU seconds this process has used, all threads.
+fn cpu_seconds() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// The least CPU time of one call over `iters` calls.
 fn time(iters: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut best = f64::INFINITY;
     for _ in 0..iters {
-        let t = Instant::now();
+        let t = cpu_seconds();
         f();
-        best = best.min(t.elapsed().as_secs_f64());
+        best = best.min(cpu_seconds() - t);
     }
     best
 }
@@ -36,7 +48,7 @@ fn main() -> candle_core::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     println!(
-        "threads: {}; per call: ms, weight GB/s, GFLOP/s; gemm = candle's f32 matmul; alone = the rows one at a time",
+        "threads: {}; per call: CPU ms, weight GB per CPU second, GFLOP per CPU second; gemm = candle's f32 matmul; alone = the rows one at a time",
         rayon::current_num_threads()
     );
     let (h, i) = (576, 1536);

@@ -17,7 +17,7 @@
 
 use half::bf16;
 use lowrank_quant::qtensor::PairLut;
-use lowrank_quant::Quantized4Bit;
+use lowrank_quant::{AbsmaxState, Quantized4Bit};
 use rayon::prelude::*;
 
 /// Output rows of W per task: eight register blocks of three rows.
@@ -249,6 +249,9 @@ fn fourbit_rows(
     if m > FOURBIT_DIRECT_ROWS || in_f % 16 != 0 || q.block_size() % 16 != 0 {
         return false;
     }
+    if nw == 0 {
+        return true;
+    }
     assert!(
         (o0 + nw) * in_f <= q.numel() && tile.len() >= nw * m,
         "fourbit_rows: out of range"
@@ -265,10 +268,10 @@ fn fourbit_rows(
             // weight, the rows of x inside their slices, and the writes inside the tile.
             unsafe {
                 match m {
-                    1 => fourbit_rows_avx2::<1>(q, in_f, o0, nw, [x(0)], tile),
-                    2 => fourbit_rows_avx2::<2>(q, in_f, o0, nw, [x(0), x(1)], tile),
-                    3 => fourbit_rows_avx2::<3>(q, in_f, o0, nw, [x(0), x(1), x(2)], tile),
-                    _ => fourbit_rows_avx2::<4>(q, in_f, o0, nw, [x(0), x(1), x(2), x(3)], tile),
+                    1 => fourbit_rows_avx2::<1, 4>(q, in_f, o0, nw, [x(0)], tile),
+                    2 => fourbit_rows_avx2::<2, 4>(q, in_f, o0, nw, [x(0), x(1)], tile),
+                    3 => fourbit_rows_avx2::<3, 2>(q, in_f, o0, nw, [x(0), x(1), x(2)], tile),
+                    _ => fourbit_rows_avx2::<4, 2>(q, in_f, o0, nw, [x(0), x(1), x(2), x(3)], tile),
                 }
             }
             return true;
@@ -277,14 +280,14 @@ fn fourbit_rows(
     false
 }
 
-/// [`fourbit_rows`] for C rows of X.
+/// [`fourbit_rows`] for C rows of X, with S sums in flight per row (an even number).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; in_f and the block size multiples of 16, rows o0..o0 + nw
 /// inside the weight, each x[c] in_f values and the tile nw × C values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fourbit_rows_avx2<const C: usize>(
+unsafe fn fourbit_rows_avx2<const C: usize, const S: usize>(
     q: &Quantized4Bit,
     in_f: usize,
     o0: usize,
@@ -298,47 +301,114 @@ unsafe fn fourbit_rows_avx2<const C: usize>(
         _mm256_loadu_ps(code.as_ptr()),
         _mm256_loadu_ps(code.as_ptr().add(8)),
     );
-    let (nibble, seven) = (_mm_set1_epi8(0x0f), _mm256_set1_epi32(7));
-    let lookup = |idx: __m256i| {
-        let from_low = _mm256_permutevar8x32_ps(low, idx);
-        let from_high = _mm256_permutevar8x32_ps(high, idx);
-        _mm256_blendv_ps(
-            from_low,
-            from_high,
-            _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)),
-        )
-    };
-    let (packed, block, absmax) = (q.packed().as_ptr(), q.block_size(), q.absmax());
+    let nibble = _mm_set1_epi8(0x0f);
+    let (packed, block) = (q.packed().as_ptr(), q.block_size());
+    // Block sizes are powers of two: the block of a flat index is a shift away.
+    let shift = block.trailing_zeros();
+    // The absmax of every block the rows touch, restored once (double quantization stores
+    // them as 8-bit codes).
+    let first_block = (o0 * in_f) >> shift;
+    let scales = absmax_range(
+        q.absmax(),
+        first_block..(((o0 + nw) * in_f - 1) >> shift) + 1,
+    );
     for o in 0..nw {
         let row = (o0 + o) * in_f;
         let mut acc = [_mm256_setzero_ps(); C];
         let mut k = 0;
         while k < in_f {
             // The block of flat index row + k: blocks run over the flattened weight.
-            let b = (row + k) / block;
+            let b = (row + k) >> shift;
             let end = ((b + 1) * block - row).min(in_f);
-            let mut part = [_mm256_setzero_ps(); C];
+            // S independent sums per row of X, so that the FMA latency does not bound the
+            // loop: two (the codes' halves) per group of sixteen, S / 2 groups in flight.
+            let mut part = [[_mm256_setzero_ps(); S]; C];
             while k < end {
-                // Sixteen codes, high nibble first in each byte.
-                let bytes = _mm_loadl_epi64(packed.add((row + k) / 2) as *const __m128i);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
-                let lo = _mm_and_si128(bytes, nibble);
-                let idx = _mm_unpacklo_epi8(hi, lo);
-                let first = lookup(_mm256_cvtepu8_epi32(idx));
-                let second = lookup(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(idx)));
-                for c in 0..C {
-                    part[c] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x[c].add(k)), part[c]);
-                    part[c] = _mm256_fmadd_ps(second, _mm256_loadu_ps(x[c].add(k + 8)), part[c]);
+                let groups = (S / 2).min((end - k) / 16);
+                for g in 0..groups {
+                    let at = k + 16 * g;
+                    // Sixteen codes, high nibble first in each byte.
+                    let bytes = _mm_loadl_epi64(packed.add((row + at) / 2) as *const __m128i);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+                    let lo = _mm_and_si128(bytes, nibble);
+                    let idx = _mm_unpacklo_epi8(hi, lo);
+                    let first = lookup(low, high, _mm256_cvtepu8_epi32(idx));
+                    let second = lookup(low, high, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(idx)));
+                    for c in 0..C {
+                        let sums = &mut part[c];
+                        sums[2 * g] =
+                            _mm256_fmadd_ps(first, _mm256_loadu_ps(x[c].add(at)), sums[2 * g]);
+                        sums[2 * g + 1] = _mm256_fmadd_ps(
+                            second,
+                            _mm256_loadu_ps(x[c].add(at + 8)),
+                            sums[2 * g + 1],
+                        );
+                    }
                 }
-                k += 16;
+                k += 16 * groups;
             }
-            let scale = _mm256_set1_ps(absmax.get(b));
+            let scale = _mm256_set1_ps(*scales.get_unchecked(b - first_block));
             for c in 0..C {
-                acc[c] = _mm256_fmadd_ps(part[c], scale, acc[c]);
+                let mut sum = part[c][0];
+                for p in &part[c][1..] {
+                    sum = _mm256_add_ps(sum, *p);
+                }
+                acc[c] = _mm256_fmadd_ps(sum, scale, acc[c]);
             }
         }
         for (c, acc) in acc.iter().enumerate() {
             *tile.get_unchecked_mut(o * C + c) += crate::cpu::sum_lanes(*acc);
+        }
+    }
+}
+
+/// The 16-entry table's values (its halves in `low` and `high`) at eight indices. A function
+/// of its own: a closure inside a `target_feature` function is not inlined into it.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn lookup(
+    low: std::arch::x86_64::__m256,
+    high: std::arch::x86_64::__m256,
+    idx: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let from_low = _mm256_permutevar8x32_ps(low, idx);
+    let from_high = _mm256_permutevar8x32_ps(high, idx);
+    // blendv reads each lane's sign: bit 3 of the index, shifted there.
+    let use_high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+    _mm256_blendv_ps(from_low, from_high, use_high)
+}
+
+/// The absmax of blocks `blocks`, restored (double quantization keeps 8-bit codes and one f32
+/// per 256 of them), in one loop without a division per block.
+fn absmax_range(absmax: &AbsmaxState, blocks: std::ops::Range<usize>) -> Vec<f32> {
+    match absmax {
+        AbsmaxState::Plain(a) => a[blocks].to_vec(),
+        AbsmaxState::Double {
+            codes,
+            nested_absmax,
+            offset,
+            nested_block_size,
+            nested_map,
+        } => {
+            let mut out = Vec::with_capacity(blocks.len());
+            let mut b = blocks.start;
+            while b < blocks.end {
+                let nested = b / nested_block_size;
+                let end = ((nested + 1) * nested_block_size).min(blocks.end);
+                let scale = nested_absmax[nested];
+                out.extend(
+                    codes[b..end]
+                        .iter()
+                        .map(|&c| nested_map[c as usize] * scale + offset),
+                );
+                b = end;
+            }
+            out
         }
     }
 }
