@@ -49,6 +49,19 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
 }
 
+/// lowrank extension: one adapter of a stack, with a multiplier on its ΔW.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StackedAdapter {
+    pub name: String,
+    #[serde(default = "unit_weight")]
+    pub weight: f64,
+}
+
+fn unit_weight() -> f64 {
+    1.0
+}
+
 /// `POST /v1/completions`
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
@@ -56,6 +69,9 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     /// lowrank extension: the adapter id, when `model` names the base.
     pub adapter: Option<String>,
+    /// lowrank extension: several adapters applied together (their weighted deltas added),
+    /// when `model` names the base.
+    pub adapters: Option<Vec<StackedAdapter>>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -72,6 +88,7 @@ pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub adapter: Option<String>,
+    pub adapters: Option<Vec<StackedAdapter>>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }

@@ -43,7 +43,8 @@ pub enum Event {
 
 pub struct Request {
     pub prompt: Vec<u32>,
-    pub adapter: Option<Arc<LoraAdapter>>,
+    /// The adapters applied to this request, each with a multiplier on its ΔW; none = the base.
+    pub adapters: Vec<(Arc<LoraAdapter>, f64)>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop_ids: Vec<u32>,
@@ -68,6 +69,7 @@ pub enum SubmitError {
 
 /// The handle the HTTP layer submits to.
 pub struct Engine {
+    model: Arc<Llama>,
     jobs: std::sync::Mutex<Option<Sender<Request>>>,
     /// Requests submitted and not finished (waiting + running).
     pending: Arc<AtomicUsize>,
@@ -102,7 +104,7 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
-            model,
+            model: model.clone(),
             tokenizer,
             config: config.clone(),
             metrics,
@@ -123,12 +125,18 @@ impl Engine {
             })
             .expect("spawn the engine thread");
         Engine {
+            model,
             jobs: std::sync::Mutex::new(Some(tx)),
             pending,
             config,
             kv_bytes_per_token,
             thread: std::sync::Mutex::new(Some(thread)),
         }
+    }
+
+    /// The model the engine runs.
+    pub fn model(&self) -> &Arc<Llama> {
+        &self.model
     }
 
     pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
@@ -330,7 +338,7 @@ impl Worker {
                 .map(|(s, (_, tokens))| RowStep {
                     tokens,
                     cache: &mut s.cache,
-                    adapters: s.req.adapter.iter().map(|a| (&**a, 1.0)).collect(),
+                    adapters: s.req.adapters.iter().map(|(a, w)| (&**a, *w)).collect(),
                 })
                 .collect();
             self.model

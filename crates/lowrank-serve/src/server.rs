@@ -27,6 +27,9 @@ use crate::engine::{Engine, Event, Request, SubmitError};
 use crate::metrics::Metrics;
 use crate::registry::{validate_id, AdapterRegistry, RegistryError};
 
+/// The most adapters one request may stack.
+const MAX_STACKED: usize = 8;
+
 /// Request limits enforced before anything reaches the engine.
 #[derive(Debug, Clone)]
 pub struct RequestLimits {
@@ -180,11 +183,67 @@ impl AppState {
         }
     }
 
+    /// The adapters a request asks for with their weights: the stack in `adapters` (over the
+    /// base), or the one adapter [`Self::resolve`] finds.
+    fn resolve_stack(
+        &self,
+        grant: Option<&Grant>,
+        model: &str,
+        adapter: Option<&str>,
+        stack: Option<&[StackedAdapter]>,
+    ) -> Result<(String, Vec<(Arc<LoraAdapter>, f64)>), ApiError> {
+        let Some(stack) = stack else {
+            let (name, one) = self.resolve(grant, model, adapter)?;
+            return Ok((name, one.into_iter().map(|a| (a, 1.0)).collect()));
+        };
+        if model != self.base_name || adapter.is_some() {
+            return Err(ApiError::bad(format!(
+                "`adapters` stacks adapters over the base: `model` must be {:?}, without `adapter`",
+                self.base_name
+            )));
+        }
+        if stack.is_empty() || stack.len() > MAX_STACKED {
+            return Err(ApiError::bad(format!(
+                "`adapters` takes 1 to {MAX_STACKED} adapters"
+            )));
+        }
+        let mut adapters = Vec::with_capacity(stack.len());
+        for s in stack {
+            if !s.weight.is_finite() {
+                return Err(ApiError::bad(format!(
+                    "`adapters`: the weight of {:?} must be a finite number",
+                    s.name
+                )));
+            }
+            match self.resolve(grant, &s.name, None)? {
+                (_, Some(a)) => adapters.push((a, s.weight)),
+                (_, None) => {
+                    return Err(ApiError::bad(
+                        "`adapters` names adapters; the base is always there",
+                    ))
+                }
+            }
+        }
+        let reweighted = adapters.len() > 1 || adapters[0].1 != 1.0;
+        let dora = |a: &LoraAdapter| a.modules.values().any(|m| m.magnitude.is_some());
+        if let Some((a, _)) = adapters.iter().find(|(a, _)| reweighted && dora(a)) {
+            let name = stack
+                .iter()
+                .zip(&adapters)
+                .find(|(_, (b, _))| Arc::ptr_eq(a, b))
+                .map_or("", |(s, _)| s.name.as_str());
+            return Err(ApiError::bad(format!(
+                "`adapters`: {name:?} is a DoRA adapter, which cannot be stacked with others or re-weighted"
+            )));
+        }
+        Ok((self.base_name.clone(), adapters))
+    }
+
     /// Checks the sampling fields and builds the engine request.
     fn build(
         &self,
         prompt: Vec<u32>,
-        adapter: Option<Arc<LoraAdapter>>,
+        adapters: Vec<(Arc<LoraAdapter>, f64)>,
         s: &Sampling,
         default_max: usize,
     ) -> Result<(Request, UnboundedReceiver<Event>), ApiError> {
@@ -229,7 +288,7 @@ impl AppState {
         };
         let req = Request {
             prompt,
-            adapter,
+            adapters,
             max_tokens,
             sampling,
             stop_ids: self.stop_ids.clone(),
@@ -398,12 +457,17 @@ async fn completions(
                 ))
             }
         };
-        let (model, adapter) = state.resolve(grant, &req.model, req.adapter.as_deref())?;
+        let (model, adapters) = state.resolve_stack(
+            grant,
+            &req.model,
+            req.adapter.as_deref(),
+            req.adapters.as_deref(),
+        )?;
         let ids = state
             .tokenizer
             .encode(&prompt, true)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        let (engine_req, rx) = state.build(ids, adapter, &req.sampling, 16)?;
+        let (engine_req, rx) = state.build(ids, adapters, &req.sampling, 16)?;
         state.submit(engine_req)?;
         let id = request_id("cmpl");
         let created = now();
@@ -465,7 +529,12 @@ async fn chat_completions(
         if req.messages.is_empty() {
             return Err(ApiError::bad("messages is empty"));
         }
-        let (model, adapter) = state.resolve(grant, &req.model, req.adapter.as_deref())?;
+        let (model, adapters) = state.resolve_stack(
+            grant,
+            &req.model,
+            req.adapter.as_deref(),
+            req.adapters.as_deref(),
+        )?;
         let messages: Vec<Message> = req
             .messages
             .iter()
@@ -478,7 +547,7 @@ async fn chat_completions(
             .tokenizer
             .encode_chat(&messages, true)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        let (engine_req, rx) = state.build(ids, adapter, &req.sampling, 256)?;
+        let (engine_req, rx) = state.build(ids, adapters, &req.sampling, 256)?;
         state.submit(engine_req)?;
         let id = request_id("chatcmpl");
         let created = now();
