@@ -52,7 +52,9 @@ fn main() -> candle_core::Result<()> {
         rayon::current_num_threads()
     );
     let (h, i) = (576, 1536);
-    let shapes: [(&str, Vec<(usize, usize)>, usize); 2] = [
+    // (name, (out, in) of each linear, in)
+    type Shapes<'a> = [(&'a str, Vec<(usize, usize)>, usize); 2];
+    let shapes: Shapes = [
         ("gate+up", vec![(i, h), (i, h)], h),
         ("down", vec![(h, i)], i),
     ];

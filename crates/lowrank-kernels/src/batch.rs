@@ -59,7 +59,7 @@ pub fn kernel_for(rows: usize, linears: &[StepLinear]) -> StepKernel {
 /// Each linear's Y (rows × out, row-major) for X (rows × in_f, row-major): W·x + bias plus
 /// every segment's adapter on its rows. Fails with the linear's index when shapes do not fit.
 pub fn apply(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Result<Vec<Vec<f32>>> {
-    if in_f == 0 || x.len() % in_f != 0 {
+    if in_f == 0 || !x.len().is_multiple_of(in_f) {
         bail!("{NAME}: x holds {} values, not rows of {in_f}", x.len())
     }
     let rows = x.len() / in_f;
@@ -103,7 +103,7 @@ pub fn apply(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Result<Vec<Vec<f
 
 /// Checks that a linear's weight, bias and segments fit x's rows and features.
 fn check(index: usize, l: &StepLinear, in_f: usize, rows: usize) -> Result<()> {
-    if l.weight.len() % in_f != 0 {
+    if !l.weight.len().is_multiple_of(in_f) {
         bail!(
             "{NAME}: linear {index}'s weight holds {} values, not rows of {in_f}",
             l.weight.len()

@@ -100,7 +100,7 @@ pub fn rope_rows(
     sin: &[f32],
 ) -> Result<()> {
     let d = cos.len().checked_div(tokens).unwrap_or(0);
-    if d % 2 != 0
+    if !d.is_multiple_of(2)
         || cos.len() != tokens * d
         || sin.len() != cos.len()
         || x.len() != tokens * heads * d

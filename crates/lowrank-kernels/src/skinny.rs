@@ -246,7 +246,7 @@ fn fourbit_rows(
     tile: &mut [f32],
     m: usize,
 ) -> bool {
-    if m > FOURBIT_DIRECT_ROWS || in_f % 16 != 0 || q.block_size() % 16 != 0 {
+    if m > FOURBIT_DIRECT_ROWS || !in_f.is_multiple_of(16) || !q.block_size().is_multiple_of(16) {
         return false;
     }
     if nw == 0 {

@@ -34,11 +34,14 @@ pub struct RowStep<'a> {
     pub adapters: Vec<(&'a LoraAdapter, f64)>,
 }
 
+/// A row's adapters: their packs and weights.
+pub(crate) type RowAdapters = Vec<(Arc<AdapterPack>, f64)>;
+
 /// A row of the step with its adapters' packs.
 pub(crate) struct PackedRow<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    pub adapters: Vec<(Arc<AdapterPack>, f64)>,
+    pub adapters: RowAdapters,
 }
 
 /// Which token rows get logits.
@@ -129,10 +132,12 @@ impl Llama {
         Some(layer.projs()[slot % PROJ_NAMES.len()].linear.base())
     }
 
-    /// Whether this model's steps can run here: weights on the CPU in f32 (dense linears may
-    /// be bf16 or 4-bit), none being trained.
+    /// Whether this model's steps can run here: weights on the CPU in f32 or bf16 (linears
+    /// may be 4-bit), none being trained.
     pub(crate) fn steps_on_host(&self) -> bool {
-        self.device().is_cpu() && self.embed.dtype() == DType::F32 && !self.trainable
+        self.device().is_cpu()
+            && matches!(self.embed.dtype(), DType::F32 | DType::BF16)
+            && !self.trainable
     }
 
     /// One step over `rows`; logits for the rows `outputs` names.
@@ -183,12 +188,17 @@ impl Llama {
         }
         let (cos, sin) = self.rope.host_tables(&positions);
 
-        // Every weight's values, read in place for the whole step.
+        // Every weight's values, read in place for the whole step; a tied head is the
+        // embedding's (one read lock per tensor: std's may not be taken twice by one thread).
         let head = self
             .head_for_inference
             .as_ref()
             .unwrap_or(self.head_weight());
-        let mut tensors = vec![&self.embed, &self.norm, head];
+        let tied = head.id() == self.embed.id();
+        let mut tensors = vec![&self.embed, &self.norm];
+        if !tied {
+            tensors.push(head);
+        }
         for layer in &self.layers {
             tensors.extend([&layer.input_norm, &layer.post_norm]);
             for p in layer.projs() {
@@ -207,9 +217,13 @@ impl Llama {
                 _ => Err(Error::Msg("weights must be f32 or bf16 on the CPU".into())),
             }
         });
-        let embed = next_f32(&mut values, "the embedding")?;
+        let embed = next_dense(&mut values)?;
         let final_norm = next_f32(&mut values, "the final norm")?;
-        let head = next_dense(&mut values)?;
+        let head = if tied {
+            embed
+        } else {
+            next_dense(&mut values)?
+        };
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let input_norm = next_f32(&mut values, "a norm")?;
@@ -237,7 +251,12 @@ impl Llama {
         let h = c.hidden_size;
         let mut x = Vec::with_capacity(all.len() * h);
         for &id in &all {
-            x.extend_from_slice(&embed[id as usize * h..(id as usize + 1) * h]);
+            let row = id as usize * h..(id as usize + 1) * h;
+            match embed {
+                BaseWeights::F32(table) => x.extend_from_slice(&table[row]),
+                BaseWeights::Bf16(table) => x.extend(table[row].iter().map(|v| v.to_f32())),
+                BaseWeights::FourBit(_) => unreachable!("the embedding is dense"),
+            }
         }
         // One token with one plain LoRA: batch-1 decoding, helped (see the module docs).
         let helped = all.len() == 1
@@ -553,8 +572,8 @@ mod tests {
     }
 
     /// The same over a 4-bit base (NF4 with double quantization, in blocks of 64 that each
-    /// cover two rows of the 32-wide weights) and over bf16 weights, each against the candle
-    /// loop over the same weights.
+    /// cover two rows of the 32-wide weights), over bf16 weights, and over the 4-bit base with
+    /// its embedding and head in bf16, each against the candle loop over the same weights.
     #[test]
     fn mixed_rows_over_4bit_and_bf16_bases() {
         let mut quantized = Llama::load(&fixture("models/llama-tied"), &Device::Cpu).unwrap();
@@ -580,6 +599,15 @@ mod tests {
         bf16.cast_for_inference(DType::BF16).unwrap();
         check_rows_alone(
             &bf16,
+            [vec![(&lora, 1.0)], vec![(&dora, 1.0)], vec![]],
+            1e-4,
+        );
+        // `--bf16-weights` over the 4-bit base: the tied embedding and head in bf16, once.
+        quantized.cast_for_inference(DType::BF16).unwrap();
+        assert_eq!(quantized.head_weight().dtype(), DType::BF16);
+        assert!(quantized.head_for_inference.is_none());
+        check_rows_alone(
+            &quantized,
             [vec![(&lora, 1.0)], vec![(&dora, 1.0)], vec![]],
             1e-4,
         );

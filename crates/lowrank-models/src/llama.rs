@@ -627,14 +627,14 @@ impl Llama {
         })
     }
 
-    /// Token embeddings (batch, seq, hidden).
+    /// Token embeddings (batch, seq, hidden), in f32 (a bf16 table's rows widened).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))?)
+        Ok(self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((batch, seq, self.config.hidden_size))?)
     }
 
     /// Decoder layer `index` in training mode (no cache; LoRA dropout if the context asks).
@@ -792,7 +792,7 @@ impl Llama {
     fn packs_of(
         &self,
         adapters: &[ActiveAdapter],
-    ) -> Result<Option<Vec<(std::sync::Arc<crate::active::AdapterPack>, f64)>>> {
+    ) -> Result<Option<RowAdapters>> {
         let base = |slot| self.slot_base(slot);
         let mut packs = Vec::with_capacity(adapters.len());
         for a in adapters {
@@ -811,13 +811,9 @@ impl Llama {
         cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
     ) -> Result<Tensor> {
-        let (batch, seq) = ids.dims2()?;
+        let seq = ids.dims2()?.1;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))?;
+        let mut x = self.embed(ids)?;
         let tables = self.rope.tables(past, seq)?;
         let mut cache = cache;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -852,10 +848,12 @@ impl Llama {
         lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden)
     }
 
-    /// Stores the decoder layers' frozen linear weights and the output head in `dtype` for
-    /// inference — bf16: half the memory and half the bytes each decoding step reads, products
-    /// still accumulated in f32. Embedding lookups and norms stay as they are, 4-bit layers
-    /// stay 4-bit, and adapters must be merged before (merging into bf16 is refused).
+    /// Stores the decoder layers' frozen linear weights, the embedding table and the output
+    /// head in `dtype` for inference — bf16: half the memory and half the bytes each decoding
+    /// step reads, products still accumulated in f32 (a tied head is the embedding table, kept
+    /// once). Embedding lookups widen their rows to f32; norms stay as they are, 4-bit layers
+    /// stay 4-bit (so over a 4-bit base this halves the embedding and head), and adapters must
+    /// be merged before (merging into bf16 is refused).
     pub fn cast_for_inference(&mut self, dtype: DType) -> Result<()> {
         self.packs.clear();
         for layer in &mut self.layers {
@@ -863,6 +861,7 @@ impl Llama {
                 proj.linear.cast_base(dtype)?;
             }
         }
+        self.embed = self.embed.to_dtype(dtype)?;
         let head = self.head_weight();
         self.head_for_inference = (head.dtype() != dtype)
             .then(|| head.to_dtype(dtype))
@@ -1082,4 +1081,4 @@ impl Llama {
 #[path = "batched.rs"]
 mod batched;
 pub use batched::RowStep;
-use batched::{Outputs, PackedRow};
+use batched::{Outputs, PackedRow, RowAdapters};

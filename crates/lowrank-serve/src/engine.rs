@@ -41,10 +41,13 @@ pub enum Event {
     Error(String),
 }
 
+/// Adapters applied together, each with a multiplier on its ΔW.
+pub type AdapterStack = Vec<(Arc<LoraAdapter>, f64)>;
+
 pub struct Request {
     pub prompt: Vec<u32>,
     /// The adapters applied to this request, each with a multiplier on its ΔW; none = the base.
-    pub adapters: Vec<(Arc<LoraAdapter>, f64)>,
+    pub adapters: AdapterStack,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop_ids: Vec<u32>,

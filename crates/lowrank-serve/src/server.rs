@@ -23,7 +23,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::api::*;
 use crate::auth::{ApiKeys, Grant};
-use crate::engine::{Engine, Event, Request, SubmitError};
+use crate::engine::{AdapterStack, Engine, Event, Request, SubmitError};
 use crate::metrics::Metrics;
 use crate::registry::{validate_id, AdapterRegistry, RegistryError};
 
@@ -191,7 +191,7 @@ impl AppState {
         model: &str,
         adapter: Option<&str>,
         stack: Option<&[StackedAdapter]>,
-    ) -> Result<(String, Vec<(Arc<LoraAdapter>, f64)>), ApiError> {
+    ) -> Result<(String, AdapterStack), ApiError> {
         let Some(stack) = stack else {
             let (name, one) = self.resolve(grant, model, adapter)?;
             return Ok((name, one.into_iter().map(|a| (a, 1.0)).collect()));
@@ -243,7 +243,7 @@ impl AppState {
     fn build(
         &self,
         prompt: Vec<u32>,
-        adapters: Vec<(Arc<LoraAdapter>, f64)>,
+        adapters: AdapterStack,
         s: &Sampling,
         default_max: usize,
     ) -> Result<(Request, UnboundedReceiver<Event>), ApiError> {
