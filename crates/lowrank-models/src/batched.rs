@@ -613,6 +613,39 @@ mod tests {
         );
     }
 
+    /// `forward_last` gives the last row of `forward`'s logits, through the step (with a
+    /// cache) and through the candle loop (without).
+    #[test]
+    fn last_position_logits_equal_the_full_forward_s_last() {
+        let model = Llama::load(&fixture("models/llama-tied"), &Device::Cpu).unwrap();
+        let lora = model
+            .load_adapter(&fixture("adapters/llama-tied__lora-qv"))
+            .unwrap();
+        let active = [ActiveAdapter::new(&lora)];
+        let ids = Tensor::new(&[1u32, 40, 41, 42], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        for cached in [false, true] {
+            let (mut all, mut last) = (KvCache::new(), KvCache::new());
+            let full = model
+                .forward(&ids, cached.then_some(&mut all), &active)
+                .unwrap();
+            let got = model
+                .forward_last(&ids, cached.then_some(&mut last), &active)
+                .unwrap();
+            let want = full
+                .squeeze(0)
+                .unwrap()
+                .get(3)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want) < 1e-6, "cached {cached}");
+        }
+    }
+
     /// A DoRA adapter in a stack, or re-weighted, is refused with the reason.
     #[test]
     fn dora_is_not_stacked() {

@@ -763,7 +763,33 @@ impl Llama {
         cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
     ) -> Result<Tensor> {
-        let (batch, _) = ids.dims2()?;
+        self.forward_for(ids, cache, adapters, Outputs::All)
+    }
+
+    /// Logits (batch, vocab) of the last position only, as [`Self::forward`] computes them:
+    /// a prompt's forward in decoding, which needs no logits for the other positions (the head
+    /// is a fifth of a SmolLM-135M-sized model's prefill work).
+    pub fn forward_last(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        adapters: &[ActiveAdapter],
+    ) -> Result<Tensor> {
+        self.forward_for(ids, cache, adapters, Outputs::Last)
+    }
+
+    /// [`Self::forward`] with logits for the positions `outputs` names.
+    fn forward_for(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        adapters: &[ActiveAdapter],
+        outputs: Outputs,
+    ) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        if seq == 0 {
+            return Err(Error::Msg("a forward needs at least one token".into()));
+        }
         let packs = if batch == 1 && cache.is_some() && self.steps_on_host() {
             self.packs_of(adapters)?
         } else {
@@ -777,22 +803,24 @@ impl Llama {
                     cache,
                     adapters,
                 }];
-                self.step(&mut rows, Outputs::All)?
-                    .unsqueeze(0)
-                    .map_err(Into::into)
+                let logits = self.step(&mut rows, outputs)?;
+                match outputs {
+                    Outputs::All => Ok(logits.unsqueeze(0)?),
+                    Outputs::Last => Ok(logits),
+                }
             }
             (cache, _) => {
                 let hidden = self.hidden_states(ids, cache, adapters)?;
-                self.logits(&hidden)
+                match outputs {
+                    Outputs::All => self.logits(&hidden),
+                    Outputs::Last => self.logits(&hidden.narrow(1, seq - 1, 1)?.squeeze(1)?),
+                }
             }
         }
     }
 
     /// The packs of `adapters` with their weights, or `None` when one cannot be packed.
-    fn packs_of(
-        &self,
-        adapters: &[ActiveAdapter],
-    ) -> Result<Option<RowAdapters>> {
+    fn packs_of(&self, adapters: &[ActiveAdapter]) -> Result<Option<RowAdapters>> {
         let base = |slot| self.slot_base(slot);
         let mut packs = Vec::with_capacity(adapters.len());
         for a in adapters {
