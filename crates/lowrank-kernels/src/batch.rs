@@ -204,7 +204,7 @@ fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> R
                     continue;
                 }
                 let t = &shrunk[s][k * r..(k + 1) * r];
-                dot_tile(seg.b, r, out_f, r, &[t], y, &[0], 1);
+                dot_tile(seg.b, r, out_f, r, &[t], y, &[0], 1, false);
             }
             for &(s, _) in segs {
                 if let Some(cs) = l.segments[s].column_scale {

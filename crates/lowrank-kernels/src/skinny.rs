@@ -175,7 +175,7 @@ pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> 
         let r = t.len() / rows.len();
         let xs: Vec<&[f32]> = rows.iter().map(|&i| x_rows[i]).collect();
         let out_x: Vec<usize> = (0..xs.len()).map(|i| i * r).collect();
-        dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1);
+        dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1, false);
         t.iter_mut().for_each(|v| *v *= seg.scale);
     });
     out
@@ -223,7 +223,19 @@ fn base_tile(
                 &buf[..]
             }
         };
-        dot_tile(rows, in_f, nw, in_f, x_rows, &mut tile[g * m..], &out_x, m);
+        // An f32 W is read straight from memory: its next rows are asked for ahead.
+        let stream = matches!(w, BaseWeights::F32(_));
+        dot_tile(
+            rows,
+            in_f,
+            nw,
+            in_f,
+            x_rows,
+            &mut tile[g * m..],
+            &out_x,
+            m,
+            stream,
+        );
     }
 }
 
@@ -424,7 +436,7 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
         }
         let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
         let b = &seg.b[o0 * r..(o0 + rows_out) * r];
-        dot_tile(b, r, rows_out, r, &ts, tile, seg.rows, m);
+        dot_tile(b, r, rows_out, r, &ts, tile, seg.rows, m, false);
     }
     for seg in &linear.segments {
         if let Some(cs) = seg.column_scale {
@@ -443,7 +455,8 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
 }
 
 /// out[out_x[i] + o·out_w] += Σ_{k < len} w[o·w_stride + k]·xs[i][k] for o < nw and every
-/// row i of `xs`.
+/// row i of `xs`. With `stream` (w read from memory, its rows one after another at the
+/// stride), the first pass over each group of rows asks for the next group's bytes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_tile(
     w: &[f32],
@@ -454,6 +467,7 @@ pub(crate) fn dot_tile(
     out: &mut [f32],
     out_x: &[usize],
     out_w: usize,
+    stream: bool,
 ) {
     if nw == 0 || xs.is_empty() {
         return;
@@ -478,7 +492,7 @@ pub(crate) fn dot_tile(
         if crate::cpu::has_avx2_fma() {
             // SAFETY: the CPU has the features; the asserts above keep every read inside w and
             // the rows of x, and every write inside out.
-            return unsafe { dot_tile_avx2(w, w_stride, nw, len, xs, out, out_x, out_w) };
+            return unsafe { dot_tile_avx2(w, w_stride, nw, len, xs, out, out_x, out_w, stream) };
         }
     }
     dot_tile_portable(w, w_stride, nw, len, xs, out, out_x, out_w)
@@ -520,6 +534,7 @@ unsafe fn dot_tile_avx2(
     out: &mut [f32],
     out_x: &[usize],
     out_w: usize,
+    stream: bool,
 ) {
     let mut o = 0;
     while o < nw {
@@ -529,34 +544,57 @@ unsafe fn dot_tile_avx2(
         while i < xs.len() {
             let rx = BLOCK_X.min(xs.len() - i);
             let xp = |c: usize| xs[i + c.min(rx - 1)].as_ptr();
+            // The next rows of w are asked for while the first rows of x use these.
+            let ahead = stream && i == 0;
             let sums: [[f32; BLOCK_X]; BLOCK_W] = match (rw, rx) {
                 (3, 4) => widen(block::<3, 4>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2), xp(3)],
                     len,
+                    ahead,
                 )),
-                (3, 3) => widen(block::<3, 3>(wp, w_stride, [xp(0), xp(1), xp(2)], len)),
-                (3, 2) => widen(block::<3, 2>(wp, w_stride, [xp(0), xp(1)], len)),
-                (3, _) => widen(block::<3, 1>(wp, w_stride, [xp(0)], len)),
+                (3, 3) => widen(block::<3, 3>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2)],
+                    len,
+                    ahead,
+                )),
+                (3, 2) => widen(block::<3, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (3, _) => widen(block::<3, 1>(wp, w_stride, [xp(0)], len, ahead)),
                 (2, 4) => widen(block::<2, 4>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2), xp(3)],
                     len,
+                    ahead,
                 )),
-                (2, 3) => widen(block::<2, 3>(wp, w_stride, [xp(0), xp(1), xp(2)], len)),
-                (2, 2) => widen(block::<2, 2>(wp, w_stride, [xp(0), xp(1)], len)),
-                (2, _) => widen(block::<2, 1>(wp, w_stride, [xp(0)], len)),
+                (2, 3) => widen(block::<2, 3>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2)],
+                    len,
+                    ahead,
+                )),
+                (2, 2) => widen(block::<2, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (2, _) => widen(block::<2, 1>(wp, w_stride, [xp(0)], len, ahead)),
                 (_, 4) => widen(block::<1, 4>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2), xp(3)],
                     len,
+                    ahead,
                 )),
-                (_, 3) => widen(block::<1, 3>(wp, w_stride, [xp(0), xp(1), xp(2)], len)),
-                (_, 2) => widen(block::<1, 2>(wp, w_stride, [xp(0), xp(1)], len)),
-                (_, _) => widen(block::<1, 1>(wp, w_stride, [xp(0)], len)),
+                (_, 3) => widen(block::<1, 3>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2)],
+                    len,
+                    ahead,
+                )),
+                (_, 2) => widen(block::<1, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (_, _) => widen(block::<1, 1>(wp, w_stride, [xp(0)], len, ahead)),
             };
             for (r, sums) in sums.iter().enumerate().take(rw) {
                 for (c, s) in sums.iter().enumerate().take(rx) {
@@ -580,7 +618,9 @@ fn widen<const R: usize, const C: usize>(s: [[f32; C]; R]) -> [[f32; BLOCK_X]; B
 }
 
 /// Σ_k w[r·ws + k]·x[c][k] for r < R, c < C: R·C eight-lane FMA chains over the rows, one
-/// horizontal sum each at the end, the rest past a multiple of eight one by one.
+/// horizontal sum each at the end, the rest past a multiple of eight one by one. With `ahead`,
+/// each step also asks for two cache lines of the R rows that follow (a hint: past the end of
+/// w it does nothing).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; w must hold R rows of `len` at stride `ws`, each x[c] `len`
@@ -593,11 +633,19 @@ unsafe fn block<const R: usize, const C: usize>(
     ws: usize,
     x: [*const f32; C],
     len: usize,
+    ahead: bool,
 ) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); C]; R];
+    // The next R rows start R strides on: two cache lines of them per eight columns covers
+    // them (and more) by the end of these rows.
+    let next = w.wrapping_add(R * ws);
     let mut k = 0;
     while k + 8 <= len {
+        if ahead {
+            crate::cpu::prefetch_line(next.wrapping_add(4 * k));
+            crate::cpu::prefetch_line(next.wrapping_add(4 * k + 16));
+        }
         let mut wv = [_mm256_setzero_ps(); R];
         for (r, wv) in wv.iter_mut().enumerate() {
             *wv = _mm256_loadu_ps(w.add(r * ws + k));
@@ -649,7 +697,7 @@ mod tests {
                     let size = out_x[nx - 1] + (nw - 1) * out_w + 1;
                     let start = values(size, 99);
                     let mut fast = start.clone();
-                    dot_tile(&w, stride, nw, len, &xs, &mut fast, &out_x, out_w);
+                    dot_tile(&w, stride, nw, len, &xs, &mut fast, &out_x, out_w, nw > 1);
                     let mut portable = start.clone();
                     dot_tile_portable(&w, stride, nw, len, &xs, &mut portable, &out_x, out_w);
                     for o in 0..nw {

@@ -1,7 +1,9 @@
 //! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) as transformers
-//! defines it, written with differentiable candle ops only, so the same code serves inference
-//! and training. Fused candle ops without backward (rms_norm, softmax_last_dim, rope) are
-//! deliberately not used.
+//! defines it, in two layer loops: one of differentiable candle ops (training, the forward
+//! without a cache, batches of sequences in one cache, other devices) — fused candle ops
+//! without backward (rms_norm, softmax_last_dim, rope) are deliberately not used there — and
+//! the inference step on plain buffers (`batched.rs`) that the server's batches, `generate`
+//! and every cached forward of one sequence on the CPU take.
 
 use std::path::{Path, PathBuf};
 
