@@ -26,6 +26,8 @@ pub use crate::skinny::{BaseWeights, Segment, StepLinear};
 pub const SKINNY_MAX_ROWS: usize = 64;
 /// Output rows of a bf16 W widened per GEMM tile.
 const WIDEN_TILE: usize = 128;
+/// Rows of Y per task of the GEMM path's expand.
+const EXPAND_ROWS: usize = 16;
 
 const NAME: &str = "lowrank-step-linears";
 
@@ -140,8 +142,8 @@ fn check(index: usize, l: &StepLinear, in_f: usize, rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// One linear over many rows: the base through the packed GEMM, then each row's expands, DoRA
-/// scales and bias, rows in parallel.
+/// One linear over many rows: the base through the packed GEMM, then the segments' expands,
+/// DoRA scales and bias, runs of rows in parallel.
 fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> Result<Vec<f32>> {
     let rows = x.len() / in_f;
     let out_f = l.out_features(in_f);
@@ -187,34 +189,40 @@ fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> R
         BaseWeights::FourBit(q) => lowrank_quant::matmul_4bit(x, rows, q)
             .map_err(|e| candle_core::Error::Msg(format!("{NAME}: {e}")))?,
     };
-    // Each row's segments: (segment, place among the segment's rows).
-    let mut per_row: Vec<Vec<(usize, usize)>> = vec![Vec::new(); rows];
-    for (s, seg) in l.segments.iter().enumerate() {
-        for (k, &i) in seg.rows.iter().enumerate() {
-            per_row[i].push((s, k));
-        }
-    }
-    y.par_chunks_mut(out_f.max(1))
-        .zip(per_row.par_iter())
-        .for_each(|(y, segs)| {
-            for &(s, k) in segs {
-                let seg = &l.segments[s];
-                let r = seg.a.len() / in_f;
-                if r == 0 {
-                    continue;
-                }
-                let t = &shrunk[s][k * r..(k + 1) * r];
-                dot_tile(seg.b, r, out_f, r, &[t], y, &[0], 1, false);
+    // Runs of rows in parallel; in each, every segment's expand for its rows there as
+    // blocks of four rows (one row at a time, each B row's dot would wait on its own sums).
+    let run = EXPAND_ROWS * out_f.max(1);
+    y.par_chunks_mut(run).enumerate().for_each(|(c, y)| {
+        let first = c * EXPAND_ROWS;
+        let here = first..first + y.len() / out_f.max(1);
+        for (seg, t) in l.segments.iter().zip(shrunk) {
+            let r = seg.a.len() / in_f;
+            if r == 0 {
+                continue;
             }
-            for &(s, _) in segs {
-                if let Some(cs) = l.segments[s].column_scale {
+            let (ts, out_x): (Vec<&[f32]>, Vec<usize>) = seg
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, row)| here.contains(row))
+                .map(|(k, &row)| (&t[k * r..(k + 1) * r], (row - first) * out_f))
+                .unzip();
+            dot_tile(seg.b, r, out_f, r, &ts, y, &out_x, 1, false);
+        }
+        for seg in &l.segments {
+            if let Some(cs) = seg.column_scale {
+                for &row in seg.rows.iter().filter(|row| here.contains(row)) {
+                    let y = &mut y[(row - first) * out_f..(row - first + 1) * out_f];
                     y.iter_mut().zip(cs).for_each(|(v, c)| *v *= c);
                 }
             }
-            if let Some(bias) = l.bias {
+        }
+        if let Some(bias) = l.bias {
+            for y in y.chunks_exact_mut(out_f.max(1)) {
                 y.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
             }
-        });
+        }
+    });
     Ok(y)
 }
 
