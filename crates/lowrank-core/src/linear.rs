@@ -494,47 +494,6 @@ impl AdaptedLinear {
         Ok(Some((m, (magnitude / norm)?)))
     }
 
-    /// This layer with `active` as one linear of [`lowrank_kernels::linears_one_row`], for
-    /// decoding one token: `None` unless nothing is trained and the base is dense f32 or bf16
-    /// (inference storage, not `--compute-dtype bf16`) with at most one plain LoRA adapter.
-    pub fn row_linear<'a>(
-        &'a self,
-        active: &[ActiveModule<'a>],
-    ) -> Option<lowrank_kernels::RowLinear<'a>> {
-        let BaseWeight::Dense(w) = &self.base else {
-            return None;
-        };
-        let frozen = |t: &Tensor| !t.is_variable() && !t.track_op();
-        if self.bf16_compute
-            || !frozen(w)
-            || !matches!(w.dtype(), DType::F32 | DType::BF16)
-            || self.bias.as_ref().is_some_and(|b| !frozen(b))
-        {
-            return None;
-        }
-        let lora = match active {
-            [] => None,
-            [one]
-                if one.module.magnitude.is_none()
-                    && frozen(&one.module.a)
-                    && frozen(&one.module.b) =>
-            {
-                let m = one.module;
-                Some(lowrank_kernels::RowLora::Tensors {
-                    a: &m.a,
-                    b: &m.b,
-                    scale: m.scale * one.weight,
-                })
-            }
-            _ => return None,
-        };
-        Some(lowrank_kernels::RowLinear {
-            weight: w,
-            bias: self.bias.as_ref(),
-            lora,
-        })
-    }
-
     /// Forward with `active` adapters applied unmerged.
     ///
     /// LoRA: y = W·x + b + Σ wᵢ·sᵢ·Bᵢ(Aᵢ·x).

@@ -18,8 +18,8 @@ use crate::cpu::{sgemm, slice, view, Mat};
 use crate::exp::exp_shifted;
 
 const NAME: &str = "lowrank-causal-attention";
-const BLOCK_Q: usize = 64;
-const BLOCK_K: usize = 64;
+pub(crate) const BLOCK_Q: usize = 64;
+pub(crate) const BLOCK_K: usize = 64;
 
 /// softmax(q·kᵀ·scale + causal mask)·v for q (b, h, t, d) and k, v (b, kv, s, d), h a multiple
 /// of kv. Returns (b, h, t, d).
@@ -123,7 +123,7 @@ fn check_attention(
     Ok(())
 }
 
-struct Attention {
+pub(crate) struct Attention {
     scale: f32,
     past: usize,
     window: Option<usize>,
@@ -137,6 +137,21 @@ struct Attention {
 }
 
 impl Attention {
+    /// Inference over `keys` valid keys, the queries at positions past, past + 1, …, with the
+    /// default tiles and no statistics kept.
+    pub(crate) fn inference(scale: f32, past: usize, window: Option<usize>, keys: usize) -> Self {
+        Attention {
+            scale,
+            past,
+            window,
+            block_q: BLOCK_Q,
+            block_k: BLOCK_K,
+            keys: Some(keys),
+            keep_lse: false,
+            lse: Mutex::new(None),
+        }
+    }
+
     #[inline]
     fn visible(&self, qpos: usize, j: usize) -> bool {
         j <= qpos && self.window.is_none_or(|w| qpos - j < w)
@@ -160,7 +175,7 @@ impl Attention {
 
     /// One block of query rows of one head: writes `out` (rows × d) and `lse` (rows).
     #[allow(clippy::too_many_arguments)]
-    fn forward_block(
+    pub(crate) fn forward_block(
         &self,
         s: usize,
         d: usize,

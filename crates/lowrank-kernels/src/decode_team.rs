@@ -8,9 +8,10 @@
 //! than waking from sleep — and lets the step [`warm`](DecodeTeam::warm) what a later pass
 //! reads first: the helpers load it into their own caches during a serial stretch.
 //!
-//! Unmerged LoRA decoding warms the next pass's A factors (`lowrank-models`' layer loop), and
-//! with helpers awake a pass computes its A·x as one task that a helper takes (`gemv.rs`),
-//! reading A from cache rather than from memory, while the calling thread streams W at once.
+//! Unmerged LoRA decoding warms the next pass's A factors (`lowrank-models`' batched step,
+//! with one token), and with helpers awake a pass computes its A·x as one task that a helper
+//! takes (`gemv.rs`), reading A from cache rather than from memory, while the calling thread
+//! streams W at once.
 //! Without them, both threads first read half of A from memory, before their first row of W,
 //! and the second thread began its half 1.4–5.8 µs into every pass (timers in the tasks). On
 //! the 2-core Zen 5 of the README's figures, unmerged decoding of the SmolLM-135M-shaped model

@@ -15,6 +15,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod batch;
 pub mod bf16_gemm;
 pub mod column_scale;
 mod cpu;
@@ -31,6 +32,8 @@ pub mod process;
 pub mod projections;
 pub mod rms_norm;
 pub mod rope;
+pub mod rows_attention;
+mod skinny;
 pub mod swiglu;
 
 #[cfg(test)]
@@ -51,6 +54,7 @@ pub use lora_linear::{
     dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul,
 };
 pub use projections::{linears_one_row, RowLinear, RowLora};
-pub use rms_norm::rms_norm;
-pub use rope::rope;
-pub use swiglu::swiglu;
+pub use rms_norm::{rms_norm, rms_norm_rows};
+pub use rope::{rope, rope_rows};
+pub use rows_attention::{attend_rows, CachedRow, Heads};
+pub use swiglu::{swiglu, swiglu_values};

@@ -25,6 +25,23 @@ struct RmsNorm {
     eps: f32,
 }
 
+/// RMSNorm of each row of x (rows × w.len(), row-major) into a new buffer, rows in parallel.
+/// Inference only.
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len().max(1);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .with_min_len(16)
+        .for_each(|(o, x)| {
+            let r = inv_rms(x, eps);
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * r * w;
+            }
+        });
+    out
+}
+
 #[inline]
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0 / (sum_sq(x) / x.len() as f32 + eps).sqrt()
@@ -43,18 +60,16 @@ impl CustomOp2 for RmsNorm {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, NAME)?, slice(s2, l2, NAME)?);
-        let h = w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h)
-            .zip(x.par_chunks(h))
-            .with_min_len(16)
-            .for_each(|(o, x)| {
-                let r = inv_rms(x, self.eps);
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * r * w;
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        if x.len() % w.len().max(1) != 0 {
+            bail!(
+                "{NAME}: x does not hold rows of the weight's {} values",
+                w.len()
+            )
+        }
+        Ok((
+            CpuStorage::F32(rms_norm_rows(x, w, self.eps)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(

@@ -52,7 +52,6 @@ fn rotate(
     inverse: bool,
 ) -> Vec<f32> {
     let (_b, h, t, d) = dims;
-    let half = d / 2;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(t * d)
         .zip(x.par_chunks(t * d))
@@ -65,22 +64,63 @@ fn rotate(
                     &cos[table0 + base..table0 + base + d],
                     &sin[table0 + base..table0 + base + d],
                 );
-                let (x1, x2) = x[base..base + d].split_at(half);
-                let (o1, o2) = o[base..base + d].split_at_mut(half);
-                if inverse {
-                    for j in 0..half {
-                        o1[j] = x1[j] * c[j] + x2[j] * s[j + half];
-                        o2[j] = x2[j] * c[j + half] - x1[j] * s[j];
-                    }
-                } else {
-                    for j in 0..half {
-                        o1[j] = x1[j] * c[j] - x2[j] * s[j];
-                        o2[j] = x2[j] * c[j + half] + x1[j] * s[j + half];
-                    }
-                }
+                rotate_head(&x[base..base + d], c, s, &mut o[base..base + d], inverse);
             }
         });
     out
+}
+
+/// One head's rotation (or its transpose) of x (d) into o with its position's cos and sin.
+#[inline]
+fn rotate_head(x: &[f32], c: &[f32], s: &[f32], o: &mut [f32], inverse: bool) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = o.split_at_mut(half);
+    if inverse {
+        for j in 0..half {
+            o1[j] = x1[j] * c[j] + x2[j] * s[j + half];
+            o2[j] = x2[j] * c[j + half] - x1[j] * s[j];
+        }
+    } else {
+        for j in 0..half {
+            o1[j] = x1[j] * c[j] - x2[j] * s[j];
+            o2[j] = x2[j] * c[j + half] + x1[j] * s[j + half];
+        }
+    }
+}
+
+/// Rotary embedding in place over token rows: x is (tokens, heads · d), token-major as a
+/// projection gives it, and cos, sin are (tokens, d), each token's own position's tables (the
+/// [`rope`] layout). Inference only.
+pub fn rope_rows(
+    x: &mut [f32],
+    tokens: usize,
+    heads: usize,
+    cos: &[f32],
+    sin: &[f32],
+) -> Result<()> {
+    let d = cos.len().checked_div(tokens).unwrap_or(0);
+    if !d.is_multiple_of(2)
+        || cos.len() != tokens * d
+        || sin.len() != cos.len()
+        || x.len() != tokens * heads * d
+    {
+        bail!(
+            "rope_rows: {} values of x, {} of cos and {} of sin do not fit {tokens} tokens of {heads} heads",
+            x.len(),
+            cos.len(),
+            sin.len()
+        )
+    }
+    let mut rotated = vec![0f32; d];
+    for (t, row) in x.chunks_exact_mut((heads * d).max(1)).enumerate() {
+        let (c, s) = (&cos[t * d..(t + 1) * d], &sin[t * d..(t + 1) * d]);
+        for head in row.chunks_exact_mut(d.max(1)) {
+            rotate_head(head, c, s, &mut rotated, false);
+            head.copy_from_slice(&rotated);
+        }
+    }
+    Ok(())
 }
 
 impl CustomOp3 for Rope {
@@ -143,6 +183,26 @@ mod tests {
     use super::*;
     use crate::test_util::*;
     use candle_core::D;
+
+    /// Token rows rotated in place, each with its own position's tables, equal the op over
+    /// (1, heads, tokens, d).
+    #[test]
+    fn token_rows_equal_the_op() {
+        let (tokens, heads, d) = (5, 3, 8);
+        let (cos, sin) = tables(1, tokens, d, 0.0);
+        let x = randt(&[tokens, heads, d], 7, 1.0);
+        let want = rope(
+            &x.transpose(0, 1).unwrap().unsqueeze(0).unwrap(),
+            &cos,
+            &sin,
+        )
+        .unwrap();
+        let want = vals(&want.squeeze(0).unwrap().transpose(0, 1).unwrap());
+        let mut got = vals(&x);
+        rope_rows(&mut got, tokens, heads, &vals(&cos), &vals(&sin)).unwrap();
+        assert_eq!(got, want);
+        assert!(rope_rows(&mut got, tokens, heads + 1, &vals(&cos), &vals(&sin)).is_err());
+    }
 
     fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let d = x.dim(D::Minus1).unwrap();

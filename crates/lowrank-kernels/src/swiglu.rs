@@ -23,6 +23,25 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
+/// silu(gate)·up over two equally long slices, into a new buffer. Inference only.
+pub fn swiglu_values(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "swiglu_values: gate and up differ in length"
+    );
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| {
+            sigmoid_into(g, o);
+            for i in 0..o.len() {
+                o[i] *= g[i] * u[i];
+            }
+        });
+    out
+}
+
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         NAME
@@ -36,16 +55,7 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (slice(s1, l1, NAME)?, slice(s2, l2, NAME)?);
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| {
-                sigmoid_into(g, o);
-                for i in 0..o.len() {
-                    o[i] *= g[i] * u[i];
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(swiglu_values(g, u)), l1.shape().clone()))
     }
 
     fn bwd(

@@ -1,23 +1,27 @@
-//! Adapters applied unmerged in a forward call, and how decoding finds their modules fast.
+//! Adapters applied unmerged in a forward call, and their factors packed for inference.
 //!
-//! Batch-1 decoding streams the whole model through the caches every token, so whatever it
-//! touches besides the weights is cold each time. Two things about the adapters were costly
-//! there and are done once per [`ActiveAdapter`] instead:
+//! Decoding streams the whole model through the caches every step, so whatever it touches
+//! besides the weights is cold each time. Two things about the adapters were costly there and
+//! are done once per adapter instead:
 //! - finding a projection's module: a `BTreeMap<String, _>` lookup compares key strings, a
 //!   chain of memory misses; a table by projection slot is one read;
 //! - reaching a module's factors: each candle tensor is a lock, a shape and a stride on the
 //!   heap, a few misses in a row for every A and every B; the factors copied into one plain
-//!   buffer are slices.
+//!   buffer ([`AdapterPack`]) are slices.
 //!
 //! On the SmolLM-135M-shaped model the two took 0.9% of an unmerged token (`decode_pair`,
-//! measured against the same path with its factors' tensors kept in cache).
+//! measured against the same path with its factors' tensors kept in cache). The pack also
+//! holds each DoRA module's column scale m/‖W + s·BA‖, which depends on the base weight only,
+//! so a step never recomputes it. The model keeps the packs of the adapters its steps use
+//! ([`AdapterPacks`]), so a server's tenants are packed once, not once per step.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Tensor, TensorId};
 use lowrank_core::lora::{LoraAdapter, LoraModule};
-use lowrank_kernels::RowLora;
+use lowrank_core::{BaseWeight, Error, Result};
 
 /// The module key suffixes of the seven linears of a layer, in `Layer::projs` order.
 pub(crate) const PROJ_NAMES: [&str; 7] = [
@@ -50,8 +54,9 @@ pub struct ActiveAdapter<'a> {
     pub weight: f64,
     /// The adapter's modules by projection slot, built on first use.
     by_slot: OnceLock<Vec<Option<&'a LoraModule>>>,
-    /// Its plain-LoRA factors copied out for decoding, built on the first decoding step.
-    packed: OnceLock<PackedFactors>,
+    /// Its pack and the generation of the model's pack cache it came from, kept so that a
+    /// generation's steps skip the cache's lookup.
+    pack: Mutex<Option<(u64, Arc<AdapterPack>)>>,
 }
 
 impl<'a> ActiveAdapter<'a> {
@@ -65,7 +70,7 @@ impl<'a> ActiveAdapter<'a> {
             adapter,
             weight,
             by_slot: OnceLock::new(),
-            packed: OnceLock::new(),
+            pack: Mutex::new(None),
         }
     }
 
@@ -75,47 +80,43 @@ impl<'a> ActiveAdapter<'a> {
     }
 
     fn modules_by_slot(&self) -> &[Option<&'a LoraModule>] {
-        self.by_slot.get_or_init(|| {
-            let mut by_slot = Vec::new();
-            for (name, module) in &self.adapter.modules {
-                if let Some(slot) = proj_slot(name) {
-                    if by_slot.len() <= slot {
-                        by_slot.resize(slot + 1, None);
-                    }
-                    by_slot[slot] = Some(module);
-                }
+        self.by_slot.get_or_init(|| modules_by_slot(self.adapter))
+    }
+
+    /// This adapter's pack from `packs`, remembered for the next step; `None` when its factors
+    /// cannot be packed (see [`AdapterPacks::get`]).
+    pub(crate) fn pack<'m>(
+        &self,
+        packs: &AdapterPacks,
+        base: &dyn Fn(usize) -> Option<&'m BaseWeight>,
+    ) -> Result<Option<Arc<AdapterPack>>> {
+        let mut kept = self.pack.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((generation, pack)) = kept.as_ref() {
+            if *generation == packs.generation {
+                return Ok(Some(pack.clone()));
             }
-            by_slot
-        })
-    }
-
-    /// The first projection slot whose module has factors copied out for decoding (see
-    /// [`Self::decode_lora`]), if any.
-    pub(crate) fn first_decode_slot(&self) -> Option<usize> {
-        self.packed().by_slot.iter().position(Option::is_some)
-    }
-
-    fn packed(&self) -> &PackedFactors {
-        self.packed
-            .get_or_init(|| PackedFactors::pack(self.modules_by_slot()))
-    }
-
-    /// The module in `slot` as plain slices for a one-row pass, when it is a plain LoRA
-    /// module whose factors are frozen f32 CPU tensors. The first call copies every such
-    /// module's factors into one buffer (as much memory again as those factors, for as long
-    /// as this `ActiveAdapter` lives).
-    pub(crate) fn decode_lora(&self, slot: usize) -> Option<RowLora<'_>> {
-        let packed = self.packed();
-        let span = packed.by_slot.get(slot).copied().flatten()?;
-        Some(RowLora::Slices {
-            a: &packed.data[span.a.0..span.a.0 + span.a.1],
-            b: &packed.data[span.b.0..span.b.0 + span.b.1],
-            scale: span.scale * self.weight,
-        })
+        }
+        let pack = packs.get(self.adapter, base)?;
+        *kept = pack.clone().map(|p| (packs.generation, p));
+        Ok(pack)
     }
 }
 
-/// (start, length) of a factor in [`PackedFactors::data`].
+/// An adapter's modules by projection slot (keys that name no projection left out).
+fn modules_by_slot(adapter: &LoraAdapter) -> Vec<Option<&LoraModule>> {
+    let mut by_slot = Vec::new();
+    for (name, module) in &adapter.modules {
+        if let Some(slot) = proj_slot(name) {
+            if by_slot.len() <= slot {
+                by_slot.resize(slot + 1, None);
+            }
+            by_slot[slot] = Some(module);
+        }
+    }
+    by_slot
+}
+
+/// (start, length) of a factor in [`AdapterPack`]'s buffer.
 type Span = (usize, usize);
 
 #[derive(Debug, Clone, Copy)]
@@ -123,61 +124,224 @@ struct ModuleSpans {
     a: Span,
     b: Span,
     scale: f64,
+    /// DoRA's m/‖W + s·BA‖ per output.
+    column_scale: Option<Span>,
 }
 
-/// Plain-LoRA factors of an adapter in one buffer (on 2 MiB pages where the kernel allows),
-/// by projection slot.
-struct PackedFactors {
+/// One module of a pack as slices: A (r × in), B (out × r), the scale and DoRA's column scale.
+#[derive(Clone, Copy)]
+pub(crate) struct PackedModule<'p> {
+    pub a: &'p [f32],
+    pub b: &'p [f32],
+    pub scale: f64,
+    pub column_scale: Option<&'p [f32]>,
+}
+
+/// An adapter's factors (and DoRA column scales) in one buffer, on 2 MiB pages where the
+/// kernel allows, by projection slot.
+pub(crate) struct AdapterPack {
     data: Vec<f32>,
     by_slot: Vec<Option<ModuleSpans>>,
 }
 
-impl std::fmt::Debug for PackedFactors {
+impl std::fmt::Debug for AdapterPack {
     // Not the values: millions of them.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PackedFactors")
+        f.debug_struct("AdapterPack")
             .field("values", &self.data.len())
             .field("modules", &self.by_slot.iter().flatten().count())
             .finish()
     }
 }
 
-impl PackedFactors {
-    /// Copies the factors of every module that qualifies; the others get no spans (and
-    /// decoding takes their tensors). A tensor shared by several modules is copied once, so
-    /// they keep sharing it.
-    fn pack(modules: &[Option<&LoraModule>]) -> Self {
+impl AdapterPack {
+    /// Copies every module's factors, and computes each DoRA module's column scale against
+    /// `base(slot)`, the base weight of the projection. `None` when a factor cannot be packed
+    /// (trained, off the CPU or not f32): those adapters take the candle layer loop. A tensor
+    /// shared by several modules is copied once, so they keep sharing it.
+    fn build<'m>(
+        adapter: &LoraAdapter,
+        base: &dyn Fn(usize) -> Option<&'m BaseWeight>,
+    ) -> Result<Option<Self>> {
         let packable = |t: &Tensor| {
             t.device().is_cpu() && t.dtype() == DType::F32 && !t.is_variable() && !t.track_op()
         };
+        let modules = modules_by_slot(adapter);
+        let fits = modules
+            .iter()
+            .flatten()
+            .all(|m| packable(&m.a) && packable(&m.b) && m.magnitude.as_ref().is_none_or(packable));
+        if !fits {
+            return Ok(None);
+        }
         let mut data = Vec::new();
         let mut copied: HashMap<TensorId, Span> = HashMap::new();
-        let mut copy = |t: &Tensor, data: &mut Vec<f32>| -> Option<Span> {
+        let mut copy = |t: &Tensor, data: &mut Vec<f32>| -> Result<Span> {
             if let Some(&span) = copied.get(&t.id()) {
-                return Some(span);
+                return Ok(span);
             }
-            let values = t.flatten_all().ok()?.to_vec1::<f32>().ok()?;
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
             let span = (data.len(), values.len());
             data.extend_from_slice(&values);
             copied.insert(t.id(), span);
-            Some(span)
+            Ok(span)
         };
-        let by_slot = modules
-            .iter()
-            .map(|m| {
-                let m = (*m)?;
-                if m.magnitude.is_some() || !packable(&m.a) || !packable(&m.b) {
-                    return None;
+        let mut by_slot = Vec::with_capacity(modules.len());
+        for (slot, m) in modules.iter().enumerate() {
+            let Some(m) = m else {
+                by_slot.push(None);
+                continue;
+            };
+            let column_scale = match &m.magnitude {
+                Some(magnitude) => {
+                    let base = base(slot).ok_or_else(|| {
+                        Error::Msg(format!("a DoRA module of slot {slot} has no base weight"))
+                    })?;
+                    let norm = base.row_norm(&m.delta_weight()?)?;
+                    let values = (magnitude.flatten_all()? / norm)?.to_vec1::<f32>()?;
+                    let span = (data.len(), values.len());
+                    data.extend_from_slice(&values);
+                    Some(span)
                 }
-                Some(ModuleSpans {
-                    a: copy(&m.a, &mut data)?,
-                    b: copy(&m.b, &mut data)?,
-                    scale: m.scale,
-                })
+                None => None,
+            };
+            by_slot.push(Some(ModuleSpans {
+                a: copy(&m.a, &mut data)?,
+                b: copy(&m.b, &mut data)?,
+                scale: m.scale,
+                column_scale,
+            }));
+        }
+        lowrank_kernels::back_slice_with_huge_pages(&data);
+        Ok(Some(AdapterPack { data, by_slot }))
+    }
+
+    /// The module in `slot`, if the adapter has one.
+    pub fn module(&self, slot: usize) -> Option<PackedModule<'_>> {
+        let spans = self.by_slot.get(slot).copied().flatten()?;
+        let at = |(start, len): Span| &self.data[start..start + len];
+        Some(PackedModule {
+            a: at(spans.a),
+            b: at(spans.b),
+            scale: spans.scale,
+            column_scale: spans.column_scale.map(at),
+        })
+    }
+
+    /// Whether any module is DoRA (such an adapter is applied alone and at weight 1).
+    pub fn has_dora(&self) -> bool {
+        self.by_slot
+            .iter()
+            .flatten()
+            .any(|m| m.column_scale.is_some())
+    }
+
+    /// Whether any module is plain LoRA.
+    pub fn has_lora(&self) -> bool {
+        self.by_slot
+            .iter()
+            .flatten()
+            .any(|m| m.column_scale.is_none())
+    }
+}
+
+/// What identifies an adapter's factors: per module, its slot, the ids of its tensors (candle
+/// never reuses one) and its scale.
+type PackKey = Vec<(usize, TensorId, TensorId, Option<TensorId>, u64)>;
+
+/// Steps an unused pack is kept for.
+const UNUSED_STEPS: u64 = 64;
+
+/// A model's packs of the adapters its steps apply, by their factors' identity. Packs unused
+/// for [`UNUSED_STEPS`] steps are dropped; all are dropped when the model's weights change (DoRA
+/// scales depend on them).
+pub(crate) struct AdapterPacks {
+    /// Unique to this cache and its contents: a new one after every clear.
+    generation: u64,
+    step: AtomicU64,
+    entries: Mutex<HashMap<PackKey, (Arc<AdapterPack>, u64)>>,
+}
+
+/// The source of [`AdapterPacks`] generations.
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
+impl Default for AdapterPacks {
+    fn default() -> Self {
+        AdapterPacks {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            step: AtomicU64::new(0),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Clone for AdapterPacks {
+    // A copy of the model may change its weights: it packs anew.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for AdapterPacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.entries.lock().map_or(0, |e| e.len());
+        f.debug_struct("AdapterPacks").field("packs", &n).finish()
+    }
+}
+
+impl AdapterPacks {
+    /// `adapter`'s pack, built on first use; `None` when its factors cannot be packed.
+    pub fn get<'m>(
+        &self,
+        adapter: &LoraAdapter,
+        base: &dyn Fn(usize) -> Option<&'m BaseWeight>,
+    ) -> Result<Option<Arc<AdapterPack>>> {
+        let key: PackKey = adapter
+            .modules
+            .iter()
+            .filter_map(|(name, m)| {
+                Some((
+                    proj_slot(name)?,
+                    m.a.id(),
+                    m.b.id(),
+                    m.magnitude.as_ref().map(Tensor::id),
+                    m.scale.to_bits(),
+                ))
             })
             .collect();
-        lowrank_kernels::back_slice_with_huge_pages(&data);
-        Self { data, by_slot }
+        let step = self.step.load(Ordering::Relaxed);
+        if let Some(entry) = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&key)
+        {
+            entry.1 = step;
+            return Ok(Some(entry.0.clone()));
+        }
+        let Some(pack) = AdapterPack::build(adapter, base)? else {
+            return Ok(None);
+        };
+        let pack = Arc::new(pack);
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (pack.clone(), step));
+        Ok(Some(pack))
+    }
+
+    /// Counts a step and drops the packs no step has used for [`UNUSED_STEPS`] steps.
+    pub fn next_step(&self) {
+        let step = self.step.fetch_add(1, Ordering::Relaxed) + 1;
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (_, used)| *used + UNUSED_STEPS >= step);
+    }
+
+    /// Drops every pack (the model's weights changed).
+    pub fn clear(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -229,11 +393,11 @@ mod tests {
         }
     }
 
-    /// Decoding slices hold each module's own A and B with its scale times the adapter's
-    /// weight; DoRA modules, trainable factors and keys that name no projection get none,
-    /// and a tensor two modules share is copied once.
+    /// A pack holds each module's own A and B with its scale, and a DoRA module's column
+    /// scale m/‖W + s·BA‖ against its projection's base; a tensor two modules share is copied
+    /// once; an adapter with a trainable factor is not packed.
     #[test]
-    fn decode_slices_are_the_modules_factors() {
+    fn packs_hold_the_modules_factors() {
         let dev = Device::Cpu;
         let t = |n: usize, shape: (usize, usize), seed| {
             Tensor::from_vec(values(n, seed), shape, &dev).unwrap()
@@ -242,42 +406,108 @@ mod tests {
         let mut modules = std::collections::BTreeMap::new();
         let q = module(shared_a.clone(), t(4 * 2, (4, 2), 2), 0.5);
         let v = module(shared_a.clone(), t(5 * 2, (5, 2), 3), 2.0);
-        let mut dora = module(t(2 * 3, (2, 3), 4), t(4 * 2, (4, 2), 5), 1.0);
-        dora.magnitude = Some(t(4, (4, 1), 6).flatten_all().unwrap());
-        let trained = Var::from_tensor(&t(2 * 3, (2, 3), 7)).unwrap();
-        let trainable = module(trained.as_tensor().clone(), t(4 * 2, (4, 2), 8), 1.0);
+        let mut dora = module(t(2 * 3, (2, 3), 4), t(4 * 2, (4, 2), 5), 1.5);
+        dora.magnitude = Some(t(4, (4, 1), 6).flatten_all().unwrap().abs().unwrap());
         modules.insert("model.layers.0.self_attn.q_proj".to_string(), q);
         modules.insert("model.layers.1.self_attn.v_proj".to_string(), v);
-        modules.insert("model.layers.1.mlp.up_proj".to_string(), dora);
-        modules.insert("model.layers.2.mlp.down_proj".to_string(), trainable);
-        modules.insert(
-            "lm_head".to_string(),
-            module(t(6, (2, 3), 9), t(4, (2, 2), 10), 1.0),
-        );
-        let adapter = LoraAdapter {
+        modules.insert("model.layers.1.mlp.up_proj".to_string(), dora.clone());
+        let mut adapter = LoraAdapter {
             config: LoraConfig::new(2, 4.0, ModuleSelector::Names(vec!["q_proj".into()])),
             modules,
         };
-        let active = ActiveAdapter::weighted(&adapter, 3.0);
+        let up_base = BaseWeight::Dense(t(4 * 3, (4, 3), 7));
+        let base = |slot: usize| (slot == 7 + 5).then_some(&up_base);
+        let pack = AdapterPack::build(&adapter, &base).unwrap().unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (slot, name) in [
             (0, "model.layers.0.self_attn.q_proj"),
             (9, "model.layers.1.self_attn.v_proj"),
+            (12, "model.layers.1.mlp.up_proj"),
         ] {
             let m = &adapter.modules[name];
-            let Some(RowLora::Slices { a, b, scale }) = active.decode_lora(slot) else {
-                panic!("{name} has no decoding slices")
-            };
-            assert_eq!(a, flat(&m.a), "{name}");
-            assert_eq!(b, flat(&m.b), "{name}");
-            assert_eq!(scale, m.scale * 3.0, "{name}");
+            let packed = pack.module(slot).unwrap();
+            assert_eq!(packed.a, flat(&m.a), "{name}");
+            assert_eq!(packed.b, flat(&m.b), "{name}");
+            assert_eq!(packed.scale, m.scale, "{name}");
         }
-        // up_proj of layer 1 (DoRA), down_proj of layer 2 (a Var), and slots with no module.
-        for slot in [7 + 5, 14 + 6, 1, 100] {
-            assert!(active.decode_lora(slot).is_none(), "slot {slot}");
+        // ‖W + 1.5·B·A‖ per row, in f64.
+        let (w, a, b) = (
+            flat(up_base.as_dense().unwrap()),
+            flat(&dora.a),
+            flat(&dora.b),
+        );
+        let magnitude = flat(dora.magnitude.as_ref().unwrap());
+        let column_scale = pack.module(12).unwrap().column_scale.unwrap();
+        for o in 0..4 {
+            let norm = (0..3)
+                .map(|k| {
+                    let delta: f64 = (0..2)
+                        .map(|j| b[o * 2 + j] as f64 * a[j * 3 + k] as f64)
+                        .sum();
+                    (w[o * 3 + k] as f64 + 1.5 * delta).powi(2)
+                })
+                .sum::<f64>()
+                .sqrt();
+            let want = magnitude[o] as f64 / norm;
+            assert!(
+                (column_scale[o] as f64 - want).abs() < 1e-5 * want.abs(),
+                "row {o}"
+            );
         }
-        let packed = active.packed.get().unwrap();
-        // The shared A once, and the two B's.
-        assert_eq!(packed.data.len(), 6 + 8 + 10);
+        assert!(pack.module(0).unwrap().column_scale.is_none());
+        assert!(pack.has_dora() && pack.has_lora());
+        for slot in [1, 100] {
+            assert!(pack.module(slot).is_none(), "slot {slot}");
+        }
+        // The shared A once, the two B's, the DoRA module's A, B and column scale.
+        assert_eq!(pack.data.len(), 6 + 8 + 10 + 6 + 8 + 4);
+        let trained = Var::from_tensor(&t(2 * 3, (2, 3), 8)).unwrap();
+        adapter.modules.insert(
+            "model.layers.2.mlp.down_proj".to_string(),
+            module(trained.as_tensor().clone(), t(4 * 2, (4, 2), 9), 1.0),
+        );
+        assert!(AdapterPack::build(&adapter, &base).unwrap().is_none());
+    }
+
+    /// The model's cache gives the same pack for the same factors until it is cleared, and a
+    /// new one for other factors; unused packs leave after their steps.
+    #[test]
+    fn the_cache_keeps_packs_by_their_factors() {
+        let dev = Device::Cpu;
+        let adapter = |seed| {
+            let mut modules = std::collections::BTreeMap::new();
+            let a = Tensor::from_vec(values(6, seed), (2, 3), &dev).unwrap();
+            let b = Tensor::from_vec(values(8, seed + 1), (4, 2), &dev).unwrap();
+            modules.insert(
+                "model.layers.0.self_attn.q_proj".to_string(),
+                module(a, b, 1.0),
+            );
+            LoraAdapter {
+                config: LoraConfig::new(2, 2.0, ModuleSelector::Names(vec!["q_proj".into()])),
+                modules,
+            }
+        };
+        let (one, two) = (adapter(1), adapter(2));
+        let none = |_: usize| -> Option<&BaseWeight> { None };
+        let mut packs = AdapterPacks::default();
+        let first = packs.get(&one, &none).unwrap().unwrap();
+        assert!(Arc::ptr_eq(
+            &first,
+            &packs.get(&one.clone(), &none).unwrap().unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &packs.get(&two, &none).unwrap().unwrap()
+        ));
+        for _ in 0..=UNUSED_STEPS {
+            packs.next_step();
+        }
+        assert!(packs.entries.lock().unwrap().is_empty());
+        let again = packs.get(&one, &none).unwrap().unwrap();
+        packs.clear();
+        assert!(!Arc::ptr_eq(
+            &again,
+            &packs.get(&one, &none).unwrap().unwrap()
+        ));
     }
 }

@@ -1,211 +1,412 @@
-//! One forward pass over many sequences at once, each with its own KV cache, position and
-//! adapter — the step of a continuous-batching server. The linear layers run once over all
-//! rows' tokens (the base matmul once for the whole batch), then each adapter adds B(A·x) on
-//! its own rows only (gather, two thin matmuls, scatter-add), so tenants with different
-//! adapters, ranks or DoRA share one pass. Attention runs per row against its own cache.
+//! The inference step on the CPU: one forward pass over many sequences at once, each with its
+//! own KV cache, positions and adapters — the step of a continuous-batching server, and of
+//! `generate` and every cached forward of one sequence (the same loop with one row).
+//!
+//! The step works on plain buffers, token rows side by side (prefill chunks and single
+//! decoding tokens mixed): each group of linears of one input (q, k, v; gate, up; o; down; the
+//! head) is one call to `lowrank_kernels::batch::apply`, which reads each weight once for all
+//! rows and applies every row's adapters by segments; attention is one call for all rows, each
+//! over its own cache, read in place. What a row's adapters are is resolved once per step into
+//! segments (an adapter module and the token rows that use it), from the adapters' packs (see
+//! `active.rs`). A step of one token with one plain LoRA keeps the pool's other threads awake
+//! and has them load each pass's A factors before it (`lowrank_kernels::decode_team`).
 
-use candle_core::Tensor;
-use lowrank_core::linear::matmul_t;
-use lowrank_core::lora::{LoraAdapter, LoraModule};
-use lowrank_core::{Error, Result};
+use std::sync::Arc;
 
-use super::{rms_norm, KvCache, Llama, Proj};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use half::bf16;
+use lowrank_core::lora::LoraAdapter;
+use lowrank_core::{BaseWeight, Error, Result};
+use lowrank_kernels::batch::{apply, BaseWeights, Segment, StepLinear};
+use lowrank_kernels::{attend_rows, CachedRow, DecodeTeam, Heads};
+
+use super::{KvCache, Llama};
+use crate::active::{AdapterPack, PROJ_NAMES};
 
 /// One sequence's part of a batched step: its new tokens (a prompt chunk, or the last
-/// sampled token), its cache (advanced by the step) and its adapter.
+/// sampled token), its cache (advanced by the step) and its adapters.
 pub struct RowStep<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    pub adapter: Option<&'a LoraAdapter>,
+    /// The adapters applied to this sequence, each with a multiplier on its ΔW (1.0 = as
+    /// trained); several are stacked (their deltas added), none is the base. A DoRA adapter is
+    /// applied alone, at weight 1.
+    pub adapters: Vec<(&'a LoraAdapter, f64)>,
 }
 
-/// Rows of the flattened token matrix that share one adapter.
-struct AdapterGroup<'a> {
-    adapter: &'a LoraAdapter,
-    /// Token indices into the flattened batch, as a tensor (for gathers) and as numbers.
-    index: Tensor,
-    rows: Vec<u32>,
+/// A row's adapters: their packs and weights.
+pub(crate) type RowAdapters = Vec<(Arc<AdapterPack>, f64)>;
+
+/// A row of the step with its adapters' packs.
+pub(crate) struct PackedRow<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapters: RowAdapters,
 }
 
-/// Σ s·B(A·x) for every LoRA (not DoRA) group's rows in one pass over plain slices: with one or
-/// a few rows per adapter (decoding many tenants), candle's per-op overhead for gathers, two
-/// tiny matmuls and a scatter-add per group would cost more than the arithmetic. The adapter
-/// factors are small (r × (in + out)), so reading them out is cheap.
-fn lora_rows_direct(
-    name: &str,
-    x: &Tensor,
-    out_f: usize,
-    groups: &[AdapterGroup],
-) -> Result<Vec<f32>> {
-    let (n, in_f) = x.dims2()?;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut delta = vec![0f32; n * out_f];
-    for group in groups {
-        let Some(m) = group.adapter.modules.get(name) else {
-            continue;
-        };
-        let a = m.a.flatten_all()?.to_vec1::<f32>()?;
-        let b = m.b.flatten_all()?.to_vec1::<f32>()?;
-        let r = m.rank();
-        let scale = m.scale as f32;
-        let mut ax = vec![0f32; r];
-        for &row in &group.rows {
-            let row = row as usize;
-            let xr = &xs[row * in_f..(row + 1) * in_f];
-            for (k, v) in ax.iter_mut().enumerate() {
-                *v = scale
-                    * xr.iter()
-                        .zip(&a[k * in_f..(k + 1) * in_f])
-                        .map(|(p, q)| p * q)
-                        .sum::<f32>();
-            }
-            for (o, d) in delta[row * out_f..(row + 1) * out_f].iter_mut().enumerate() {
-                *d += b[o * r..(o + 1) * r]
-                    .iter()
-                    .zip(&ax)
-                    .map(|(p, q)| p * q)
-                    .sum::<f32>();
-            }
-        }
-    }
-    Ok(delta)
+/// Which token rows get logits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outputs {
+    /// Each row's last token (rows × vocab).
+    Last,
+    /// Every token (tokens × vocab).
+    All,
 }
 
-impl Proj {
-    /// y = x·Wᵀ + b for all rows, plus each group's adapter on its rows.
-    fn forward_grouped(&self, x: &Tensor, groups: &[AdapterGroup]) -> Result<Tensor> {
-        let linear = &self.linear;
-        let base = linear.base().matmul_t(x)?;
-        let mut y = match linear.bias() {
-            Some(b) => base.broadcast_add(b)?,
-            None => base.clone(),
-        };
-        let all_lora = groups.iter().all(|g| {
-            g.adapter
-                .modules
-                .get(&self.name)
-                .is_none_or(|m| m.magnitude.is_none())
-        });
-        if all_lora && !groups.is_empty() {
-            let (n, out_f) = y.dims2()?;
-            let delta = lora_rows_direct(&self.name, x, out_f, groups)?;
-            return Ok((y + Tensor::from_vec(delta, (n, out_f), x.device())?)?);
-        }
-        for group in groups {
-            let Some(module) = group.adapter.modules.get(&self.name) else {
-                continue;
-            };
-            let rows = x.index_select(&group.index, 0)?;
-            let lora = lora_rows(&rows, module)?;
-            let delta = match &module.magnitude {
-                None => lora,
-                // DoRA: (m/n)(Wx + s·BAx) + b − (Wx + b) = (m/n − 1)·Wx + (m/n)·s·BAx.
-                Some(magnitude) => {
-                    let factor = (magnitude / linear.base().row_norm(&module.delta_weight()?)?)?;
-                    let base_rows = base.index_select(&group.index, 0)?;
-                    let scaled_base = base_rows.broadcast_mul(&(&factor - 1.0)?)?;
-                    (scaled_base + lora.broadcast_mul(&factor)?)?
-                }
-            };
-            y = y.index_add(&group.index, &delta, 0)?;
-        }
-        Ok(y)
+/// Token rows that share one adapter at one weight.
+struct Group {
+    pack: Arc<AdapterPack>,
+    weight: f64,
+    rows: Vec<usize>,
+}
+
+/// A weight's values as the step reads them.
+enum Values<'g> {
+    F32(&'g [f32]),
+    Bf16(&'g [bf16]),
+}
+
+/// One layer's weights as slices.
+struct LayerWeights<'g> {
+    input_norm: &'g [f32],
+    post_norm: &'g [f32],
+    /// q, k, v, o, gate, up, down: weight and bias.
+    projs: [(BaseWeights<'g>, Option<&'g [f32]>); 7],
+}
+
+/// The next weight's values, which must be f32.
+fn next_f32<'g>(
+    values: &mut impl Iterator<Item = Result<Values<'g>>>,
+    what: &str,
+) -> Result<&'g [f32]> {
+    match values.next() {
+        Some(Ok(Values::F32(v))) => Ok(v),
+        Some(Err(e)) => Err(e),
+        _ => Err(Error::Msg(format!("{what} must be f32"))),
     }
 }
 
-/// s·B(A·x) for the rows of one adapter.
-fn lora_rows(x: &Tensor, m: &LoraModule) -> Result<Tensor> {
-    Ok((matmul_t(&matmul_t(x, &m.a)?, &m.b)? * m.scale)?)
+/// The next weight's values as a dense base.
+fn next_dense<'g>(
+    values: &mut impl Iterator<Item = Result<Values<'g>>>,
+) -> Result<BaseWeights<'g>> {
+    match values.next() {
+        Some(Ok(Values::F32(v))) => Ok(BaseWeights::F32(v)),
+        Some(Ok(Values::Bf16(v))) => Ok(BaseWeights::Bf16(v)),
+        Some(Err(e)) => Err(e),
+        None => Err(Error::Msg(
+            "a weight is missing from the step's list".into(),
+        )),
+    }
 }
 
 impl Llama {
     /// Advances every row by its tokens and returns the logits (rows, vocab) after each
     /// row's last token.
     pub fn forward_rows(&self, rows: &mut [RowStep]) -> Result<Tensor> {
+        let base = |slot| self.slot_base(slot);
+        let mut packed = Vec::with_capacity(rows.len());
+        for row in rows.iter_mut() {
+            let adapters = row
+                .adapters
+                .iter()
+                .map(|&(adapter, weight)| match self.packs.get(adapter, &base)? {
+                    Some(pack) => Ok((pack, weight)),
+                    None => Err(Error::Msg(
+                        "an adapter whose factors are being trained (or live off the CPU) cannot be batched".into(),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            packed.push(PackedRow {
+                tokens: row.tokens,
+                cache: &mut *row.cache,
+                adapters,
+            });
+        }
+        self.step(&mut packed, Outputs::Last)
+    }
+
+    /// The base weight of projection `slot` (7 × layer + projection).
+    pub(crate) fn slot_base(&self, slot: usize) -> Option<&BaseWeight> {
+        let layer = self.layers.get(slot / PROJ_NAMES.len())?;
+        Some(layer.projs()[slot % PROJ_NAMES.len()].linear.base())
+    }
+
+    /// Whether this model's steps can run here: weights on the CPU in f32 or bf16 (linears
+    /// may be 4-bit), none being trained.
+    pub(crate) fn steps_on_host(&self) -> bool {
+        self.device().is_cpu()
+            && matches!(self.embed.dtype(), DType::F32 | DType::BF16)
+            && !self.trainable
+    }
+
+    /// One step over `rows`; logits for the rows `outputs` names.
+    pub(crate) fn step(&self, rows: &mut [PackedRow], outputs: Outputs) -> Result<Tensor> {
         if rows.is_empty() || rows.iter().any(|r| r.tokens.is_empty()) {
             return Err(Error::Msg(
-                "forward_rows needs at least one token in every row".into(),
+                "a step needs at least one token in every row".into(),
             ));
         }
-        let device = self.device();
+        if !self.steps_on_host() {
+            return Err(Error::Msg(
+                "batched steps run on the CPU over frozen f32 weights (bf16 or 4-bit linears allowed)".into(),
+            ));
+        }
+        for row in rows.iter() {
+            let dora = row.adapters.iter().any(|(p, _)| p.has_dora());
+            if dora && (row.adapters.len() > 1 || row.adapters[0].1 != 1.0) {
+                return Err(Error::Msg(
+                    "a DoRA adapter cannot be stacked with other adapters or re-weighted at inference; merge it first".into(),
+                ));
+            }
+        }
+        self.packs.next_step();
         let c = &self.config;
         let all: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         self.check_ids(&all)?;
-        let mut starts = Vec::with_capacity(rows.len());
-        let mut offset = 0;
-        for r in rows.iter() {
-            starts.push(offset);
-            offset += r.tokens.len();
+        let mut firsts = Vec::with_capacity(rows.len());
+        let mut positions = Vec::with_capacity(all.len());
+        for row in rows.iter() {
+            firsts.push(positions.len());
+            let past = row.cache.len();
+            positions.extend(past..past + row.tokens.len());
         }
-        // Group token indices by adapter (by identity: two tenants' adapters never share tensors).
-        let mut groups: Vec<(&LoraAdapter, Vec<u32>)> = Vec::new();
-        for (r, &start) in rows.iter().zip(&starts) {
-            let Some(adapter) = r.adapter else { continue };
-            let ids = (start..start + r.tokens.len()).map(|i| i as u32);
-            match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
-                Some((_, idx)) => idx.extend(ids),
-                None => groups.push((adapter, ids.collect())),
+        let mut groups: Vec<Group> = Vec::new();
+        for (row, &first) in rows.iter().zip(&firsts) {
+            let token_rows = first..first + row.tokens.len();
+            for (pack, weight) in &row.adapters {
+                let same = |g: &&mut Group| Arc::ptr_eq(&g.pack, pack) && g.weight == *weight;
+                match groups.iter_mut().find(same) {
+                    Some(g) => g.rows.extend(token_rows.clone()),
+                    None => groups.push(Group {
+                        pack: pack.clone(),
+                        weight: *weight,
+                        rows: token_rows.clone().collect(),
+                    }),
+                }
             }
         }
-        let groups = groups
-            .into_iter()
-            .map(|(adapter, idx)| {
-                let n = idx.len();
-                Ok(AdapterGroup {
-                    adapter,
-                    index: Tensor::from_vec(idx.clone(), n, device)?,
-                    rows: idx,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let pasts: Vec<usize> = rows.iter().map(|r| r.cache.len()).collect();
-        let tables = rows
-            .iter()
-            .zip(&pasts)
-            .map(|(r, &past)| self.rope.tables(past, r.tokens.len()))
-            .collect::<Result<Vec<_>>>()?;
+        let (cos, sin) = self.rope.host_tables(&positions);
 
-        let ids = Tensor::new(all.as_slice(), device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        for (layer_index, layer) in self.layers.iter().enumerate() {
-            let normed = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = layer.q.forward_grouped(&normed, &groups)?;
-            let k = layer.k.forward_grouped(&normed, &groups)?;
-            let v = layer.v.forward_grouped(&normed, &groups)?;
-            let mut outputs = Vec::with_capacity(rows.len());
-            for (i, row) in rows.iter_mut().enumerate() {
-                let (start, seq) = (starts[i], row.tokens.len());
-                let heads_of = |t: &Tensor, n: usize| -> Result<Tensor> {
-                    Ok(t.narrow(0, start, seq)?
-                        .reshape((1, seq, n, head_dim))?
-                        .transpose(1, 2)?
-                        .contiguous()?)
-                };
-                let qr = tables[i].apply(&heads_of(&q, heads)?)?;
-                let kr = tables[i].apply(&heads_of(&k, kv_heads)?)?;
-                let attn = row
-                    .cache
-                    .append(layer_index, kr, heads_of(&v, kv_heads)?)?
-                    .attend(&qr, c.sliding_window)?;
-                outputs.push(attn.transpose(1, 2)?.reshape((seq, heads * head_dim))?);
-            }
-            let attn = Tensor::cat(&outputs, 0)?;
-            x = (x + layer.o.forward_grouped(&attn, &groups)?)?;
-            let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let gate = layer.gate.forward_grouped(&normed, &groups)?.silu()?;
-            let up = layer.up.forward_grouped(&normed, &groups)?;
-            x = (&x + layer.down.forward_grouped(&(gate * up)?, &groups)?)?;
+        // Every weight's values, read in place for the whole step; a tied head is the
+        // embedding's (one read lock per tensor: std's may not be taken twice by one thread).
+        let head = self
+            .head_for_inference
+            .as_ref()
+            .unwrap_or(self.head_weight());
+        let tied = head.id() == self.embed.id();
+        let mut tensors = vec![&self.embed, &self.norm];
+        if !tied {
+            tensors.push(head);
         }
-        let last: Vec<u32> = rows
-            .iter()
-            .zip(&starts)
-            .map(|(r, &s)| (s + r.tokens.len() - 1) as u32)
-            .collect();
-        let n = last.len();
-        let last = x.index_select(&Tensor::from_vec(last, n, device)?, 0)?;
-        let hidden = rms_norm(&last, &self.norm, c.rms_norm_eps)?;
-        self.logits(&hidden)
+        for layer in &self.layers {
+            tensors.extend([&layer.input_norm, &layer.post_norm]);
+            for p in layer.projs() {
+                tensors.extend(p.linear.base().as_dense());
+                tensors.extend(p.linear.bias());
+            }
+        }
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut values = guards.iter().map(|(guard, layout)| {
+            let range = layout
+                .contiguous_offsets()
+                .ok_or_else(|| Error::Msg("a weight is not contiguous".into()))?;
+            match &**guard {
+                Storage::Cpu(CpuStorage::F32(v)) => Ok(Values::F32(&v[range.0..range.1])),
+                Storage::Cpu(CpuStorage::BF16(v)) => Ok(Values::Bf16(&v[range.0..range.1])),
+                _ => Err(Error::Msg("weights must be f32 or bf16 on the CPU".into())),
+            }
+        });
+        let embed = next_dense(&mut values)?;
+        let final_norm = next_f32(&mut values, "the final norm")?;
+        let head = if tied {
+            embed
+        } else {
+            next_dense(&mut values)?
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let input_norm = next_f32(&mut values, "a norm")?;
+            let post_norm = next_f32(&mut values, "a norm")?;
+            let mut projs = Vec::with_capacity(7);
+            for p in layer.projs() {
+                let weight = match p.linear.base() {
+                    BaseWeight::Quantized(q) => BaseWeights::FourBit(q.as_ref()),
+                    BaseWeight::Dense(_) => next_dense(&mut values)?,
+                };
+                let bias = match p.linear.bias() {
+                    Some(_) => Some(next_f32(&mut values, "a bias")?),
+                    None => None,
+                };
+                projs.push((weight, bias));
+            }
+            let projs = projs.try_into().unwrap_or_else(|_| unreachable!("seven"));
+            layers.push(LayerWeights {
+                input_norm,
+                post_norm,
+                projs,
+            });
+        }
+
+        let h = c.hidden_size;
+        let mut x = Vec::with_capacity(all.len() * h);
+        for &id in &all {
+            let row = id as usize * h..(id as usize + 1) * h;
+            match embed {
+                BaseWeights::F32(table) => x.extend_from_slice(&table[row]),
+                BaseWeights::Bf16(table) => x.extend(table[row].iter().map(|v| v.to_f32())),
+                BaseWeights::FourBit(_) => unreachable!("the embedding is dense"),
+            }
+        }
+        // One token with one plain LoRA: batch-1 decoding, helped (see the module docs).
+        let helped = all.len() == 1
+            && matches!(rows[0].adapters.as_slice(), [(p, _)] if p.has_lora() && !p.has_dora());
+        let x = if helped {
+            lowrank_kernels::with_helpers(|team| {
+                self.layers_step(&layers, rows, &firsts, &groups, x, (&cos, &sin), Some(team))
+            })?
+        } else {
+            self.layers_step(&layers, rows, &firsts, &groups, x, (&cos, &sin), None)?
+        };
+
+        let picked: Vec<usize> = match outputs {
+            Outputs::Last => rows
+                .iter()
+                .zip(&firsts)
+                .map(|(r, &first)| first + r.tokens.len() - 1)
+                .collect(),
+            Outputs::All => (0..all.len()).collect(),
+        };
+        let mut last = Vec::with_capacity(picked.len() * h);
+        for &i in &picked {
+            last.extend_from_slice(&x[i * h..(i + 1) * h]);
+        }
+        let normed = lowrank_kernels::rms_norm_rows(&last, final_norm, c.rms_norm_eps as f32);
+        let head = StepLinear {
+            weight: head,
+            bias: None,
+            segments: Vec::new(),
+        };
+        let logits = apply(&normed, h, &[head])?.pop().expect("one linear");
+        let vocab = logits.len() / picked.len();
+        Ok(Tensor::from_vec(
+            logits,
+            (picked.len(), vocab),
+            self.device(),
+        )?)
+    }
+
+    /// Every decoder layer over the step's token rows x (tokens × hidden).
+    #[allow(clippy::too_many_arguments)]
+    fn layers_step<'p>(
+        &self,
+        layers: &[LayerWeights],
+        rows: &mut [PackedRow],
+        firsts: &[usize],
+        groups: &'p [Group],
+        mut x: Vec<f32>,
+        (cos, sin): (&[f32], &[f32]),
+        team: Option<&DecodeTeam<'p>>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
+        let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let tokens = x.len() / h;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        // The adapters' segments of projection `slot`.
+        let segments = |slot: usize| -> Vec<Segment<'p>> {
+            groups
+                .iter()
+                .filter_map(|g| {
+                    let m = g.pack.module(slot)?;
+                    Some(Segment {
+                        a: m.a,
+                        b: m.b,
+                        scale: (m.scale * g.weight) as f32,
+                        rows: &g.rows,
+                        column_scale: m.column_scale,
+                    })
+                })
+                .collect()
+        };
+        // Has the helpers load the A factors of the next pass over `projs` of `layer`.
+        let warm = |layer: usize, projs: &[usize]| {
+            if let Some(team) = team {
+                let a: Vec<&'p [f32]> = projs
+                    .iter()
+                    .flat_map(|&k| segments(7 * layer + k))
+                    .map(|s| s.a)
+                    .collect();
+                team.warm(&a);
+            }
+        };
+        for (i, w) in layers.iter().enumerate() {
+            let pass = |projs: &[usize], input: &[f32], in_f: usize| -> Result<Vec<Vec<f32>>> {
+                let linears: Vec<StepLinear> = projs
+                    .iter()
+                    .map(|&k| StepLinear {
+                        weight: w.projs[k].0,
+                        bias: w.projs[k].1,
+                        segments: segments(7 * i + k),
+                    })
+                    .collect();
+                Ok(apply(input, in_f, &linears)?)
+            };
+            // Loaded during the residual add and the norm before the pass.
+            warm(i, &[0, 1, 2]);
+            let normed = lowrank_kernels::rms_norm_rows(&x, w.input_norm, eps);
+            let [mut q, mut k, v]: [Vec<f32>; 3] = pass(&[0, 1, 2], &normed, h)?
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("three"));
+            // Attention comes next, the longest stretch without a pass.
+            warm(i, &[3, 4, 5]);
+            lowrank_kernels::rope_rows(&mut q, tokens, heads, cos, sin)?;
+            lowrank_kernels::rope_rows(&mut k, tokens, kv_heads, cos, sin)?;
+            let kv_width = kv_heads * d;
+            for (row, &first) in rows.iter_mut().zip(firsts) {
+                let n = row.tokens.len();
+                let span = first * kv_width..(first + n) * kv_width;
+                row.cache
+                    .row_layer(i, kv_heads, d, n)?
+                    .append(&k[span.clone()], &v[span], n);
+            }
+            let cached = rows
+                .iter()
+                .zip(firsts)
+                .map(|(row, &first)| {
+                    let kv = row.cache.rows_of(i).expect("written above");
+                    CachedRow {
+                        k: &kv.k,
+                        v: &kv.v,
+                        capacity: kv.capacity,
+                        len: kv.len,
+                        first,
+                        tokens: row.tokens.len(),
+                    }
+                })
+                .collect::<Vec<_>>();
+            let shape = Heads {
+                heads,
+                kv_heads,
+                head_dim: d,
+            };
+            let attn = attend_rows(&q, &cached, shape, scale, c.sliding_window)?;
+            let [o]: [Vec<f32>; 1] = pass(&[3], &attn, heads * d)?
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one"));
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let normed = lowrank_kernels::rms_norm_rows(&x, w.post_norm, eps);
+            let [gate, up]: [Vec<f32>; 2] = pass(&[4, 5], &normed, h)?
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("two"));
+            warm(i, &[6]);
+            let act = lowrank_kernels::swiglu_values(&gate, &up);
+            let [down]: [Vec<f32>; 1] = pass(&[6], &act, c.intermediate_size)?
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one"));
+            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        }
+        Ok(x)
     }
 }
 
@@ -214,6 +415,10 @@ mod tests {
     use super::*;
     use crate::llama::ActiveAdapter;
     use candle_core::Device;
+    use lowrank_core::lora::{LoraConfig, LoraModule};
+    use lowrank_core::targets::ModuleSelector;
+    use lowrank_core::QuantSpec;
+    use lowrank_quant::QuantType;
     use std::path::Path;
 
     fn fixture(p: &str) -> std::path::PathBuf {
@@ -235,44 +440,108 @@ mod tests {
             .unwrap()
     }
 
-    /// Each row of a batched step equals a forward of that row alone, for rows with different
-    /// adapters and cache lengths.
-    fn check_rows_alone(model: &Llama, adapters: [Option<&LoraAdapter>; 3]) {
-        let prompts: [&[u32]; 3] = [&[1, 40, 41, 42, 43], &[1, 50, 51], &[1, 60, 61, 62]];
-        let mut expect = Vec::new();
-        for (p, a) in prompts.iter().zip(adapters) {
-            let active: Vec<ActiveAdapter> = a.into_iter().map(ActiveAdapter::new).collect();
-            let ids = Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let logits = model.forward(&ids, None, &active).unwrap();
-            expect.push(logits.squeeze(0).unwrap().get(p.len() - 1).unwrap());
+    /// A rank-`rank` LoRA on every linear of `model`, from a seeded generator.
+    fn random_adapter(model: &Llama, rank: usize, seed: u64) -> LoraAdapter {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random::<f32>() - 0.5).collect() };
+        let modules = model
+            .linears()
+            .into_iter()
+            .map(|l| {
+                let a = Tensor::from_vec(
+                    values(rank * l.in_features),
+                    (rank, l.in_features),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let b = Tensor::from_vec(
+                    values(l.out_features * rank),
+                    (l.out_features, rank),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let module = LoraModule {
+                    a,
+                    b,
+                    magnitude: None,
+                    scale: 0.5,
+                };
+                (l.name, module)
+            })
+            .collect();
+        LoraAdapter {
+            config: LoraConfig::new(
+                rank,
+                rank as f64 / 2.0,
+                ModuleSelector::Names(vec!["q_proj".into()]),
+            ),
+            modules,
         }
-        // Prefill different-length prefixes first, then the rest in one mixed step.
+    }
+
+    /// Each row of batched steps equals that row alone through the candle layer loop (no
+    /// cache, its adapters applied there), for rows with different adapters, weights, stacks
+    /// and cache lengths: three rows prefill prefixes of different lengths in one step (one
+    /// longer than the skinny GEMM's 64 rows), then finish their prompts in a second mixed
+    /// step, then decode a token each.
+    fn check_rows_alone(model: &Llama, adapters: [Vec<(&LoraAdapter, f64)>; 3], tolerance: f32) {
+        let long: Vec<u32> = (0..80).map(|i| 1 + (i * 7) % 300).collect();
+        let prompts: [&[u32]; 3] = [&[1, 40, 41, 42, 43, 44, 45], &[1, 50, 51], &long];
+        let next: [u32; 3] = [7, 8, 9];
+        let mut expect = Vec::new();
+        for ((p, a), n) in prompts.iter().zip(&adapters).zip(next) {
+            let active: Vec<ActiveAdapter> = a
+                .iter()
+                .map(|&(a, w)| ActiveAdapter::weighted(a, w))
+                .collect();
+            let full: Vec<u32> = p.iter().copied().chain([n]).collect();
+            let ids = Tensor::new(full.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model
+                .forward(&ids, None, &active)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            expect.push((
+                logits.get(p.len() - 1).unwrap(),
+                logits.get(p.len()).unwrap(),
+            ));
+        }
         let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new()).collect();
-        let split = [2usize, 1, 3];
-        for part in 0..2 {
+        let split = [2usize, 1, 70];
+        for part in 0..3 {
             let mut rows: Vec<RowStep> = caches
                 .iter_mut()
-                .zip(prompts.iter().zip(adapters))
-                .zip(split)
-                .map(|((cache, (p, adapter)), s)| {
-                    let tokens = if part == 0 { &p[..s] } else { &p[s..] };
+                .zip(prompts.iter().zip(&adapters))
+                .zip(split.iter().zip(&next))
+                .map(|((cache, (p, adapters)), (&s, n))| {
+                    let tokens = match part {
+                        0 => &p[..s],
+                        1 => &p[s..],
+                        _ => std::slice::from_ref(n),
+                    };
                     RowStep {
                         tokens,
                         cache,
-                        adapter,
+                        adapters: adapters.clone(),
                     }
                 })
                 .collect();
             let got = model.forward_rows(&mut rows).unwrap();
-            if part == 1 {
+            if part > 0 {
                 for (i, e) in expect.iter().enumerate() {
-                    let d = max_diff(&got.get(i).unwrap(), e);
-                    assert!(d < 1e-4, "row {i}: {d}");
+                    let want = if part == 1 { &e.0 } else { &e.1 };
+                    let d = max_diff(&got.get(i).unwrap(), want);
+                    assert!(d < tolerance, "step {part}, row {i}: {d}");
                 }
             }
         }
-        assert_eq!(caches[0].len(), 5);
-        assert_eq!(caches[1].len(), 3);
+        assert_eq!(caches[0].len(), 8);
+        assert_eq!(caches[2].len(), 81);
     }
 
     #[test]
@@ -284,9 +553,118 @@ mod tests {
         let dora = model
             .load_adapter(&fixture("adapters/llama-tied__dora"))
             .unwrap();
-        // DoRA in the batch: the tensor path for every linear it touches.
-        check_rows_alone(&model, [Some(&lora), Some(&dora), None]);
-        // LoRA only: the direct per-row path.
-        check_rows_alone(&model, [Some(&lora), None, Some(&lora)]);
+        let wide = random_adapter(&model, 16, 1);
+        check_rows_alone(
+            &model,
+            [vec![(&lora, 1.0)], vec![(&dora, 1.0)], vec![]],
+            1e-4,
+        );
+        // Ranks 4 and 16, a stack with weights, the same adapter at two weights.
+        check_rows_alone(
+            &model,
+            [
+                vec![(&lora, 0.7), (&wide, 0.3)],
+                vec![(&wide, 1.0)],
+                vec![(&lora, 1.0)],
+            ],
+            1e-4,
+        );
+    }
+
+    /// The same over a 4-bit base (NF4 with double quantization, in blocks of 64 that each
+    /// cover two rows of the 32-wide weights), over bf16 weights, and over the 4-bit base with
+    /// its embedding and head in bf16, each against the candle loop over the same weights.
+    #[test]
+    fn mixed_rows_over_4bit_and_bf16_bases() {
+        let mut quantized = Llama::load(&fixture("models/llama-tied"), &Device::Cpu).unwrap();
+        let spec = QuantSpec::new(QuantType::Nf4, true, 64).unwrap();
+        quantized.quantize_linears(&spec).unwrap();
+        let lora = quantized
+            .load_adapter(&fixture("adapters/llama-tied__lora-qv"))
+            .unwrap();
+        let dora = quantized
+            .load_adapter(&fixture("adapters/llama-tied__dora"))
+            .unwrap();
+        let wide = random_adapter(&quantized, 16, 2);
+        check_rows_alone(
+            &quantized,
+            [
+                vec![(&lora, 1.0)],
+                vec![(&dora, 1.0)],
+                vec![(&lora, 0.5), (&wide, 0.5)],
+            ],
+            1e-4,
+        );
+        let mut bf16 = Llama::load(&fixture("models/llama-tied"), &Device::Cpu).unwrap();
+        bf16.cast_for_inference(DType::BF16).unwrap();
+        check_rows_alone(
+            &bf16,
+            [vec![(&lora, 1.0)], vec![(&dora, 1.0)], vec![]],
+            1e-4,
+        );
+        // `--bf16-weights` over the 4-bit base: the tied embedding and head in bf16, once.
+        quantized.cast_for_inference(DType::BF16).unwrap();
+        assert_eq!(quantized.head_weight().dtype(), DType::BF16);
+        assert!(quantized.head_for_inference.is_none());
+        check_rows_alone(
+            &quantized,
+            [vec![(&lora, 1.0)], vec![(&dora, 1.0)], vec![]],
+            1e-4,
+        );
+    }
+
+    /// `forward_last` gives the last row of `forward`'s logits, through the step (with a
+    /// cache) and through the candle loop (without).
+    #[test]
+    fn last_position_logits_equal_the_full_forward_s_last() {
+        let model = Llama::load(&fixture("models/llama-tied"), &Device::Cpu).unwrap();
+        let lora = model
+            .load_adapter(&fixture("adapters/llama-tied__lora-qv"))
+            .unwrap();
+        let active = [ActiveAdapter::new(&lora)];
+        let ids = Tensor::new(&[1u32, 40, 41, 42], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        for cached in [false, true] {
+            let (mut all, mut last) = (KvCache::new(), KvCache::new());
+            let full = model
+                .forward(&ids, cached.then_some(&mut all), &active)
+                .unwrap();
+            let got = model
+                .forward_last(&ids, cached.then_some(&mut last), &active)
+                .unwrap();
+            let want = full
+                .squeeze(0)
+                .unwrap()
+                .get(3)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want) < 1e-6, "cached {cached}");
+        }
+    }
+
+    /// A DoRA adapter in a stack, or re-weighted, is refused with the reason.
+    #[test]
+    fn dora_is_not_stacked() {
+        let model = Llama::load(&fixture("models/llama-tied"), &Device::Cpu).unwrap();
+        let lora = model
+            .load_adapter(&fixture("adapters/llama-tied__lora-qv"))
+            .unwrap();
+        let dora = model
+            .load_adapter(&fixture("adapters/llama-tied__dora"))
+            .unwrap();
+        for adapters in [vec![(&dora, 1.0), (&lora, 1.0)], vec![(&dora, 0.5)]] {
+            let mut cache = KvCache::new();
+            let mut rows = [RowStep {
+                tokens: &[1, 2],
+                cache: &mut cache,
+                adapters,
+            }];
+            let err = model.forward_rows(&mut rows).unwrap_err().to_string();
+            assert!(err.contains("cannot be stacked"), "{err}");
+        }
     }
 }

@@ -148,9 +148,8 @@ pub fn generate(
     let mut out = Vec::new();
     let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     for _ in 0..max_tokens {
-        let logits = model.forward(&input, Some(&mut cache), adapters)?;
-        let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
-        let next = sampler.sample(&last.to_vec1::<f32>()?);
+        let last = model.forward_last(&input, Some(&mut cache), adapters)?;
+        let next = sampler.sample(&last.squeeze(0)?.to_vec1::<f32>()?);
         if stop_ids.contains(&next) {
             break;
         }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod generate;
 pub mod hub;
+mod kv_cache;
 pub mod llama;
 pub mod rope;
 pub mod tokenizer;

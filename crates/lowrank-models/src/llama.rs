@@ -1,21 +1,23 @@
 //! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) as transformers
-//! defines it, written with differentiable candle ops only, so the same code serves inference
-//! and training. Fused candle ops without backward (rms_norm, softmax_last_dim, rope) are
-//! deliberately not used.
+//! defines it, in two layer loops: one of differentiable candle ops (training, the forward
+//! without a cache, batches of sequences in one cache, other devices) — fused candle ops
+//! without backward (rms_norm, softmax_last_dim, rope) are deliberately not used there — and
+//! the inference step on plain buffers (`batched.rs`) that the server's batches, `generate`
+//! and every cached forward of one sequence on the CPU take.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use lowrank_core::lora::{LinearShape, LoraAdapter};
 use lowrank_core::{ActiveModule, AdaptedLinear, Error, QuantSpec, QuantizeStats, Result};
-use lowrank_kernels::DecodeTeam;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use crate::active::ActiveAdapter;
-use crate::active::PROJ_NAMES;
+use crate::active::{AdapterPacks, PROJ_NAMES};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+pub use crate::kv_cache::KvCache;
 use crate::rope::{Rope, RopeTables};
 
 /// A linear layer with its module key, so adapters find their tensors for it.
@@ -56,30 +58,6 @@ impl Proj {
 }
 
 impl Proj {
-    /// This projection as one linear of a one-row pass (see `AdaptedLinear::row_linear`),
-    /// with the factors of its one adapter module, if any, as the adapter's decoding slices
-    /// where it has them.
-    fn row_linear<'a>(
-        &'a self,
-        adapters: &'a [ActiveAdapter],
-    ) -> Option<lowrank_kernels::RowLinear<'a>> {
-        let mut owners = adapters.iter().filter(|a| a.module(self.slot).is_some());
-        match (owners.next(), owners.next()) {
-            (None, _) => self.linear.row_linear(&[]),
-            (Some(owner), None) => match owner.decode_lora(self.slot) {
-                Some(lora) => self
-                    .linear
-                    .row_linear(&[])
-                    .map(|base| lowrank_kernels::RowLinear {
-                        lora: Some(lora),
-                        ..base
-                    }),
-                None => self.linear.row_linear(&self.active(adapters)),
-            },
-            _ => None,
-        }
-    }
-
     /// The modules of `adapters` that apply to this projection, with their weights.
     fn active<'a>(&self, adapters: &'a [ActiveAdapter]) -> Vec<ActiveModule<'a>> {
         adapters
@@ -91,50 +69,6 @@ impl Proj {
                 })
             })
             .collect()
-    }
-}
-
-/// One token's projections of the same input (q, k, v; gate, up) in one pass over their
-/// weights (`lowrank_kernels::linears_one_row`: one dispatch to the thread pool instead of
-/// one per projection), when x is a single untracked row and every projection can go that
-/// way (`AdaptedLinear::row_linear`); `None` otherwise.
-fn project_one_row(
-    projs: &[&Proj],
-    x: &Tensor,
-    adapters: &[ActiveAdapter],
-) -> Result<Option<Vec<Tensor>>> {
-    let one_row = x.elem_count() == x.dims().last().copied().unwrap_or(0);
-    if !one_row || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let linears: Option<Vec<_>> = projs.iter().map(|p| p.row_linear(adapters)).collect();
-    match linears {
-        Some(linears) => Ok(Some(lowrank_kernels::linears_one_row(x, &linears)?)),
-        None => Ok(None),
-    }
-}
-
-/// The A factors a one-row pass over `projs` reads first: those of the projections whose one
-/// adapter module has decoding slices (see [`Proj::row_linear`]).
-fn decode_inputs<'a>(projs: &[&'a Proj], adapters: &'a [ActiveAdapter]) -> Vec<&'a [f32]> {
-    projs
-        .iter()
-        .filter_map(|p| match p.row_linear(adapters)?.lora? {
-            lowrank_kernels::RowLora::Slices { a, .. } => Some(a),
-            lowrank_kernels::RowLora::Tensors { .. } => None,
-        })
-        .collect()
-}
-
-/// Has a decoding step's helper load the A factors of the pass over `projs` (see
-/// `lowrank_kernels::decode_team`).
-fn warm_inputs<'a>(
-    team: Option<&DecodeTeam<'a>>,
-    projs: &[&'a Proj],
-    adapters: &'a [ActiveAdapter],
-) {
-    if let Some(team) = team.filter(|t| t.is_helped()) {
-        team.warm(&decode_inputs(projs, adapters));
     }
 }
 
@@ -193,147 +127,6 @@ impl Layer {
     }
 }
 
-/// Keys and values of past positions, per layer, in buffers (batch, kv_heads, capacity,
-/// head_dim) allocated ahead, so a decoding step writes its one position in place instead of
-/// copying the whole cache (`Tensor::cat` per step makes decoding quadratic in length).
-/// Capacity is what [`KvCache::with_capacity`] reserved, doubled when a step needs more.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    layers: Vec<Option<LayerKv>>,
-    reserve: usize,
-}
-
-#[derive(Debug)]
-struct LayerKv {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-}
-
-/// One layer's cache after an append: the buffers and how many positions are valid.
-pub(crate) struct CachedKv {
-    pub k: Tensor,
-    pub v: Tensor,
-    pub len: usize,
-}
-
-impl CachedKv {
-    /// The valid positions as (narrowed, non-contiguous) views.
-    pub fn valid(&self) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.k.narrow(2, 0, self.len)?,
-            self.v.narrow(2, 0, self.len)?,
-        ))
-    }
-
-    /// Causal attention of `q` (batch, heads, seq, head_dim) — the last `seq` cached positions'
-    /// queries — over the cache: the fused kernel reading the buffers in place on the CPU, the
-    /// composed candle ops elsewhere.
-    pub fn attend(&self, q: &Tensor, sliding_window: Option<usize>) -> Result<Tensor> {
-        let (batch, heads, seq, head_dim) = q.dims4()?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
-            return Ok(lowrank_kernels::causal_attention_cached(
-                q,
-                &self.k,
-                &self.v,
-                self.len,
-                scale as f32,
-                sliding_window,
-            )?);
-        }
-        let (k, v) = self.valid()?;
-        let kv_heads = k.dim(1)?;
-        let group = heads / kv_heads;
-        let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if seq > 1 || sliding_window.is_some() {
-            let mask = causal_mask(seq, self.len - seq, sliding_window, q.device())?;
-            scores = scores
-                .reshape((batch, kv_heads, group, seq, self.len))?
-                .broadcast_add(&mask)?
-                .reshape((batch, kv_heads, group * seq, self.len))?;
-        }
-        // Inference only, so the fused softmax (which has no backward) is fine here.
-        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
-        Ok(probs
-            .matmul(&v.contiguous()?)?
-            .reshape((batch, heads, seq, head_dim))?)
-    }
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A cache with room for `positions` positions per layer (prompt + tokens to generate),
-    /// allocated at the first step.
-    pub fn with_capacity(positions: usize) -> Self {
-        Self {
-            layers: Vec::new(),
-            reserve: positions,
-        }
-    }
-
-    /// Positions already cached.
-    pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |l| l.len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Positions each layer holds room for (0 before the first step).
-    pub fn capacity(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |l| l.k.dim(2).unwrap_or(0))
-    }
-
-    /// Writes `k`, `v` (batch, kv_heads, seq, head_dim) after the layer's cached positions.
-    pub(crate) fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<CachedKv> {
-        if self.layers.len() <= layer {
-            self.layers.resize_with(layer + 1, || None);
-        }
-        let (batch, kv_heads, seq, head_dim) = k.dims4()?;
-        let (len, needed) = match &self.layers[layer] {
-            Some(l) => (l.len, l.len + seq),
-            None => (0, seq),
-        };
-        let capacity = self.layers[layer]
-            .as_ref()
-            .map_or(0, |l| l.k.dim(2).unwrap_or(0));
-        if needed > capacity {
-            let grown = needed.max(2 * capacity).max(self.reserve);
-            let shape = (batch, kv_heads, grown, head_dim);
-            let (nk, nv) = (
-                Tensor::zeros(shape, k.dtype(), k.device())?,
-                Tensor::zeros(shape, v.dtype(), v.device())?,
-            );
-            if let Some(old) = &self.layers[layer] {
-                nk.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                nv.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-            }
-            self.layers[layer] = Some(LayerKv { k: nk, v: nv, len });
-        }
-        let l = self.layers[layer].as_mut().expect("allocated above");
-        l.k.slice_set(&k.contiguous()?, 2, len)?;
-        l.v.slice_set(&v.contiguous()?, 2, len)?;
-        l.len = needed;
-        Ok(CachedKv {
-            k: l.k.clone(),
-            v: l.v.clone(),
-            len: needed,
-        })
-    }
-}
-
 /// What a training forward needs besides the ids: rotary tables for the positions, the
 /// attention mask and the dropout seed.
 #[derive(Debug, Clone)]
@@ -360,6 +153,10 @@ pub struct Llama {
     rope: Rope,
     /// The dtype the checkpoint stores its weights in.
     stored_dtype: DType,
+    /// The packs of the adapters inference steps apply (see `active.rs`).
+    packs: AdapterPacks,
+    /// Weights are trainable `Var`s (full fine-tuning): inference takes the candle loop.
+    trainable: bool,
 }
 
 /// (module key suffix, has bias?) for the seven linears of a layer, in `Layer::projs` order.
@@ -407,7 +204,12 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Additive causal mask (seq, past+seq): 0 where query i may see key j, -inf elsewhere.
-fn causal_mask(seq: usize, past: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(
+    seq: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let total = past + seq;
     let mask: Vec<f32> = (0..seq)
         .flat_map(|i| {
@@ -593,6 +395,8 @@ impl Llama {
             head_for_inference: None,
             rope,
             stored_dtype,
+            packs: AdapterPacks::default(),
+            trainable: false,
         };
         model.back_weights_with_huge_pages();
         Ok(model)
@@ -649,6 +453,7 @@ impl Llama {
     /// Quantizes every dense linear weight of the decoder layers to 4 bits (merged adapters
     /// stay in the weights but can no longer be unmerged) and returns the error introduced.
     pub fn quantize_linears(&mut self, spec: &QuantSpec) -> Result<QuantizeStats> {
+        self.packs.clear();
         let mut stats = QuantizeStats::default();
         for layer in &mut self.layers {
             for p in layer.projs_mut() {
@@ -661,6 +466,7 @@ impl Llama {
     /// Replaces every 4-bit linear weight with its dequantized dense weight (for writing a
     /// full-precision checkpoint).
     pub fn dequantize_linears(&mut self) -> Result<()> {
+        self.packs.clear();
         let device = self.device().clone();
         for layer in &mut self.layers {
             for p in layer.projs_mut() {
@@ -707,6 +513,7 @@ impl Llama {
 
     /// Folds `adapter` (times `weight`) into the base weights.
     pub fn merge_adapter(&mut self, name: &str, adapter: &LoraAdapter, weight: f64) -> Result<()> {
+        self.packs.clear();
         for layer in &mut self.layers {
             for proj in layer.projs_mut() {
                 if let Some(module) = adapter.modules.get(&proj.name) {
@@ -720,6 +527,7 @@ impl Llama {
 
     /// Undoes the most recent merge of adapter `name` in every layer it touched.
     pub fn unmerge_adapter(&mut self, name: &str) -> Result<()> {
+        self.packs.clear();
         for layer in &mut self.layers {
             for proj in layer.projs_mut() {
                 if proj.linear.merged_adapters().last() == Some(name) {
@@ -733,6 +541,7 @@ impl Llama {
 
     /// The linear layer with module key `name`, to replace its weight (PiSSA/OLoRA, training).
     pub fn linear_mut(&mut self, name: &str) -> Option<&mut AdaptedLinear> {
+        self.packs.clear();
         self.layers
             .iter_mut()
             .flat_map(|l| l.projs_mut())
@@ -753,6 +562,8 @@ impl Llama {
                 "full fine-tuning needs dense weights; a 4-bit base trains adapters only (LoRA/DoRA)".into(),
             ));
         }
+        self.packs.clear();
+        self.trainable = true;
         let mut out = Vec::new();
         let mut var = |name: String, t: &mut Tensor| -> Result<()> {
             let v = Var::from_tensor(t)?;
@@ -820,14 +631,14 @@ impl Llama {
         })
     }
 
-    /// Token embeddings (batch, seq, hidden).
+    /// Token embeddings (batch, seq, hidden), in f32 (a bf16 table's rows widened).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))?)
+        Ok(self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((batch, seq, self.config.hidden_size))?)
     }
 
     /// Decoder layer `index` in training mode (no cache; LoRA dropout if the context asks).
@@ -855,7 +666,6 @@ impl Llama {
             None,
             adapters,
             seed,
-            None,
         )
     }
 
@@ -949,81 +759,109 @@ impl Llama {
     }
 
     /// Logits (batch, seq, vocab) for token ids (batch, seq), continuing from `cache` if given.
+    /// One sequence with a cache, on the CPU over frozen weights, takes the batched step with
+    /// one row (`batched.rs`); anything else the candle layer loop.
     pub fn forward(
         &self,
         ids: &Tensor,
         cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, cache, adapters)?;
-        self.logits(&hidden)
+        self.forward_for(ids, cache, adapters, Outputs::All)
     }
 
-    /// The final normalized hidden states (batch, seq, hidden).
+    /// Logits (batch, vocab) of the last position only, as [`Self::forward`] computes them:
+    /// a prompt's forward in decoding, which needs no logits for the other positions (the head
+    /// is a fifth of a SmolLM-135M-sized model's prefill work).
+    pub fn forward_last(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        adapters: &[ActiveAdapter],
+    ) -> Result<Tensor> {
+        self.forward_for(ids, cache, adapters, Outputs::Last)
+    }
+
+    /// [`Self::forward`] with logits for the positions `outputs` names.
+    fn forward_for(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        adapters: &[ActiveAdapter],
+        outputs: Outputs,
+    ) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        if seq == 0 {
+            return Err(Error::Msg("a forward needs at least one token".into()));
+        }
+        let packs = if batch == 1 && cache.is_some() && self.steps_on_host() {
+            self.packs_of(adapters)?
+        } else {
+            None
+        };
+        match (cache, packs) {
+            (Some(cache), Some(adapters)) => {
+                let tokens = ids.flatten_all()?.to_vec1::<u32>()?;
+                let mut rows = [PackedRow {
+                    tokens: &tokens,
+                    cache,
+                    adapters,
+                }];
+                let logits = self.step(&mut rows, outputs)?;
+                match outputs {
+                    Outputs::All => Ok(logits.unsqueeze(0)?),
+                    Outputs::Last => Ok(logits),
+                }
+            }
+            (cache, _) => {
+                let hidden = self.hidden_states(ids, cache, adapters)?;
+                match outputs {
+                    Outputs::All => self.logits(&hidden),
+                    Outputs::Last => self.logits(&hidden.narrow(1, seq - 1, 1)?.squeeze(1)?),
+                }
+            }
+        }
+    }
+
+    /// The packs of `adapters` with their weights, or `None` when one cannot be packed.
+    fn packs_of(&self, adapters: &[ActiveAdapter]) -> Result<Option<RowAdapters>> {
+        let base = |slot| self.slot_base(slot);
+        let mut packs = Vec::with_capacity(adapters.len());
+        for a in adapters {
+            match a.pack(&self.packs, &base)? {
+                Some(pack) => packs.push((pack, a.weight)),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(packs))
+    }
+
+    /// The final normalized hidden states (batch, seq, hidden), by the candle layer loop.
     pub fn hidden_states(
         &self,
         ids: &Tensor,
         cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
     ) -> Result<Tensor> {
-        let (batch, seq) = ids.dims2()?;
+        let seq = ids.dims2()?.1;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))?;
+        let mut x = self.embed(ids)?;
         let tables = self.rope.tables(past, seq)?;
-        // A decoding step whose passes read an unmerged adapter's packed factors runs with the
-        // pool's other threads awake, which load each pass's A before it (see
-        // `lowrank_kernels::decode_team`). A 4-bit base or `--compute-dtype bf16` takes the
-        // per-module path, which has no use for them: the first adapted layer tells.
-        let decoding = batch == 1 && seq == 1 && cache.is_some();
-        let reads_packed_factors = || {
-            adapters
-                .iter()
-                .filter_map(ActiveAdapter::first_decode_slot)
-                .any(|slot| {
-                    self.layers
-                        .get(slot / PROJ_NAMES.len())
-                        .is_some_and(|layer| !decode_inputs(&layer.projs(), adapters).is_empty())
-                })
-        };
-        let x = if decoding && reads_packed_factors() {
-            lowrank_kernels::with_helpers(|team| {
-                self.layers_forward(x, &tables, cache, adapters, Some(team))
-            })?
-        } else {
-            self.layers_forward(x, &tables, cache, adapters, None)?
-        };
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
-    }
-
-    /// Every decoder layer over x, continuing from `cache` if given.
-    fn layers_forward<'a>(
-        &'a self,
-        mut x: Tensor,
-        tables: &RopeTables,
-        mut cache: Option<&mut KvCache>,
-        adapters: &'a [ActiveAdapter],
-        team: Option<&DecodeTeam<'a>>,
-    ) -> Result<Tensor> {
+        let mut cache = cache;
         for (i, layer) in self.layers.iter().enumerate() {
-            warm_inputs(team, &[&layer.q, &layer.k, &layer.v], adapters);
             // No mask: causal (and windowed) attention, done by the fused kernel.
             x = self.layer_forward_impl(
                 i,
                 layer,
                 &x,
-                tables,
+                &tables,
                 None,
                 cache.as_deref_mut(),
                 adapters,
                 None,
-                team,
             )?;
         }
-        Ok(x)
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// The output head's weight (vocab × hidden): lm_head, or the embedding when tied.
@@ -1042,16 +880,20 @@ impl Llama {
         lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden)
     }
 
-    /// Stores the decoder layers' frozen linear weights and the output head in `dtype` for
-    /// inference — bf16: half the memory and half the bytes each decoding step reads, products
-    /// still accumulated in f32. Embedding lookups and norms stay as they are, 4-bit layers
-    /// stay 4-bit, and adapters must be merged before (merging into bf16 is refused).
+    /// Stores the decoder layers' frozen linear weights, the embedding table and the output
+    /// head in `dtype` for inference — bf16: half the memory and half the bytes each decoding
+    /// step reads, products still accumulated in f32 (a tied head is the embedding table, kept
+    /// once). Embedding lookups widen their rows to f32; norms stay as they are, 4-bit layers
+    /// stay 4-bit (so over a 4-bit base this halves the embedding and head), and adapters must
+    /// be merged before (merging into bf16 is refused).
     pub fn cast_for_inference(&mut self, dtype: DType) -> Result<()> {
+        self.packs.clear();
         for layer in &mut self.layers {
             for proj in layer.projs_mut() {
                 proj.linear.cast_base(dtype)?;
             }
         }
+        self.embed = self.embed.to_dtype(dtype)?;
         let head = self.head_weight();
         self.head_for_inference = (head.dtype() != dtype)
             .then(|| head.to_dtype(dtype))
@@ -1064,6 +906,7 @@ impl Llama {
     /// bf16, its matmuls fed bf16 inputs with f32 accumulation (see
     /// `AdaptedLinear::compute_in_bf16`). Embeddings, norms and the head stay as they are.
     pub fn compute_in_bf16(&mut self) -> Result<()> {
+        self.packs.clear();
         for layer in &mut self.layers {
             for proj in layer.projs_mut() {
                 proj.linear.compute_in_bf16()?;
@@ -1072,26 +915,22 @@ impl Llama {
         Ok(())
     }
 
-    /// Decoder layer `index`: with `dropout_seed`, in training mode (LoRA dropout); with
-    /// `team`, as part of a decoding step whose helpers load each pass's A factors first.
+    /// Decoder layer `index`: with `dropout_seed`, in training mode (LoRA dropout).
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward_impl<'a>(
-        &'a self,
+    fn layer_forward_impl(
+        &self,
         index: usize,
-        layer: &'a Layer,
+        layer: &Layer,
         x: &Tensor,
         rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
-        adapters: &'a [ActiveAdapter],
+        adapters: &[ActiveAdapter],
         dropout_seed: Option<u64>,
-        team: Option<&DecodeTeam<'a>>,
     ) -> Result<Tensor> {
         let proj = |p: &Proj, x: &Tensor, n: u64| {
             p.forward_train(x, adapters, dropout_seed.map(|s| s.wrapping_add(n)))
         };
-        // Projections of one input share a pass only outside training (no dropout masks).
-        let fuse_adapters = dropout_seed.is_none().then_some(adapters);
         let c = &self.config;
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -1099,23 +938,11 @@ impl Llama {
 
         let normed = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
         let split_heads = |t: Tensor, n: usize| lowrank_kernels::split_heads(&t, n);
-        let fused = match fuse_adapters {
-            Some(adapters) => project_one_row(&[&layer.q, &layer.k, &layer.v], &normed, adapters)?,
-            None => None,
-        };
-        if fused.is_some() {
-            // Attention comes next, the longest stretch without a pass: long enough to load
-            // gate's and up's A as well as o's.
-            warm_inputs(team, &[&layer.o, &layer.gate, &layer.up], adapters);
-        }
-        let (q, k, v) = match fused.as_deref() {
-            Some([q, k, v]) => (q.clone(), k.clone(), v.clone()),
-            _ => (
-                proj(&layer.q, &normed, 0)?,
-                proj(&layer.k, &normed, 1)?,
-                proj(&layer.v, &normed, 2)?,
-            ),
-        };
+        let (q, k, v) = (
+            proj(&layer.q, &normed, 0)?,
+            proj(&layer.k, &normed, 1)?,
+            proj(&layer.v, &normed, 2)?,
+        );
         let q = split_heads(q, heads)?;
         let k = split_heads(k, kv_heads)?;
         let v = split_heads(v, kv_heads)?;
@@ -1125,7 +952,7 @@ impl Llama {
             let attn = lowrank_kernels::merge_heads(
                 &cache.append(index, k, v)?.attend(&q, c.sliding_window)?,
             )?;
-            return self.layer_rest(layer, x, &attn, &proj, fuse_adapters, team);
+            return self.layer_rest(layer, x, &attn, &proj);
         }
         let total = k.dim(2)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
@@ -1158,46 +985,22 @@ impl Llama {
             }
         };
         let attn = lowrank_kernels::merge_heads(&attn)?;
-        self.layer_rest(layer, x, &attn, &proj, fuse_adapters, team)
+        self.layer_rest(layer, x, &attn, &proj)
     }
 
     /// The layer after attention: output projection, residual, MLP, residual. `proj` applies
     /// one of the layer's projections (numbered for dropout seeds).
-    fn layer_rest<'a>(
+    fn layer_rest(
         &self,
-        layer: &'a Layer,
+        layer: &Layer,
         x: &Tensor,
         attn: &Tensor,
         proj: &dyn Fn(&Proj, &Tensor, u64) -> Result<Tensor>,
-        fuse_adapters: Option<&'a [ActiveAdapter]>,
-        team: Option<&DecodeTeam<'a>>,
     ) -> Result<Tensor> {
-        // A single projection takes the one-row pass too: for an unmerged adapter it reads
-        // the decoding slices, not the factor tensors (0.3% of a token, in-process).
-        let single = |p: &Proj, x: &Tensor, n: u64| -> Result<Tensor> {
-            let one_row = match fuse_adapters {
-                Some(adapters) => project_one_row(&[p], x, adapters)?,
-                None => None,
-            };
-            match one_row.and_then(|mut y| y.pop()) {
-                Some(y) => Ok(y),
-                None => proj(p, x, n),
-            }
-        };
-        let x = (x + single(&layer.o, attn, 3)?)?;
+        let x = (x + proj(&layer.o, attn, 3)?)?;
         let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-        let fused = match fuse_adapters {
-            Some(adapters) => project_one_row(&[&layer.gate, &layer.up], &normed, adapters)?,
-            None => None,
-        };
-        if let (Some(_), Some(adapters)) = (&fused, fuse_adapters) {
-            warm_inputs(team, &[&layer.down], adapters);
-        }
-        let (gate, up) = match fused.as_deref() {
-            Some([gate, up]) => (gate.clone(), up.clone()),
-            _ => (proj(&layer.gate, &normed, 4)?, proj(&layer.up, &normed, 5)?),
-        };
-        let mlp = single(&layer.down, &lowrank_kernels::swiglu(&gate, &up)?, 6)?;
+        let (gate, up) = (proj(&layer.gate, &normed, 4)?, proj(&layer.up, &normed, 5)?);
+        let mlp = proj(&layer.down, &lowrank_kernels::swiglu(&gate, &up)?, 6)?;
         Ok((x + mlp)?)
     }
 
@@ -1310,3 +1113,4 @@ impl Llama {
 #[path = "batched.rs"]
 mod batched;
 pub use batched::RowStep;
+use batched::{Outputs, PackedRow, RowAdapters};

@@ -12,6 +12,8 @@ use crate::config::{ModelConfig, RopeScaling};
 pub struct Rope {
     /// 1 × head_dim/2
     inv_freq: Tensor,
+    /// The same frequencies as plain values, for the batched step's tables.
+    inv_freq_values: Vec<f32>,
 }
 
 /// cos and sin for a run of positions, (seq, head_dim) each.
@@ -67,7 +69,8 @@ impl Rope {
         let inv = inverse_frequencies(config);
         let half = inv.len();
         Ok(Rope {
-            inv_freq: Tensor::from_vec(inv, (1, half), device)?,
+            inv_freq: Tensor::from_vec(inv.clone(), (1, half), device)?,
+            inv_freq_values: inv,
         })
     }
 
@@ -86,6 +89,27 @@ impl Rope {
 
     /// Tables for explicit positions (batch, seq) (u32), e.g. restarting at 0 for each sequence
     /// packed into a row: cos and sin of shape (batch, 1, seq, head_dim).
+    /// cos and sin (positions × head_dim, row-major) for each of `positions`, computed as
+    /// [`Self::tables`] computes them (f32 position × frequency, f32 cos and sin), so both
+    /// layer loops rotate by the same values.
+    pub fn host_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let d = 2 * self.inv_freq_values.len();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * d),
+            Vec::with_capacity(positions.len() * d),
+        );
+        for &p in positions {
+            for _ in 0..2 {
+                for f in &self.inv_freq_values {
+                    let angle = p as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        (cos, sin)
+    }
+
     pub fn tables_for(&self, positions: &Tensor) -> Result<RopeTables> {
         let (batch, seq) = positions.dims2()?;
         let half = self.inv_freq.dim(1)?;
@@ -136,6 +160,17 @@ mod tests {
             })
             .unwrap();
         assert!(scaled[mid] < plain[mid] && scaled[mid] > plain[mid] / 8.0);
+    }
+
+    /// The batched step's tables are the candle tables' values, bit for bit.
+    #[test]
+    fn host_tables_equal_the_tensor_tables() {
+        let rope = Rope::new(&config(serde_json::Value::Null), &Device::Cpu).unwrap();
+        let t = rope.tables(5, 3).unwrap();
+        let (cos, sin) = rope.host_tables(&[5, 6, 7]);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(cos, flat(&t.cos));
+        assert_eq!(sin, flat(&t.sin));
     }
 
     #[test]

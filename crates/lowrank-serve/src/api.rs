@@ -56,6 +56,19 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
 }
 
+/// lowrank extension: one adapter of a stack, with a multiplier on its ΔW.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StackedAdapter {
+    pub name: String,
+    #[serde(default = "unit_weight")]
+    pub weight: f64,
+}
+
+fn unit_weight() -> f64 {
+    1.0
+}
+
 /// `POST /v1/completions`
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
@@ -69,6 +82,9 @@ pub struct CompletionRequest {
     /// Answer with the prompt followed by the completion.
     #[serde(default)]
     pub echo: bool,
+    /// lowrank extension: several adapters applied together (their weighted deltas added),
+    /// when `model` names the base.
+    pub adapters: Option<Vec<StackedAdapter>>,
     #[serde(flatten)]
     pub sampling: Sampling,
     /// Every other field, checked against [`COMPLETION_UNSUPPORTED`].
@@ -93,6 +109,7 @@ pub struct ChatRequest {
     pub logprobs: bool,
     /// And this many most likely tokens at each position (0 to 20; needs `logprobs`).
     pub top_logprobs: Option<usize>,
+    pub adapters: Option<Vec<StackedAdapter>>,
     #[serde(flatten)]
     pub sampling: Sampling,
     /// Every other field, checked against [`CHAT_UNSUPPORTED`].

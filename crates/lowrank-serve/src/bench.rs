@@ -1,9 +1,14 @@
 //! `lowrank bench-serve`: a bounded load test on loopback. It writes N random adapters for the
-//! model, starts the server in this process on 127.0.0.1, and sends a fixed number of
-//! requests from concurrent clients spread over 1, 8, 64, ... adapters, reporting throughput,
-//! latency percentiles and the throughput ratio of many adapters to one (S-LoRA holds ≈ 0.9).
+//! model, starts the server in this process on 127.0.0.1 once per weight format (f32, bf16,
+//! 4-bit), and for every (clients, adapters) pair sends a fixed number of streamed requests
+//! from that many closed-loop clients spread over that many adapters. Each scenario reports
+//! aggregate tokens/s, latency percentiles, time to first token, and the roofline: the bytes
+//! and FLOPs of an average step against this machine's read bandwidth and GEMM rate (both
+//! measured in this process before the scenarios), with the share of the tighter bound that
+//! the scenario reached.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,15 +16,27 @@ use candle_core::{Device, Tensor};
 use lowrank_core::lora::{LoraAdapter, LoraConfig, LoraModule};
 use lowrank_core::targets::ModuleSelector;
 use serde_json::json;
+use tokio_stream::StreamExt;
 
 use crate::server::ServeOptions;
+
+/// How the base's weights are stored for one series of scenarios.
+#[derive(Debug, Clone)]
+pub struct BenchWeights {
+    /// As printed: "f32", "bf16", "nf4-dq", …
+    pub name: String,
+    pub bf16_weights: bool,
+    pub quantize: Option<lowrank_core::QuantSpec>,
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub model: String,
+    pub weights: Vec<BenchWeights>,
     pub adapter_counts: Vec<usize>,
-    pub clients: usize,
-    pub requests: usize,
+    pub clients: Vec<usize>,
+    /// Requests per client in each scenario.
+    pub requests_per_client: usize,
     pub max_tokens: usize,
     pub rank: usize,
     /// Hard cap on each scenario's wall time.
@@ -28,20 +45,42 @@ pub struct BenchOptions {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Scenario {
+    pub weights: String,
+    pub clients: usize,
     pub adapters: usize,
     pub requests: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
-    pub requests_per_s: f64,
     pub latency_p50_s: f64,
-    pub latency_p90_s: f64,
     pub latency_p99_s: f64,
-    /// Throughput relative to the one-adapter scenario.
+    pub ttft_p50_s: f64,
+    pub ttft_p99_s: f64,
+    /// Throughput relative to the same weights and clients over one adapter.
     pub ratio_to_one: f64,
+    /// Engine steps, and sequences and tokens (prompt and generated) per step on average.
+    pub steps: u64,
+    pub rows_per_step: f64,
+    pub tokens_per_step: f64,
+    /// Bytes an average step reads: the weights as stored, plus the factors of the distinct
+    /// adapters its rows use.
+    pub bytes_per_step: f64,
+    /// 2 × parameters × tokens (linears, head and adapters; attention left out).
+    pub flops_per_step: f64,
+    /// The step time bytes / bandwidth and FLOPs / GEMM rate give, and which is longer.
+    pub memory_bound_ms: f64,
+    pub compute_bound_ms: f64,
+    pub bound: &'static str,
+    /// steps × the tighter bound ÷ wall time: how close the scenario came to the roofline.
+    pub share_of_bound: f64,
+    /// The host's 1-minute load average after the scenario (other processes share the cores).
+    pub load_average: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
+    /// Read bandwidth (GB/s) and f32 GEMM rate (GFLOP/s) measured before the scenarios.
+    pub read_gb_s: f64,
+    pub gemm_gflop_s: f64,
     pub scenarios: Vec<Scenario>,
     /// Mean time to read and check one adapter from disk.
     pub adapter_load_ms: f64,
@@ -93,11 +132,115 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Bytes per second the pool's threads stream from a 1 GiB buffer (one long sum each), best
+/// of three.
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let data = vec![1f32; 1 << 28];
+    let per_thread = data.len().div_ceil(rayon::current_num_threads());
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let total: f32 = data
+            .par_chunks(per_thread)
+            .map(|chunk| {
+                let mut acc = [0f32; 16];
+                for block in chunk.chunks_exact(16) {
+                    for (a, x) in acc.iter_mut().zip(block) {
+                        *a += x;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(total);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (data.len() * 4) as f64 / best
+}
+
+/// FLOP/s of the f32 GEMM (candle's matmul over the pool) at a layer's prefill shape, best of
+/// five.
+fn gemm_rate() -> Result<f64, String> {
+    let err = |e: candle_core::Error| e.to_string();
+    let (m, k, n) = (512, 576, 1536);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).map_err(err)?;
+    let w = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu).map_err(err)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        std::hint::black_box(x.matmul(&w).map_err(err)?);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best)
+}
+
+/// The host's 1-minute load average (0 where /proc/loadavg cannot be read).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// What one streamed request took: latency, time to its first text, tokens generated.
+struct Outcome {
+    latency: f64,
+    ttft: f64,
+    tokens: u64,
+}
+
+/// Sends one streamed completion and reads it to the end.
+async fn streamed(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> Option<Outcome> {
+    let start = Instant::now();
+    let resp = http.post(url).json(body).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let mut stream = resp.bytes_stream();
+    let (mut ttft, mut tokens, mut pending) = (None, 0, String::new());
+    while let Some(chunk) = stream.next().await {
+        pending.push_str(&String::from_utf8_lossy(&chunk.ok()?));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            if ttft.is_none()
+                && v["choices"][0]["text"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+            {
+                ttft = Some(start.elapsed().as_secs_f64());
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n;
+            }
+        }
+    }
+    let latency = start.elapsed().as_secs_f64();
+    Some(Outcome {
+        latency,
+        ttft: ttft.unwrap_or(latency),
+        tokens,
+    })
+}
+
+/// What the roofline needs of a model: parameters and bytes a step reads besides adapters.
+struct ModelCost {
+    params: f64,
+    weight_bytes: f64,
+}
+
 pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     let dir =
         lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(|e| e.to_string())?;
     let model = lowrank_models::Llama::load(&dir, &Device::Cpu).map_err(|e| e.to_string())?;
     let max_count = opts.adapter_counts.iter().copied().max().unwrap_or(1);
+    let max_clients = opts.clients.iter().copied().max().unwrap_or(1);
     let root = tempfile::tempdir().map_err(|e| e.to_string())?;
     eprintln!("writing {max_count} adapters (rank {}) ...", opts.rank);
     write_adapters(&model, root.path(), max_count, opts.rank)?;
@@ -118,18 +261,35 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         .filter_map(|f| std::fs::metadata(root.path().join("tenant-0000").join(f)).ok())
         .map(|m| m.len())
         .sum();
+    // One adapter's factors: rank × (in + out) f32 values for each q and v projection.
+    let adapter_params: f64 = linears
+        .iter()
+        .filter(|l| l.name.ends_with("q_proj") || l.name.ends_with("v_proj"))
+        .map(|l| (opts.rank * (l.in_features + l.out_features)) as f64)
+        .sum();
+    let head_params = (model.config().vocab_size * model.config().hidden_size) as f64;
     drop(model);
 
+    eprintln!("measuring read bandwidth and the GEMM rate ...");
+    let read_bytes_s = read_bandwidth();
+    let gemm_flop_s = gemm_rate()?;
+    eprintln!(
+        "read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s (load average {:.2})",
+        read_bytes_s / 1e9,
+        gemm_flop_s / 1e9,
+        load_average()
+    );
+
     let mut scenarios: Vec<Scenario> = Vec::new();
-    for &count in &opts.adapter_counts {
+    for weights in &opts.weights {
         let serve = ServeOptions {
             model: opts.model.clone(),
             adapters: root.path().to_path_buf(),
             host: "127.0.0.1".into(),
             port: 0,
             api_keys: None,
-            max_batch: opts.clients,
-            max_queue: opts.clients * 4,
+            max_batch: max_clients,
+            max_queue: max_clients * 4,
             max_loaded_adapters: max_count,
             adapter_memory_mb: 1 << 14,
             kv_cache_mb: 4096,
@@ -137,17 +297,26 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             max_body_bytes: 1 << 20,
             request_timeout: opts.time_limit.max(Duration::from_secs(1)),
             // Every client's connection, and the listener's neighbours in the default limit.
-            max_connections: (opts.clients * 2).max(64),
+            max_connections: (max_clients * 2).max(64),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             allow_any_adapter_path: false,
             allow_hub_adapters: false,
             merge: None,
             served_model_name: Some("base".into()),
-            bf16_weights: false,
-            quantize: None,
+            bf16_weights: weights.bf16_weights,
+            quantize: weights.quantize,
         };
+        eprintln!("starting the server over {} weights ...", weights.name);
         let state = crate::build_state(&serve)?;
+        let cost = {
+            let memory = state.engine.model().linear_memory();
+            let head_bytes = head_params * if weights.bf16_weights { 2.0 } else { 4.0 };
+            ModelCost {
+                params: memory.params as f64 + head_params,
+                weight_bytes: memory.bytes as f64 + head_bytes,
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
@@ -156,68 +325,155 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             listener.local_addr().map_err(|e| e.to_string())?
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::serve_on(state, listener, async {
+        let server = tokio::spawn(crate::serve_on(state.clone(), listener, async {
             let _ = stop_rx.await;
         }));
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let deadline = Instant::now() + opts.time_limit;
-        let begin = Instant::now();
-        let mut clients = Vec::new();
-        for _ in 0..opts.clients {
-            let (next, url, total, max_tokens) =
-                (next.clone(), url.clone(), opts.requests, opts.max_tokens);
-            clients.push(tokio::spawn(async move {
-                let http = reqwest::Client::new();
-                let mut out = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= total || Instant::now() > deadline {
-                        return out;
-                    }
-                    let body = json!({"model": format!("tenant-{:04}", i % count), "prompt": format!("request {i} says"),
-                                      "max_tokens": max_tokens, "temperature": 0});
-                    let t = Instant::now();
-                    let Ok(resp) = http.post(&url).json(&body).send().await else { continue };
-                    let Ok(v) = resp.json::<serde_json::Value>().await else { continue };
-                    let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-                    out.push((t.elapsed().as_secs_f64(), tokens));
-                }
-            }));
+        // One request first, so that no scenario pays for the first touch of the weights.
+        let http = reqwest::Client::new();
+        let warm = json!({"model": "base", "prompt": "w3 w4 w5", "max_tokens": 4,
+                          "temperature": 0, "stream": true});
+        streamed(&http, &url, &warm).await;
+        for &clients in &opts.clients {
+            for &count in &opts.adapter_counts {
+                let s = scenario(
+                    opts,
+                    &state,
+                    &url,
+                    weights,
+                    clients,
+                    count,
+                    &cost,
+                    adapter_params,
+                    (read_bytes_s, gemm_flop_s),
+                )
+                .await?;
+                let one = scenarios
+                    .iter()
+                    .find(|o| o.weights == s.weights && o.clients == s.clients && o.adapters == 1);
+                let s = Scenario {
+                    ratio_to_one: one.map_or(1.0, |one| s.tokens_per_s / one.tokens_per_s),
+                    ..s
+                };
+                eprintln!(
+                    "{} weights, {clients} client(s), {count} adapter(s): {:.1} tokens/s, {:.0}% of the {} bound (load {:.2})",
+                    weights.name,
+                    s.tokens_per_s,
+                    100.0 * s.share_of_bound,
+                    s.bound,
+                    s.load_average
+                );
+                scenarios.push(s);
+            }
         }
-        let mut results = Vec::new();
-        for c in clients {
-            results.extend(c.await.map_err(|e| e.to_string())?);
-        }
-        let seconds = begin.elapsed().as_secs_f64();
         let _ = stop_tx.send(());
         server
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        let mut latencies: Vec<f64> = results.iter().map(|r| r.0).collect();
-        latencies.sort_by(f64::total_cmp);
-        let tokens: u64 = results.iter().map(|r| r.1).sum();
-        let tokens_per_s = tokens as f64 / seconds;
-        let ratio_to_one = scenarios
-            .first()
-            .map_or(1.0, |one| tokens_per_s / one.tokens_per_s);
-        let s = Scenario {
-            adapters: count,
-            requests: results.len(),
-            seconds,
-            tokens_per_s,
-            requests_per_s: results.len() as f64 / seconds,
-            latency_p50_s: percentile(&latencies, 0.5),
-            latency_p90_s: percentile(&latencies, 0.9),
-            latency_p99_s: percentile(&latencies, 0.99),
-            ratio_to_one,
-        };
-        eprintln!("{count} adapter(s): {:.1} tokens/s", s.tokens_per_s);
-        scenarios.push(s);
     }
     Ok(BenchReport {
+        read_gb_s: read_bytes_s / 1e9,
+        gemm_gflop_s: gemm_flop_s / 1e9,
         scenarios,
         adapter_load_ms,
         adapter_bytes,
+    })
+}
+
+/// One scenario: `clients` closed-loop clients over `count` adapters against a running server.
+#[allow(clippy::too_many_arguments)]
+async fn scenario(
+    opts: &BenchOptions,
+    state: &Arc<crate::server::AppState>,
+    url: &str,
+    weights: &BenchWeights,
+    clients: usize,
+    count: usize,
+    cost: &ModelCost,
+    adapter_params: f64,
+    (read_bytes_s, gemm_flop_s): (f64, f64),
+) -> Result<Scenario, String> {
+    let metrics = &state.metrics;
+    let steps_before = metrics.batch_size.count();
+    let rows_before = metrics.batch_size.sum();
+    let tokens_before = metrics.prompt_tokens.load(Ordering::Relaxed)
+        + metrics.generated_tokens.load(Ordering::Relaxed);
+    let total = clients * opts.requests_per_client;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + opts.time_limit;
+    let begin = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (next, url, max_tokens) = (next.clone(), url.to_string(), opts.max_tokens);
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total || Instant::now() > deadline {
+                    return out;
+                }
+                // Sixteen words of a word-level vocabulary (a real tokenizer splits them too).
+                let prompt: Vec<String> = (0..16).map(|j| format!("w{}", 3 + (i * 16 + j) % 4000)).collect();
+                let body = json!({"model": format!("tenant-{:04}", i % count), "prompt": prompt.join(" "),
+                                  "max_tokens": max_tokens, "temperature": 0, "stream": true,
+                                  "stream_options": {"include_usage": true}});
+                if let Some(o) = streamed(&http, &url, &body).await {
+                    out.push(o);
+                }
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.extend(t.await.map_err(|e| e.to_string())?);
+    }
+    let seconds = begin.elapsed().as_secs_f64();
+    let mut latencies: Vec<f64> = results.iter().map(|r| r.latency).collect();
+    latencies.sort_by(f64::total_cmp);
+    let mut ttfts: Vec<f64> = results.iter().map(|r| r.ttft).collect();
+    ttfts.sort_by(f64::total_cmp);
+    let tokens: u64 = results.iter().map(|r| r.tokens).sum();
+    let steps = metrics.batch_size.count() - steps_before;
+    let rows = metrics.batch_size.sum() - rows_before;
+    let fed = metrics.prompt_tokens.load(Ordering::Relaxed)
+        + metrics.generated_tokens.load(Ordering::Relaxed)
+        - tokens_before;
+    let per_step = |v: f64| if steps == 0 { 0.0 } else { v / steps as f64 };
+    let rows_per_step = per_step(rows);
+    let tokens_per_step = per_step(fed as f64);
+    // The distinct adapters of a step: one per row at most.
+    let adapters_per_step = rows_per_step.min(count as f64);
+    let bytes_per_step = cost.weight_bytes + 4.0 * adapter_params * adapters_per_step;
+    let flops_per_step = 2.0 * (cost.params + adapter_params) * tokens_per_step;
+    let memory_bound = bytes_per_step / read_bytes_s;
+    let compute_bound = flops_per_step / gemm_flop_s;
+    let (bound, tighter) = if memory_bound >= compute_bound {
+        ("memory", memory_bound)
+    } else {
+        ("compute", compute_bound)
+    };
+    Ok(Scenario {
+        weights: weights.name.clone(),
+        clients,
+        adapters: count,
+        requests: results.len(),
+        seconds,
+        tokens_per_s: tokens as f64 / seconds,
+        latency_p50_s: percentile(&latencies, 0.5),
+        latency_p99_s: percentile(&latencies, 0.99),
+        ttft_p50_s: percentile(&ttfts, 0.5),
+        ttft_p99_s: percentile(&ttfts, 0.99),
+        ratio_to_one: 1.0,
+        steps,
+        rows_per_step,
+        tokens_per_step,
+        bytes_per_step,
+        flops_per_step,
+        memory_bound_ms: memory_bound * 1e3,
+        compute_bound_ms: compute_bound * 1e3,
+        bound,
+        share_of_bound: steps as f64 * tighter / seconds,
+        load_average: load_average(),
     })
 }

@@ -69,7 +69,8 @@ pub enum EngineError {
 /// One sequence to generate. An HTTP request asking for `n` choices submits `n` of them.
 pub struct Request {
     pub prompt: Vec<u32>,
-    pub adapter: Option<AdapterLease>,
+    /// The adapters applied to this sequence, each with a multiplier on its ΔW; none = the base.
+    pub adapters: Vec<(AdapterLease, f64)>,
     /// 0 only to score the prompt (`echo` with `max_tokens` 0).
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -107,6 +108,7 @@ pub enum SubmitError {
 
 /// The handle the HTTP layer submits to.
 pub struct Engine {
+    model: Arc<Llama>,
     jobs: std::sync::Mutex<Option<Sender<Request>>>,
     /// Requests submitted and not finished (waiting + running).
     pending: Arc<AtomicUsize>,
@@ -145,7 +147,7 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
-            model,
+            model: model.clone(),
             tokenizer,
             config: config.clone(),
             metrics,
@@ -166,12 +168,18 @@ impl Engine {
             })
             .expect("spawn the engine thread");
         Engine {
+            model,
             jobs: std::sync::Mutex::new(Some(tx)),
             pending,
             config,
             kv_bytes_per_token,
             thread: std::sync::Mutex::new(Some(thread)),
         }
+    }
+
+    /// The model the engine runs.
+    pub fn model(&self) -> &Arc<Llama> {
+        &self.model
     }
 
     /// Submits the sequences of one HTTP request: all are admitted, or none.
@@ -468,7 +476,12 @@ impl Worker {
                 rows.push(RowStep {
                     tokens,
                     cache: &mut s.cache,
-                    adapter: s.req.adapter.as_ref().map(AdapterLease::adapter),
+                    adapters: s
+                        .req
+                        .adapters
+                        .iter()
+                        .map(|(a, w)| (a.adapter(), *w))
+                        .collect(),
                 });
             }
         }
@@ -541,9 +554,9 @@ fn score_chunk(model: &Llama, s: &mut Sequence, tokens: &[u32]) -> lowrank_core:
     model.check_ids(tokens)?;
     let active: Vec<ActiveAdapter> = s
         .req
-        .adapter
+        .adapters
         .iter()
-        .map(|a| ActiveAdapter::new(a.adapter()))
+        .map(|(a, w)| ActiveAdapter::weighted(a.adapter(), *w))
         .collect();
     let ids = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
     let rows = model

@@ -27,6 +27,9 @@ use crate::metrics::Metrics;
 use crate::registry::{validate_id, AdapterLease, AdapterRegistry, RegistryError};
 use crate::render::{self, ChunkHeader, CompletionRender, Echo, Events, StreamRender};
 
+/// The most adapters one request may stack.
+const MAX_STACKED: usize = 8;
+
 /// Request limits enforced before anything reaches the engine.
 #[derive(Debug, Clone)]
 pub struct RequestLimits {
@@ -196,6 +199,62 @@ impl AppState {
         }
     }
 
+    /// The adapters a request asks for with their weights: the stack in `adapters` (over the
+    /// base), or the one adapter [`Self::resolve`] finds.
+    fn resolve_stack(
+        &self,
+        grant: Option<&Grant>,
+        model: Option<&str>,
+        adapter: Option<&str>,
+        stack: Option<&[StackedAdapter]>,
+    ) -> Result<(String, Vec<(AdapterLease, f64)>), ApiError> {
+        let Some(stack) = stack else {
+            let (name, one) = self.resolve(grant, model, adapter)?;
+            return Ok((name, one.into_iter().map(|a| (a, 1.0)).collect()));
+        };
+        if model.is_some_and(|m| m != self.base_name) || adapter.is_some() {
+            return Err(ApiError::bad(format!(
+                "`adapters` stacks adapters over the base: `model` must be {:?} or absent, without `adapter`",
+                self.base_name
+            )));
+        }
+        if stack.is_empty() || stack.len() > MAX_STACKED {
+            return Err(ApiError::bad(format!(
+                "`adapters` takes 1 to {MAX_STACKED} adapters"
+            )));
+        }
+        let mut adapters = Vec::with_capacity(stack.len());
+        for s in stack {
+            if !s.weight.is_finite() {
+                return Err(ApiError::bad(format!(
+                    "`adapters`: the weight of {:?} must be a finite number",
+                    s.name
+                )));
+            }
+            match self.resolve(grant, Some(&s.name), None)? {
+                (_, Some(a)) => adapters.push((a, s.weight)),
+                (_, None) => {
+                    return Err(ApiError::bad(
+                        "`adapters` names adapters; the base is always there",
+                    ))
+                }
+            }
+        }
+        let reweighted = adapters.len() > 1 || adapters[0].1 != 1.0;
+        let dora = |a: &AdapterLease| a.adapter().modules.values().any(|m| m.magnitude.is_some());
+        if let Some((s, _)) = stack
+            .iter()
+            .zip(&adapters)
+            .find(|(_, (a, _))| reweighted && dora(a))
+        {
+            let name = &s.name;
+            return Err(ApiError::bad(format!(
+                "`adapters`: {name:?} is a DoRA adapter, which cannot be stacked with others or re-weighted"
+            )));
+        }
+        Ok((self.base_name.clone(), adapters))
+    }
+
     /// Reads a request body within the size limit and the body timeout.
     async fn read_body(&self, body: Body) -> Result<Bytes, ApiError> {
         let limit = self.limits.max_body_bytes;
@@ -287,7 +346,7 @@ impl AppState {
         let requests = (0..n)
             .map(|choice| Request {
                 prompt: prompt.clone(),
-                adapter: g.adapter.clone(),
+                adapters: g.adapters.clone(),
                 max_tokens,
                 // Each choice its own draw, as vLLM seeds them (seed + index).
                 sampling: SamplingParams {
@@ -372,7 +431,7 @@ async fn models(
 /// A generation request, checked by [`AppState::start`].
 struct Generation<'a> {
     prompt: Vec<u32>,
-    adapter: Option<AdapterLease>,
+    adapters: Vec<(AdapterLease, f64)>,
     sampling: &'a Sampling,
     default_max_tokens: usize,
     logprobs: Option<usize>,
@@ -425,8 +484,12 @@ async fn completions(
             }
         };
         let logprobs = req.logprobs.map(|k| check_top(k, "logprobs")).transpose()?;
-        let (model, adapter) =
-            state.resolve(grant, req.model.as_deref(), req.adapter.as_deref())?;
+        let (model, adapters) = state.resolve_stack(
+            grant,
+            req.model.as_deref(),
+            req.adapter.as_deref(),
+            req.adapters.as_deref(),
+        )?;
         let ids = state
             .tokenizer
             .encode(&prompt, true)
@@ -434,7 +497,7 @@ async fn completions(
         let n = req.sampling.n.unwrap_or(1);
         let rx = state.start(Generation {
             prompt: ids.clone(),
-            adapter,
+            adapters,
             sampling: &req.sampling,
             default_max_tokens: 16,
             logprobs,
@@ -496,8 +559,12 @@ async fn chat_completions(
         }
         let top_logprobs = check_top(req.top_logprobs.unwrap_or(0), "top_logprobs")?;
         let logprobs = req.logprobs.then_some(top_logprobs);
-        let (model, adapter) =
-            state.resolve(grant, req.model.as_deref(), req.adapter.as_deref())?;
+        let (model, adapters) = state.resolve_stack(
+            grant,
+            req.model.as_deref(),
+            req.adapter.as_deref(),
+            req.adapters.as_deref(),
+        )?;
         let messages: Vec<Message> = req
             .messages
             .iter()
@@ -513,7 +580,7 @@ async fn chat_completions(
         let n = req.sampling.n.unwrap_or(1);
         let rx = state.start(Generation {
             prompt: ids,
-            adapter,
+            adapters,
             sampling: &req.sampling,
             default_max_tokens: 256,
             logprobs,

@@ -148,18 +148,36 @@ fn expected_text_with(
     max_tokens: usize,
     bf16: bool,
 ) -> String {
+    let stack: Vec<(PathBuf, f64)> = adapter
+        .map(|a| (fixtures().join("adapters").join(a), 1.0))
+        .into_iter()
+        .collect();
+    expected_stacked(&stack, prompt, max_tokens, bf16)
+}
+
+/// Greedy text of one sequence decoded alone with the adapter folders of `stack` applied
+/// together at their weights, as `lowrank generate --adapter DIR:WEIGHT …` does.
+fn expected_stacked(
+    stack: &[(PathBuf, f64)],
+    prompt: &str,
+    max_tokens: usize,
+    bf16: bool,
+) -> String {
     let dir = fixtures().join("models/llama-tied");
     let mut model = Llama::load(&dir, &Device::Cpu).unwrap();
     if bf16 {
         model.cast_for_inference(candle_core::DType::BF16).unwrap();
     }
     let tokenizer = Tokenizer::load(&dir).unwrap();
-    let adapter = adapter.map(|a| {
-        model
-            .load_adapter(&fixtures().join("adapters").join(a))
-            .unwrap()
-    });
-    let active: Vec<ActiveAdapter> = adapter.iter().map(ActiveAdapter::new).collect();
+    let adapters: Vec<_> = stack
+        .iter()
+        .map(|(path, _)| model.load_adapter(path).unwrap())
+        .collect();
+    let active: Vec<ActiveAdapter> = adapters
+        .iter()
+        .zip(stack)
+        .map(|(a, (_, w))| ActiveAdapter::weighted(a, *w))
+        .collect();
     let ids = tokenizer.encode(prompt, true).unwrap();
     let stops = lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer).unwrap();
     let mut sampler = Sampler::new(SamplingParams::default());
@@ -1605,5 +1623,127 @@ async fn a_client_gone_during_prefill_is_cancelled_before_its_prompt_is_fed() {
         b["usage"]["prompt_tokens"].as_u64().unwrap(),
         "{metrics}"
     );
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+/// A rank-8 LoRA on every linear of the llama-tied fixture, written under `root/name`.
+fn write_wide_adapter(root: &Path, name: &str) -> PathBuf {
+    use lowrank_core::lora::{LoraAdapter, LoraConfig, LoraModule};
+    let model = Llama::load(&fixtures().join("models/llama-tied"), &Device::Cpu).unwrap();
+    let modules = model
+        .linears()
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let t = |rows: usize, cols: usize, seed: usize| {
+                let v: Vec<f32> = (0..rows * cols)
+                    .map(|k| (((k * 31 + seed * 17 + i * 7) % 61) as f32 - 30.0) / 90.0)
+                    .collect();
+                candle_core::Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            };
+            let module = LoraModule {
+                a: t(8, l.in_features, 1),
+                b: t(l.out_features, 8, 2),
+                magnitude: None,
+                scale: 0.5,
+            };
+            (l.name, module)
+        })
+        .collect();
+    let config = LoraConfig::new(
+        8,
+        4.0,
+        lowrank_core::targets::ModuleSelector::Names(
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    );
+    let dir = root.join(name);
+    LoraAdapter { config, modules }.save(&dir).unwrap();
+    dir
+}
+
+/// A request stacking two adapters of different ranks at weights, batched with one-adapter,
+/// DoRA and base requests, gets the greedy tokens of that stack decoded alone; a DoRA adapter
+/// in a stack, a stack beside `adapter` or naming the base are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stacked_adapters_batch_with_everything_else() {
+    let root = adapter_root();
+    let wide = write_wide_adapter(root.path(), "tenant-wide");
+    let lora = fixtures().join("adapters/llama-tied__lora-qv");
+    let server = Arc::new(Server::start(options(root.path())).await);
+    let stacked = |prompt: &str| {
+        json!({"model": "base", "prompt": prompt, "max_tokens": 16, "temperature": 0,
+               "adapters": [{"name": "tenant-lora", "weight": 0.7}, {"name": "tenant-wide", "weight": 0.3}]})
+    };
+    let mut tasks = Vec::new();
+    for body in [
+        stacked("The quick cat"),
+        completion("tenant-lora", "The quick cat", 16),
+        completion("tenant-dora", "A dog runs", 16),
+        stacked("Birds sing in the morning"),
+        completion("base", "The quick cat", 16),
+    ] {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            server.post("/v1/completions", body).await
+        }));
+    }
+    let stack = [(lora.clone(), 0.7), (wide.clone(), 0.3)];
+    let want = [
+        expected_stacked(&stack, "The quick cat", 16, false),
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 16),
+        expected_text(Some("llama-tied__dora"), "A dog runs", 16),
+        expected_stacked(&stack, "Birds sing in the morning", 16, false),
+        expected_text(None, "The quick cat", 16),
+    ];
+    for (i, (task, want)) in tasks.into_iter().zip(want).enumerate() {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert_eq!(body["choices"][0]["text"], want, "request {i}");
+    }
+    assert_ne!(
+        expected_stacked(&stack, "The quick cat", 16, false),
+        expected_text(Some("llama-tied__lora-qv"), "The quick cat", 16),
+        "the stack changes the answer"
+    );
+    for (adapters, extra, needle) in [
+        (
+            json!([{"name": "tenant-dora"}, {"name": "tenant-lora"}]),
+            json!({}),
+            "DoRA",
+        ),
+        (
+            json!([{"name": "tenant-dora", "weight": 0.5}]),
+            json!({}),
+            "DoRA",
+        ),
+        (
+            json!([{"name": "tenant-lora"}]),
+            json!({"adapter": "tenant-lora"}),
+            "without `adapter`",
+        ),
+        (json!([{"name": "base"}]), json!({}), "names adapters"),
+        (json!([]), json!({}), "1 to 8"),
+    ] {
+        let mut body =
+            json!({"model": "base", "prompt": "x", "max_tokens": 2, "adapters": adapters});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, answer) = server.post("/v1/completions", body).await;
+        assert_eq!(status, 400, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{message}");
+    }
     Arc::try_unwrap(server).ok().unwrap().stop().await;
 }

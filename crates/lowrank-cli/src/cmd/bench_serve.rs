@@ -2,24 +2,30 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
-use lowrank_serve::bench::{run, BenchOptions};
+use anyhow::{anyhow, bail, Result};
+use lowrank_core::QuantSpec;
+use lowrank_quant::QuantType;
+use lowrank_serve::bench::{run, BenchOptions, BenchWeights};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
-    /// Adapter counts to spread the requests over.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,64,512")]
+    /// How the base's weights are stored, one server each: f32, bf16 (--bf16-weights),
+    /// nf4, nf4-dq, fp4, fp4-dq (4-bit at load, blocks of 64; -dq: double quantization).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,nf4-dq")]
+    weights: Vec<String>,
+    /// Adapter counts to spread each scenario's requests over.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
     adapters: Vec<usize>,
-    /// Concurrent clients (and the server's batch size).
-    #[arg(long, default_value_t = 16)]
-    clients: usize,
-    /// Requests per scenario.
-    #[arg(long, default_value_t = 128)]
-    requests: usize,
-    #[arg(long, default_value_t = 32)]
+    /// Concurrent closed-loop clients, one scenario each (the server batches up to the most).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    clients: Vec<usize>,
+    /// Requests each client sends per scenario.
+    #[arg(long, default_value_t = 2)]
+    requests_per_client: usize,
+    #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -30,21 +36,48 @@ pub struct Args {
     json: bool,
 }
 
+/// The storage a `--weights` name asks for.
+fn weights(name: &str) -> Result<BenchWeights> {
+    let four_bit = |kind, double_quant| -> Result<Option<QuantSpec>> {
+        Ok(Some(QuantSpec::new(kind, double_quant, 64)?))
+    };
+    let (bf16_weights, quantize) = match name {
+        "f32" => (false, None),
+        "bf16" => (true, None),
+        "nf4" => (false, four_bit(QuantType::Nf4, false)?),
+        "nf4-dq" => (false, four_bit(QuantType::Nf4, true)?),
+        "fp4" => (false, four_bit(QuantType::Fp4, false)?),
+        "fp4-dq" => (false, four_bit(QuantType::Fp4, true)?),
+        other => bail!("--weights: {other:?} is not one of f32, bf16, nf4, nf4-dq, fp4, fp4-dq"),
+    };
+    Ok(BenchWeights {
+        name: name.to_string(),
+        bf16_weights,
+        quantize,
+    })
+}
+
 pub fn run_cmd(args: Args) -> Result<()> {
     if args.adapters.is_empty()
         || args.adapters.contains(&0)
-        || args.clients == 0
-        || args.requests == 0
+        || args.clients.is_empty()
+        || args.clients.contains(&0)
+        || args.requests_per_client == 0
     {
         return Err(anyhow!(
-            "--adapters, --clients and --requests must be positive"
+            "--adapters, --clients and --requests-per-client must be positive"
         ));
     }
     let opts = BenchOptions {
         model: args.model,
+        weights: args
+            .weights
+            .iter()
+            .map(|w| weights(w))
+            .collect::<Result<_>>()?,
         adapter_counts: args.adapters,
         clients: args.clients,
-        requests: args.requests,
+        requests_per_client: args.requests_per_client,
         max_tokens: args.max_tokens,
         rank: args.rank,
         time_limit: Duration::from_secs(args.time_limit_s),
@@ -57,25 +90,36 @@ pub fn run_cmd(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "adapter load from disk: {:.2} ms ({} bytes each)",
-        report.adapter_load_ms, report.adapter_bytes
+        "adapter load from disk: {:.2} ms ({} bytes each); read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s",
+        report.adapter_load_ms, report.adapter_bytes, report.read_gb_s, report.gemm_gflop_s
     );
     println!(
-        "{:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8}",
-        "adapters", "requests", "seconds", "tokens/s", "p50 s", "p90 s", "p99 s", "vs 1"
+        "{:>7} {:>7} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+        "weights", "clients", "adapters", "requests", "tokens/s", "p50 s", "p99 s", "TTFT p50",
+        "TTFT p99", "vs 1", "rows/st", "MB/step", "GFLOP/st", "mem ms", "comp ms", "share", "load"
     );
     for s in &report.scenarios {
         println!(
-            "{:>8} {:>9} {:>9.2} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>8.2}",
+            "{:>7} {:>7} {:>8} {:>8} {:>9.1} {:>7.2} {:>7.2} {:>8.3} {:>8.3} {:>6.2} {:>7.1} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>5.0}% {:>5.2}",
+            s.weights,
+            s.clients,
             s.adapters,
             s.requests,
-            s.seconds,
             s.tokens_per_s,
             s.latency_p50_s,
-            s.latency_p90_s,
             s.latency_p99_s,
-            s.ratio_to_one
+            s.ttft_p50_s,
+            s.ttft_p99_s,
+            s.ratio_to_one,
+            s.rows_per_step,
+            s.bytes_per_step / 1e6,
+            s.flops_per_step / 1e9,
+            s.memory_bound_ms,
+            s.compute_bound_ms,
+            100.0 * s.share_of_bound,
+            s.load_average
         );
     }
+    println!("share: steps × the tighter of (bytes/bandwidth, FLOPs/GEMM rate) ÷ wall time; the host's other load slows both sides of that ratio differently, so figures on a busy host are lower bounds");
     Ok(())
 }

@@ -1,0 +1,722 @@
+//! The skinny GEMM of a batched inference step: Y (m × out) = X (m × in)·Wᵀ for m = 1…64 rows,
+//! with every row's adapters (LoRA, DoRA, stacked) applied by segments.
+//!
+//! A step over m rows must cost about one pass over the weights, not m: each task takes a
+//! tile of [`TILE_OUT`] output rows of W and, three rows of W at a time, applies them to every
+//! row of X before it moves on, so each row of W comes from memory once and from L1 for the
+//! other rows. A 4-bit or bf16 W is decoded into an f32 buffer three rows at a time — once per
+//! step, for all rows of X. The register block is 3 rows of W × 4 rows of X (12 eight-lane
+//! FMA chains, AVX2+FMA chosen at run time), summed over the whole row before one horizontal
+//! sum per output.
+//!
+//! Adapters follow Punica/S-LoRA's segmented form: a [`Segment`] is one adapter module and the
+//! rows that use it. Before the pass over W, each segment's "shrink" T = scale·X[rows]·Aᵀ
+//! (rows × r) is computed in parallel; inside each tile, after the base product, the segment's
+//! "expand" adds T·B[tile]ᵀ to its rows, so B is read once per step, by the task that owns its
+//! rows. A DoRA segment then scales its rows by m/‖W + sBA‖ per output; the bias comes last.
+
+use half::bf16;
+use lowrank_quant::qtensor::PairLut;
+use lowrank_quant::{AbsmaxState, Quantized4Bit};
+use rayon::prelude::*;
+
+/// Output rows of W per task: eight register blocks of three rows.
+const TILE_OUT: usize = 24;
+/// Rows of W in a register block.
+const BLOCK_W: usize = 3;
+/// Rows of X in a register block.
+const BLOCK_X: usize = 4;
+
+/// A frozen base weight W (out × in, row-major), as stored.
+#[derive(Clone, Copy)]
+pub enum BaseWeights<'a> {
+    F32(&'a [f32]),
+    /// Widened to f32 as it is decoded.
+    Bf16(&'a [bf16]),
+    /// NF4/FP4 codes with their absmax blocks, over the row-major flattening of W: a block may
+    /// straddle two rows or cover several.
+    FourBit(&'a Quantized4Bit),
+}
+
+impl BaseWeights<'_> {
+    /// Values stored (out × in).
+    pub fn len(&self) -> usize {
+        match self {
+            BaseWeights::F32(w) => w.len(),
+            BaseWeights::Bf16(w) => w.len(),
+            BaseWeights::FourBit(q) => q.numel(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One adapter module applied to some rows of a step: y[row] += scale·B·(A·x[row]), and for
+/// DoRA y[row] = column_scale ⊙ (W·x[row] + scale·B·(A·x[row])) before the bias.
+#[derive(Clone, Copy)]
+pub struct Segment<'a> {
+    /// A (r × in), row-major.
+    pub a: &'a [f32],
+    /// B (out × r), row-major.
+    pub b: &'a [f32],
+    /// The module's scale times the weight the row gives the adapter.
+    pub scale: f32,
+    /// The rows of X (indices) this module applies to.
+    pub rows: &'a [usize],
+    /// DoRA's m/‖W + s·BA‖ per output: scales the whole output of these rows, which must
+    /// then have no other segment.
+    pub column_scale: Option<&'a [f32]>,
+}
+
+/// One linear of a step: W, its bias and the adapter segments over the step's rows.
+pub struct StepLinear<'a> {
+    pub weight: BaseWeights<'a>,
+    pub bias: Option<&'a [f32]>,
+    pub segments: Vec<Segment<'a>>,
+}
+
+impl StepLinear<'_> {
+    /// Output features, given the input features.
+    pub fn out_features(&self, in_f: usize) -> usize {
+        self.weight.len().checked_div(in_f).unwrap_or(0)
+    }
+}
+
+/// Each linear's Y (m × out, row-major) for X (m × in_f, row-major) on the skinny path.
+pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<f32>> {
+    let m = x.len().checked_div(in_f).unwrap_or(0);
+    let x_rows: Vec<&[f32]> = x.chunks_exact(in_f.max(1)).collect();
+    let shrunk = shrink(&x_rows, in_f, linears);
+    // Outputs transposed (out × m): a task owns a run of output rows, all of them contiguous.
+    let mut transposed: Vec<Vec<f32>> = linears
+        .iter()
+        .map(|l| vec![0f32; l.out_features(in_f) * m])
+        .collect();
+    let luts: Vec<Option<PairLut>> = linears
+        .iter()
+        .map(|l| match l.weight {
+            BaseWeights::FourBit(q) => Some(q.pair_lut()),
+            _ => None,
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for (part, yt) in transposed.iter_mut().enumerate() {
+        for (t, tile) in yt.chunks_mut((TILE_OUT * m).max(1)).enumerate() {
+            tasks.push((part, t * TILE_OUT, tile));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, (part, o0, tile)| {
+            let linear = &linears[part];
+            let rows_out = tile.len() / m;
+            base_tile(
+                &linear.weight,
+                luts[part].as_ref(),
+                in_f,
+                o0,
+                rows_out,
+                &x_rows,
+                tile,
+                buf,
+            );
+            finish_tile(linear, &shrunk[part], o0, m, tile);
+        });
+    transposed
+        .into_iter()
+        .map(|yt| {
+            let out_f = yt.len() / m.max(1);
+            let mut y = vec![0f32; yt.len()];
+            for (o, column) in yt.chunks_exact(m.max(1)).enumerate() {
+                for (i, v) in column.iter().enumerate() {
+                    y[i * out_f + o] = *v;
+                }
+            }
+            y
+        })
+        .collect()
+}
+
+/// Rows of X per shrink task.
+const SHRINK_ROWS: usize = 16;
+
+/// Every segment's T = scale·X[rows]·Aᵀ (rows × r), by linear and segment, in parallel over
+/// segments and runs of their rows.
+pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<Vec<f32>>> {
+    let mut out: Vec<Vec<Vec<f32>>> = linears
+        .iter()
+        .map(|l| {
+            l.segments
+                .iter()
+                .map(|s| vec![0f32; s.rows.len() * s.a.len().checked_div(in_f).unwrap_or(0)])
+                .collect()
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for (p, ts) in out.iter_mut().enumerate() {
+        for (s, t) in ts.iter_mut().enumerate() {
+            let seg = &linears[p].segments[s];
+            let r = seg.a.len().checked_div(in_f).unwrap_or(0);
+            if r == 0 {
+                continue;
+            }
+            for (c, t) in t.chunks_mut(SHRINK_ROWS * r).enumerate() {
+                jobs.push((
+                    seg,
+                    &seg.rows[c * SHRINK_ROWS..c * SHRINK_ROWS + t.len() / r],
+                    t,
+                ));
+            }
+        }
+    }
+    jobs.into_par_iter().for_each(|(seg, rows, t)| {
+        let r = t.len() / rows.len();
+        let xs: Vec<&[f32]> = rows.iter().map(|&i| x_rows[i]).collect();
+        let out_x: Vec<usize> = (0..xs.len()).map(|i| i * r).collect();
+        dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1, false);
+        t.iter_mut().for_each(|v| *v *= seg.scale);
+    });
+    out
+}
+
+/// The base product of output rows o0..o0 + rows_out for every row of X, into the transposed
+/// tile (element (o, i) at o·m + i), three rows of W at a time; a bf16 or 4-bit W is decoded
+/// into `buf` first.
+#[allow(clippy::too_many_arguments)]
+fn base_tile(
+    w: &BaseWeights,
+    lut: Option<&PairLut>,
+    in_f: usize,
+    o0: usize,
+    rows_out: usize,
+    x_rows: &[&[f32]],
+    tile: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
+    let m = x_rows.len();
+    let out_x: Vec<usize> = (0..m).collect();
+    if let BaseWeights::FourBit(q) = w {
+        if fourbit_rows(q, in_f, o0, rows_out, x_rows, tile, m) {
+            return;
+        }
+    }
+    for g in (0..rows_out).step_by(BLOCK_W) {
+        let nw = BLOCK_W.min(rows_out - g);
+        let span = (o0 + g) * in_f..(o0 + g + nw) * in_f;
+        let rows: &[f32] = match w {
+            BaseWeights::F32(w) => &w[span],
+            BaseWeights::Bf16(w) => {
+                buf.clear();
+                // A bf16 is the high half of an f32: the shift vectorises (`to_f32` does not).
+                buf.extend(
+                    w[span]
+                        .iter()
+                        .map(|v| f32::from_bits((v.to_bits() as u32) << 16)),
+                );
+                &buf[..]
+            }
+            BaseWeights::FourBit(q) => {
+                buf.resize(nw * in_f, 0.0);
+                q.dequantize_range(lut.expect("a 4-bit weight has its table"), span.start, buf);
+                &buf[..]
+            }
+        };
+        // An f32 W is read straight from memory: its next rows are asked for ahead.
+        let stream = matches!(w, BaseWeights::F32(_));
+        dot_tile(
+            rows,
+            in_f,
+            nw,
+            in_f,
+            x_rows,
+            &mut tile[g * m..],
+            &out_x,
+            m,
+            stream,
+        );
+    }
+}
+
+/// Rows of X up to which a 4-bit W is decoded in registers, each group of codes once for all
+/// rows; with more, into a buffer that the f32 blocks read.
+const FOURBIT_DIRECT_ROWS: usize = 4;
+
+/// The base product of a 4-bit W's output rows o0..o0 + nw for up to [`FOURBIT_DIRECT_ROWS`]
+/// rows of X, into the transposed tile, decoding the codes in registers: sixteen codes at a
+/// time looked up in the 16-entry table (two 8-lane permutes and a blend), multiplied into
+/// every row's per-block sums, each block's sums scaled by its absmax once. Needs AVX2+FMA and
+/// rows of a multiple of 16 values (so that every block boundary falls on a byte); returns
+/// false, having done nothing, otherwise.
+fn fourbit_rows(
+    q: &Quantized4Bit,
+    in_f: usize,
+    o0: usize,
+    nw: usize,
+    x_rows: &[&[f32]],
+    tile: &mut [f32],
+    m: usize,
+) -> bool {
+    if m > FOURBIT_DIRECT_ROWS || !in_f.is_multiple_of(16) || !q.block_size().is_multiple_of(16) {
+        return false;
+    }
+    if nw == 0 {
+        return true;
+    }
+    assert!(
+        (o0 + nw) * in_f <= q.numel() && tile.len() >= nw * m,
+        "fourbit_rows: out of range"
+    );
+    assert!(
+        x_rows.iter().all(|x| x.len() >= in_f),
+        "fourbit_rows: a row of x is too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::has_avx2_fma() {
+            let x = |c: usize| x_rows[c.min(m - 1)].as_ptr();
+            // SAFETY: the CPU has the features; the asserts keep the codes read inside the
+            // weight, the rows of x inside their slices, and the writes inside the tile.
+            unsafe {
+                match m {
+                    1 => fourbit_rows_avx2::<1, 4>(q, in_f, o0, nw, [x(0)], tile),
+                    2 => fourbit_rows_avx2::<2, 4>(q, in_f, o0, nw, [x(0), x(1)], tile),
+                    3 => fourbit_rows_avx2::<3, 2>(q, in_f, o0, nw, [x(0), x(1), x(2)], tile),
+                    _ => fourbit_rows_avx2::<4, 2>(q, in_f, o0, nw, [x(0), x(1), x(2), x(3)], tile),
+                }
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// [`fourbit_rows`] for C rows of X, with S sums in flight per row (an even number).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; in_f and the block size multiples of 16, rows o0..o0 + nw
+/// inside the weight, each x[c] in_f values and the tile nw × C values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fourbit_rows_avx2<const C: usize, const S: usize>(
+    q: &Quantized4Bit,
+    in_f: usize,
+    o0: usize,
+    nw: usize,
+    x: [*const f32; C],
+    tile: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let code = q.code();
+    let (low, high) = (
+        _mm256_loadu_ps(code.as_ptr()),
+        _mm256_loadu_ps(code.as_ptr().add(8)),
+    );
+    let nibble = _mm_set1_epi8(0x0f);
+    let (packed, block) = (q.packed().as_ptr(), q.block_size());
+    // Block sizes are powers of two: the block of a flat index is a shift away.
+    let shift = block.trailing_zeros();
+    // The absmax of every block the rows touch, restored once (double quantization stores
+    // them as 8-bit codes).
+    let first_block = (o0 * in_f) >> shift;
+    let scales = absmax_range(
+        q.absmax(),
+        first_block..(((o0 + nw) * in_f - 1) >> shift) + 1,
+    );
+    for o in 0..nw {
+        let row = (o0 + o) * in_f;
+        let mut acc = [_mm256_setzero_ps(); C];
+        let mut k = 0;
+        while k < in_f {
+            // The block of flat index row + k: blocks run over the flattened weight.
+            let b = (row + k) >> shift;
+            let end = ((b + 1) * block - row).min(in_f);
+            // S independent sums per row of X, so that the FMA latency does not bound the
+            // loop: two (the codes' halves) per group of sixteen, S / 2 groups in flight.
+            let mut part = [[_mm256_setzero_ps(); S]; C];
+            while k < end {
+                let groups = (S / 2).min((end - k) / 16);
+                for g in 0..groups {
+                    let at = k + 16 * g;
+                    // Sixteen codes, high nibble first in each byte.
+                    let bytes = _mm_loadl_epi64(packed.add((row + at) / 2) as *const __m128i);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+                    let lo = _mm_and_si128(bytes, nibble);
+                    let idx = _mm_unpacklo_epi8(hi, lo);
+                    let first = lookup(low, high, _mm256_cvtepu8_epi32(idx));
+                    let second = lookup(low, high, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(idx)));
+                    for c in 0..C {
+                        let sums = &mut part[c];
+                        sums[2 * g] =
+                            _mm256_fmadd_ps(first, _mm256_loadu_ps(x[c].add(at)), sums[2 * g]);
+                        sums[2 * g + 1] = _mm256_fmadd_ps(
+                            second,
+                            _mm256_loadu_ps(x[c].add(at + 8)),
+                            sums[2 * g + 1],
+                        );
+                    }
+                }
+                k += 16 * groups;
+            }
+            let scale = _mm256_set1_ps(*scales.get_unchecked(b - first_block));
+            for c in 0..C {
+                let mut sum = part[c][0];
+                for p in &part[c][1..] {
+                    sum = _mm256_add_ps(sum, *p);
+                }
+                acc[c] = _mm256_fmadd_ps(sum, scale, acc[c]);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            *tile.get_unchecked_mut(o * C + c) += crate::cpu::sum_lanes(*acc);
+        }
+    }
+}
+
+/// The 16-entry table's values (its halves in `low` and `high`) at eight indices. A function
+/// of its own: a closure inside a `target_feature` function is not inlined into it.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn lookup(
+    low: std::arch::x86_64::__m256,
+    high: std::arch::x86_64::__m256,
+    idx: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let from_low = _mm256_permutevar8x32_ps(low, idx);
+    let from_high = _mm256_permutevar8x32_ps(high, idx);
+    // blendv reads each lane's sign: bit 3 of the index, shifted there.
+    let use_high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+    _mm256_blendv_ps(from_low, from_high, use_high)
+}
+
+/// The absmax of blocks `blocks`, restored (double quantization keeps 8-bit codes and one f32
+/// per 256 of them), in one loop without a division per block.
+fn absmax_range(absmax: &AbsmaxState, blocks: std::ops::Range<usize>) -> Vec<f32> {
+    match absmax {
+        AbsmaxState::Plain(a) => a[blocks].to_vec(),
+        AbsmaxState::Double {
+            codes,
+            nested_absmax,
+            offset,
+            nested_block_size,
+            nested_map,
+        } => {
+            let mut out = Vec::with_capacity(blocks.len());
+            let mut b = blocks.start;
+            while b < blocks.end {
+                let nested = b / nested_block_size;
+                let end = ((nested + 1) * nested_block_size).min(blocks.end);
+                let scale = nested_absmax[nested];
+                out.extend(
+                    codes[b..end]
+                        .iter()
+                        .map(|&c| nested_map[c as usize] * scale + offset),
+                );
+                b = end;
+            }
+            out
+        }
+    }
+}
+
+/// Adds each segment's expand to its rows of a transposed tile, scales DoRA rows, adds the
+/// bias.
+fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, tile: &mut [f32]) {
+    let rows_out = tile.len() / m.max(1);
+    for (seg, t) in linear.segments.iter().zip(shrunk) {
+        let r = t.len().checked_div(seg.rows.len()).unwrap_or(0);
+        if r == 0 {
+            continue;
+        }
+        let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
+        let b = &seg.b[o0 * r..(o0 + rows_out) * r];
+        dot_tile(b, r, rows_out, r, &ts, tile, seg.rows, m, false);
+    }
+    for seg in &linear.segments {
+        if let Some(cs) = seg.column_scale {
+            for (o, column) in tile.chunks_exact_mut(m).enumerate() {
+                for &i in seg.rows {
+                    column[i] *= cs[o0 + o];
+                }
+            }
+        }
+    }
+    if let Some(bias) = linear.bias {
+        for (column, b) in tile.chunks_exact_mut(m).zip(&bias[o0..]) {
+            column.iter_mut().for_each(|v| *v += b);
+        }
+    }
+}
+
+/// out[out_x[i] + o·out_w] += Σ_{k < len} w[o·w_stride + k]·xs[i][k] for o < nw and every
+/// row i of `xs`. With `stream` (w read from memory, its rows one after another at the
+/// stride), the first pass over each group of rows asks for the next group's bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_tile(
+    w: &[f32],
+    w_stride: usize,
+    nw: usize,
+    len: usize,
+    xs: &[&[f32]],
+    out: &mut [f32],
+    out_x: &[usize],
+    out_w: usize,
+    stream: bool,
+) {
+    if nw == 0 || xs.is_empty() {
+        return;
+    }
+    assert!(
+        len <= w_stride && (nw - 1) * w_stride + len <= w.len(),
+        "dot_tile: w too small"
+    );
+    assert!(
+        xs.iter().all(|x| x.len() >= len),
+        "dot_tile: a row of x is too short"
+    );
+    assert_eq!(
+        out_x.len(),
+        xs.len(),
+        "dot_tile: one output offset per row of x"
+    );
+    let last = out_x.iter().max().copied().unwrap_or(0) + (nw - 1) * out_w;
+    assert!(last < out.len(), "dot_tile: out too small");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::has_avx2_fma() {
+            // SAFETY: the CPU has the features; the asserts above keep every read inside w and
+            // the rows of x, and every write inside out.
+            return unsafe { dot_tile_avx2(w, w_stride, nw, len, xs, out, out_x, out_w, stream) };
+        }
+    }
+    dot_tile_portable(w, w_stride, nw, len, xs, out, out_x, out_w)
+}
+
+/// [`dot_tile`] without SIMD intrinsics.
+#[allow(clippy::too_many_arguments)]
+fn dot_tile_portable(
+    w: &[f32],
+    w_stride: usize,
+    nw: usize,
+    len: usize,
+    xs: &[&[f32]],
+    out: &mut [f32],
+    out_x: &[usize],
+    out_w: usize,
+) {
+    for o in 0..nw {
+        let row = &w[o * w_stride..o * w_stride + len];
+        for (x, &at) in xs.iter().zip(out_x) {
+            out[at + o * out_w] += crate::cpu::dot_portable(row, &x[..len]);
+        }
+    }
+}
+
+/// Blocks of up to [`BLOCK_W`] rows of w × [`BLOCK_X`] rows of x.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA, and the arguments must pass [`dot_tile`]'s checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_tile_avx2(
+    w: &[f32],
+    w_stride: usize,
+    nw: usize,
+    len: usize,
+    xs: &[&[f32]],
+    out: &mut [f32],
+    out_x: &[usize],
+    out_w: usize,
+    stream: bool,
+) {
+    let mut o = 0;
+    while o < nw {
+        let rw = BLOCK_W.min(nw - o);
+        let wp = w.as_ptr().add(o * w_stride);
+        let mut i = 0;
+        while i < xs.len() {
+            let rx = BLOCK_X.min(xs.len() - i);
+            let xp = |c: usize| xs[i + c.min(rx - 1)].as_ptr();
+            // The next rows of w are asked for while the first rows of x use these.
+            let ahead = stream && i == 0;
+            let sums: [[f32; BLOCK_X]; BLOCK_W] = match (rw, rx) {
+                (3, 4) => widen(block::<3, 4>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2), xp(3)],
+                    len,
+                    ahead,
+                )),
+                (3, 3) => widen(block::<3, 3>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2)],
+                    len,
+                    ahead,
+                )),
+                (3, 2) => widen(block::<3, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (3, _) => widen(block::<3, 1>(wp, w_stride, [xp(0)], len, ahead)),
+                (2, 4) => widen(block::<2, 4>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2), xp(3)],
+                    len,
+                    ahead,
+                )),
+                (2, 3) => widen(block::<2, 3>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2)],
+                    len,
+                    ahead,
+                )),
+                (2, 2) => widen(block::<2, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (2, _) => widen(block::<2, 1>(wp, w_stride, [xp(0)], len, ahead)),
+                (_, 4) => widen(block::<1, 4>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2), xp(3)],
+                    len,
+                    ahead,
+                )),
+                (_, 3) => widen(block::<1, 3>(
+                    wp,
+                    w_stride,
+                    [xp(0), xp(1), xp(2)],
+                    len,
+                    ahead,
+                )),
+                (_, 2) => widen(block::<1, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (_, _) => widen(block::<1, 1>(wp, w_stride, [xp(0)], len, ahead)),
+            };
+            for (r, sums) in sums.iter().enumerate().take(rw) {
+                for (c, s) in sums.iter().enumerate().take(rx) {
+                    *out.get_unchecked_mut(out_x[i + c] + (o + r) * out_w) += s;
+                }
+            }
+            i += rx;
+        }
+        o += rw;
+    }
+}
+
+/// An R × C block's sums in the full [`BLOCK_W`] × [`BLOCK_X`] shape (the rest zero).
+#[inline(always)]
+fn widen<const R: usize, const C: usize>(s: [[f32; C]; R]) -> [[f32; BLOCK_X]; BLOCK_W] {
+    let mut out = [[0f32; BLOCK_X]; BLOCK_W];
+    for (o, s) in out.iter_mut().zip(s) {
+        o[..C].copy_from_slice(&s);
+    }
+    out
+}
+
+/// Σ_k w[r·ws + k]·x[c][k] for r < R, c < C: R·C eight-lane FMA chains over the rows, one
+/// horizontal sum each at the end, the rest past a multiple of eight one by one. With `ahead`,
+/// each step also asks for two cache lines of the R rows that follow (a hint: past the end of
+/// w it does nothing).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; w must hold R rows of `len` at stride `ws`, each x[c] `len`
+/// values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block<const R: usize, const C: usize>(
+    w: *const f32,
+    ws: usize,
+    x: [*const f32; C],
+    len: usize,
+    ahead: bool,
+) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    // The next R rows start R strides on: two cache lines of them per eight columns covers
+    // them (and more) by the end of these rows.
+    let next = w.wrapping_add(R * ws);
+    let mut k = 0;
+    while k + 8 <= len {
+        if ahead {
+            crate::cpu::prefetch_line(next.wrapping_add(4 * k));
+            crate::cpu::prefetch_line(next.wrapping_add(4 * k + 16));
+        }
+        let mut wv = [_mm256_setzero_ps(); R];
+        for (r, wv) in wv.iter_mut().enumerate() {
+            *wv = _mm256_loadu_ps(w.add(r * ws + k));
+        }
+        for c in 0..C {
+            let xv = _mm256_loadu_ps(x[c].add(k));
+            for r in 0..R {
+                acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+            }
+        }
+        k += 8;
+    }
+    let mut sums = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let mut s = crate::cpu::sum_lanes(acc[r][c]);
+            for kk in k..len {
+                s += *w.add(r * ws + kk) * *x[c].add(kk);
+            }
+            sums[r][c] = s;
+        }
+    }
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    /// dot_tile's SIMD and portable paths against f64 sums: every block shape and its edges,
+    /// row lengths around the eight-lane step, output offsets and strides.
+    #[test]
+    fn dot_tile_matches_f64() {
+        for nw in [1, 2, 3, 4, 7] {
+            for nx in [1, 2, 3, 4, 5, 9] {
+                for len in [0, 1, 7, 8, 9, 33, 100] {
+                    let stride = len + 3;
+                    let w = values(nw * stride, nw + len);
+                    let xv: Vec<Vec<f32>> = (0..nx).map(|i| values(len, 50 + i)).collect();
+                    let xs: Vec<&[f32]> = xv.iter().map(|v| v.as_slice()).collect();
+                    let out_x: Vec<usize> = (0..nx).map(|i| 2 * i + 1).collect();
+                    let out_w = 2 * nx + 1;
+                    let size = out_x[nx - 1] + (nw - 1) * out_w + 1;
+                    let start = values(size, 99);
+                    let mut fast = start.clone();
+                    dot_tile(&w, stride, nw, len, &xs, &mut fast, &out_x, out_w, nw > 1);
+                    let mut portable = start.clone();
+                    dot_tile_portable(&w, stride, nw, len, &xs, &mut portable, &out_x, out_w);
+                    for o in 0..nw {
+                        for (i, x) in xs.iter().enumerate() {
+                            let at = out_x[i] + o * out_w;
+                            let want = start[at] as f64
+                                + (0..len)
+                                    .map(|k| w[o * stride + k] as f64 * x[k] as f64)
+                                    .sum::<f64>();
+                            for (path, got) in [("simd", fast[at]), ("portable", portable[at])] {
+                                assert!(
+                                    (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                                    "{path}: nw {nw} nx {nx} len {len} ({o}, {i}): {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
