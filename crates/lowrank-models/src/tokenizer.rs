@@ -9,10 +9,28 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// One chat message.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
+}
+
+impl<'de> serde::Deserialize<'de> for Message {
+    /// From a JSON object only: the derive would also read `["user", "hi"]`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Fields {
+            role: String,
+            content: String,
+        }
+        let map = serde_json::Map::<String, Value>::deserialize(d)?;
+        let f: Fields =
+            serde_json::from_value(Value::Object(map)).map_err(serde::de::Error::custom)?;
+        Ok(Message {
+            role: f.role,
+            content: f.content,
+        })
+    }
 }
 
 /// The byte range `start..end` of the text a token came from.
@@ -110,7 +128,10 @@ impl Tokenizer {
                 ),
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        // Parsed as JSON first: tokenizers 0.22 panics (`expect("Helper")`) on some syntax
+        // errors inside the "decoder" section when it parses the text itself.
+        let json: Value = lowrank_core::files::read_json(&path)?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json)
             .map_err(|e| Error::Msg(format!("{}: cannot read tokenizer: {e}", path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.exists() {
@@ -126,6 +147,8 @@ impl Tokenizer {
         } else {
             serde_json::Map::new()
         };
+        // Checked even when chat_template.jinja takes precedence: a broken field is an error.
+        let config_template = config_template(&config_path, config.get("chat_template"))?;
         let template_file = dir.join("chat_template.jinja");
         let chat_template = if template_file.exists() {
             Some(
@@ -133,7 +156,7 @@ impl Tokenizer {
                     .map_err(|e| Error::io(&template_file, e))?,
             )
         } else {
-            config_template(&config_path, config.get("chat_template"))?
+            config_template
         };
         Ok(Tokenizer {
             inner,
@@ -445,6 +468,37 @@ mod tests {
         }
     }
 
+    /// Found by the fuzz suite: tokenizers panicked (`expect("Helper")`) on a syntax error
+    /// inside the "decoder" section of tokenizer.json.
+    #[test]
+    fn a_broken_tokenizer_json_is_an_error_not_a_panic() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers/llama-style");
+        let text = std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap();
+        let decoder = text.find("\"decoder\"").unwrap();
+        let inside = decoder + text[decoder..].find('{').unwrap() + 1;
+        let broken = format!("{}\"x\" 1,{}", &text[..inside], &text[inside..]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), broken).unwrap();
+        let err = Tokenizer::load(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("invalid JSON"),
+            "{err}"
+        );
+    }
+
+    /// Found by the fuzz suite: `["user", "hi"]` was read as a message.
+    #[test]
+    fn a_message_is_an_object() {
+        let err = serde_json::from_str::<Vec<Message>>(r#"[["user", "hi"]]"#).unwrap_err();
+        assert!(err.to_string().contains("expected a map"), "{err}");
+        let m: Vec<Message> =
+            serde_json::from_str(r#"[{"role": "user", "content": "hi", "name": "x"}]"#).unwrap();
+        assert_eq!((m[0].role.as_str(), m[0].content.as_str()), ("user", "hi"));
+        let err = serde_json::from_str::<Message>(r#"{"role": "user"}"#).unwrap_err();
+        assert!(err.to_string().contains("content"), "{err}");
+    }
+
     /// A tokenizer folder of the llama-style fixture with `config` as tokenizer_config.json.
     fn load_with_config(config: &str) -> Result<Tokenizer> {
         let fixture =
@@ -480,6 +534,20 @@ mod tests {
                 "{config}: {err}"
             );
         }
+        // The field is checked even where chat_template.jinja takes precedence.
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers/qwen-style");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["tokenizer.json", "chat_template.jinja"] {
+            std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": false}"#,
+        )
+        .unwrap();
+        let err = Tokenizer::load(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("`chat_template`"), "{err}");
         let ok = load_with_config(
             r#"{"eos_token": {"content": "</s>"}, "bos_token": null,
                 "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ eos_token }}"}]}"#,

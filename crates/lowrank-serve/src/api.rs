@@ -2,9 +2,31 @@
 //! engine's own types so the JSON shape is pinned by tests here.
 
 use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
 use serde::ser::SerializeMap;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
+
+/// A JSON object read as `T`: serde's derive also reads a struct from an array of its fields in
+/// order (`["user", "hi"]` as a message, `[]` as stream options), which no client means.
+fn object<T: DeserializeOwned, E: serde::de::Error>(map: Map<String, Value>) -> Result<T, E> {
+    serde_json::from_value(Value::Object(map)).map_err(E::custom)
+}
+
+fn objects<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Vec<T>, D::Error> {
+    Vec::<Map<String, Value>>::deserialize(d)?
+        .into_iter()
+        .map(object)
+        .collect()
+}
+
+fn optional_object<'de, D: Deserializer<'de>, T: DeserializeOwned>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Option::<Map<String, Value>>::deserialize(d)?
+        .map(object)
+        .transpose()
+}
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -53,6 +75,7 @@ pub struct Sampling {
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
+    #[serde(default, deserialize_with = "optional_object")]
     pub stream_options: Option<StreamOptions>,
 }
 
@@ -102,6 +125,7 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub model: Option<String>,
+    #[serde(deserialize_with = "objects")]
     pub messages: Vec<ChatMessage>,
     pub adapter: Option<String>,
     /// Report each token's log-probability.
@@ -465,6 +489,24 @@ mod tests {
         assert_eq!(r.messages[0].content, "hello");
         assert_eq!(r.sampling.max_completion_tokens, Some(7));
         assert!(serde_json::from_value::<ChatRequest>(json!({"model": "m"})).is_err());
+    }
+
+    /// Found by the fuzz suite: serde's derive read these structs from arrays too.
+    #[test]
+    fn messages_and_stream_options_are_objects() {
+        for body in [
+            json!({"model": "m", "messages": [["user", "hi"]]}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream_options": []}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream_options": [true]}),
+        ] {
+            let err = serde_json::from_value::<ChatRequest>(body.clone()).unwrap_err();
+            assert!(err.to_string().contains("expected a map"), "{body}: {err}");
+        }
+        let r: ChatRequest = serde_json::from_value(json!({"model": "m", "stream_options": null,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .unwrap();
+        assert_eq!(r.messages[0].content, "hi");
+        assert!(r.sampling.stream_options.is_none());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The shrunk inputs the properties found, kept as plain tests (each failed before its fix).
 
 use candle_core::Device;
+use lowrank_core::lora::LoraAdapter;
 use lowrank_models::Llama;
 use serde_json::Value;
 
@@ -47,5 +48,31 @@ fn generation_config_token_ids_of_the_wrong_type_are_errors() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("generation_config.json"), "{text}: {err}");
+    }
+}
+
+/// An AdaLoRA `init_r` of u64::MAX panicked (capacity overflow) and one of 2^40 aborted: the
+/// kept rank of a module the rank_pattern does not name was counted from a mask of init_r
+/// entries built before the tensors were checked.
+#[test]
+fn a_huge_adalora_init_r_is_an_error_not_a_crash() {
+    let fixture = fixtures().join("adalora/init");
+    let model = Llama::load(&fixtures().join("models/llama-tied"), &Device::Cpu).unwrap();
+    for init_r in [u64::MAX, 1 << 40] {
+        let root = tempfile::tempdir().unwrap();
+        let mut config = fixture_json("adalora/init/adapter_config.json");
+        config["init_r"] = Value::from(init_r);
+        std::fs::write(root.path().join("adapter_config.json"), config.to_string()).unwrap();
+        std::fs::copy(
+            fixture.join("adapter_model.safetensors"),
+            root.path().join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let err = model.load_adapter(root.path()).unwrap_err().to_string();
+        assert!(err.contains("has shape"), "{err}");
+        let err = LoraAdapter::load_standalone(root.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has shape"), "{err}");
     }
 }

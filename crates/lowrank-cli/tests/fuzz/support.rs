@@ -639,6 +639,15 @@ pub fn wrong_types(doc: &Value, schema: &[(&str, &[Ty])]) -> Vec<String> {
         .collect()
 }
 
+/// `faults` of a JSON file's bytes, or `<not JSON>` when they do not parse as a JSON value
+/// (bad syntax, or nested deeper than serde_json allows), which our config readers refuse too.
+pub fn json_faults(bytes: &[u8], faults: impl Fn(&Value) -> Vec<String>) -> Vec<String> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => faults(&v),
+        Err(_) => vec!["<not JSON>".into()],
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // safetensors
 

@@ -365,9 +365,13 @@ impl AdaloraConfig {
             .unwrap_or_else(|| vec![true; self.schedule.init_r])
     }
 
-    /// The kept rank of module `name`.
+    /// The kept rank of module `name`. Counted without building the mask: `init_r` comes from
+    /// the file and is checked against the tensors only after this.
     pub fn rank_for(&self, name: &str) -> usize {
-        self.mask_for(name).iter().filter(|k| **k).count()
+        match self.rank_pattern.as_ref().and_then(|rp| rp.get(name)) {
+            Some(mask) => mask.iter().filter(|k| **k).count(),
+            None => self.schedule.init_r,
+        }
     }
 }
 
