@@ -133,7 +133,7 @@ fn check_adapter(config: &[u8], weights: &[u8]) -> Result<(), TestCaseError> {
     std::fs::write(dir.join("adapter_config.json"), config).unwrap();
     std::fs::write(dir.join("adapter_model.safetensors"), weights).unwrap();
     let before = snapshot(root.path());
-    let must_fail = json_faults(config, |v| config_type_errors(&v));
+    let must_fail = json_faults(config, config_type_errors);
     let dir_name = dir.display().to_string();
     for (how, result) in [
         ("against the model", model().load_adapter(&dir).map(|_| ())),

@@ -149,7 +149,7 @@ fn model_config_json() {
                     apply_bytes(&models[i].config, 0..models[i].config.len(), e, &refs)
                 }
             };
-            let must_fail = json_faults(&config, |v| wrong_types(&v, CONFIG_FIELDS));
+            let must_fail = json_faults(&config, |v| wrong_types(v, CONFIG_FIELDS));
             check_model(
                 &[
                     ("config.json", &config),
@@ -610,7 +610,7 @@ fn generation_config_json() {
                 Err(e) => apply_bytes(&source, 0..source.len(), e, &[]),
             };
             let must_fail = json_faults(&text, |v| {
-                wrong_types(&v, &[("eos_token_id", &[Ty::U32, Ty::U32s, Ty::Null])])
+                wrong_types(v, &[("eos_token_id", &[Ty::U32, Ty::U32s, Ty::Null])])
             });
             let root = tempfile::tempdir().unwrap();
             std::fs::write(root.path().join("generation_config.json"), &text).unwrap();

@@ -161,7 +161,7 @@ fn tokenizer_config_json() {
                 .unwrap(),
                 Err(e) => apply_bytes(&f.config, 0..f.config.len(), e, &text_donors),
             };
-            let must_fail = json_faults(&config, |v| wrong_types(&v, CONFIG_FIELDS));
+            let must_fail = json_faults(&config, |v| wrong_types(v, CONFIG_FIELDS));
             let mut files = files(f);
             replace(&mut files, "tokenizer_config.json", &config);
             if drop_template {
