@@ -26,7 +26,23 @@ struct ShardIndex {
 /// The shard files a `model.safetensors.index.json` lists, each once.
 pub fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
     let idx: ShardIndex = lowrank_core::files::read_json(index)?;
-    Ok(idx.weight_map.into_values().collect())
+    let names: BTreeSet<String> = idx.weight_map.into_values().collect();
+    // Shards sit beside the index: a path (absolute, `..`, a subfolder) would read or download
+    // files outside the checkpoint.
+    if let Some(bad) = names.iter().find(|n| {
+        let mut parts = Path::new(n.as_str()).components();
+        !matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        )
+    }) {
+        return Err(Error::field(
+            index,
+            "weight_map",
+            format!("shard {bad:?} is not a file name in the checkpoint folder"),
+        ));
+    }
+    Ok(names)
 }
 
 /// The safetensors files of a checkpoint folder, memory-mapped.
