@@ -554,6 +554,7 @@ fn sharded_index_json() {
                 "config.json",
                 "../model/config.json",
                 "missing.safetensors",
+                "/missing.safetensors",
                 "/dev/null",
             ]
             .map(Value::from),
