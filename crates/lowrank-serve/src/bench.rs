@@ -35,6 +35,9 @@ pub struct BenchOptions {
     pub weights: Vec<BenchWeights>,
     pub adapter_counts: Vec<usize>,
     pub clients: Vec<usize>,
+    /// Adapters each request stacks (`"adapters": [...]`, equal weights summing to 1), one
+    /// series of scenarios each; stacks of 2 or more run only over counts that large.
+    pub stacks: Vec<usize>,
     /// Requests per client in each scenario.
     pub requests_per_client: usize,
     pub max_tokens: usize,
@@ -48,6 +51,8 @@ pub struct Scenario {
     pub weights: String,
     pub clients: usize,
     pub adapters: usize,
+    /// Adapters each request stacks (1: `model` names one adapter).
+    pub stack: usize,
     pub requests: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
@@ -55,7 +60,8 @@ pub struct Scenario {
     pub latency_p99_s: f64,
     pub ttft_p50_s: f64,
     pub ttft_p99_s: f64,
-    /// Throughput relative to the same weights and clients over one adapter.
+    /// Throughput relative to the same weights and clients over one adapter (a stacked
+    /// scenario: relative to the same adapter count unstacked).
     pub ratio_to_one: f64,
     /// Engine steps, and sequences and tokens (prompt and generated) per step on average.
     pub steps: u64,
@@ -333,30 +339,44 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         let warm = json!({"model": "base", "prompt": "w3 w4 w5", "max_tokens": 4,
                           "temperature": 0, "stream": true});
         streamed(&http, &url, &warm).await;
+        let runs: Vec<(usize, usize)> = opts
+            .stacks
+            .iter()
+            .flat_map(|&stack| {
+                opts.adapter_counts
+                    .iter()
+                    .filter(move |&&count| stack == 1 || count >= stack)
+                    .map(move |&count| (stack, count))
+            })
+            .collect();
         for &clients in &opts.clients {
-            for &count in &opts.adapter_counts {
+            for &(stack, count) in &runs {
                 let s = scenario(
                     opts,
                     &state,
                     &url,
                     weights,
                     clients,
-                    count,
+                    (count, stack),
                     &cost,
                     adapter_params,
                     (read_bytes_s, gemm_flop_s),
                 )
                 .await?;
-                let one = scenarios
-                    .iter()
-                    .find(|o| o.weights == s.weights && o.clients == s.clients && o.adapters == 1);
+                let one = scenarios.iter().find(|o| {
+                    o.weights == s.weights
+                        && o.clients == s.clients
+                        && o.stack == 1
+                        && o.adapters == if stack == 1 { 1 } else { count }
+                });
                 let s = Scenario {
                     ratio_to_one: one.map_or(1.0, |one| s.tokens_per_s / one.tokens_per_s),
                     ..s
                 };
                 eprintln!(
-                    "{} weights, {clients} client(s), {count} adapter(s): {:.1} tokens/s, {:.0}% of the {} bound (load {:.2})",
+                    "{} weights, {clients} client(s), {count} adapter(s){}: {:.1} tokens/s, {:.0}% of the {} bound (load {:.2})",
                     weights.name,
+                    if stack > 1 { format!(", {stack} stacked per request") } else { String::new() },
                     s.tokens_per_s,
                     100.0 * s.share_of_bound,
                     s.bound,
@@ -388,7 +408,7 @@ async fn scenario(
     url: &str,
     weights: &BenchWeights,
     clients: usize,
-    count: usize,
+    (count, stack): (usize, usize),
     cost: &ModelCost,
     adapter_params: f64,
     (read_bytes_s, gemm_flop_s): (f64, f64),
@@ -414,10 +434,20 @@ async fn scenario(
                     return out;
                 }
                 // Sixteen words of a word-level vocabulary (a real tokenizer splits them too).
-                let prompt: Vec<String> = (0..16).map(|j| format!("w{}", 3 + (i * 16 + j) % 4000)).collect();
-                let body = json!({"model": format!("tenant-{:04}", i % count), "prompt": prompt.join(" "),
+                let prompt: Vec<String> = (0..16)
+                    .map(|j| format!("w{}", 3 + (i * 16 + j) % 4000))
+                    .collect();
+                let mut body = json!({"prompt": prompt.join(" "),
                                   "max_tokens": max_tokens, "temperature": 0, "stream": true,
                                   "stream_options": {"include_usage": true}});
+                let tenant = |k: usize| format!("tenant-{:04}", (i + k) % count);
+                if stack == 1 {
+                    body["model"] = tenant(0).into();
+                } else {
+                    body["adapters"] = (0..stack)
+                        .map(|k| json!({"name": tenant(k), "weight": 1.0 / stack as f64}))
+                        .collect();
+                }
                 if let Some(o) = streamed(&http, &url, &body).await {
                     out.push(o);
                 }
@@ -442,10 +472,10 @@ async fn scenario(
     let per_step = |v: f64| if steps == 0 { 0.0 } else { v / steps as f64 };
     let rows_per_step = per_step(rows);
     let tokens_per_step = per_step(fed as f64);
-    // The distinct adapters of a step: one per row at most.
-    let adapters_per_step = rows_per_step.min(count as f64);
+    // The distinct adapters of a step: `stack` per row at most.
+    let adapters_per_step = (rows_per_step * stack as f64).min(count as f64);
     let bytes_per_step = cost.weight_bytes + 4.0 * adapter_params * adapters_per_step;
-    let flops_per_step = 2.0 * (cost.params + adapter_params) * tokens_per_step;
+    let flops_per_step = 2.0 * (cost.params + adapter_params * stack as f64) * tokens_per_step;
     let memory_bound = bytes_per_step / read_bytes_s;
     let compute_bound = flops_per_step / gemm_flop_s;
     let (bound, tighter) = if memory_bound >= compute_bound {
@@ -457,6 +487,7 @@ async fn scenario(
         weights: weights.name.clone(),
         clients,
         adapters: count,
+        stack,
         requests: results.len(),
         seconds,
         tokens_per_s: tokens as f64 / seconds,

@@ -22,6 +22,10 @@ pub struct Args {
     /// Concurrent closed-loop clients, one scenario each (the server batches up to the most).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     clients: Vec<usize>,
+    /// Adapters each request stacks (`"adapters": [...]`, equal weights), one series each;
+    /// stacks above 1 run over the adapter counts at least that large
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    stacks: Vec<usize>,
     /// Requests each client sends per scenario.
     #[arg(long, default_value_t = 2)]
     requests_per_client: usize,
@@ -62,10 +66,12 @@ pub fn run_cmd(args: Args) -> Result<()> {
         || args.adapters.contains(&0)
         || args.clients.is_empty()
         || args.clients.contains(&0)
+        || args.stacks.is_empty()
+        || args.stacks.contains(&0)
         || args.requests_per_client == 0
     {
         return Err(anyhow!(
-            "--adapters, --clients and --requests-per-client must be positive"
+            "--adapters, --clients, --stacks and --requests-per-client must be positive"
         ));
     }
     let opts = BenchOptions {
@@ -77,6 +83,7 @@ pub fn run_cmd(args: Args) -> Result<()> {
             .collect::<Result<_>>()?,
         adapter_counts: args.adapters,
         clients: args.clients,
+        stacks: args.stacks,
         requests_per_client: args.requests_per_client,
         max_tokens: args.max_tokens,
         rank: args.rank,
@@ -94,16 +101,17 @@ pub fn run_cmd(args: Args) -> Result<()> {
         report.adapter_load_ms, report.adapter_bytes, report.read_gb_s, report.gemm_gflop_s
     );
     println!(
-        "{:>7} {:>7} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
-        "weights", "clients", "adapters", "requests", "tokens/s", "p50 s", "p99 s", "TTFT p50",
+        "{:>7} {:>7} {:>8} {:>5} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+        "weights", "clients", "adapters", "stack", "requests", "tokens/s", "p50 s", "p99 s", "TTFT p50",
         "TTFT p99", "vs 1", "rows/st", "MB/step", "GFLOP/st", "mem ms", "comp ms", "share", "load"
     );
     for s in &report.scenarios {
         println!(
-            "{:>7} {:>7} {:>8} {:>8} {:>9.1} {:>7.2} {:>7.2} {:>8.3} {:>8.3} {:>6.2} {:>7.1} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>5.0}% {:>5.2}",
+            "{:>7} {:>7} {:>8} {:>5} {:>8} {:>9.1} {:>7.2} {:>7.2} {:>8.3} {:>8.3} {:>6.2} {:>7.1} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>5.0}% {:>5.2}",
             s.weights,
             s.clients,
             s.adapters,
+            s.stack,
             s.requests,
             s.tokens_per_s,
             s.latency_p50_s,
