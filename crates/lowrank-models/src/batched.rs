@@ -70,6 +70,9 @@ enum Values<'g> {
 struct LayerWeights<'g> {
     input_norm: &'g [f32],
     post_norm: &'g [f32],
+    /// Per-head query and key norms (Qwen3).
+    q_norm: Option<&'g [f32]>,
+    k_norm: Option<&'g [f32]>,
     /// q, k, v, o, gate, up, down: weight and bias.
     projs: [(BaseWeights<'g>, Option<&'g [f32]>); 7],
 }
@@ -200,7 +203,7 @@ impl Llama {
             tensors.push(head);
         }
         for layer in &self.layers {
-            tensors.extend([&layer.input_norm, &layer.post_norm]);
+            tensors.extend(layer.norms().into_iter().map(|(_, w)| w));
             for p in layer.projs() {
                 tensors.extend(p.linear.base().as_dense());
                 tensors.extend(p.linear.bias());
@@ -226,8 +229,16 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
+            // In `Layer::norms` order.
             let input_norm = next_f32(&mut values, "a norm")?;
             let post_norm = next_f32(&mut values, "a norm")?;
+            let mut head_norm = |w: &Option<Tensor>| {
+                w.as_ref()
+                    .map(|_| next_f32(&mut values, "a head norm"))
+                    .transpose()
+            };
+            let q_norm = head_norm(&layer.q_norm)?;
+            let k_norm = head_norm(&layer.k_norm)?;
             let mut projs = Vec::with_capacity(7);
             for p in layer.projs() {
                 let weight = match p.linear.base() {
@@ -244,6 +255,8 @@ impl Llama {
             layers.push(LayerWeights {
                 input_norm,
                 post_norm,
+                q_norm,
+                k_norm,
                 projs,
             });
         }
@@ -358,6 +371,10 @@ impl Llama {
             let [mut q, mut k, v]: [Vec<f32>; 3] = pass(&[0, 1, 2], &normed, h)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("three"));
+            if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
+                q = lowrank_kernels::rms_norm_rows(&q, qn, eps);
+                k = lowrank_kernels::rms_norm_rows(&k, kn, eps);
+            }
             // Attention comes next, the longest stretch without a pass.
             warm(i, &[3, 4, 5]);
             lowrank_kernels::rope_rows(&mut q, tokens, heads, cos, sin)?;
@@ -390,7 +407,7 @@ impl Llama {
                 kv_heads,
                 head_dim: d,
             };
-            let attn = attend_rows(&q, &cached, shape, scale, c.sliding_window)?;
+            let attn = attend_rows(&q, &cached, shape, scale, c.layer_windows[i])?;
             let [o]: [Vec<f32>; 1] = pass(&[3], &attn, heads * d)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));

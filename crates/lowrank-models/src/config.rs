@@ -12,6 +12,22 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2 without q/k/v biases, with an RMSNorm over each query and key head before RoPE.
+    Qwen3,
+}
+
+impl Architecture {
+    const NAMES: &'static str = "llama, mistral, qwen2, qwen3";
+
+    fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "llama" => Architecture::Llama,
+            "mistral" => Architecture::Mistral,
+            "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
+            _ => return None,
+        })
+    }
 }
 
 /// Wire form of config.json; defaults are transformers' for the given `model_type`.
@@ -44,6 +60,10 @@ struct ConfigFile {
     sliding_window: Option<usize>,
     #[serde(default)]
     use_sliding_window: bool,
+    /// Qwen2/Qwen3: layers from this index on use the sliding window.
+    max_window_layers: Option<usize>,
+    /// `full_attention` / `sliding_attention` per layer (newer configs write it out).
+    layer_types: Option<Vec<String>>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     torch_dtype: Option<String>,
@@ -95,8 +115,11 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// Attend to at most this many previous positions (Mistral).
-    pub sliding_window: Option<usize>,
+    /// RMSNorm over each query and key head (weights of head_dim) before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Per layer: attend to at most this many previous positions (Mistral, sliding-window
+    /// layers of Qwen2/Qwen3), or `None` for full causal attention.
+    pub layer_windows: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The dtype name the checkpoint declares (`float32`, `bfloat16`, ...), if any.
@@ -134,20 +157,18 @@ impl ModelConfig {
         let model_type = file.model_type.clone().ok_or_else(|| {
             bad(
                 "model_type",
-                "missing; expected one of llama, mistral, qwen2".into(),
+                format!("missing; expected one of {}", Architecture::NAMES),
             )
         })?;
-        let architecture = match model_type.as_str() {
-            "llama" => Architecture::Llama,
-            "mistral" => Architecture::Mistral,
-            "qwen2" => Architecture::Qwen2,
-            other => {
-                return Err(bad(
-                    "model_type",
-                    format!("unsupported model type {other:?}; supported: llama, mistral, qwen2"),
-                ))
-            }
-        };
+        let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
+            bad(
+                "model_type",
+                format!(
+                    "unsupported model type {model_type:?}; supported: {}",
+                    Architecture::NAMES
+                ),
+            )
+        })?;
         if let Some(act) = &file.hidden_act {
             if act != "silu" {
                 return Err(bad(
@@ -173,9 +194,11 @@ impl ModelConfig {
                 ),
             ));
         }
-        let head_dim = file
-            .head_dim
-            .unwrap_or(file.hidden_size / file.num_attention_heads);
+        // Qwen3's config class defaults head_dim to 128, the others derive it.
+        let head_dim = file.head_dim.unwrap_or(match architecture {
+            Architecture::Qwen3 => 128,
+            _ => file.hidden_size / file.num_attention_heads,
+        });
         if !head_dim.is_multiple_of(2) {
             return Err(bad(
                 "head_dim",
@@ -202,16 +225,7 @@ impl ModelConfig {
             .filter(|v| !v.is_null())
             .or(rope_params);
         let rope_scaling = parse_rope_scaling(scaling).map_err(|m| bad("rope_scaling", m))?;
-        let sliding_window = match architecture {
-            Architecture::Mistral => file.sliding_window,
-            Architecture::Qwen2 if file.use_sliding_window => {
-                return Err(bad(
-                    "use_sliding_window",
-                    "Qwen2 sliding-window layers are not supported".into(),
-                ))
-            }
-            _ => None,
-        };
+        let layer_windows = layer_windows(&file, architecture).map_err(|(f, m)| bad(f, m))?;
         let tie_default = false;
         let dtype = file.torch_dtype.clone().or(file.dtype.clone());
         Ok(ModelConfig {
@@ -230,9 +244,11 @@ impl ModelConfig {
             tie_word_embeddings: file.tie_word_embeddings.unwrap_or(tie_default),
             max_position_embeddings: file.max_position_embeddings,
             qkv_bias: architecture == Architecture::Qwen2 || file.attention_bias,
-            o_bias: architecture == Architecture::Llama && file.attention_bias,
+            o_bias: matches!(architecture, Architecture::Llama | Architecture::Qwen3)
+                && file.attention_bias,
             mlp_bias: architecture == Architecture::Llama && file.mlp_bias,
-            sliding_window,
+            qk_norm: architecture == Architecture::Qwen3,
+            layer_windows,
             bos_token_id: token_ids(&file.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&file.eos_token_id),
             torch_dtype: dtype,
@@ -257,11 +273,72 @@ impl ModelConfig {
         if self.mlp_bias {
             mlp += 2 * self.intermediate_size + h;
         }
+        if self.qk_norm {
+            attn += 2 * self.head_dim;
+        }
         let layer = attn + mlp + 2 * h;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_layers * layer + h
     }
+}
+
+/// Each layer's sliding window, as transformers' config classes decide it: Mistral's applies to
+/// every layer; Qwen2/Qwen3 use it only with `use_sliding_window`, on the layers `layer_types`
+/// marks `sliding_attention` (by default those from `max_window_layers` on).
+fn layer_windows(
+    file: &ConfigFile,
+    architecture: Architecture,
+) -> std::result::Result<Vec<Option<usize>>, (&'static str, String)> {
+    let n = file.num_hidden_layers;
+    let window = match architecture {
+        Architecture::Llama => None,
+        Architecture::Mistral => file.sliding_window,
+        Architecture::Qwen2 | Architecture::Qwen3 => {
+            file.sliding_window.filter(|_| file.use_sliding_window)
+        }
+    };
+    let Some(window) = window else {
+        return Ok(vec![None; n]);
+    };
+    if window == 0 {
+        return Err(("sliding_window", "must be at least 1".into()));
+    }
+    let types = match &file.layer_types {
+        Some(types) => types.clone(),
+        None if architecture == Architecture::Mistral => vec!["sliding_attention".into(); n],
+        None => {
+            let first = file.max_window_layers.unwrap_or(28);
+            (0..n)
+                .map(|i| {
+                    if i >= first {
+                        "sliding_attention".into()
+                    } else {
+                        "full_attention".into()
+                    }
+                })
+                .collect()
+        }
+    };
+    if types.len() != n {
+        return Err((
+            "layer_types",
+            format!("{} entries for {n} layers", types.len()),
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "full_attention" => Ok(None),
+            "sliding_attention" => Ok(Some(window)),
+            other => Err((
+                "layer_types",
+                format!(
+                    "unknown layer type {other:?}; expected full_attention or sliding_attention"
+                ),
+            )),
+        })
+        .collect()
 }
 
 fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, String> {

@@ -100,6 +100,9 @@ struct Layer {
     q: Proj,
     k: Proj,
     v: Proj,
+    /// RMSNorm weights (head_dim) over each query / key head before RoPE (Qwen3).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     o: Proj,
     post_norm: Tensor,
     gate: Proj,
@@ -107,7 +110,35 @@ struct Layer {
     down: Proj,
 }
 
+/// The module key suffixes of a layer's norm weights, in [`Layer::norms`] order.
+const INPUT_NORM: &str = "input_layernorm";
+const POST_ATTENTION_NORM: &str = "post_attention_layernorm";
+const Q_NORM: &str = "self_attn.q_norm";
+const K_NORM: &str = "self_attn.k_norm";
+
 impl Layer {
+    /// The layer's norm weights with their module key suffixes (the weight is
+    /// `model.layers.{i}.{suffix}.weight`), in one order for every walk over them.
+    fn norms(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut out = vec![
+            (INPUT_NORM, &self.input_norm),
+            (POST_ATTENTION_NORM, &self.post_norm),
+        ];
+        out.extend(self.q_norm.as_ref().map(|w| (Q_NORM, w)));
+        out.extend(self.k_norm.as_ref().map(|w| (K_NORM, w)));
+        out
+    }
+
+    fn norms_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let mut out = vec![
+            (INPUT_NORM, &mut self.input_norm),
+            (POST_ATTENTION_NORM, &mut self.post_norm),
+        ];
+        out.extend(self.q_norm.as_mut().map(|w| (Q_NORM, w)));
+        out.extend(self.k_norm.as_mut().map(|w| (K_NORM, w)));
+        out
+    }
+
     fn projs(&self) -> [&Proj; 7] {
         [
             &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
@@ -355,19 +386,25 @@ impl Llama {
             }
             let [q, k, v, o, gate, up, down]: [Proj; 7] =
                 projs.try_into().expect("seven projections");
+            let norm = |suffix: &str, width: usize| {
+                ckpt.load(
+                    &format!("{prefix}.{suffix}.weight"),
+                    &[width],
+                    dtype,
+                    device,
+                )
+            };
+            let head_norm = |suffix: &str| {
+                config
+                    .qk_norm
+                    .then(|| norm(suffix, config.head_dim))
+                    .transpose()
+            };
             layers.push(Layer {
-                input_norm: ckpt.load(
-                    &format!("{prefix}.input_layernorm.weight"),
-                    &[h],
-                    dtype,
-                    device,
-                )?,
-                post_norm: ckpt.load(
-                    &format!("{prefix}.post_attention_layernorm.weight"),
-                    &[h],
-                    dtype,
-                    device,
-                )?,
+                input_norm: norm(INPUT_NORM, h)?,
+                post_norm: norm(POST_ATTENTION_NORM, h)?,
+                q_norm: head_norm(Q_NORM)?,
+                k_norm: head_norm(K_NORM)?,
                 q,
                 k,
                 v,
@@ -571,15 +608,9 @@ impl Llama {
         };
         var(EMBED.to_string(), &mut self.embed)?;
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            var(
-                format!("{prefix}.input_layernorm.weight"),
-                &mut layer.input_norm,
-            )?;
-            var(
-                format!("{prefix}.post_attention_layernorm.weight"),
-                &mut layer.post_norm,
-            )?;
+            for (suffix, w) in layer.norms_mut() {
+                var(format!("model.layers.{i}.{suffix}.weight"), w)?;
+            }
             for p in layer.projs_mut() {
                 let mut w = p.linear.weight()?.clone();
                 var(format!("{}.weight", p.name), &mut w)?;
@@ -941,38 +972,42 @@ impl Llama {
             proj(&layer.k, &normed, 1)?,
             proj(&layer.v, &normed, 2)?,
         );
-        let q = split_heads(q, heads)?;
-        let k = split_heads(k, kv_heads)?;
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => rms_norm(&t, w, c.rms_norm_eps),
+            None => Ok(t),
+        };
+        let q = head_norm(split_heads(q, heads)?, &layer.q_norm)?;
+        let k = head_norm(split_heads(k, kv_heads)?, &layer.k_norm)?;
         let v = split_heads(v, kv_heads)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
+        let window = c.layer_windows[index];
         if let Some(cache) = cache {
-            let attn = lowrank_kernels::merge_heads(
-                &cache.append(index, k, v)?.attend(&q, c.sliding_window)?,
-            )?;
+            let attn =
+                lowrank_kernels::merge_heads(&cache.append(index, k, v)?.attend(&q, window)?)?;
             return self.layer_rest(layer, x, &attn, &proj);
         }
         let total = k.dim(2)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let attn = match mask {
             // Causal (with a sliding window for Mistral): the fused, tiled kernel.
-            None => lowrank_kernels::causal_attention(
-                &q,
-                &k,
-                &v,
-                scale as f32,
-                total - seq,
-                c.sliding_window,
-            )?,
-            // Packed rows bring their own mask: the composed path. Grouped-query attention
+            None => {
+                lowrank_kernels::causal_attention(&q, &k, &v, scale as f32, total - seq, window)?
+            }
+            // Packed rows bring their own mask (a sliding window added to it): the composed
+            // path. Grouped-query attention
             // without copying K/V: the `group` query heads that share a key/value head are
             // stacked along the sequence axis.
             Some(mask) => {
                 let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
                 let scores = (q.matmul(&k.t()?)? * scale)?;
-                let scores = scores
+                let mut scores = scores
                     .reshape((batch, kv_heads, group, seq, total))?
                     .broadcast_add(mask)?;
+                if window.is_some() {
+                    let windowed = causal_mask(seq, total - seq, window, q.device())?;
+                    scores = scores.broadcast_add(&windowed)?;
+                }
                 let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((
                     batch,
                     kv_heads,
@@ -1029,15 +1064,12 @@ impl Llama {
         ck.tensors
             .insert(EMBED.to_string(), self.embed.to_dtype(dtype)?);
         for (i, layer) in self.layers.iter().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            ck.tensors.insert(
-                format!("{prefix}.input_layernorm.weight"),
-                layer.input_norm.to_dtype(dtype)?,
-            );
-            ck.tensors.insert(
-                format!("{prefix}.post_attention_layernorm.weight"),
-                layer.post_norm.to_dtype(dtype)?,
-            );
+            for (suffix, w) in layer.norms() {
+                ck.tensors.insert(
+                    format!("model.layers.{i}.{suffix}.weight"),
+                    w.to_dtype(dtype)?,
+                );
+            }
             for p in layer.projs() {
                 let name = format!("{}.weight", p.name);
                 match p.linear.base() {
@@ -1070,15 +1102,12 @@ impl Llama {
         let dtype = self.stored_dtype;
         let mut out = vec![(EMBED.to_string(), self.embed.to_dtype(dtype)?)];
         for (i, layer) in self.layers.iter().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            out.push((
-                format!("{prefix}.input_layernorm.weight"),
-                layer.input_norm.to_dtype(dtype)?,
-            ));
-            out.push((
-                format!("{prefix}.post_attention_layernorm.weight"),
-                layer.post_norm.to_dtype(dtype)?,
-            ));
+            for (suffix, w) in layer.norms() {
+                out.push((
+                    format!("model.layers.{i}.{suffix}.weight"),
+                    w.to_dtype(dtype)?,
+                ));
+            }
             for p in layer.projs() {
                 out.push((
                     format!("{}.weight", p.name),
