@@ -1,0 +1,160 @@
+//! Training on the newer model families (fixtures/families, scripts/make_family_fixtures.py):
+//! per-step SGD losses against PEFT over the f32 base and over an NF4 + double-quant base
+//! (bitsandbytes), and a finite non-zero gradient for every trainable tensor, including the
+//! families' own norm weights under full fine-tuning.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use lowrank_models::Llama;
+use lowrank_train::data;
+use lowrank_train::trainer::{gradients, setup_trainable};
+use lowrank_train::{
+    train, Method, OptimizerKind, QuantKind, QuantizeOptions, Schedule, TrainOptions,
+};
+
+const FAMILIES: &[&str] = &["qwen3"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn family_dir(family: &str) -> PathBuf {
+    fixtures().join("families").join(family)
+}
+
+fn reference(family: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(family_dir(family).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn losses(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// scripts/make_family_fixtures.py's loop: SGD lr 0.05, batch 1, train.jsonl in order, from
+/// the fixture adapter; the worst per-step loss difference (fails above 1e-4).
+fn check(family: &str, adapter: &str, method: Method, nf4: bool, expect: &[f64]) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = TrainOptions {
+        model: family_dir(family).join("model").display().to_string(),
+        quantize: nf4.then_some(QuantizeOptions {
+            quant_type: QuantKind::Nf4,
+            double_quant: true,
+            block_size: 64,
+        }),
+        data: fixtures().join("data/train.jsonl"),
+        out: dir.path().join("run"),
+        method,
+        init_adapter: Some(family_dir(family).join("adapters").join(adapter)),
+        optimizer: OptimizerKind::Sgd,
+        lr: 0.05,
+        lr_schedule: Schedule::Constant,
+        batch_size: 1,
+        max_grad_norm: 0.0,
+        shuffle: false,
+        quiet: true,
+        ..Default::default()
+    };
+    let report = train(&opts).unwrap();
+    assert_eq!(report.losses.len(), expect.len());
+    let worst = report
+        .losses
+        .iter()
+        .zip(expect)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{family} {adapter} nf4={nf4}: ours {:?}\n  PEFT {expect:?}\n  max |diff| {worst:e}",
+        report.losses
+    );
+    assert!(
+        worst <= 1e-4,
+        "{family} {adapter} nf4={nf4}: max per-step loss difference {worst}"
+    );
+    worst
+}
+
+#[test]
+fn sgd_steps_match_peft_over_f32_and_nf4_bases() {
+    for family in FAMILIES {
+        let r = reference(family);
+        let f32_losses = &r["train"]["losses"];
+        let mut worst = 0f64;
+        worst = worst.max(check(
+            family,
+            "all-linear",
+            Method::Lora,
+            false,
+            &losses(&f32_losses["all-linear"]),
+        ));
+        worst = worst.max(check(
+            family,
+            "dora",
+            Method::Dora,
+            false,
+            &losses(&f32_losses["dora"]),
+        ));
+        worst = worst.max(check(
+            family,
+            "all-linear",
+            Method::Lora,
+            true,
+            &losses(&r["nf4"]["train"]["all-linear"]),
+        ));
+        eprintln!("{family}: worst per-step training loss difference {worst:e}");
+    }
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
+    for family in FAMILIES {
+        let dir = family_dir(family).join("model");
+        for (method, adapter) in [
+            (Method::Lora, Some("all-linear")),
+            (Method::Dora, Some("dora")),
+            (Method::Full, None),
+        ] {
+            let mut model = Llama::load(&dir, &Device::Cpu).unwrap();
+            let tok = lowrank_models::Tokenizer::load(&dir).unwrap();
+            let examples = data::load(&fixtures().join("data/train.jsonl"), &tok, 512)
+                .unwrap()
+                .1;
+            let opts = TrainOptions {
+                method,
+                init_adapter: adapter.map(|a| family_dir(family).join("adapters").join(a)),
+                ..Default::default()
+            };
+            let t = setup_trainable(&mut model, &opts).unwrap();
+            if method == Method::Full {
+                // Every tensor of the checkpoint, the per-head norms included.
+                let stored = lowrank_models::checkpoint::Checkpoint::open(&dir)
+                    .unwrap()
+                    .names();
+                assert_eq!(t.names.len(), stored.len(), "{family}: {:?}", t.names);
+            }
+            let grads = gradients(&model, &t, &examples[..2], false).unwrap();
+            assert_eq!(grads.len(), t.names.len(), "{family} {method}");
+            for name in &t.names {
+                let norm = grads[name]
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    .sqrt();
+                assert!(
+                    norm.is_finite() && norm > 0.0,
+                    "{family} {method} {name}: gradient norm {norm}"
+                );
+            }
+        }
+    }
+}
