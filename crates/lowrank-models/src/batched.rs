@@ -21,7 +21,7 @@ use lowrank_kernels::batch::{apply, BaseWeights, Segment, StepLinear};
 use lowrank_kernels::{attend_rows, CachedRow, DecodeTeam, Heads};
 
 use super::{KvCache, Llama};
-use crate::active::{AdapterPack, PROJ_NAMES};
+use crate::active::{kind, AdapterPack, SLOTS_PER_LAYER};
 
 /// One sequence's part of a batched step: its new tokens (a prompt chunk, or the last
 /// sampled token), its cache (advanced by the step) and its adapters.
@@ -73,8 +73,8 @@ struct LayerWeights<'g> {
     /// Per-head query and key norms (Qwen3).
     q_norm: Option<&'g [f32]>,
     k_norm: Option<&'g [f32]>,
-    /// q, k, v, o, gate, up, down: weight and bias.
-    projs: [(BaseWeights<'g>, Option<&'g [f32]>); 7],
+    /// Weight and bias by projection kind (`None` for the kinds the layer does not have).
+    projs: [Option<(BaseWeights<'g>, Option<&'g [f32]>)>; SLOTS_PER_LAYER],
 }
 
 /// The next weight's values, which must be f32.
@@ -103,6 +103,22 @@ fn next_dense<'g>(
     }
 }
 
+/// The columns of token rows (rows × Σ widths) split into one buffer per width, in order:
+/// a fused projection's output as its parts.
+fn split_columns(x: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let rows = x.len() / total.max(1);
+    let mut parts: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
+    for row in x.chunks_exact(total.max(1)) {
+        let mut start = 0;
+        for (part, &w) in parts.iter_mut().zip(widths) {
+            part.extend_from_slice(&row[start..start + w]);
+            start += w;
+        }
+    }
+    parts
+}
+
 impl Llama {
     /// Advances every row by its tokens and returns the logits (rows, vocab) after each
     /// row's last token.
@@ -129,10 +145,10 @@ impl Llama {
         self.step(&mut packed, Outputs::Last)
     }
 
-    /// The base weight of projection `slot` (7 × layer + projection).
+    /// The base weight of projection `slot` (`SLOTS_PER_LAYER` × layer + kind).
     pub(crate) fn slot_base(&self, slot: usize) -> Option<&BaseWeight> {
-        let layer = self.layers.get(slot / PROJ_NAMES.len())?;
-        Some(layer.projs()[slot % PROJ_NAMES.len()].linear.base())
+        let layer = self.layers.get(slot / SLOTS_PER_LAYER)?;
+        Some(layer.proj(slot % SLOTS_PER_LAYER)?.linear.base())
     }
 
     /// Whether this model's steps can run here: weights on the CPU in f32 or bf16 (linears
@@ -167,12 +183,18 @@ impl Llama {
         let c = &self.config;
         let all: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         self.check_ids(&all)?;
+        // Each row's rotary tables for its positions (LongRoPE picks its frequencies per row).
         let mut firsts = Vec::with_capacity(rows.len());
-        let mut positions = Vec::with_capacity(all.len());
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let mut first = 0;
         for row in rows.iter() {
-            firsts.push(positions.len());
+            firsts.push(first);
+            first += row.tokens.len();
             let past = row.cache.len();
-            positions.extend(past..past + row.tokens.len());
+            let positions: Vec<usize> = (past..past + row.tokens.len()).collect();
+            let (c, s) = self.rope.host_tables(&positions);
+            cos.extend(c);
+            sin.extend(s);
         }
         let mut groups: Vec<Group> = Vec::new();
         for (row, &first) in rows.iter().zip(&firsts) {
@@ -189,7 +211,6 @@ impl Llama {
                 }
             }
         }
-        let (cos, sin) = self.rope.host_tables(&positions);
 
         // Every weight's values, read in place for the whole step; a tied head is the
         // embedding's (one read lock per tensor: std's may not be taken twice by one thread).
@@ -239,7 +260,7 @@ impl Llama {
             };
             let q_norm = head_norm(&layer.q_norm)?;
             let k_norm = head_norm(&layer.k_norm)?;
-            let mut projs = Vec::with_capacity(7);
+            let mut projs = [None; SLOTS_PER_LAYER];
             for p in layer.projs() {
                 let weight = match p.linear.base() {
                     BaseWeight::Quantized(q) => BaseWeights::FourBit(q.as_ref()),
@@ -249,9 +270,8 @@ impl Llama {
                     Some(_) => Some(next_f32(&mut values, "a bias")?),
                     None => None,
                 };
-                projs.push((weight, bias));
+                projs[p.kind] = Some((weight, bias));
             }
-            let projs = projs.try_into().unwrap_or_else(|_| unreachable!("seven"));
             layers.push(LayerWeights {
                 input_norm,
                 post_norm,
@@ -324,6 +344,12 @@ impl Llama {
         let c = &self.config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
         let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let fused = c.fused_projections;
+        let (attn_in, mlp_in): (&[usize], &[usize]) = if fused {
+            (&[kind::QKV], &[kind::GATE_UP])
+        } else {
+            (&[kind::Q, kind::K, kind::V], &[kind::GATE, kind::UP])
+        };
         let tokens = x.len() / h;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         // The adapters' segments of projection `slot`.
@@ -347,7 +373,7 @@ impl Llama {
             if let Some(team) = team {
                 let a: Vec<&'p [f32]> = projs
                     .iter()
-                    .flat_map(|&k| segments(7 * layer + k))
+                    .flat_map(|&k| segments(SLOTS_PER_LAYER * layer + k))
                     .map(|s| s.a)
                     .collect();
                 team.warm(&a);
@@ -355,28 +381,39 @@ impl Llama {
         };
         for (i, w) in layers.iter().enumerate() {
             let pass = |projs: &[usize], input: &[f32], in_f: usize| -> Result<Vec<Vec<f32>>> {
-                let linears: Vec<StepLinear> = projs
+                let linears = projs
                     .iter()
-                    .map(|&k| StepLinear {
-                        weight: w.projs[k].0,
-                        bias: w.projs[k].1,
-                        segments: segments(7 * i + k),
+                    .map(|&k| {
+                        let (weight, bias) = w.projs[k].ok_or_else(|| {
+                            Error::Msg(format!("layer {i} has no projection of kind {k}"))
+                        })?;
+                        Ok(StepLinear {
+                            weight,
+                            bias,
+                            segments: segments(SLOTS_PER_LAYER * i + k),
+                        })
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>>>()?;
                 Ok(apply(input, in_f, &linears)?)
             };
             // Loaded during the residual add and the norm before the pass.
-            warm(i, &[0, 1, 2]);
+            warm(i, attn_in);
             let normed = lowrank_kernels::rms_norm_rows(&x, w.input_norm, eps);
-            let [mut q, mut k, v]: [Vec<f32>; 3] = pass(&[0, 1, 2], &normed, h)?
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("three"));
+            let outputs = pass(attn_in, &normed, h)?;
+            let [mut q, mut k, v]: [Vec<f32>; 3] = if fused {
+                split_columns(&outputs[0], &[heads * d, kv_heads * d, kv_heads * d])
+            } else {
+                outputs
+            }
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("three"));
             if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
                 q = lowrank_kernels::rms_norm_rows(&q, qn, eps);
                 k = lowrank_kernels::rms_norm_rows(&k, kn, eps);
             }
             // Attention comes next, the longest stretch without a pass.
-            warm(i, &[3, 4, 5]);
+            let next: Vec<usize> = [kind::O].iter().chain(mlp_in).copied().collect();
+            warm(i, &next);
             lowrank_kernels::rope_rows(&mut q, tokens, heads, cos, sin)?;
             lowrank_kernels::rope_rows(&mut k, tokens, kv_heads, cos, sin)?;
             let kv_width = kv_heads * d;
@@ -408,17 +445,23 @@ impl Llama {
                 head_dim: d,
             };
             let attn = attend_rows(&q, &cached, shape, scale, c.layer_windows[i])?;
-            let [o]: [Vec<f32>; 1] = pass(&[3], &attn, heads * d)?
+            let [o]: [Vec<f32>; 1] = pass(&[kind::O], &attn, heads * d)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let normed = lowrank_kernels::rms_norm_rows(&x, w.post_norm, eps);
-            let [gate, up]: [Vec<f32>; 2] = pass(&[4, 5], &normed, h)?
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("two"));
-            warm(i, &[6]);
+            let outputs = pass(mlp_in, &normed, h)?;
+            let inter = c.intermediate_size;
+            let [gate, up]: [Vec<f32>; 2] = if fused {
+                split_columns(&outputs[0], &[inter, inter])
+            } else {
+                outputs
+            }
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two"));
+            warm(i, &[kind::DOWN]);
             let act = lowrank_kernels::swiglu_values(&gate, &up);
-            let [down]: [Vec<f32>; 1] = pass(&[6], &act, c.intermediate_size)?
+            let [down]: [Vec<f32>; 1] = pass(&[kind::DOWN], &act, inter)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);

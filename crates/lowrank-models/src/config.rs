@@ -14,10 +14,12 @@ pub enum Architecture {
     Qwen2,
     /// Qwen2 without q/k/v biases, with an RMSNorm over each query and key head before RoPE.
     Qwen3,
+    /// Phi-3/3.5/4-mini: fused `qkv_proj` and `gate_up_proj`, LongRoPE, partial rotary.
+    Phi3,
 }
 
 impl Architecture {
-    const NAMES: &'static str = "llama, mistral, qwen2, qwen3";
+    const NAMES: &'static str = "llama, mistral, qwen2, qwen3, phi3";
 
     fn from_model_type(model_type: &str) -> Option<Self> {
         Some(match model_type {
@@ -25,6 +27,7 @@ impl Architecture {
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "phi3" => Architecture::Phi3,
             _ => return None,
         })
     }
@@ -41,8 +44,7 @@ struct ConfigFile {
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
-    rms_norm_eps: f64,
+    rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
     /// Newer transformers put rope_theta and rope_scaling together here.
@@ -64,15 +66,16 @@ struct ConfigFile {
     max_window_layers: Option<usize>,
     /// `full_attention` / `sliding_attention` per layer (newer configs write it out).
     layer_types: Option<Vec<String>>,
+    /// Phi-3: the context length RoPE was trained at (LongRoPE's switch point).
+    original_max_position_embeddings: Option<usize>,
+    /// Phi-3 writes it at the top level or inside `rope_parameters`.
+    partial_rotary_factor: Option<f64>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
 }
 
-fn default_eps() -> f64 {
-    1e-6
-}
 fn default_max_pos() -> usize {
     2048
 }
@@ -92,6 +95,15 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Phi-3's LongRoPE: frequencies divided by `short_factor` (one per frequency) while a
+    /// forward's positions stay within `original_max_position_embeddings`, by `long_factor`
+    /// beyond; cos and sin multiplied by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 /// A validated model configuration.
@@ -106,6 +118,9 @@ pub struct ModelConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The leading part of each head that RoPE rotates (`partial_rotary_factor` × head_dim);
+    /// the rest passes through.
+    pub rotary_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
@@ -117,6 +132,8 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// RMSNorm over each query and key head (weights of head_dim) before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (Phi-3), stacked by rows.
+    pub fused_projections: bool,
     /// Per layer: attend to at most this many previous positions (Mistral, sliding-window
     /// layers of Qwen2/Qwen3), or `None` for full causal attention.
     pub layer_windows: Vec<Option<usize>>,
@@ -224,7 +241,48 @@ impl ModelConfig {
             .as_ref()
             .filter(|v| !v.is_null())
             .or(rope_params);
-        let rope_scaling = parse_rope_scaling(scaling).map_err(|m| bad("rope_scaling", m))?;
+        let original_max = scaling
+            .and_then(|v| v.get("original_max_position_embeddings"))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .or(file.original_max_position_embeddings)
+            .unwrap_or(file.max_position_embeddings);
+        let rope_scaling = parse_rope_scaling(scaling, file.max_position_embeddings, original_max)
+            .map_err(|m| bad("rope_scaling", m))?;
+        let partial_rotary_factor = scaling
+            .and_then(|v| v.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .or(file.partial_rotary_factor)
+            .unwrap_or(1.0);
+        // transformers: int(head_dim * partial_rotary_factor).
+        let rotary_dim = (head_dim as f64 * partial_rotary_factor) as usize;
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+            return Err(bad(
+                "partial_rotary_factor",
+                format!(
+                    "{partial_rotary_factor} of head_dim {head_dim} gives {rotary_dim} rotary dimensions; expected an even number from 2 to head_dim"
+                ),
+            ));
+        }
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope_scaling
+        {
+            for (name, factors) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if factors.len() != rotary_dim / 2 {
+                    return Err(bad(
+                        "rope_scaling",
+                        format!(
+                            "longrope {name} has {} entries; expected {} (rotary dimensions / 2)",
+                            factors.len(),
+                            rotary_dim / 2
+                        ),
+                    ));
+                }
+            }
+        }
         let layer_windows = layer_windows(&file, architecture).map_err(|(f, m)| bad(f, m))?;
         let tie_default = false;
         let dtype = file.torch_dtype.clone().or(file.dtype.clone());
@@ -238,7 +296,12 @@ impl ModelConfig {
             num_heads: file.num_attention_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: file.rms_norm_eps,
+            rotary_dim,
+            // transformers' per-class defaults.
+            rms_norm_eps: file.rms_norm_eps.unwrap_or(match architecture {
+                Architecture::Phi3 => 1e-5,
+                _ => 1e-6,
+            }),
             rope_theta,
             rope_scaling,
             tie_word_embeddings: file.tie_word_embeddings.unwrap_or(tie_default),
@@ -248,6 +311,7 @@ impl ModelConfig {
                 && file.attention_bias,
             mlp_bias: architecture == Architecture::Llama && file.mlp_bias,
             qk_norm: architecture == Architecture::Qwen3,
+            fused_projections: architecture == Architecture::Phi3,
             layer_windows,
             bos_token_id: token_ids(&file.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&file.eos_token_id),
@@ -262,6 +326,7 @@ impl ModelConfig {
         let h = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
+        // The same count whether q/k/v and gate/up are fused or not.
         let mut attn = h * q + 2 * h * kv + q * h;
         if self.qkv_bias {
             attn += q + 2 * kv;
@@ -293,7 +358,7 @@ fn layer_windows(
     let n = file.num_hidden_layers;
     let window = match architecture {
         Architecture::Llama => None,
-        Architecture::Mistral => file.sliding_window,
+        Architecture::Mistral | Architecture::Phi3 => file.sliding_window,
         Architecture::Qwen2 | Architecture::Qwen3 => {
             file.sliding_window.filter(|_| file.use_sliding_window)
         }
@@ -306,7 +371,9 @@ fn layer_windows(
     }
     let types = match &file.layer_types {
         Some(types) => types.clone(),
-        None if architecture == Architecture::Mistral => vec!["sliding_attention".into(); n],
+        None if matches!(architecture, Architecture::Mistral | Architecture::Phi3) => {
+            vec!["sliding_attention".into(); n]
+        }
         None => {
             let first = file.max_window_layers.unwrap_or(28);
             (0..n)
@@ -341,7 +408,11 @@ fn layer_windows(
         .collect()
 }
 
-fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, String> {
+fn parse_rope_scaling(
+    v: Option<&Value>,
+    max_position_embeddings: usize,
+    original_max_position_embeddings: usize,
+) -> std::result::Result<RopeScaling, String> {
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
@@ -366,8 +437,34 @@ fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, Str
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
+        // Older Phi-3 configs name it "su" or "yarn" (transformers maps both to longrope).
+        "longrope" | "su" | "yarn" if v.get("short_factor").is_some() => {
+            let factors = |key: &str| -> std::result::Result<Vec<f64>, String> {
+                v.get(key)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| format!("rope type longrope needs `{key}`, a list of numbers"))
+            };
+            let original = original_max_position_embeddings as f64;
+            // transformers' `_compute_longrope_parameters`.
+            let factor = v
+                .get("factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(max_position_embeddings as f64 / original);
+            let attention_factor = match v.get("attention_factor").and_then(Value::as_f64) {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            Ok(RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings,
+                attention_factor,
+            })
+        }
         other => Err(format!(
-            "unsupported rope type {other:?}; supported: default, linear, llama3"
+            "unsupported rope type {other:?}; supported: default, linear, llama3, longrope"
         )),
     }
 }

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use crate::active::ActiveAdapter;
-use crate::active::{AdapterPacks, PROJ_NAMES};
+use crate::active::{kind, AdapterPacks, PROJ_NAMES, SLOTS_PER_LAYER};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 pub use crate::kv_cache::KvCache;
@@ -24,8 +24,10 @@ use crate::rope::{Rope, RopeTables};
 #[derive(Debug, Clone)]
 struct Proj {
     name: String,
-    /// 7 × layer + the projection's place in [`PROJ_NAMES`]: the module key
-    /// `model.layers.{layer}.{name}` as a number (see [`proj_slot`]).
+    /// Its place in [`PROJ_NAMES`] (see [`kind`]).
+    kind: usize,
+    /// [`SLOTS_PER_LAYER`] × layer + kind: the module key `model.layers.{layer}.{name}` as a
+    /// number (see `active::proj_slot`).
     slot: usize,
     linear: AdaptedLinear,
 }
@@ -97,17 +99,13 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: Tensor,
-    q: Proj,
-    k: Proj,
-    v: Proj,
     /// RMSNorm weights (head_dim) over each query / key head before RoPE (Qwen3).
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    o: Proj,
     post_norm: Tensor,
-    gate: Proj,
-    up: Proj,
-    down: Proj,
+    /// The layer's linears in [`proj_specs`] order: q, k, v (or the fused qkv), o, gate, up (or
+    /// the fused gate_up), down.
+    projs: Vec<Proj>,
 }
 
 /// The module key suffixes of a layer's norm weights, in [`Layer::norms`] order.
@@ -139,22 +137,24 @@ impl Layer {
         out
     }
 
-    fn projs(&self) -> [&Proj; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
+    fn projs(&self) -> &[Proj] {
+        &self.projs
     }
 
-    fn projs_mut(&mut self) -> [&mut Proj; 7] {
-        [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ]
+    fn projs_mut(&mut self) -> &mut [Proj] {
+        &mut self.projs
+    }
+
+    /// The projection of `kind`, if the layer has one.
+    fn proj(&self, kind: usize) -> Option<&Proj> {
+        self.projs.iter().find(|p| p.kind == kind)
+    }
+
+    /// The projection of `kind`, which every layer of this model has.
+    fn expect_proj(&self, kind: usize) -> Result<&Proj> {
+        self.proj(kind).ok_or_else(|| {
+            Error::Msg(format!("the layer has no {} projection", PROJ_NAMES[kind]))
+        })
     }
 }
 
@@ -190,29 +190,46 @@ pub struct Llama {
     trainable: bool,
 }
 
-/// (module key suffix, has bias?) for the seven linears of a layer, in `Layer::projs` order.
-fn proj_keys(config: &ModelConfig) -> [(&'static str, bool); 7] {
-    let bias = [
-        config.qkv_bias,
-        config.qkv_bias,
-        config.qkv_bias,
-        config.o_bias,
-        config.mlp_bias,
-        config.mlp_bias,
-        config.mlp_bias,
-    ];
-    std::array::from_fn(|k| (PROJ_NAMES[k], bias[k]))
+/// One linear of a layer: its kind, (out, in) and whether it has a bias.
+struct ProjSpec {
+    kind: usize,
+    out_features: usize,
+    in_features: usize,
+    bias: bool,
 }
 
-/// (out, in) of each linear of a layer, in `Layer::projs` order.
-fn proj_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
+/// The linears of every layer of a model of `c`, in `Layer::projs` order.
+fn proj_specs(c: &ModelConfig) -> Vec<ProjSpec> {
     let (h, q, kv, i) = (
         c.hidden_size,
         c.num_heads * c.head_dim,
         c.num_kv_heads * c.head_dim,
         c.intermediate_size,
     );
-    [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    let spec = |kind, out_features, in_features, bias| ProjSpec {
+        kind,
+        out_features,
+        in_features,
+        bias,
+    };
+    if c.fused_projections {
+        vec![
+            spec(kind::QKV, q + 2 * kv, h, c.qkv_bias),
+            spec(kind::O, h, q, c.o_bias),
+            spec(kind::GATE_UP, 2 * i, h, c.mlp_bias),
+            spec(kind::DOWN, h, i, c.mlp_bias),
+        ]
+    } else {
+        vec![
+            spec(kind::Q, q, h, c.qkv_bias),
+            spec(kind::K, kv, h, c.qkv_bias),
+            spec(kind::V, kv, h, c.qkv_bias),
+            spec(kind::O, h, q, c.o_bias),
+            spec(kind::GATE, i, h, c.mlp_bias),
+            spec(kind::UP, i, h, c.mlp_bias),
+            spec(kind::DOWN, h, i, c.mlp_bias),
+        ]
+    }
 }
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -354,15 +371,15 @@ impl Llama {
         let embed = ckpt.load(EMBED, &[config.vocab_size, h], dtype, device)?;
         let stored_dtype = ckpt.stored_dtype(EMBED).unwrap_or(DType::F32);
         let mut layers = Vec::with_capacity(config.num_layers);
-        let keys = proj_keys(&config);
-        let shapes = proj_shapes(&config);
+        let specs = proj_specs(&config);
         for i in 0..config.num_layers {
             let prefix = format!("model.layers.{i}");
-            let mut projs = Vec::with_capacity(7);
-            for (k, ((key, has_bias), (out_f, in_f))) in keys.iter().zip(shapes).enumerate() {
-                let name = format!("{prefix}.{key}");
+            let mut projs = Vec::with_capacity(specs.len());
+            for spec in &specs {
+                let (out_f, in_f) = (spec.out_features, spec.in_features);
+                let name = format!("{prefix}.{}", PROJ_NAMES[spec.kind]);
                 let weight_name = format!("{name}.weight");
-                let bias = if *has_bias {
+                let bias = if spec.bias {
                     Some(ckpt.load(&format!("{name}.bias"), &[out_f], dtype, device)?)
                 } else {
                     None
@@ -380,12 +397,11 @@ impl Llama {
                 };
                 projs.push(Proj {
                     name,
-                    slot: 7 * i + k,
+                    kind: spec.kind,
+                    slot: SLOTS_PER_LAYER * i + spec.kind,
                     linear,
                 });
             }
-            let [q, k, v, o, gate, up, down]: [Proj; 7] =
-                projs.try_into().expect("seven projections");
             let norm = |suffix: &str, width: usize| {
                 ckpt.load(
                     &format!("{prefix}.{suffix}.weight"),
@@ -405,13 +421,7 @@ impl Llama {
                 post_norm: norm(POST_ATTENTION_NORM, h)?,
                 q_norm: head_norm(Q_NORM)?,
                 k_norm: head_norm(K_NORM)?,
-                q,
-                k,
-                v,
-                o,
-                gate,
-                up,
-                down,
+                projs,
             });
         }
         let norm = ckpt.load(NORM, &[h], dtype, device)?;
@@ -967,11 +977,23 @@ impl Llama {
 
         let normed = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
         let split_heads = |t: Tensor, n: usize| lowrank_kernels::split_heads(&t, n);
-        let (q, k, v) = (
-            proj(&layer.q, &normed, 0)?,
-            proj(&layer.k, &normed, 1)?,
-            proj(&layer.v, &normed, 2)?,
-        );
+        let (q, k, v) = match layer.proj(kind::QKV) {
+            // Phi-3: [q; k; v] by output rows.
+            Some(qkv) => {
+                let qkv = proj(qkv, &normed, kind::QKV as u64)?;
+                let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+                (
+                    qkv.narrow(D::Minus1, 0, q_width)?,
+                    qkv.narrow(D::Minus1, q_width, kv_width)?,
+                    qkv.narrow(D::Minus1, q_width + kv_width, kv_width)?,
+                )
+            }
+            None => (
+                proj(layer.expect_proj(kind::Q)?, &normed, kind::Q as u64)?,
+                proj(layer.expect_proj(kind::K)?, &normed, kind::K as u64)?,
+                proj(layer.expect_proj(kind::V)?, &normed, kind::V as u64)?,
+            ),
+        };
         let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
             Some(w) => rms_norm(&t, w, c.rms_norm_eps),
             None => Ok(t),
@@ -1030,10 +1052,25 @@ impl Llama {
         attn: &Tensor,
         proj: &dyn Fn(&Proj, &Tensor, u64) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let x = (x + proj(&layer.o, attn, 3)?)?;
+        let x = (x + proj(layer.expect_proj(kind::O)?, attn, kind::O as u64)?)?;
         let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-        let (gate, up) = (proj(&layer.gate, &normed, 4)?, proj(&layer.up, &normed, 5)?);
-        let mlp = proj(&layer.down, &lowrank_kernels::swiglu(&gate, &up)?, 6)?;
+        let (gate, up) = match layer.proj(kind::GATE_UP) {
+            // Phi-3: [gate; up] by output rows.
+            Some(gate_up) => {
+                let gate_up = proj(gate_up, &normed, kind::GATE_UP as u64)?;
+                let i = self.config.intermediate_size;
+                (
+                    gate_up.narrow(D::Minus1, 0, i)?,
+                    gate_up.narrow(D::Minus1, i, i)?,
+                )
+            }
+            None => (
+                proj(layer.expect_proj(kind::GATE)?, &normed, kind::GATE as u64)?,
+                proj(layer.expect_proj(kind::UP)?, &normed, kind::UP as u64)?,
+            ),
+        };
+        let down = layer.expect_proj(kind::DOWN)?;
+        let mlp = proj(down, &lowrank_kernels::swiglu(&gate, &up)?, kind::DOWN as u64)?;
         Ok((x + mlp)?)
     }
 
