@@ -79,6 +79,27 @@ def qwen3_config(tok):
     )
 
 
+def phi3_config(tok):
+    from transformers import Phi3Config
+
+    return Phi3Config(
+        vocab_size=mf.VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,  # head_dim 16
+        tie_word_embeddings=True,  # as Phi-4-mini
+        rms_norm_eps=1e-5, sliding_window=6,
+        # LongRoPE over 12 of the 16 head dimensions (Phi-4-mini's 0.75): eval line 0 (9
+        # tokens) stays within original_max_position_embeddings and takes the short factors,
+        # line 1 (18) the long ones; greedy generation crosses over mid-way.
+        max_position_embeddings=64, original_max_position_embeddings=12,
+        rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+            short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0], long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+            original_max_position_embeddings=12),
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+    )
+
+
 # name -> (config builder, tokenizer style, chat template file, pattern adapter's options)
 FAMILIES = {
     "qwen3": dict(
@@ -89,6 +110,19 @@ FAMILIES = {
             target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
             rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
             alpha_pattern={"o_proj": 3},
+        ),
+    ),
+    "phi3": dict(
+        config=phi3_config,
+        style="qwen-style",
+        template="phi4-mini.jinja",
+        # At 0.05 the per-step gradients agree to 5e-6 (relative) yet the losses drift apart
+        # by 5e-4 within six steps.
+        train_lr=0.01,
+        pattern=dict(
+            target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            rank_pattern={"qkv_proj": 2, "model.layers.1.mlp.down_proj": 6},
+            alpha_pattern={"gate_up_proj": 3},
         ),
     ),
 }
@@ -221,13 +255,13 @@ def load_nf4(family):
         model_dir(family), quantization_config=bnb_config(), device_map="cpu", dtype=torch.float32).eval()
 
 
-def sgd_losses(model, tok):
-    """scripts/make_fixtures.py's training parity: SGD lr 0.05, batch 1, train.jsonl in
+def sgd_losses(model, tok, lr):
+    """scripts/make_fixtures.py's training parity: SGD at `lr`, batch 1, train.jsonl in
     order, the loss recorded before each step's update."""
     torch.manual_seed(300)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=TRAIN_LR, momentum=0.0, weight_decay=0.0)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
     losses = []
     for text in read_jsonl_texts("fixtures/data/train.jsonl"):
         ids = torch.tensor([tok(text)["input_ids"]], dtype=torch.long)
@@ -240,11 +274,17 @@ def sgd_losses(model, tok):
     return losses
 
 
+def train_lr(family):
+    """0.05 as scripts/make_fixtures.py, or less where the tiny random model's steps amplify
+    f32 rounding differences (any two correct implementations drift apart there)."""
+    return FAMILIES[family].get("train_lr", TRAIN_LR)
+
+
 def training(family, tok):
     out = {}
     for adapter in ["all-linear", "dora"]:
         model = with_adapter(load_base(family), family, adapter, is_trainable=True)
-        out[adapter] = sgd_losses(model, tok)
+        out[adapter] = sgd_losses(model, tok, train_lr(family))
     return out
 
 
@@ -258,7 +298,7 @@ def nf4(family, tok):
         evals[case] = corpus_loss(model, tok, texts)["loss"]
     model = with_adapter(load_nf4(family), family, "all-linear", is_trainable=True)
     return dict(quant_type="nf4", double_quant=True, eval=evals,
-                train={"all-linear": sgd_losses(model, tok)})
+                train={"all-linear": sgd_losses(model, tok, train_lr(family))})
 
 
 def chats(tok):
@@ -289,7 +329,7 @@ def main():
         reference = dict(eval_lines=EVAL_LINES, eval=references(family, tok))
         reference["generate"] = generations(family, tok)
         print(f"{family}: training")
-        reference["train"] = dict(lr=TRAIN_LR, batch_size=1, losses=training(family, tok))
+        reference["train"] = dict(lr=train_lr(family), batch_size=1, losses=training(family, tok))
         print(f"{family}: nf4")
         reference["nf4"] = nf4(family, tok)
         reference["chat"] = chats(tok)

@@ -11,6 +11,7 @@
 //! `active.rs`). A step of one token with one plain LoRA keeps the pool's other threads awake
 //! and has them load each pass's A factors before it (`lowrank_kernels::decode_team`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
@@ -39,7 +40,9 @@ pub(crate) type RowAdapters = Vec<(Arc<AdapterPack>, f64)>;
 
 /// A row of the step with its adapters' packs.
 pub(crate) struct PackedRow<'a> {
-    pub tokens: &'a [u32],
+    /// The new tokens; the whole sequence when the step recomputes it (see
+    /// [`Llama::restart_for_longrope`]).
+    pub tokens: Cow<'a, [u32]>,
     pub cache: &'a mut KvCache,
     pub adapters: RowAdapters,
 }
@@ -108,7 +111,10 @@ fn next_dense<'g>(
 fn split_columns(x: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
     let total: usize = widths.iter().sum();
     let rows = x.len() / total.max(1);
-    let mut parts: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
+    let mut parts: Vec<Vec<f32>> = widths
+        .iter()
+        .map(|w| Vec::with_capacity(rows * w))
+        .collect();
     for row in x.chunks_exact(total.max(1)) {
         let mut start = 0;
         for (part, &w) in parts.iter_mut().zip(widths) {
@@ -120,6 +126,30 @@ fn split_columns(x: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
 }
 
 impl Llama {
+    /// LongRoPE: a sequence whose cached positions are within `original_max_position_embeddings`
+    /// and whose new tokens reach past it is recomputed whole, its cache emptied and its tokens
+    /// made the whole sequence, so that every key is rotated by the long factors — what
+    /// transformers' Phi-3 generation does (`prepare_inputs_for_generation` drops the cache
+    /// there).
+    fn restart_for_longrope(&self, row: &mut PackedRow) {
+        let Some(original) = self.rope.long_threshold() else {
+            return;
+        };
+        let past = row.cache.len();
+        if past == 0 || past > original || past + row.tokens.len() <= original {
+            return;
+        }
+        let whole: Vec<u32> = row
+            .cache
+            .tokens()
+            .iter()
+            .chain(row.tokens.iter())
+            .copied()
+            .collect();
+        row.cache.clear();
+        row.tokens = Cow::Owned(whole);
+    }
+
     /// Advances every row by its tokens and returns the logits (rows, vocab) after each
     /// row's last token.
     pub fn forward_rows(&self, rows: &mut [RowStep]) -> Result<Tensor> {
@@ -137,7 +167,7 @@ impl Llama {
                 })
                 .collect::<Result<Vec<_>>>()?;
             packed.push(PackedRow {
-                tokens: row.tokens,
+                tokens: Cow::Borrowed(row.tokens),
                 cache: &mut *row.cache,
                 adapters,
             });
@@ -180,6 +210,10 @@ impl Llama {
             }
         }
         self.packs.next_step();
+        let new_tokens: Vec<usize> = rows.iter().map(|r| r.tokens.len()).collect();
+        for row in rows.iter_mut() {
+            self.restart_for_longrope(row);
+        }
         let c = &self.config;
         let all: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         self.check_ids(&all)?;
@@ -308,8 +342,17 @@ impl Llama {
                 .zip(&firsts)
                 .map(|(r, &first)| first + r.tokens.len() - 1)
                 .collect(),
-            Outputs::All => (0..all.len()).collect(),
+            // The new tokens' rows (a recomputed row has more).
+            Outputs::All => rows
+                .iter()
+                .zip(&firsts)
+                .zip(&new_tokens)
+                .flat_map(|((r, &first), &n)| first + r.tokens.len() - n..first + r.tokens.len())
+                .collect(),
         };
+        for row in rows.iter_mut() {
+            row.cache.record(&row.tokens);
+        }
         let mut last = Vec::with_capacity(picked.len() * h);
         for &i in &picked {
             last.extend_from_slice(&x[i * h..(i + 1) * h]);

@@ -18,6 +18,9 @@ use crate::llama::causal_mask;
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     reserve: usize,
+    /// The tokens the batched step has cached, for a LongRoPE model's recomputation of the
+    /// whole sequence when it crosses `original_max_position_embeddings`.
+    tokens: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -169,7 +172,24 @@ impl KvCache {
         Self {
             layers: Vec::new(),
             reserve: positions,
+            tokens: Vec::new(),
         }
+    }
+
+    /// Notes `tokens` as cached after the ones before (the batched step).
+    pub(crate) fn record(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+    }
+
+    /// The tokens the batched step has cached.
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets every position (the room stays reserved).
+    pub(crate) fn clear(&mut self) {
+        self.layers.clear();
+        self.tokens.clear();
     }
 
     /// Positions already cached.

@@ -152,9 +152,8 @@ impl Layer {
 
     /// The projection of `kind`, which every layer of this model has.
     fn expect_proj(&self, kind: usize) -> Result<&Proj> {
-        self.proj(kind).ok_or_else(|| {
-            Error::Msg(format!("the layer has no {} projection", PROJ_NAMES[kind]))
-        })
+        self.proj(kind)
+            .ok_or_else(|| Error::Msg(format!("the layer has no {} projection", PROJ_NAMES[kind])))
     }
 }
 
@@ -842,7 +841,7 @@ impl Llama {
             (Some(cache), Some(adapters)) => {
                 let tokens = ids.flatten_all()?.to_vec1::<u32>()?;
                 let mut rows = [PackedRow {
-                    tokens: &tokens,
+                    tokens: std::borrow::Cow::Borrowed(&tokens),
                     cache,
                     adapters,
                 }];
@@ -884,6 +883,13 @@ impl Llama {
     ) -> Result<Tensor> {
         let seq = ids.dims2()?.1;
         let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(original) = self.rope.long_threshold() {
+            if past > 0 && past <= original && past + seq > original {
+                return Err(Error::Msg(format!(
+                    "a LongRoPE model's cached sequence crossing {original} positions must be recomputed whole (the batched step on the CPU does that); start a new cache with the whole sequence"
+                )));
+            }
+        }
         let mut x = self.embed(ids)?;
         let tables = self.rope.tables(past, seq)?;
         let mut cache = cache;
@@ -1070,7 +1076,11 @@ impl Llama {
             ),
         };
         let down = layer.expect_proj(kind::DOWN)?;
-        let mlp = proj(down, &lowrank_kernels::swiglu(&gate, &up)?, kind::DOWN as u64)?;
+        let mlp = proj(
+            down,
+            &lowrank_kernels::swiglu(&gate, &up)?,
+            kind::DOWN as u64,
+        )?;
         Ok((x + mlp)?)
     }
 

@@ -118,6 +118,11 @@ impl Rope {
         })
     }
 
+    /// LongRoPE's `original_max_position_embeddings`, where the frequencies switch.
+    pub fn long_threshold(&self) -> Option<usize> {
+        self.long.as_ref().map(|(original, _, _)| *original)
+    }
+
     /// The frequencies of a forward whose largest position is `max_position`.
     fn frequencies(&self, max_position: usize) -> (&Tensor, &[f32]) {
         match &self.long {
@@ -202,7 +207,8 @@ impl RopeTables {
         if rotary == head_dim {
             return Ok(lowrank_kernels::rope(x, &self.cos, &self.sin)?);
         }
-        let rotated = lowrank_kernels::rope(&x.narrow(D::Minus1, 0, rotary)?, &self.cos, &self.sin)?;
+        let rotated =
+            lowrank_kernels::rope(&x.narrow(D::Minus1, 0, rotary)?, &self.cos, &self.sin)?;
         let passed = x.narrow(D::Minus1, rotary, head_dim - rotary)?;
         Ok(Tensor::cat(&[&rotated, &passed], D::Minus1)?)
     }

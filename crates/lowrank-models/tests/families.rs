@@ -14,7 +14,7 @@ use lowrank_models::{ActiveAdapter, KvCache, Llama, LoadOptions, Message, Tokeni
 use lowrank_quant::QuantType;
 use serde_json::Value;
 
-const FAMILIES: &[&str] = &["qwen3"];
+const FAMILIES: &[&str] = &["qwen3", "phi3"];
 const ADAPTERS: &[&str] = &["all-linear", "dora", "pattern"];
 
 fn family_dir(family: &str) -> PathBuf {
@@ -75,7 +75,9 @@ fn row(ids: &[u32]) -> Tensor {
 }
 
 /// How a forward is run: the candle layer loop over the whole line, or the batched step
-/// over a KV cache (a prefill of a few tokens, then one token at a time).
+/// over a KV cache (a prefill of all but the last two tokens, then one token at a time: a
+/// LongRoPE model picks its frequencies per forward, by its largest position, so a shorter
+/// prefill would legitimately rotate differently from the whole line's forward).
 #[derive(Clone, Copy, Debug)]
 enum Path_ {
     Full,
@@ -91,7 +93,7 @@ fn logits(model: &Llama, ids: &[u32], adapters: &[ActiveAdapter], path: Path_) -
             .unwrap(),
         Path_::Cached => {
             let mut cache = KvCache::new();
-            let split = 3.min(ids.len());
+            let split = ids.len().saturating_sub(2).max(1);
             let mut parts = vec![model
                 .forward(&row(&ids[..split]), Some(&mut cache), adapters)
                 .unwrap()

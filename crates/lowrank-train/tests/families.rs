@@ -13,7 +13,7 @@ use lowrank_train::{
     train, Method, OptimizerKind, QuantKind, QuantizeOptions, Schedule, TrainOptions,
 };
 
-const FAMILIES: &[&str] = &["qwen3"];
+const FAMILIES: &[&str] = &["qwen3", "phi3"];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -36,9 +36,9 @@ fn losses(v: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
-/// scripts/make_family_fixtures.py's loop: SGD lr 0.05, batch 1, train.jsonl in order, from
+/// scripts/make_family_fixtures.py's loop: SGD at the reference's lr, batch 1, train.jsonl in order, from
 /// the fixture adapter; the worst per-step loss difference (fails above 1e-4).
-fn check(family: &str, adapter: &str, method: Method, nf4: bool, expect: &[f64]) -> f64 {
+fn check(family: &str, adapter: &str, method: Method, nf4: bool, lr: f64, expect: &[f64]) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let opts = TrainOptions {
         model: family_dir(family).join("model").display().to_string(),
@@ -52,7 +52,7 @@ fn check(family: &str, adapter: &str, method: Method, nf4: bool, expect: &[f64])
         method,
         init_adapter: Some(family_dir(family).join("adapters").join(adapter)),
         optimizer: OptimizerKind::Sgd,
-        lr: 0.05,
+        lr,
         lr_schedule: Schedule::Constant,
         batch_size: 1,
         max_grad_norm: 0.0,
@@ -84,12 +84,14 @@ fn sgd_steps_match_peft_over_f32_and_nf4_bases() {
     for family in FAMILIES {
         let r = reference(family);
         let f32_losses = &r["train"]["losses"];
+        let lr = r["train"]["lr"].as_f64().unwrap();
         let mut worst = 0f64;
         worst = worst.max(check(
             family,
             "all-linear",
             Method::Lora,
             false,
+            lr,
             &losses(&f32_losses["all-linear"]),
         ));
         worst = worst.max(check(
@@ -97,6 +99,7 @@ fn sgd_steps_match_peft_over_f32_and_nf4_bases() {
             "dora",
             Method::Dora,
             false,
+            lr,
             &losses(&f32_losses["dora"]),
         ));
         worst = worst.max(check(
@@ -104,6 +107,7 @@ fn sgd_steps_match_peft_over_f32_and_nf4_bases() {
             "all-linear",
             Method::Lora,
             true,
+            lr,
             &losses(&r["nf4"]["train"]["all-linear"]),
         ));
         eprintln!("{family}: worst per-step training loss difference {worst:e}");
