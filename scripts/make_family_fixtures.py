@@ -100,6 +100,22 @@ def phi3_config(tok):
     )
 
 
+def gemma2_config(tok):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=mf.VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,  # != hidden / heads
+        query_pre_attn_scalar=24,  # != head_dim
+        # Small caps, so that the random model's scores and logits reach into the tanh's bend.
+        attn_logit_softcapping=4.0, final_logit_softcapping=8.0,
+        # Layer 0 slides over 4 positions, layer 1 attends to everything.
+        sliding_window=4, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+    )
+
+
 # name -> (config builder, tokenizer style, chat template file, pattern adapter's options)
 FAMILIES = {
     "qwen3": dict(
@@ -123,6 +139,16 @@ FAMILIES = {
             target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
             rank_pattern={"qkv_proj": 2, "model.layers.1.mlp.down_proj": 6},
             alpha_pattern={"gate_up_proj": 3},
+        ),
+    ),
+    "gemma2": dict(
+        config=gemma2_config,
+        style="llama-style",
+        template="gemma2.jinja",
+        pattern=dict(
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
+            alpha_pattern={"o_proj": 3},
         ),
     ),
 }

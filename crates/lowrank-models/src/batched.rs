@@ -23,6 +23,7 @@ use lowrank_kernels::{attend_rows, CachedRow, DecodeTeam, Heads};
 
 use super::{KvCache, Llama};
 use crate::active::{kind, AdapterPack, SLOTS_PER_LAYER};
+use crate::config::Activation;
 
 /// One sequence's part of a batched step: its new tokens (a prompt chunk, or the last
 /// sampled token), its cache (advanced by the step) and its adapters.
@@ -69,13 +70,16 @@ enum Values<'g> {
     Bf16(&'g [bf16]),
 }
 
-/// One layer's weights as slices.
+/// One layer's weights as slices; the norms as the step multiplies by them ((1 + w) for Gemma).
 struct LayerWeights<'g> {
-    input_norm: &'g [f32],
-    post_norm: &'g [f32],
+    input_norm: Cow<'g, [f32]>,
+    mlp_norm: Cow<'g, [f32]>,
+    /// Gemma 2's norms of the attention's and the MLP's outputs.
+    attn_out_norm: Option<Cow<'g, [f32]>>,
+    mlp_out_norm: Option<Cow<'g, [f32]>>,
     /// Per-head query and key norms (Qwen3).
-    q_norm: Option<&'g [f32]>,
-    k_norm: Option<&'g [f32]>,
+    q_norm: Option<Cow<'g, [f32]>>,
+    k_norm: Option<Cow<'g, [f32]>>,
     /// Weight and bias by projection kind (`None` for the kinds the layer does not have).
     projs: [Option<(BaseWeights<'g>, Option<&'g [f32]>)>; SLOTS_PER_LAYER],
 }
@@ -103,6 +107,15 @@ fn next_dense<'g>(
         None => Err(Error::Msg(
             "a weight is missing from the step's list".into(),
         )),
+    }
+}
+
+/// A norm's weight as the step multiplies by it: w, or 1 + w (Gemma).
+fn norm_weight(w: &[f32], plus_one: bool) -> Cow<'_, [f32]> {
+    if plus_one {
+        Cow::Owned(w.iter().map(|v| 1.0 + v).collect())
+    } else {
+        Cow::Borrowed(w)
     }
 }
 
@@ -276,7 +289,7 @@ impl Llama {
             }
         });
         let embed = next_dense(&mut values)?;
-        let final_norm = next_f32(&mut values, "the final norm")?;
+        let final_norm = norm_weight(next_f32(&mut values, "the final norm")?, c.norm_plus_one);
         let head = if tied {
             embed
         } else {
@@ -285,15 +298,17 @@ impl Llama {
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             // In `Layer::norms` order.
-            let input_norm = next_f32(&mut values, "a norm")?;
-            let post_norm = next_f32(&mut values, "a norm")?;
-            let mut head_norm = |w: &Option<Tensor>| {
-                w.as_ref()
-                    .map(|_| next_f32(&mut values, "a head norm"))
+            let plus_one = c.norm_plus_one;
+            let mut norm = |w: Option<&Tensor>| {
+                w.map(|_| next_f32(&mut values, "a norm").map(|w| norm_weight(w, plus_one)))
                     .transpose()
             };
-            let q_norm = head_norm(&layer.q_norm)?;
-            let k_norm = head_norm(&layer.k_norm)?;
+            let input_norm = norm(Some(&layer.input_norm))?.expect("always there");
+            let mlp_norm = norm(Some(&layer.mlp_norm))?.expect("always there");
+            let attn_out_norm = norm(layer.attn_out_norm.as_ref())?;
+            let mlp_out_norm = norm(layer.mlp_out_norm.as_ref())?;
+            let q_norm = norm(layer.q_norm.as_ref())?;
+            let k_norm = norm(layer.k_norm.as_ref())?;
             let mut projs = [None; SLOTS_PER_LAYER];
             for p in layer.projs() {
                 let weight = match p.linear.base() {
@@ -308,7 +323,9 @@ impl Llama {
             }
             layers.push(LayerWeights {
                 input_norm,
-                post_norm,
+                mlp_norm,
+                attn_out_norm,
+                mlp_out_norm,
                 q_norm,
                 k_norm,
                 projs,
@@ -324,6 +341,9 @@ impl Llama {
                 BaseWeights::Bf16(table) => x.extend(table[row].iter().map(|v| v.to_f32())),
                 BaseWeights::FourBit(_) => unreachable!("the embedding is dense"),
             }
+        }
+        if let Some(scale) = c.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
         }
         // One token with one plain LoRA: batch-1 decoding, helped (see the module docs).
         let helped = all.len() == 1
@@ -357,13 +377,17 @@ impl Llama {
         for &i in &picked {
             last.extend_from_slice(&x[i * h..(i + 1) * h]);
         }
-        let normed = lowrank_kernels::rms_norm_rows(&last, final_norm, c.rms_norm_eps as f32);
+        let normed = lowrank_kernels::rms_norm_rows(&last, &final_norm, c.rms_norm_eps as f32);
         let head = StepLinear {
             weight: head,
             bias: None,
             segments: Vec::new(),
         };
-        let logits = apply(&normed, h, &[head])?.pop().expect("one linear");
+        let mut logits = apply(&normed, h, &[head])?.pop().expect("one linear");
+        if let Some(cap) = c.final_softcap {
+            let cap = cap as f32;
+            logits.iter_mut().for_each(|x| *x = (*x / cap).tanh() * cap);
+        }
         let vocab = logits.len() / picked.len();
         Ok(Tensor::from_vec(
             logits,
@@ -394,7 +418,8 @@ impl Llama {
             (&[kind::Q, kind::K, kind::V], &[kind::GATE, kind::UP])
         };
         let tokens = x.len() / h;
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let scale = c.attention_scale as f32;
+        let softcap = c.attention_softcap.map(|s| s as f32);
         // The adapters' segments of projection `slot`.
         let segments = |slot: usize| -> Vec<Segment<'p>> {
             groups
@@ -441,7 +466,7 @@ impl Llama {
             };
             // Loaded during the residual add and the norm before the pass.
             warm(i, attn_in);
-            let normed = lowrank_kernels::rms_norm_rows(&x, w.input_norm, eps);
+            let normed = lowrank_kernels::rms_norm_rows(&x, &w.input_norm, eps);
             let outputs = pass(attn_in, &normed, h)?;
             let [mut q, mut k, v]: [Vec<f32>; 3] = if fused {
                 split_columns(&outputs[0], &[heads * d, kv_heads * d, kv_heads * d])
@@ -450,7 +475,7 @@ impl Llama {
             }
             .try_into()
             .unwrap_or_else(|_| unreachable!("three"));
-            if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
+            if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
                 q = lowrank_kernels::rms_norm_rows(&q, qn, eps);
                 k = lowrank_kernels::rms_norm_rows(&k, kn, eps);
             }
@@ -487,12 +512,15 @@ impl Llama {
                 kv_heads,
                 head_dim: d,
             };
-            let attn = attend_rows(&q, &cached, shape, scale, c.layer_windows[i])?;
-            let [o]: [Vec<f32>; 1] = pass(&[kind::O], &attn, heads * d)?
+            let attn = attend_rows(&q, &cached, shape, scale, c.layer_windows[i], softcap)?;
+            let [mut o]: [Vec<f32>; 1] = pass(&[kind::O], &attn, heads * d)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));
+            if let Some(wn) = &w.attn_out_norm {
+                o = lowrank_kernels::rms_norm_rows(&o, wn, eps);
+            }
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let normed = lowrank_kernels::rms_norm_rows(&x, w.post_norm, eps);
+            let normed = lowrank_kernels::rms_norm_rows(&x, &w.mlp_norm, eps);
             let outputs = pass(mlp_in, &normed, h)?;
             let inter = c.intermediate_size;
             let [gate, up]: [Vec<f32>; 2] = if fused {
@@ -503,10 +531,16 @@ impl Llama {
             .try_into()
             .unwrap_or_else(|_| unreachable!("two"));
             warm(i, &[kind::DOWN]);
-            let act = lowrank_kernels::swiglu_values(&gate, &up);
-            let [down]: [Vec<f32>; 1] = pass(&[kind::DOWN], &act, inter)?
+            let act = match c.activation {
+                Activation::Silu => lowrank_kernels::swiglu_values(&gate, &up),
+                Activation::GeluTanh => lowrank_kernels::gelu_tanh_glu_values(&gate, &up),
+            };
+            let [mut down]: [Vec<f32>; 1] = pass(&[kind::DOWN], &act, inter)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));
+            if let Some(wn) = &w.mlp_out_norm {
+                down = lowrank_kernels::rms_norm_rows(&down, wn, eps);
+            }
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         Ok(x)

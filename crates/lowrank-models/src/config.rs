@@ -16,10 +16,22 @@ pub enum Architecture {
     Qwen3,
     /// Phi-3/3.5/4-mini: fused `qkv_proj` and `gate_up_proj`, LongRoPE, partial rotary.
     Phi3,
+    /// Gemma 2: GeGLU, (1 + w) norms around attention and MLP, scaled embeddings, soft-capped
+    /// attention and output logits, sliding-window attention on alternate layers.
+    Gemma2,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// silu(gate)·up (SwiGLU).
+    Silu,
+    /// gelu_pytorch_tanh(gate)·up (Gemma's GeGLU).
+    GeluTanh,
 }
 
 impl Architecture {
-    const NAMES: &'static str = "llama, mistral, qwen2, qwen3, phi3";
+    const NAMES: &'static str = "llama, mistral, qwen2, qwen3, phi3, gemma2";
 
     fn from_model_type(model_type: &str) -> Option<Self> {
         Some(match model_type {
@@ -28,6 +40,7 @@ impl Architecture {
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
             "phi3" => Architecture::Phi3,
+            "gemma2" => Architecture::Gemma2,
             _ => return None,
         })
     }
@@ -59,6 +72,9 @@ struct ConfigFile {
     mlp_bias: bool,
     #[serde(default)]
     hidden_act: Option<String>,
+    /// Gemma's name for the activation (it wins over `hidden_act`).
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
     sliding_window: Option<usize>,
     #[serde(default)]
     use_sliding_window: bool,
@@ -134,6 +150,22 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (Phi-3), stacked by rows.
     pub fused_projections: bool,
+    pub activation: Activation,
+    /// Every RMSNorm multiplies by (1 + w) rather than w (Gemma).
+    pub norm_plus_one: bool,
+    /// Norms on the attention's and the MLP's outputs too, before each residual add (Gemma 2:
+    /// `post_attention_layernorm`, `post_feedforward_layernorm`; the MLP's input norm is then
+    /// `pre_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Embeddings multiplied by √hidden, rounded to f32 as transformers does in that dtype
+    /// (Gemma).
+    pub embed_scale: Option<f32>,
+    /// The attention scores' scale: 1/√query_pre_attn_scalar (Gemma), else 1/√head_dim.
+    pub attention_scale: f64,
+    /// cap · tanh(x / cap) of the scaled attention scores (Gemma 2's attn_logit_softcapping).
+    pub attention_softcap: Option<f64>,
+    /// cap · tanh(x / cap) of the output logits (Gemma 2's final_logit_softcapping).
+    pub final_softcap: Option<f64>,
     /// Per layer: attend to at most this many previous positions (Mistral, sliding-window
     /// layers of Qwen2/Qwen3), or `None` for full causal attention.
     pub layer_windows: Vec<Option<usize>>,
@@ -186,14 +218,23 @@ impl ModelConfig {
                 ),
             )
         })?;
-        if let Some(act) = &file.hidden_act {
-            if act != "silu" {
+        let gemma = architecture == Architecture::Gemma2;
+        let (act_field, act) = match (&file.hidden_activation, &file.hidden_act) {
+            (Some(a), _) => ("hidden_activation", Some(a.as_str())),
+            (None, a) => ("hidden_act", a.as_deref()),
+        };
+        let activation = match act.unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" }) {
+            "silu" => Activation::Silu,
+            "gelu_pytorch_tanh" if gemma => Activation::GeluTanh,
+            other => {
                 return Err(bad(
-                    "hidden_act",
-                    format!("only \"silu\" is supported, found {act:?}"),
-                ));
+                    act_field,
+                    format!(
+                        "expected \"silu\" (or \"gelu_pytorch_tanh\" for Gemma), found {other:?}"
+                    ),
+                ))
             }
-        }
+        };
         // Pre-quantized checkpoints: bitsandbytes 4-bit (NF4/FP4) only; the error names the field.
         let quantization =
             lowrank_quant::QuantizationConfig::from_config(&raw, &path.display().to_string())
@@ -211,9 +252,11 @@ impl ModelConfig {
                 ),
             ));
         }
-        // Qwen3's config class defaults head_dim to 128, the others derive it.
+        // transformers' config classes: Qwen3 defaults head_dim to 128, Gemma 2 to 256, the
+        // others derive it.
         let head_dim = file.head_dim.unwrap_or(match architecture {
             Architecture::Qwen3 => 128,
+            Architecture::Gemma2 => 256,
             _ => file.hidden_size / file.num_attention_heads,
         });
         if !head_dim.is_multiple_of(2) {
@@ -284,7 +327,8 @@ impl ModelConfig {
             }
         }
         let layer_windows = layer_windows(&file, architecture).map_err(|(f, m)| bad(f, m))?;
-        let tie_default = false;
+        // Gemma 2 ties its head by default.
+        let tie_default = architecture == Architecture::Gemma2;
         let dtype = file.torch_dtype.clone().or(file.dtype.clone());
         Ok(ModelConfig {
             architecture,
@@ -312,6 +356,29 @@ impl ModelConfig {
             mlp_bias: architecture == Architecture::Llama && file.mlp_bias,
             qk_norm: architecture == Architecture::Qwen3,
             fused_projections: architecture == Architecture::Phi3,
+            activation,
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            embed_scale: gemma.then(|| (file.hidden_size as f64).sqrt() as f32),
+            attention_scale: 1.0
+                / match file.query_pre_attn_scalar.filter(|_| gemma) {
+                    Some(s) => s,
+                    // Gemma 2's default.
+                    None if gemma => 256.0,
+                    None => head_dim as f64,
+                }
+                .sqrt(),
+            // Gemma 2's defaults (50, 30) when the fields are missing; null turns them off.
+            attention_softcap: if gemma {
+                softcap(&raw, "attn_logit_softcapping", 50.0)
+            } else {
+                None
+            },
+            final_softcap: if gemma {
+                softcap(&raw, "final_logit_softcapping", 30.0)
+            } else {
+                None
+            },
             layer_windows,
             bos_token_id: token_ids(&file.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&file.eos_token_id),
@@ -341,7 +408,8 @@ impl ModelConfig {
         if self.qk_norm {
             attn += 2 * self.head_dim;
         }
-        let layer = attn + mlp + 2 * h;
+        let norms = if self.sandwich_norms { 4 } else { 2 };
+        let layer = attn + mlp + norms * h;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_layers * layer + h
@@ -358,7 +426,7 @@ fn layer_windows(
     let n = file.num_hidden_layers;
     let window = match architecture {
         Architecture::Llama => None,
-        Architecture::Mistral | Architecture::Phi3 => file.sliding_window,
+        Architecture::Mistral | Architecture::Phi3 | Architecture::Gemma2 => file.sliding_window,
         Architecture::Qwen2 | Architecture::Qwen3 => {
             file.sliding_window.filter(|_| file.use_sliding_window)
         }
@@ -374,6 +442,16 @@ fn layer_windows(
         None if matches!(architecture, Architecture::Mistral | Architecture::Phi3) => {
             vec!["sliding_attention".into(); n]
         }
+        // Gemma 2: every other layer, from the first.
+        None if architecture == Architecture::Gemma2 => (0..n)
+            .map(|i| {
+                if i % 2 == 0 {
+                    "sliding_attention".into()
+                } else {
+                    "full_attention".into()
+                }
+            })
+            .collect(),
         None => {
             let first = file.max_window_layers.unwrap_or(28);
             (0..n)
@@ -406,6 +484,14 @@ fn layer_windows(
             )),
         })
         .collect()
+}
+
+/// A soft-capping field: its value, `default` when missing, `None` when null.
+fn softcap(raw: &Value, field: &str, default: f64) -> Option<f64> {
+    match raw.get(field) {
+        None => Some(default),
+        Some(v) => v.as_f64(),
+    }
 }
 
 fn parse_rope_scaling(

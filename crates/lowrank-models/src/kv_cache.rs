@@ -126,11 +126,16 @@ impl CachedKv {
     }
 
     /// Causal attention of `q` (batch, heads, seq, head_dim) — the last `seq` cached positions'
-    /// queries — over the cache: the fused kernel reading the buffers in place on the CPU, the
-    /// composed candle ops elsewhere.
-    pub fn attend(&self, q: &Tensor, sliding_window: Option<usize>) -> Result<Tensor> {
+    /// queries — over the cache, scores scaled by `scale` and soft-capped by `softcap`: the
+    /// fused kernel reading the buffers in place on the CPU, the composed candle ops elsewhere.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        scale: f64,
+        sliding_window: Option<usize>,
+        softcap: Option<f64>,
+    ) -> Result<Tensor> {
         let (batch, heads, seq, head_dim) = q.dims4()?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         if q.device().is_cpu() && q.dtype() == DType::F32 {
             return Ok(lowrank_kernels::causal_attention_cached(
                 q,
@@ -139,6 +144,7 @@ impl CachedKv {
                 self.len,
                 scale as f32,
                 sliding_window,
+                softcap.map(|c| c as f32),
             )?);
         }
         let (k, v) = self.valid()?;
@@ -146,6 +152,9 @@ impl CachedKv {
         let group = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(cap) = softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
         if seq > 1 || sliding_window.is_some() {
             let mask = causal_mask(seq, self.len - seq, sliding_window, q.device())?;
             scores = scores

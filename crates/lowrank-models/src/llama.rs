@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 pub use crate::active::ActiveAdapter;
 use crate::active::{kind, AdapterPacks, PROJ_NAMES, SLOTS_PER_LAYER};
 use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig};
 pub use crate::kv_cache::KvCache;
 use crate::rope::{Rope, RopeTables};
 
@@ -102,36 +102,61 @@ struct Layer {
     /// RMSNorm weights (head_dim) over each query / key head before RoPE (Qwen3).
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    post_norm: Tensor,
+    /// The MLP's input norm (`post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
+    mlp_norm: Tensor,
+    /// Gemma 2: norms of the attention's and the MLP's outputs (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`).
+    attn_out_norm: Option<Tensor>,
+    mlp_out_norm: Option<Tensor>,
     /// The layer's linears in [`proj_specs`] order: q, k, v (or the fused qkv), o, gate, up (or
     /// the fused gate_up), down.
     projs: Vec<Proj>,
 }
 
-/// The module key suffixes of a layer's norm weights, in [`Layer::norms`] order.
+/// The module key suffixes of a layer's norm weights.
 const INPUT_NORM: &str = "input_layernorm";
 const POST_ATTENTION_NORM: &str = "post_attention_layernorm";
+const PRE_FEEDFORWARD_NORM: &str = "pre_feedforward_layernorm";
+const POST_FEEDFORWARD_NORM: &str = "post_feedforward_layernorm";
 const Q_NORM: &str = "self_attn.q_norm";
 const K_NORM: &str = "self_attn.k_norm";
 
+/// The names of the MLP's input norm and of the attention's and MLP's output norms: Llama's
+/// `post_attention_layernorm` is the MLP's input norm; with norms around both blocks (Gemma 2)
+/// that name is the attention output's and the MLP's input norm is `pre_feedforward_layernorm`.
+fn mlp_norm_names(sandwich: bool) -> (&'static str, [&'static str; 2]) {
+    if sandwich {
+        (
+            PRE_FEEDFORWARD_NORM,
+            [POST_ATTENTION_NORM, POST_FEEDFORWARD_NORM],
+        )
+    } else {
+        (POST_ATTENTION_NORM, ["", ""])
+    }
+}
+
 impl Layer {
     /// The layer's norm weights with their module key suffixes (the weight is
-    /// `model.layers.{i}.{suffix}.weight`), in one order for every walk over them.
+    /// `model.layers.{i}.{suffix}.weight`), in one order for every walk over them: input, MLP
+    /// input, [attention output, MLP output], [q, k].
     fn norms(&self) -> Vec<(&'static str, &Tensor)> {
-        let mut out = vec![
-            (INPUT_NORM, &self.input_norm),
-            (POST_ATTENTION_NORM, &self.post_norm),
-        ];
+        let (mlp, [attn_out, mlp_out]) = mlp_norm_names(self.attn_out_norm.is_some());
+        let mut out = vec![(INPUT_NORM, &self.input_norm), (mlp, &self.mlp_norm)];
+        out.extend(self.attn_out_norm.as_ref().map(|w| (attn_out, w)));
+        out.extend(self.mlp_out_norm.as_ref().map(|w| (mlp_out, w)));
         out.extend(self.q_norm.as_ref().map(|w| (Q_NORM, w)));
         out.extend(self.k_norm.as_ref().map(|w| (K_NORM, w)));
         out
     }
 
     fn norms_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let (mlp, [attn_out, mlp_out]) = mlp_norm_names(self.attn_out_norm.is_some());
         let mut out = vec![
             (INPUT_NORM, &mut self.input_norm),
-            (POST_ATTENTION_NORM, &mut self.post_norm),
+            (mlp, &mut self.mlp_norm),
         ];
+        out.extend(self.attn_out_norm.as_mut().map(|w| (attn_out, w)));
+        out.extend(self.mlp_out_norm.as_mut().map(|w| (mlp_out, w)));
         out.extend(self.q_norm.as_mut().map(|w| (Q_NORM, w)));
         out.extend(self.k_norm.as_mut().map(|w| (K_NORM, w)));
         out
@@ -415,9 +440,13 @@ impl Llama {
                     .then(|| norm(suffix, config.head_dim))
                     .transpose()
             };
+            let sandwich = config.sandwich_norms;
+            let (mlp, [attn_out, mlp_out]) = mlp_norm_names(sandwich);
             layers.push(Layer {
                 input_norm: norm(INPUT_NORM, h)?,
-                post_norm: norm(POST_ATTENTION_NORM, h)?,
+                mlp_norm: norm(mlp, h)?,
+                attn_out_norm: sandwich.then(|| norm(attn_out, h)).transpose()?,
+                mlp_out_norm: sandwich.then(|| norm(mlp_out, h)).transpose()?,
                 q_norm: head_norm(Q_NORM)?,
                 k_norm: head_norm(K_NORM)?,
                 projs,
@@ -669,14 +698,29 @@ impl Llama {
         })
     }
 
-    /// Token embeddings (batch, seq, hidden), in f32 (a bf16 table's rows widened).
+    /// Token embeddings (batch, seq, hidden), in f32 (a bf16 table's rows widened), scaled
+    /// as the family does (Gemma: by √hidden).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        Ok(self
+        let x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .to_dtype(DType::F32)?
-            .reshape((batch, seq, self.config.hidden_size))?)
+            .reshape((batch, seq, self.config.hidden_size))?;
+        match self.config.embed_scale {
+            Some(scale) => Ok((x * scale as f64)?),
+            None => Ok(x),
+        }
+    }
+
+    /// RMSNorm of x with weight w, (1 + w) for Gemma.
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if self.config.norm_plus_one {
+            rms_norm(x, &w.affine(1.0, 1.0)?, eps)
+        } else {
+            rms_norm(x, w, eps)
+        }
     }
 
     /// Decoder layer `index` in training mode (no cache; LoRA dropout if the context asks).
@@ -709,7 +753,7 @@ impl Llama {
 
     /// The final RMSNorm.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+        self.norm(x, &self.norm)
     }
 
     /// Final normalized hidden states of a training forward: embed, every layer, norm.
@@ -906,7 +950,7 @@ impl Llama {
                 None,
             )?;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        self.norm(&x, &self.norm)
     }
 
     /// The output head's weight (vocab × hidden): lm_head, or the embedding when tied.
@@ -914,7 +958,7 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Projects hidden states to vocabulary logits.
+    /// Projects hidden states to vocabulary logits (soft-capped where the family does).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // Through the base-weight path: the decoding GEMV for one row, the frozen-linear
         // kernel otherwise (candle's matmul when the head is being trained).
@@ -922,7 +966,11 @@ impl Llama {
             .head_for_inference
             .as_ref()
             .unwrap_or(self.head_weight());
-        lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden)
+        let logits = lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden)?;
+        match self.config.final_softcap {
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
+        }
     }
 
     /// Stores the decoder layers' frozen linear weights, the embedding table and the output
@@ -981,7 +1029,7 @@ impl Llama {
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let group = heads / kv_heads;
 
-        let normed = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
+        let normed = self.norm(x, &layer.input_norm)?;
         let split_heads = |t: Tensor, n: usize| lowrank_kernels::split_heads(&t, n);
         let (q, k, v) = match layer.proj(kind::QKV) {
             // Phi-3: [q; k; v] by output rows.
@@ -1001,7 +1049,7 @@ impl Llama {
             ),
         };
         let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
-            Some(w) => rms_norm(&t, w, c.rms_norm_eps),
+            Some(w) => self.norm(&t, w),
             None => Ok(t),
         };
         let q = head_norm(split_heads(q, heads)?, &layer.q_norm)?;
@@ -1011,27 +1059,35 @@ impl Llama {
         let k = rope.apply(&k)?;
         let window = c.layer_windows[index];
         if let Some(cache) = cache {
-            let attn =
-                lowrank_kernels::merge_heads(&cache.append(index, k, v)?.attend(&q, window)?)?;
+            let attn = lowrank_kernels::merge_heads(&cache.append(index, k, v)?.attend(
+                &q,
+                c.attention_scale,
+                window,
+                c.attention_softcap,
+            )?)?;
             return self.layer_rest(layer, x, &attn, &proj);
         }
         let total = k.dim(2)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let attn = match mask {
-            // Causal (with a sliding window for Mistral): the fused, tiled kernel.
-            None => {
+        let scale = c.attention_scale;
+        let attn = match (mask, c.attention_softcap) {
+            // Causal (with a sliding window): the fused, tiled kernel.
+            (None, None) => {
                 lowrank_kernels::causal_attention(&q, &k, &v, scale as f32, total - seq, window)?
             }
-            // Packed rows bring their own mask (a sliding window added to it): the composed
-            // path. Grouped-query attention
-            // without copying K/V: the `group` query heads that share a key/value head are
-            // stacked along the sequence axis.
-            Some(mask) => {
+            // Packed rows bring their own mask (a sliding window added to it), and soft-capped
+            // scores (which the fused kernel's backward does not know) take the composed path.
+            // Grouped-query attention without copying K/V: the `group` query heads that share a
+            // key/value head are stacked along the sequence axis.
+            (mask, softcap) => {
                 let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
-                let scores = (q.matmul(&k.t()?)? * scale)?;
+                let mut scores = (q.matmul(&k.t()?)? * scale)?;
+                if let Some(cap) = softcap {
+                    scores = ((scores / cap)?.tanh()? * cap)?;
+                }
+                let causal = causal_mask(seq, total - seq, None, q.device())?;
                 let mut scores = scores
                     .reshape((batch, kv_heads, group, seq, total))?
-                    .broadcast_add(mask)?;
+                    .broadcast_add(mask.unwrap_or(&causal))?;
                 if window.is_some() {
                     let windowed = causal_mask(seq, total - seq, window, q.device())?;
                     scores = scores.broadcast_add(&windowed)?;
@@ -1058,8 +1114,12 @@ impl Llama {
         attn: &Tensor,
         proj: &dyn Fn(&Proj, &Tensor, u64) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let x = (x + proj(layer.expect_proj(kind::O)?, attn, kind::O as u64)?)?;
-        let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
+        let mut attn = proj(layer.expect_proj(kind::O)?, attn, kind::O as u64)?;
+        if let Some(w) = &layer.attn_out_norm {
+            attn = self.norm(&attn, w)?;
+        }
+        let x = (x + attn)?;
+        let normed = self.norm(&x, &layer.mlp_norm)?;
         let (gate, up) = match layer.proj(kind::GATE_UP) {
             // Phi-3: [gate; up] by output rows.
             Some(gate_up) => {
@@ -1076,11 +1136,15 @@ impl Llama {
             ),
         };
         let down = layer.expect_proj(kind::DOWN)?;
-        let mlp = proj(
-            down,
-            &lowrank_kernels::swiglu(&gate, &up)?,
-            kind::DOWN as u64,
-        )?;
+        let act = match self.config.activation {
+            Activation::Silu => lowrank_kernels::swiglu(&gate, &up)?,
+            // candle's gelu is the tanh approximation, with a backward.
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        let mut mlp = proj(down, &act, kind::DOWN as u64)?;
+        if let Some(w) = &layer.mlp_out_norm {
+            mlp = self.norm(&mlp, w)?;
+        }
         Ok((x + mlp)?)
     }
 
