@@ -24,6 +24,7 @@ use lowrank_kernels::{attend_rows, CachedRow, DecodeTeam, Heads};
 use super::{KvCache, Llama};
 use crate::active::{kind, AdapterPack, SLOTS_PER_LAYER};
 use crate::config::Activation;
+use crate::rope::LayerTables;
 
 /// One sequence's part of a batched step: its new tokens (a prompt chunk, or the last
 /// sampled token), its cache (advanced by the step) and its adapters.
@@ -230,19 +231,23 @@ impl Llama {
         let c = &self.config;
         let all: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         self.check_ids(&all)?;
-        // Each row's rotary tables for its positions (LongRoPE picks its frequencies per row).
+        // Each row's rotary tables for its positions (LongRoPE picks its frequencies per row),
+        // the sliding-window layers' own too (Gemma 3).
         let mut firsts = Vec::with_capacity(rows.len());
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let mut tables: Option<LayerTables<(Vec<f32>, Vec<f32>)>> = None;
         let mut first = 0;
         for row in rows.iter() {
             firsts.push(first);
             first += row.tokens.len();
             let past = row.cache.len();
             let positions: Vec<usize> = (past..past + row.tokens.len()).collect();
-            let (c, s) = self.rope.host_tables(&positions);
-            cos.extend(c);
-            sin.extend(s);
+            let row_tables = self.rope.host_tables(&positions);
+            match &mut tables {
+                None => tables = Some(row_tables),
+                Some(all) => all.extend(row_tables),
+            }
         }
+        let tables = tables.expect("at least one row");
         let mut groups: Vec<Group> = Vec::new();
         for (row, &first) in rows.iter().zip(&firsts) {
             let token_rows = first..first + row.tokens.len();
@@ -350,10 +355,10 @@ impl Llama {
             && matches!(rows[0].adapters.as_slice(), [(p, _)] if p.has_lora() && !p.has_dora());
         let x = if helped {
             lowrank_kernels::with_helpers(|team| {
-                self.layers_step(&layers, rows, &firsts, &groups, x, (&cos, &sin), Some(team))
+                self.layers_step(&layers, rows, &firsts, &groups, x, &tables, Some(team))
             })?
         } else {
-            self.layers_step(&layers, rows, &firsts, &groups, x, (&cos, &sin), None)?
+            self.layers_step(&layers, rows, &firsts, &groups, x, &tables, None)?
         };
 
         let picked: Vec<usize> = match outputs {
@@ -405,7 +410,7 @@ impl Llama {
         firsts: &[usize],
         groups: &'p [Group],
         mut x: Vec<f32>,
-        (cos, sin): (&[f32], &[f32]),
+        tables: &LayerTables<(Vec<f32>, Vec<f32>)>,
         team: Option<&DecodeTeam<'p>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
@@ -482,6 +487,7 @@ impl Llama {
             // Attention comes next, the longest stretch without a pass.
             let next: Vec<usize> = [kind::O].iter().chain(mlp_in).copied().collect();
             warm(i, &next);
+            let (cos, sin) = tables.of(c.layer_windows[i].is_some());
             lowrank_kernels::rope_rows(&mut q, tokens, heads, cos, sin)?;
             lowrank_kernels::rope_rows(&mut k, tokens, kv_heads, cos, sin)?;
             let kv_width = kv_heads * d;

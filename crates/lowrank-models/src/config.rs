@@ -19,6 +19,22 @@ pub enum Architecture {
     /// Gemma 2: GeGLU, (1 + w) norms around attention and MLP, scaled embeddings, soft-capped
     /// attention and output logits, sliding-window attention on alternate layers.
     Gemma2,
+    /// Gemma 3's text model (`gemma3_text`): Gemma 2 with (1 + w) q/k norms, no soft-capping
+    /// by default, five sliding-window layers to one global, each kind with its own RoPE.
+    Gemma3,
+}
+
+impl Architecture {
+    fn is_gemma(self) -> bool {
+        matches!(self, Architecture::Gemma2 | Architecture::Gemma3)
+    }
+}
+
+/// The RoPE of the sliding-window layers when it differs from the global layers' (Gemma 3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalRope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
 }
 
 /// The MLP's gate activation.
@@ -31,7 +47,7 @@ pub enum Activation {
 }
 
 impl Architecture {
-    const NAMES: &'static str = "llama, mistral, qwen2, qwen3, phi3, gemma2";
+    const NAMES: &'static str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text";
 
     fn from_model_type(model_type: &str) -> Option<Self> {
         Some(match model_type {
@@ -41,6 +57,7 @@ impl Architecture {
             "qwen3" => Architecture::Qwen3,
             "phi3" => Architecture::Phi3,
             "gemma2" => Architecture::Gemma2,
+            "gemma3_text" => Architecture::Gemma3,
             _ => return None,
         })
     }
@@ -75,6 +92,12 @@ struct ConfigFile {
     /// Gemma's name for the activation (it wins over `hidden_act`).
     hidden_activation: Option<String>,
     query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3 (4.x layout): the sliding-window layers' RoPE base, and one global layer in
+    /// this many.
+    rope_local_base_freq: Option<f64>,
+    sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    use_bidirectional_attention: Option<bool>,
     sliding_window: Option<usize>,
     #[serde(default)]
     use_sliding_window: bool,
@@ -167,8 +190,10 @@ pub struct ModelConfig {
     /// cap · tanh(x / cap) of the output logits (Gemma 2's final_logit_softcapping).
     pub final_softcap: Option<f64>,
     /// Per layer: attend to at most this many previous positions (Mistral, sliding-window
-    /// layers of Qwen2/Qwen3), or `None` for full causal attention.
+    /// layers of Qwen2/Qwen3/Gemma), or `None` for full causal attention.
     pub layer_windows: Vec<Option<usize>>,
+    /// The sliding-window layers' own RoPE (Gemma 3); `None`: every layer uses the global one.
+    pub local_rope: Option<LocalRope>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The dtype name the checkpoint declares (`float32`, `bfloat16`, ...), if any.
@@ -218,7 +243,13 @@ impl ModelConfig {
                 ),
             )
         })?;
-        let gemma = architecture == Architecture::Gemma2;
+        let gemma = architecture.is_gemma();
+        if file.use_bidirectional_attention == Some(true) {
+            return Err(bad(
+                "use_bidirectional_attention",
+                "bidirectional (embedding) models are not supported".into(),
+            ));
+        }
         let (act_field, act) = match (&file.hidden_activation, &file.hidden_act) {
             (Some(a), _) => ("hidden_activation", Some(a.as_str())),
             (None, a) => ("hidden_act", a.as_deref()),
@@ -256,7 +287,7 @@ impl ModelConfig {
         // others derive it.
         let head_dim = file.head_dim.unwrap_or(match architecture {
             Architecture::Qwen3 => 128,
-            Architecture::Gemma2 => 256,
+            Architecture::Gemma2 | Architecture::Gemma3 => 256,
             _ => file.hidden_size / file.num_attention_heads,
         });
         if !head_dim.is_multiple_of(2) {
@@ -265,8 +296,17 @@ impl ModelConfig {
                 format!("rotary embeddings need an even head_dim, found {head_dim}"),
             ));
         }
-        // rope_parameters (newer transformers) holds rope_theta and the scaling together.
-        let rope_params = file.rope_parameters.as_ref().filter(|v| v.is_object());
+        // rope_parameters (newer transformers) holds rope_theta and the scaling together; Gemma
+        // 3 writes one set per layer type.
+        let per_type = file
+            .rope_parameters
+            .as_ref()
+            .filter(|p| p.get("full_attention").is_some());
+        let rope_params = match per_type {
+            Some(p) => p.get("full_attention"),
+            None => file.rope_parameters.as_ref(),
+        }
+        .filter(|v| v.is_object());
         let rope_theta = file
             .rope_theta
             .or_else(|| {
@@ -274,11 +314,23 @@ impl ModelConfig {
                     .and_then(|p| p.get("rope_theta"))
                     .and_then(Value::as_f64)
             })
-            .unwrap_or(if architecture == Architecture::Qwen2 {
-                1_000_000.0
-            } else {
-                10_000.0
+            .unwrap_or(match architecture {
+                Architecture::Qwen2 | Architecture::Gemma3 => 1_000_000.0,
+                _ => 10_000.0,
             });
+        let local_rope = if architecture == Architecture::Gemma3 {
+            let local = per_type.and_then(|p| p.get("sliding_attention"));
+            let theta = local
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .or(file.rope_local_base_freq)
+                .unwrap_or(10_000.0);
+            let scaling = parse_rope_scaling(local, file.max_position_embeddings, 0)
+                .map_err(|m| bad("rope_parameters", m))?;
+            Some(LocalRope { theta, scaling })
+        } else {
+            None
+        };
         let scaling = file
             .rope_scaling
             .as_ref()
@@ -328,7 +380,7 @@ impl ModelConfig {
         }
         let layer_windows = layer_windows(&file, architecture).map_err(|(f, m)| bad(f, m))?;
         // Gemma 2 ties its head by default.
-        let tie_default = architecture == Architecture::Gemma2;
+        let tie_default = architecture.is_gemma();
         let dtype = file.torch_dtype.clone().or(file.dtype.clone());
         Ok(ModelConfig {
             architecture,
@@ -354,7 +406,8 @@ impl ModelConfig {
             o_bias: matches!(architecture, Architecture::Llama | Architecture::Qwen3)
                 && file.attention_bias,
             mlp_bias: architecture == Architecture::Llama && file.mlp_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            local_rope,
             fused_projections: architecture == Architecture::Phi3,
             activation,
             norm_plus_one: gemma,
@@ -368,16 +421,17 @@ impl ModelConfig {
                     None => head_dim as f64,
                 }
                 .sqrt(),
-            // Gemma 2's defaults (50, 30) when the fields are missing; null turns them off.
-            attention_softcap: if gemma {
-                softcap(&raw, "attn_logit_softcapping", 50.0)
-            } else {
-                None
+            // Gemma 2's defaults (50, 30) when the fields are missing, Gemma 3's none; null turns
+            // them off.
+            attention_softcap: match architecture {
+                Architecture::Gemma2 => softcap(&raw, "attn_logit_softcapping", Some(50.0)),
+                Architecture::Gemma3 => softcap(&raw, "attn_logit_softcapping", None),
+                _ => None,
             },
-            final_softcap: if gemma {
-                softcap(&raw, "final_logit_softcapping", 30.0)
-            } else {
-                None
+            final_softcap: match architecture {
+                Architecture::Gemma2 => softcap(&raw, "final_logit_softcapping", Some(30.0)),
+                Architecture::Gemma3 => softcap(&raw, "final_logit_softcapping", None),
+                _ => None,
             },
             layer_windows,
             bos_token_id: token_ids(&file.bos_token_id).first().copied(),
@@ -426,7 +480,10 @@ fn layer_windows(
     let n = file.num_hidden_layers;
     let window = match architecture {
         Architecture::Llama => None,
-        Architecture::Mistral | Architecture::Phi3 | Architecture::Gemma2 => file.sliding_window,
+        Architecture::Mistral
+        | Architecture::Phi3
+        | Architecture::Gemma2
+        | Architecture::Gemma3 => file.sliding_window,
         Architecture::Qwen2 | Architecture::Qwen3 => {
             file.sliding_window.filter(|_| file.use_sliding_window)
         }
@@ -442,16 +499,22 @@ fn layer_windows(
         None if matches!(architecture, Architecture::Mistral | Architecture::Phi3) => {
             vec!["sliding_attention".into(); n]
         }
-        // Gemma 2: every other layer, from the first.
-        None if architecture == Architecture::Gemma2 => (0..n)
-            .map(|i| {
-                if i % 2 == 0 {
-                    "sliding_attention".into()
-                } else {
-                    "full_attention".into()
-                }
-            })
-            .collect(),
+        // Gemma: every layer but each `pattern`-th slides (Gemma 2: every other one).
+        None if architecture.is_gemma() => {
+            let pattern = match architecture {
+                Architecture::Gemma2 => 2,
+                _ => file.sliding_window_pattern.unwrap_or(6).max(1),
+            };
+            (0..n)
+                .map(|i| {
+                    if (i + 1) % pattern != 0 {
+                        "sliding_attention".into()
+                    } else {
+                        "full_attention".into()
+                    }
+                })
+                .collect()
+        }
         None => {
             let first = file.max_window_layers.unwrap_or(28);
             (0..n)
@@ -487,9 +550,9 @@ fn layer_windows(
 }
 
 /// A soft-capping field: its value, `default` when missing, `None` when null.
-fn softcap(raw: &Value, field: &str, default: f64) -> Option<f64> {
+fn softcap(raw: &Value, field: &str, default: Option<f64>) -> Option<f64> {
     match raw.get(field) {
-        None => Some(default),
+        None => default,
         Some(v) => v.as_f64(),
     }
 }

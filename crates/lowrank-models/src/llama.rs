@@ -18,7 +18,7 @@ use crate::active::{kind, AdapterPacks, PROJ_NAMES, SLOTS_PER_LAYER};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, ModelConfig};
 pub use crate::kv_cache::KvCache;
-use crate::rope::{Rope, RopeTables};
+use crate::rope::{LayerTables, RopeTables, Ropes};
 
 /// A linear layer with its module key, so adapters find their tensors for it.
 #[derive(Debug, Clone)]
@@ -186,7 +186,7 @@ impl Layer {
 /// attention mask and the dropout seed.
 #[derive(Debug, Clone)]
 pub struct TrainContext {
-    tables: RopeTables,
+    tables: LayerTables<RopeTables>,
     /// Additive, broadcastable to (batch, kv_heads, group, seq, seq), for packed rows;
     /// `None` = causal.
     mask: Option<Tensor>,
@@ -205,7 +205,7 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     /// The output head in a narrower dtype for inference (see [`Llama::cast_for_inference`]).
     head_for_inference: Option<Tensor>,
-    rope: Rope,
+    rope: Ropes,
     /// The dtype the checkpoint stores its weights in.
     stored_dtype: DType,
     /// The packs of the adapters inference steps apply (see `active.rs`).
@@ -458,7 +458,7 @@ impl Llama {
         } else {
             Some(ckpt.load(LM_HEAD, &[config.vocab_size, h], dtype, device)?)
         };
-        let rope = Rope::new(&config, device)?;
+        let rope = Ropes::new(&config, device)?;
         let model = Llama {
             config,
             embed,
@@ -1015,7 +1015,7 @@ impl Llama {
         index: usize,
         layer: &Layer,
         x: &Tensor,
-        rope: &RopeTables,
+        rope: &LayerTables<RopeTables>,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
@@ -1055,9 +1055,10 @@ impl Llama {
         let q = head_norm(split_heads(q, heads)?, &layer.q_norm)?;
         let k = head_norm(split_heads(k, kv_heads)?, &layer.k_norm)?;
         let v = split_heads(v, kv_heads)?;
+        let window = c.layer_windows[index];
+        let rope = rope.of(window.is_some());
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
-        let window = c.layer_windows[index];
         if let Some(cache) = cache {
             let attn = lowrank_kernels::merge_heads(&cache.append(index, k, v)?.attend(
                 &q,

@@ -87,6 +87,93 @@ pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     }
 }
 
+/// A model's rotary embeddings: one for every layer, or (Gemma 3) a second one with its own
+/// base for the sliding-window layers.
+#[derive(Debug, Clone)]
+pub struct Ropes {
+    global: Rope,
+    local: Option<Rope>,
+}
+
+/// Tables of one forward for every layer: the global ones and the sliding-window layers' own.
+#[derive(Debug, Clone)]
+pub struct LayerTables<T> {
+    global: T,
+    local: Option<T>,
+}
+
+impl LayerTables<(Vec<f32>, Vec<f32>)> {
+    /// Appends another run of positions' tables (the next row of a step).
+    pub fn extend(&mut self, next: Self) {
+        let append = |to: &mut (Vec<f32>, Vec<f32>), from: (Vec<f32>, Vec<f32>)| {
+            to.0.extend(from.0);
+            to.1.extend(from.1);
+        };
+        append(&mut self.global, next.global);
+        if let (Some(to), Some(from)) = (&mut self.local, next.local) {
+            append(to, from);
+        }
+    }
+}
+
+impl<T> LayerTables<T> {
+    /// The tables of a layer, sliding-window or not.
+    pub fn of(&self, sliding: bool) -> &T {
+        match &self.local {
+            Some(local) if sliding => local,
+            _ => &self.global,
+        }
+    }
+}
+
+impl Ropes {
+    pub fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
+        let local = match &config.local_rope {
+            Some(local) => {
+                let mut c = config.clone();
+                c.rope_theta = local.theta;
+                c.rope_scaling = local.scaling.clone();
+                Some(Rope::new(&c, device)?)
+            }
+            None => None,
+        };
+        Ok(Ropes {
+            global: Rope::new(config, device)?,
+            local,
+        })
+    }
+
+    fn each<T>(&self, f: impl Fn(&Rope) -> Result<T>) -> Result<LayerTables<T>> {
+        Ok(LayerTables {
+            global: f(&self.global)?,
+            local: self.local.as_ref().map(&f).transpose()?,
+        })
+    }
+
+    /// See [`Rope::tables`].
+    pub fn tables(&self, start: usize, seq: usize) -> Result<LayerTables<RopeTables>> {
+        self.each(|r| r.tables(start, seq))
+    }
+
+    /// See [`Rope::tables_for`].
+    pub fn tables_for(&self, positions: &Tensor) -> Result<LayerTables<RopeTables>> {
+        self.each(|r| r.tables_for(positions))
+    }
+
+    /// See [`Rope::host_tables`].
+    pub fn host_tables(&self, positions: &[usize]) -> LayerTables<(Vec<f32>, Vec<f32>)> {
+        LayerTables {
+            global: self.global.host_tables(positions),
+            local: self.local.as_ref().map(|r| r.host_tables(positions)),
+        }
+    }
+
+    /// See [`Rope::long_threshold`].
+    pub fn long_threshold(&self) -> Option<usize> {
+        self.global.long_threshold()
+    }
+}
+
 impl Rope {
     pub fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
         let inv = inverse_frequencies(config);

@@ -14,7 +14,7 @@ use lowrank_models::{ActiveAdapter, KvCache, Llama, LoadOptions, Message, Tokeni
 use lowrank_quant::QuantType;
 use serde_json::Value;
 
-const FAMILIES: &[&str] = &["qwen3", "phi3", "gemma2"];
+const FAMILIES: &[&str] = &["qwen3", "phi3", "gemma2", "gemma3"];
 const ADAPTERS: &[&str] = &["all-linear", "dora", "pattern"];
 
 fn family_dir(family: &str) -> PathBuf {

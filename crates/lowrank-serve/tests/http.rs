@@ -283,7 +283,7 @@ async fn mixed_adapter_batches_give_each_request_its_own_greedy_tokens() {
 /// get the greedy tokens of their sequence decoded alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_adapter_batches_on_every_family() {
-    for family in ["qwen3", "phi3", "gemma2"] {
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
         let family_dir = fixtures().join("families").join(family);
         let root = tempfile::tempdir().unwrap();
         let adapters = ["all-linear", "dora", "pattern"];

@@ -13,7 +13,7 @@ use lowrank_train::{
     train, Method, OptimizerKind, QuantKind, QuantizeOptions, Schedule, TrainOptions,
 };
 
-const FAMILIES: &[&str] = &["qwen3", "phi3", "gemma2"];
+const FAMILIES: &[&str] = &["qwen3", "phi3", "gemma2", "gemma3"];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
