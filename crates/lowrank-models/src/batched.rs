@@ -71,6 +71,9 @@ enum Values<'g> {
     Bf16(&'g [bf16]),
 }
 
+/// A projection's weight and bias.
+type ProjWeights<'g> = (BaseWeights<'g>, Option<&'g [f32]>);
+
 /// One layer's weights as slices; the norms as the step multiplies by them ((1 + w) for Gemma).
 struct LayerWeights<'g> {
     input_norm: Cow<'g, [f32]>,
@@ -82,7 +85,7 @@ struct LayerWeights<'g> {
     q_norm: Option<Cow<'g, [f32]>>,
     k_norm: Option<Cow<'g, [f32]>>,
     /// Weight and bias by projection kind (`None` for the kinds the layer does not have).
-    projs: [Option<(BaseWeights<'g>, Option<&'g [f32]>)>; SLOTS_PER_LAYER],
+    projs: [Option<ProjWeights<'g>>; SLOTS_PER_LAYER],
 }
 
 /// The next weight's values, which must be f32.

@@ -378,7 +378,10 @@ impl ModelConfig {
                 }
             }
         }
-        let layer_windows = layer_windows(&file, architecture).map_err(|(f, m)| bad(f, m))?;
+        // Gemma's config classes default the window to 4096 (null turns it off).
+        let default_window = (gemma && raw.get("sliding_window").is_none()).then_some(4096);
+        let layer_windows =
+            layer_windows(&file, architecture, default_window).map_err(|(f, m)| bad(f, m))?;
         // Gemma 2 ties its head by default.
         let tie_default = architecture.is_gemma();
         let dtype = file.torch_dtype.clone().or(file.dtype.clone());
@@ -470,12 +473,15 @@ impl ModelConfig {
     }
 }
 
-/// Each layer's sliding window, as transformers' config classes decide it: Mistral's applies to
-/// every layer; Qwen2/Qwen3 use it only with `use_sliding_window`, on the layers `layer_types`
-/// marks `sliding_attention` (by default those from `max_window_layers` on).
+/// Each layer's sliding window, as transformers' config classes decide it: Mistral's and
+/// Phi-3's apply to every layer; Qwen2/Qwen3 use it only with `use_sliding_window`, on the
+/// layers `layer_types` marks `sliding_attention` (by default those from `max_window_layers`
+/// on); Gemma's on the layers `layer_types` marks, by default all but every second (Gemma 2)
+/// or every `sliding_window_pattern`-th (Gemma 3) layer.
 fn layer_windows(
     file: &ConfigFile,
     architecture: Architecture,
+    default_window: Option<usize>,
 ) -> std::result::Result<Vec<Option<usize>>, (&'static str, String)> {
     let n = file.num_hidden_layers;
     let window = match architecture {
@@ -483,7 +489,7 @@ fn layer_windows(
         Architecture::Mistral
         | Architecture::Phi3
         | Architecture::Gemma2
-        | Architecture::Gemma3 => file.sliding_window,
+        | Architecture::Gemma3 => file.sliding_window.or(default_window),
         Architecture::Qwen2 | Architecture::Qwen3 => {
             file.sliding_window.filter(|_| file.use_sliding_window)
         }
@@ -652,6 +658,81 @@ mod tests {
         let c = parse(v).unwrap();
         assert_eq!(c.head_dim, 16);
         assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    /// The newer families' transformers defaults, and Gemma 3's per-layer-type RoPE.
+    #[test]
+    fn family_defaults_follow_transformers() {
+        let with = |model_type: &str| {
+            let mut v = base();
+            v["model_type"] = json!(model_type);
+            v
+        };
+        let q = parse(with("qwen3")).unwrap();
+        assert!(q.qk_norm && !q.qkv_bias && q.head_dim == 128);
+        let p = parse(with("phi3")).unwrap();
+        assert!(p.fused_projections && p.rms_norm_eps == 1e-5 && p.rotary_dim == p.head_dim);
+        let g = parse(with("gemma2")).unwrap();
+        assert_eq!(g.activation, Activation::GeluTanh);
+        assert_eq!(
+            (g.attention_softcap, g.final_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert!(g.norm_plus_one && g.sandwich_norms && g.tie_word_embeddings);
+        assert_eq!(g.head_dim, 256);
+        assert_eq!(g.attention_scale, 1.0 / 16.0);
+        // Layer 0 slides, layer 1 attends to everything.
+        assert_eq!(g.layer_windows, vec![Some(4096), None]);
+        let mut v = with("gemma3_text");
+        v["num_hidden_layers"] = json!(3);
+        v["sliding_window"] = json!(8);
+        v["sliding_window_pattern"] = json!(3);
+        v["rope_theta"] = json!(1e6);
+        v["rope_local_base_freq"] = json!(1e4);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        let g3 = parse(v).unwrap();
+        assert!(g3.qk_norm && g3.attention_softcap.is_none() && g3.final_softcap.is_none());
+        assert_eq!(g3.layer_windows, vec![Some(8), Some(8), None]);
+        assert_eq!(g3.rope_theta, 1e6);
+        assert_eq!(g3.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        let local = g3.local_rope.unwrap();
+        assert_eq!((local.theta, local.scaling), (1e4, RopeScaling::None));
+    }
+
+    #[test]
+    fn bad_family_configs_name_the_field() {
+        let cases = [
+            (
+                json!({"model_type":"phi3","partial_rotary_factor":0.5,
+                    "rope_scaling":{"rope_type":"longrope","short_factor":[1.0],"long_factor":[1.0, 2.0]}}),
+                "`rope_scaling`",
+            ),
+            (
+                json!({"model_type":"phi3","partial_rotary_factor":0.1}),
+                "`partial_rotary_factor`",
+            ),
+            (
+                json!({"model_type":"gemma2","hidden_activation":"relu"}),
+                "`hidden_activation`",
+            ),
+            (
+                json!({"model_type":"gemma3_text","use_bidirectional_attention":true}),
+                "`use_bidirectional_attention`",
+            ),
+            (
+                json!({"model_type":"qwen3","use_sliding_window":true,"sliding_window":4,
+                    "layer_types":["full_attention"]}),
+                "`layer_types`",
+            ),
+        ];
+        for (extra, expect) in cases {
+            let mut v = base();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains("config.json") && err.contains(expect), "{err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,8 @@
-//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) as transformers
-//! defines it, in two layer loops: one of differentiable candle ops (training, the forward
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) and its relatives
+//! (Qwen3, Phi-3/3.5/4-mini, Gemma 2, Gemma 3 text) as transformers defines them — what differs
+//! per family is configuration (`ModelConfig`: q/k norms, fused projections, (1 + w) norms and
+//! norms around both blocks, GeGLU, embedding scale, attention scale and soft-capping, per-layer
+//! windows and RoPE) — in two layer loops: one of differentiable candle ops (training, the forward
 //! without a cache, batches of sequences in one cache, other devices) — fused candle ops
 //! without backward (rms_norm, softmax_last_dim, rope) are deliberately not used there — and
 //! the inference step on plain buffers (`batched.rs`) that the server's batches, `generate`
