@@ -235,10 +235,16 @@ impl ModelConfig {
             )
         })?;
         let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
+            // Gemma 3's multimodal checkpoints (vision tower + text model).
+            let hint = if model_type == "gemma3" {
+                " (Gemma 3 with its vision tower is not supported; text-only checkpoints such as gemma-3-1b are `gemma3_text`)"
+            } else {
+                ""
+            };
             bad(
                 "model_type",
                 format!(
-                    "unsupported model type {model_type:?}; supported: {}",
+                    "unsupported model type {model_type:?}{hint}; supported: {}",
                     Architecture::NAMES
                 ),
             )

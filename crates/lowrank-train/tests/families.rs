@@ -162,3 +162,31 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
         }
     }
 }
+
+/// `--targets all-linear` puts a module on every linear of each family, Phi-3's fused
+/// `qkv_proj` and `gate_up_proj` included, each as wide as the fused output.
+#[test]
+fn all_linear_targets_every_linear_of_each_family() {
+    for family in FAMILIES {
+        let mut model = Llama::load(&family_dir(family).join("model"), &Device::Cpu).unwrap();
+        let linears = model.linears();
+        let opts = TrainOptions {
+            method: Method::Lora,
+            targets: "all-linear".into(),
+            ..Default::default()
+        };
+        let t = setup_trainable(&mut model, &opts).unwrap();
+        let adapter = t.adapter.as_ref().unwrap();
+        let names: Vec<&String> = adapter.modules.keys().collect();
+        assert_eq!(names.len(), linears.len(), "{family}: {names:?}");
+        for l in &linears {
+            let m = &adapter.modules[&l.name];
+            assert_eq!(m.b.dims()[0], l.out_features, "{family} {}", l.name);
+            assert_eq!(m.a.dims()[1], l.in_features, "{family} {}", l.name);
+        }
+        if *family == "phi3" {
+            assert!(names.iter().any(|n| n.ends_with("self_attn.qkv_proj")));
+            assert!(names.iter().any(|n| n.ends_with("mlp.gate_up_proj")));
+        }
+    }
+}
