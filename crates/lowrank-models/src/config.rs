@@ -722,6 +722,10 @@ mod tests {
                 "`hidden_activation`",
             ),
             (
+                json!({"model_type":"gemma3"}),
+                "vision tower is not supported",
+            ),
+            (
                 json!({"model_type":"gemma3_text","use_bidirectional_attention":true}),
                 "`use_bidirectional_attention`",
             ),
