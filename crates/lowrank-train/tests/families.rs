@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use lowrank_models::Llama;
 use lowrank_train::data;
-use lowrank_train::trainer::{gradients, setup_trainable};
+use lowrank_train::trainer::{batch_nll, gradients, setup_trainable};
 use lowrank_train::{
     train, Method, OptimizerKind, QuantKind, QuantizeOptions, Schedule, TrainOptions,
 };
@@ -188,5 +188,36 @@ fn all_linear_targets_every_linear_of_each_family() {
             assert!(names.iter().any(|n| n.ends_with("self_attn.qkv_proj")));
             assert!(names.iter().any(|n| n.ends_with("mlp.gate_up_proj")));
         }
+    }
+}
+
+/// Packed rows (their own positions and block-diagonal mask, the sliding windows added to it)
+/// give each family the loss of the same sequences padded into a batch.
+#[test]
+fn packed_rows_give_the_same_loss_as_padded_batches() {
+    for family in FAMILIES {
+        let dir = family_dir(family).join("model");
+        let model = Llama::load(&dir, &Device::Cpu).unwrap();
+        let tok = lowrank_models::Tokenizer::load(&dir).unwrap();
+        let ex = data::load(&fixtures().join("data/train.jsonl"), &tok, 512)
+            .unwrap()
+            .1;
+        let order: Vec<usize> = (0..ex.len()).collect();
+        let padded = data::make_batch(
+            &ex,
+            &data::plan_micro_batches(&ex, &order, 6, false, 512)[0],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let plan = data::plan_micro_batches(&ex, &order, 6, true, 48);
+        assert!(plan[0].iter().any(|row| row.len() > 1), "rows are packed");
+        let scalar = |t: candle_core::Tensor| t.to_scalar::<f32>().unwrap() as f64;
+        let (mut a, mut b) = (0.0, 0.0);
+        a += scalar(batch_nll(&model, &[], &padded, None).unwrap());
+        for micro in &plan {
+            let packed = data::make_batch(&ex, micro, &Device::Cpu).unwrap();
+            b += scalar(batch_nll(&model, &[], &packed, None).unwrap());
+        }
+        assert!((a - b).abs() < 1e-4 * a, "{family}: padded {a} vs packed {b}");
     }
 }
