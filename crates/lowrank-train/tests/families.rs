@@ -218,6 +218,9 @@ fn packed_rows_give_the_same_loss_as_padded_batches() {
             let packed = data::make_batch(&ex, micro, &Device::Cpu).unwrap();
             b += scalar(batch_nll(&model, &[], &packed, None).unwrap());
         }
-        assert!((a - b).abs() < 1e-4 * a, "{family}: padded {a} vs packed {b}");
+        assert!(
+            (a - b).abs() < 1e-4 * a,
+            "{family}: padded {a} vs packed {b}"
+        );
     }
 }
