@@ -280,7 +280,8 @@ async fn mixed_adapter_batches_give_each_request_its_own_greedy_tokens() {
 
 /// The newer model families (fixtures/families): requests with each family's adapters
 /// (all-linear LoRA, DoRA, a rank/alpha pattern on one layer) and the base, sent at once, each
-/// get the greedy tokens of their sequence decoded alone.
+/// get the greedy tokens of their sequence decoded alone; a system turn to Gemma 2 gets its
+/// template's refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_adapter_batches_on_every_family() {
     for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
@@ -329,6 +330,20 @@ async fn mixed_adapter_batches_on_every_family() {
                 expected_on(&model_dir, &stack, prompt, 16, false),
                 "{family} {model} {prompt}"
             );
+        }
+        if family == "gemma2" {
+            // Gemma 2's template refuses a system turn: the request gets its reason.
+            let messages = json!([{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"}]);
+            let (status, body) = server
+                .post(
+                    "/v1/chat/completions",
+                    json!({"model": "base", "messages": messages}),
+                )
+                .await;
+            assert_eq!(status, 400, "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("System role not supported"), "{body}");
         }
         Arc::try_unwrap(server).ok().unwrap().stop().await;
     }
