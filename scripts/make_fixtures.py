@@ -774,6 +774,10 @@ def main():
     print("9. train")
     train_losses = make_train(toks)
     (FIX / "README.md").write_text(README, encoding="utf-8")
+    print("10. model families (scripts/make_family_fixtures.py)")
+    import make_family_fixtures
+
+    make_family_fixtures.main()
 
     print("\n== summary ==")
     for sub in sorted(p for p in FIX.iterdir() if p.is_dir()):

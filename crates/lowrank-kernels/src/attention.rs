@@ -45,6 +45,7 @@ pub fn causal_attention_cached(
     cached: usize,
     scale: f32,
     sliding_window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Result<Tensor> {
     if q.track_op() || k_cache.track_op() || v_cache.track_op() {
         bail!("causal_attention_cached: inference only, but an input records gradients")
@@ -56,6 +57,7 @@ pub fn causal_attention_cached(
     check_attention(q, k_cache, v_cache, sliding_window)?;
     let op = Attention {
         scale,
+        softcap,
         past: cached - t,
         window: sliding_window,
         block_q: BLOCK_Q,
@@ -85,6 +87,7 @@ pub(crate) fn attention_blocks(
     }
     let op = Attention {
         scale,
+        softcap: None,
         past,
         window: sliding_window,
         block_q,
@@ -95,6 +98,11 @@ pub(crate) fn attention_blocks(
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// cap · tanh(x / cap) of every score, as transformers' Gemma 2 eager attention computes it.
+pub(crate) fn soft_cap(scores: &mut [f32], cap: f32) {
+    scores.iter_mut().for_each(|x| *x = (*x / cap).tanh() * cap);
 }
 
 /// Shapes: q (b, h, t, d), k and v (b, kv, s, d) with h a multiple of kv.
@@ -125,6 +133,9 @@ fn check_attention(
 
 pub(crate) struct Attention {
     scale: f32,
+    /// Gemma 2's attention logit soft-capping, cap · tanh(score / cap) of the scaled scores
+    /// before the mask (inference only: backward does not know it).
+    softcap: Option<f32>,
     past: usize,
     window: Option<usize>,
     block_q: usize,
@@ -139,9 +150,16 @@ pub(crate) struct Attention {
 impl Attention {
     /// Inference over `keys` valid keys, the queries at positions past, past + 1, …, with the
     /// default tiles and no statistics kept.
-    pub(crate) fn inference(scale: f32, past: usize, window: Option<usize>, keys: usize) -> Self {
+    pub(crate) fn inference(
+        scale: f32,
+        softcap: Option<f32>,
+        past: usize,
+        window: Option<usize>,
+        keys: usize,
+    ) -> Self {
         Attention {
             scale,
+            softcap,
             past,
             window,
             block_q: BLOCK_Q,
@@ -212,6 +230,9 @@ impl Attention {
                 false,
                 false,
             );
+            if let Some(cap) = self.softcap {
+                soft_cap(sb, cap);
+            }
             let masked = !self.all_visible(p0, p1, j0, j0 + cols - 1);
             for r in 0..rows {
                 let row = &mut sb[r * cols..(r + 1) * cols];
@@ -633,16 +654,18 @@ mod tests {
                 v_cache.narrow(2, 0, cached).unwrap(),
             );
             let want = causal_attention(&q, &k, &v, 0.3, cached - t, window).unwrap();
-            let got = causal_attention_cached(&q, &k_cache, &v_cache, cached, 0.3, window).unwrap();
+            let got =
+                causal_attention_cached(&q, &k_cache, &v_cache, cached, 0.3, window, None).unwrap();
             assert!(rel_err(&got, &want) < 1e-6, "t={t} cached={cached}");
         }
         let q = randt(&[1, 2, 3, 4], 44, 1.0);
         let cache = randt(&[1, 1, 8, 4], 45, 1.0);
-        let err = causal_attention_cached(&q, &cache, &cache, 2, 0.5, None).unwrap_err();
+        let err = causal_attention_cached(&q, &cache, &cache, 2, 0.5, None, None).unwrap_err();
         assert!(err.to_string().contains("do not hold"), "{err}");
         let tracked = candle_core::Var::from_tensor(&q).unwrap();
         assert!(
-            causal_attention_cached(tracked.as_tensor(), &cache, &cache, 4, 0.5, None).is_err()
+            causal_attention_cached(tracked.as_tensor(), &cache, &cache, 4, 0.5, None, None)
+                .is_err()
         );
     }
 }

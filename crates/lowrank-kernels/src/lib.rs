@@ -57,4 +57,4 @@ pub use projections::{linears_one_row, RowLinear, RowLora};
 pub use rms_norm::{rms_norm, rms_norm_rows};
 pub use rope::{rope, rope_rows};
 pub use rows_attention::{attend_rows, CachedRow, Heads};
-pub use swiglu::{swiglu, swiglu_values};
+pub use swiglu::{gelu_tanh_glu_values, swiglu, swiglu_values};

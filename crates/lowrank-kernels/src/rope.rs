@@ -89,9 +89,10 @@ fn rotate_head(x: &[f32], c: &[f32], s: &[f32], o: &mut [f32], inverse: bool) {
     }
 }
 
-/// Rotary embedding in place over token rows: x is (tokens, heads · d), token-major as a
-/// projection gives it, and cos, sin are (tokens, d), each token's own position's tables (the
-/// [`rope`] layout). Inference only.
+/// Rotary embedding in place over token rows: x is (tokens, heads · head_dim), token-major as
+/// a projection gives it, and cos, sin are (tokens, d), each token's own position's tables (the
+/// [`rope`] layout); the leading d of each head are rotated (partial rotary when d < head_dim).
+/// Inference only.
 pub fn rope_rows(
     x: &mut [f32],
     tokens: usize,
@@ -100,10 +101,12 @@ pub fn rope_rows(
     sin: &[f32],
 ) -> Result<()> {
     let d = cos.len().checked_div(tokens).unwrap_or(0);
+    let head_dim = x.len().checked_div(tokens * heads).unwrap_or(0);
     if !d.is_multiple_of(2)
         || cos.len() != tokens * d
         || sin.len() != cos.len()
-        || x.len() != tokens * heads * d
+        || x.len() != tokens * heads * head_dim
+        || d > head_dim
     {
         bail!(
             "rope_rows: {} values of x, {} of cos and {} of sin do not fit {tokens} tokens of {heads} heads",
@@ -113,9 +116,10 @@ pub fn rope_rows(
         )
     }
     let mut rotated = vec![0f32; d];
-    for (t, row) in x.chunks_exact_mut((heads * d).max(1)).enumerate() {
+    for (t, row) in x.chunks_exact_mut((heads * head_dim).max(1)).enumerate() {
         let (c, s) = (&cos[t * d..(t + 1) * d], &sin[t * d..(t + 1) * d]);
-        for head in row.chunks_exact_mut(d.max(1)) {
+        for head in row.chunks_exact_mut(head_dim.max(1)) {
+            let head = &mut head[..d];
             rotate_head(head, c, s, &mut rotated, false);
             head.copy_from_slice(&rotated);
         }

@@ -9,7 +9,7 @@
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
-use crate::attention::{Attention, BLOCK_Q};
+use crate::attention::{soft_cap, Attention, BLOCK_Q};
 use crate::cpu::dot;
 use crate::exp::exp_shifted;
 
@@ -45,7 +45,8 @@ struct Piece {
     values: Vec<f32>,
 }
 
-/// softmax(q·kᵀ·scale + causal (and sliding-window) mask)·v for every row's queries. `q` and the
+/// softmax(q·kᵀ·scale (soft-capped when `softcap` is given) + causal (and sliding-window)
+/// mask)·v for every row's queries. `q` and the
 /// output are (step tokens) × heads × head_dim, token-major (as the projections give them);
 /// query head h reads kv head h / (heads / kv_heads).
 pub fn attend_rows(
@@ -54,6 +55,7 @@ pub fn attend_rows(
     shape: Heads,
     scale: f32,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Result<Vec<f32>> {
     let Heads {
         heads,
@@ -108,13 +110,13 @@ pub fn attend_rows(
             };
             let values = if nt == 1 && n_heads == group && r.tokens == 1 {
                 let qs: Vec<&[f32]> = (head..head + n_heads).map(|h| query(h, 0)).collect();
-                decode_heads(&qs, k, v, d, r.len, scale, window, scratch)
+                decode_heads(&qs, k, v, d, r.len, (scale, softcap), window, scratch)
             } else {
                 let mut qb = Vec::with_capacity(nt * d);
                 for t in t0..t0 + nt {
                     qb.extend_from_slice(query(head, t));
                 }
-                let att = Attention::inference(scale, r.len - r.tokens, window, r.len);
+                let att = Attention::inference(scale, softcap, r.len - r.tokens, window, r.len);
                 let mut out = vec![0f32; nt * d];
                 let mut lse = vec![0f32; nt];
                 att.forward_block(r.len, d, &qb, k, v, t0, &mut out, &mut lse, scratch);
@@ -157,7 +159,7 @@ fn decode_heads(
     v: &[f32],
     d: usize,
     len: usize,
-    scale: f32,
+    (scale, softcap): (f32, Option<f32>),
     window: Option<usize>,
     scores: &mut Vec<f32>,
 ) -> Vec<f32> {
@@ -169,6 +171,9 @@ fn decode_heads(
         for (h, q) in qs.iter().enumerate() {
             scores[h * n + j] = dot(q, key) * scale;
         }
+    }
+    if let Some(cap) = softcap {
+        soft_cap(scores, cap);
     }
     let mut out = vec![0f32; qs.len() * d];
     for (h, s) in scores.chunks_exact_mut(n).enumerate() {
@@ -237,7 +242,7 @@ mod tests {
                 kv_heads,
                 head_dim: d,
             };
-            let got = attend_rows(&vals(&q), &rows, shape, 0.4, window).unwrap();
+            let got = attend_rows(&vals(&q), &rows, shape, 0.4, window, None).unwrap();
             for (i, (&(len, tokens, _), (k, v))) in shapes.iter().zip(&caches).enumerate() {
                 let qi = q
                     .narrow(0, rows[i].first, tokens)
@@ -271,7 +276,7 @@ mod tests {
             kv_heads: 2,
             head_dim: 8,
         };
-        let err = attend_rows(&[0.0; 48], &[row], shape, 1.0, None).unwrap_err();
+        let err = attend_rows(&[0.0; 48], &[row], shape, 1.0, None, None).unwrap_err();
         assert!(err.to_string().contains("row 0"), "{err}");
     }
 }

@@ -23,6 +23,29 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
+/// gelu_tanh(gate)·up (Gemma's GeGLU) over two equally long slices, into a new buffer.
+/// Inference only.
+pub fn gelu_tanh_glu_values(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "gelu_tanh_glu_values: gate and up differ in length"
+    );
+    // torch's gelu(approximate="tanh"): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+    let beta = (2.0f32 / std::f32::consts::PI).sqrt();
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| {
+            for i in 0..o.len() {
+                let x = g[i];
+                let inner = beta * (x + 0.044715 * x * x * x);
+                o[i] = 0.5 * x * (1.0 + inner.tanh()) * u[i];
+            }
+        });
+    out
+}
+
 /// silu(gate)·up over two equally long slices, into a new buffer. Inference only.
 pub fn swiglu_values(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(

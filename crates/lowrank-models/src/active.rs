@@ -23,8 +23,10 @@ use candle_core::{DType, Tensor, TensorId};
 use lowrank_core::lora::{LoraAdapter, LoraModule};
 use lowrank_core::{BaseWeight, Error, Result};
 
-/// The module key suffixes of the seven linears of a layer, in `Layer::projs` order.
-pub(crate) const PROJ_NAMES: [&str; 7] = [
+/// The module key suffixes of the linears a decoder layer may have; a layer has q, k, v (or
+/// the fused qkv), o, gate and up (or the fused gate_up) and down. A projection's kind is its
+/// place here.
+pub(crate) const PROJ_NAMES: [&str; 9] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
     "self_attn.v_proj",
@@ -32,9 +34,28 @@ pub(crate) const PROJ_NAMES: [&str; 7] = [
     "mlp.gate_proj",
     "mlp.up_proj",
     "mlp.down_proj",
+    // Phi-3's fused projections: [q; k; v] and [gate; up] stacked by rows.
+    "self_attn.qkv_proj",
+    "mlp.gate_up_proj",
 ];
 
-/// The slot of module key `model.layers.{layer}.{suffix}`: 7 × layer + the suffix's place in
+/// The kinds of projection (places in [`PROJ_NAMES`]).
+pub(crate) mod kind {
+    pub const Q: usize = 0;
+    pub const K: usize = 1;
+    pub const V: usize = 2;
+    pub const O: usize = 3;
+    pub const GATE: usize = 4;
+    pub const UP: usize = 5;
+    pub const DOWN: usize = 6;
+    pub const QKV: usize = 7;
+    pub const GATE_UP: usize = 8;
+}
+
+/// Projection slots per layer: a projection's slot is `SLOTS_PER_LAYER` × layer + its kind.
+pub(crate) const SLOTS_PER_LAYER: usize = PROJ_NAMES.len();
+
+/// The slot of module key `model.layers.{layer}.{suffix}`: [`SLOTS_PER_LAYER`] × layer + the suffix's place in
 /// [`PROJ_NAMES`], as the model numbers its projections; `None` for a key that names no
 /// decoder projection.
 pub(crate) fn proj_slot(key: &str) -> Option<usize> {
@@ -44,7 +65,7 @@ pub(crate) fn proj_slot(key: &str) -> Option<usize> {
         return None;
     }
     let k = PROJ_NAMES.iter().position(|&name| name == suffix)?;
-    Some(7 * layer.parse::<usize>().ok()? + k)
+    Some(SLOTS_PER_LAYER * layer.parse::<usize>().ok()? + k)
 }
 
 /// An adapter applied in a forward call, with a multiplier on its ΔW (1.0 = as trained).
@@ -352,7 +373,7 @@ mod tests {
     use lowrank_core::lora::LoraConfig;
     use lowrank_core::targets::ModuleSelector;
 
-    /// Every decoder projection's key maps to its own slot, 7 × layer + its place, the way
+    /// Every decoder projection's key maps to its own slot, 9 × layer + its place, the way
     /// the model numbers them; other keys map to none.
     #[test]
     fn module_keys_map_to_projection_slots() {
@@ -360,7 +381,7 @@ mod tests {
         for layer in [0, 1, 9, 10, 31] {
             for (k, name) in PROJ_NAMES.iter().enumerate() {
                 let slot = proj_slot(&format!("model.layers.{layer}.{name}"));
-                assert_eq!(slot, Some(7 * layer + k), "layer {layer}, {name}");
+                assert_eq!(slot, Some(9 * layer + k), "layer {layer}, {name}");
                 assert!(seen.insert(slot), "slot {slot:?} given twice");
             }
         }
@@ -416,13 +437,13 @@ mod tests {
             modules,
         };
         let up_base = BaseWeight::Dense(t(4 * 3, (4, 3), 7));
-        let base = |slot: usize| (slot == 7 + 5).then_some(&up_base);
+        let base = |slot: usize| (slot == SLOTS_PER_LAYER + kind::UP).then_some(&up_base);
         let pack = AdapterPack::build(&adapter, &base).unwrap().unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (slot, name) in [
             (0, "model.layers.0.self_attn.q_proj"),
-            (9, "model.layers.1.self_attn.v_proj"),
-            (12, "model.layers.1.mlp.up_proj"),
+            (SLOTS_PER_LAYER + kind::V, "model.layers.1.self_attn.v_proj"),
+            (SLOTS_PER_LAYER + kind::UP, "model.layers.1.mlp.up_proj"),
         ] {
             let m = &adapter.modules[name];
             let packed = pack.module(slot).unwrap();
@@ -437,7 +458,11 @@ mod tests {
             flat(&dora.b),
         );
         let magnitude = flat(dora.magnitude.as_ref().unwrap());
-        let column_scale = pack.module(12).unwrap().column_scale.unwrap();
+        let column_scale = pack
+            .module(SLOTS_PER_LAYER + kind::UP)
+            .unwrap()
+            .column_scale
+            .unwrap();
         for o in 0..4 {
             let norm = (0..3)
                 .map(|k| {

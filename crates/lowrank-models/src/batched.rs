@@ -11,6 +11,7 @@
 //! `active.rs`). A step of one token with one plain LoRA keeps the pool's other threads awake
 //! and has them load each pass's A factors before it (`lowrank_kernels::decode_team`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
@@ -21,7 +22,9 @@ use lowrank_kernels::batch::{apply, BaseWeights, Segment, StepLinear};
 use lowrank_kernels::{attend_rows, CachedRow, DecodeTeam, Heads};
 
 use super::{KvCache, Llama};
-use crate::active::{AdapterPack, PROJ_NAMES};
+use crate::active::{kind, AdapterPack, SLOTS_PER_LAYER};
+use crate::config::Activation;
+use crate::rope::LayerTables;
 
 /// One sequence's part of a batched step: its new tokens (a prompt chunk, or the last
 /// sampled token), its cache (advanced by the step) and its adapters.
@@ -39,7 +42,9 @@ pub(crate) type RowAdapters = Vec<(Arc<AdapterPack>, f64)>;
 
 /// A row of the step with its adapters' packs.
 pub(crate) struct PackedRow<'a> {
-    pub tokens: &'a [u32],
+    /// The new tokens; the whole sequence when the step recomputes it (see
+    /// [`Llama::restart_for_longrope`]).
+    pub tokens: Cow<'a, [u32]>,
     pub cache: &'a mut KvCache,
     pub adapters: RowAdapters,
 }
@@ -66,12 +71,21 @@ enum Values<'g> {
     Bf16(&'g [bf16]),
 }
 
-/// One layer's weights as slices.
+/// A projection's weight and bias.
+type ProjWeights<'g> = (BaseWeights<'g>, Option<&'g [f32]>);
+
+/// One layer's weights as slices; the norms as the step multiplies by them ((1 + w) for Gemma).
 struct LayerWeights<'g> {
-    input_norm: &'g [f32],
-    post_norm: &'g [f32],
-    /// q, k, v, o, gate, up, down: weight and bias.
-    projs: [(BaseWeights<'g>, Option<&'g [f32]>); 7],
+    input_norm: Cow<'g, [f32]>,
+    mlp_norm: Cow<'g, [f32]>,
+    /// Gemma 2's norms of the attention's and the MLP's outputs.
+    attn_out_norm: Option<Cow<'g, [f32]>>,
+    mlp_out_norm: Option<Cow<'g, [f32]>>,
+    /// Per-head query and key norms (Qwen3).
+    q_norm: Option<Cow<'g, [f32]>>,
+    k_norm: Option<Cow<'g, [f32]>>,
+    /// Weight and bias by projection kind (`None` for the kinds the layer does not have).
+    projs: [Option<ProjWeights<'g>>; SLOTS_PER_LAYER],
 }
 
 /// The next weight's values, which must be f32.
@@ -100,7 +114,59 @@ fn next_dense<'g>(
     }
 }
 
+/// A norm's weight as the step multiplies by it: w, or 1 + w (Gemma).
+fn norm_weight(w: &[f32], plus_one: bool) -> Cow<'_, [f32]> {
+    if plus_one {
+        Cow::Owned(w.iter().map(|v| 1.0 + v).collect())
+    } else {
+        Cow::Borrowed(w)
+    }
+}
+
+/// The columns of token rows (rows × Σ widths) split into one buffer per width, in order:
+/// a fused projection's output as its parts.
+fn split_columns(x: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let rows = x.len() / total.max(1);
+    let mut parts: Vec<Vec<f32>> = widths
+        .iter()
+        .map(|w| Vec::with_capacity(rows * w))
+        .collect();
+    for row in x.chunks_exact(total.max(1)) {
+        let mut start = 0;
+        for (part, &w) in parts.iter_mut().zip(widths) {
+            part.extend_from_slice(&row[start..start + w]);
+            start += w;
+        }
+    }
+    parts
+}
+
 impl Llama {
+    /// LongRoPE: a sequence whose cached positions are within `original_max_position_embeddings`
+    /// and whose new tokens reach past it is recomputed whole, its cache emptied and its tokens
+    /// made the whole sequence, so that every key is rotated by the long factors — what
+    /// transformers' Phi-3 generation does (`prepare_inputs_for_generation` drops the cache
+    /// there).
+    fn restart_for_longrope(&self, row: &mut PackedRow) {
+        let Some(original) = self.rope.long_threshold() else {
+            return;
+        };
+        let past = row.cache.len();
+        if past == 0 || past > original || past + row.tokens.len() <= original {
+            return;
+        }
+        let whole: Vec<u32> = row
+            .cache
+            .tokens()
+            .iter()
+            .chain(row.tokens.iter())
+            .copied()
+            .collect();
+        row.cache.clear();
+        row.tokens = Cow::Owned(whole);
+    }
+
     /// Advances every row by its tokens and returns the logits (rows, vocab) after each
     /// row's last token.
     pub fn forward_rows(&self, rows: &mut [RowStep]) -> Result<Tensor> {
@@ -118,7 +184,7 @@ impl Llama {
                 })
                 .collect::<Result<Vec<_>>>()?;
             packed.push(PackedRow {
-                tokens: row.tokens,
+                tokens: Cow::Borrowed(row.tokens),
                 cache: &mut *row.cache,
                 adapters,
             });
@@ -126,10 +192,10 @@ impl Llama {
         self.step(&mut packed, Outputs::Last)
     }
 
-    /// The base weight of projection `slot` (7 × layer + projection).
+    /// The base weight of projection `slot` (`SLOTS_PER_LAYER` × layer + kind).
     pub(crate) fn slot_base(&self, slot: usize) -> Option<&BaseWeight> {
-        let layer = self.layers.get(slot / PROJ_NAMES.len())?;
-        Some(layer.projs()[slot % PROJ_NAMES.len()].linear.base())
+        let layer = self.layers.get(slot / SLOTS_PER_LAYER)?;
+        Some(layer.proj(slot % SLOTS_PER_LAYER)?.linear.base())
     }
 
     /// Whether this model's steps can run here: weights on the CPU in f32 or bf16 (linears
@@ -161,16 +227,30 @@ impl Llama {
             }
         }
         self.packs.next_step();
+        let new_tokens: Vec<usize> = rows.iter().map(|r| r.tokens.len()).collect();
+        for row in rows.iter_mut() {
+            self.restart_for_longrope(row);
+        }
         let c = &self.config;
         let all: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         self.check_ids(&all)?;
+        // Each row's rotary tables for its positions (LongRoPE picks its frequencies per row),
+        // the sliding-window layers' own too (Gemma 3).
         let mut firsts = Vec::with_capacity(rows.len());
-        let mut positions = Vec::with_capacity(all.len());
+        let mut tables: Option<LayerTables<(Vec<f32>, Vec<f32>)>> = None;
+        let mut first = 0;
         for row in rows.iter() {
-            firsts.push(positions.len());
+            firsts.push(first);
+            first += row.tokens.len();
             let past = row.cache.len();
-            positions.extend(past..past + row.tokens.len());
+            let positions: Vec<usize> = (past..past + row.tokens.len()).collect();
+            let row_tables = self.rope.host_tables(&positions);
+            match &mut tables {
+                None => tables = Some(row_tables),
+                Some(all) => all.extend(row_tables),
+            }
         }
+        let tables = tables.expect("at least one row");
         let mut groups: Vec<Group> = Vec::new();
         for (row, &first) in rows.iter().zip(&firsts) {
             let token_rows = first..first + row.tokens.len();
@@ -186,7 +266,6 @@ impl Llama {
                 }
             }
         }
-        let (cos, sin) = self.rope.host_tables(&positions);
 
         // Every weight's values, read in place for the whole step; a tied head is the
         // embedding's (one read lock per tensor: std's may not be taken twice by one thread).
@@ -200,7 +279,7 @@ impl Llama {
             tensors.push(head);
         }
         for layer in &self.layers {
-            tensors.extend([&layer.input_norm, &layer.post_norm]);
+            tensors.extend(layer.norms().into_iter().map(|(_, w)| w));
             for p in layer.projs() {
                 tensors.extend(p.linear.base().as_dense());
                 tensors.extend(p.linear.bias());
@@ -218,7 +297,7 @@ impl Llama {
             }
         });
         let embed = next_dense(&mut values)?;
-        let final_norm = next_f32(&mut values, "the final norm")?;
+        let final_norm = norm_weight(next_f32(&mut values, "the final norm")?, c.norm_plus_one);
         let head = if tied {
             embed
         } else {
@@ -226,9 +305,19 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let input_norm = next_f32(&mut values, "a norm")?;
-            let post_norm = next_f32(&mut values, "a norm")?;
-            let mut projs = Vec::with_capacity(7);
+            // In `Layer::norms` order.
+            let plus_one = c.norm_plus_one;
+            let mut norm = |w: Option<&Tensor>| {
+                w.map(|_| next_f32(&mut values, "a norm").map(|w| norm_weight(w, plus_one)))
+                    .transpose()
+            };
+            let input_norm = norm(Some(&layer.input_norm))?.expect("always there");
+            let mlp_norm = norm(Some(&layer.mlp_norm))?.expect("always there");
+            let attn_out_norm = norm(layer.attn_out_norm.as_ref())?;
+            let mlp_out_norm = norm(layer.mlp_out_norm.as_ref())?;
+            let q_norm = norm(layer.q_norm.as_ref())?;
+            let k_norm = norm(layer.k_norm.as_ref())?;
+            let mut projs = [None; SLOTS_PER_LAYER];
             for p in layer.projs() {
                 let weight = match p.linear.base() {
                     BaseWeight::Quantized(q) => BaseWeights::FourBit(q.as_ref()),
@@ -238,12 +327,15 @@ impl Llama {
                     Some(_) => Some(next_f32(&mut values, "a bias")?),
                     None => None,
                 };
-                projs.push((weight, bias));
+                projs[p.kind] = Some((weight, bias));
             }
-            let projs = projs.try_into().unwrap_or_else(|_| unreachable!("seven"));
             layers.push(LayerWeights {
                 input_norm,
-                post_norm,
+                mlp_norm,
+                attn_out_norm,
+                mlp_out_norm,
+                q_norm,
+                k_norm,
                 projs,
             });
         }
@@ -258,15 +350,18 @@ impl Llama {
                 BaseWeights::FourBit(_) => unreachable!("the embedding is dense"),
             }
         }
+        if let Some(scale) = c.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         // One token with one plain LoRA: batch-1 decoding, helped (see the module docs).
         let helped = all.len() == 1
             && matches!(rows[0].adapters.as_slice(), [(p, _)] if p.has_lora() && !p.has_dora());
         let x = if helped {
             lowrank_kernels::with_helpers(|team| {
-                self.layers_step(&layers, rows, &firsts, &groups, x, (&cos, &sin), Some(team))
+                self.layers_step(&layers, rows, &firsts, &groups, x, &tables, Some(team))
             })?
         } else {
-            self.layers_step(&layers, rows, &firsts, &groups, x, (&cos, &sin), None)?
+            self.layers_step(&layers, rows, &firsts, &groups, x, &tables, None)?
         };
 
         let picked: Vec<usize> = match outputs {
@@ -275,19 +370,32 @@ impl Llama {
                 .zip(&firsts)
                 .map(|(r, &first)| first + r.tokens.len() - 1)
                 .collect(),
-            Outputs::All => (0..all.len()).collect(),
+            // The new tokens' rows (a recomputed row has more).
+            Outputs::All => rows
+                .iter()
+                .zip(&firsts)
+                .zip(&new_tokens)
+                .flat_map(|((r, &first), &n)| first + r.tokens.len() - n..first + r.tokens.len())
+                .collect(),
         };
+        for row in rows.iter_mut() {
+            row.cache.record(&row.tokens);
+        }
         let mut last = Vec::with_capacity(picked.len() * h);
         for &i in &picked {
             last.extend_from_slice(&x[i * h..(i + 1) * h]);
         }
-        let normed = lowrank_kernels::rms_norm_rows(&last, final_norm, c.rms_norm_eps as f32);
+        let normed = lowrank_kernels::rms_norm_rows(&last, &final_norm, c.rms_norm_eps as f32);
         let head = StepLinear {
             weight: head,
             bias: None,
             segments: Vec::new(),
         };
-        let logits = apply(&normed, h, &[head])?.pop().expect("one linear");
+        let mut logits = apply(&normed, h, &[head])?.pop().expect("one linear");
+        if let Some(cap) = c.final_softcap {
+            let cap = cap as f32;
+            logits.iter_mut().for_each(|x| *x = (*x / cap).tanh() * cap);
+        }
         let vocab = logits.len() / picked.len();
         Ok(Tensor::from_vec(
             logits,
@@ -305,14 +413,21 @@ impl Llama {
         firsts: &[usize],
         groups: &'p [Group],
         mut x: Vec<f32>,
-        (cos, sin): (&[f32], &[f32]),
+        tables: &LayerTables<(Vec<f32>, Vec<f32>)>,
         team: Option<&DecodeTeam<'p>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
         let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let fused = c.fused_projections;
+        let (attn_in, mlp_in): (&[usize], &[usize]) = if fused {
+            (&[kind::QKV], &[kind::GATE_UP])
+        } else {
+            (&[kind::Q, kind::K, kind::V], &[kind::GATE, kind::UP])
+        };
         let tokens = x.len() / h;
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let scale = c.attention_scale as f32;
+        let softcap = c.attention_softcap.map(|s| s as f32);
         // The adapters' segments of projection `slot`.
         let segments = |slot: usize| -> Vec<Segment<'p>> {
             groups
@@ -334,7 +449,7 @@ impl Llama {
             if let Some(team) = team {
                 let a: Vec<&'p [f32]> = projs
                     .iter()
-                    .flat_map(|&k| segments(7 * layer + k))
+                    .flat_map(|&k| segments(SLOTS_PER_LAYER * layer + k))
                     .map(|s| s.a)
                     .collect();
                 team.warm(&a);
@@ -342,24 +457,40 @@ impl Llama {
         };
         for (i, w) in layers.iter().enumerate() {
             let pass = |projs: &[usize], input: &[f32], in_f: usize| -> Result<Vec<Vec<f32>>> {
-                let linears: Vec<StepLinear> = projs
+                let linears = projs
                     .iter()
-                    .map(|&k| StepLinear {
-                        weight: w.projs[k].0,
-                        bias: w.projs[k].1,
-                        segments: segments(7 * i + k),
+                    .map(|&k| {
+                        let (weight, bias) = w.projs[k].ok_or_else(|| {
+                            Error::Msg(format!("layer {i} has no projection of kind {k}"))
+                        })?;
+                        Ok(StepLinear {
+                            weight,
+                            bias,
+                            segments: segments(SLOTS_PER_LAYER * i + k),
+                        })
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>>>()?;
                 Ok(apply(input, in_f, &linears)?)
             };
             // Loaded during the residual add and the norm before the pass.
-            warm(i, &[0, 1, 2]);
-            let normed = lowrank_kernels::rms_norm_rows(&x, w.input_norm, eps);
-            let [mut q, mut k, v]: [Vec<f32>; 3] = pass(&[0, 1, 2], &normed, h)?
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("three"));
+            warm(i, attn_in);
+            let normed = lowrank_kernels::rms_norm_rows(&x, &w.input_norm, eps);
+            let outputs = pass(attn_in, &normed, h)?;
+            let [mut q, mut k, v]: [Vec<f32>; 3] = if fused {
+                split_columns(&outputs[0], &[heads * d, kv_heads * d, kv_heads * d])
+            } else {
+                outputs
+            }
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("three"));
+            if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+                q = lowrank_kernels::rms_norm_rows(&q, qn, eps);
+                k = lowrank_kernels::rms_norm_rows(&k, kn, eps);
+            }
             // Attention comes next, the longest stretch without a pass.
-            warm(i, &[3, 4, 5]);
+            let next: Vec<usize> = [kind::O].iter().chain(mlp_in).copied().collect();
+            warm(i, &next);
+            let (cos, sin) = tables.of(c.layer_windows[i].is_some());
             lowrank_kernels::rope_rows(&mut q, tokens, heads, cos, sin)?;
             lowrank_kernels::rope_rows(&mut k, tokens, kv_heads, cos, sin)?;
             let kv_width = kv_heads * d;
@@ -390,20 +521,35 @@ impl Llama {
                 kv_heads,
                 head_dim: d,
             };
-            let attn = attend_rows(&q, &cached, shape, scale, c.sliding_window)?;
-            let [o]: [Vec<f32>; 1] = pass(&[3], &attn, heads * d)?
+            let attn = attend_rows(&q, &cached, shape, scale, c.layer_windows[i], softcap)?;
+            let [mut o]: [Vec<f32>; 1] = pass(&[kind::O], &attn, heads * d)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));
+            if let Some(wn) = &w.attn_out_norm {
+                o = lowrank_kernels::rms_norm_rows(&o, wn, eps);
+            }
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let normed = lowrank_kernels::rms_norm_rows(&x, w.post_norm, eps);
-            let [gate, up]: [Vec<f32>; 2] = pass(&[4, 5], &normed, h)?
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("two"));
-            warm(i, &[6]);
-            let act = lowrank_kernels::swiglu_values(&gate, &up);
-            let [down]: [Vec<f32>; 1] = pass(&[6], &act, c.intermediate_size)?
+            let normed = lowrank_kernels::rms_norm_rows(&x, &w.mlp_norm, eps);
+            let outputs = pass(mlp_in, &normed, h)?;
+            let inter = c.intermediate_size;
+            let [gate, up]: [Vec<f32>; 2] = if fused {
+                split_columns(&outputs[0], &[inter, inter])
+            } else {
+                outputs
+            }
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two"));
+            warm(i, &[kind::DOWN]);
+            let act = match c.activation {
+                Activation::Silu => lowrank_kernels::swiglu_values(&gate, &up),
+                Activation::GeluTanh => lowrank_kernels::gelu_tanh_glu_values(&gate, &up),
+            };
+            let [mut down]: [Vec<f32>; 1] = pass(&[kind::DOWN], &act, inter)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));
+            if let Some(wn) = &w.mlp_out_norm {
+                down = lowrank_kernels::rms_norm_rows(&down, wn, eps);
+            }
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         Ok(x)

@@ -18,6 +18,9 @@ use crate::llama::causal_mask;
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     reserve: usize,
+    /// The tokens the batched step has cached, for a LongRoPE model's recomputation of the
+    /// whole sequence when it crosses `original_max_position_embeddings`.
+    tokens: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -123,11 +126,16 @@ impl CachedKv {
     }
 
     /// Causal attention of `q` (batch, heads, seq, head_dim) — the last `seq` cached positions'
-    /// queries — over the cache: the fused kernel reading the buffers in place on the CPU, the
-    /// composed candle ops elsewhere.
-    pub fn attend(&self, q: &Tensor, sliding_window: Option<usize>) -> Result<Tensor> {
+    /// queries — over the cache, scores scaled by `scale` and soft-capped by `softcap`: the
+    /// fused kernel reading the buffers in place on the CPU, the composed candle ops elsewhere.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        scale: f64,
+        sliding_window: Option<usize>,
+        softcap: Option<f64>,
+    ) -> Result<Tensor> {
         let (batch, heads, seq, head_dim) = q.dims4()?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         if q.device().is_cpu() && q.dtype() == DType::F32 {
             return Ok(lowrank_kernels::causal_attention_cached(
                 q,
@@ -136,6 +144,7 @@ impl CachedKv {
                 self.len,
                 scale as f32,
                 sliding_window,
+                softcap.map(|c| c as f32),
             )?);
         }
         let (k, v) = self.valid()?;
@@ -143,6 +152,9 @@ impl CachedKv {
         let group = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(cap) = softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
         if seq > 1 || sliding_window.is_some() {
             let mask = causal_mask(seq, self.len - seq, sliding_window, q.device())?;
             scores = scores
@@ -169,7 +181,24 @@ impl KvCache {
         Self {
             layers: Vec::new(),
             reserve: positions,
+            tokens: Vec::new(),
         }
+    }
+
+    /// Notes `tokens` as cached after the ones before (the batched step).
+    pub(crate) fn record(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+    }
+
+    /// The tokens the batched step has cached.
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets every position (the room stays reserved).
+    pub(crate) fn clear(&mut self) {
+        self.layers.clear();
+        self.tokens.clear();
     }
 
     /// Positions already cached.

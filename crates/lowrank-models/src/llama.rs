@@ -1,5 +1,8 @@
-//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) as transformers
-//! defines it, in two layer loops: one of differentiable candle ops (training, the forward
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) and its relatives
+//! (Qwen3, Phi-3/3.5/4-mini, Gemma 2, Gemma 3 text) as transformers defines them — what differs
+//! per family is configuration (`ModelConfig`: q/k norms, fused projections, (1 + w) norms and
+//! norms around both blocks, GeGLU, embedding scale, attention scale and soft-capping, per-layer
+//! windows and RoPE) — in two layer loops: one of differentiable candle ops (training, the forward
 //! without a cache, batches of sequences in one cache, other devices) — fused candle ops
 //! without backward (rms_norm, softmax_last_dim, rope) are deliberately not used there — and
 //! the inference step on plain buffers (`batched.rs`) that the server's batches, `generate`
@@ -14,18 +17,20 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use crate::active::ActiveAdapter;
-use crate::active::{AdapterPacks, PROJ_NAMES};
+use crate::active::{kind, AdapterPacks, PROJ_NAMES, SLOTS_PER_LAYER};
 use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig};
 pub use crate::kv_cache::KvCache;
-use crate::rope::{Rope, RopeTables};
+use crate::rope::{LayerTables, RopeTables, Ropes};
 
 /// A linear layer with its module key, so adapters find their tensors for it.
 #[derive(Debug, Clone)]
 struct Proj {
     name: String,
-    /// 7 × layer + the projection's place in [`PROJ_NAMES`]: the module key
-    /// `model.layers.{layer}.{name}` as a number (see [`proj_slot`]).
+    /// Its place in [`PROJ_NAMES`] (see [`kind`]).
+    kind: usize,
+    /// [`SLOTS_PER_LAYER`] × layer + kind: the module key `model.layers.{layer}.{name}` as a
+    /// number (see `active::proj_slot`).
     slot: usize,
     linear: AdaptedLinear,
 }
@@ -97,33 +102,86 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: Tensor,
-    q: Proj,
-    k: Proj,
-    v: Proj,
-    o: Proj,
-    post_norm: Tensor,
-    gate: Proj,
-    up: Proj,
-    down: Proj,
+    /// RMSNorm weights (head_dim) over each query / key head before RoPE (Qwen3).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    /// The MLP's input norm (`post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
+    mlp_norm: Tensor,
+    /// Gemma 2: norms of the attention's and the MLP's outputs (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`).
+    attn_out_norm: Option<Tensor>,
+    mlp_out_norm: Option<Tensor>,
+    /// The layer's linears in [`proj_specs`] order: q, k, v (or the fused qkv), o, gate, up (or
+    /// the fused gate_up), down.
+    projs: Vec<Proj>,
+}
+
+/// The module key suffixes of a layer's norm weights.
+const INPUT_NORM: &str = "input_layernorm";
+const POST_ATTENTION_NORM: &str = "post_attention_layernorm";
+const PRE_FEEDFORWARD_NORM: &str = "pre_feedforward_layernorm";
+const POST_FEEDFORWARD_NORM: &str = "post_feedforward_layernorm";
+const Q_NORM: &str = "self_attn.q_norm";
+const K_NORM: &str = "self_attn.k_norm";
+
+/// The names of the MLP's input norm and of the attention's and MLP's output norms: Llama's
+/// `post_attention_layernorm` is the MLP's input norm; with norms around both blocks (Gemma 2)
+/// that name is the attention output's and the MLP's input norm is `pre_feedforward_layernorm`.
+fn mlp_norm_names(sandwich: bool) -> (&'static str, [&'static str; 2]) {
+    if sandwich {
+        (
+            PRE_FEEDFORWARD_NORM,
+            [POST_ATTENTION_NORM, POST_FEEDFORWARD_NORM],
+        )
+    } else {
+        (POST_ATTENTION_NORM, ["", ""])
+    }
 }
 
 impl Layer {
-    fn projs(&self) -> [&Proj; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
+    /// The layer's norm weights with their module key suffixes (the weight is
+    /// `model.layers.{i}.{suffix}.weight`), in one order for every walk over them: input, MLP
+    /// input, [attention output, MLP output], [q, k].
+    fn norms(&self) -> Vec<(&'static str, &Tensor)> {
+        let (mlp, [attn_out, mlp_out]) = mlp_norm_names(self.attn_out_norm.is_some());
+        let mut out = vec![(INPUT_NORM, &self.input_norm), (mlp, &self.mlp_norm)];
+        out.extend(self.attn_out_norm.as_ref().map(|w| (attn_out, w)));
+        out.extend(self.mlp_out_norm.as_ref().map(|w| (mlp_out, w)));
+        out.extend(self.q_norm.as_ref().map(|w| (Q_NORM, w)));
+        out.extend(self.k_norm.as_ref().map(|w| (K_NORM, w)));
+        out
     }
 
-    fn projs_mut(&mut self) -> [&mut Proj; 7] {
-        [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ]
+    fn norms_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let (mlp, [attn_out, mlp_out]) = mlp_norm_names(self.attn_out_norm.is_some());
+        let mut out = vec![
+            (INPUT_NORM, &mut self.input_norm),
+            (mlp, &mut self.mlp_norm),
+        ];
+        out.extend(self.attn_out_norm.as_mut().map(|w| (attn_out, w)));
+        out.extend(self.mlp_out_norm.as_mut().map(|w| (mlp_out, w)));
+        out.extend(self.q_norm.as_mut().map(|w| (Q_NORM, w)));
+        out.extend(self.k_norm.as_mut().map(|w| (K_NORM, w)));
+        out
+    }
+
+    fn projs(&self) -> &[Proj] {
+        &self.projs
+    }
+
+    fn projs_mut(&mut self) -> &mut [Proj] {
+        &mut self.projs
+    }
+
+    /// The projection of `kind`, if the layer has one.
+    fn proj(&self, kind: usize) -> Option<&Proj> {
+        self.projs.iter().find(|p| p.kind == kind)
+    }
+
+    /// The projection of `kind`, which every layer of this model has.
+    fn expect_proj(&self, kind: usize) -> Result<&Proj> {
+        self.proj(kind)
+            .ok_or_else(|| Error::Msg(format!("the layer has no {} projection", PROJ_NAMES[kind])))
     }
 }
 
@@ -131,7 +189,7 @@ impl Layer {
 /// attention mask and the dropout seed.
 #[derive(Debug, Clone)]
 pub struct TrainContext {
-    tables: RopeTables,
+    tables: LayerTables<RopeTables>,
     /// Additive, broadcastable to (batch, kv_heads, group, seq, seq), for packed rows;
     /// `None` = causal.
     mask: Option<Tensor>,
@@ -150,7 +208,7 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     /// The output head in a narrower dtype for inference (see [`Llama::cast_for_inference`]).
     head_for_inference: Option<Tensor>,
-    rope: Rope,
+    rope: Ropes,
     /// The dtype the checkpoint stores its weights in.
     stored_dtype: DType,
     /// The packs of the adapters inference steps apply (see `active.rs`).
@@ -159,29 +217,46 @@ pub struct Llama {
     trainable: bool,
 }
 
-/// (module key suffix, has bias?) for the seven linears of a layer, in `Layer::projs` order.
-fn proj_keys(config: &ModelConfig) -> [(&'static str, bool); 7] {
-    let bias = [
-        config.qkv_bias,
-        config.qkv_bias,
-        config.qkv_bias,
-        config.o_bias,
-        config.mlp_bias,
-        config.mlp_bias,
-        config.mlp_bias,
-    ];
-    std::array::from_fn(|k| (PROJ_NAMES[k], bias[k]))
+/// One linear of a layer: its kind, (out, in) and whether it has a bias.
+struct ProjSpec {
+    kind: usize,
+    out_features: usize,
+    in_features: usize,
+    bias: bool,
 }
 
-/// (out, in) of each linear of a layer, in `Layer::projs` order.
-fn proj_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
+/// The linears of every layer of a model of `c`, in `Layer::projs` order.
+fn proj_specs(c: &ModelConfig) -> Vec<ProjSpec> {
     let (h, q, kv, i) = (
         c.hidden_size,
         c.num_heads * c.head_dim,
         c.num_kv_heads * c.head_dim,
         c.intermediate_size,
     );
-    [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    let spec = |kind, out_features, in_features, bias| ProjSpec {
+        kind,
+        out_features,
+        in_features,
+        bias,
+    };
+    if c.fused_projections {
+        vec![
+            spec(kind::QKV, q + 2 * kv, h, c.qkv_bias),
+            spec(kind::O, h, q, c.o_bias),
+            spec(kind::GATE_UP, 2 * i, h, c.mlp_bias),
+            spec(kind::DOWN, h, i, c.mlp_bias),
+        ]
+    } else {
+        vec![
+            spec(kind::Q, q, h, c.qkv_bias),
+            spec(kind::K, kv, h, c.qkv_bias),
+            spec(kind::V, kv, h, c.qkv_bias),
+            spec(kind::O, h, q, c.o_bias),
+            spec(kind::GATE, i, h, c.mlp_bias),
+            spec(kind::UP, i, h, c.mlp_bias),
+            spec(kind::DOWN, h, i, c.mlp_bias),
+        ]
+    }
 }
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -325,15 +400,15 @@ impl Llama {
         // Not `with_capacity(num_layers)`: config.json's count is checked only by the tensors
         // found, and a huge one would abort on the allocation.
         let mut layers = Vec::new();
-        let keys = proj_keys(&config);
-        let shapes = proj_shapes(&config);
+        let specs = proj_specs(&config);
         for i in 0..config.num_layers {
             let prefix = format!("model.layers.{i}");
-            let mut projs = Vec::with_capacity(7);
-            for (k, ((key, has_bias), (out_f, in_f))) in keys.iter().zip(shapes).enumerate() {
-                let name = format!("{prefix}.{key}");
+            let mut projs = Vec::with_capacity(specs.len());
+            for spec in &specs {
+                let (out_f, in_f) = (spec.out_features, spec.in_features);
+                let name = format!("{prefix}.{}", PROJ_NAMES[spec.kind]);
                 let weight_name = format!("{name}.weight");
-                let bias = if *has_bias {
+                let bias = if spec.bias {
                     Some(ckpt.load(&format!("{name}.bias"), &[out_f], dtype, device)?)
                 } else {
                     None
@@ -351,32 +426,35 @@ impl Llama {
                 };
                 projs.push(Proj {
                     name,
-                    slot: 7 * i + k,
+                    kind: spec.kind,
+                    slot: SLOTS_PER_LAYER * i + spec.kind,
                     linear,
                 });
             }
-            let [q, k, v, o, gate, up, down]: [Proj; 7] =
-                projs.try_into().expect("seven projections");
+            let norm = |suffix: &str, width: usize| {
+                ckpt.load(
+                    &format!("{prefix}.{suffix}.weight"),
+                    &[width],
+                    dtype,
+                    device,
+                )
+            };
+            let head_norm = |suffix: &str| {
+                config
+                    .qk_norm
+                    .then(|| norm(suffix, config.head_dim))
+                    .transpose()
+            };
+            let sandwich = config.sandwich_norms;
+            let (mlp, [attn_out, mlp_out]) = mlp_norm_names(sandwich);
             layers.push(Layer {
-                input_norm: ckpt.load(
-                    &format!("{prefix}.input_layernorm.weight"),
-                    &[h],
-                    dtype,
-                    device,
-                )?,
-                post_norm: ckpt.load(
-                    &format!("{prefix}.post_attention_layernorm.weight"),
-                    &[h],
-                    dtype,
-                    device,
-                )?,
-                q,
-                k,
-                v,
-                o,
-                gate,
-                up,
-                down,
+                input_norm: norm(INPUT_NORM, h)?,
+                mlp_norm: norm(mlp, h)?,
+                attn_out_norm: sandwich.then(|| norm(attn_out, h)).transpose()?,
+                mlp_out_norm: sandwich.then(|| norm(mlp_out, h)).transpose()?,
+                q_norm: head_norm(Q_NORM)?,
+                k_norm: head_norm(K_NORM)?,
+                projs,
             });
         }
         let norm = ckpt.load(NORM, &[h], dtype, device)?;
@@ -385,7 +463,7 @@ impl Llama {
         } else {
             Some(ckpt.load(LM_HEAD, &[config.vocab_size, h], dtype, device)?)
         };
-        let rope = Rope::new(&config, device)?;
+        let rope = Ropes::new(&config, device)?;
         let model = Llama {
             config,
             embed,
@@ -573,15 +651,9 @@ impl Llama {
         };
         var(EMBED.to_string(), &mut self.embed)?;
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            var(
-                format!("{prefix}.input_layernorm.weight"),
-                &mut layer.input_norm,
-            )?;
-            var(
-                format!("{prefix}.post_attention_layernorm.weight"),
-                &mut layer.post_norm,
-            )?;
+            for (suffix, w) in layer.norms_mut() {
+                var(format!("model.layers.{i}.{suffix}.weight"), w)?;
+            }
             for p in layer.projs_mut() {
                 let mut w = p.linear.weight()?.clone();
                 var(format!("{}.weight", p.name), &mut w)?;
@@ -631,14 +703,29 @@ impl Llama {
         })
     }
 
-    /// Token embeddings (batch, seq, hidden), in f32 (a bf16 table's rows widened).
+    /// Token embeddings (batch, seq, hidden), in f32 (a bf16 table's rows widened), scaled
+    /// as the family does (Gemma: by √hidden).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        Ok(self
+        let x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .to_dtype(DType::F32)?
-            .reshape((batch, seq, self.config.hidden_size))?)
+            .reshape((batch, seq, self.config.hidden_size))?;
+        match self.config.embed_scale {
+            Some(scale) => Ok((x * scale as f64)?),
+            None => Ok(x),
+        }
+    }
+
+    /// RMSNorm of x with weight w, (1 + w) for Gemma.
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if self.config.norm_plus_one {
+            rms_norm(x, &w.affine(1.0, 1.0)?, eps)
+        } else {
+            rms_norm(x, w, eps)
+        }
     }
 
     /// Decoder layer `index` in training mode (no cache; LoRA dropout if the context asks).
@@ -671,7 +758,7 @@ impl Llama {
 
     /// The final RMSNorm.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+        self.norm(x, &self.norm)
     }
 
     /// Final normalized hidden states of a training forward: embed, every layer, norm.
@@ -803,7 +890,7 @@ impl Llama {
             (Some(cache), Some(adapters)) => {
                 let tokens = ids.flatten_all()?.to_vec1::<u32>()?;
                 let mut rows = [PackedRow {
-                    tokens: &tokens,
+                    tokens: std::borrow::Cow::Borrowed(&tokens),
                     cache,
                     adapters,
                 }];
@@ -845,6 +932,13 @@ impl Llama {
     ) -> Result<Tensor> {
         let seq = ids.dims2()?.1;
         let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(original) = self.rope.long_threshold() {
+            if past > 0 && past <= original && past + seq > original {
+                return Err(Error::Msg(format!(
+                    "a LongRoPE model's cached sequence crossing {original} positions must be recomputed whole (the batched step on the CPU does that); start a new cache with the whole sequence"
+                )));
+            }
+        }
         let mut x = self.embed(ids)?;
         let tables = self.rope.tables(past, seq)?;
         let mut cache = cache;
@@ -861,7 +955,7 @@ impl Llama {
                 None,
             )?;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        self.norm(&x, &self.norm)
     }
 
     /// The output head's weight (vocab × hidden): lm_head, or the embedding when tied.
@@ -869,7 +963,7 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Projects hidden states to vocabulary logits.
+    /// Projects hidden states to vocabulary logits (soft-capped where the family does).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // Through the base-weight path: the decoding GEMV for one row, the frozen-linear
         // kernel otherwise (candle's matmul when the head is being trained).
@@ -877,7 +971,11 @@ impl Llama {
             .head_for_inference
             .as_ref()
             .unwrap_or(self.head_weight());
-        lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden)
+        let logits = lowrank_core::BaseWeight::Dense(head.clone()).matmul_t(hidden)?;
+        match self.config.final_softcap {
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
+        }
     }
 
     /// Stores the decoder layers' frozen linear weights, the embedding table and the output
@@ -922,7 +1020,7 @@ impl Llama {
         index: usize,
         layer: &Layer,
         x: &Tensor,
-        rope: &RopeTables,
+        rope: &LayerTables<RopeTables>,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
         adapters: &[ActiveAdapter],
@@ -936,45 +1034,70 @@ impl Llama {
         let (heads, kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let group = heads / kv_heads;
 
-        let normed = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
+        let normed = self.norm(x, &layer.input_norm)?;
         let split_heads = |t: Tensor, n: usize| lowrank_kernels::split_heads(&t, n);
-        let (q, k, v) = (
-            proj(&layer.q, &normed, 0)?,
-            proj(&layer.k, &normed, 1)?,
-            proj(&layer.v, &normed, 2)?,
-        );
-        let q = split_heads(q, heads)?;
-        let k = split_heads(k, kv_heads)?;
+        let (q, k, v) = match layer.proj(kind::QKV) {
+            // Phi-3: [q; k; v] by output rows.
+            Some(qkv) => {
+                let qkv = proj(qkv, &normed, kind::QKV as u64)?;
+                let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+                (
+                    qkv.narrow(D::Minus1, 0, q_width)?,
+                    qkv.narrow(D::Minus1, q_width, kv_width)?,
+                    qkv.narrow(D::Minus1, q_width + kv_width, kv_width)?,
+                )
+            }
+            None => (
+                proj(layer.expect_proj(kind::Q)?, &normed, kind::Q as u64)?,
+                proj(layer.expect_proj(kind::K)?, &normed, kind::K as u64)?,
+                proj(layer.expect_proj(kind::V)?, &normed, kind::V as u64)?,
+            ),
+        };
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => self.norm(&t, w),
+            None => Ok(t),
+        };
+        let q = head_norm(split_heads(q, heads)?, &layer.q_norm)?;
+        let k = head_norm(split_heads(k, kv_heads)?, &layer.k_norm)?;
         let v = split_heads(v, kv_heads)?;
+        let window = c.layer_windows[index];
+        let rope = rope.of(window.is_some());
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         if let Some(cache) = cache {
-            let attn = lowrank_kernels::merge_heads(
-                &cache.append(index, k, v)?.attend(&q, c.sliding_window)?,
-            )?;
+            let attn = lowrank_kernels::merge_heads(&cache.append(index, k, v)?.attend(
+                &q,
+                c.attention_scale,
+                window,
+                c.attention_softcap,
+            )?)?;
             return self.layer_rest(layer, x, &attn, &proj);
         }
         let total = k.dim(2)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let attn = match mask {
-            // Causal (with a sliding window for Mistral): the fused, tiled kernel.
-            None => lowrank_kernels::causal_attention(
-                &q,
-                &k,
-                &v,
-                scale as f32,
-                total - seq,
-                c.sliding_window,
-            )?,
-            // Packed rows bring their own mask: the composed path. Grouped-query attention
-            // without copying K/V: the `group` query heads that share a key/value head are
-            // stacked along the sequence axis.
-            Some(mask) => {
+        let scale = c.attention_scale;
+        let attn = match (mask, c.attention_softcap) {
+            // Causal (with a sliding window): the fused, tiled kernel.
+            (None, None) => {
+                lowrank_kernels::causal_attention(&q, &k, &v, scale as f32, total - seq, window)?
+            }
+            // Packed rows bring their own mask (a sliding window added to it), and soft-capped
+            // scores (which the fused kernel's backward does not know) take the composed path.
+            // Grouped-query attention without copying K/V: the `group` query heads that share a
+            // key/value head are stacked along the sequence axis.
+            (mask, softcap) => {
                 let q = q.reshape((batch, kv_heads, group * seq, head_dim))?;
-                let scores = (q.matmul(&k.t()?)? * scale)?;
-                let scores = scores
+                let mut scores = (q.matmul(&k.t()?)? * scale)?;
+                if let Some(cap) = softcap {
+                    scores = ((scores / cap)?.tanh()? * cap)?;
+                }
+                let causal = causal_mask(seq, total - seq, None, q.device())?;
+                let mut scores = scores
                     .reshape((batch, kv_heads, group, seq, total))?
-                    .broadcast_add(mask)?;
+                    .broadcast_add(mask.unwrap_or(&causal))?;
+                if window.is_some() {
+                    let windowed = causal_mask(seq, total - seq, window, q.device())?;
+                    scores = scores.broadcast_add(&windowed)?;
+                }
                 let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((
                     batch,
                     kv_heads,
@@ -997,10 +1120,37 @@ impl Llama {
         attn: &Tensor,
         proj: &dyn Fn(&Proj, &Tensor, u64) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let x = (x + proj(&layer.o, attn, 3)?)?;
-        let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-        let (gate, up) = (proj(&layer.gate, &normed, 4)?, proj(&layer.up, &normed, 5)?);
-        let mlp = proj(&layer.down, &lowrank_kernels::swiglu(&gate, &up)?, 6)?;
+        let mut attn = proj(layer.expect_proj(kind::O)?, attn, kind::O as u64)?;
+        if let Some(w) = &layer.attn_out_norm {
+            attn = self.norm(&attn, w)?;
+        }
+        let x = (x + attn)?;
+        let normed = self.norm(&x, &layer.mlp_norm)?;
+        let (gate, up) = match layer.proj(kind::GATE_UP) {
+            // Phi-3: [gate; up] by output rows.
+            Some(gate_up) => {
+                let gate_up = proj(gate_up, &normed, kind::GATE_UP as u64)?;
+                let i = self.config.intermediate_size;
+                (
+                    gate_up.narrow(D::Minus1, 0, i)?,
+                    gate_up.narrow(D::Minus1, i, i)?,
+                )
+            }
+            None => (
+                proj(layer.expect_proj(kind::GATE)?, &normed, kind::GATE as u64)?,
+                proj(layer.expect_proj(kind::UP)?, &normed, kind::UP as u64)?,
+            ),
+        };
+        let down = layer.expect_proj(kind::DOWN)?;
+        let act = match self.config.activation {
+            Activation::Silu => lowrank_kernels::swiglu(&gate, &up)?,
+            // candle's gelu is the tanh approximation, with a backward.
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        let mut mlp = proj(down, &act, kind::DOWN as u64)?;
+        if let Some(w) = &layer.mlp_out_norm {
+            mlp = self.norm(&mlp, w)?;
+        }
         Ok((x + mlp)?)
     }
 
@@ -1031,15 +1181,12 @@ impl Llama {
         ck.tensors
             .insert(EMBED.to_string(), self.embed.to_dtype(dtype)?);
         for (i, layer) in self.layers.iter().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            ck.tensors.insert(
-                format!("{prefix}.input_layernorm.weight"),
-                layer.input_norm.to_dtype(dtype)?,
-            );
-            ck.tensors.insert(
-                format!("{prefix}.post_attention_layernorm.weight"),
-                layer.post_norm.to_dtype(dtype)?,
-            );
+            for (suffix, w) in layer.norms() {
+                ck.tensors.insert(
+                    format!("model.layers.{i}.{suffix}.weight"),
+                    w.to_dtype(dtype)?,
+                );
+            }
             for p in layer.projs() {
                 let name = format!("{}.weight", p.name);
                 match p.linear.base() {
@@ -1072,15 +1219,12 @@ impl Llama {
         let dtype = self.stored_dtype;
         let mut out = vec![(EMBED.to_string(), self.embed.to_dtype(dtype)?)];
         for (i, layer) in self.layers.iter().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            out.push((
-                format!("{prefix}.input_layernorm.weight"),
-                layer.input_norm.to_dtype(dtype)?,
-            ));
-            out.push((
-                format!("{prefix}.post_attention_layernorm.weight"),
-                layer.post_norm.to_dtype(dtype)?,
-            ));
+            for (suffix, w) in layer.norms() {
+                out.push((
+                    format!("model.layers.{i}.{suffix}.weight"),
+                    w.to_dtype(dtype)?,
+                ));
+            }
             for p in layer.projs() {
                 out.push((
                     format!("{}.weight", p.name),

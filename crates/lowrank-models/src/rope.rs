@@ -1,5 +1,6 @@
 //! Rotary position embeddings as transformers computes them (`rotate_half` layout), with the
-//! `linear` and `llama3` frequency scalings.
+//! `linear`, `llama3` and `longrope` frequency scalings and partial rotary (the leading
+//! `rotary_dim` of each head rotated, the rest passed through).
 
 use candle_core::{DType, Device, Tensor, D};
 use lowrank_core::Result;
@@ -10,10 +11,16 @@ use crate::config::{ModelConfig, RopeScaling};
 /// positions it covers, so a 128k-context model costs nothing up front.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// 1 × head_dim/2
+    /// 1 × rotary_dim/2
     inv_freq: Tensor,
     /// The same frequencies as plain values, for the batched step's tables.
     inv_freq_values: Vec<f32>,
+    /// LongRoPE: the frequencies of a forward whose positions reach past the first value, as
+    /// transformers' `longrope_frequency_update` switches them (per forward, by its largest
+    /// position).
+    long: Option<(usize, Tensor, Vec<f32>)>,
+    /// cos and sin are multiplied by this (LongRoPE's attention factor; 1 otherwise).
+    attention_factor: f32,
 }
 
 /// cos and sin for a run of positions, (seq, head_dim) each.
@@ -23,17 +30,33 @@ pub struct RopeTables {
     sin: Tensor,
 }
 
-/// The inverse frequencies θ^(-2i/d), scaled as `rope_scaling` asks.
-pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
-    let dim = config.head_dim;
-    let base: Vec<f32> = (0..dim)
+/// θ^(2i/d) for the rotary dimensions d, in f32 as torch computes `base ** (arange / d)`.
+fn wavelength_terms(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.rotary_dim;
+    (0..dim)
         .step_by(2)
-        .map(|i| 1.0 / (config.rope_theta as f32).powf(i as f32 / dim as f32))
-        .collect();
-    match config.rope_scaling {
+        .map(|i| (config.rope_theta as f32).powf(i as f32 / dim as f32))
+        .collect()
+}
+
+/// LongRoPE's frequencies 1 / (factor_i · θ^(2i/d)) for one list of factors.
+fn longrope_frequencies(config: &ModelConfig, factors: &[f64]) -> Vec<f32> {
+    wavelength_terms(config)
+        .iter()
+        .zip(factors)
+        .map(|(t, &f)| 1.0 / (f as f32 * t))
+        .collect()
+}
+
+/// The inverse frequencies θ^(-2i/d), scaled as `rope_scaling` asks (LongRoPE: the short
+/// factors').
+pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
+    let base: Vec<f32> = wavelength_terms(config).iter().map(|t| 1.0 / t).collect();
+    match &config.rope_scaling {
         RopeScaling::None => base,
-        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
-        RopeScaling::Llama3 {
+        RopeScaling::LongRope { short_factor, .. } => longrope_frequencies(config, short_factor),
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
+        &RopeScaling::Llama3 {
             factor,
             low_freq_factor,
             high_freq_factor,
@@ -64,70 +87,217 @@ pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     }
 }
 
+/// A model's rotary embeddings: one for every layer, or (Gemma 3) a second one with its own
+/// base for the sliding-window layers.
+#[derive(Debug, Clone)]
+pub struct Ropes {
+    global: Rope,
+    local: Option<Rope>,
+}
+
+/// Tables of one forward for every layer: the global ones and the sliding-window layers' own.
+#[derive(Debug, Clone)]
+pub struct LayerTables<T> {
+    global: T,
+    local: Option<T>,
+}
+
+impl LayerTables<(Vec<f32>, Vec<f32>)> {
+    /// Appends another run of positions' tables (the next row of a step).
+    pub fn extend(&mut self, next: Self) {
+        let append = |to: &mut (Vec<f32>, Vec<f32>), from: (Vec<f32>, Vec<f32>)| {
+            to.0.extend(from.0);
+            to.1.extend(from.1);
+        };
+        append(&mut self.global, next.global);
+        if let (Some(to), Some(from)) = (&mut self.local, next.local) {
+            append(to, from);
+        }
+    }
+}
+
+impl<T> LayerTables<T> {
+    /// The tables of a layer, sliding-window or not.
+    pub fn of(&self, sliding: bool) -> &T {
+        match &self.local {
+            Some(local) if sliding => local,
+            _ => &self.global,
+        }
+    }
+}
+
+impl Ropes {
+    pub fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
+        let local = match &config.local_rope {
+            Some(local) => {
+                let mut c = config.clone();
+                c.rope_theta = local.theta;
+                c.rope_scaling = local.scaling.clone();
+                Some(Rope::new(&c, device)?)
+            }
+            None => None,
+        };
+        Ok(Ropes {
+            global: Rope::new(config, device)?,
+            local,
+        })
+    }
+
+    fn each<T>(&self, f: impl Fn(&Rope) -> Result<T>) -> Result<LayerTables<T>> {
+        Ok(LayerTables {
+            global: f(&self.global)?,
+            local: self.local.as_ref().map(&f).transpose()?,
+        })
+    }
+
+    /// See [`Rope::tables`].
+    pub fn tables(&self, start: usize, seq: usize) -> Result<LayerTables<RopeTables>> {
+        self.each(|r| r.tables(start, seq))
+    }
+
+    /// See [`Rope::tables_for`].
+    pub fn tables_for(&self, positions: &Tensor) -> Result<LayerTables<RopeTables>> {
+        self.each(|r| r.tables_for(positions))
+    }
+
+    /// See [`Rope::host_tables`].
+    pub fn host_tables(&self, positions: &[usize]) -> LayerTables<(Vec<f32>, Vec<f32>)> {
+        LayerTables {
+            global: self.global.host_tables(positions),
+            local: self.local.as_ref().map(|r| r.host_tables(positions)),
+        }
+    }
+
+    /// See [`Rope::long_threshold`].
+    pub fn long_threshold(&self) -> Option<usize> {
+        self.global.long_threshold()
+    }
+}
+
 impl Rope {
     pub fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
         let inv = inverse_frequencies(config);
         let half = inv.len();
+        let (long, attention_factor) = match &config.rope_scaling {
+            RopeScaling::LongRope {
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            } => {
+                let long = longrope_frequencies(config, long_factor);
+                (
+                    Some((
+                        *original_max_position_embeddings,
+                        Tensor::from_vec(long.clone(), (1, half), device)?,
+                        long,
+                    )),
+                    *attention_factor as f32,
+                )
+            }
+            _ => (None, 1.0),
+        };
         Ok(Rope {
             inv_freq: Tensor::from_vec(inv.clone(), (1, half), device)?,
             inv_freq_values: inv,
+            long,
+            attention_factor,
+        })
+    }
+
+    /// LongRoPE's `original_max_position_embeddings`, where the frequencies switch.
+    pub fn long_threshold(&self) -> Option<usize> {
+        self.long.as_ref().map(|(original, _, _)| *original)
+    }
+
+    /// The frequencies of a forward whose largest position is `max_position`.
+    fn frequencies(&self, max_position: usize) -> (&Tensor, &[f32]) {
+        match &self.long {
+            Some((original, tensor, values)) if max_position + 1 > *original => (tensor, values),
+            _ => (&self.inv_freq, &self.inv_freq_values),
+        }
+    }
+
+    /// cos and sin of the angles, times the attention factor.
+    fn tables_of(&self, angles: &Tensor) -> Result<RopeTables> {
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        if self.attention_factor == 1.0 {
+            return Ok(RopeTables { cos, sin });
+        }
+        let f = self.attention_factor as f64;
+        Ok(RopeTables {
+            cos: (cos * f)?,
+            sin: (sin * f)?,
         })
     }
 
     /// Tables for positions `start..start+seq`.
     pub fn tables(&self, start: usize, seq: usize) -> Result<RopeTables> {
-        let positions = Tensor::arange(start as u32, (start + seq) as u32, self.inv_freq.device())?
+        let (inv_freq, _) = self.frequencies(start + seq - 1);
+        let positions = Tensor::arange(start as u32, (start + seq) as u32, inv_freq.device())?
             .to_dtype(DType::F32)?
             .reshape((seq, 1))?;
-        let freqs = positions.broadcast_mul(&self.inv_freq)?;
+        let freqs = positions.broadcast_mul(inv_freq)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok(RopeTables {
-            cos: emb.cos()?,
-            sin: emb.sin()?,
-        })
+        self.tables_of(&emb)
     }
 
-    /// Tables for explicit positions (batch, seq) (u32), e.g. restarting at 0 for each sequence
-    /// packed into a row: cos and sin of shape (batch, 1, seq, head_dim).
-    /// cos and sin (positions × head_dim, row-major) for each of `positions`, computed as
-    /// [`Self::tables`] computes them (f32 position × frequency, f32 cos and sin), so both
-    /// layer loops rotate by the same values.
+    /// cos and sin (positions × rotary_dim, row-major) for each of `positions` (one sequence's:
+    /// LongRoPE picks its frequencies by the largest), computed as [`Self::tables`] computes
+    /// them (f32 position × frequency, f32 cos and sin), so both layer loops rotate by the
+    /// same values.
     pub fn host_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
-        let d = 2 * self.inv_freq_values.len();
+        let (_, inv_freq) = self.frequencies(positions.iter().copied().max().unwrap_or(0));
+        let factor = self.attention_factor;
+        let d = 2 * inv_freq.len();
         let (mut cos, mut sin) = (
             Vec::with_capacity(positions.len() * d),
             Vec::with_capacity(positions.len() * d),
         );
         for &p in positions {
             for _ in 0..2 {
-                for f in &self.inv_freq_values {
+                for f in inv_freq {
                     let angle = p as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
+                    if factor == 1.0 {
+                        cos.push(angle.cos());
+                        sin.push(angle.sin());
+                    } else {
+                        cos.push(angle.cos() * factor);
+                        sin.push(angle.sin() * factor);
+                    }
                 }
             }
         }
         (cos, sin)
     }
 
+    /// Tables for explicit positions (batch, seq) (u32), e.g. restarting at 0 for each sequence
+    /// packed into a row: cos and sin of shape (batch, 1, seq, rotary_dim).
     pub fn tables_for(&self, positions: &Tensor) -> Result<RopeTables> {
         let (batch, seq) = positions.dims2()?;
-        let half = self.inv_freq.dim(1)?;
+        let max = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        let (inv_freq, _) = self.frequencies(max);
+        let half = inv_freq.dim(1)?;
         let pos = positions.to_dtype(DType::F32)?.reshape((batch, seq, 1))?;
-        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
+        let freqs = pos.broadcast_mul(&inv_freq.reshape((1, 1, half))?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        Ok(RopeTables {
-            cos: emb.cos()?,
-            sin: emb.sin()?,
-        })
+        self.tables_of(&emb)
     }
 }
 
 impl RopeTables {
-    /// Rotates x of shape (batch, heads, seq, head_dim): x·cos + rotate_half(x)·sin, with
-    /// the fused kernel (hand-written backward to x).
+    /// Rotates x of shape (batch, heads, seq, head_dim): x·cos + rotate_half(x)·sin over the
+    /// leading rotary dimensions (the tables' width), with the fused kernel (hand-written
+    /// backward to x); the rest of each head passes through.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(lowrank_kernels::rope(x, &self.cos, &self.sin)?)
+        let (head_dim, rotary) = (x.dim(D::Minus1)?, self.cos.dim(D::Minus1)?);
+        if rotary == head_dim {
+            return Ok(lowrank_kernels::rope(x, &self.cos, &self.sin)?);
+        }
+        let rotated =
+            lowrank_kernels::rope(&x.narrow(D::Minus1, 0, rotary)?, &self.cos, &self.sin)?;
+        let passed = x.narrow(D::Minus1, rotary, head_dim - rotary)?;
+        Ok(Tensor::cat(&[&rotated, &passed], D::Minus1)?)
     }
 }
 

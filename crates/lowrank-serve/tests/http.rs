@@ -163,12 +163,28 @@ fn expected_stacked(
     max_tokens: usize,
     bf16: bool,
 ) -> String {
-    let dir = fixtures().join("models/llama-tied");
-    let mut model = Llama::load(&dir, &Device::Cpu).unwrap();
+    expected_on(
+        &fixtures().join("models/llama-tied"),
+        stack,
+        prompt,
+        max_tokens,
+        bf16,
+    )
+}
+
+/// [`expected_stacked`] over the model in `dir`.
+fn expected_on(
+    dir: &Path,
+    stack: &[(PathBuf, f64)],
+    prompt: &str,
+    max_tokens: usize,
+    bf16: bool,
+) -> String {
+    let mut model = Llama::load(dir, &Device::Cpu).unwrap();
     if bf16 {
         model.cast_for_inference(candle_core::DType::BF16).unwrap();
     }
-    let tokenizer = Tokenizer::load(&dir).unwrap();
+    let tokenizer = Tokenizer::load(dir).unwrap();
     let adapters: Vec<_> = stack
         .iter()
         .map(|(path, _)| model.load_adapter(path).unwrap())
@@ -179,7 +195,7 @@ fn expected_stacked(
         .map(|(a, (_, w))| ActiveAdapter::weighted(a, *w))
         .collect();
     let ids = tokenizer.encode(prompt, true).unwrap();
-    let stops = lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer).unwrap();
+    let stops = lowrank_models::generate::stop_token_ids(dir, &model, &tokenizer).unwrap();
     let mut sampler = Sampler::new(SamplingParams::default());
     let out = generate(
         &model,
@@ -264,6 +280,77 @@ async fn mixed_adapter_batches_give_each_request_its_own_greedy_tokens() {
         .unwrap();
     assert!(all > single, "no batched step: {single} of {all}");
     Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+/// The newer model families (fixtures/families): requests with each family's adapters
+/// (all-linear LoRA, DoRA, a rank/alpha pattern on one layer) and the base, sent at once, each
+/// get the greedy tokens of their sequence decoded alone; a system turn to Gemma 2 gets its
+/// template's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_adapter_batches_on_every_family() {
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
+        let family_dir = fixtures().join("families").join(family);
+        let root = tempfile::tempdir().unwrap();
+        let adapters = ["all-linear", "dora", "pattern"];
+        for name in adapters {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                let src = family_dir.join("adapters").join(name).join(f);
+                std::fs::copy(src, dir.join(f)).unwrap();
+            }
+        }
+        let model_dir = family_dir.join("model");
+        let opts = ServeOptions {
+            model: model_dir.to_string_lossy().into_owned(),
+            ..options(root.path())
+        };
+        let server = Arc::new(Server::start(opts).await);
+        let cases = [
+            ("all-linear", "The quick cat"),
+            ("dora", "A dog runs"),
+            ("base", "The quick cat"),
+            ("pattern", "Birds sing in the morning"),
+            ("all-linear", "Why does my garden"),
+        ];
+        let mut tasks = Vec::new();
+        for (model, prompt) in cases {
+            let server = server.clone();
+            tasks.push(tokio::spawn(async move {
+                server
+                    .post("/v1/completions", completion(model, prompt, 16))
+                    .await
+            }));
+        }
+        for ((model, prompt), task) in cases.iter().zip(tasks) {
+            let (status, body) = task.await.unwrap();
+            assert_eq!(status, 200, "{family}: {body}");
+            let stack: Vec<(PathBuf, f64)> = (*model != "base")
+                .then(|| (family_dir.join("adapters").join(model), 1.0))
+                .into_iter()
+                .collect();
+            assert_eq!(
+                body["choices"][0]["text"],
+                expected_on(&model_dir, &stack, prompt, 16, false),
+                "{family} {model} {prompt}"
+            );
+        }
+        if family == "gemma2" {
+            // Gemma 2's template refuses a system turn: the request gets its reason.
+            let messages = json!([{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"}]);
+            let (status, body) = server
+                .post(
+                    "/v1/chat/completions",
+                    json!({"model": "base", "messages": messages}),
+                )
+                .await;
+            assert_eq!(status, 400, "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("System role not supported"), "{body}");
+        }
+        Arc::try_unwrap(server).ok().unwrap().stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use lowrank_core::lora::{
     LoraAdapter, LoraConfig, LoraModule, LoraVariant, ALL_LINEAR, PEFT_PREFIX,
 };
@@ -427,6 +427,13 @@ pub fn head_nll(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<Tensor>
     let picked = hidden
         .reshape((b * t, h))?
         .index_select(&batch.predict_at, 0)?;
+    if model.config().final_softcap.is_some() {
+        // Soft-capped logits (Gemma 2), which the fused kernel does not compute: the composed
+        // ops, logits kept for backward.
+        let logprobs = candle_nn::ops::log_softmax(&model.logits(&picked)?, D::Minus1)?;
+        let labels = batch.labels.unsqueeze(1)?;
+        return Ok(logprobs.gather(&labels, 1)?.sum_all()?.neg()?);
+    }
     // Every picked row predicts a label: nothing to ignore.
     let (nll, _) = lowrank_kernels::chunked_cross_entropy(
         &picked,

@@ -418,8 +418,9 @@ impl LoraConfig {
     }
 }
 
-/// What `all-linear` expands to for the Llama family: every linear in the decoder layers; the
-/// output head is excluded, as PEFT does.
+/// What `all-linear` expands to: every linear in the decoder layers of every supported family
+/// (Phi-3's fused `qkv_proj` and `gate_up_proj` included); the output head is excluded, as
+/// PEFT does.
 pub const ALL_LINEAR: &[&str] = &[
     "q_proj",
     "k_proj",
@@ -428,6 +429,8 @@ pub const ALL_LINEAR: &[&str] = &[
     "gate_proj",
     "up_proj",
     "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
 ];
 
 #[cfg(test)]
