@@ -16,13 +16,34 @@ Writes:
     bytes with finite, moderate f16 (Q8_K: f32) scale fields: dequantization is the spec,
     every bit of the quants is exercised. gguf-py has no Q8_K class; its reference is
     ggml's dequantize_row_q8_K (y = d * q, f32) in numpy below.
+  * fixtures/gguf/<model>-<type>.gguf: the fixture models llama-tied and qwen2-tied converted
+    by llama.cpp's own convert_hf_to_gguf.py (--outtype f32/f16/bf16/q8_0), and
+    fixtures/gguf/reference.json: per file, the eval.jsonl loss and greedy tokens (12 new
+    tokens, no stop) of the HF model whose weights are the GGUF's tensors as gguf-py
+    dequantizes them (for f32, the HF original itself), computed by transformers in f32.
+  * fixtures/gguf/tokenizer_corpus.json and the ids the HF tokenizers (tokenizer.json through
+    transformers) give each text, with and without special tokens.
+
+llama.cpp's converter comes with the llama-cpp-python source package (vendor/llama.cpp):
+    pip download llama-cpp-python==0.3.36 --no-binary llama-cpp-python --no-deps -d /tmp/lcp
+    tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp
+and --llama-cpp names its vendor/llama.cpp folder. It runs in-process with one patch: it
+recognises a BPE pre-tokenizer by the hash of its output on a test string, and the fixture
+tokenizers are not among the known ones, so `get_vocab_base_pre` is made to return the
+pre-tokenizer they do use (llama-style: ByteLevel with GPT-2's regex = "gpt-2"; qwen-style:
+Qwen2's regex = "qwen2"). It also needs `pip install sentencepiece` (imported before it
+finds no tokenizer.model).
 
 pinned versions (the fixtures in git were generated with exactly these):
-    python 3.11.7, numpy 2.4.6, gguf 0.19.0
+    python 3.11.7, numpy 2.4.6, gguf 0.19.0, torch 2.15.0, transformers 5.24.0,
+    llama-cpp-python 0.3.36 (its vendored convert_hf_to_gguf.py), sentencepiece 0.2.1
 """
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -87,11 +108,162 @@ def make_quants(rng):
     save_file(reference, os.path.join(OUT, "quants_reference.safetensors"))
 
 
+MODELS = {"llama-tied": "gpt-2", "qwen2-tied": "qwen2"}
+OUTTYPES = {"llama-tied": ["f32", "f16", "bf16", "q8_0"], "qwen2-tied": ["f32", "q8_0"]}
+GEN_PROMPTS = ["The quick cat", "Why does my garden"]
+GEN_TOKENS = 12
+
+
+# Runs in a child process: the converter imports its own gguf-py, not the installed one.
+CONVERT = """
+import sys
+llama_cpp, pre = sys.argv[1], sys.argv[2]
+sys.path[:0] = [llama_cpp, llama_cpp + "/gguf-py"]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[3:]
+convert_hf_to_gguf.main()
+"""
+
+
+def convert(llama_cpp, model, outtype, out):
+    """Runs llama.cpp's convert_hf_to_gguf.py on fixtures/models/<model>."""
+    subprocess.run([sys.executable, "-c", CONVERT, llama_cpp, MODELS[model],
+                    os.path.join(ROOT, "fixtures", "models", model),
+                    "--outtype", outtype, "--outfile", out], check=True)
+
+
+# GGUF tensor stem -> HF module (the converter's mapping, for the tensors these models have).
+GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+         "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+         "ffn_down": "mlp.down_proj"}
+
+
+def unpermute(w, n_head):
+    """Inverse of the converter's LlamaModel.permute (reshape(n_head, 2, d/2, ...).swapaxes(1, 2))."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_state_from_gguf(path, config):
+    import torch
+    from gguf import GGUFReader
+
+    state = {}
+    for t in GGUFReader(path).tensors:
+        stem, kind = t.name.rsplit(".", 1)
+        if stem.startswith("blk."):
+            _, layer, stem = stem.split(".", 2)
+            name = f"model.layers.{layer}.{LAYER[stem]}.{kind}"
+        else:
+            name = f"{GLOBAL[stem]}.{kind}"
+        w = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        if config["model_type"] == "llama" and stem in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if stem == "attn_q" else config["num_key_value_heads"]
+            w = unpermute(w, heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return state
+
+
+def eval_texts():
+    with open(os.path.join(ROOT, "fixtures", "data", "eval.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def model_reference(model, tok):
+    """Mean NLL over eval.jsonl (tokens t >= 1 of each line) and greedy continuations."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in eval_texts():
+            ids = torch.tensor([tok(text)["input_ids"]])
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            nll -= logprobs[:-1].gather(1, ids[0, 1:, None]).sum().item()
+            count += ids.shape[1] - 1
+        greedy = []
+        for prompt in GEN_PROMPTS:
+            ids = tok(prompt)["input_ids"]
+            new = []
+            for _ in range(GEN_TOKENS):
+                logits = model(torch.tensor([ids + new])).logits[0, -1]
+                new.append(int(logits.argmax()))
+            greedy.append({"prompt": prompt, "prompt_ids": ids, "token_ids": new})
+    return {"loss": nll / count, "tokens": count, "greedy": greedy}
+
+
+def make_models(llama_cpp):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    reference = {}
+    for model_name, outtypes in OUTTYPES.items():
+        model_dir = os.path.join(ROOT, "fixtures", "models", model_name)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+        for outtype in outtypes:
+            file = f"{model_name}-{outtype}.gguf"
+            path = os.path.join(OUT, file)
+            convert(llama_cpp, model_name, outtype, path)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            state = hf_state_from_gguf(path, config)
+            if config.get("tie_word_embeddings"):
+                state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+            model.eval()
+            reference[file] = {"model": model_name, "outtype": outtype, **model_reference(model, tok)}
+    with open(os.path.join(OUT, "reference.json"), "w", encoding="utf-8") as f:
+        json.dump(reference, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+TOKENIZER_CORPUS = [
+    "The quick cat sees the river.",
+    "  leading spaces, trailing spaces   ",
+    "Café déjà vu, naïve façade — “quotes” and ‘apostrophes’.",
+    "日本語のテキスト、中文文本，한국어 텍스트.",
+    "Emoji: 🤔🦙🚀 and ZWJ 👩‍💻, flags 🇫🇷.",
+    "Numbers 1234567890 3.14159 1,000,000 and 2001-09-11.",
+    "Tabs\tand\nnewlines\r\n\n\nmany   spaces",
+    "I've been told he's there, 'RE you sure? We'Ve a'lL",
+    "<s>special</s> tokens <unk> inline",
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>after the end",
+    "",
+]
+
+
+def make_tokenizer_reference():
+    from transformers import AutoTokenizer
+
+    out = {"corpus": TOKENIZER_CORPUS}
+    for model_name in MODELS:
+        tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "fixtures", "models", model_name))
+        out[model_name] = {
+            "with_special": [tok(t)["input_ids"] for t in TOKENIZER_CORPUS],
+            "without_special": [tok(t, add_special_tokens=False)["input_ids"] for t in TOKENIZER_CORPUS],
+        }
+    with open(os.path.join(OUT, "tokenizer_reference.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False)
+        f.write("\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.parse_args()
+    parser.add_argument("--llama-cpp", default="/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp",
+                        help="llama.cpp source folder holding convert_hf_to_gguf.py and gguf-py")
+    args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
     make_quants(np.random.default_rng(27))
+    make_models(args.llama_cpp)
+    make_tokenizer_reference()
 
 
 if __name__ == "__main__":

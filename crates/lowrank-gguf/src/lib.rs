@@ -191,11 +191,9 @@ impl GgufFile {
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => (*a).into(),
-            Some(other) => {
-                return Err(r.corrupt(format!(
-                    "metadata key `general.alignment` must be a power-of-two uint32, found {other:?}"
-                )))
-            }
+            Some(other) => return Err(r.corrupt(format!(
+                "metadata key `general.alignment` must be a power-of-two uint32, found {other:?}"
+            ))),
         };
         // Each tensor info takes at least 8 + 4 + 4 + 8 bytes: refuse counts the file cannot hold
         // before allocating for them.
@@ -369,8 +367,17 @@ impl GgufFile {
     /// A number under `key`; None when absent.
     pub fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v)))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| self.wrong_type(key, "a number", v))
+            })
             .transpose()
+    }
+
+    pub fn f64(&self, key: &str) -> Result<f64> {
+        let v = self.required(key)?;
+        v.as_f64()
+            .ok_or_else(|| self.wrong_type(key, "a number", v))
     }
 
     pub fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
@@ -383,13 +390,17 @@ impl GgufFile {
 
     pub fn str_opt(&self, key: &str) -> Result<Option<&str>> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v)))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.wrong_type(key, "a string", v))
+            })
             .transpose()
     }
 
     pub fn str(&self, key: &str) -> Result<&str> {
         let v = self.required(key)?;
-        v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
+        v.as_str()
+            .ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
     /// An array under `key`; None when absent.
@@ -408,7 +419,10 @@ impl GgufFile {
         };
         items
             .iter()
-            .map(|v| v.as_str().ok_or_else(|| self.wrong_type(key, "an array of strings", v)))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.wrong_type(key, "an array of strings", v))
+            })
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }

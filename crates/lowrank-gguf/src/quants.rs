@@ -336,7 +336,12 @@ mod tests {
             assert_eq!(TensorType::from_id(t.id()), Some(t));
         }
         // ggml's type_traits: Q4_K 144, Q5_K 176, Q6_K 210, Q8_K 292 bytes per 256 values.
-        let sizes = [(TensorType::Q4K, 144), (TensorType::Q5K, 176), (TensorType::Q6K, 210), (TensorType::Q8K, 292)];
+        let sizes = [
+            (TensorType::Q4K, 144),
+            (TensorType::Q5K, 176),
+            (TensorType::Q6K, 210),
+            (TensorType::Q8K, 292),
+        ];
         for (t, bytes) in sizes {
             assert_eq!(t.block_bytes(), bytes, "{}", t.name());
         }

@@ -30,9 +30,16 @@ fn every_type_dequantizes_bit_exactly_as_gguf_py() {
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        let bits_equal = ours.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+        let bits_equal = ours
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
         eprintln!("{:>5}: max |ours - gguf-py| = {max_diff:e}", t.name());
-        assert!(bits_equal, "{}: max |ours - gguf-py| = {max_diff:e}", t.name());
+        assert!(
+            bits_equal,
+            "{}: max |ours - gguf-py| = {max_diff:e}",
+            t.name()
+        );
     }
 }
 
@@ -48,7 +55,10 @@ fn damaged(edit: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir, PathBuf) {
 
 /// Offset of the first occurrence of `needle` in `bytes`.
 fn find(bytes: &[u8], needle: &[u8]) -> usize {
-    bytes.windows(needle.len()).position(|w| w == needle).unwrap()
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap()
 }
 
 #[test]
@@ -57,7 +67,10 @@ fn damaged_files_are_errors_naming_the_file_and_field() {
         let (_dir, path) = damaged(edit);
         let err = GgufFile::open(&path).expect_err(wanted);
         let msg = err.to_string();
-        assert!(msg.contains("damaged.gguf") && msg.contains(wanted), "{wanted}: {msg}");
+        assert!(
+            msg.contains("damaged.gguf") && msg.contains(wanted),
+            "{wanted}: {msg}"
+        );
         err
     };
     // Cut inside the header, and inside the last tensor's data (the file ends with padding).
@@ -68,7 +81,10 @@ fn damaged_files_are_errors_naming_the_file_and_field() {
     expect(&|b| b[0] = b'X', "not a GGUF file");
     expect(&|b| b[4] = 9, "GGUF version 9");
     // A string length far past the end of the file: an error, not an allocation.
-    expect(&|b| b[24..32].copy_from_slice(&u64::MAX.to_le_bytes()), "truncated");
+    expect(
+        &|b| b[24..32].copy_from_slice(&u64::MAX.to_le_bytes()),
+        "truncated",
+    );
     // Tensor "Q4_K": its name, then n_dims (u32), two dims (u64), then the type id: IQ2_XXS.
     let type_at = |b: &[u8]| find(b, b"Q4_K") + 4 + 4 + 16;
     let err = expect(
@@ -101,7 +117,10 @@ fn metadata_accessors_name_the_key() {
     let file = GgufFile::open(&fixtures().join("quants.gguf")).unwrap();
     assert_eq!(file.str("general.architecture").unwrap(), "quants-fixture");
     let err = file.u64("general.architecture").unwrap_err().to_string();
-    assert!(err.contains("`general.architecture`") && err.contains("non-negative integer"), "{err}");
+    assert!(
+        err.contains("`general.architecture`") && err.contains("non-negative integer"),
+        "{err}"
+    );
     let err = file.str("llama.block_count").unwrap_err().to_string();
     assert!(err.contains("`llama.block_count` is missing"), "{err}");
 }

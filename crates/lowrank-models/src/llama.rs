@@ -487,7 +487,14 @@ impl Llama {
     }
 
     /// Loads a checkpoint folder, quantizing the linear weights at load if `opts` says so.
+    /// `dir` may also be a GGUF file (see [`crate::gguf`]): its tensors are dequantized to f32.
     pub fn load_with(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            let model = crate::gguf::GgufModel::open(dir)?;
+            let config = model.config()?;
+            let ckpt = Checkpoint::from_gguf(model, &config);
+            return Self::from_checkpoint_with(config, &ckpt, device, opts);
+        }
         let config = ModelConfig::load(&dir.join("config.json"))?;
         if opts.quantize.is_some() && config.quantization.is_some() {
             return Err(Error::Msg(format!(

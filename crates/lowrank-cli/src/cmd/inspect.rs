@@ -125,7 +125,7 @@ fn print_report(
 ) -> Result<()> {
     let base_config = |spec: &str| -> Result<ModelConfig> {
         let dir = lowrank_models::hub::resolve(spec, Wanted::ModelConfig)?;
-        Ok(ModelConfig::load(&dir.join("config.json"))?)
+        Ok(ModelConfig::load_for_model(&dir)?)
     };
     // A --model given must resolve; the adapter's own base_model_name_or_path is a best effort.
     let base_parameters = match (&args.model, base_model.as_deref()) {
