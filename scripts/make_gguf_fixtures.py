@@ -228,6 +228,7 @@ TOKENIZER_CORPUS = [
     "The quick cat sees the river.",
     "  leading spaces, trailing spaces   ",
     "Café déjà vu, naïve façade — “quotes” and ‘apostrophes’.",
+    "Decomposed: Cafe\u0301 and A\u030a (NFC composes them).",
     "日本語のテキスト、中文文本，한국어 텍스트.",
     "Emoji: 🤔🦙🚀 and ZWJ 👩‍💻, flags 🇫🇷.",
     "Numbers 1234567890 3.14159 1,000,000 and 2001-09-11.",

@@ -191,9 +191,11 @@ impl GgufFile {
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => (*a).into(),
-            Some(other) => return Err(r.corrupt(format!(
+            Some(other) => {
+                return Err(r.corrupt(format!(
                 "metadata key `general.alignment` must be a power-of-two uint32, found {other:?}"
-            ))),
+            )))
+            }
         };
         // Each tensor info takes at least 8 + 4 + 4 + 8 bytes: refuse counts the file cannot hold
         // before allocating for them.

@@ -98,8 +98,12 @@ fn config_template(config: &Path, v: Option<&Value>) -> Result<Option<String>> {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`.
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`;
+    /// or, when `dir` is a GGUF file, the tokenizer and chat template of its metadata.
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Self::from_gguf(dir);
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::io(
@@ -141,6 +145,42 @@ impl Tokenizer {
             eos_token: token_text(&config_path, "eos_token", config.get("eos_token"))?,
             chat_template,
         })
+    }
+
+    /// The tokenizer a GGUF file's metadata describes (see [`crate::gguf_tokenizer`]).
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let file = lowrank_gguf::GgufFile::open(path).map_err(crate::gguf::gguf_error)?;
+        let built = crate::gguf_tokenizer::from_gguf(&file)?;
+        let inner: tokenizers::Tokenizer =
+            serde_json::from_value(built.tokenizer_json).map_err(|e| {
+                Error::Msg(format!(
+                    "{}: cannot build the tokenizer: {e}",
+                    path.display()
+                ))
+            })?;
+        Ok(Tokenizer {
+            inner,
+            bos_token: built.bos_token,
+            eos_token: built.eos_token,
+            chat_template: built.chat_template,
+        })
+    }
+
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template)
+    /// into `dir`, for a checkpoint written from a model that had none (a GGUF base).
+    pub fn save_hf_files(&self, dir: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+        lowrank_core::files::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "chat_template": self.chat_template,
+        });
+        lowrank_core::files::write_json(&dir.join("tokenizer_config.json"), &config)
     }
 
     /// Token ids of `text` as transformers' `tokenizer(text)` gives them (special tokens included

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use lowrank_models::generate::{generate, sequence_nll, Sampler, SamplingParams};
-use lowrank_models::{Llama, Tokenizer};
+use lowrank_models::{Llama, Message, Tokenizer};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -100,4 +100,64 @@ fn an_f32_gguf_holds_the_hf_weights_exactly() {
             assert_eq!(diff, 0.0, "{name}: {}", a.0);
         }
     }
+}
+
+/// The tokenizer built from GGUF metadata gives the HF tokenizer's ids on a corpus with
+/// non-ASCII text, whitespace runs and special tokens, with and without special tokens added.
+#[test]
+fn gguf_tokenizers_give_the_hf_ids() {
+    let text = std::fs::read_to_string(fixtures().join("gguf/tokenizer_reference.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let corpus: Vec<String> = serde_json::from_value(reference["corpus"].clone()).unwrap();
+    for name in ["llama-tied", "qwen2-tied"] {
+        let tokenizer = Tokenizer::load(&fixtures().join(format!("gguf/{name}-f32.gguf"))).unwrap();
+        let mut agree = 0;
+        for (special, key) in [(true, "with_special"), (false, "without_special")] {
+            let want: Vec<Vec<u32>> = serde_json::from_value(reference[name][key].clone()).unwrap();
+            for (text, want) in corpus.iter().zip(want) {
+                assert_eq!(
+                    tokenizer.encode(text, special).unwrap(),
+                    want,
+                    "{name} {key}: {text:?}"
+                );
+                assert_eq!(
+                    tokenizer.decode(&want, false).unwrap(),
+                    Tokenizer::load(&fixtures().join("models").join(name))
+                        .unwrap()
+                        .decode(&want, false)
+                        .unwrap()
+                );
+                agree += 1;
+            }
+        }
+        eprintln!("{name}: {agree}/{agree} encodings equal the HF tokenizer's");
+    }
+}
+
+/// The chat template of `tokenizer.chat_template`, rendered with the GGUF's BOS/EOS tokens,
+/// gives transformers' text and ids (fixtures/reference/chat.json).
+#[test]
+fn gguf_chat_templates_render_like_transformers() {
+    let cases: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/chat.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for case in cases {
+        let path = fixtures().join(format!("gguf/{}-f32.gguf", case["model"].as_str().unwrap()));
+        if !path.exists() || !case["error"].is_null() {
+            continue;
+        }
+        let tokenizer = Tokenizer::load(&path).unwrap();
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(
+            tokenizer.apply_chat_template(&messages, add).unwrap(),
+            case["text"].as_str().unwrap()
+        );
+        let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        assert_eq!(tokenizer.encode_chat(&messages, add).unwrap(), ids);
+        checked += 1;
+    }
+    assert!(checked >= 2, "{checked} chat cases");
 }
