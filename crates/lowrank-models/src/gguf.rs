@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use lowrank_core::{Error, Result};
-use lowrank_gguf::{GgufFile, TensorInfo};
+use lowrank_gguf::{GgufFile, TensorInfo, TensorType};
 use serde_json::{json, Value};
 
 /// How an architecture of `general.architecture` maps to its Hugging Face model.
@@ -204,7 +204,11 @@ impl GgufModel {
             "rope_theta": f.f64_opt(&key("rope.freq_base")).map_err(e)?.unwrap_or(10_000.0),
             "hidden_act": "silu",
             "tie_word_embeddings": self.tensor("lm_head.weight").is_none(),
-            "torch_dtype": "float32",
+            "torch_dtype": match embed.tensor_type {
+                TensorType::F16 => "float16",
+                TensorType::BF16 => "bfloat16",
+                _ => "float32",
+            },
         });
         let obj = cfg.as_object_mut().expect("an object");
         if let Some(ctx) = f.u64_opt(&key("context_length")).map_err(e)? {

@@ -7,7 +7,7 @@ use lowrank_serve::bench::{run, BenchOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// Adapter counts to spread the requests over.

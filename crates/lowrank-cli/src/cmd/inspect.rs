@@ -15,7 +15,7 @@ pub struct Args {
     /// Adapter folder (adapter_config.json + adapter_model.safetensors), or Hub id
     /// org/name[@revision].
     adapter: PathBuf,
-    /// Base model (folder or Hub id; only its config.json is read or fetched), for the share of
+    /// Base model (folder, GGUF file or Hub id; only its config is read or fetched), for the share of
     /// its parameters (default: the adapter's base_model_name_or_path, when that resolves).
     #[arg(long)]
     model: Option<String>,

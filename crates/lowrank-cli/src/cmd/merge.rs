@@ -12,7 +12,7 @@ use super::{load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to merge several.

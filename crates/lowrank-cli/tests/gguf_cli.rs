@@ -1,0 +1,87 @@
+//! `--model x.gguf` through the binary: eval (with a PEFT adapter), merge to an HF folder,
+//! generate, and damaged files.
+
+mod common;
+
+use common::*;
+
+fn reference(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join(format!("reference/{name}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn loss(out: &std::process::Output) -> f64 {
+    json_out(out)["loss"].as_f64().unwrap()
+}
+
+/// A PEFT adapter of the HF model applies unchanged over its GGUF conversion.
+#[test]
+fn eval_over_a_gguf_base_gives_the_hf_models_loss() {
+    let model = fx("gguf/llama-tied-f32.gguf");
+    let data = fx("data/eval.jsonl");
+    let base = loss(&lowrank(&["eval", "--model", &model, "--data", &data]));
+    let want = reference("llama-tied")["loss"].as_f64().unwrap();
+    assert!((base - want).abs() < 1e-5, "{base} vs {want}");
+    let adapter = fx("adapters/llama-tied__lora-qv");
+    let adapted = loss(&lowrank(&["eval", "--model", &model, "--adapter", &adapter, "--data", &data]));
+    let want = reference("llama-tied__lora-qv")["loss"].as_f64().unwrap();
+    assert!((adapted - want).abs() < 1e-5, "{adapted} vs {want}");
+}
+
+/// Merging over a GGUF base writes a complete HF folder: config and tokenizer from the GGUF
+/// metadata, and the merged model's loss is PEFT's.
+#[test]
+fn merge_over_a_gguf_base_writes_a_complete_hf_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("merged");
+    let out_s = out_dir.to_string_lossy().into_owned();
+    ok(&lowrank(&[
+        "merge",
+        "--model",
+        &fx("gguf/qwen2-tied-f32.gguf"),
+        "--adapter",
+        &fx("adapters/qwen2-tied__regex"),
+        "--out",
+        &out_s,
+    ]));
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out_dir.join(f).exists(), "{f} missing");
+    }
+    let got = loss(&lowrank(&["eval", "--model", &out_s, "--data", &fx("data/eval.jsonl")]));
+    let want = reference("qwen2-tied__regex")["loss"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+}
+
+#[test]
+fn generate_reads_the_gguf_tokenizer_and_chat_template() {
+    let out = ok(&lowrank(&[
+        "generate",
+        "--model",
+        &fx("gguf/qwen2-tied-q8_0.gguf"),
+        "--prompt",
+        "The quick cat",
+        "--chat",
+        "--max-tokens",
+        "4",
+    ]));
+    assert!(!out.is_empty());
+}
+
+#[test]
+fn damaged_or_unsupported_gguf_files_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixtures().join("gguf/llama-tied-f32.gguf")).unwrap();
+    let truncated = tmp.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let data = fx("data/eval.jsonl");
+    let out = lowrank(&["eval", "--model", truncated.to_str().unwrap(), "--data", &data]);
+    assert_fails_with(&out, &["truncated.gguf", "truncated GGUF file", "the data of tensor"]);
+    // general.architecture = "llama" becomes "lamma".
+    let at = bytes.windows(5).position(|w| w == b"llama").unwrap();
+    let mut renamed = bytes.clone();
+    renamed[at..at + 5].copy_from_slice(b"lamma");
+    let unknown = tmp.path().join("unknown.gguf");
+    std::fs::write(&unknown, renamed).unwrap();
+    let out = lowrank(&["eval", "--model", unknown.to_str().unwrap(), "--data", &data]);
+    assert_fails_with(&out, &["unknown.gguf", "general.architecture", "\"lamma\" is not supported"]);
+}
