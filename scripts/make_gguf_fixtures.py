@@ -21,7 +21,9 @@ Writes:
     fixtures/gguf/reference.json: per file, the eval.jsonl loss and greedy tokens (12 new
     tokens, no stop) of the HF model whose weights are the GGUF's tensors as gguf-py
     dequantizes them (for f32, the HF original itself), computed by transformers in f32.
-  * fixtures/gguf/tokenizer_corpus.json and the ids the HF tokenizers (tokenizer.json through
+  * fixtures/gguf/lora/<adapter>.gguf: fixture PEFT adapters converted by llama.cpp's
+    convert_lora_to_gguf.py (--base the fixture model, default --outtype f32).
+  * fixtures/gguf/tokenizer_reference.json: a corpus and the ids the HF tokenizers (tokenizer.json through
     transformers) give each text, with and without special tokens.
 
 llama.cpp's converter comes with the llama-cpp-python source package (vendor/llama.cpp):
@@ -241,6 +243,20 @@ TOKENIZER_CORPUS = [
 ]
 
 
+LORA_ADAPTERS = {"llama-tied__lora-qv": "llama-tied", "llama-untied__all-linear": "llama-untied",
+                 "qwen2-tied__regex": "qwen2-tied", "mistral__layers": "mistral"}
+
+
+def make_lora(llama_cpp):
+    os.makedirs(os.path.join(OUT, "lora"), exist_ok=True)
+    for adapter, base in LORA_ADAPTERS.items():
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([llama_cpp, os.path.join(llama_cpp, "gguf-py")]))
+        subprocess.run([sys.executable, os.path.join(llama_cpp, "convert_lora_to_gguf.py"),
+                        os.path.join(ROOT, "fixtures", "adapters", adapter),
+                        "--base", os.path.join(ROOT, "fixtures", "models", base),
+                        "--outfile", os.path.join(OUT, "lora", f"{adapter}.gguf")], check=True, env=env)
+
+
 def make_tokenizer_reference():
     from transformers import AutoTokenizer
 
@@ -264,6 +280,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     make_quants(np.random.default_rng(27))
     make_models(args.llama_cpp)
+    make_lora(args.llama_cpp)
     make_tokenizer_reference()
 
 

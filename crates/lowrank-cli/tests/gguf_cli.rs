@@ -85,3 +85,68 @@ fn damaged_or_unsupported_gguf_files_are_clear_errors() {
     let out = lowrank(&["eval", "--model", unknown.to_str().unwrap(), "--data", &data]);
     assert_fails_with(&out, &["unknown.gguf", "general.architecture", "\"lamma\" is not supported"]);
 }
+
+/// export-gguf writes the file llama.cpp's convert_lora_to_gguf.py writes, byte for byte
+/// (fixtures/gguf/lora): keys, tensor names, the q/k permutation of B, data and layout; a
+/// mistral base converts as llama.
+#[test]
+fn export_gguf_equals_llama_cpps_converter() {
+    let tmp = tempfile::tempdir().unwrap();
+    for adapter in ["llama-tied__lora-qv", "qwen2-tied__regex", "mistral__layers"] {
+        let base = adapter.split("__").next().unwrap();
+        let out = tmp.path().join(format!("{adapter}.gguf"));
+        ok(&lowrank(&[
+            "export-gguf",
+            &fx(&format!("adapters/{adapter}")),
+            "--model",
+            &fx(&format!("models/{base}")),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        let ours = std::fs::read(&out).unwrap();
+        let theirs = std::fs::read(fixtures().join(format!("gguf/lora/{adapter}.gguf"))).unwrap();
+        assert!(ours == theirs, "{adapter}: the GGUF files differ");
+    }
+}
+
+/// An adapter directory copied from a fixture with its adapter_config.json edited.
+fn edited_adapter(tmp: &std::path::Path, from: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let dir = tmp.join(format!("{from}-edited"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures().join("adapters").join(from);
+    std::fs::copy(src.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    dir.to_string_lossy().into_owned()
+}
+
+/// rsLoRA with one rank is written with the alpha that gives PEFT's scale under llama.cpp's
+/// alpha / rank (alpha·√r); where no single alpha does (rsLoRA with several ranks, alpha
+/// patterns) and for DoRA, export-gguf refuses.
+#[test]
+fn export_gguf_keeps_peft_scales_or_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rslora = edited_adapter(tmp.path(), "llama-tied__lora-qv", |c| c["use_rslora"] = true.into());
+    let out = tmp.path().join("rslora.gguf");
+    let model = fx("models/llama-tied");
+    ok(&lowrank(&["export-gguf", &rslora, "--model", &model, "--out", out.to_str().unwrap()]));
+    let file = lowrank_gguf::GgufFile::open(&out).unwrap();
+    // lora_alpha 8, r 4: PEFT's scale 8/√4 = 4 = alpha'/4 with alpha' = 16.
+    assert_eq!(file.f64("adapter.lora.alpha").unwrap(), 16.0);
+    let out = tmp.path().join("refused.gguf");
+    let refused = lowrank(&[
+        "export-gguf",
+        &fx("adapters/llama-untied__all-linear"),
+        "--model",
+        &fx("models/llama-untied"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(&refused, &["one alpha", "llama-untied__all-linear"]);
+    assert!(!out.exists());
+    let dora = lowrank(&["export-gguf", &fx("adapters/llama-tied__dora"), "--model", &model, "--out", out.to_str().unwrap()]);
+    assert_fails_with(&dora, &["DoRA", "llama.cpp has no DoRA"]);
+    assert!(!out.exists());
+}

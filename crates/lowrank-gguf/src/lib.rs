@@ -1,7 +1,8 @@
 //! GGUF files, llama.cpp's model format (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
 //! a bounds-checked reader over a memory map (every length and offset is checked against the
 //! file before it is used, so a corrupt or truncated file is an error naming what was being
-//! read, never a panic or a huge allocation) and ggml's dequantization ([`TensorType`]).
+//! read, never a panic or a huge allocation), ggml's dequantization ([`TensorType`]) and a
+//! writer ([`GgufWriter`]).
 //!
 //! Layout (little-endian): magic `GGUF`, version (2 or 3), tensor count (u64), metadata count
 //! (u64), the metadata key/values, the tensor infos (name, dims innermost first, ggml type,
@@ -10,12 +11,14 @@
 
 mod error;
 mod quants;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use error::{GgufError, Result};
 pub use quants::TensorType;
+pub use writer::GgufWriter;
 
 /// The first four bytes of every GGUF file.
 pub const MAGIC: &[u8; 4] = b"GGUF";

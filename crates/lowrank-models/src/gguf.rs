@@ -21,23 +21,27 @@ pub struct ArchSpec {
     pub model_type: &'static str,
     /// config.json's `architectures` entry.
     pub hf_class: &'static str,
+    /// Other model types convert_hf_to_gguf.py writes as this architecture.
+    pub converted_from: &'static [&'static str],
     /// `convert_hf_to_gguf.py` interleaves the rotary halves of each head's q/k rows
     /// (`LlamaModel.permute`); undone on load.
     pub permuted_qk: bool,
 }
 
-/// The architectures read from GGUF. MistralForCausalLM checkpoints convert to `llama`.
+/// The architectures read from and written to GGUF.
 pub const ARCHITECTURES: &[ArchSpec] = &[
     ArchSpec {
         gguf: "llama",
         model_type: "llama",
         hf_class: "LlamaForCausalLM",
+        converted_from: &["mistral"],
         permuted_qk: true,
     },
     ArchSpec {
         gguf: "qwen2",
         model_type: "qwen2",
         hf_class: "Qwen2ForCausalLM",
+        converted_from: &[],
         permuted_qk: false,
     },
 ];

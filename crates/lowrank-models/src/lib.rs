@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod gguf_tokenizer;
 pub mod hub;
 pub mod llama;
