@@ -23,6 +23,8 @@ Writes:
     dequantizes them (for f32, the HF original itself), computed by transformers in f32.
   * fixtures/gguf/lora/<adapter>.gguf: fixture PEFT adapters converted by llama.cpp's
     convert_lora_to_gguf.py (--base the fixture model, default --outtype f32).
+  * fixtures/gguf/merged/<adapter>-<type>.gguf: the merged checkpoints of fixtures/merged/
+    (PEFT's merge_and_unload) converted by convert_hf_to_gguf.py.
   * fixtures/gguf/tokenizer_reference.json: a corpus and the ids the HF tokenizers (tokenizer.json through
     transformers) give each text, with and without special tokens.
 
@@ -129,10 +131,11 @@ convert_hf_to_gguf.main()
 """
 
 
-def convert(llama_cpp, model, outtype, out):
-    """Runs llama.cpp's convert_hf_to_gguf.py on fixtures/models/<model>."""
-    subprocess.run([sys.executable, "-c", CONVERT, llama_cpp, MODELS[model],
-                    os.path.join(ROOT, "fixtures", "models", model),
+def convert(llama_cpp, model, outtype, out, folder="models"):
+    """Runs llama.cpp's convert_hf_to_gguf.py on fixtures/<folder>/<model>."""
+    pre = MODELS[model.split("__")[0]]
+    subprocess.run([sys.executable, "-c", CONVERT, llama_cpp, pre,
+                    os.path.join(ROOT, "fixtures", folder, model),
                     "--outtype", outtype, "--outfile", out], check=True)
 
 
@@ -257,6 +260,17 @@ def make_lora(llama_cpp):
                         "--outfile", os.path.join(OUT, "lora", f"{adapter}.gguf")], check=True, env=env)
 
 
+MERGED = {"llama-tied__lora-qv": ["f32", "q8_0"], "qwen2-tied__regex": ["f16"]}
+
+
+def make_merged(llama_cpp):
+    os.makedirs(os.path.join(OUT, "merged"), exist_ok=True)
+    for merged, outtypes in MERGED.items():
+        for outtype in outtypes:
+            convert(llama_cpp, merged, outtype, os.path.join(OUT, "merged", f"{merged}-{outtype}.gguf"),
+                    folder="merged")
+
+
 def make_tokenizer_reference():
     from transformers import AutoTokenizer
 
@@ -281,6 +295,7 @@ def main():
     make_quants(np.random.default_rng(27))
     make_models(args.llama_cpp)
     make_lora(args.llama_cpp)
+    make_merged(args.llama_cpp)
     make_tokenizer_reference()
 
 

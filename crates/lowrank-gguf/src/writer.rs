@@ -31,11 +31,18 @@ impl GgufWriter {
     /// # Panics
     /// When `values` does not hold `shape`'s elements or the type cannot be written (the
     /// caller picks shapes and types).
-    pub fn add_tensor(&mut self, name: &str, shape: &[usize], values: &[f32], tensor_type: TensorType) {
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+        tensor_type: TensorType,
+    ) {
         assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let bytes = encode(values, tensor_type);
-        self.tensors.push((name.to_string(), dims, tensor_type, bytes));
+        self.tensors
+            .push((name.to_string(), dims, tensor_type, bytes));
     }
 
     /// The file's bytes.
@@ -73,11 +80,23 @@ impl GgufWriter {
 fn encode(values: &[f32], tensor_type: TensorType) -> Vec<u8> {
     match tensor_type {
         TensorType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        TensorType::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
-        TensorType::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+        TensorType::F16 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        TensorType::BF16 => values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
         TensorType::Q8_0 => {
-            assert!(values.len().is_multiple_of(32), "Q8_0 needs whole blocks of 32");
-            values.chunks_exact(32).flat_map(quantize_q8_0_block).collect()
+            assert!(
+                values.len().is_multiple_of(32),
+                "Q8_0 needs whole blocks of 32"
+            );
+            values
+                .chunks_exact(32)
+                .flat_map(quantize_q8_0_block)
+                .collect()
         }
         other => panic!("writing {} tensors is not supported", other.name()),
     }

@@ -57,6 +57,8 @@ pub struct GgufTokenizer {
     pub tokenizer_json: Value,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
     pub chat_template: Option<String>,
 }
 
@@ -133,6 +135,8 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     };
     let bos = token_of("tokenizer.ggml.bos_token_id")?;
     let eos = token_of("tokenizer.ggml.eos_token_id")?;
+    let unk = token_of("tokenizer.ggml.unknown_token_id")?;
+    let pad = token_of("tokenizer.ggml.padding_token_id")?;
     let add_bos = file
         .bool_opt("tokenizer.ggml.add_bos_token")
         .map_err(e)?
@@ -205,9 +209,183 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         tokenizer_json,
         bos_token: bos.map(|(_, t)| t),
         eos_token: eos.map(|(_, t)| t),
+        unk_token: unk.map(|(_, t)| t),
+        pad_token: pad.map(|(_, t)| t),
         chat_template: file
             .str_opt("tokenizer.chat_template")
             .map_err(e)?
             .map(str::to_string),
     })
+}
+
+/// `tokenizer.ggml.token_type` of tokens the vocabulary lacks (ids past the tokenizer's own).
+const TOKEN_TYPE_NORMAL: u64 = 1;
+const TOKEN_TYPE_UNUSED: u64 = 5;
+
+/// Added tokens convert_hf_to_gguf.py marks as control tokens although the tokenizer does not
+/// call them special (its `does_token_look_special`).
+fn looks_special(token: &str) -> bool {
+    ["<pad>", "<mask>", "<2mass>", "[@BOS@]"].contains(&token)
+        || (token.starts_with("<|") && token.ends_with("|>"))
+        || (token.starts_with("<｜") && token.ends_with("｜>"))
+        || (token.starts_with("<unused") && token.ends_with('>'))
+}
+
+/// The `tokenizer.*` metadata convert_hf_to_gguf.py writes for a byte-level BPE tokenizer
+/// (`vocab_size` tokens, as the model's embedding has), the inverse of [`from_gguf`].
+pub fn to_gguf_metadata(
+    tokenizer: &crate::Tokenizer,
+    vocab_size: usize,
+    config: &crate::ModelConfig,
+) -> Result<Vec<(String, GgufValue)>> {
+    let json = tokenizer.hf_json()?;
+    let unsupported = |what: String| {
+        Error::Msg(format!(
+            "the tokenizer cannot be written to GGUF: {what}; supported: byte-level BPE with the pre-tokenizers {}",
+            PRE_TOKENIZERS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+        ))
+    };
+    let model = &json["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true {
+        return Err(unsupported(format!("model type {}", model["type"])));
+    }
+    let pre = &json["pre_tokenizer"];
+    let byte_level = |v: &Value, regex: bool| v["type"] == "ByteLevel" && v["use_regex"] == regex;
+    let pre_name = if byte_level(pre, true) {
+        "gpt-2"
+    } else {
+        let steps = pre["pretokenizers"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let regex = match steps {
+            [split, bl] if split["type"] == "Split" && byte_level(bl, false) => {
+                split["pattern"]["Regex"].as_str()
+            }
+            _ => None,
+        };
+        PRE_TOKENIZERS
+            .iter()
+            .find(|p| p.regex.is_some() && p.regex == regex)
+            .ok_or_else(|| unsupported(format!("pre-tokenizer {pre}")))?
+            .name
+    };
+    let mut tokens: Vec<Option<(String, u64)>> = vec![None; vocab_size];
+    for (token, id) in model["vocab"].as_object().into_iter().flatten() {
+        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+            *slot = Some((token.clone(), TOKEN_TYPE_NORMAL));
+        }
+    }
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            continue;
+        };
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            let special = added["special"] == true || looks_special(content);
+            let kind = if special {
+                TOKEN_TYPE_CONTROL
+            } else {
+                TOKEN_TYPE_USER_DEFINED
+            };
+            *slot = Some((content.to_string(), kind));
+        }
+    }
+    let (names, types): (Vec<GgufValue>, Vec<GgufValue>) = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (name, kind) = t.unwrap_or_else(|| (format!("[PAD{i}]"), TOKEN_TYPE_UNUSED));
+            (GgufValue::String(name), GgufValue::I32(kind as i32))
+        })
+        .unzip();
+    let merges: Vec<GgufValue> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Value::Array(pair) => pair
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => other.as_str().unwrap_or_default().to_string(),
+        })
+        .map(GgufValue::String)
+        .collect();
+    let mut out = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            GgufValue::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            GgufValue::String(pre_name.into()),
+        ),
+        ("tokenizer.ggml.tokens".to_string(), GgufValue::Array(names)),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            GgufValue::Array(types),
+        ),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            GgufValue::Array(merges),
+        ),
+    ];
+    // Special tokens of tokenizer_config.json, else config.json's ids (gguf-py's SpecialVocab).
+    let [bos, eos, unk, pad] = tokenizer
+        .special_tokens()
+        .map(|t| t.and_then(|t| tokenizer.token_id(t)));
+    let ids = [
+        ("bos_token_id", bos.or(config.bos_token_id)),
+        (
+            "eos_token_id",
+            eos.or(config.eos_token_ids.first().copied()),
+        ),
+        ("unknown_token_id", unk),
+        ("padding_token_id", pad),
+    ];
+    for (key, id) in ids {
+        if let Some(id) = id {
+            out.push((format!("tokenizer.ggml.{key}"), GgufValue::U32(id)));
+        }
+    }
+    // Whether encoding adds BOS / EOS around the text.
+    let with = tokenizer.encode("a", true)?;
+    let without = tokenizer.encode("a", false)?;
+    let at = with
+        .windows(without.len())
+        .position(|w| w == without)
+        .unwrap_or(0);
+    let add_bos = bos.is_some_and(|b| with[..at].contains(&b));
+    let add_eos = eos.is_some_and(|e| with[at + without.len()..].contains(&e));
+    out.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        GgufValue::Bool(add_bos),
+    ));
+    out.push((
+        "tokenizer.ggml.add_eos_token".into(),
+        GgufValue::Bool(add_eos),
+    ));
+    // gguf-py's SpecialVocab writes add_sep_token whenever the post-processor has a template;
+    // these tokenizers have no separator.
+    let post = &json["post_processor"];
+    let templated = post["type"] == "TemplateProcessing"
+        || post["processors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["type"] == "TemplateProcessing");
+    if templated {
+        out.push((
+            "tokenizer.ggml.add_sep_token".into(),
+            GgufValue::Bool(false),
+        ));
+    }
+    if let Some(template) = tokenizer.chat_template() {
+        out.push((
+            "tokenizer.chat_template".into(),
+            GgufValue::String(template.into()),
+        ));
+    }
+    Ok(out)
 }

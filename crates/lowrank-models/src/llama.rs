@@ -926,8 +926,8 @@ impl Llama {
                 qc.insert_into(&mut cfg)
                     .map_err(|e| Error::Msg(e.to_string()))?;
             }
-            let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?
-                + "\n";
+            let text =
+                serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))? + "\n";
             let dest = staging.path().join("config.json");
             std::fs::write(&dest, text).map_err(|e| Error::io(&dest, e))
         };

@@ -41,6 +41,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    unk_token: Option<String>,
+    pad_token: Option<String>,
     chat_template: Option<String>,
 }
 
@@ -143,6 +145,8 @@ impl Tokenizer {
             inner,
             bos_token: token_text(&config_path, "bos_token", config.get("bos_token"))?,
             eos_token: token_text(&config_path, "eos_token", config.get("eos_token"))?,
+            unk_token: token_text(&config_path, "unk_token", config.get("unk_token"))?,
+            pad_token: token_text(&config_path, "pad_token", config.get("pad_token"))?,
             chat_template,
         })
     }
@@ -162,6 +166,8 @@ impl Tokenizer {
             inner,
             bos_token: built.bos_token,
             eos_token: built.eos_token,
+            unk_token: built.unk_token,
+            pad_token: built.pad_token,
             chat_template: built.chat_template,
         })
     }
@@ -178,9 +184,31 @@ impl Tokenizer {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
             "chat_template": self.chat_template,
         });
         lowrank_core::files::write_json(&dir.join("tokenizer_config.json"), &config)
+    }
+
+    /// The `tokenizer.json` this tokenizer is built from.
+    pub fn hf_json(&self) -> Result<Value> {
+        serde_json::to_value(&self.inner).map_err(|e| Error::Msg(format!("tokenizer: {e}")))
+    }
+
+    /// The special tokens of tokenizer_config.json (or of a GGUF's metadata): BOS, EOS, unknown, padding.
+    pub fn special_tokens(&self) -> [Option<&str>; 4] {
+        [
+            &self.bos_token,
+            &self.eos_token,
+            &self.unk_token,
+            &self.pad_token,
+        ]
+        .map(Option::as_deref)
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
     }
 
     /// Token ids of `text` as transformers' `tokenizer(text)` gives them (special tokens included

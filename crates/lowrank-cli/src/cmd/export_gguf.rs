@@ -25,15 +25,21 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let dir = resolve_adapter_dir(&args.adapter)?;
-    let adapter = LoraAdapter::load_standalone(&dir, &device()).naming("loading adapter", &args.adapter)?;
-    let base = match args.model.clone().or_else(|| adapter.config.base_model.clone()) {
+    let adapter =
+        LoraAdapter::load_standalone(&dir, &device()).naming("loading adapter", &args.adapter)?;
+    let base = match args
+        .model
+        .clone()
+        .or_else(|| adapter.config.base_model.clone())
+    {
         Some(spec) => spec,
         None => anyhow::bail!(
             "{}: adapter_config.json names no base_model_name_or_path; pass --model BASE",
             dir.display()
         ),
     };
-    let base_dir = resolve(&base, Wanted::ModelConfig).with_context(|| "--model: the base model's config is needed")?;
+    let base_dir = resolve(&base, Wanted::ModelConfig)
+        .with_context(|| "--model: the base model's config is needed")?;
     let config = ModelConfig::load_for_model(&base_dir)?;
     let name = std::fs::canonicalize(&dir)
         .ok()
