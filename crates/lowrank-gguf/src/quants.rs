@@ -3,6 +3,7 @@
 //! bit-identical: every product and sum below is one f32 operation in the same order.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 /// Values per block of the K-quants.
 const QK_K: usize = 256;
@@ -166,22 +167,49 @@ impl TensorType {
             self.name(),
             out.len()
         );
-        let block_fn: fn(&[u8], &mut [f32]) = match self {
-            TensorType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            TensorType::F16 => |b, y| y[0] = f16_at(b, 0),
-            TensorType::BF16 => |b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-            TensorType::Q4_0 => q4_0,
-            TensorType::Q4_1 => q4_1,
-            TensorType::Q5_0 => q5_0,
-            TensorType::Q5_1 => q5_1,
-            TensorType::Q8_0 => q8_0,
-            TensorType::Q4K => q4_k,
-            TensorType::Q5K => q5_k,
-            TensorType::Q6K => q6_k,
-            TensorType::Q8K => q8_k,
+        // Blocks of many rows at once on rayon's pool: a large tensor dequantizes on every core.
+        const VALUES_PER_TASK: usize = 1 << 16;
+        let per_task = VALUES_PER_TASK.div_ceil(bs) * bs;
+        let bytes_per_task = per_task / bs * bb;
+        bytes
+            .par_chunks(bytes_per_task)
+            .zip(out.par_chunks_mut(per_task))
+            .for_each(|(b, y)| self.dequantize_blocks(b, y));
+    }
+
+    fn dequantize_blocks(self, bytes: &[u8], out: &mut [f32]) {
+        let mut blocks = |block_fn: fn(&[u8], &mut [f32])| {
+            let chunks = bytes.chunks_exact(self.block_bytes());
+            for (b, y) in chunks.zip(out.chunks_exact_mut(self.block_size())) {
+                block_fn(b, y);
+            }
         };
-        for (b, y) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
-            block_fn(b, y);
+        match self {
+            // Element by element in one tight (vectorized) loop.
+            TensorType::F32 => {
+                for (y, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *y = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            TensorType::F16 => {
+                for (y, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *y = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            TensorType::BF16 => {
+                for (y, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *y = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            TensorType::Q4_0 => blocks(q4_0),
+            TensorType::Q4_1 => blocks(q4_1),
+            TensorType::Q5_0 => blocks(q5_0),
+            TensorType::Q5_1 => blocks(q5_1),
+            TensorType::Q8_0 => blocks(q8_0),
+            TensorType::Q4K => blocks(q4_k),
+            TensorType::Q5K => blocks(q5_k),
+            TensorType::Q6K => blocks(q6_k),
+            TensorType::Q8K => blocks(q8_k),
         }
     }
 }
