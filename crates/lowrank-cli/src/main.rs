@@ -27,6 +27,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Merge an adapter into the base and write a full Hugging Face checkpoint.
     Merge(cmd::merge::Args),
+    /// Write a LoRA adapter as a GGUF-LoRA file for llama.cpp and Ollama.
+    ExportGguf(cmd::export_gguf::Args),
     /// Quantize a model's linear weights to 4 bits (NF4/FP4) and write a bitsandbytes checkpoint.
     Quantize(cmd::quantize::Args),
     /// Describe an adapter: method, rank and alpha per module, parameters, file size.
@@ -95,6 +97,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Merge(args) => cmd::merge::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
+        Command::ExportGguf(args) => cmd::export_gguf::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Combine(args) => cmd::combine::run(args),
         Command::Analyze(args) => cmd::analyze::run(args),

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use lowrank_core::{Error, Result};
+use lowrank_gguf::TensorType;
 use serde::Deserialize;
+
+use crate::gguf::GgufModel;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -45,11 +48,21 @@ pub fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
     Ok(names)
 }
 
-/// The safetensors files of a checkpoint folder, memory-mapped.
+/// The weights of a checkpoint, memory-mapped: the safetensors files of a folder, or a GGUF
+/// file whose tensors are read under their HF names (see [`crate::gguf`]).
 pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<PathBuf>,
-    tensors: MmapedSafetensors,
+    store: Store,
+}
+
+enum Store {
+    Safetensors(MmapedSafetensors),
+    Gguf {
+        model: Box<GgufModel>,
+        /// Attention and key/value heads, to undo the converter's q/k permutation.
+        heads: (usize, usize),
+    },
 }
 
 impl Checkpoint {
@@ -90,8 +103,21 @@ impl Checkpoint {
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             files,
-            tensors,
+            store: Store::Safetensors(tensors),
         })
+    }
+
+    /// The tensors of a GGUF model under their HF names, for a model of `config`.
+    pub fn from_gguf(model: GgufModel, config: &crate::ModelConfig) -> Self {
+        let path = model.path().to_path_buf();
+        Checkpoint {
+            dir: path.clone(),
+            files: vec![path],
+            store: Store::Gguf {
+                model: Box::new(model),
+                heads: (config.num_heads, config.num_kv_heads),
+            },
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -103,12 +129,32 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        match &self.store {
+            Store::Safetensors(t) => t.get(name).is_ok(),
+            Store::Gguf { model, .. } => model.tensor(name).is_some(),
+        }
     }
 
-    /// Every tensor name with its stored dtype.
+    /// Every tensor name with its stored dtype (of a GGUF: F16 and BF16 as such, the
+    /// quantized types as F32, the dtype they are computed in).
     pub fn names(&self) -> Vec<(String, DType)> {
-        self.tensors
+        let tensors = match &self.store {
+            Store::Safetensors(t) => t,
+            Store::Gguf { model, .. } => {
+                return model
+                    .hf_names()
+                    .map(|n| {
+                        let dtype = match model.tensor(n).map(|t| t.tensor_type) {
+                            Some(TensorType::F16) => DType::F16,
+                            Some(TensorType::BF16) => DType::BF16,
+                            _ => DType::F32,
+                        };
+                        (n.to_string(), dtype)
+                    })
+                    .collect()
+            }
+        };
+        tensors
             .tensors()
             .into_iter()
             .map(|(n, v)| {
@@ -130,10 +176,15 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .load(name, device)
-            .map_err(|_| Error::Msg(format!("{}: missing tensor {name:?}", self.dir.display())))?;
+        let t = match &self.store {
+            Store::Safetensors(t) => t.load(name, device).map_err(|_| {
+                Error::Msg(format!("{}: missing tensor {name:?}", self.dir.display()))
+            })?,
+            Store::Gguf { model, heads } => {
+                let (dims, data) = model.load_f32(name, heads.0, heads.1)?;
+                Tensor::from_vec(data, dims, device)?
+            }
+        };
         if t.dims() != shape {
             return Err(Error::Msg(format!(
                 "{}: tensor {name:?} has shape {:?}, expected {shape:?} from config.json",
@@ -157,6 +208,9 @@ impl Checkpoint {
     /// Whether `weight_name` is stored 4-bit in the bitsandbytes layout (it has a
     /// `<weight_name>.quant_state.bitsandbytes__nf4` or `__fp4` sibling).
     pub fn is_quantized(&self, weight_name: &str) -> bool {
+        let Store::Safetensors(_) = &self.store else {
+            return false;
+        };
         ["nf4", "fp4"]
             .iter()
             .any(|k| self.contains(&format!("{weight_name}.quant_state.bitsandbytes__{k}")))
@@ -171,6 +225,12 @@ impl Checkpoint {
         shape: &[usize],
     ) -> Result<lowrank_quant::Quantized4Bit> {
         use lowrank_quant::qtensor::{RawDtype, RawTensorRef};
+        let Store::Safetensors(tensors) = &self.store else {
+            return Err(Error::Msg(format!(
+                "{}: GGUF files hold no bitsandbytes 4-bit tensors",
+                self.dir.display()
+            )));
+        };
         // The views of this weight's tensors (a view owns its shape, so they are kept here).
         let mut views = std::collections::HashMap::new();
         let parts = [
@@ -184,7 +244,7 @@ impl Checkpoint {
         ];
         for part in parts {
             let name = format!("{weight_name}{part}");
-            if let Ok(v) = self.tensors.get(&name) {
+            if let Ok(v) = tensors.get(&name) {
                 views.insert(name, v);
             }
         }
@@ -203,7 +263,7 @@ impl Checkpoint {
         };
         for part in ["absmax", "quant_map", "nested_absmax", "nested_quant_map"] {
             let name = format!("{weight_name}.{part}");
-            if let Ok(v) = self.tensors.get(&name) {
+            if let Ok(v) = tensors.get(&name) {
                 if !matches!(v.dtype(), safetensors::Dtype::U8 | safetensors::Dtype::F32) {
                     return Err(Error::Msg(format!(
                         "{}: tensor {name:?} has dtype {:?}, expected uint8 or float32",

@@ -220,6 +220,14 @@ pub(crate) fn token_ids(v: &Option<Value>) -> std::result::Result<Vec<u32>, Stri
 }
 
 impl ModelConfig {
+    /// The config of the model at `model`: its folder's config.json, or a GGUF file's metadata.
+    pub fn load_for_model(model: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(model) {
+            return crate::gguf::GgufModel::open(model)?.config();
+        }
+        Self::load(&model.join("config.json"))
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let raw: Value = lowrank_core::files::read_json(path)?;
         Self::from_value(raw, path)

@@ -227,6 +227,10 @@ pub fn resolve(spec: &str, wanted: Wanted) -> Result<PathBuf> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    // A model (or its config) may be one GGUF file.
+    if matches!(wanted, Wanted::Model | Wanted::ModelConfig) && crate::gguf::is_gguf(path) {
+        return Ok(path.to_path_buf());
+    }
     let noun = wanted.noun();
     let Some(id) = HubId::parse(spec) else {
         return Err(msg(format!(

@@ -1,10 +1,13 @@
-//! lowrank-models: Llama-family model code, Hugging Face checkpoint loading, tokenizers and
-//! chat templates.
+//! lowrank-models: Llama-family model code, Hugging Face checkpoint loading (and GGUF files),
+//! tokenizers and chat templates.
 
 mod active;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod gguf;
+pub mod gguf_export;
+pub mod gguf_tokenizer;
 pub mod hub;
 mod kv_cache;
 pub mod llama;

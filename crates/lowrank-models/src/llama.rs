@@ -364,7 +364,14 @@ impl Llama {
     }
 
     /// Loads a checkpoint folder, quantizing the linear weights at load if `opts` says so.
+    /// `dir` may also be a GGUF file (see [`crate::gguf`]): its tensors are dequantized to f32.
     pub fn load_with(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            let model = crate::gguf::GgufModel::open(dir)?;
+            let config = model.config()?;
+            let ckpt = Checkpoint::from_gguf(model, &config);
+            return Self::from_checkpoint_with(config, &ckpt, device, opts);
+        }
         let config = ModelConfig::load(&dir.join("config.json"))?;
         if opts.quantize.is_some() && config.quantization.is_some() {
             return Err(Error::Msg(format!(
@@ -777,7 +784,7 @@ impl Llama {
 
     /// Writes a complete Hugging Face checkpoint folder: the weights (merged adapters
     /// included) as `model.safetensors` in the stored dtype, and config/tokenizer files copied
-    /// from `base_dir`. Staged in a temporary sibling folder and renamed, so a failed run
+    /// from `base_dir` (or, from a GGUF base, written from its metadata). Staged in a temporary sibling folder and renamed, so a failed run
     /// leaves nothing half-written. `out` must not hold a checkpoint already.
     pub fn save_pretrained(&self, base_dir: &Path, out: &Path) -> Result<()> {
         if out.join("model.safetensors").exists() || out.join("config.json").exists() {
@@ -805,27 +812,34 @@ impl Llama {
                 &weights,
             )?;
         }
+        // config.json says whether (and how) the weights are 4-bit: rewritten when that
+        // differs from the base's.
+        let write_config = || -> Result<()> {
+            let mut cfg = self.config.raw.clone();
+            if let Some(obj) = cfg.as_object_mut() {
+                obj.remove("quantization_config");
+            }
+            if let Some(qc) = self.quantization_config() {
+                qc.insert_into(&mut cfg)
+                    .map_err(|e| Error::Msg(e.to_string()))?;
+            }
+            let text =
+                serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))? + "\n";
+            let dest = staging.path().join("config.json");
+            std::fs::write(&dest, text).map_err(|e| Error::io(&dest, e))
+        };
+        if crate::gguf::is_gguf(base_dir) {
+            // A GGUF base has no HF files to copy: its config and tokenizer are written out.
+            write_config()?;
+            crate::Tokenizer::from_gguf(base_dir)?.save_hf_files(staging.path())?;
+        }
         for name in COPIED_FILES {
             let src = base_dir.join(name);
             if !src.exists() {
                 continue;
             }
-            // config.json says whether (and how) the weights are 4-bit: rewritten when that
-            // differs from the base's.
             if *name == "config.json" && (quantized || self.config.quantization.is_some()) {
-                let mut cfg = self.config.raw.clone();
-                if let Some(obj) = cfg.as_object_mut() {
-                    obj.remove("quantization_config");
-                }
-                if let Some(qc) = self.quantization_config() {
-                    qc.insert_into(&mut cfg)
-                        .map_err(|e| Error::Msg(e.to_string()))?;
-                }
-                let text = serde_json::to_string_pretty(&cfg)
-                    .map_err(|e| Error::Msg(e.to_string()))?
-                    + "\n";
-                let dest = staging.path().join(name);
-                std::fs::write(&dest, text).map_err(|e| Error::io(&dest, e))?;
+                write_config()?;
                 continue;
             }
             std::fs::copy(&src, staging.path().join(name)).map_err(|e| Error::io(&src, e))?;

@@ -59,6 +59,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    unk_token: Option<String>,
+    pad_token: Option<String>,
     chat_template: Option<String>,
 }
 
@@ -116,8 +118,12 @@ fn config_template(config: &Path, v: Option<&Value>) -> Result<Option<String>> {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`.
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`;
+    /// or, when `dir` is a GGUF file, the tokenizer and chat template of its metadata.
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Self::from_gguf(dir);
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::io(
@@ -162,8 +168,70 @@ impl Tokenizer {
             inner,
             bos_token: token_text(&config_path, "bos_token", config.get("bos_token"))?,
             eos_token: token_text(&config_path, "eos_token", config.get("eos_token"))?,
+            unk_token: token_text(&config_path, "unk_token", config.get("unk_token"))?,
+            pad_token: token_text(&config_path, "pad_token", config.get("pad_token"))?,
             chat_template,
         })
+    }
+
+    /// The tokenizer a GGUF file's metadata describes (see [`crate::gguf_tokenizer`]).
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let file = lowrank_gguf::GgufFile::open(path).map_err(crate::gguf::gguf_error)?;
+        let built = crate::gguf_tokenizer::from_gguf(&file)?;
+        let inner: tokenizers::Tokenizer =
+            serde_json::from_value(built.tokenizer_json).map_err(|e| {
+                Error::Msg(format!(
+                    "{}: cannot build the tokenizer: {e}",
+                    path.display()
+                ))
+            })?;
+        Ok(Tokenizer {
+            inner,
+            bos_token: built.bos_token,
+            eos_token: built.eos_token,
+            unk_token: built.unk_token,
+            pad_token: built.pad_token,
+            chat_template: built.chat_template,
+        })
+    }
+
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template)
+    /// into `dir`, for a checkpoint written from a model that had none (a GGUF base).
+    pub fn save_hf_files(&self, dir: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+        lowrank_core::files::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+            "chat_template": self.chat_template,
+        });
+        lowrank_core::files::write_json(&dir.join("tokenizer_config.json"), &config)
+    }
+
+    /// The `tokenizer.json` this tokenizer is built from.
+    pub fn hf_json(&self) -> Result<Value> {
+        serde_json::to_value(&self.inner).map_err(|e| Error::Msg(format!("tokenizer: {e}")))
+    }
+
+    /// The special tokens of tokenizer_config.json (or of a GGUF's metadata): BOS, EOS, unknown, padding.
+    pub fn special_tokens(&self) -> [Option<&str>; 4] {
+        [
+            &self.bos_token,
+            &self.eos_token,
+            &self.unk_token,
+            &self.pad_token,
+        ]
+        .map(Option::as_deref)
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
     }
 
     /// Token ids of `text` as transformers' `tokenizer(text)` gives them (special tokens included

@@ -622,6 +622,15 @@ fn input_identity(o: &TrainOptions, model_dir: &Path) -> Result<Value> {
         let (bytes, crc) = file_checksum(path)?;
         Ok(json!({"path": absolute(path), "bytes": bytes, "crc32": format!("{crc:08x}")}))
     };
+    if model_dir.is_file() {
+        // A GGUF file holds config and weights: its checksum covers both.
+        let (bytes, crc) = file_checksum(model_dir)?;
+        return Ok(json!({
+            "model": {"path": absolute(model_dir), "bytes": bytes, "config_crc32": format!("{crc:08x}")},
+            "data": data(&o.data)?,
+            "eval_data": o.eval_data.as_deref().map(data).transpose()?,
+        }));
+    }
     let (mut bytes, config_crc) = file_checksum(&model_dir.join("config.json"))?;
     let entries = std::fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))?;
     for entry in entries.filter_map(|e| e.ok()) {

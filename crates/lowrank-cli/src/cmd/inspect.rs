@@ -15,7 +15,7 @@ pub struct Args {
     /// Adapter folder (adapter_config.json + adapter_model.safetensors), or Hub id
     /// org/name[@revision].
     adapter: PathBuf,
-    /// Base model (folder or Hub id; only its config.json is read or fetched), for the share of
+    /// Base model (folder, GGUF file or Hub id; only its config is read or fetched), for the share of
     /// its parameters (default: the adapter's base_model_name_or_path, when that resolves).
     #[arg(long)]
     model: Option<String>,
@@ -125,7 +125,7 @@ fn print_report(
 ) -> Result<()> {
     let base_config = |spec: &str| -> Result<ModelConfig> {
         let dir = lowrank_models::hub::resolve(spec, Wanted::ModelConfig)?;
-        Ok(ModelConfig::load(&dir.join("config.json"))?)
+        Ok(ModelConfig::load_for_model(&dir)?)
     };
     // A --model given must resolve; the adapter's own base_model_name_or_path is a best effort.
     let base_parameters = match (&args.model, base_model.as_deref()) {

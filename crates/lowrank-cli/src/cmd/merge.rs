@@ -8,19 +8,26 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
+use lowrank_models::gguf_export::GgufFileType;
+
 use super::{load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to merge several.
     #[arg(long, required = true)]
     adapter: Vec<AdapterSpec>,
-    /// Output folder (created; must not hold a checkpoint already).
+    /// Output folder (created; must not hold a checkpoint already), or a `.gguf` file: the
+    /// merged model for llama.cpp, as its convert_hf_to_gguf.py writes it (llama, qwen2).
     #[arg(long)]
     out: PathBuf,
+    /// With `--out x.gguf`: the type of the weights, f32, f16, bf16 or q8_0 (vectors and
+    /// norms stay f32, as the converter keeps them) [default: f16].
+    #[arg(long, value_name = "f32|f16|bf16|q8_0")]
+    gguf_type: Option<GgufFileType>,
     /// Write the merged weights 4-bit again (the base's quant type, double quantization and
     /// block size, or those of --quantize) and print the quantization error introduced.
     #[arg(long)]
@@ -30,6 +37,18 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let to_gguf = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if args.gguf_type.is_some() && !to_gguf {
+        bail!("--gguf-type needs --out FILE.gguf");
+    }
+    if to_gguf && args.requantize {
+        bail!(
+            "--requantize writes a bitsandbytes checkpoint; with --out FILE.gguf use --gguf-type"
+        );
+    }
     let mut loaded = load_model_with(&args.model, &args.quant)?;
     if args.out.join("model.safetensors").exists() || args.out.join("config.json").exists() {
         bail!(
@@ -63,6 +82,30 @@ pub fn run(args: Args) -> Result<()> {
         loaded
             .model
             .merge_adapter(&format!("adapter{i}"), adapter, *weight)?;
+    }
+    if to_gguf {
+        loaded.model.dequantize_linears()?;
+        let file_type = args.gguf_type.unwrap_or(GgufFileType::F16);
+        let name = args
+            .out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let gguf = lowrank_models::gguf_export::model_gguf(
+            &loaded.model,
+            &loaded.tokenizer,
+            &name,
+            file_type,
+        )?;
+        let bytes = gguf.to_bytes();
+        lowrank_core::files::write_atomic(&args.out, &bytes)?;
+        eprintln!(
+            "merged {} adapter(s) into {} (GGUF {file_type:?}, {:.1} MB)",
+            adapters.len(),
+            args.out.display(),
+            bytes.len() as f64 / 1e6
+        );
+        return Ok(());
     }
     match &requant {
         Some(spec) => {

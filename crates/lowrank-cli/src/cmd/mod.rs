@@ -5,6 +5,7 @@ pub mod bench_serve;
 pub mod combine;
 pub mod demo;
 pub mod eval;
+pub mod export_gguf;
 pub mod generate;
 pub mod inspect;
 pub mod merge;

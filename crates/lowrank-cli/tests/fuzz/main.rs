@@ -16,6 +16,7 @@ mod support;
 mod adapters;
 mod commands;
 mod data;
+mod gguf;
 mod models;
 mod regressions;
 mod server;

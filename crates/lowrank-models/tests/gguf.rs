@@ -1,0 +1,163 @@
+//! GGUF base models (fixtures/gguf, written by llama.cpp's convert_hf_to_gguf.py through
+//! scripts/make_gguf_fixtures.py) against transformers: the eval loss and greedy tokens of the
+//! HF model whose weights are the GGUF's tensors as gguf-py dequantizes them (for f32, the HF
+//! original itself).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use lowrank_models::generate::{generate, sequence_nll, Sampler, SamplingParams};
+use lowrank_models::{Llama, Message, Tokenizer};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn eval_texts() -> Vec<String> {
+    std::fs::read_to_string(fixtures().join("data/eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn reference() -> serde_json::Map<String, Value> {
+    let text = std::fs::read_to_string(fixtures().join("gguf/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn gguf_models_give_the_loss_and_greedy_tokens_of_transformers() {
+    for (file, case) in reference() {
+        let model = Llama::load(&fixtures().join("gguf").join(&file), &Device::Cpu).unwrap();
+        let hf_dir = fixtures()
+            .join("models")
+            .join(case["model"].as_str().unwrap());
+        let tokenizer = Tokenizer::load(&hf_dir).unwrap();
+        let (mut nll, mut count) = (0f64, 0usize);
+        for text in eval_texts() {
+            let ids = tokenizer.encode(&text, true).unwrap();
+            let (n, c) = sequence_nll(&model, &ids, &[]).unwrap();
+            nll += n;
+            count += c;
+        }
+        let loss = nll / count as f64;
+        let want = case["loss"].as_f64().unwrap();
+        eprintln!("{file}: loss {loss:.7} (transformers {want:.7})");
+        assert_eq!(count as u64, case["tokens"].as_u64().unwrap(), "{file}");
+        assert!((loss - want).abs() <= 1e-5, "{file}: loss {loss} != {want}");
+        for g in case["greedy"].as_array().unwrap() {
+            let prompt = tokenizer
+                .encode(g["prompt"].as_str().unwrap(), true)
+                .unwrap();
+            let want_prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
+            assert_eq!(prompt, want_prompt);
+            let want: Vec<u32> = serde_json::from_value(g["token_ids"].clone()).unwrap();
+            let mut sampler = Sampler::new(SamplingParams::default());
+            let out = generate(&model, &prompt, &[], &mut sampler, want.len(), &[], |_| {
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(out, want, "{file}: greedy tokens of {:?}", g["prompt"]);
+        }
+    }
+}
+
+/// The f32 GGUF is the HF checkpoint: every weight equal, q/k rows back in HF order.
+#[test]
+fn an_f32_gguf_holds_the_hf_weights_exactly() {
+    for name in ["llama-tied", "qwen2-tied"] {
+        let ours = Llama::load(
+            &fixtures().join(format!("gguf/{name}-f32.gguf")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let hf = Llama::load(&fixtures().join("models").join(name), &Device::Cpu).unwrap();
+        assert_eq!(ours.config().num_parameters(), hf.config().num_parameters());
+        for (a, b) in ours
+            .named_weights()
+            .unwrap()
+            .iter()
+            .zip(hf.named_weights().unwrap())
+        {
+            assert_eq!(a.0, b.0);
+            let diff: f32 = (&a.1 - &b.1)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{name}: {}", a.0);
+        }
+    }
+}
+
+/// The tokenizer built from GGUF metadata gives the HF tokenizer's ids on a corpus with
+/// non-ASCII text, whitespace runs and special tokens, with and without special tokens added.
+#[test]
+fn gguf_tokenizers_give_the_hf_ids() {
+    let text = std::fs::read_to_string(fixtures().join("gguf/tokenizer_reference.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let corpus: Vec<String> = serde_json::from_value(reference["corpus"].clone()).unwrap();
+    for name in ["llama-tied", "qwen2-tied"] {
+        let tokenizer = Tokenizer::load(&fixtures().join(format!("gguf/{name}-f32.gguf"))).unwrap();
+        let mut agree = 0;
+        for (special, key) in [(true, "with_special"), (false, "without_special")] {
+            let want: Vec<Vec<u32>> = serde_json::from_value(reference[name][key].clone()).unwrap();
+            for (text, want) in corpus.iter().zip(want) {
+                assert_eq!(
+                    tokenizer.encode(text, special).unwrap(),
+                    want,
+                    "{name} {key}: {text:?}"
+                );
+                assert_eq!(
+                    tokenizer.decode(&want, false).unwrap(),
+                    Tokenizer::load(&fixtures().join("models").join(name))
+                        .unwrap()
+                        .decode(&want, false)
+                        .unwrap()
+                );
+                agree += 1;
+            }
+        }
+        eprintln!("{name}: {agree}/{agree} encodings equal the HF tokenizer's");
+    }
+}
+
+/// The chat template of `tokenizer.chat_template`, rendered with the GGUF's BOS/EOS tokens,
+/// gives transformers' text and ids (fixtures/reference/chat.json).
+#[test]
+fn gguf_chat_templates_render_like_transformers() {
+    let cases: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/chat.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for case in cases {
+        let path = fixtures().join(format!("gguf/{}-f32.gguf", case["model"].as_str().unwrap()));
+        if !path.exists() || !case["error"].is_null() {
+            continue;
+        }
+        let tokenizer = Tokenizer::load(&path).unwrap();
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(
+            tokenizer.apply_chat_template(&messages, add).unwrap(),
+            case["text"].as_str().unwrap()
+        );
+        let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        assert_eq!(tokenizer.encode_chat(&messages, add).unwrap(), ids);
+        checked += 1;
+    }
+    assert!(checked >= 2, "{checked} chat cases");
+}
