@@ -12,7 +12,8 @@ Nothing of llama.cpp is committed here.
 
 The model is `scripts/bench.py`'s SmolLM-135M-shaped Llama (random weights, a word-level
 vocabulary `w3 … w49151`). llama.cpp needs a vocabulary of its own kinds, so the GGUF gets a
-SentencePiece one whose pieces are `▁w3 …`: the same text gives the same token ids on both sides.
+SentencePiece one whose pieces are `▁w3 …`, and llama-server gets the prompts as the token ids
+lowrank's tokenizer gives for the same text.
 
 It prints, per weight format (f32; bf16; lowrank NF4+DQ beside llama.cpp Q4_0 and Q4_1):
 - single-stream decode (tg64) and prefill of a 256-token prompt (pp256): lowrank `generate`
@@ -52,6 +53,7 @@ def convert_model(llama_dir, model_dir, out, outtype):
 import sys
 sys.path.insert(0, {llama_dir!r}); sys.path.insert(0, {os.path.join(llama_dir, 'gguf-py')!r})
 import gguf, convert_hf_to_gguf as c
+from conversion.llama import LlamaModel
 def set_vocab(self):
     n = self.hparams["vocab_size"]
     tokens = ["<unk>", "<s>", "</s>"] + ["\\u2581w%d" % i for i in range(3, n)]
@@ -63,11 +65,13 @@ def set_vocab(self):
     self.gguf_writer.add_token_types(kinds)
     self.gguf_writer.add_bos_token_id(1); self.gguf_writer.add_eos_token_id(2); self.gguf_writer.add_unk_token_id(0)
     self.gguf_writer.add_add_bos_token(True); self.gguf_writer.add_add_eos_token(False)
-c.LlamaModel.set_vocab = set_vocab
+LlamaModel.set_vocab = set_vocab
 sys.argv = ["convert_hf_to_gguf.py", {model_dir!r}, "--outfile", {out!r}, "--outtype", {outtype!r}]
 c.main()
 """
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed: {run.stderr[-3000:]}")
 
 
 def make_adapters(model_dir, root, count):
@@ -108,8 +112,13 @@ def wait_ready(url, proc, seconds=600):
     raise RuntimeError("server did not become ready")
 
 
+def prompt_ids(i):
+    """Sixteen words of the word-level vocabulary after <s>: their token ids."""
+    return [1] + [3 + (i * 16 + j) % 4000 for j in range(16)]
+
+
 def prompt(i):
-    return " ".join(f"w{3 + (i * 16 + j) % 4000}" for j in range(16))
+    return " ".join(f"w{t}" for t in prompt_ids(i)[1:])
 
 
 def closed_loop(url, clients, requests, max_tokens, body_for):
@@ -179,7 +188,9 @@ def serve_llamacpp(args, gguf, lora_files, clients):
         n = len(lora_files)
 
         def body(i, text, m):
-            b = {"prompt": text, "max_tokens": m, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+            # Token ids: llama.cpp's SentencePiece tokenizer cannot build `▁w123` from its characters.
+            b = {"prompt": prompt_ids(i), "max_tokens": m, "temperature": 0, "ignore_eos": True,
+                 "cache_prompt": False}
             if n:
                 b["lora"] = [{"id": j, "scale": 1.0 if j == i % n else 0.0} for j in range(n)]
             return b
