@@ -394,10 +394,9 @@ async fn scenario(
     (read_bytes_s, gemm_flop_s): (f64, f64),
 ) -> Result<Scenario, String> {
     let metrics = &state.metrics;
-    let steps_before = metrics.batch_size.count();
-    let rows_before = metrics.batch_size.sum();
-    let tokens_before = metrics.prompt_tokens.load(Ordering::Relaxed)
-        + metrics.generated_tokens.load(Ordering::Relaxed);
+    let steps_before = metrics.batch_size.get_sample_count();
+    let rows_before = metrics.batch_size.get_sample_sum();
+    let tokens_before = metrics.prompt_tokens.get() + metrics.generated_tokens.get();
     let total = clients * opts.requests_per_client;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let deadline = Instant::now() + opts.time_limit;
@@ -434,11 +433,9 @@ async fn scenario(
     let mut ttfts: Vec<f64> = results.iter().map(|r| r.ttft).collect();
     ttfts.sort_by(f64::total_cmp);
     let tokens: u64 = results.iter().map(|r| r.tokens).sum();
-    let steps = metrics.batch_size.count() - steps_before;
-    let rows = metrics.batch_size.sum() - rows_before;
-    let fed = metrics.prompt_tokens.load(Ordering::Relaxed)
-        + metrics.generated_tokens.load(Ordering::Relaxed)
-        - tokens_before;
+    let steps = metrics.batch_size.get_sample_count() - steps_before;
+    let rows = metrics.batch_size.get_sample_sum() - rows_before;
+    let fed = metrics.prompt_tokens.get() + metrics.generated_tokens.get() - tokens_before;
     let per_step = |v: f64| if steps == 0 { 0.0 } else { v / steps as f64 };
     let rows_per_step = per_step(rows);
     let tokens_per_step = per_step(fed as f64);

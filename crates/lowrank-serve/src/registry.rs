@@ -50,7 +50,7 @@ struct State {
 }
 
 /// Counters for /metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RegistryStats {
     pub known: usize,
     pub loaded: usize,
@@ -79,11 +79,17 @@ struct Inner {
 /// A loaded adapter pinned in memory for as long as the lease lives. Dropping the last lease on
 /// an adapter lets the registry evict it (and does so at once if the loaded set is over budget).
 pub struct AdapterLease {
+    id: Arc<str>,
     adapter: Option<Arc<LoraAdapter>>,
     registry: Arc<Inner>,
 }
 
 impl AdapterLease {
+    /// The adapter's id in the API.
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
     pub fn adapter(&self) -> &LoraAdapter {
         self.adapter
             .as_deref()
@@ -94,6 +100,7 @@ impl AdapterLease {
 impl Clone for AdapterLease {
     fn clone(&self) -> Self {
         AdapterLease {
+            id: self.id.clone(),
             adapter: self.adapter.clone(),
             registry: self.registry.clone(),
         }
@@ -225,6 +232,7 @@ impl AdapterRegistry {
     pub fn get(&self, id: &str) -> Result<AdapterLease, RegistryError> {
         let inner = &self.inner;
         let lease = |adapter: &Arc<LoraAdapter>| AdapterLease {
+            id: id.into(),
             adapter: Some(adapter.clone()),
             registry: inner.clone(),
         };

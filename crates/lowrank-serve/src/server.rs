@@ -371,9 +371,7 @@ impl AppState {
         self.engine.submit(requests).map_err(|e| {
             let status = match e {
                 SubmitError::QueueFull => {
-                    self.metrics
-                        .requests_rejected
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.requests_rejected.inc();
                     StatusCode::TOO_MANY_REQUESTS
                 }
                 SubmitError::TooLarge { .. } => StatusCode::BAD_REQUEST,
@@ -387,18 +385,19 @@ impl AppState {
     fn respond(&self, result: Result<Response, ApiError>) -> Response {
         result.unwrap_or_else(|e| {
             if e.0.is_client_error() {
-                self.metrics
-                    .requests_client_error
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.requests_client_error.inc();
             }
             e.into_response()
         })
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let text = state.metrics.render(state.registry.stats());
-    ([("content-type", "text/plain; version=0.0.4")], text)
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .render(state.registry.stats())
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn models(
@@ -769,7 +768,6 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
         })
     });
     let keys = opts.api_keys.as_deref().map(ApiKeys::load).transpose()?;
-    let metrics = Arc::new(Metrics::default());
     let limits = crate::registry::Limits {
         max_loaded: opts.max_loaded_adapters,
         max_bytes: opts.adapter_memory_mb * 1024 * 1024,
@@ -791,6 +789,20 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?
     .with_hub_adapters(opts.allow_hub_adapters);
     let max_positions = model.config().max_position_embeddings;
+    let kv_cache_bytes = opts.kv_cache_mb * 1024 * 1024;
+    let metrics = Arc::new(
+        Metrics::new(crate::metrics::Protocol {
+            model_name: base_name.clone(),
+            // A merged deployment serves no adapter on top of the base.
+            max_lora: if opts.merge.is_some() {
+                0
+            } else {
+                opts.max_loaded_adapters.min(opts.max_batch)
+            },
+            kv_cache_tokens: kv_cache_bytes / crate::engine::kv_bytes_per_token(&model),
+        })
+        .map_err(|e| e.to_string())?,
+    );
     let model = Arc::new(model);
     let engine = Engine::start(
         model,
@@ -798,7 +810,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
         crate::engine::EngineConfig {
             max_batch: opts.max_batch,
             max_queue: opts.max_queue,
-            kv_cache_bytes: opts.kv_cache_mb * 1024 * 1024,
+            kv_cache_bytes,
             prefill_chunk: 64,
             request_timeout: opts.request_timeout,
         },
@@ -862,12 +874,12 @@ pub async fn serve_on(
         let service = TowerToHyperService::new(app.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let metrics = state.metrics.clone();
-        metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+        metrics.open_connections.inc();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection ended: {e}");
             }
-            metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+            metrics.open_connections.dec();
             drop(permit);
         });
     }
