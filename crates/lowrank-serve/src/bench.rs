@@ -301,6 +301,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             allow_any_adapter_path: false,
+            allow_adapter_sources: Vec::new(),
+            adapter_cache_dir: None,
+            adapter_cache_mb: 1024,
             allow_hub_adapters: false,
             merge: None,
             served_model_name: Some("base".into()),
@@ -329,6 +332,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             let _ = stop_rx.await;
         }));
         // One request first, so that no scenario pays for the first touch of the weights.
+        crate::install_tls_provider();
         let http = reqwest::Client::new();
         let warm = json!({"model": "base", "prompt": "w3 w4 w5", "max_tokens": 4,
                           "temperature": 0, "stream": true});
@@ -405,7 +409,8 @@ async fn scenario(
     for _ in 0..clients {
         let (next, url, max_tokens) = (next.clone(), url.to_string(), opts.max_tokens);
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            crate::install_tls_provider();
+        let http = reqwest::Client::new();
             let mut out = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
