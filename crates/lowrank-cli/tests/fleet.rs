@@ -269,16 +269,68 @@ fn copy_adapter(root: &Path, name: &str) {
     }
 }
 
+/// A static file server over a folder (the fleet's adapter store, as `http://…`): GET
+/// `/{path}` answers the file's bytes, or 404. Stops when dropped.
+struct FolderServer {
+    url: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FolderServer {
+    fn start(root: &Path) -> FolderServer {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::StatusCode;
+        async fn file(
+            State(root): State<PathBuf>,
+            UrlPath(path): UrlPath<String>,
+        ) -> Result<Vec<u8>, StatusCode> {
+            if path.split('/').any(|part| part == "..") {
+                return Err(StatusCode::BAD_REQUEST);
+            }
+            std::fs::read(root.join(path)).map_err(|_| StatusCode::NOT_FOUND)
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::get(file))
+            .with_state(root.to_path_buf());
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        FolderServer {
+            url,
+            _runtime: runtime,
+        }
+    }
+}
+
 #[test]
 fn three_servers_over_one_adapter_store_report_their_running_adapters() {
     let store = tempfile::tempdir().unwrap();
-    copy_adapter(store.path(), "shared");
-    let root = store.path().to_str().unwrap();
-    let servers: Vec<Served> = (0..3)
-        .map(|_| serve(&["--adapters", root, "--max-batch", "4"]))
+    copy_adapter(&store.path().join("adapters"), "shared");
+    let files = FolderServer::start(store.path());
+    let root = format!("{}/adapters", files.url);
+    let caches: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers: Vec<Served> = caches
+        .iter()
+        .map(|cache| {
+            serve(&[
+                "--adapters",
+                &root,
+                "--adapter-cache-dir",
+                cache.path().to_str().unwrap(),
+                "--max-batch",
+                "4",
+            ])
+        })
         .collect();
     // Added to the store after the servers started: found on first use.
-    copy_adapter(store.path(), "late");
+    copy_adapter(&store.path().join("adapters"), "late");
     for (i, server) in servers.iter().enumerate() {
         let seen = protocol(&get(&format!("{}/metrics", server.url)).1);
         assert_eq!(seen["max_lora"], "4");
@@ -316,12 +368,31 @@ fn three_servers_over_one_adapter_store_report_their_running_adapters() {
         );
         let (_, models) = get(&format!("{}/v1/models", server.url));
         let models: Value = serde_json::from_str(&models).unwrap();
-        let listed: Vec<&str> = models["data"]
+        let card = models["data"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| m["id"].as_str().unwrap())
-            .collect();
-        assert!(listed.contains(&adapter), "{listed:?}");
+            .find(|m| m["id"] == adapter)
+            .unwrap_or_else(|| panic!("{adapter} not listed: {models}"));
+        assert_eq!(card["root"], format!("{root}/{adapter}"));
+        assert_eq!(card["parent"], "llama-tied");
     }
+    // Each server cached the adapter it served, in its own cache folder.
+    for cache in &caches {
+        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 1);
+    }
+    // An adapter outside the store and the allowed sources is refused, naming the flag.
+    let (status, answer) = post(
+        &format!("{}/v1/load_lora_adapter", servers[0].url),
+        &json!({"lora_name": "elsewhere", "lora_path": format!("{}/elsewhere/a", files.url)}),
+    );
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--allow-adapter-source"), "{message}");
+    // An unknown adapter is a 404, as for a local folder.
+    let (status, _) = post(
+        &format!("{}/v1/completions", servers[1].url),
+        &json!({"model": "missing", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(status, 404);
 }
