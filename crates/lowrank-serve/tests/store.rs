@@ -220,13 +220,15 @@ impl S3Server {
             .spawn()
             .expect("run s3s-fs");
         let addr = format!("127.0.0.1:{port}");
+        // Killed when dropped, the panic below included.
+        let server = S3Server {
+            child,
+            endpoint: format!("http://{addr}"),
+            _root: root,
+        };
         for _ in 0..600 {
             if std::net::TcpStream::connect(&addr).is_ok() {
-                return S3Server {
-                    child,
-                    endpoint: format!("http://{addr}"),
-                    _root: root,
-                };
+                return server;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
