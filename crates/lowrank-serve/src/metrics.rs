@@ -149,12 +149,6 @@ impl Metrics {
         }
     }
 
-    /// The engine's last reported state.
-    pub fn engine_state(&self) -> EngineState {
-        let reported = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        reported.state.clone()
-    }
-
     /// Every series, in the text format.
     pub fn render(&self, adapters: RegistryStats) -> prometheus::Result<String> {
         let mut families = self.registry.gather();
