@@ -191,6 +191,16 @@ struct Outcome {
 }
 
 /// Sends one streamed completion and reads it to the end.
+/// An HTTP client for the loopback server: plain HTTP, so no TLS roots are loaded (reqwest's
+/// default reads the platform's on every client built).
+fn loopback_client() -> Result<reqwest::Client, String> {
+    crate::install_tls_provider();
+    reqwest::Client::builder()
+        .tls_certs_only([])
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 async fn streamed(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> Option<Outcome> {
     let start = Instant::now();
     let resp = http.post(url).json(body).send().await.ok()?;
@@ -332,8 +342,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             let _ = stop_rx.await;
         }));
         // One request first, so that no scenario pays for the first touch of the weights.
-        crate::install_tls_provider();
-        let http = reqwest::Client::new();
+        let http = loopback_client()?;
         let warm = json!({"model": "base", "prompt": "w3 w4 w5", "max_tokens": 4,
                           "temperature": 0, "stream": true});
         streamed(&http, &url, &warm).await;
@@ -409,8 +418,9 @@ async fn scenario(
     for _ in 0..clients {
         let (next, url, max_tokens) = (next.clone(), url.to_string(), opts.max_tokens);
         tasks.push(tokio::spawn(async move {
-            crate::install_tls_provider();
-        let http = reqwest::Client::new();
+            let Ok(http) = loopback_client() else {
+                return Vec::new();
+            };
             let mut out = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);

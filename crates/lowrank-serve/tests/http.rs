@@ -32,6 +32,15 @@ fn adapter_root() -> tempfile::TempDir {
     root
 }
 
+/// A client for the loopback server (plain HTTP). Roots for TLS are never needed here, and
+/// not loading the platform's (reqwest's default) keeps building one cheap.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_certs_only([])
+        .build()
+        .unwrap()
+}
+
 fn options(adapters: &Path) -> ServeOptions {
     ServeOptions {
         model: fixtures()
@@ -96,9 +105,7 @@ impl Server {
     }
 
     async fn post_with(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
-        let mut req = reqwest::Client::new()
-            .post(format!("{}{path}", self.url))
-            .json(&body);
+        let mut req = client().post(format!("{}{path}", self.url)).json(&body);
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
@@ -108,7 +115,9 @@ impl Server {
     }
 
     async fn get(&self, path: &str) -> String {
-        reqwest::get(format!("{}{path}", self.url))
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
             .await
             .unwrap()
             .text()
@@ -276,7 +285,7 @@ async fn streaming_sends_the_same_text_as_a_whole_answer() {
     let mut body = completion("tenant-lora", "The quick cat", 20);
     body["stream"] = true.into();
     body["stream_options"] = json!({"include_usage": true});
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&body)
         .send()
@@ -305,7 +314,7 @@ async fn streaming_sends_the_same_text_as_a_whole_answer() {
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 20);
     // Chat streaming starts with the assistant role.
     let chat = json!({"model": "tenant-dora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true});
-    let text = reqwest::Client::new()
+    let text = client()
         .post(format!("{}/v1/chat/completions", server.url))
         .json(&chat)
         .send()
@@ -469,7 +478,7 @@ async fn api_keys_guard_adapters_and_management() {
         .await;
     assert_eq!(s, 403, "{b}");
     // The scheme's name is case-insensitive.
-    let lower = reqwest::Client::new()
+    let lower = client()
         .post(format!("{}/v1/completions", server.url))
         .header("authorization", "bearer sk-lora")
         .json(&req)
@@ -503,7 +512,7 @@ async fn api_keys_guard_adapters_and_management() {
             .0,
         200
     );
-    let models = reqwest::Client::new()
+    let models = client()
         .get(format!("{}/v1/models", server.url))
         .bearer_auth("sk-lora")
         .send()
@@ -523,7 +532,7 @@ async fn api_keys_guard_adapters_and_management() {
 async fn bad_requests_get_clear_errors() {
     let root = adapter_root();
     let server = Server::start(options(root.path())).await;
-    let client = reqwest::Client::new();
+    let client = client();
     let raw = client
         .post(format!("{}/v1/completions", server.url))
         .body("{not json")
@@ -631,7 +640,7 @@ async fn a_full_queue_answers_429() {
         .await;
     assert_eq!(s, 429, "{b}");
     // Clients are told when to come back.
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&completion("base", "x", 2))
         .send()
@@ -651,7 +660,7 @@ async fn a_client_that_hangs_up_cancels_its_sequence() {
     // prompt (whose greedy answer does not stop at EOS before).
     let mut body = completion("tenant-lora", "A dog runs", 240);
     body["stream"] = true.into();
-    let mut resp = reqwest::Client::new()
+    let mut resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&body)
         .send()
@@ -807,7 +816,7 @@ async fn graceful_shutdown_finishes_running_requests() {
     for prompt in prompts {
         let url = format!("{}/v1/completions", server.url);
         tasks.push(tokio::spawn(async move {
-            let resp = reqwest::Client::new()
+            let resp = client()
                 .post(url)
                 .json(&completion("tenant-lora", prompt, 240))
                 .send()
@@ -936,7 +945,7 @@ async fn a_body_that_never_arrives_gets_408_and_an_oversized_one_413_as_json() {
     assert!(answer.contains(r#""type":"timeout_error""#), "{answer}");
     assert!(answer.contains("--body-timeout-s"), "{answer}");
     let big = "x".repeat(100 * 1024);
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&json!({"model": "base", "prompt": big}))
         .send()
@@ -1314,7 +1323,7 @@ async fn chat_logprobs_have_openai_shapes() {
 
 /// The `data:` payloads of an SSE answer, before `[DONE]` (which must end it).
 async fn sse_chunks(server: &Server, path: &str, body: Value) -> Vec<Value> {
-    let text = reqwest::Client::new()
+    let text = client()
         .post(format!("{}{path}", server.url))
         .json(&body)
         .send()
@@ -1600,7 +1609,7 @@ async fn a_client_gone_during_prefill_is_cancelled_before_its_prompt_is_fed() {
     // A long prompt, streamed: no event reaches its client before its first token.
     let mut body = completion("base", &"the cat sat on a mat ".repeat(20), 8);
     body["stream"] = true.into();
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&body)
         .send()
@@ -1898,7 +1907,7 @@ async fn busy_and_idle_scrapes() -> (String, String) {
                 let url = format!("{}/v1/completions", server.url);
                 let body = completion(a, PROTOCOL_PROMPT, PROTOCOL_MAX_TOKENS);
                 tokio::spawn(async move {
-                    let r = reqwest::Client::new().post(url).json(&body).send().await;
+                    let r = client().post(url).json(&body).send().await;
                     r.unwrap().status().as_u16()
                 })
             })
