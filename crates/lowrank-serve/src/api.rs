@@ -392,9 +392,12 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
-    /// For adapters: the base model's id (as vLLM reports it).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Where the model or adapter was loaded from: a folder or a URL.
+    pub root: String,
+    /// For adapters: the base model's id; null for the base (as vLLM lists them).
     pub parent: Option<String>,
+    /// The base's context length; null for adapters (as vLLM lists them).
+    pub max_model_len: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -197,6 +197,16 @@ struct Outcome {
 }
 
 /// Sends one streamed completion and reads it to the end.
+/// An HTTP client for the loopback server: plain HTTP, so no TLS roots are loaded (reqwest's
+/// default reads the platform's on every client built).
+fn loopback_client() -> Result<reqwest::Client, String> {
+    crate::install_tls_provider();
+    reqwest::Client::builder()
+        .tls_certs_only([])
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 async fn streamed(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> Option<Outcome> {
     let start = Instant::now();
     let resp = http.post(url).json(body).send().await.ok()?;
@@ -307,6 +317,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             allow_any_adapter_path: false,
+            allow_adapter_sources: Vec::new(),
+            adapter_cache_dir: None,
+            adapter_cache_mb: 1024,
             allow_hub_adapters: false,
             merge: None,
             served_model_name: Some("base".into()),
@@ -335,7 +348,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             let _ = stop_rx.await;
         }));
         // One request first, so that no scenario pays for the first touch of the weights.
-        let http = reqwest::Client::new();
+        let http = loopback_client()?;
         let warm = json!({"model": "base", "prompt": "w3 w4 w5", "max_tokens": 4,
                           "temperature": 0, "stream": true});
         streamed(&http, &url, &warm).await;
@@ -414,10 +427,9 @@ async fn scenario(
     (read_bytes_s, gemm_flop_s): (f64, f64),
 ) -> Result<Scenario, String> {
     let metrics = &state.metrics;
-    let steps_before = metrics.batch_size.count();
-    let rows_before = metrics.batch_size.sum();
-    let tokens_before = metrics.prompt_tokens.load(Ordering::Relaxed)
-        + metrics.generated_tokens.load(Ordering::Relaxed);
+    let steps_before = metrics.batch_size.get_sample_count();
+    let rows_before = metrics.batch_size.get_sample_sum();
+    let tokens_before = metrics.prompt_tokens.get() + metrics.generated_tokens.get();
     let total = clients * opts.requests_per_client;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let deadline = Instant::now() + opts.time_limit;
@@ -426,7 +438,9 @@ async fn scenario(
     for _ in 0..clients {
         let (next, url, max_tokens) = (next.clone(), url.to_string(), opts.max_tokens);
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let Ok(http) = loopback_client() else {
+                return Vec::new();
+            };
             let mut out = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -464,11 +478,9 @@ async fn scenario(
     let mut ttfts: Vec<f64> = results.iter().map(|r| r.ttft).collect();
     ttfts.sort_by(f64::total_cmp);
     let tokens: u64 = results.iter().map(|r| r.tokens).sum();
-    let steps = metrics.batch_size.count() - steps_before;
-    let rows = metrics.batch_size.sum() - rows_before;
-    let fed = metrics.prompt_tokens.load(Ordering::Relaxed)
-        + metrics.generated_tokens.load(Ordering::Relaxed)
-        - tokens_before;
+    let steps = metrics.batch_size.get_sample_count() - steps_before;
+    let rows = metrics.batch_size.get_sample_sum() - rows_before;
+    let fed = metrics.prompt_tokens.get() + metrics.generated_tokens.get() - tokens_before;
     let per_step = |v: f64| if steps == 0 { 0.0 } else { v / steps as f64 };
     let rows_per_step = per_step(rows);
     let tokens_per_step = per_step(fed as f64);

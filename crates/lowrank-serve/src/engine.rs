@@ -10,7 +10,7 @@
 //! a long prompt too.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use lowrank_models::{ActiveAdapter, KvCache, Llama, RowStep, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::logprobs::{floor_boundary, token_logprobs, TokenLogprobs};
-use crate::metrics::Metrics;
+use crate::metrics::{EngineState, Metrics};
 use crate::registry::AdapterLease;
 
 #[derive(Debug, Clone)]
@@ -106,6 +106,12 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
+/// Bytes of KV cache one token of a sequence takes (keys and values of every layer, f32).
+pub fn kv_bytes_per_token(model: &Llama) -> u64 {
+    let c = model.config();
+    (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64
+}
+
 /// The handle the HTTP layer submits to.
 pub struct Engine {
     model: Arc<Llama>,
@@ -142,8 +148,7 @@ impl Engine {
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let c = model.config();
-        let kv_bytes_per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
+        let kv_bytes_per_token = kv_bytes_per_token(&model);
         let (tx, rx) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
@@ -249,10 +254,6 @@ struct Worker {
     running: Vec<Sequence>,
 }
 
-fn set(gauge: &AtomicU64, v: usize) {
-    gauge.store(v as u64, Ordering::Relaxed);
-}
-
 impl Worker {
     fn run(mut self, jobs: Receiver<Request>) {
         let mut open = true;
@@ -281,9 +282,23 @@ impl Worker {
             if !self.running.is_empty() {
                 self.step();
             }
-            set(&self.metrics.queue_length, self.waiting.len());
-            set(&self.metrics.running, self.running.len());
+            self.report();
         }
+    }
+
+    /// Publishes the queue, the KV cache use and the adapters in use for /metrics.
+    fn report(&self) {
+        let adapters = |seqs: &mut dyn Iterator<Item = &Sequence>| {
+            seqs.flat_map(|s| s.req.adapters.iter().map(|(a, _)| a.id().clone()))
+                .collect()
+        };
+        self.metrics.report_engine(&EngineState {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            kv_cache_usage: self.kv_reserved as f64 / self.config.kv_cache_bytes.max(1) as f64,
+            running_adapters: adapters(&mut self.running.iter()),
+            waiting_adapters: adapters(&mut self.waiting.iter()),
+        });
     }
 
     fn enqueue(&mut self, req: Request) {
@@ -359,7 +374,7 @@ impl Worker {
             Outcome::TimedOut => &self.metrics.requests_timed_out,
             Outcome::Failed => &self.metrics.requests_server_error,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         self.metrics
             .request_latency
             .observe(seq.started.elapsed().as_secs_f64());
@@ -401,9 +416,7 @@ impl Worker {
             let was_prefill = s.fed < s.req.prompt.len();
             if was_prefill {
                 s.fed += tokens.len();
-                self.metrics
-                    .prompt_tokens
-                    .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+                self.metrics.prompt_tokens.inc_by(tokens.len() as u64);
                 if s.fed < s.req.prompt.len() {
                     continue;
                 }
@@ -432,9 +445,7 @@ impl Worker {
                 if let Some(k) = s.req.logprobs {
                     s.unsent_logprobs.push(token_logprobs(&row_logits, next, k));
                 }
-                self.metrics
-                    .generated_tokens
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.generated_tokens.inc();
                 let at_limit = s.generated.len() >= s.req.max_tokens;
                 match self.emit_text(i, at_limit) {
                     Some(stop) => Some(stop),
@@ -446,6 +457,7 @@ impl Worker {
             }
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
+        let mut answers = Vec::with_capacity(done.len());
         for (i, finish_reason) in done {
             let s = self.running.swap_remove(i);
             self.release(&s, Outcome::Finished);
@@ -454,9 +466,15 @@ impl Worker {
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: s.generated.len(),
             };
-            let (events, choice) = (s.req.events.clone(), s.req.choice);
+            answers.push((s.req.events.clone(), s.req.choice, done));
             // Unpin the adapter before the client hears back, so the budget already holds then.
             drop(s);
+        }
+        // Likewise /metrics no longer counts them once their clients hear back.
+        if !answers.is_empty() {
+            self.report();
+        }
+        for (events, choice, done) in answers {
             let _ = events.send((choice, done));
         }
     }

@@ -10,5 +10,15 @@ pub mod metrics;
 pub mod registry;
 pub mod render;
 pub mod server;
+pub mod store;
 
 pub use server::{build_state, router, serve_on, AppState, ServeOptions};
+
+/// Gives rustls its crypto (ring) before any HTTP client is built: reqwest's rustls, used by the
+/// load benchmark and by object_store, is built without a provider of its own. Idempotent.
+pub fn install_tls_provider() {
+    // ring has no post-quantum key exchange (hence the deprecation); the alternative,
+    // aws-lc-rs, is a large C build. Installing fails only when a provider is already there.
+    #[allow(deprecated)]
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

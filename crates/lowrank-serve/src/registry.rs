@@ -6,7 +6,12 @@
 //! leaves running requests with the version they started with.
 //!
 //! The adapter root's sub-folders and run-time loads follow one rule: an id the API accepts
-//! (not the base model's own), a folder under the root (unless any path is allowed).
+//! (not the base model's own), a folder under the root (unless any path is allowed). An id not
+//! known yet is looked up under the root on first use, so adapters added to a shared store
+//! after the server started are served too.
+//!
+//! The root, and `load_lora_adapter`'s `lora_path`, may also be an object-store URL (see
+//! [`crate::store`]): such adapters are fetched into the local cache on first use.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,6 +21,8 @@ use candle_core::Device;
 use lowrank_core::lora::{LinearShape, LoraAdapter, CONFIG_FILE};
 use lowrank_models::hub::{Hub, HubId, Wanted};
 
+use crate::store::{is_remote, RemoteAdapters, StoreError};
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RegistryError {
     #[error("adapter {0:?} not found")]
@@ -24,6 +31,23 @@ pub enum RegistryError {
     Invalid(String),
     #[error("adapter {id:?} cannot be loaded: {message}")]
     Broken { id: String, message: String },
+}
+
+/// Where an adapter's files are.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    Local(PathBuf),
+    /// An object-store folder URL, fetched into the cache when loaded.
+    Remote(String),
+}
+
+impl Source {
+    fn shown(&self) -> String {
+        match self {
+            Source::Local(p) => p.display().to_string(),
+            Source::Remote(url) => url.clone(),
+        }
+    }
 }
 
 /// Memory limits of the loaded set.
@@ -41,8 +65,8 @@ struct Loaded {
 
 #[derive(Default)]
 struct State {
-    /// Every servable id and its folder.
-    known: BTreeMap<String, PathBuf>,
+    /// Every servable id and where its files are.
+    known: BTreeMap<String, Source>,
     loaded: HashMap<String, Loaded>,
     clock: u64,
     loads: u64,
@@ -50,7 +74,7 @@ struct State {
 }
 
 /// Counters for /metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RegistryStats {
     pub known: usize,
     pub loaded: usize,
@@ -59,12 +83,18 @@ pub struct RegistryStats {
     pub evictions: u64,
 }
 
+#[derive(Clone)]
 pub struct AdapterRegistry {
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    /// The local adapter root (with a remote root: the cache folder, never scanned).
     root: PathBuf,
+    /// A remote adapter root: the ids are its sub-folders.
+    root_url: Option<String>,
+    /// Fetches remote adapters; none when no remote source is allowed.
+    remote: Option<Arc<RemoteAdapters>>,
     allow_any_path: bool,
     /// The base model's id in the API, which no adapter may take.
     base_id: String,
@@ -79,11 +109,17 @@ struct Inner {
 /// A loaded adapter pinned in memory for as long as the lease lives. Dropping the last lease on
 /// an adapter lets the registry evict it (and does so at once if the loaded set is over budget).
 pub struct AdapterLease {
+    id: Arc<str>,
     adapter: Option<Arc<LoraAdapter>>,
     registry: Arc<Inner>,
 }
 
 impl AdapterLease {
+    /// The adapter's id in the API.
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
     pub fn adapter(&self) -> &LoraAdapter {
         self.adapter
             .as_deref()
@@ -94,6 +130,7 @@ impl AdapterLease {
 impl Clone for AdapterLease {
     fn clone(&self) -> Self {
         AdapterLease {
+            id: self.id.clone(),
             adapter: self.adapter.clone(),
             registry: self.registry.clone(),
         }
@@ -155,6 +192,8 @@ impl AdapterRegistry {
     ) -> std::io::Result<Self> {
         let inner = Inner {
             root: root.canonicalize()?,
+            root_url: None,
+            remote: None,
             allow_any_path,
             base_id: base_id.to_string(),
             allow_hub: false,
@@ -176,7 +215,7 @@ impl AdapterRegistry {
             });
             match checked {
                 Ok(resolved) => {
-                    known.insert(name.into_owned(), resolved);
+                    known.insert(name.into_owned(), Source::Local(resolved));
                 }
                 Err(e) => tracing::warn!("{}: adapter folder skipped: {e}", path.display()),
             }
@@ -185,6 +224,63 @@ impl AdapterRegistry {
         Ok(AdapterRegistry {
             inner: Arc::new(inner),
         })
+    }
+
+    /// A registry whose adapters are the sub-folders of the object-store folder `url`, fetched
+    /// through `remote`. They are listed where the store can list (HTTP servers cannot), and
+    /// found on first use in any case.
+    pub fn new_remote(
+        url: &str,
+        remote: RemoteAdapters,
+        base_id: &str,
+        base: Vec<LinearShape>,
+        device: Device,
+        limits: Limits,
+    ) -> Result<Self, RegistryError> {
+        let url = url.trim_end_matches('/').to_string();
+        remote
+            .check_allowed(&url)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let listed = match remote.list(&url) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::info!("{url}: adapters not listed ({e}); each is fetched on first use");
+                Vec::new()
+            }
+        };
+        let inner = Inner {
+            root: remote.cache_dir().to_path_buf(),
+            root_url: Some(url.clone()),
+            remote: Some(Arc::new(remote)),
+            allow_any_path: false,
+            base_id: base_id.to_string(),
+            allow_hub: false,
+            limits,
+            base,
+            device,
+            state: Mutex::new(State::default()),
+        };
+        let known = listed
+            .into_iter()
+            .filter(|id| inner.check_id(id).is_ok())
+            .map(|id| {
+                let source = Source::Remote(format!("{url}/{id}"));
+                (id, source)
+            })
+            .collect();
+        inner.lock().known = known;
+        Ok(AdapterRegistry {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Lets `load_lora_adapter` take object-store URLs under the allowed prefixes.
+    pub fn with_remote(mut self, remote: RemoteAdapters) -> Self {
+        // Called right after `new`, before the registry is shared.
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.remote = Some(Arc::new(remote));
+        }
+        self
     }
 
     /// Lets `load_lora_adapter` take a Hub id (`org/name[@revision]`) as `lora_path`: fetched
@@ -206,6 +302,15 @@ impl AdapterRegistry {
         self.lock().known.keys().cloned().collect()
     }
 
+    /// Every servable adapter id with where its files are (a folder or a URL).
+    pub fn sources(&self) -> Vec<(String, String)> {
+        let s = self.lock();
+        s.known
+            .iter()
+            .map(|(id, src)| (id.clone(), src.shown()))
+            .collect()
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         self.lock().known.contains_key(id)
     }
@@ -225,10 +330,11 @@ impl AdapterRegistry {
     pub fn get(&self, id: &str) -> Result<AdapterLease, RegistryError> {
         let inner = &self.inner;
         let lease = |adapter: &Arc<LoraAdapter>| AdapterLease {
+            id: id.into(),
             adapter: Some(adapter.clone()),
             registry: inner.clone(),
         };
-        let path = {
+        let known = {
             let mut s = self.lock();
             s.clock += 1;
             let now = s.clock;
@@ -236,14 +342,18 @@ impl AdapterRegistry {
                 l.last_used = now;
                 return Ok(lease(&l.adapter));
             }
-            s.known
-                .get(id)
-                .cloned()
-                .ok_or_else(|| RegistryError::NotFound(id.to_string()))?
+            s.known.get(id).cloned()
         };
-        // Read and check the files outside the lock: other tenants keep being served meanwhile.
+        // Fetch, read and check the files outside the lock: other tenants keep being served
+        // meanwhile.
+        let source = match known {
+            Some(source) => source,
+            None => inner.discover(id)?,
+        };
+        let path = inner.local_folder(id, &source)?;
         let adapter = inner.load_from(id, &path)?;
         let mut s = self.lock();
+        s.known.entry(id.to_string()).or_insert(source);
         if let Some(l) = s.loaded.get(id) {
             // Another request loaded it first.
             return Ok(lease(&l.adapter));
@@ -260,6 +370,16 @@ impl AdapterRegistry {
     pub fn register(&self, id: &str, path: &str) -> Result<(), RegistryError> {
         let inner = &self.inner;
         inner.check_id(id)?;
+        if let Some(url) = inner.remote_path(path) {
+            let source = Source::Remote(url);
+            let folder = inner.local_folder(id, &source)?;
+            let adapter = inner.load_from(id, &folder)?;
+            let mut s = self.lock();
+            s.known.insert(id.to_string(), source);
+            s.loaded.remove(id);
+            inner.insert(&mut s, id, adapter);
+            return Ok(());
+        }
         let requested = Path::new(path);
         let joined = if requested.is_absolute() {
             requested.to_path_buf()
@@ -279,7 +399,7 @@ impl AdapterRegistry {
         };
         let adapter = inner.load_from(id, &resolved)?;
         let mut s = self.lock();
-        s.known.insert(id.to_string(), resolved);
+        s.known.insert(id.to_string(), Source::Local(resolved));
         s.loaded.remove(id);
         inner.insert(&mut s, id, adapter);
         Ok(())
@@ -301,6 +421,61 @@ impl Inner {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // matters more than refusing service, so keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where an id not known yet is: a sub-folder of the root holding an adapter.
+    fn discover(&self, id: &str) -> Result<Source, RegistryError> {
+        validate_id(id)?;
+        if id == self.base_id {
+            return Err(RegistryError::NotFound(id.to_string()));
+        }
+        if let Some(url) = &self.root_url {
+            return Ok(Source::Remote(format!("{url}/{id}")));
+        }
+        let folder = self.root.join(id);
+        if !folder.join(CONFIG_FILE).is_file() {
+            return Err(RegistryError::NotFound(id.to_string()));
+        }
+        let resolved = self
+            .resolve(&folder, &folder.display().to_string())
+            .map_err(|_| RegistryError::NotFound(id.to_string()))?;
+        Ok(Source::Local(resolved))
+    }
+
+    /// The object-store URL `lora_path` names: a URL, or a path relative to a remote root.
+    fn remote_path(&self, path: &str) -> Option<String> {
+        if is_remote(path) {
+            return Some(path.trim_end_matches('/').to_string());
+        }
+        let relative = !Path::new(path).is_absolute();
+        self.root_url
+            .as_ref()
+            .filter(|_| relative)
+            .map(|root| format!("{root}/{}", path.trim_end_matches('/')))
+    }
+
+    /// The local folder of `source`, fetched into the cache if remote.
+    fn local_folder(&self, id: &str, source: &Source) -> Result<PathBuf, RegistryError> {
+        let url = match source {
+            Source::Local(path) => return Ok(path.clone()),
+            Source::Remote(url) => url,
+        };
+        let Some(remote) = &self.remote else {
+            return Err(RegistryError::Invalid(format!(
+                "{url}: remote adapter sources are refused; allow them with --allow-adapter-source"
+            )));
+        };
+        remote.fetch(url).map_err(|e| match e {
+            StoreError::NotAllowed { .. } => RegistryError::Invalid(e.to_string()),
+            StoreError::NotFound { .. } if self.root_url.is_some() => {
+                RegistryError::NotFound(id.to_string())
+            }
+            StoreError::NotFound { .. } => RegistryError::Invalid(e.to_string()),
+            e => RegistryError::Broken {
+                id: id.to_string(),
+                message: e.to_string(),
+            },
+        })
     }
 
     /// A valid adapter id that is not the base model's.

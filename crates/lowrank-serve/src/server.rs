@@ -26,6 +26,7 @@ use crate::engine::{Engine, EngineError, Request, SubmitError};
 use crate::metrics::Metrics;
 use crate::registry::{validate_id, AdapterLease, AdapterRegistry, RegistryError};
 use crate::render::{self, ChunkHeader, CompletionRender, Echo, Events, StreamRender};
+use crate::store::{is_remote, RemoteAdapters};
 
 /// The most adapters one request may stack.
 const MAX_STACKED: usize = 8;
@@ -54,6 +55,8 @@ pub struct ConnectionLimits {
 
 pub struct AppState {
     pub base_name: String,
+    /// Where the base model was loaded from (`root` in /v1/models).
+    pub base_root: String,
     pub engine: Engine,
     pub registry: AdapterRegistry,
     pub tokenizer: Arc<Tokenizer>,
@@ -255,6 +258,32 @@ impl AppState {
         Ok((self.base_name.clone(), adapters))
     }
 
+    /// [`Self::resolve_stack`] on a blocking thread: an adapter used for the first time is
+    /// read from disk, or fetched from object storage.
+    async fn lookup(
+        self: &Arc<Self>,
+        grant: Option<&Grant>,
+        model: Option<&str>,
+        adapter: Option<&str>,
+        stack: Option<&[StackedAdapter]>,
+    ) -> Result<(String, Vec<(AdapterLease, f64)>), ApiError> {
+        let state = self.clone();
+        let grant = grant.cloned();
+        let model = model.map(String::from);
+        let adapter = adapter.map(String::from);
+        let stack = stack.map(<[_]>::to_vec);
+        tokio::task::spawn_blocking(move || {
+            state.resolve_stack(
+                grant.as_ref(),
+                model.as_deref(),
+                adapter.as_deref(),
+                stack.as_deref(),
+            )
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
+
     /// Reads a request body within the size limit and the body timeout.
     async fn read_body(&self, body: Body) -> Result<Bytes, ApiError> {
         let limit = self.limits.max_body_bytes;
@@ -371,9 +400,7 @@ impl AppState {
         self.engine.submit(requests).map_err(|e| {
             let status = match e {
                 SubmitError::QueueFull => {
-                    self.metrics
-                        .requests_rejected
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.requests_rejected.inc();
                     StatusCode::TOO_MANY_REQUESTS
                 }
                 SubmitError::TooLarge { .. } => StatusCode::BAD_REQUEST,
@@ -387,18 +414,19 @@ impl AppState {
     fn respond(&self, result: Result<Response, ApiError>) -> Response {
         result.unwrap_or_else(|e| {
             if e.0.is_client_error() {
-                self.metrics
-                    .requests_client_error
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.requests_client_error.inc();
             }
             e.into_response()
         })
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let text = state.metrics.render(state.registry.stats());
-    ([("content-type", "text/plain; version=0.0.4")], text)
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .render(state.registry.stats())
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn models(
@@ -412,15 +440,25 @@ async fn models(
         object: "model",
         created,
         owned_by: "lowrank",
+        root: state.base_root.clone(),
         parent: None,
+        max_model_len: Some(state.limits.max_positions),
     }];
-    data.extend(state.registry.ids().into_iter().map(|id| ModelCard {
-        id,
-        object: "model",
-        created,
-        owned_by: "lowrank",
-        parent: Some(state.base_name.clone()),
-    }));
+    data.extend(
+        state
+            .registry
+            .sources()
+            .into_iter()
+            .map(|(id, root)| ModelCard {
+                id,
+                object: "model",
+                created,
+                owned_by: "lowrank",
+                root,
+                parent: Some(state.base_name.clone()),
+                max_model_len: None,
+            }),
+    );
     data.retain(|m| grant.is_none_or(|g| g.allows(&m.id)));
     Ok(Json(ModelList {
         object: "list",
@@ -484,12 +522,14 @@ async fn completions(
             }
         };
         let logprobs = req.logprobs.map(|k| check_top(k, "logprobs")).transpose()?;
-        let (model, adapters) = state.resolve_stack(
-            grant,
-            req.model.as_deref(),
-            req.adapter.as_deref(),
-            req.adapters.as_deref(),
-        )?;
+        let (model, adapters) = state
+            .lookup(
+                grant,
+                req.model.as_deref(),
+                req.adapter.as_deref(),
+                req.adapters.as_deref(),
+            )
+            .await?;
         let ids = state
             .tokenizer
             .encode(&prompt, true)
@@ -559,12 +599,14 @@ async fn chat_completions(
         }
         let top_logprobs = check_top(req.top_logprobs.unwrap_or(0), "top_logprobs")?;
         let logprobs = req.logprobs.then_some(top_logprobs);
-        let (model, adapters) = state.resolve_stack(
-            grant,
-            req.model.as_deref(),
-            req.adapter.as_deref(),
-            req.adapters.as_deref(),
-        )?;
+        let (model, adapters) = state
+            .lookup(
+                grant,
+                req.model.as_deref(),
+                req.adapter.as_deref(),
+                req.adapters.as_deref(),
+            )
+            .await?;
         let messages: Vec<Message> = req
             .messages
             .iter()
@@ -685,6 +727,12 @@ pub struct ServeOptions {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub allow_any_adapter_path: bool,
+    /// Object-store prefixes adapters may come from (besides a remote `adapters` root).
+    pub allow_adapter_sources: Vec<String>,
+    /// Where remote adapters are cached (default: the user's cache folder).
+    pub adapter_cache_dir: Option<PathBuf>,
+    /// The most the adapter cache holds, in MiB.
+    pub adapter_cache_mb: u64,
     /// load_lora_adapter may name a Hub id as lora_path (fetched into the HF cache).
     pub allow_hub_adapters: bool,
     /// Serve this adapter merged into the base (single tenant, base speed).
@@ -716,6 +764,7 @@ impl ServeOptions {
         zero(self.max_body_bytes == 0, "--max-body-bytes")?;
         zero(self.request_timeout.is_zero(), "--request-timeout-s")?;
         zero(self.max_connections == 0, "--max-connections")?;
+        zero(self.adapter_cache_mb == 0, "--adapter-cache-mb")?;
         zero(self.header_timeout.is_zero(), "--header-timeout-s")?;
         zero(self.body_timeout.is_zero(), "--body-timeout-s")
     }
@@ -724,6 +773,7 @@ impl ServeOptions {
 /// Loads the model and builds the shared state.
 pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     opts.validate()?;
+    crate::install_tls_provider();
     let device = candle_core::Device::Cpu;
     let dir =
         lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(|e| e.to_string())?;
@@ -738,11 +788,15 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     let tokenizer = Arc::new(Tokenizer::load(&dir).map_err(|e| e.to_string())?);
     let stop_ids = lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer)
         .map_err(|e| e.to_string())?;
-    if !opts.adapters.is_dir() {
+    let adapters_url = opts.adapters.to_str().filter(|s| is_remote(s));
+    if adapters_url.is_none() && !opts.adapters.is_dir() {
         return Err(format!(
             "--adapters {}: not a folder",
             opts.adapters.display()
         ));
+    }
+    if adapters_url.is_some() && opts.merge.is_some() {
+        return Err("--merge needs a local --adapters folder".into());
     }
     if let Some(name) = &opts.merge {
         validate_id(name).map_err(|e| e.to_string())?;
@@ -769,7 +823,6 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
         })
     });
     let keys = opts.api_keys.as_deref().map(ApiKeys::load).transpose()?;
-    let metrics = Arc::new(Metrics::default());
     let limits = crate::registry::Limits {
         max_loaded: opts.max_loaded_adapters,
         max_bytes: opts.adapter_memory_mb * 1024 * 1024,
@@ -780,17 +833,59 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     } else {
         model.linears()
     };
-    let registry = AdapterRegistry::new(
-        &opts.adapters,
-        &base_name,
-        linears,
-        device,
-        limits,
-        opts.allow_any_adapter_path,
-    )
-    .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?
-    .with_hub_adapters(opts.allow_hub_adapters);
+    let remote = |root: Option<&str>| {
+        let mut allowed = opts.allow_adapter_sources.clone();
+        allowed.extend(root.map(String::from));
+        let dir = opts
+            .adapter_cache_dir
+            .clone()
+            .unwrap_or_else(default_adapter_cache_dir);
+        RemoteAdapters::new(allowed, &dir, opts.adapter_cache_mb * 1024 * 1024)
+            .map_err(|e| e.to_string())
+    };
+    let registry = match adapters_url {
+        Some(url) => AdapterRegistry::new_remote(
+            url,
+            remote(Some(url))?,
+            &base_name,
+            linears,
+            device,
+            limits,
+        )
+        .map_err(|e| format!("--adapters {url}: {e}"))?,
+        None => {
+            let registry = AdapterRegistry::new(
+                &opts.adapters,
+                &base_name,
+                linears,
+                device,
+                limits,
+                opts.allow_any_adapter_path,
+            )
+            .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?
+            .with_hub_adapters(opts.allow_hub_adapters);
+            if opts.allow_adapter_sources.is_empty() {
+                registry
+            } else {
+                registry.with_remote(remote(None)?)
+            }
+        }
+    };
     let max_positions = model.config().max_position_embeddings;
+    let kv_cache_bytes = opts.kv_cache_mb * 1024 * 1024;
+    let metrics = Arc::new(
+        Metrics::new(crate::metrics::Protocol {
+            model_name: base_name.clone(),
+            // A merged deployment serves no adapter on top of the base.
+            max_lora: if opts.merge.is_some() {
+                0
+            } else {
+                opts.max_loaded_adapters.min(opts.max_batch)
+            },
+            kv_cache_tokens: kv_cache_bytes / crate::engine::kv_bytes_per_token(&model),
+        })
+        .map_err(|e| e.to_string())?,
+    );
     let model = Arc::new(model);
     let engine = Engine::start(
         model,
@@ -798,7 +893,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
         crate::engine::EngineConfig {
             max_batch: opts.max_batch,
             max_queue: opts.max_queue,
-            kv_cache_bytes: opts.kv_cache_mb * 1024 * 1024,
+            kv_cache_bytes,
             prefill_chunk: 64,
             request_timeout: opts.request_timeout,
         },
@@ -806,6 +901,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     );
     Ok(Arc::new(AppState {
         base_name,
+        base_root: dir.display().to_string(),
         engine,
         registry,
         tokenizer,
@@ -824,6 +920,16 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             body_timeout: opts.body_timeout,
         },
     }))
+}
+
+/// `$XDG_CACHE_HOME/lowrank/adapters`, else `~/.cache/lowrank/adapters`, else a folder in the
+/// system's temporary folder.
+fn default_adapter_cache_dir() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("lowrank").join("adapters")
 }
 
 /// Serves on a bound listener until `shutdown` resolves, then lets running requests finish.
@@ -862,12 +968,12 @@ pub async fn serve_on(
         let service = TowerToHyperService::new(app.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let metrics = state.metrics.clone();
-        metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+        metrics.open_connections.inc();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection ended: {e}");
             }
-            metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+            metrics.open_connections.dec();
             drop(permit);
         });
     }

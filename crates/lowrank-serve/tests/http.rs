@@ -32,6 +32,15 @@ fn adapter_root() -> tempfile::TempDir {
     root
 }
 
+/// A client for the loopback server (plain HTTP). Roots for TLS are never needed here, and
+/// not loading the platform's (reqwest's default) keeps building one cheap.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_certs_only([])
+        .build()
+        .unwrap()
+}
+
 fn options(adapters: &Path) -> ServeOptions {
     ServeOptions {
         model: fixtures()
@@ -54,6 +63,9 @@ fn options(adapters: &Path) -> ServeOptions {
         header_timeout: Duration::from_secs(10),
         body_timeout: Duration::from_secs(30),
         allow_any_adapter_path: false,
+        allow_adapter_sources: Vec::new(),
+        adapter_cache_dir: None,
+        adapter_cache_mb: 1024,
         allow_hub_adapters: false,
         merge: None,
         served_model_name: Some("base".into()),
@@ -93,9 +105,7 @@ impl Server {
     }
 
     async fn post_with(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
-        let mut req = reqwest::Client::new()
-            .post(format!("{}{path}", self.url))
-            .json(&body);
+        let mut req = client().post(format!("{}{path}", self.url)).json(&body);
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
@@ -105,7 +115,9 @@ impl Server {
     }
 
     async fn get(&self, path: &str) -> String {
-        reqwest::get(format!("{}{path}", self.url))
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
             .await
             .unwrap()
             .text()
@@ -360,7 +372,7 @@ async fn streaming_sends_the_same_text_as_a_whole_answer() {
     let mut body = completion("tenant-lora", "The quick cat", 20);
     body["stream"] = true.into();
     body["stream_options"] = json!({"include_usage": true});
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&body)
         .send()
@@ -389,7 +401,7 @@ async fn streaming_sends_the_same_text_as_a_whole_answer() {
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 20);
     // Chat streaming starts with the assistant role.
     let chat = json!({"model": "tenant-dora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true});
-    let text = reqwest::Client::new()
+    let text = client()
         .post(format!("{}/v1/chat/completions", server.url))
         .json(&chat)
         .send()
@@ -553,7 +565,7 @@ async fn api_keys_guard_adapters_and_management() {
         .await;
     assert_eq!(s, 403, "{b}");
     // The scheme's name is case-insensitive.
-    let lower = reqwest::Client::new()
+    let lower = client()
         .post(format!("{}/v1/completions", server.url))
         .header("authorization", "bearer sk-lora")
         .json(&req)
@@ -587,7 +599,7 @@ async fn api_keys_guard_adapters_and_management() {
             .0,
         200
     );
-    let models = reqwest::Client::new()
+    let models = client()
         .get(format!("{}/v1/models", server.url))
         .bearer_auth("sk-lora")
         .send()
@@ -607,7 +619,7 @@ async fn api_keys_guard_adapters_and_management() {
 async fn bad_requests_get_clear_errors() {
     let root = adapter_root();
     let server = Server::start(options(root.path())).await;
-    let client = reqwest::Client::new();
+    let client = client();
     let raw = client
         .post(format!("{}/v1/completions", server.url))
         .body("{not json")
@@ -715,7 +727,7 @@ async fn a_full_queue_answers_429() {
         .await;
     assert_eq!(s, 429, "{b}");
     // Clients are told when to come back.
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&completion("base", "x", 2))
         .send()
@@ -735,7 +747,7 @@ async fn a_client_that_hangs_up_cancels_its_sequence() {
     // prompt (whose greedy answer does not stop at EOS before).
     let mut body = completion("tenant-lora", "A dog runs", 240);
     body["stream"] = true.into();
-    let mut resp = reqwest::Client::new()
+    let mut resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&body)
         .send()
@@ -891,7 +903,7 @@ async fn graceful_shutdown_finishes_running_requests() {
     for prompt in prompts {
         let url = format!("{}/v1/completions", server.url);
         tasks.push(tokio::spawn(async move {
-            let resp = reqwest::Client::new()
+            let resp = client()
                 .post(url)
                 .json(&completion("tenant-lora", prompt, 240))
                 .send()
@@ -1020,7 +1032,7 @@ async fn a_body_that_never_arrives_gets_408_and_an_oversized_one_413_as_json() {
     assert!(answer.contains(r#""type":"timeout_error""#), "{answer}");
     assert!(answer.contains("--body-timeout-s"), "{answer}");
     let big = "x".repeat(100 * 1024);
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&json!({"model": "base", "prompt": big}))
         .send()
@@ -1398,7 +1410,7 @@ async fn chat_logprobs_have_openai_shapes() {
 
 /// The `data:` payloads of an SSE answer, before `[DONE]` (which must end it).
 async fn sse_chunks(server: &Server, path: &str, body: Value) -> Vec<Value> {
-    let text = reqwest::Client::new()
+    let text = client()
         .post(format!("{}{path}", server.url))
         .json(&body)
         .send()
@@ -1684,7 +1696,7 @@ async fn a_client_gone_during_prefill_is_cancelled_before_its_prompt_is_fed() {
     // A long prompt, streamed: no event reaches its client before its first token.
     let mut body = completion("base", &"the cat sat on a mat ".repeat(20), 8);
     body["stream"] = true.into();
-    let resp = reqwest::Client::new()
+    let resp = client()
         .post(format!("{}/v1/completions", server.url))
         .json(&body)
         .send()
@@ -1833,4 +1845,269 @@ async fn stacked_adapters_batch_with_everything_else() {
         assert!(message.contains(needle), "{message}");
     }
     Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+/// An adapter root holding copies of one LoRA fixture (whose greedy answer to "A dog runs" runs
+/// the full 240 tokens) under each of `names`.
+fn lora_copies(names: &[&str]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for name in names {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            let src = fixtures().join("adapters/llama-tied__lora-qv").join(f);
+            std::fs::copy(src, dir.join(f)).unwrap();
+        }
+    }
+    root
+}
+
+/// The metric families of a /metrics answer, read by a Prometheus text-format parser.
+fn scrape(text: &str) -> Vec<prom_text_format_parser::Metric> {
+    prom_text_format_parser::Scrape::parse(text)
+        .unwrap_or_else(|e| panic!("not Prometheus' text format: {e:?}\n{text}"))
+        .metrics
+}
+
+fn family<'a>(
+    families: &'a [prom_text_format_parser::Metric],
+    name: &str,
+) -> &'a prom_text_format_parser::Metric {
+    families
+        .iter()
+        .find(|f| f.name == name)
+        .unwrap_or_else(|| panic!("no {name} family"))
+}
+
+fn label<'a>(sample: &'a prom_text_format_parser::Sample, key: &str) -> &'a str {
+    sample
+        .labels
+        .iter()
+        .find(|l| l.key == key)
+        .map(|l| l.value.as_str())
+        .unwrap_or_else(|| panic!("no label {key}"))
+}
+
+/// The single sample of an unlabelled (or constant-labelled) family.
+fn value(families: &[prom_text_format_parser::Metric], name: &str) -> f64 {
+    let f = family(families, name);
+    assert_eq!(f.samples.len(), 1, "{name}");
+    f.samples[0].value.value.as_f64()
+}
+
+/// What the Inference Extension's endpoint picker reads from one pod's /metrics, replaying its
+/// core metrics extractor for the `vllm` engine type (llm-d router,
+/// pkg/epp/framework/plugins/datalayer/extractor/metrics: extractor.go, spec.go, loraspec.go).
+#[derive(Debug, Default, PartialEq)]
+struct PickerView {
+    waiting_queue_size: i64,
+    running_requests_size: i64,
+    kv_cache_usage_percent: f64,
+    active_models: std::collections::BTreeSet<String>,
+    waiting_models: std::collections::BTreeSet<String>,
+    max_active_models: i64,
+    cache_block_size: i64,
+    cache_num_blocks: i64,
+}
+
+fn picker_view(families: &[prom_text_format_parser::Metric]) -> PickerView {
+    // Spec.getLatestMetric: of the family's series, the first with the largest timestamp (0
+    // when absent); a missing family is an extraction error.
+    let latest = |name: &str| {
+        let f = family(families, name);
+        let mut best: Option<&prom_text_format_parser::Sample> = None;
+        for s in &f.samples {
+            let ts = s.value.timestamp.unwrap_or(0);
+            if best.is_none_or(|b| ts > b.value.timestamp.unwrap_or(0)) {
+                best = Some(s);
+            }
+        }
+        best.unwrap_or_else(|| panic!("no series in {name}"))
+    };
+    let mut view = PickerView {
+        waiting_queue_size: latest("vllm:num_requests_waiting").value.value.as_f64() as i64,
+        running_requests_size: latest("vllm:num_requests_running").value.value.as_f64() as i64,
+        kv_cache_usage_percent: latest("vllm:kv_cache_usage_perc").value.value.as_f64(),
+        ..PickerView::default()
+    };
+    // LoRASpec.getLatestMetric: the series with the largest value (its update time).
+    let lora = family(families, "vllm:lora_requests_info")
+        .samples
+        .iter()
+        .fold(
+            None::<&prom_text_format_parser::Sample>,
+            |best, s| match best {
+                Some(b) if b.value.value.as_f64() >= s.value.value.as_f64() => Some(b),
+                _ => Some(s),
+            },
+        )
+        .expect("a vllm:lora_requests_info series");
+    let names = |csv: &str| {
+        csv.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    view.active_models = names(label(lora, "running_lora_adapters"));
+    view.waiting_models = names(label(lora, "waiting_lora_adapters"));
+    view.max_active_models = label(lora, "max_lora")
+        .parse()
+        .expect("max_lora is an integer");
+    let cache = latest("vllm:cache_config_info");
+    view.cache_block_size = label(cache, "block_size").parse().unwrap();
+    view.cache_num_blocks = label(cache, "num_gpu_blocks").parse().unwrap();
+    view
+}
+
+/// The picker's LoRA-affinity scorer (scheduling/scorer/loraaffinity) for one pod.
+fn lora_affinity(view: &PickerView, target: &str) -> f64 {
+    let room = (view.active_models.len() + view.waiting_models.len()) as i64;
+    if view.active_models.contains(target) {
+        1.0
+    } else if room < view.max_active_models {
+        0.8
+    } else if view.waiting_models.contains(target) {
+        0.6
+    } else {
+        0.0
+    }
+}
+
+const PROTOCOL_ADAPTERS: [&str; 4] = ["a1", "a2", "a3", "a4"];
+const PROTOCOL_PROMPT: &str = "A dog runs";
+const PROTOCOL_MAX_TOKENS: usize = 240;
+
+/// A /metrics answer taken while two requests run and two wait (batch of 2), each for its own
+/// adapter; and one taken once they are all done. On this tiny model a batch can finish
+/// between two scrapes, so a round that never shows that state is tried again.
+async fn busy_and_idle_scrapes() -> (String, String) {
+    let root = lora_copies(&PROTOCOL_ADAPTERS);
+    let mut opts = options(root.path());
+    opts.max_batch = 2;
+    let server = Server::start(opts).await;
+    let mut busy = None;
+    for _round in 0..20 {
+        let tasks: Vec<_> = PROTOCOL_ADAPTERS
+            .iter()
+            .map(|a| {
+                let url = format!("{}/v1/completions", server.url);
+                let body = completion(a, PROTOCOL_PROMPT, PROTOCOL_MAX_TOKENS);
+                tokio::spawn(async move {
+                    let r = client().post(url).json(&body).send().await;
+                    r.unwrap().status().as_u16()
+                })
+            })
+            .collect();
+        while busy.is_none() && !tasks.iter().all(|t| t.is_finished()) {
+            let text = server.get("/metrics").await;
+            let families = scrape(&text);
+            if value(&families, "vllm:num_requests_running") == 2.0
+                && value(&families, "vllm:num_requests_waiting") == 2.0
+            {
+                busy = Some(text);
+            }
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+        if busy.is_some() {
+            break;
+        }
+    }
+    let idle = server.get("/metrics").await;
+    server.stop().await;
+    (
+        busy.expect("never saw 2 running and 2 waiting requests"),
+        idle,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_metrics_follow_the_engine_state() {
+    let (busy, idle) = busy_and_idle_scrapes().await;
+    let families = scrape(&busy);
+    // vLLM's series agree with lowrank's own and carry the model's name.
+    assert_eq!(value(&families, "lowrank_running_requests"), 2.0);
+    assert_eq!(value(&families, "lowrank_queue_length"), 2.0);
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+    ] {
+        let f = family(&families, name);
+        assert_eq!(f.kind, prom_text_format_parser::Type::Gauge, "{name}");
+        assert_eq!(label(&f.samples[0], "model_name"), "base");
+    }
+    // Each running sequence reserved prompt + max_tokens tokens of the 64 MiB budget; a token
+    // takes 2 layers × (key + value) × 2 KV heads × 8 dims × 4 bytes.
+    let prompt = tokenizer().encode(PROTOCOL_PROMPT, true).unwrap().len();
+    let reserved = 2 * (prompt + PROTOCOL_MAX_TOKENS) * 2 * 2 * 2 * 8 * 4;
+    let usage = value(&families, "vllm:kv_cache_usage_perc");
+    assert!(
+        (usage - reserved as f64 / (64.0 * 1024.0 * 1024.0)).abs() < 1e-12,
+        "{usage}"
+    );
+    // One series naming the two running and the two waiting adapters, stamped with the time.
+    let lora = family(&families, "vllm:lora_requests_info");
+    assert_eq!(lora.kind, prom_text_format_parser::Type::Gauge);
+    assert_eq!(lora.samples.len(), 1);
+    let sample = &lora.samples[0];
+    assert_eq!(label(sample, "max_lora"), "2");
+    let running: Vec<&str> = label(sample, "running_lora_adapters").split(',').collect();
+    let waiting: Vec<&str> = label(sample, "waiting_lora_adapters").split(',').collect();
+    assert_eq!(running.len(), 2, "{running:?}");
+    assert_eq!(waiting.len(), 2, "{waiting:?}");
+    let mut all: Vec<&str> = running.iter().chain(&waiting).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, PROTOCOL_ADAPTERS);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let stamp = sample.value.value.as_f64();
+    assert!(stamp > now - 600.0 && stamp <= now, "{stamp} vs {now}");
+    // The KV cache is reserved by the token: blocks of one token, as many as the budget holds.
+    let cache = &family(&families, "vllm:cache_config_info").samples[0];
+    assert_eq!(label(cache, "block_size"), "1");
+    assert_eq!(
+        label(cache, "num_gpu_blocks"),
+        (64 * 1024 * 1024 / 256).to_string()
+    );
+    assert_eq!(cache.value.value.as_f64(), 1.0);
+    // Once done, nothing runs or waits and no adapter is named.
+    let families = scrape(&idle);
+    assert_eq!(value(&families, "vllm:num_requests_running"), 0.0);
+    assert_eq!(value(&families, "vllm:num_requests_waiting"), 0.0);
+    assert_eq!(value(&families, "vllm:kv_cache_usage_perc"), 0.0);
+    let sample = &family(&families, "vllm:lora_requests_info").samples[0];
+    assert_eq!(label(sample, "running_lora_adapters"), "");
+    assert_eq!(label(sample, "waiting_lora_adapters"), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_picker_reads_adapter_affinity_from_metrics() {
+    let (busy, idle) = busy_and_idle_scrapes().await;
+    let view = picker_view(&scrape(&busy));
+    assert_eq!(view.running_requests_size, 2);
+    assert_eq!(view.waiting_queue_size, 2);
+    assert!(view.kv_cache_usage_percent > 0.0 && view.kv_cache_usage_percent < 1.0);
+    assert_eq!(view.max_active_models, 2);
+    assert_eq!(view.cache_block_size, 1);
+    assert_eq!(view.cache_num_blocks, 64 * 1024 * 1024 / 256);
+    assert_eq!(view.active_models.len() + view.waiting_models.len(), 4);
+    // A request for a running adapter goes here first; one for a waiting adapter is a fair
+    // choice; with both batch slots taken by adapters, an adapter not here is a poor one.
+    for a in &view.active_models {
+        assert_eq!(lora_affinity(&view, a), 1.0);
+    }
+    for a in &view.waiting_models {
+        assert_eq!(lora_affinity(&view, a), 0.6);
+    }
+    assert_eq!(lora_affinity(&view, "another"), 0.0);
+    // Idle, every adapter has room.
+    let view = picker_view(&scrape(&idle));
+    assert!(view.active_models.is_empty() && view.waiting_models.is_empty());
+    assert_eq!(view.running_requests_size + view.waiting_queue_size, 0);
+    assert_eq!(lora_affinity(&view, "a1"), 0.8);
 }

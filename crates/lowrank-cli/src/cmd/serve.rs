@@ -19,7 +19,9 @@ pub struct Args {
     /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
-    /// Folder whose sub-folders are PEFT adapters, each served under its folder name.
+    /// Folder whose sub-folders are PEFT adapters, each served under its folder name; or an
+    /// object-store folder (s3://bucket/prefix, gs://…, az://…, http(s)://…) whose sub-folders
+    /// are fetched on first use into --adapter-cache-dir (credentials from the environment).
     #[arg(long)]
     adapters: PathBuf,
     #[arg(long, default_value = "127.0.0.1")]
@@ -63,6 +65,17 @@ pub struct Args {
     /// Let load_lora_adapter read folders outside --adapters.
     #[arg(long)]
     allow_any_adapter_path: bool,
+    /// Let load_lora_adapter's lora_path name an object-store folder under this prefix (e.g.
+    /// s3://bucket/adapters, https://host/adapters). Repeatable; others are refused.
+    #[arg(long = "allow-adapter-source", value_name = "PREFIX")]
+    allow_adapter_sources: Vec<String>,
+    /// Where adapters from object storage are cached [default: $XDG_CACHE_HOME/lowrank/adapters,
+    /// else ~/.cache/lowrank/adapters].
+    #[arg(long)]
+    adapter_cache_dir: Option<PathBuf>,
+    /// The most the adapter cache holds on disk, in MiB; least recently used adapters are removed.
+    #[arg(long, default_value_t = 4096)]
+    adapter_cache_mb: u64,
     /// Let load_lora_adapter take a Hub id (org/name[@revision]) as lora_path: found in the HF
     /// cache or downloaded into it (as vLLM's Hub resolver). Off by default.
     #[arg(long)]
@@ -104,6 +117,9 @@ pub fn run(args: Args) -> Result<()> {
         header_timeout: Duration::from_secs(args.header_timeout_s),
         body_timeout: Duration::from_secs(args.body_timeout_s),
         allow_any_adapter_path: args.allow_any_adapter_path,
+        allow_adapter_sources: args.allow_adapter_sources,
+        adapter_cache_dir: args.adapter_cache_dir,
+        adapter_cache_mb: args.adapter_cache_mb,
         allow_hub_adapters: args.allow_hub_adapters,
         merge: args.merge,
         served_model_name: args.served_model_name,
