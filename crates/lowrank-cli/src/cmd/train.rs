@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use lowrank_models::hub::resolve_adapter_dir;
+use lowrank_train::comm::Communicator;
 use lowrank_train::{ComputeDtype, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 #[derive(clap::Args)]
@@ -105,6 +106,9 @@ pub struct Args {
     /// No progress bar or summary.
     #[arg(long)]
     quiet: bool,
+    /// Testing: end after N optimizer steps as if killed (no final adapter), to test --resume.
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
     #[command(flatten)]
     quant: super::QuantArgs,
     #[command(flatten)]
@@ -204,9 +208,21 @@ pub fn run(args: Args) -> Result<()> {
         eval_every: args.eval_every,
         resume: args.resume,
         quiet: args.quiet,
-        stop_after: None,
+        stop_after: args.stop_after,
     };
-    let report = lowrank_train::train(&opts).context("training failed")?;
+    let comm = communicator()?;
+    let report = match lowrank_train::train_with(&opts, &comm) {
+        Ok(report) => report,
+        // A failing rank ends the whole job: the others may be waiting for it in an all-reduce.
+        Err(err) if comm.size() > 1 => {
+            eprintln!("error: rank {}: training failed: {err}", comm.rank());
+            comm.abort(1)
+        }
+        Err(err) => return Err(err).context("training failed"),
+    };
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     println!(
         "{}",
         serde_json::to_string(&serde_json::json!({
@@ -222,4 +238,16 @@ pub fn run(args: Args) -> Result<()> {
         }))?
     );
     Ok(())
+}
+
+/// Built with the `mpi` feature, every `lowrank train` is one rank of an MPI job (one rank of
+/// one when started without `mpirun`/`srun`).
+#[cfg(feature = "mpi")]
+fn communicator() -> Result<lowrank_train::comm::Mpi> {
+    Ok(lowrank_train::comm::Mpi::init()?)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn communicator() -> Result<lowrank_train::comm::SingleProcess> {
+    Ok(lowrank_train::comm::SingleProcess)
 }
