@@ -27,7 +27,7 @@ fn mpirun(ranks: usize) -> Command {
     cmd.args(["-np", &ranks.to_string()])
         .args(["--oversubscribe", "--allow-run-as-root"])
         // Ends the job rather than hanging the test if a rank ever waits forever.
-        .args(["--timeout", "300"])
+        .args(["--timeout", "120"])
         .args(["-x", "RAYON_NUM_THREADS=1"]);
     cmd
 }

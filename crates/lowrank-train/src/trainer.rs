@@ -1130,6 +1130,15 @@ pub fn train_with(opts: &TrainOptions, comm: &dyn Communicator) -> Result<TrainR
             eval_ex.len()
         ),
     );
+    if world > 1 {
+        say(
+            o,
+            &format!(
+                "data parallel: {world} ranks, each computing 1/{world} of every step's {} rows and summing {n_train} gradients per step",
+                o.batch_size * o.grad_accum
+            ),
+        );
+    }
 
     let mut eval_points: Vec<(usize, f64)> = kept_log
         .iter()

@@ -1,5 +1,6 @@
 //! `lowrank train`: fine-tune with LoRA, DoRA or all weights; flags map 1:1 onto
-//! `lowrank_train::TrainOptions`.
+//! `lowrank_train::TrainOptions`. Built with the `mpi` feature, each process is one rank of
+//! the MPI job it was started in (`mpirun`, `srun`), training data-parallel.
 
 use std::path::PathBuf;
 
@@ -9,6 +10,12 @@ use lowrank_train::comm::Communicator;
 use lowrank_train::{ComputeDtype, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 #[derive(clap::Args)]
+#[cfg_attr(
+    feature = "mpi",
+    command(
+        after_help = "Data parallel: `mpirun -np N lowrank train ...` (or Slurm's `srun`) trains on N processes; --batch-size × --grad-accum stays the whole step's batch. Rank 0 writes --out."
+    )
+)]
 pub struct Args {
     /// Model folder or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
