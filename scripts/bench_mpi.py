@@ -75,7 +75,9 @@ def main():
         line = f"{name}: {step_s:.2f} s/step wall, {cpu_per_rank:.2f} CPU s/step per rank"
         if "allreduce_s" in timed[0]:
             reduce_s = statistics.median(row["allreduce_s"] for row in timed)
-            line += f", all-reduce {reduce_s * 1000:.1f} ms ({100 * reduce_s / step_s:.1f}% of the step)"
+            fastest = min(row["allreduce_s"] for row in timed)
+            line += (f", all-reduce {reduce_s * 1000:.1f} ms ({100 * reduce_s / step_s:.1f}% of the step;"
+                     f" fastest {fastest * 1000:.1f} ms)")
         print(line)
     (one, _), (many, _) = runs.values()
     print("max |loss difference|:", max(abs(a["loss"] - b["loss"]) for a, b in zip(one, many)))

@@ -251,10 +251,36 @@ pub fn run(args: Args) -> Result<()> {
 /// one when started without `mpirun`/`srun`).
 #[cfg(feature = "mpi")]
 fn communicator() -> Result<lowrank_train::comm::Mpi> {
-    Ok(lowrank_train::comm::Mpi::init()?)
+    let comm = lowrank_train::comm::Mpi::init()?;
+    if let (1, Some((var, ranks))) = (comm.size(), launched_ranks()) {
+        anyhow::bail!(
+            "started as one of {ranks} processes ({var}={ranks}), but MPI sees only this one: \
+             the launcher did not connect them (with Slurm, `srun --mpi=pmix` or `--mpi=pmi2`; see `srun --mpi=list`)"
+        );
+    }
+    Ok(comm)
 }
 
+/// Without the `mpi` feature: one process, refusing to be one of several ranks of a launcher
+/// (they would each train alone and overwrite each other's --out).
 #[cfg(not(feature = "mpi"))]
 fn communicator() -> Result<lowrank_train::comm::SingleProcess> {
+    if let Some((var, ranks)) = launched_ranks() {
+        anyhow::bail!(
+            "started as one of {ranks} processes ({var}={ranks}), but this lowrank was built without MPI: \
+             rebuild with `cargo build --release --features lowrank-cli/mpi` to train data-parallel, or start one process"
+        );
+    }
     Ok(lowrank_train::comm::SingleProcess)
+}
+
+/// The number of processes a launcher started, when more than one: the world sizes set by
+/// Open MPI's mpirun, MPICH/Intel MPI (PMI) and Slurm's srun.
+fn launched_ranks() -> Option<(&'static str, usize)> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .into_iter()
+        .find_map(|var| {
+            let ranks = std::env::var(var).ok()?.parse::<usize>().ok()?;
+            (ranks > 1).then_some((var, ranks))
+        })
 }
