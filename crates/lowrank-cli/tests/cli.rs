@@ -539,3 +539,26 @@ fn a_closed_stdout_is_not_a_panic() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A build without the `mpi` feature started as one of several ranks (`mpirun -np 2`, `srun
+/// -n 2`) refuses to train: each copy would train alone and overwrite the others' --out.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn train_without_mpi_refuses_to_be_one_of_several_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    for var in ["OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_lowrank"))
+            .args(["train", "--model", &fx("models/llama-tied")])
+            .args(["--data", &fx("data/train.jsonl"), "--quiet", "--out"])
+            .arg(&out)
+            .env(var, "2")
+            .output()
+            .expect("run lowrank");
+        assert_fails_with(
+            &output,
+            &[var, "built without MPI", "--features lowrank-cli/mpi"],
+        );
+        assert!(!out.exists(), "nothing is written");
+    }
+}

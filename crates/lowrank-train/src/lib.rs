@@ -4,9 +4,11 @@
 //! One module per job: [`data`] (JSONL formats, loss masks, batches), [`optim`] (SGD, AdamW),
 //! [`schedule`] (learning-rate schedules), [`init`] (adapter initialisations as PEFT does them),
 //! [`trainer`] (the loop, checkpoints, resume), [`plot`] (loss.svg), [`memory`] (RSS, estimate),
-//! [`adalora`] (AdaLoRA: trainable P·Λ·Q, orthogonality regularizer, rank allocation, rank report).
+//! [`adalora`] (AdaLoRA: trainable P·Λ·Q, orthogonality regularizer, rank allocation, rank report),
+//! [`comm`] (the communicator of data-parallel training; MPI with the `mpi` feature).
 
 pub mod adalora;
+pub mod comm;
 pub mod data;
 pub mod init;
 pub mod memory;
@@ -19,7 +21,7 @@ use std::path::PathBuf;
 
 pub use lowrank_core::{Error, Result};
 use serde::{Deserialize, Serialize};
-pub use trainer::train;
+pub use trainer::{train, train_with};
 
 macro_rules! named_enum {
     ($(#[$m:meta])* $name:ident, $what:literal, { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {

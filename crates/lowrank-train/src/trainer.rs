@@ -11,6 +11,18 @@
 //! Loss: per optimizer step, the summed token NLL of all its micro-batches divided by the
 //! step's number of loss tokens (the mean token loss of the step's batch, as transformers'
 //! Trainer computes it with `num_items_in_batch`), so accumulation equals one larger batch.
+//!
+//! Data parallel ([`train_with`] over a [`Communicator`] of N ranks): the plan is the
+//! single-process one, so an optimizer step's batch is the same `--batch-size` × `--grad-accum`
+//! rows in the same order. The step's rows are cut into N contiguous slices whose lengths differ
+//! by at most one; rank r computes slice r, in micro-batches of at most `--batch-size` rows
+//! (with one rank: exactly the single-process micro-batches). The loss is scaled by the
+//! step's global loss-token count (every rank knows the whole plan); after the backward passes
+//! the ranks sum the gradients in one flat f32 all-reduce and the NLL in f64, then each clips
+//! on the global norm and takes the same update (AdaLoRA's importance statistics come from the
+//! summed gradients, so they agree too). Only rank 0 evaluates and writes the log, checkpoints
+//! and the adapter. The result is the single-process run's up to float rounding: a slice's
+//! matmuls sum over fewer rows before the ranks' sums are added.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -28,6 +40,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
+use crate::comm::{self, Communicator, SingleProcess};
 use crate::data::{self, Batch, Example};
 use crate::optim::{clip, Optimizer};
 use crate::{memory, plot, schedule, ComputeDtype, Init, Method, TrainOptions, TrainReport};
@@ -759,6 +772,10 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
     })
 }
 
+fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
+    out.join(format!("checkpoint-{step}"))
+}
+
 fn save_checkpoint(
     out: &Path,
     step: usize,
@@ -767,7 +784,7 @@ fn save_checkpoint(
     o: &TrainOptions,
     inputs: &Value,
 ) -> Result<PathBuf> {
-    let dest = out.join(format!("checkpoint-{step}"));
+    let dest = checkpoint_dir(out, step);
     let staging = lowrank_core::files::staging_dir(out, ".checkpoint-")?;
     let tensors: Vec<(String, Tensor)> = t
         .names
@@ -836,12 +853,62 @@ fn say(o: &TrainOptions, msg: &str) {
     }
 }
 
-/// Runs training as `opts` says; see the crate docs. Errors name the file, line or option at fault.
+/// Sums the step's gradients (a missing one counts as zeros) over the ranks in one flat f32
+/// buffer, and its summed NLL in f64; returns the global NLL.
+fn all_reduce_step(
+    comm: &dyn Communicator,
+    acc: &mut [Option<Tensor>],
+    vars: &[Var],
+    nll: f64,
+) -> Result<f64> {
+    let total: usize = vars.iter().map(|v| v.as_tensor().elem_count()).sum();
+    let mut flat = Vec::with_capacity(total);
+    for (g, v) in acc.iter().zip(vars) {
+        match g {
+            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.resize(flat.len() + v.as_tensor().elem_count(), 0.0),
+        }
+    }
+    comm.all_reduce_sum_f32(&mut flat)?;
+    let mut offset = 0;
+    for (slot, v) in acc.iter_mut().zip(vars) {
+        let v = v.as_tensor();
+        let n = v.elem_count();
+        let g = Tensor::from_slice(&flat[offset..offset + n], v.shape(), v.device())?;
+        *slot = Some(g.to_dtype(v.dtype())?);
+        offset += n;
+    }
+    let mut nll = [nll];
+    comm.all_reduce_sum_f64(&mut nll)?;
+    Ok(nll[0])
+}
+
+/// Runs training as `opts` says in this one process; see the crate docs. Errors name the file,
+/// line or option at fault.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    train_with(opts, &SingleProcess)
+}
+
+/// Runs training as `opts` says as one rank of `comm` (data parallel; see the module docs).
+/// Every rank must be given the same options and files; rank 0 alone writes to `--out`.
+/// With one rank this is [`train`].
 // `step % n == 0` rather than `is_multiple_of`, which needs Rust 1.87 (the workspace says 1.85).
 #[allow(clippy::manual_is_multiple_of)]
-pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+pub fn train_with(opts: &TrainOptions, comm: &dyn Communicator) -> Result<TrainReport> {
     let started = Instant::now();
-    let o = opts;
+    let (rank, world) = (comm.rank(), comm.size());
+    let root = rank == 0;
+    // Only rank 0 speaks.
+    let quiet;
+    let o = if root {
+        opts
+    } else {
+        quiet = TrainOptions {
+            quiet: true,
+            ..opts.clone()
+        };
+        &quiet
+    };
     validate(o)?;
     let dir = lowrank_models::checkpoint::resolve_model_dir(&o.model)?;
     let device = Device::Cpu;
@@ -861,6 +928,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (None, Some(f)) => data::split(train_ex, f, o.seed)?,
         (None, None) => (train_ex, vec![]),
     };
+    // Only rank 0 evaluates (the others go on to the next step's all-reduce).
+    let eval_ex = if root { eval_ex } else { Vec::new() };
     for (set, file) in [
         (&train_ex, &o.data),
         (&eval_ex, o.eval_data.as_ref().unwrap_or(&o.data)),
@@ -884,11 +953,19 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         );
     }
 
-    // Output folder and resume point.
-    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    // Output folder and resume point (every rank reads the checkpoint: `--out` on a file
+    // system they share).
+    if root {
+        std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    }
     let log_path = o.out.join(LOG_FILE);
     let resume_from = o.resume.as_deref().map(find_checkpoint).transpose()?;
-    if resume_from.is_none() && log_path.exists() {
+    comm::check_same(
+        comm,
+        "the checkpoint to resume from",
+        &format!("{resume_from:?}"),
+    )?;
+    if root && resume_from.is_none() && log_path.exists() {
         return Err(Error::Msg(format!(
             "{}: already holds a training run ({LOG_FILE}); pass --resume {} to continue it, or choose another --out",
             o.out.display(),
@@ -897,6 +974,19 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
 
     let inputs = input_identity(o, &dir)?;
+    comm::check_same(comm, "the options", &run_identity(o).to_string())?;
+    for (key, flag) in [
+        ("model", "--model"),
+        ("data", "--data"),
+        ("eval_data", "--eval-data"),
+    ] {
+        // By contents: each machine may keep its copy elsewhere.
+        let mut identity = inputs[key].clone();
+        if let Some(fields) = identity.as_object_mut() {
+            fields.remove("path");
+        }
+        comm::check_same(comm, flag, &identity.to_string())?;
+    }
 
     let base_eval_loss = if eval_ex.is_empty() {
         None
@@ -960,7 +1050,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         // Keep the log up to the checkpoint: its lines as written (parsing and printing a
         // number again may change its last digit), less any line a kill cut short.
         let mut kept_text = String::new();
-        if let Ok(text) = std::fs::read_to_string(&log_path) {
+        let text = if root {
+            std::fs::read_to_string(&log_path).ok()
+        } else {
+            None
+        };
+        if let Some(text) = text {
             for line in text.lines() {
                 let Ok(v) = serde_json::from_str::<Value>(line) else {
                     continue;
@@ -975,8 +1070,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 }
             }
         }
-        lowrank_core::files::write_atomic(&log_path, kept_text.as_bytes())?;
-        remove_stale_staging(&o.out)?;
+        if root {
+            lowrank_core::files::write_atomic(&log_path, kept_text.as_bytes())?;
+            remove_stale_staging(&o.out)?;
+        }
         say(
             o,
             &format!("resuming from {} (step {start_step})", ckpt.display()),
@@ -1008,13 +1105,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
 
     let model_parameters = model.config().num_parameters();
     let n_train = trainable.num_parameters();
+    // The flat gradient buffers of the ranks must be the same length.
+    comm::check_same(comm, "the trainable parameter count", &n_train.to_string())?;
     let longest = train_ex.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let seq = if o.pack { o.max_len } else { longest };
     let est = memory::estimate(
         model.config(),
         n_train,
         optimizer.slots(),
-        o.batch_size,
+        o.batch_size
+            .min((o.batch_size * o.grad_accum).div_ceil(world)),
         seq,
         o.grad_checkpoint,
     );
@@ -1046,6 +1146,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             eval_ex.len()
         ),
     );
+    if world > 1 {
+        say(
+            o,
+            &format!(
+                "data parallel: {world} ranks, each computing 1/{world} of every step's {} rows and summing {n_train} gradients per step",
+                o.batch_size * o.grad_accum
+            ),
+        );
+    }
 
     let mut eval_points: Vec<(usize, f64)> = kept_log
         .iter()
@@ -1100,17 +1209,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 continue;
             }
             let t0 = Instant::now();
-            let batches = group
-                .iter()
-                .map(|rows| data::make_batch(&train_ex, rows, &device))
+            // The whole step's tokens (every rank knows the plan).
+            let examples = || group.iter().flatten().flatten().map(|&i| &train_ex[i]);
+            let step_tokens: usize = examples().map(Example::loss_tokens).sum();
+            let input_tokens: usize = examples().map(|e| e.ids.len()).sum();
+            // This rank's slice of the step's rows, in micro-batches numbered m·N + rank (the
+            // dropout seed's index: with one rank, the micro-batch's index in the step).
+            let step_rows = group.concat();
+            let batches = comm::shard(&step_rows, rank, world)
+                .chunks(o.batch_size)
+                .enumerate()
+                .map(|(m, rows)| {
+                    Ok((
+                        m * world + rank,
+                        data::make_batch(&train_ex, rows, &device)?,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let step_tokens: usize = batches.iter().map(|b| b.loss_tokens).sum();
-            let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
             let mut acc: Vec<Option<Tensor>> = vec![None; trainable.vars.len()];
             let active = active_of(&trainable);
             let mut nll = 0.0;
-            for (m, batch) in batches.iter().enumerate() {
-                let seed = mix(mix(o.seed, step as u64), m as u64);
+            for (index, batch) in &batches {
+                let seed = mix(mix(o.seed, step as u64), *index as u64);
                 nll += forward_backward(
                     &model,
                     &active,
@@ -1121,6 +1241,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                     &mut acc,
                     o.grad_checkpoint,
                 )?;
+            }
+            let mut allreduce_s = None;
+            if world > 1 {
+                let t = Instant::now();
+                nll = all_reduce_step(comm, &mut acc, &trainable.vars, nll)?;
+                allreduce_s = Some(t.elapsed().as_secs_f64());
             }
             let mut loss = nll / step_tokens as f64;
             // AdaLoRA: + w·R(A, B), R the mean ‖AAᵀ − I‖_F, ‖BᵀB − I‖_F (PEFT adds it to the loss).
@@ -1182,6 +1308,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 "elapsed_s": started.elapsed().as_secs_f64(),
             });
             let mut line = line;
+            if let Some(seconds) = allreduce_s {
+                line["world_size"] = json!(world);
+                line["allreduce_s"] = json!(seconds);
+            }
             if let (Some((nll_loss, reg)), Some(a)) = (orth_reg, &allocation) {
                 line["nll"] = json!(nll_loss);
                 line["orth_reg"] = json!(reg);
@@ -1190,7 +1320,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                     line["kept_rank"] = json!(mask.values().flatten().filter(|k| **k).count());
                 }
             }
-            log.write(&line)?;
+            if root {
+                log.write(&line)?;
+            }
             losses.push(loss);
             train_points.push((step, loss));
             final_loss = loss;
@@ -1199,9 +1331,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             ));
             bar.inc(1);
             if o.save_every.is_some_and(|n| step % n == 0) {
-                last_checkpoint = Some(save_checkpoint(
-                    &o.out, step, &trainable, &optimizer, o, &inputs,
-                )?);
+                last_checkpoint = Some(if root {
+                    save_checkpoint(&o.out, step, &trainable, &optimizer, o, &inputs)?
+                } else {
+                    checkpoint_dir(&o.out, step)
+                });
             }
             if !eval_ex.is_empty()
                 && o.eval_every.is_some_and(|n| step % n == 0)
@@ -1223,14 +1357,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         eval_points.push((step, l));
         Some(l)
     };
-    plot::loss_svg(&o.out.join(PLOT_FILE), &train_points, &eval_points)?;
-    if let (false, Some(ada)) = (interrupted, &trainable.adalora) {
-        let table = ada.finish(&trainable.vars, &o.out)?;
-        say(o, &table);
-    } else if !interrupted {
-        match trainable.export_adapter()? {
-            Some(adapter) => adapter.save(&o.out)?,
-            None => model.save_pretrained(&dir, &o.out)?,
+    if root {
+        plot::loss_svg(&o.out.join(PLOT_FILE), &train_points, &eval_points)?;
+        if let (false, Some(ada)) = (interrupted, &trainable.adalora) {
+            let table = ada.finish(&trainable.vars, &o.out)?;
+            say(o, &table);
+        } else if !interrupted {
+            match trainable.export_adapter()? {
+                Some(adapter) => adapter.save(&o.out)?,
+                None => model.save_pretrained(&dir, &o.out)?,
+            }
         }
     }
     let report = TrainReport {
@@ -1245,7 +1381,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         out: o.out.clone(),
         losses,
     };
-    if !interrupted {
+    if root && !interrupted {
         lowrank_core::files::write_json(&o.out.join("train_report.json"), &report)?;
         say(
             o,
@@ -1261,6 +1397,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             ),
         );
     }
+    // No rank reports success before rank 0 has written the adapter.
+    comm.barrier()?;
     Ok(report)
 }
 
