@@ -81,6 +81,7 @@ def make_adapters(model_dir, root, count):
     from transformers import AutoModelForCausalLM
 
     names = []
+    os.makedirs(os.path.join(root, "adapters"), exist_ok=True)
     for i in range(count):
         path = os.path.join(root, "adapters", f"tenant-{i:02}")
         torch.manual_seed(100 + i)
