@@ -139,6 +139,15 @@ impl Server {
         panic!("never saw {n} running requests");
     }
 
+    /// Posts `body` to /v1/completions in the background and waits until the engine runs it;
+    /// the handle yields the answer.
+    async fn start_running(self: &Arc<Self>, body: Value) -> tokio::task::JoinHandle<(u16, Value)> {
+        let server = self.clone();
+        let handle = tokio::spawn(async move { server.post("/v1/completions", body).await });
+        self.wait_running(1).await;
+        handle
+    }
+
     async fn stop(mut self) {
         let _ = self.shutdown.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(30), self.handle)
@@ -421,19 +430,10 @@ async fn streaming_sends_the_same_text_as_a_whole_answer() {
 async fn adapters_load_unload_and_replace_while_requests_run() {
     let root = adapter_root();
     let server = Arc::new(Server::start(options(root.path())).await);
-    let long = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            server
-                .post(
-                    "/v1/completions",
-                    // A prompt whose greedy answer runs the full 240 tokens (no early EOS).
-                    completion("tenant-lora", "A dog runs", 240),
-                )
-                .await
-        })
-    };
-    server.wait_running(1).await;
+    // A prompt whose greedy answer runs the full 240 tokens (no early EOS).
+    let long = server
+        .start_running(completion("tenant-lora", "A dog runs", 240))
+        .await;
     // Replace tenant-lora by the DoRA adapter and add a new id, while the long request runs.
     let (s, b) = server
         .post(
@@ -713,15 +713,9 @@ async fn a_full_queue_answers_429() {
     opts.max_batch = 1;
     opts.max_queue = 0;
     let server = Arc::new(Server::start(opts).await);
-    let long = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            server
-                .post("/v1/completions", completion("base", "The quick cat", 240))
-                .await
-        })
-    };
-    server.wait_running(1).await;
+    let long = server
+        .start_running(completion("base", "The quick cat", 240))
+        .await;
     let (s, b) = server
         .post("/v1/completions", completion("base", "x", 2))
         .await;
@@ -1684,15 +1678,9 @@ async fn a_client_gone_during_prefill_is_cancelled_before_its_prompt_is_fed() {
     // One running sequence; the next waits in the queue.
     opts.max_batch = 1;
     let server = Arc::new(Server::start(opts).await);
-    let running = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            server
-                .post("/v1/completions", completion("base", "A dog runs", 240))
-                .await
-        })
-    };
-    server.wait_running(1).await;
+    let running = server
+        .start_running(completion("base", "A dog runs", 240))
+        .await;
     // A long prompt, streamed: no event reaches its client before its first token.
     let mut body = completion("base", &"the cat sat on a mat ".repeat(20), 8);
     body["stream"] = true.into();
