@@ -4,6 +4,8 @@
 //! the batched step over a KV cache), greedy generation, eval loss over an NF4 base, chat
 //! templates.
 
+mod common;
+use common::{eval_texts, max_abs_diff};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -28,20 +30,6 @@ fn reference(family: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn eval_texts() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/eval.jsonl");
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
 fn load(family: &str) -> (Llama, Tokenizer) {
     let dir = family_dir(family).join("model");
     (
@@ -52,19 +40,6 @@ fn load(family: &str) -> (Llama, Tokenizer) {
 
 fn adapter_dir(family: &str, adapter: &str) -> PathBuf {
     family_dir(family).join("adapters").join(adapter)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn row(ids: &[u32]) -> Tensor {

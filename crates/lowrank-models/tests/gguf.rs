@@ -3,29 +3,13 @@
 //! HF model whose weights are the GGUF's tensors as gguf-py dequantizes them (for f32, the HF
 //! original itself).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{eval_texts, fixtures};
 
 use candle_core::Device;
 use lowrank_models::generate::{generate, sequence_nll, Sampler, SamplingParams};
 use lowrank_models::{Llama, Message, Tokenizer};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn eval_texts() -> Vec<String> {
-    std::fs::read_to_string(fixtures().join("data/eval.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
 
 fn reference() -> serde_json::Map<String, Value> {
     let text = std::fs::read_to_string(fixtures().join("gguf/reference.json")).unwrap();

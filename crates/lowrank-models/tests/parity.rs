@@ -1,8 +1,9 @@
 //! Parity with transformers + PEFT on the committed fixtures (scripts/make_fixtures.py):
 //! log-probabilities, tokenization, greedy generation, chat templates, merge/unmerge.
 
+mod common;
+use common::{eval_texts, fixtures, max_abs_diff};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use lowrank_core::lora::LoraAdapter;
@@ -19,23 +20,6 @@ const ADAPTERS: &[&str] = &[
     "mistral__layers",
 ];
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn eval_texts() -> Vec<String> {
-    std::fs::read_to_string(fixtures().join("data/eval.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
 fn load(base: &str) -> (Llama, Tokenizer) {
     let dir = fixtures().join("models").join(base);
     (
@@ -46,19 +30,6 @@ fn load(base: &str) -> (Llama, Tokenizer) {
 
 fn base_of(adapter: &str) -> &str {
     adapter.split("__").next().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Our log-softmax for every eval line must equal transformers' within 1e-4, with identical ids.

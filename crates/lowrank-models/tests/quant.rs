@@ -3,7 +3,9 @@
 //! checkpoint transformers saved (fixtures/quant/llama-tied-nf4-dq), writing it back byte for
 //! byte, merging over a 4-bit base, memory accounting.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{eval_texts, fixtures};
+use std::path::PathBuf;
 
 use candle_core::Device;
 use lowrank_core::lora::LoraAdapter;
@@ -12,32 +14,16 @@ use lowrank_models::generate::sequence_nll;
 use lowrank_models::{ActiveAdapter, Llama, LoadOptions, Tokenizer};
 use lowrank_quant::QuantType;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
 fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("quant/reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn eval_lines() -> Vec<String> {
-    std::fs::read_to_string(fixtures().join("data/eval.jsonl"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["text"].as_str().unwrap().to_string()
-        })
-        .collect()
 }
 
 /// `lowrank eval`'s loss: total NLL / predicted tokens over fixtures/data/eval.jsonl.
 fn eval_loss(model: &Llama, tok: &Tokenizer, adapter: Option<&LoraAdapter>) -> (f64, usize) {
     let active: Vec<ActiveAdapter> = adapter.into_iter().map(ActiveAdapter::new).collect();
     let (mut total, mut count) = (0.0, 0);
-    for text in eval_lines() {
+    for text in eval_texts() {
         let ids = tok.encode(&text, true).unwrap();
         let (nll, n) = sequence_nll(model, &ids, &active).unwrap();
         total += nll;
