@@ -15,7 +15,8 @@ vocabulary `w3 … w49151`). llama.cpp needs a vocabulary of its own kinds, so t
 SentencePiece one whose pieces are `▁w3 …`, and llama-server gets the prompts as the token ids
 lowrank's tokenizer gives for the same text.
 
-It prints, per weight format (f32; bf16; lowrank NF4+DQ beside llama.cpp Q4_0 and Q4_1):
+It prints, per weight format (f32; bf16; lowrank NF4+DQ, with an f32 or a bf16 head, beside llama.cpp
+Q4_0 and Q4_1):
 - single-stream decode (tg64) and prefill of a 256-token prompt (pp256): lowrank `generate`
   against `llama-bench`;
 - closed-loop serving at each client count, base and over N adapters (each request one
@@ -155,10 +156,25 @@ def closed_loop(url, clients, requests, max_tokens, body_for):
             "p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 
 
+# lowrank's flags per --weights name; nf4-dq+bf16 keeps the tied embedding/head in bf16 over the 4-bit layers.
+WEIGHT_FLAGS = {"f32": [], "bf16": ["--bf16-weights"], "nf4-dq": ["--quantize", "nf4", "--double-quant"],
+                "nf4-dq+bf16": ["--quantize", "nf4", "--double-quant", "--bf16-weights"]}
+
+
+def step_bytes(weights):
+    """Weight bytes a batch-1 lowrank decoding step reads, per --weights name."""
+    head = bench.VOCAB * bench.HIDDEN
+    linear = bench.weight_bytes_per_token() / 4 - head
+    # NF4+DQ: 4 bits a value, an 8-bit absmax per 64 values and an f32 per 256 of those.
+    per_linear = {"f32": 4, "bf16": 2}.get(weights, (4 + 8 / 64 + 32 / (64 * 256)) / 8)
+    per_head = 2 if weights in ("bf16", "nf4-dq+bf16") else 4
+    return linear * per_linear + head * per_head
+
+
 def serve_lowrank(args, model_dir, adapter_root, weights, clients, adapters):
     cmd = [args.lowrank, "serve", "--model", model_dir, "--adapters", adapter_root, "--port", str(args.port),
            "--max-batch", str(clients), "--served-model-name", "base", "--kv-cache-mb", "4096"]
-    cmd += {"f32": [], "bf16": ["--bf16-weights"], "nf4-dq": ["--quantize", "nf4", "--double-quant"]}[weights]
+    cmd += WEIGHT_FLAGS[weights]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{args.port}"
     try:
@@ -215,7 +231,7 @@ def llama_bench(args, gguf):
 def lowrank_single(args, model_dir, weights):
     def gen(text, n):
         cmd = [args.lowrank, "generate", "--model", model_dir, "--prompt", text, "--max-tokens", str(n), "--ignore-eos"]
-        cmd += {"f32": [], "bf16": ["--bf16-weights"], "nf4-dq": ["--quantize", "nf4", "--double-quant"]}[weights]
+        cmd += WEIGHT_FLAGS[weights]
         err = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
         m = re.search(r"prefill: (\d+) tokens in ([\d.]+) s .*decode: \d+ tokens at ([\d.]+) tokens/s", err)
         return int(m.group(1)) / float(m.group(2)), float(m.group(3))
@@ -231,7 +247,7 @@ def main():
     ap.add_argument("--model", help="bench.py's model folder (built if absent)")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--adapters", type=int, default=8, help="adapters of the adapter scenarios (0: base only)")
-    ap.add_argument("--weights", default="f32,bf16,nf4-dq")
+    ap.add_argument("--weights", default="f32,bf16,nf4-dq,nf4-dq+bf16")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=18431)
@@ -260,20 +276,18 @@ def main():
 
     bandwidth = bench.read_bandwidth_gb_s() * 1e9
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (torch, all cores)", flush=True)
-    pairs = {"f32": ["f32"], "bf16": ["bf16"], "nf4-dq": ["q4_0", "q4_1"]}
-    step_bytes = {"f32": bench.weight_bytes_per_token(), "bf16": bench.weight_bytes_per_token() / 2}
+    pairs = {"f32": ["f32"], "bf16": ["bf16"], "nf4-dq": ["q4_0", "q4_1"], "nf4-dq+bf16": ["q4_0", "q4_1"]}
     results = []
     for weights in args.weights.split(","):
         ours = lowrank_single(args, model_dir, weights)
-        ours_bytes = step_bytes.get(weights)
+        ours_bytes = step_bytes(weights)
         for peer in pairs[weights]:
             theirs = llama_bench(args, ggufs[peer][1])
-            peer_bytes = os.path.getsize(ggufs[peer][1])
             line = (f"[{weights} vs {peer}] single stream: decode {ours['decode_tok_s']:.1f} vs {theirs['decode_tok_s']:.1f} tok/s "
                     f"(x{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}), pp256 {ours['prefill_tok_s']:.0f} vs "
                     f"{theirs['prefill_tok_s']:.0f} tok/s (x{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f})")
-            bound = bandwidth / (ours_bytes or peer_bytes)
-            line += f"; decode bound {bound:.0f} tok/s ({(ours_bytes or peer_bytes) / 1e6:.0f} MB/token)"
+            bound = bandwidth / ours_bytes
+            line += f"; decode bound {bound:.0f} tok/s ({ours_bytes / 1e6:.0f} MB/token)"
             print(line + f" (load {load():.1f})", flush=True)
             results.append({"weights": weights, "peer": peer, "single": {"lowrank": ours, "llamacpp": theirs}})
         for clients in [int(c) for c in args.clients.split(",")]:
@@ -281,7 +295,7 @@ def main():
                 ours = serve_lowrank(args, model_dir, os.path.join(work, "adapters"), weights, clients, adapters[:n])
                 for peer in pairs[weights]:
                     theirs = serve_llamacpp(args, ggufs[peer][1], lora_files[:n], clients)
-                    step = ours_bytes or os.path.getsize(ggufs[peer][1])
+                    step = ours_bytes
                     bound = bandwidth / step * clients
                     print(f"[{weights} vs {peer}] {clients} clients, {n or 'no'} adapters: "
                           f"{ours['tokens_per_s']:.1f} vs {theirs['tokens_per_s']:.1f} tok/s "

@@ -28,6 +28,7 @@ mod gemv;
 pub mod heads;
 pub mod huge_pages;
 pub mod lora_linear;
+pub mod probe;
 pub mod process;
 pub mod projections;
 pub mod rms_norm;

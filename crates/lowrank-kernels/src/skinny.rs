@@ -205,37 +205,20 @@ fn base_tile(
     for g in (0..rows_out).step_by(BLOCK_W) {
         let nw = BLOCK_W.min(rows_out - g);
         let span = (o0 + g) * in_f..(o0 + g + nw) * in_f;
-        let rows: &[f32] = match w {
-            BaseWeights::F32(w) => &w[span],
+        let out = &mut tile[g * m..];
+        // An f32 or bf16 W is read straight from memory (a bf16 widened in registers): its
+        // next rows are asked for ahead.
+        match w {
+            BaseWeights::F32(w) => dot_tile(&w[span], in_f, nw, in_f, x_rows, out, &out_x, m, true),
             BaseWeights::Bf16(w) => {
-                buf.clear();
-                // A bf16 is the high half of an f32: the shift vectorises (`to_f32` does not).
-                buf.extend(
-                    w[span]
-                        .iter()
-                        .map(|v| f32::from_bits((v.to_bits() as u32) << 16)),
-                );
-                &buf[..]
+                dot_tile(&w[span], in_f, nw, in_f, x_rows, out, &out_x, m, true)
             }
             BaseWeights::FourBit(q) => {
                 buf.resize(nw * in_f, 0.0);
                 q.dequantize_range(lut.expect("a 4-bit weight has its table"), span.start, buf);
-                &buf[..]
+                dot_tile(&buf[..], in_f, nw, in_f, x_rows, out, &out_x, m, false);
             }
-        };
-        // An f32 W is read straight from memory: its next rows are asked for ahead.
-        let stream = matches!(w, BaseWeights::F32(_));
-        dot_tile(
-            rows,
-            in_f,
-            nw,
-            in_f,
-            x_rows,
-            &mut tile[g * m..],
-            &out_x,
-            m,
-            stream,
-        );
+        }
     }
 }
 
@@ -280,10 +263,10 @@ fn fourbit_rows(
             // weight, the rows of x inside their slices, and the writes inside the tile.
             unsafe {
                 match m {
-                    1 => fourbit_rows_avx2::<1, 4>(q, in_f, o0, nw, [x(0)], tile),
-                    2 => fourbit_rows_avx2::<2, 4>(q, in_f, o0, nw, [x(0), x(1)], tile),
-                    3 => fourbit_rows_avx2::<3, 2>(q, in_f, o0, nw, [x(0), x(1), x(2)], tile),
-                    _ => fourbit_rows_avx2::<4, 2>(q, in_f, o0, nw, [x(0), x(1), x(2), x(3)], tile),
+                    1 => fourbit_rows_avx2::<1>(q, in_f, o0, nw, [x(0)], tile),
+                    2 => fourbit_rows_avx2::<2>(q, in_f, o0, nw, [x(0), x(1)], tile),
+                    3 => fourbit_rows_avx2::<3>(q, in_f, o0, nw, [x(0), x(1), x(2)], tile),
+                    _ => fourbit_rows_avx2::<4>(q, in_f, o0, nw, [x(0), x(1), x(2), x(3)], tile),
                 }
             }
             return true;
@@ -292,14 +275,14 @@ fn fourbit_rows(
     false
 }
 
-/// [`fourbit_rows`] for C rows of X, with S sums in flight per row (an even number).
+/// [`fourbit_rows`] for C rows of X.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; in_f and the block size multiples of 16, rows o0..o0 + nw
 /// inside the weight, each x[c] in_f values and the tile nw × C values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fourbit_rows_avx2<const C: usize, const S: usize>(
+unsafe fn fourbit_rows_avx2<const C: usize>(
     q: &Quantized4Bit,
     in_f: usize,
     o0: usize,
@@ -313,7 +296,9 @@ unsafe fn fourbit_rows_avx2<const C: usize, const S: usize>(
         _mm256_loadu_ps(code.as_ptr()),
         _mm256_loadu_ps(code.as_ptr().add(8)),
     );
-    let nibble = _mm_set1_epi8(0x0f);
+    // Code 2j is byte j's high nibble, code 2j + 1 its low one: in a little-endian u32 of
+    // four bytes, code i starts at these bits.
+    let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
     let (packed, block) = (q.packed().as_ptr(), q.block_size());
     // Block sizes are powers of two: the block of a flat index is a shift away.
     let shift = block.trailing_zeros();
@@ -332,39 +317,33 @@ unsafe fn fourbit_rows_avx2<const C: usize, const S: usize>(
             // The block of flat index row + k: blocks run over the flattened weight.
             let b = (row + k) >> shift;
             let end = ((b + 1) * block - row).min(in_f);
-            // S independent sums per row of X, so that the FMA latency does not bound the
-            // loop: two (the codes' halves) per group of sixteen, S / 2 groups in flight.
-            let mut part = [[_mm256_setzero_ps(); S]; C];
+            // Two sums per row of X (the codes' halves), so that the FMA latency does not
+            // bound the loop.
+            let mut part = [[_mm256_setzero_ps(); 2]; C];
             while k < end {
-                let groups = (S / 2).min((end - k) / 16);
-                for g in 0..groups {
-                    let at = k + 16 * g;
-                    // Sixteen codes, high nibble first in each byte.
-                    let bytes = _mm_loadl_epi64(packed.add((row + at) / 2) as *const __m128i);
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
-                    let lo = _mm_and_si128(bytes, nibble);
-                    let idx = _mm_unpacklo_epi8(hi, lo);
-                    let first = lookup(low, high, _mm256_cvtepu8_epi32(idx));
-                    let second = lookup(low, high, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(idx)));
-                    for c in 0..C {
-                        let sums = &mut part[c];
-                        sums[2 * g] =
-                            _mm256_fmadd_ps(first, _mm256_loadu_ps(x[c].add(at)), sums[2 * g]);
-                        sums[2 * g + 1] = _mm256_fmadd_ps(
-                            second,
-                            _mm256_loadu_ps(x[c].add(at + 8)),
-                            sums[2 * g + 1],
-                        );
-                    }
+                // Sixteen codes: each lane shifts its code to the bottom of a copy of four
+                // bytes (the lookup reads only the low four bits).
+                let bytes = packed.add((row + k) / 2) as *const i32;
+                let first = lookup(
+                    low,
+                    high,
+                    _mm256_srlv_epi32(_mm256_set1_epi32(bytes.read_unaligned()), shifts),
+                );
+                let second = lookup(
+                    low,
+                    high,
+                    _mm256_srlv_epi32(_mm256_set1_epi32(bytes.add(1).read_unaligned()), shifts),
+                );
+                for c in 0..C {
+                    let sums = &mut part[c];
+                    sums[0] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x[c].add(k)), sums[0]);
+                    sums[1] = _mm256_fmadd_ps(second, _mm256_loadu_ps(x[c].add(k + 8)), sums[1]);
                 }
-                k += 16 * groups;
+                k += 16;
             }
             let scale = _mm256_set1_ps(*scales.get_unchecked(b - first_block));
             for c in 0..C {
-                let mut sum = part[c][0];
-                for p in &part[c][1..] {
-                    sum = _mm256_add_ps(sum, *p);
-                }
+                let sum = _mm256_add_ps(part[c][0], part[c][1]);
                 acc[c] = _mm256_fmadd_ps(sum, scale, acc[c]);
             }
         }
@@ -458,8 +437,8 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
 /// row i of `xs`. With `stream` (w read from memory, its rows one after another at the
 /// stride), the first pass over each group of rows asks for the next group's bytes.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dot_tile(
-    w: &[f32],
+pub(crate) fn dot_tile<T: TileWeight>(
+    w: &[T],
     w_stride: usize,
     nw: usize,
     len: usize,
@@ -500,8 +479,8 @@ pub(crate) fn dot_tile(
 
 /// [`dot_tile`] without SIMD intrinsics.
 #[allow(clippy::too_many_arguments)]
-fn dot_tile_portable(
-    w: &[f32],
+fn dot_tile_portable<T: TileWeight>(
+    w: &[T],
     w_stride: usize,
     nw: usize,
     len: usize,
@@ -510,10 +489,13 @@ fn dot_tile_portable(
     out_x: &[usize],
     out_w: usize,
 ) {
+    let mut row = vec![0f32; len];
     for o in 0..nw {
-        let row = &w[o * w_stride..o * w_stride + len];
+        for (r, v) in row.iter_mut().zip(&w[o * w_stride..o * w_stride + len]) {
+            *r = v.to_f32();
+        }
         for (x, &at) in xs.iter().zip(out_x) {
-            out[at + o * out_w] += crate::cpu::dot_portable(row, &x[..len]);
+            out[at + o * out_w] += crate::cpu::dot_portable(&row, &x[..len]);
         }
     }
 }
@@ -525,8 +507,8 @@ fn dot_tile_portable(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dot_tile_avx2(
-    w: &[f32],
+unsafe fn dot_tile_avx2<T: TileWeight>(
+    w: &[T],
     w_stride: usize,
     nw: usize,
     len: usize,
@@ -547,54 +529,54 @@ unsafe fn dot_tile_avx2(
             // The next rows of w are asked for while the first rows of x use these.
             let ahead = stream && i == 0;
             let sums: [[f32; BLOCK_X]; BLOCK_W] = match (rw, rx) {
-                (3, 4) => widen(block::<3, 4>(
+                (3, 4) => widen(block::<T, 3, 4>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2), xp(3)],
                     len,
                     ahead,
                 )),
-                (3, 3) => widen(block::<3, 3>(
+                (3, 3) => widen(block::<T, 3, 3>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2)],
                     len,
                     ahead,
                 )),
-                (3, 2) => widen(block::<3, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
-                (3, _) => widen(block::<3, 1>(wp, w_stride, [xp(0)], len, ahead)),
-                (2, 4) => widen(block::<2, 4>(
+                (3, 2) => widen(block::<T, 3, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (3, _) => widen(block::<T, 3, 1>(wp, w_stride, [xp(0)], len, ahead)),
+                (2, 4) => widen(block::<T, 2, 4>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2), xp(3)],
                     len,
                     ahead,
                 )),
-                (2, 3) => widen(block::<2, 3>(
+                (2, 3) => widen(block::<T, 2, 3>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2)],
                     len,
                     ahead,
                 )),
-                (2, 2) => widen(block::<2, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
-                (2, _) => widen(block::<2, 1>(wp, w_stride, [xp(0)], len, ahead)),
-                (_, 4) => widen(block::<1, 4>(
+                (2, 2) => widen(block::<T, 2, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (2, _) => widen(block::<T, 2, 1>(wp, w_stride, [xp(0)], len, ahead)),
+                (_, 4) => widen(block::<T, 1, 4>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2), xp(3)],
                     len,
                     ahead,
                 )),
-                (_, 3) => widen(block::<1, 3>(
+                (_, 3) => widen(block::<T, 1, 3>(
                     wp,
                     w_stride,
                     [xp(0), xp(1), xp(2)],
                     len,
                     ahead,
                 )),
-                (_, 2) => widen(block::<1, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
-                (_, _) => widen(block::<1, 1>(wp, w_stride, [xp(0)], len, ahead)),
+                (_, 2) => widen(block::<T, 1, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
+                (_, _) => widen(block::<T, 1, 1>(wp, w_stride, [xp(0)], len, ahead)),
             };
             for (r, sums) in sums.iter().enumerate().take(rw) {
                 for (c, s) in sums.iter().enumerate().take(rx) {
@@ -628,8 +610,8 @@ fn widen<const R: usize, const C: usize>(s: [[f32; C]; R]) -> [[f32; BLOCK_X]; B
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn block<const R: usize, const C: usize>(
-    w: *const f32,
+unsafe fn block<T: TileWeight, const R: usize, const C: usize>(
+    w: *const T,
     ws: usize,
     x: [*const f32; C],
     len: usize,
@@ -637,18 +619,19 @@ unsafe fn block<const R: usize, const C: usize>(
 ) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); C]; R];
-    // The next R rows start R strides on: two cache lines of them per eight columns covers
-    // them (and more) by the end of these rows.
-    let next = w.wrapping_add(R * ws);
+    // The next R rows start R strides on: two cache lines of them per eight columns (of an
+    // f32 W; one per eight of a bf16) cover them, and more, by the end of these rows.
+    let next = w.wrapping_add(R * ws).cast::<u8>();
+    let step = 4 * std::mem::size_of::<T>();
     let mut k = 0;
     while k + 8 <= len {
         if ahead {
-            crate::cpu::prefetch_line(next.wrapping_add(4 * k));
-            crate::cpu::prefetch_line(next.wrapping_add(4 * k + 16));
+            crate::cpu::prefetch_line(next.wrapping_add(step * k));
+            crate::cpu::prefetch_line(next.wrapping_add(step * k + 64));
         }
         let mut wv = [_mm256_setzero_ps(); R];
         for (r, wv) in wv.iter_mut().enumerate() {
-            *wv = _mm256_loadu_ps(w.add(r * ws + k));
+            *wv = T::load8(w.add(r * ws + k));
         }
         for c in 0..C {
             let xv = _mm256_loadu_ps(x[c].add(k));
@@ -663,12 +646,55 @@ unsafe fn block<const R: usize, const C: usize>(
         for c in 0..C {
             let mut s = crate::cpu::sum_lanes(acc[r][c]);
             for kk in k..len {
-                s += *w.add(r * ws + kk) * *x[c].add(kk);
+                s += (*w.add(r * ws + kk)).to_f32() * *x[c].add(kk);
             }
             sums[r][c] = s;
         }
     }
     sums
+}
+
+/// A value of W as the tile kernels read it: an f32, or a bf16 widened (exactly) to f32.
+pub(crate) trait TileWeight: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+
+    /// Eight values from `p`, as f32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; eight values must be readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl TileWeight for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl TileWeight for bf16 {
+    /// A bf16 is the high half of an f32.
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+    }
 }
 
 #[cfg(test)]
@@ -685,11 +711,33 @@ mod tests {
     /// row lengths around the eight-lane step, output offsets and strides.
     #[test]
     fn dot_tile_matches_f64() {
-        for nw in [1, 2, 3, 4, 7] {
-            for nx in [1, 2, 3, 4, 5, 9] {
-                for len in [0, 1, 7, 8, 9, 33, 100] {
+        dot_tile_matches_f64_over(|v| v);
+    }
+
+    /// The same over a bf16 W (widened in registers), against the widened values.
+    #[test]
+    fn dot_tile_bf16_matches_f64() {
+        dot_tile_matches_f64_over(bf16::from_f32);
+    }
+
+    fn dot_tile_matches_f64_over<T: TileWeight>(make: impl Fn(f32) -> T) {
+        // 40 rows of 300 exceed the slice budget: three slices of 96 and one of 12.
+        for (nw, nx, len) in
+            [(1, 40, 300), (4, 40, 300)]
+                .into_iter()
+                .chain([1, 2, 3, 4, 7].into_iter().flat_map(|nw| {
+                    [1, 2, 3, 4, 5, 9]
+                        .into_iter()
+                        .flat_map(move |nx| [0, 1, 7, 8, 9, 33, 100].map(move |len| (nw, nx, len)))
+                }))
+        {
+            {
+                {
                     let stride = len + 3;
-                    let w = values(nw * stride, nw + len);
+                    let w: Vec<T> = values(nw * stride, nw + len)
+                        .into_iter()
+                        .map(&make)
+                        .collect();
                     let xv: Vec<Vec<f32>> = (0..nx).map(|i| values(len, 50 + i)).collect();
                     let xs: Vec<&[f32]> = xv.iter().map(|v| v.as_slice()).collect();
                     let out_x: Vec<usize> = (0..nx).map(|i| 2 * i + 1).collect();
@@ -705,7 +753,7 @@ mod tests {
                             let at = out_x[i] + o * out_w;
                             let want = start[at] as f64
                                 + (0..len)
-                                    .map(|k| w[o * stride + k] as f64 * x[k] as f64)
+                                    .map(|k| w[o * stride + k].to_f32() as f64 * x[k] as f64)
                                     .sum::<f64>();
                             for (path, got) in [("simd", fast[at]), ("portable", portable[at])] {
                                 assert!(

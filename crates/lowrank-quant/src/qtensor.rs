@@ -732,25 +732,17 @@ mod simd_lookup {
         let low_table = _mm256_loadu_ps(code.as_ptr());
         let high_table = _mm256_loadu_ps(code.as_ptr().add(8));
         let scale = _mm256_set1_ps(scale);
-        let nibble = _mm_set1_epi8(0x0f);
-        let seven = _mm256_set1_epi32(7);
+        // Code 2j is byte j's high nibble, code 2j + 1 its low one: in a little-endian u32 of
+        // four bytes, code i starts at these bits (the permutes read only the low three, the
+        // blend the fourth, shifted to the sign).
+        let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
         for (chunk, dst) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
-            let v = _mm_loadu_si128(chunk.as_ptr() as *const __m128i);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nibble);
-            let lo = _mm_and_si128(v, nibble);
-            // Code order: each byte's high nibble, then its low one.
-            let first = _mm_unpacklo_epi8(hi, lo);
-            let second = _mm_unpackhi_epi8(hi, lo);
-            for (k, idx16) in [first, first, second, second].into_iter().enumerate() {
-                let idx8 = if k % 2 == 0 {
-                    idx16
-                } else {
-                    _mm_srli_si128::<8>(idx16)
-                };
-                let idx = _mm256_cvtepu8_epi32(idx8);
+            for k in 0..4 {
+                let four = (chunk.as_ptr().add(4 * k) as *const i32).read_unaligned();
+                let idx = _mm256_srlv_epi32(_mm256_set1_epi32(four), shifts);
                 let from_low = _mm256_permutevar8x32_ps(low_table, idx);
                 let from_high = _mm256_permutevar8x32_ps(high_table, idx);
-                let use_high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+                let use_high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
                 let value = _mm256_blendv_ps(from_low, from_high, use_high);
                 _mm256_storeu_ps(dst.as_mut_ptr().add(8 * k), _mm256_mul_ps(value, scale));
             }

@@ -138,33 +138,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Bytes per second the pool's threads stream from a 1 GiB buffer (one long sum each), best
-/// of three.
-fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let data = vec![1f32; 1 << 28];
-    let per_thread = data.len().div_ceil(rayon::current_num_threads());
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let total: f32 = data
-            .par_chunks(per_thread)
-            .map(|chunk| {
-                let mut acc = [0f32; 16];
-                for block in chunk.chunks_exact(16) {
-                    for (a, x) in acc.iter_mut().zip(block) {
-                        *a += x;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(total);
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    (data.len() * 4) as f64 / best
-}
-
 /// FLOP/s of the f32 GEMM (candle's matmul over the pool) at a layer's prefill shape, best of
 /// five.
 fn gemm_rate() -> Result<f64, String> {
@@ -287,7 +260,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     drop(model);
 
     eprintln!("measuring read bandwidth and the GEMM rate ...");
-    let read_bytes_s = read_bandwidth();
+    let read_bytes_s = lowrank_kernels::probe::read_bandwidth(3);
     let gemm_flop_s = gemm_rate()?;
     eprintln!(
         "read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s (load average {:.2})",

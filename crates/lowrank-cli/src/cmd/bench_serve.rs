@@ -13,7 +13,8 @@ pub struct Args {
     #[arg(long)]
     model: String,
     /// How the base's weights are stored, one server each: f32, bf16 (--bf16-weights),
-    /// nf4, nf4-dq, fp4, fp4-dq (4-bit at load, blocks of 64; -dq: double quantization).
+    /// nf4, nf4-dq, fp4, fp4-dq (4-bit at load, blocks of 64; -dq: double quantization);
+    /// a 4-bit name with `+bf16` (nf4-dq+bf16) keeps the embedding/head in bf16.
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,nf4-dq")]
     weights: Vec<String>,
     /// Adapter counts to spread each scenario's requests over.
@@ -45,18 +46,25 @@ fn weights(name: &str) -> Result<BenchWeights> {
     let four_bit = |kind, double_quant| -> Result<Option<QuantSpec>> {
         Ok(Some(QuantSpec::new(kind, double_quant, 64)?))
     };
-    let (bf16_weights, quantize) = match name {
+    let (base, bf16_head) = match name.split_once('+') {
+        Some((base, "bf16")) if base.contains('4') => (base, true),
+        Some(_) => bail!("--weights: {name:?}: only a 4-bit name takes a suffix, +bf16"),
+        None => (name, false),
+    };
+    let (bf16_weights, quantize) = match base {
         "f32" => (false, None),
         "bf16" => (true, None),
         "nf4" => (false, four_bit(QuantType::Nf4, false)?),
         "nf4-dq" => (false, four_bit(QuantType::Nf4, true)?),
         "fp4" => (false, four_bit(QuantType::Fp4, false)?),
         "fp4-dq" => (false, four_bit(QuantType::Fp4, true)?),
-        other => bail!("--weights: {other:?} is not one of f32, bf16, nf4, nf4-dq, fp4, fp4-dq"),
+        other => bail!(
+            "--weights: {other:?} is not one of f32, bf16, nf4, nf4-dq, fp4, fp4-dq (a 4-bit one optionally with +bf16)"
+        ),
     };
     Ok(BenchWeights {
         name: name.to_string(),
-        bf16_weights,
+        bf16_weights: bf16_weights || bf16_head,
         quantize,
     })
 }
