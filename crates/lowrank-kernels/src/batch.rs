@@ -238,14 +238,9 @@ fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
     use half::bf16;
     use lowrank_quant::{QuantType, Quantized4Bit};
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
-            .collect()
-    }
 
     /// W as f64, decoded independently of the kernels: code (row-major flat index i) times the
     /// absmax of block i / block_size.

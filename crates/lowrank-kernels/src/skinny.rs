@@ -528,55 +528,11 @@ unsafe fn dot_tile_avx2<T: TileWeight>(
             let xp = |c: usize| xs[i + c.min(rx - 1)].as_ptr();
             // The next rows of w are asked for while the first rows of x use these.
             let ahead = stream && i == 0;
-            let sums: [[f32; BLOCK_X]; BLOCK_W] = match (rw, rx) {
-                (3, 4) => widen(block::<T, 3, 4>(
-                    wp,
-                    w_stride,
-                    [xp(0), xp(1), xp(2), xp(3)],
-                    len,
-                    ahead,
-                )),
-                (3, 3) => widen(block::<T, 3, 3>(
-                    wp,
-                    w_stride,
-                    [xp(0), xp(1), xp(2)],
-                    len,
-                    ahead,
-                )),
-                (3, 2) => widen(block::<T, 3, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
-                (3, _) => widen(block::<T, 3, 1>(wp, w_stride, [xp(0)], len, ahead)),
-                (2, 4) => widen(block::<T, 2, 4>(
-                    wp,
-                    w_stride,
-                    [xp(0), xp(1), xp(2), xp(3)],
-                    len,
-                    ahead,
-                )),
-                (2, 3) => widen(block::<T, 2, 3>(
-                    wp,
-                    w_stride,
-                    [xp(0), xp(1), xp(2)],
-                    len,
-                    ahead,
-                )),
-                (2, 2) => widen(block::<T, 2, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
-                (2, _) => widen(block::<T, 2, 1>(wp, w_stride, [xp(0)], len, ahead)),
-                (_, 4) => widen(block::<T, 1, 4>(
-                    wp,
-                    w_stride,
-                    [xp(0), xp(1), xp(2), xp(3)],
-                    len,
-                    ahead,
-                )),
-                (_, 3) => widen(block::<T, 1, 3>(
-                    wp,
-                    w_stride,
-                    [xp(0), xp(1), xp(2)],
-                    len,
-                    ahead,
-                )),
-                (_, 2) => widen(block::<T, 1, 2>(wp, w_stride, [xp(0), xp(1)], len, ahead)),
-                (_, _) => widen(block::<T, 1, 1>(wp, w_stride, [xp(0)], len, ahead)),
+            let x = [xp(0), xp(1), xp(2), xp(3)];
+            let sums = match rw {
+                3 => block_of::<T, 3>(wp, w_stride, x, rx, len, ahead),
+                2 => block_of::<T, 2>(wp, w_stride, x, rx, len, ahead),
+                _ => block_of::<T, 1>(wp, w_stride, x, rx, len, ahead),
             };
             for (r, sums) in sums.iter().enumerate().take(rw) {
                 for (c, s) in sums.iter().enumerate().take(rx) {
@@ -586,6 +542,30 @@ unsafe fn dot_tile_avx2<T: TileWeight>(
             i += rx;
         }
         o += rw;
+    }
+}
+
+/// [`block`] over R rows of w and the first `rx` (1…4) of `x`, its sums in the full
+/// [`BLOCK_W`] × [`BLOCK_X`] shape (the rest zero).
+///
+/// # Safety
+/// As [`block`], for the first `rx` rows of x.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block_of<T: TileWeight, const R: usize>(
+    w: *const T,
+    ws: usize,
+    x: [*const f32; BLOCK_X],
+    rx: usize,
+    len: usize,
+    ahead: bool,
+) -> [[f32; BLOCK_X]; BLOCK_W] {
+    match rx {
+        4 => widen(block::<T, R, 4>(w, ws, x, len, ahead)),
+        3 => widen(block::<T, R, 3>(w, ws, [x[0], x[1], x[2]], len, ahead)),
+        2 => widen(block::<T, R, 2>(w, ws, [x[0], x[1]], len, ahead)),
+        _ => widen(block::<T, R, 1>(w, ws, [x[0]], len, ahead)),
     }
 }
 
@@ -700,12 +680,7 @@ impl TileWeight for bf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
-            .collect()
-    }
+    use crate::test_util::values;
 
     /// dot_tile's SIMD and portable paths against f64 sums: every block shape and its edges,
     /// row lengths around the eight-lane step, output offsets and strides.

@@ -2,6 +2,13 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
+/// n deterministic values in [-1, 1), spread by `seed`.
+pub fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+        .collect()
+}
+
 /// Deterministic pseudo-normal values (sum of uniforms), times `scale`.
 pub fn randt(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     let n: usize = shape.iter().product();
