@@ -306,10 +306,10 @@ mod tests {
     /// and rows without any, all in one step, against f64.
     #[test]
     fn every_row_count_and_base_kind_matches_f64() {
-        // Rows of a multiple of 16 values take the 4-bit path that decodes in registers (up
+        // Rows of a multiple of 32 values take the 4-bit path that decodes in registers (up
         // to four rows of X), the others the decoded buffer.
         // bf16 over 1100 outputs: two tiles of the GEMM path's widening.
-        let cases: [(usize, usize, &str, usize); 9] = [
+        let cases: [(usize, usize, &str, usize); 10] = [
             (77, 50, "f32", 0),
             (77, 37, "bf16", 0),
             (24, 1100, "bf16", 0),
@@ -318,6 +318,7 @@ mod tests {
             (100, 33, "nf4-dq", 64),
             (40, 13, "fp4-dq", 128),
             (48, 19, "nf4-dq", 64),
+            (64, 7, "nf4-dq", 32),
             (32, 11, "fp4", 128),
         ];
         for (in_f, out_f, kind, block) in cases {

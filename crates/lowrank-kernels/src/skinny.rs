@@ -4,10 +4,11 @@
 //! A step over m rows must cost about one pass over the weights, not m: each task takes a
 //! tile of [`TILE_OUT`] output rows of W and, three rows of W at a time, applies them to every
 //! row of X before it moves on, so each row of W comes from memory once and from L1 for the
-//! other rows. A 4-bit or bf16 W is decoded into an f32 buffer three rows at a time — once per
-//! step, for all rows of X. The register block is 3 rows of W × 4 rows of X (12 eight-lane
-//! FMA chains, AVX2+FMA chosen at run time), summed over the whole row before one horizontal
-//! sum per output.
+//! other rows. A bf16 W is widened in registers as it is loaded; a 4-bit W is decoded in
+//! registers for up to four rows of X (byte shuffles, see `Planes`), and for more into an f32
+//! buffer three rows at a time — once per step, for all rows of X. The register block is 3
+//! rows of W × 4 rows of X (12 eight-lane FMA chains, AVX2+FMA chosen at run time), summed over
+//! the whole row before one horizontal sum per output.
 //!
 //! Adapters follow Punica/S-LoRA's segmented form: a [`Segment`] is one adapter module and the
 //! rows that use it. Before the pass over W, each segment's "shrink" T = scale·X[rows]·Aᵀ
@@ -227,11 +228,10 @@ fn base_tile(
 const FOURBIT_DIRECT_ROWS: usize = 4;
 
 /// The base product of a 4-bit W's output rows o0..o0 + nw for up to [`FOURBIT_DIRECT_ROWS`]
-/// rows of X, into the transposed tile, decoding the codes in registers: sixteen codes at a
-/// time looked up in the 16-entry table (two 8-lane permutes and a blend), multiplied into
-/// every row's per-block sums, each block's sums scaled by its absmax once. Needs AVX2+FMA and
-/// rows of a multiple of 16 values (so that every block boundary falls on a byte); returns
-/// false, having done nothing, otherwise.
+/// rows of X, into the transposed tile, decoding the codes in registers (thirty-two at a time,
+/// see [`Planes`]), multiplied into every row's per-block sums, each block's sums scaled by its
+/// absmax once. Needs AVX2+FMA and rows and blocks of a multiple of 32 values; returns false,
+/// having done nothing, otherwise.
 fn fourbit_rows(
     q: &Quantized4Bit,
     in_f: usize,
@@ -241,7 +241,7 @@ fn fourbit_rows(
     tile: &mut [f32],
     m: usize,
 ) -> bool {
-    if m > FOURBIT_DIRECT_ROWS || !in_f.is_multiple_of(16) || !q.block_size().is_multiple_of(16) {
+    if m > FOURBIT_DIRECT_ROWS || !in_f.is_multiple_of(32) || !q.block_size().is_multiple_of(32) {
         return false;
     }
     if nw == 0 {
@@ -278,7 +278,7 @@ fn fourbit_rows(
 /// [`fourbit_rows`] for C rows of X.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; in_f and the block size multiples of 16, rows o0..o0 + nw
+/// The CPU must have AVX2 and FMA; in_f and the block size multiples of 32, rows o0..o0 + nw
 /// inside the weight, each x[c] in_f values and the tile nw × C values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -291,14 +291,7 @@ unsafe fn fourbit_rows_avx2<const C: usize>(
     tile: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let code = q.code();
-    let (low, high) = (
-        _mm256_loadu_ps(code.as_ptr()),
-        _mm256_loadu_ps(code.as_ptr().add(8)),
-    );
-    // Code 2j is byte j's high nibble, code 2j + 1 its low one: in a little-endian u32 of
-    // four bytes, code i starts at these bits.
-    let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+    let planes = Planes::new(q.code());
     let (packed, block) = (q.packed().as_ptr(), q.block_size());
     // Block sizes are powers of two: the block of a flat index is a shift away.
     let shift = block.trailing_zeros();
@@ -317,29 +310,18 @@ unsafe fn fourbit_rows_avx2<const C: usize>(
             // The block of flat index row + k: blocks run over the flattened weight.
             let b = (row + k) >> shift;
             let end = ((b + 1) * block - row).min(in_f);
-            // Two sums per row of X (the codes' halves), so that the FMA latency does not
-            // bound the loop.
+            // Two sums per row of X, so that the FMA latency does not bound the loop.
             let mut part = [[_mm256_setzero_ps(); 2]; C];
             while k < end {
-                // Sixteen codes: each lane shifts its code to the bottom of a copy of four
-                // bytes (the lookup reads only the low four bits).
-                let bytes = packed.add((row + k) / 2) as *const i32;
-                let first = lookup(
-                    low,
-                    high,
-                    _mm256_srlv_epi32(_mm256_set1_epi32(bytes.read_unaligned()), shifts),
-                );
-                let second = lookup(
-                    low,
-                    high,
-                    _mm256_srlv_epi32(_mm256_set1_epi32(bytes.add(1).read_unaligned()), shifts),
-                );
+                let values = planes.decode(packed.add((row + k) / 2));
                 for c in 0..C {
                     let sums = &mut part[c];
-                    sums[0] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x[c].add(k)), sums[0]);
-                    sums[1] = _mm256_fmadd_ps(second, _mm256_loadu_ps(x[c].add(k + 8)), sums[1]);
+                    for (j, v) in values.iter().enumerate() {
+                        let xv = _mm256_loadu_ps(x[c].add(k + 8 * j));
+                        sums[j % 2] = _mm256_fmadd_ps(*v, xv, sums[j % 2]);
+                    }
                 }
-                k += 16;
+                k += 32;
             }
             let scale = _mm256_set1_ps(*scales.get_unchecked(b - first_block));
             for c in 0..C {
@@ -353,25 +335,68 @@ unsafe fn fourbit_rows_avx2<const C: usize>(
     }
 }
 
-/// The 16-entry table's values (its halves in `low` and `high`) at eight indices. A function
-/// of its own: a closure inside a `target_feature` function is not inlined into it.
-///
-/// # Safety
-/// The CPU must have AVX2.
+/// A 16-entry f32 table as four byte planes (byte p of every entry, in both 128-bit lanes),
+/// so that a lookup is byte shuffles: 32 codes cost one shuffle to spread their bytes, four to
+/// look up the planes and eight to interleave the planes back into f32s, where a permute of
+/// f32 lanes would take four shuffles per sixteen.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn lookup(
-    low: std::arch::x86_64::__m256,
-    high: std::arch::x86_64::__m256,
-    idx: std::arch::x86_64::__m256i,
-) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let from_low = _mm256_permutevar8x32_ps(low, idx);
-    let from_high = _mm256_permutevar8x32_ps(high, idx);
-    // blendv reads each lane's sign: bit 3 of the index, shifted there.
-    let use_high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-    _mm256_blendv_ps(from_low, from_high, use_high)
+struct Planes {
+    planes: [std::arch::x86_64::__m256i; 4],
+    /// Which packed byte each lane's byte n reads: lane 0 holds codes 0–3, 8–11, 16–19 and
+    /// 24–27, lane 1 the others, so that the interleaves come out in order.
+    spread: std::arch::x86_64::__m256i,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Planes {
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn new(code: &[f32; 16]) -> Self {
+        use std::arch::x86_64::*;
+        let planes = std::array::from_fn(|p| {
+            let bytes: [u8; 16] = std::array::from_fn(|i| (code[i].to_bits() >> (8 * p)) as u8);
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(bytes.as_ptr().cast()))
+        });
+        #[rustfmt::skip]
+        let spread = _mm256_setr_epi8(
+            0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13,
+            2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15,
+        );
+        Planes { planes, spread }
+    }
+
+    /// The values of the 32 codes in the 16 bytes at `packed` (code 2j the high nibble of byte
+    /// j, code 2j + 1 its low one), in order, eight per vector.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; 16 bytes must be readable at `packed`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn decode(&self, packed: *const u8) -> [std::arch::x86_64::__m256; 4] {
+        use std::arch::x86_64::*;
+        let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(packed.cast()));
+        let doubled = _mm256_shuffle_epi8(bytes, self.spread);
+        // Even bytes take the high nibble, odd bytes the low one.
+        let high = _mm256_and_si256(_mm256_srli_epi16::<4>(doubled), _mm256_set1_epi16(0x000f));
+        let low = _mm256_and_si256(doubled, _mm256_set1_epi16(0x0f00));
+        let idx = _mm256_or_si256(high, low);
+        let [p0, p1, p2, p3] = [
+            _mm256_shuffle_epi8(self.planes[0], idx),
+            _mm256_shuffle_epi8(self.planes[1], idx),
+            _mm256_shuffle_epi8(self.planes[2], idx),
+            _mm256_shuffle_epi8(self.planes[3], idx),
+        ];
+        let (low_a, high_a) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpacklo_epi8(p2, p3));
+        let (low_b, high_b) = (_mm256_unpackhi_epi8(p0, p1), _mm256_unpackhi_epi8(p2, p3));
+        [
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_a, high_a)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(low_a, high_a)),
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_b, high_b)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(low_b, high_b)),
+        ]
+    }
 }
 
 /// The absmax of blocks `blocks`, restored (double quantization keeps 8-bit codes and one f32
