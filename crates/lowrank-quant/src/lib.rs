@@ -5,6 +5,7 @@
 //! - [`qtensor`]: [`Quantized4Bit`], a frozen weight that stays packed in memory, and its
 //!   bitsandbytes / transformers tensor names and `quant_state` JSON.
 //! - [`matmul`]: x·Wᵀ with W 4-bit, tiles dequantized on the fly (forward and grad of x).
+//! - [`planes`]: the AVX2 decoder of 32 codes at a time that the 4-bit kernels share.
 //! - [`checkpoint`]: read / write pre-quantized checkpoints and `quantization_config`.
 
 pub mod blockwise;
@@ -12,6 +13,7 @@ pub mod checkpoint;
 pub mod codebook;
 pub mod error;
 pub mod matmul;
+pub mod planes;
 pub mod qtensor;
 
 pub use blockwise::{validate_block_size, DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE};

@@ -317,6 +317,7 @@ impl Quantized4Bit {
     /// span several rows (tests: fixtures/quant-straddle).
     pub fn dequantize_range(&self, pairs: &PairLut, start: usize, out: &mut [f32]) {
         let end = start + out.len();
+        let table = simd_lookup::Table::new(&self.code);
         let mut i = start;
         while i < end {
             let block = i / self.block_size;
@@ -332,7 +333,7 @@ impl Quantized4Bit {
             let whole = (seg_end - j) / 2;
             let bytes = &self.packed[j / 2..j / 2 + whole];
             // Whole 16-byte runs through the SIMD table lookup where the CPU has it.
-            let simd = simd_lookup::dequantize(&self.code, s, bytes, &mut out[o..o + 2 * whole]);
+            let simd = table.dequantize(s, bytes, &mut out[o..o + 2 * whole]);
             for (dst, &b) in out[o + simd..o + 2 * whole]
                 .chunks_exact_mut(2)
                 .zip(&bytes[simd / 2..])
@@ -708,44 +709,53 @@ impl<'a> RawTensorRef<'a> {
 /// Dequantizing packed codes with AVX2: the 16-entry code table lives in two registers, and
 /// each group of 8 nibbles becomes 8 floats through two in-register permutes and a blend.
 mod simd_lookup {
-    /// Writes 2·n values for the first n = 16·k bytes of `bytes` (high nibble first), scaled
-    /// by `scale`; returns how many values it wrote (0 without AVX2).
-    pub fn dequantize(code: &[f32; 16], scale: f32, bytes: &[u8], out: &mut [f32]) -> usize {
+    /// A code table ready for SIMD lookups where the CPU has them (built once per range).
+    pub struct Table {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") {
-                let n = bytes.len() / 16 * 16;
-                // SAFETY: AVX2 is present; the loop reads bytes[..n] and writes out[..2n],
-                // both within their slices (out holds 2 values per byte).
-                unsafe { avx2(code, scale, &bytes[..n], &mut out[..2 * n]) };
-                return 2 * n;
+        planes: Option<crate::planes::Planes>,
+    }
+
+    impl Table {
+        pub fn new(code: &[f32; 16]) -> Self {
+            let _ = code;
+            Table {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: built only where the CPU has AVX2.
+                planes: std::is_x86_feature_detected!("avx2")
+                    .then(|| unsafe { crate::planes::Planes::new(code) }),
             }
         }
-        let _ = (code, scale, bytes, out);
-        0
+
+        /// Writes 2·n values for the first n = 16·k bytes of `bytes` (high nibble first),
+        /// scaled by `scale`; returns how many values it wrote (0 without AVX2).
+        pub fn dequantize(&self, scale: f32, bytes: &[u8], out: &mut [f32]) -> usize {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if let Some(planes) = &self.planes {
+                    let n = bytes.len() / 16 * 16;
+                    // SAFETY: the planes exist only where the CPU has AVX2; the loop reads
+                    // bytes[..n] and writes out[..2n], both within their slices.
+                    unsafe { avx2(planes, scale, &bytes[..n], &mut out[..2 * n]) };
+                    return 2 * n;
+                }
+            }
+            let _ = (scale, bytes, out);
+            0
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn avx2(code: &[f32; 16], scale: f32, bytes: &[u8], out: &mut [f32]) {
+    unsafe fn avx2(planes: &crate::planes::Planes, scale: f32, bytes: &[u8], out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let low_table = _mm256_loadu_ps(code.as_ptr());
-        let high_table = _mm256_loadu_ps(code.as_ptr().add(8));
         let scale = _mm256_set1_ps(scale);
-        // Code 2j is byte j's high nibble, code 2j + 1 its low one: in a little-endian u32 of
-        // four bytes, code i starts at these bits (the permutes read only the low three, the
-        // blend the fourth, shifted to the sign).
-        let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
         for (chunk, dst) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
-            for k in 0..4 {
-                let four = (chunk.as_ptr().add(4 * k) as *const i32).read_unaligned();
-                let idx = _mm256_srlv_epi32(_mm256_set1_epi32(four), shifts);
-                let from_low = _mm256_permutevar8x32_ps(low_table, idx);
-                let from_high = _mm256_permutevar8x32_ps(high_table, idx);
-                let use_high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-                let value = _mm256_blendv_ps(from_low, from_high, use_high);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(8 * k), _mm256_mul_ps(value, scale));
-            }
+            let [a, b, c, d] = planes.decode(chunk.as_ptr());
+            let at = dst.as_mut_ptr();
+            _mm256_storeu_ps(at, _mm256_mul_ps(a, scale));
+            _mm256_storeu_ps(at.add(8), _mm256_mul_ps(b, scale));
+            _mm256_storeu_ps(at.add(16), _mm256_mul_ps(c, scale));
+            _mm256_storeu_ps(at.add(24), _mm256_mul_ps(d, scale));
         }
     }
 
@@ -758,7 +768,7 @@ mod simd_lookup {
                 .map(|i| (i.wrapping_mul(97) % 256) as u8)
                 .collect();
             let mut out = vec![0f32; 160];
-            let written = super::dequantize(&code, 0.37, &bytes, &mut out);
+            let written = super::Table::new(&code).dequantize(0.37, &bytes, &mut out);
             if !std::is_x86_feature_detected!("avx2") {
                 assert_eq!(written, 0);
                 return;
