@@ -39,7 +39,8 @@ pub struct Args {
     #[arg(long)]
     ignore_eos: bool,
     /// Keep the base's linear weights and output head in bf16 (after --merge): half the memory
-    /// and half the bytes read per decoded token; products still accumulate in f32.
+    /// and half the bytes read per decoded token; products still accumulate in f32; with
+    /// --quantize, the embedding/output head (the decoder layers stay 4-bit).
     #[arg(long)]
     bf16_weights: bool,
     #[command(flatten)]
