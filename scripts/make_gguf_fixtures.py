@@ -21,6 +21,14 @@ Writes:
     fixtures/gguf/reference.json: per file, the eval.jsonl loss and greedy tokens (12 new
     tokens, no stop) of the HF model whose weights are the GGUF's tensors as gguf-py
     dequantizes them (for f32, the HF original itself), computed by transformers in f32.
+  * fixtures/gguf/families/<family>-f32|q8_0.gguf: the family fixture models (fixtures/families:
+    qwen3, phi3, gemma2, gemma3) converted the same way, with their reference.json entries
+    ("families/<family>-<type>.gguf"). Where GGUF cannot express a fixture's setting (llama.cpp
+    decides it from the architecture), the converted copy is given llama.cpp's value first:
+    Gemma's query_pre_attn_scalar = head_dim, Gemma 3 with six layers (one global in six;
+    layers 3..5 copy 0..2), Qwen3 without sliding window. The converter's Gemma 2 and Phi-3
+    classes read only a SentencePiece tokenizer.model; they are made to write the fixtures'
+    byte-level BPE tokenizer.json (its gpt2 path), as Gemma 3's does by itself.
   * fixtures/gguf/lora/<adapter>.gguf: fixture PEFT adapters converted by llama.cpp's
     convert_lora_to_gguf.py (--base the fixture model, default --outtype f32).
   * fixtures/gguf/merged/<adapter>-<type>.gguf: the merged checkpoints of fixtures/merged/
@@ -125,15 +133,21 @@ llama_cpp, pre = sys.argv[1], sys.argv[2]
 sys.path[:0] = [llama_cpp, llama_cpp + "/gguf-py"]
 import conversion.base
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+# Gemma 2 and Phi-3 read only a SentencePiece tokenizer.model; the family fixtures have a
+# byte-level BPE tokenizer.json, which the converter's gpt2 path writes.
+import conversion.gemma, conversion.phi
+conversion.gemma.Gemma2Model.set_vocab = lambda self: (
+    self._set_vocab_gpt2(), self.gguf_writer.add_add_space_prefix(False))
+conversion.phi.Phi3MiniModel.set_vocab = conversion.base.TextModel._set_vocab_gpt2
 import convert_hf_to_gguf
 sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[3:]
 convert_hf_to_gguf.main()
 """
 
 
-def convert(llama_cpp, model, outtype, out, folder="models"):
-    """Runs llama.cpp's convert_hf_to_gguf.py on fixtures/<folder>/<model>."""
-    pre = MODELS[model.split("__")[0]]
+def convert(llama_cpp, model, outtype, out, folder="models", pre=None):
+    """Runs llama.cpp's convert_hf_to_gguf.py on fixtures/<folder>/<model> (or the folder `model`)."""
+    pre = pre or MODELS[model.split("__")[0]]
     subprocess.run([sys.executable, "-c", CONVERT, llama_cpp, pre,
                     os.path.join(ROOT, "fixtures", folder, model),
                     "--outtype", outtype, "--outfile", out], check=True)
@@ -144,7 +158,12 @@ GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "outp
 LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-         "ffn_down": "mlp.down_proj"}
+         "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm",
+         "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2/3 norm around both blocks; Phi-3 keeps its fused projections.
+LAYER_GEMMA = {**LAYER, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+LAYER_PHI3 = {**LAYER, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 
 
 def unpermute(w, n_head):
@@ -156,16 +175,22 @@ def hf_state_from_gguf(path, config):
     import torch
     from gguf import GGUFReader
 
+    gemma = config["model_type"].startswith("gemma")
+    layer_names = LAYER_GEMMA if gemma else LAYER_PHI3 if config["model_type"] == "phi3" else LAYER
     state = {}
     for t in GGUFReader(path).tensors:
+        if t.name.startswith("rope_factors_"):  # Phi-3's LongRoPE factors, config.json's
+            continue
         stem, kind = t.name.rsplit(".", 1)
         if stem.startswith("blk."):
             _, layer, stem = stem.split(".", 2)
-            name = f"model.layers.{layer}.{LAYER[stem]}.{kind}"
+            name = f"model.layers.{layer}.{layer_names[stem]}.{kind}"
         else:
             name = f"{GLOBAL[stem]}.{kind}"
         w = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape)])
+        if gemma and name.endswith("norm.weight"):  # the converter stores Gemma's 1 + w
+            w = w - 1
         if config["model_type"] == "llama" and stem in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if stem == "attn_q" else config["num_key_value_heads"]
             w = unpermute(w, heads)
@@ -200,30 +225,101 @@ def model_reference(model, tok):
     return {"loss": nll / count, "tokens": count, "greedy": greedy}
 
 
-def make_models(llama_cpp):
+def gguf_reference(model_dir, path):
+    """model_reference of the HF model of model_dir with the weights of GGUF file `path`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = hf_state_from_gguf(path, config)
+    if config.get("tie_word_embeddings"):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    model.eval()
+    return model_reference(model, tok)
+
+
+# What GGUF cannot say about a family fixture model (llama.cpp's loader decides it from the
+# architecture), set in the copy that is converted, so the GGUF is that model:
+#  * Gemma 2/3: the attention scale is 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim);
+#  * Gemma 3: one global layer in six (no sliding_window_pattern key): six layers, layers
+#    i >= 3 copying layer i - 3's weights;
+#  * Qwen3: no sliding window (llama.cpp's qwen3 has none).
+# Phi-3 is converted as it is: its sliding_window key holds config.json's.
+def gemma_variant(config):
+    config["query_pre_attn_scalar"] = config["head_dim"]
+
+
+def gemma3_variant(config):
+    gemma_variant(config)
+    config.update(num_hidden_layers=6, sliding_window_pattern=6, _sliding_window_pattern=6,
+                  layer_types=["sliding_attention"] * 5 + ["full_attention"])
+
+
+def qwen3_variant(config):
+    config.update(use_sliding_window=False, layer_types=["full_attention"] * config["num_hidden_layers"])
+
+
+FAMILIES = {"qwen3": ("qwen2", qwen3_variant), "phi3": ("qwen2", None),
+            "gemma2": ("gpt-2", gemma_variant), "gemma3": ("gpt-2", gemma3_variant)}
+FAMILY_OUTTYPES = ["f32", "q8_0"]
+
+
+def family_model_dir(family, variant, tmp):
+    """fixtures/families/<family>/model, or a copy with `variant` applied to its config.json."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as save_torch
+
+    src = os.path.join(ROOT, "fixtures", "families", family, "model")
+    if variant is None:
+        return src
+    dst = os.path.join(tmp, family)
+    shutil.copytree(src, dst)
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    layers = config["num_hidden_layers"]
+    variant(config)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if config["num_hidden_layers"] != layers:
+        state = load_file(os.path.join(src, "model.safetensors"))
+        for i in range(layers, config["num_hidden_layers"]):
+            prefix = f"model.layers.{i - layers}."
+            for name in [n for n in state if n.startswith(prefix)]:
+                state[f"model.layers.{i}." + name[len(prefix):]] = state[name].clone()
+        save_torch(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def make_models(llama_cpp):
+    import tempfile
+
     reference = {}
     for model_name, outtypes in OUTTYPES.items():
         model_dir = os.path.join(ROOT, "fixtures", "models", model_name)
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        with open(os.path.join(model_dir, "config.json")) as f:
-            config = json.load(f)
         for outtype in outtypes:
             file = f"{model_name}-{outtype}.gguf"
             path = os.path.join(OUT, file)
             convert(llama_cpp, model_name, outtype, path)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-            state = hf_state_from_gguf(path, config)
-            if config.get("tie_word_embeddings"):
-                state["lm_head.weight"] = state["model.embed_tokens.weight"]
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-            model.eval()
-            reference[file] = {"model": model_name, "outtype": outtype, **model_reference(model, tok)}
+            reference[file] = {"model": model_name, "outtype": outtype, **gguf_reference(model_dir, path)}
+    os.makedirs(os.path.join(OUT, "families"), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="make-gguf-fixtures-") as tmp:
+        for family, (pre, variant) in FAMILIES.items():
+            model_dir = family_model_dir(family, variant, tmp)
+            for outtype in FAMILY_OUTTYPES:
+                file = f"families/{family}-{outtype}.gguf"
+                path = os.path.join(OUT, file)
+                convert(llama_cpp, model_dir, outtype, path, pre=pre)
+                reference[file] = {"model": f"families/{family}", "outtype": outtype,
+                                   **gguf_reference(model_dir, path)}
     with open(os.path.join(OUT, "reference.json"), "w", encoding="utf-8") as f:
         json.dump(reference, f, indent=1, ensure_ascii=False)
         f.write("\n")

@@ -7,7 +7,7 @@ use lowrank_core::lora::{LoraAdapter, LoraVariant};
 use lowrank_core::{Error, Result};
 use lowrank_gguf::{GgufWriter, TensorType, Value};
 
-use crate::gguf::{gguf_tensor_name, ArchSpec, ARCHITECTURES};
+use crate::gguf::{ArchSpec, ARCHITECTURES};
 use crate::ModelConfig;
 
 /// gguf-py's `GGML_QUANT_VERSION`, written as `general.quantization_version`.
@@ -150,7 +150,8 @@ pub fn lora_adapter_gguf(
     );
     for (key, module) in &adapter.modules {
         let weight = format!("{key}.weight");
-        let gguf = gguf_tensor_name(&weight)
+        let gguf = arch
+            .gguf_tensor_name(&weight)
             .ok_or_else(|| Error::Msg(format!("module {key} has no GGUF tensor name")))?;
         let a = module.a.to_dtype(candle_core::DType::F32)?;
         let b = module.b.to_dtype(candle_core::DType::F32)?;
@@ -359,7 +360,8 @@ pub fn model_gguf(
     // The converter's order: the checkpoint's, which safetensors sorts by name.
     weights.sort_by(|a, b| a.0.cmp(&b.0));
     for (hf_name, tensor) in weights {
-        let gguf = gguf_tensor_name(&hf_name)
+        let gguf = arch
+            .gguf_tensor_name(&hf_name)
             .ok_or_else(|| Error::Msg(format!("tensor {hf_name} has no GGUF name")))?;
         let shape = tensor.dims().to_vec();
         let mut values: Vec<f32> = tensor

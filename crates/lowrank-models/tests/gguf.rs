@@ -19,11 +19,10 @@ fn reference() -> serde_json::Map<String, Value> {
 #[test]
 fn gguf_models_give_the_loss_and_greedy_tokens_of_transformers() {
     for (file, case) in reference() {
-        let model = Llama::load(&fixtures().join("gguf").join(&file), &Device::Cpu).unwrap();
-        let hf_dir = fixtures()
-            .join("models")
-            .join(case["model"].as_str().unwrap());
-        let tokenizer = Tokenizer::load(&hf_dir).unwrap();
+        let path = fixtures().join("gguf").join(&file);
+        let model = Llama::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{file}: {e}"));
+        // The GGUF's own tokenizer: the prompt ids are checked against transformers' below.
+        let tokenizer = Tokenizer::load(&path).unwrap();
         let (mut nll, mut count) = (0f64, 0usize);
         for text in eval_texts() {
             let ids = tokenizer.encode(&text, true).unwrap();
@@ -41,7 +40,7 @@ fn gguf_models_give_the_loss_and_greedy_tokens_of_transformers() {
                 .encode(g["prompt"].as_str().unwrap(), true)
                 .unwrap();
             let want_prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
-            assert_eq!(prompt, want_prompt);
+            assert_eq!(prompt, want_prompt, "{file}");
             let want: Vec<u32> = serde_json::from_value(g["token_ids"].clone()).unwrap();
             let mut sampler = Sampler::new(SamplingParams::default());
             let out = generate(&model, &prompt, &[], &mut sampler, want.len(), &[], |_| {
@@ -83,6 +82,64 @@ fn an_f32_gguf_holds_the_hf_weights_exactly() {
                 .unwrap();
             assert_eq!(diff, 0.0, "{name}: {}", a.0);
         }
+    }
+}
+
+/// The family fixtures' f32 GGUFs hold the HF weights exactly (Gemma's norms' 1 + w as the
+/// converter stored it, Phi-3's fused projections as they are); the converted copies differ from
+/// fixtures/families only in what GGUF cannot say (see make_gguf_fixtures.py), and Gemma 3's
+/// layers 3..6 repeat layers 0..3.
+#[test]
+fn family_f32_ggufs_hold_the_hf_weights_exactly() {
+    let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
+        let ours = Llama::load(
+            &fixtures().join(format!("gguf/families/{family}-f32.gguf")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let hf = Llama::load(
+            &fixtures().join(format!("families/{family}/model")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let hf_layers = hf.config().num_layers;
+        let hf_weights: std::collections::HashMap<String, candle_core::Tensor> =
+            hf.named_weights().unwrap().into_iter().collect();
+        let mut compared = 0;
+        for (name, w) in ours.named_weights().unwrap() {
+            // Gemma 3's copy has six layers: layer i holds the fixture's layer i % 3.
+            let hf_name = match name.strip_prefix("model.layers.") {
+                Some(rest) => {
+                    let (layer, tail) = rest.split_once('.').unwrap();
+                    let layer: usize = layer.parse().unwrap();
+                    format!("model.layers.{}.{tail}", layer % hf_layers)
+                }
+                None => name.clone(),
+            };
+            let want = &hf_weights[&hf_name];
+            assert_eq!(w.dims(), want.dims(), "{family}: {name}");
+            // Gemma computes with 1 + w, which the converter stored: that is what is exact.
+            let diff = if family.starts_with("gemma") && name.ends_with("norm.weight") {
+                max_diff(&(&w + 1.0).unwrap(), &(want + 1.0).unwrap())
+            } else {
+                max_diff(&w, want)
+            };
+            assert_eq!(diff, 0.0, "{family}: {name}");
+            compared += 1;
+        }
+        assert!(compared >= hf_weights.len(), "{family}: {compared} weights");
     }
 }
 
