@@ -610,10 +610,12 @@ impl GgufModel {
                 );
             }
             (None, None) => {}
-            _ => return Err(Error::Msg(format!(
+            _ => {
+                return Err(Error::Msg(format!(
                 "{}: LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight",
                 self.path().display()
-            ))),
+            )))
+            }
         }
         if let Some(w) = f.u64_opt(&key("attention.sliding_window")).map_err(e)? {
             if w > 0 {

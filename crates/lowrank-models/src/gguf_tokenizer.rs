@@ -186,10 +186,17 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     }
     let mut pair = single.clone();
     pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
-    let post_processor = json!({"type": "Sequence", "processors": [
-        {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
-    ]});
+    let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    // A template only when it adds a token (as the HF tokenizers have it: a template is what
+    // tells gguf-py to write `add_sep_token` when the file is written back).
+    let post_processor = if special_tokens.is_empty() {
+        byte_level_post
+    } else {
+        json!({"type": "Sequence", "processors": [
+            byte_level_post,
+            {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
+        ]})
+    };
     let tokenizer_json = json!({
         "version": "1.0",
         "truncation": null,
