@@ -33,8 +33,13 @@ Writes:
     convert_lora_to_gguf.py (--base the fixture model, default --outtype f32).
   * fixtures/gguf/merged/<adapter>-<type>.gguf: the merged checkpoints of fixtures/merged/
     (PEFT's merge_and_unload) converted by convert_hf_to_gguf.py.
+  * fixtures/gguf/spm-vocab.gguf: a Llama-style SentencePiece tokenizer (BPE pieces with byte
+    fallback, <unk> <s> </s>, added <|im_start|> <|im_end|>) trained by sentencepiece on the
+    fixture texts, converted by convert_hf_to_gguf.py --vocab-only (tokenizer.ggml.model =
+    llama); fixtures/gguf/spm-tokenizer/: its HF tokenizer, as transformers converts the
+    tokenizer.model (needs `pip install protobuf`).
   * fixtures/gguf/tokenizer_reference.json: a corpus and the ids the HF tokenizers (tokenizer.json through
-    transformers) give each text, with and without special tokens.
+    transformers) give each text, with and without special tokens ("spm": spm-tokenizer/).
 
 llama.cpp's converter comes with the llama-cpp-python source package (vendor/llama.cpp):
     pip download llama-cpp-python==0.3.36 --no-binary llama-cpp-python --no-deps -d /tmp/lcp
@@ -48,7 +53,8 @@ finds no tokenizer.model).
 
 pinned versions (the fixtures in git were generated with exactly these):
     python 3.11.7, numpy 2.4.6, gguf 0.19.0, torch 2.15.0, transformers 5.24.0,
-    llama-cpp-python 0.3.36 (its vendored convert_hf_to_gguf.py), sentencepiece 0.2.1
+    llama-cpp-python 0.3.36 (its vendored convert_hf_to_gguf.py), sentencepiece 0.2.3,
+    protobuf 7.36.2
 """
 
 import argparse
@@ -367,12 +373,65 @@ def make_merged(llama_cpp):
                     folder="merged")
 
 
+SPM_DIR = os.path.join(OUT, "spm-tokenizer")
+SPM_SPECIAL = ["<|im_start|>", "<|im_end|>"]
+
+
+def make_spm(llama_cpp):
+    """A Llama-style SentencePiece tokenizer (BPE, byte fallback) trained on the fixture texts,
+    its HF tokenizer as transformers converts tokenizer.model, and the converter's GGUF of it."""
+    import io
+    import shutil
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    texts = []
+    for name in ("train", "eval", "long"):
+        with open(os.path.join(ROOT, "fixtures", "data", f"{name}.jsonl"), encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for line in f if line.strip()]
+    texts += TOKENIZER_CORPUS
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=600,
+        byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+        num_threads=1)
+    with tempfile.TemporaryDirectory(prefix="make-gguf-spm-") as tmp:
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(model.getvalue())
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                       "legacy": False, "additional_special_tokens": SPM_SPECIAL}, f)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(ROOT, "fixtures", "models", "llama-tied", "config.json")) as f:
+            config = json.load(f)
+        config["vocab_size"] = len(tok)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f)
+        # The converter's SentencePiece path finds added tokens in added_tokens.json or
+        # tokenizer_config.json's added_tokens_decoder, which transformers 5 no longer writes.
+        with open(os.path.join(tmp, "added_tokens.json"), "w") as f:
+            json.dump({t: tok.convert_tokens_to_ids(t) for t in SPM_SPECIAL}, f)
+        subprocess.run([sys.executable, "-c", CONVERT, llama_cpp, "default", tmp, "--vocab-only",
+                        "--outfile", os.path.join(OUT, "spm-vocab.gguf")], check=True)
+        shutil.rmtree(SPM_DIR, ignore_errors=True)
+        os.makedirs(SPM_DIR)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(tmp, name), SPM_DIR)
+
+
 def make_tokenizer_reference():
     from transformers import AutoTokenizer
 
     out = {"corpus": TOKENIZER_CORPUS}
-    for model_name in MODELS:
-        tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "fixtures", "models", model_name))
+    for model_name in [*MODELS, "spm"]:
+        folder = SPM_DIR if model_name == "spm" else os.path.join(ROOT, "fixtures", "models", model_name)
+        tok = AutoTokenizer.from_pretrained(folder)
         out[model_name] = {
             "with_special": [tok(t)["input_ids"] for t in TOKENIZER_CORPUS],
             "without_special": [tok(t, add_special_tokens=False)["input_ids"] for t in TOKENIZER_CORPUS],
@@ -392,6 +451,7 @@ def main():
     make_models(args.llama_cpp)
     make_lora(args.llama_cpp)
     make_merged(args.llama_cpp)
+    make_spm(args.llama_cpp)
     make_tokenizer_reference()
     with open(os.path.join(OUT, "README.md"), "w", encoding="utf-8") as f:
         f.write("# GGUF fixtures\n\nGenerated by `python3 scripts/make_gguf_fixtures.py`; do not edit by hand.\n\n```\n")

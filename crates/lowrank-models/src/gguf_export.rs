@@ -331,9 +331,10 @@ pub fn model_gguf(
             );
             let scale = 1.0 / (scalar as f64).sqrt();
             if (config.attention_scale - scale).abs() > 1e-9 * scale {
+                let ours = 1.0 / (config.attention_scale * config.attention_scale);
                 return refuse(&format!(
                     "query_pre_attn_scalar {} (llama.cpp takes {scalar} for this model)",
-                    1.0 / (config.attention_scale * config.attention_scale)
+                    (ours * 1e6).round() / 1e6
                 ));
             }
             if let Some(local) = &config.local_rope {

@@ -150,8 +150,22 @@ fn gguf_tokenizers_give_the_hf_ids() {
     let text = std::fs::read_to_string(fixtures().join("gguf/tokenizer_reference.json")).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
     let corpus: Vec<String> = serde_json::from_value(reference["corpus"].clone()).unwrap();
-    for name in ["llama-tied", "qwen2-tied"] {
-        let tokenizer = Tokenizer::load(&fixtures().join(format!("gguf/{name}-f32.gguf"))).unwrap();
+    for (name, gguf, hf_dir) in [
+        (
+            "llama-tied",
+            "gguf/llama-tied-f32.gguf",
+            "models/llama-tied",
+        ),
+        (
+            "qwen2-tied",
+            "gguf/qwen2-tied-f32.gguf",
+            "models/qwen2-tied",
+        ),
+        // SentencePiece BPE with byte fallback (tokenizer.ggml.model = llama).
+        ("spm", "gguf/spm-vocab.gguf", "gguf/spm-tokenizer"),
+    ] {
+        let tokenizer = Tokenizer::load(&fixtures().join(gguf)).unwrap();
+        let hf = Tokenizer::load(&fixtures().join(hf_dir)).unwrap();
         let mut agree = 0;
         for (special, key) in [(true, "with_special"), (false, "without_special")] {
             let want: Vec<Vec<u32>> = serde_json::from_value(reference[name][key].clone()).unwrap();
@@ -163,10 +177,8 @@ fn gguf_tokenizers_give_the_hf_ids() {
                 );
                 assert_eq!(
                     tokenizer.decode(&want, false).unwrap(),
-                    Tokenizer::load(&fixtures().join("models").join(name))
-                        .unwrap()
-                        .decode(&want, false)
-                        .unwrap()
+                    hf.decode(&want, false).unwrap(),
+                    "{name}: decoding {text:?}"
                 );
                 agree += 1;
             }
