@@ -294,3 +294,53 @@ fn merge_to_gguf_equals_the_converter_on_the_merged_checkpoint() {
         );
     }
 }
+
+/// `analyze --full/--base` take GGUF files like folders: ΔW of the merged LoRA (q, v only)
+/// against the f32 GGUF base equals ΔW against the HF base, module for module, with the
+/// converter's q/k permutation undone (k_proj, o_proj, ... have no update), and the
+/// converter's merged GGUF as the fine-tune gives the same spectra again.
+#[test]
+fn analyze_reads_gguf_models_like_folders() {
+    let spectra = |full: &str, base: &str| -> Vec<serde_json::Value> {
+        let out = lowrank(&[
+            "analyze",
+            "--full",
+            &fx(full),
+            "--base",
+            &fx(base),
+            "--top",
+            "4",
+            "--json",
+        ]);
+        ok(&out);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["modules"].as_array().unwrap().clone()
+    };
+    let hf = spectra("merged/llama-tied__lora-qv", "models/llama-tied");
+    for (full, base) in [
+        ("merged/llama-tied__lora-qv", "gguf/llama-tied-f32.gguf"),
+        (
+            "gguf/merged/llama-tied__lora-qv-f32.gguf",
+            "gguf/llama-tied-f32.gguf",
+        ),
+    ] {
+        let got = spectra(full, base);
+        assert_eq!(got.len(), hf.len(), "{full} against {base}");
+        for (g, h) in got.iter().zip(&hf) {
+            assert_eq!(g["module"], h["module"]);
+            let (g_norm, h_norm) = (
+                g["frobenius_norm"].as_f64().unwrap(),
+                h["frobenius_norm"].as_f64().unwrap(),
+            );
+            assert!(
+                (g_norm - h_norm).abs() <= 1e-6 * h_norm.max(1.0),
+                "{full} against {base}: {} {g_norm} vs {h_norm}",
+                g["module"]
+            );
+            let adapted = ["q_proj", "v_proj"]
+                .iter()
+                .any(|p| h["module"].as_str().unwrap().ends_with(p));
+            assert_eq!(h_norm > 0.0, adapted, "{}", h["module"]);
+        }
+    }
+}
