@@ -344,3 +344,25 @@ fn analyze_reads_gguf_models_like_folders() {
         }
     }
 }
+
+/// A model GGUF cannot express is refused, naming what, and no file is left behind: the Gemma 2
+/// fixture's query_pre_attn_scalar (24) is not the head size llama.cpp assumes (16).
+#[test]
+fn merge_to_gguf_refuses_what_llama_cpp_cannot_express() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged.gguf");
+    let run = lowrank(&[
+        "merge",
+        "--model",
+        &fx("families/gemma2/model"),
+        "--adapter",
+        &fx("families/gemma2/adapters/all-linear"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(
+        &run,
+        &["query_pre_attn_scalar 24", "llama.cpp takes 16", "gemma2"],
+    );
+    assert!(!out.exists());
+}

@@ -259,3 +259,132 @@ fn family_ggufs_written_back_equal_the_converters() {
         }
     }
 }
+
+/// A copy of family fixture `family`'s f32 GGUF with its metadata and tensors edited
+/// (`meta` may change or drop a key's value, `keep` drops tensors), and extra keys and tensors.
+fn edited_family(
+    dir: &std::path::Path,
+    family: &str,
+    meta: impl Fn(&str, &lowrank_gguf::Value) -> Option<lowrank_gguf::Value>,
+    keep: impl Fn(&str) -> bool,
+    extra_meta: &[(&str, lowrank_gguf::Value)],
+    extra: &[(&str, Vec<usize>)],
+) -> std::path::PathBuf {
+    let path = fixtures().join(format!("gguf/families/{family}-f32.gguf"));
+    let file = lowrank_gguf::GgufFile::open(&path).unwrap();
+    let mut w = lowrank_gguf::GgufWriter::new();
+    for (k, v) in file.metadata() {
+        if let Some(v) = meta(k, v) {
+            w.add(k, v);
+        }
+    }
+    for (k, v) in extra_meta {
+        w.add(k, v.clone());
+    }
+    for t in file.tensors().iter().filter(|t| keep(&t.name)) {
+        let (shape, values) = file.dequantize(&t.name).unwrap();
+        w.add_tensor(&t.name, &shape, &values, lowrank_gguf::TensorType::F32);
+    }
+    for (name, shape) in extra {
+        let values = vec![0.5f32; shape.iter().product()];
+        w.add_tensor(name, shape, &values, lowrank_gguf::TensorType::F32);
+    }
+    let out = dir.join(format!("{family}-edited.gguf"));
+    std::fs::write(&out, w.to_bytes()).unwrap();
+    out
+}
+
+/// What a family's metadata or tensors cannot stand for is an error naming the file and the
+/// key or tensor; `attention.sliding_window_pattern`, when a file has it, decides the layers.
+#[test]
+fn family_ggufs_with_unsupported_or_inconsistent_contents_are_clear_errors() {
+    use lowrank_gguf::Value as V;
+    let tmp = tempfile::tempdir().unwrap();
+    let err = |path: &std::path::Path| -> String {
+        match Llama::load(path, &Device::Cpu) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => e.to_string(),
+        }
+    };
+    let all = |_: &str| true;
+    let same = |_: &str, v: &V| Some(v.clone());
+
+    let yarn = edited_family(
+        tmp.path(),
+        "gemma3",
+        |k, v| {
+            Some(if k == "gemma3.rope.scaling.type" {
+                V::String("yarn".into())
+            } else {
+                v.clone()
+            })
+        },
+        all,
+        &[],
+        &[],
+    );
+    let msg = err(&yarn);
+    assert!(
+        msg.contains("gemma3-edited.gguf")
+            && msg.contains("gemma3.rope.scaling.type")
+            && msg.contains("\"yarn\""),
+        "{msg}"
+    );
+
+    let no_short = edited_family(
+        tmp.path(),
+        "phi3",
+        same,
+        |n| n != "rope_factors_short.weight",
+        &[],
+        &[],
+    );
+    let msg = err(&no_short);
+    assert!(
+        msg.contains("phi3-edited.gguf") && msg.contains("rope_factors_short.weight"),
+        "{msg}"
+    );
+
+    let stray = edited_family(
+        tmp.path(),
+        "qwen3",
+        same,
+        all,
+        &[],
+        &[("blk.0.attn_qkv.weight", vec![64, 32])],
+    );
+    let msg = err(&stray);
+    assert!(
+        msg.contains("qwen3-edited.gguf")
+            && msg.contains("\"blk.0.attn_qkv.weight\"")
+            && msg.contains("qwen3"),
+        "{msg}"
+    );
+
+    let pattern_key = "gemma2.attention.sliding_window_pattern";
+    let with_pattern = |flags: Vec<bool>| {
+        let flags = V::Array(flags.into_iter().map(V::Bool).collect());
+        edited_family(
+            tmp.path(),
+            "gemma2",
+            same,
+            all,
+            &[(pattern_key, flags)],
+            &[],
+        )
+    };
+    let msg = err(&with_pattern(vec![true]));
+    assert!(
+        msg.contains(pattern_key) && msg.contains("2 bools"),
+        "{msg}"
+    );
+    let config =
+        lowrank_models::ModelConfig::load_for_model(&with_pattern(vec![true, true])).unwrap();
+    assert_eq!(config.layer_windows, vec![Some(4), Some(4)]);
+    // Without the key: llama.cpp's Gemma 2 default, every other layer from the first.
+    let config = lowrank_models::ModelConfig::load_for_model(
+        &fixtures().join("gguf/families/gemma2-f32.gguf"),
+    )
+    .unwrap();
+    assert_eq!(config.layer_windows, vec![Some(4), None]);
+}
