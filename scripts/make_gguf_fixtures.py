@@ -30,7 +30,8 @@ Writes:
     classes read only a SentencePiece tokenizer.model; they are made to write the fixtures'
     byte-level BPE tokenizer.json (its gpt2 path), as Gemma 3's does by itself.
   * fixtures/gguf/lora/<adapter>.gguf: fixture PEFT adapters converted by llama.cpp's
-    convert_lora_to_gguf.py (--base the fixture model, default --outtype f32).
+    convert_lora_to_gguf.py (--base the fixture model, default --outtype f32), and
+    lora/<family>__all-linear.gguf: each family fixture's all-linear adapter.
   * fixtures/gguf/merged/<adapter>-<type>.gguf: the merged checkpoints of fixtures/merged/
     (PEFT's merge_and_unload) converted by convert_hf_to_gguf.py.
   * fixtures/gguf/spm-vocab.gguf: a Llama-style SentencePiece tokenizer (BPE pieces with byte
@@ -354,12 +355,17 @@ LORA_ADAPTERS = {"llama-tied__lora-qv": "llama-tied", "llama-untied__all-linear"
 
 def make_lora(llama_cpp):
     os.makedirs(os.path.join(OUT, "lora"), exist_ok=True)
-    for adapter, base in LORA_ADAPTERS.items():
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([llama_cpp, os.path.join(llama_cpp, "gguf-py")]))
+    jobs = [(os.path.join("adapters", adapter), os.path.join("models", base), adapter)
+            for adapter, base in LORA_ADAPTERS.items()]
+    # Each family's all-linear adapter (Phi-3's on its fused qkv_proj / gate_up_proj).
+    jobs += [(os.path.join("families", f, "adapters", "all-linear"), os.path.join("families", f, "model"),
+              f"{f}__all-linear") for f in FAMILIES]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([llama_cpp, os.path.join(llama_cpp, "gguf-py")]))
+    for adapter, base, out in jobs:
         subprocess.run([sys.executable, os.path.join(llama_cpp, "convert_lora_to_gguf.py"),
-                        os.path.join(ROOT, "fixtures", "adapters", adapter),
-                        "--base", os.path.join(ROOT, "fixtures", "models", base),
-                        "--outfile", os.path.join(OUT, "lora", f"{adapter}.gguf")], check=True, env=env)
+                        os.path.join(ROOT, "fixtures", adapter),
+                        "--base", os.path.join(ROOT, "fixtures", base),
+                        "--outfile", os.path.join(OUT, "lora", f"{out}.gguf")], check=True, env=env)
 
 
 MERGED = {"llama-tied__lora-qv": ["f32", "q8_0"], "qwen2-tied__regex": ["f16"]}

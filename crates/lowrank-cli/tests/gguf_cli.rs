@@ -133,22 +133,40 @@ fn damaged_or_unsupported_gguf_files_are_clear_errors() {
 
 /// export-gguf writes the file llama.cpp's convert_lora_to_gguf.py writes, byte for byte
 /// (fixtures/gguf/lora): keys, tensor names, the q/k permutation of B, data and layout; a
-/// mistral base converts as llama.
+/// mistral base converts as llama; each family (qwen3, phi3, gemma2, gemma3) its own way.
 #[test]
 fn export_gguf_equals_llama_cpps_converter() {
     let tmp = tempfile::tempdir().unwrap();
-    for adapter in [
+    let mut cases: Vec<(String, String, String)> = [
         "llama-tied__lora-qv",
         "qwen2-tied__regex",
         "mistral__layers",
-    ] {
-        let base = adapter.split("__").next().unwrap();
+    ]
+    .iter()
+    .map(|a| {
+        let base = a.split("__").next().unwrap();
+        (
+            a.to_string(),
+            format!("adapters/{a}"),
+            format!("models/{base}"),
+        )
+    })
+    .collect();
+    // Each family's all-linear adapter (Phi-3: on the fused qkv_proj and gate_up_proj).
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
+        cases.push((
+            format!("{family}__all-linear"),
+            format!("families/{family}/adapters/all-linear"),
+            format!("families/{family}/model"),
+        ));
+    }
+    for (adapter, adapter_dir, base) in cases {
         let out = tmp.path().join(format!("{adapter}.gguf"));
         ok(&lowrank(&[
             "export-gguf",
-            &fx(&format!("adapters/{adapter}")),
+            &fx(&adapter_dir),
             "--model",
-            &fx(&format!("models/{base}")),
+            &fx(&base),
             "--out",
             out.to_str().unwrap(),
         ]));
