@@ -34,13 +34,15 @@ Writes:
     lora/<family>__all-linear.gguf: each family fixture's all-linear adapter.
   * fixtures/gguf/merged/<adapter>-<type>.gguf: the merged checkpoints of fixtures/merged/
     (PEFT's merge_and_unload) converted by convert_hf_to_gguf.py.
-  * fixtures/gguf/spm-vocab.gguf: a Llama-style SentencePiece tokenizer (BPE pieces with byte
-    fallback, <unk> <s> </s>, added <|im_start|> <|im_end|>) trained by sentencepiece on the
-    fixture texts, converted by convert_hf_to_gguf.py --vocab-only (tokenizer.ggml.model =
-    llama); fixtures/gguf/spm-tokenizer/: its HF tokenizer, as transformers converts the
-    tokenizer.model (needs `pip install protobuf`).
+  * fixtures/gguf/spm-vocab.gguf, spm-gemma-vocab.gguf: a SentencePiece tokenizer (BPE pieces
+    with byte fallback, <unk> <s> </s>, added <|im_start|> <|im_end|>) trained by sentencepiece
+    on the fixture texts, as a Llama tokenizer (space prefix) and a Gemma one (none), converted
+    by convert_hf_to_gguf.py --vocab-only (tokenizer.ggml.model = llama) with a llama / gemma2
+    config; fixtures/gguf/spm-tokenizer/, spm-gemma-tokenizer/: the HF tokenizers, as
+    transformers converts the tokenizer.model (needs `pip install protobuf`).
   * fixtures/gguf/tokenizer_reference.json: a corpus and the ids the HF tokenizers (tokenizer.json through
-    transformers) give each text, with and without special tokens ("spm": spm-tokenizer/).
+    transformers) give each text, with and without special tokens ("spm": spm-tokenizer/,
+    "spm-gemma": spm-gemma-tokenizer/).
 
 llama.cpp's converter comes with the llama-cpp-python source package (vendor/llama.cpp):
     pip download llama-cpp-python==0.3.36 --no-binary llama-cpp-python --no-deps -d /tmp/lcp
@@ -144,7 +146,8 @@ conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
 # byte-level BPE tokenizer.json, which the converter's gpt2 path writes.
 import conversion.gemma, conversion.phi
 conversion.gemma.Gemma2Model.set_vocab = lambda self: (
-    self._set_vocab_gpt2(), self.gguf_writer.add_add_space_prefix(False))
+    self._set_vocab_sentencepiece() if (self.dir_model / "tokenizer.model").is_file()
+    else self._set_vocab_gpt2(), self.gguf_writer.add_add_space_prefix(False))
 conversion.phi.Phi3MiniModel.set_vocab = conversion.base.TextModel._set_vocab_gpt2
 import convert_hf_to_gguf
 sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[3:]
@@ -379,13 +382,20 @@ def make_merged(llama_cpp):
                     folder="merged")
 
 
-SPM_DIR = os.path.join(OUT, "spm-tokenizer")
+# SentencePiece tokenizer fixtures: name -> (tokenizer class, config of the converted model).
+SPM_STYLES = {"spm": ("LlamaTokenizer", "models/llama-tied"),
+              "spm-gemma": ("GemmaTokenizer", "families/gemma2/model")}
 SPM_SPECIAL = ["<|im_start|>", "<|im_end|>"]
 
 
+def spm_dir(name):
+    return os.path.join(OUT, f"{name}-tokenizer")
+
+
 def make_spm(llama_cpp):
-    """A Llama-style SentencePiece tokenizer (BPE, byte fallback) trained on the fixture texts,
-    its HF tokenizer as transformers converts tokenizer.model, and the converter's GGUF of it."""
+    """A SentencePiece tokenizer (BPE, byte fallback) trained on the fixture texts; per style
+    (Llama: a space prefix; Gemma: none) its HF tokenizer as transformers converts
+    tokenizer.model, and the converter's GGUF of it (--vocab-only)."""
     import io
     import shutil
     import tempfile
@@ -405,38 +415,42 @@ def make_spm(llama_cpp):
         eos_id=2, pad_id=-1, split_digits=True, allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
         num_threads=1)
-    with tempfile.TemporaryDirectory(prefix="make-gguf-spm-") as tmp:
-        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-            f.write(model.getvalue())
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-                       "legacy": False, "additional_special_tokens": SPM_SPECIAL}, f)
-        tok = AutoTokenizer.from_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        with open(os.path.join(ROOT, "fixtures", "models", "llama-tied", "config.json")) as f:
-            config = json.load(f)
-        config["vocab_size"] = len(tok)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f)
-        # The converter's SentencePiece path finds added tokens in added_tokens.json or
-        # tokenizer_config.json's added_tokens_decoder, which transformers 5 no longer writes.
-        with open(os.path.join(tmp, "added_tokens.json"), "w") as f:
-            json.dump({t: tok.convert_tokens_to_ids(t) for t in SPM_SPECIAL}, f)
-        subprocess.run([sys.executable, "-c", CONVERT, llama_cpp, "default", tmp, "--vocab-only",
-                        "--outfile", os.path.join(OUT, "spm-vocab.gguf")], check=True)
-        shutil.rmtree(SPM_DIR, ignore_errors=True)
-        os.makedirs(SPM_DIR)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(os.path.join(tmp, name), SPM_DIR)
+    for name, (tokenizer_class, config_from) in SPM_STYLES.items():
+        with tempfile.TemporaryDirectory(prefix="make-gguf-spm-") as parent:
+            tmp = os.path.join(parent, name)  # the converter names the model after its folder
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+                f.write(model.getvalue())
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>",
+                           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                           "legacy": False, "additional_special_tokens": SPM_SPECIAL}, f)
+            tok = AutoTokenizer.from_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            with open(os.path.join(ROOT, "fixtures", config_from, "config.json")) as f:
+                config = json.load(f)
+            config["vocab_size"] = len(tok)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f)
+            # The converter's SentencePiece path finds added tokens in added_tokens.json or
+            # tokenizer_config.json's added_tokens_decoder, which transformers 5 no longer writes.
+            with open(os.path.join(tmp, "added_tokens.json"), "w") as f:
+                pieces = spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+                json.dump({t: i for t, i in tok.get_added_vocab().items() if i >= pieces}, f)
+            subprocess.run([sys.executable, "-c", CONVERT, llama_cpp, "default", tmp, "--vocab-only",
+                            "--outfile", os.path.join(OUT, f"{name}-vocab.gguf")], check=True)
+            shutil.rmtree(spm_dir(name), ignore_errors=True)
+            os.makedirs(spm_dir(name))
+            for file in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(os.path.join(tmp, file), spm_dir(name))
 
 
 def make_tokenizer_reference():
     from transformers import AutoTokenizer
 
     out = {"corpus": TOKENIZER_CORPUS}
-    for model_name in [*MODELS, "spm"]:
-        folder = SPM_DIR if model_name == "spm" else os.path.join(ROOT, "fixtures", "models", model_name)
+    for model_name in [*MODELS, *SPM_STYLES]:
+        folder = spm_dir(model_name) if model_name in SPM_STYLES else os.path.join(ROOT, "fixtures", "models", model_name)
         tok = AutoTokenizer.from_pretrained(folder)
         out[model_name] = {
             "with_special": [tok(t)["input_ids"] for t in TOKENIZER_CORPUS],

@@ -163,6 +163,12 @@ fn gguf_tokenizers_give_the_hf_ids() {
         ),
         // SentencePiece BPE with byte fallback (tokenizer.ggml.model = llama).
         ("spm", "gguf/spm-vocab.gguf", "gguf/spm-tokenizer"),
+        // The same pieces as Gemma's tokenizer: no space prefix (add_space_prefix = false).
+        (
+            "spm-gemma",
+            "gguf/spm-gemma-vocab.gguf",
+            "gguf/spm-gemma-tokenizer",
+        ),
     ] {
         let tokenizer = Tokenizer::load(&fixtures().join(gguf)).unwrap();
         let hf = Tokenizer::load(&fixtures().join(hf_dir)).unwrap();
