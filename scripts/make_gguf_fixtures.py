@@ -23,7 +23,8 @@ Writes:
     dequantizes them (for f32, the HF original itself), computed by transformers in f32.
   * fixtures/gguf/families/<family>-f32|q8_0.gguf: the family fixture models (fixtures/families:
     qwen3, phi3, gemma2, gemma3) converted the same way, with their reference.json entries
-    ("families/<family>-<type>.gguf"). Where GGUF cannot express a fixture's setting (llama.cpp
+    ("families/<family>-<type>.gguf"), and families/<family>-config.json: the config.json of
+    the model converted. Where GGUF cannot express a fixture's setting (llama.cpp
     decides it from the architecture), the converted copy is given llama.cpp's value first:
     Gemma's query_pre_attn_scalar = head_dim, Gemma 3 with six layers (one global in six;
     layers 3..5 copy 0..2), Qwen3 without sliding window. The converter's Gemma 2 and Phi-3
@@ -310,6 +311,7 @@ def family_model_dir(family, variant, tmp):
 
 
 def make_models(llama_cpp):
+    import shutil
     import tempfile
 
     reference = {}
@@ -324,6 +326,8 @@ def make_models(llama_cpp):
     with tempfile.TemporaryDirectory(prefix="make-gguf-fixtures-") as tmp:
         for family, (pre, variant) in FAMILIES.items():
             model_dir = family_model_dir(family, variant, tmp)
+            shutil.copy(os.path.join(model_dir, "config.json"),
+                        os.path.join(OUT, "families", f"{family}-config.json"))
             for outtype in FAMILY_OUTTYPES:
                 file = f"families/{family}-{outtype}.gguf"
                 path = os.path.join(OUT, file)

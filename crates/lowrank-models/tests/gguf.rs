@@ -394,3 +394,73 @@ fn family_ggufs_with_unsupported_or_inconsistent_contents_are_clear_errors() {
     .unwrap();
     assert_eq!(config.layer_windows, vec![Some(4), None]);
 }
+
+/// The configuration read from a family GGUF's metadata is that of the HF model converted
+/// (fixtures/gguf/families/<family>-config.json): every field the model uses, floats compared
+/// in f32 (GGUF stores them so).
+#[test]
+fn family_gguf_metadata_rebuilds_the_hf_config() {
+    use lowrank_models::config::RopeScaling;
+    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    let scaling = |s: &RopeScaling| match s {
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } => format!(
+            "longrope {:?} {:?} {original_max_position_embeddings} {}",
+            f32s(short_factor),
+            f32s(long_factor),
+            *attention_factor as f32
+        ),
+        other => format!("{other:?}"),
+    };
+    let summary = |c: &lowrank_models::ModelConfig| {
+        format!(
+            "{:?} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {:?} {} {} {:?} {} {:?} {:?} {:?} {:?} {:?} {:?}",
+            c.architecture,
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.rotary_dim,
+            c.rms_norm_eps as f32,
+            c.rope_theta as f32,
+            scaling(&c.rope_scaling),
+            c.tie_word_embeddings,
+            c.max_position_embeddings,
+            c.qkv_bias,
+            c.o_bias,
+            c.mlp_bias,
+            c.qk_norm,
+            c.fused_projections,
+            c.norm_plus_one,
+            c.sandwich_norms,
+            c.embed_scale,
+            c.attention_scale as f32,
+            c.attention_softcap.map(|x| x as f32),
+            c.final_softcap.map(|x| x as f32),
+            c.layer_windows,
+            c.local_rope
+                .as_ref()
+                .map(|l| (l.theta as f32, scaling(&l.scaling))),
+            c.bos_token_id,
+            c.eos_token_ids,
+        ) + &format!(" {:?}", c.activation)
+    };
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
+        let hf = lowrank_models::ModelConfig::load(
+            &fixtures().join(format!("gguf/families/{family}-config.json")),
+        )
+        .unwrap();
+        let ours = lowrank_models::ModelConfig::load_for_model(
+            &fixtures().join(format!("gguf/families/{family}-f32.gguf")),
+        )
+        .unwrap();
+        assert_eq!(summary(&ours), summary(&hf), "{family}");
+    }
+}
