@@ -408,11 +408,15 @@ impl GgufModel {
         for (gguf_key, hf_key) in [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
         ] {
             if let Some(id) = f.u64_opt(gguf_key).map_err(e)? {
                 obj.insert(hf_key.into(), id.into());
             }
         }
+        // Written out when absent: transformers' defaults (Phi-3's 32000) may lie past the
+        // vocabulary.
+        obj.entry("pad_token_id").or_insert(Value::Null);
         Ok(cfg)
     }
 
