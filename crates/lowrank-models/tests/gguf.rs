@@ -464,3 +464,44 @@ fn family_gguf_metadata_rebuilds_the_hf_config() {
         assert_eq!(summary(&ours), summary(&hf), "{family}");
     }
 }
+
+/// Each family GGUF's `tokenizer.chat_template` renders the family's chat cases
+/// (fixtures/families/<family>/reference.json) as transformers does, refusals included. The
+/// Gemma fixtures have a second template in tokenizer_config.json, which gguf-py's SpecialVocab
+/// prefers (transformers takes chat_template.jinja): their GGUF holds that one.
+#[test]
+fn family_gguf_chat_templates_render_like_transformers() {
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
+        let tokenizer =
+            Tokenizer::load(&fixtures().join(format!("gguf/families/{family}-f32.gguf"))).unwrap();
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                fixtures().join(format!("families/{family}/model/tokenizer_config.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        if let Some(template) = config["chat_template"].as_str() {
+            assert_eq!(tokenizer.chat_template(), Some(template), "{family}");
+            continue;
+        }
+        let text =
+            std::fs::read_to_string(fixtures().join(format!("families/{family}/reference.json")))
+                .unwrap();
+        let reference: Value = serde_json::from_str(&text).unwrap();
+        let cases = reference["chat"].as_array().unwrap();
+        assert!(!cases.is_empty(), "{family}");
+        for case in cases {
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let add = case["add_generation_prompt"].as_bool().unwrap();
+            let got = tokenizer.apply_chat_template(&messages, add);
+            match case["error"].as_str() {
+                Some(expect) => {
+                    let err = got.unwrap_err().to_string();
+                    assert!(err.contains(expect), "{family}: {err} vs {expect}");
+                }
+                None => assert_eq!(got.unwrap(), case["text"].as_str().unwrap(), "{family}"),
+            }
+        }
+    }
+}
