@@ -737,7 +737,7 @@ mod tests {
     /// Gemma's and Phi-3's own names (gguf-py's tensor_mapping for those architectures).
     #[test]
     fn family_names_map_both_ways() {
-        let arch = |name: &str| ARCHITECTURES.iter().find(|a| a.gguf == name).unwrap();
+        let spec = |name: &str| ARCHITECTURES.iter().find(|a| a.gguf == name).unwrap();
         for (arch, gguf, hf) in [
             (
                 "gemma2",
@@ -776,19 +776,19 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                arch(arch).hf_tensor_name(gguf).as_deref(),
+                spec(arch).hf_tensor_name(gguf).as_deref(),
                 Some(hf),
                 "{arch}"
             );
             assert_eq!(
-                arch(arch).gguf_tensor_name(hf).as_deref(),
+                spec(arch).gguf_tensor_name(hf).as_deref(),
                 Some(gguf),
                 "{arch}"
             );
         }
-        assert_eq!(arch("phi3").hf_tensor_name("blk.0.attn_q.weight"), None);
-        assert!(arch("gemma2").stores_norm_plus_one("model.norm.weight"));
-        assert!(!arch("qwen3").stores_norm_plus_one("model.norm.weight"));
+        assert_eq!(spec("phi3").hf_tensor_name("blk.0.attn_q.weight"), None);
+        assert!(spec("gemma2").stores_norm_plus_one("model.norm.weight"));
+        assert!(!spec("qwen3").stores_norm_plus_one("model.norm.weight"));
     }
 
     /// The inverse of convert_hf_to_gguf.py's `permute` (reshape(n_head, 2, rows/n_head/2, cols)
