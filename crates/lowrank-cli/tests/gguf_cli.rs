@@ -133,22 +133,40 @@ fn damaged_or_unsupported_gguf_files_are_clear_errors() {
 
 /// export-gguf writes the file llama.cpp's convert_lora_to_gguf.py writes, byte for byte
 /// (fixtures/gguf/lora): keys, tensor names, the q/k permutation of B, data and layout; a
-/// mistral base converts as llama.
+/// mistral base converts as llama; each family (qwen3, phi3, gemma2, gemma3) its own way.
 #[test]
 fn export_gguf_equals_llama_cpps_converter() {
     let tmp = tempfile::tempdir().unwrap();
-    for adapter in [
+    let mut cases: Vec<(String, String, String)> = [
         "llama-tied__lora-qv",
         "qwen2-tied__regex",
         "mistral__layers",
-    ] {
-        let base = adapter.split("__").next().unwrap();
+    ]
+    .iter()
+    .map(|a| {
+        let base = a.split("__").next().unwrap();
+        (
+            a.to_string(),
+            format!("adapters/{a}"),
+            format!("models/{base}"),
+        )
+    })
+    .collect();
+    // Each family's all-linear adapter (Phi-3: on the fused qkv_proj and gate_up_proj).
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
+        cases.push((
+            format!("{family}__all-linear"),
+            format!("families/{family}/adapters/all-linear"),
+            format!("families/{family}/model"),
+        ));
+    }
+    for (adapter, adapter_dir, base) in cases {
         let out = tmp.path().join(format!("{adapter}.gguf"));
         ok(&lowrank(&[
             "export-gguf",
-            &fx(&format!("adapters/{adapter}")),
+            &fx(&adapter_dir),
             "--model",
-            &fx(&format!("models/{base}")),
+            &fx(&base),
             "--out",
             out.to_str().unwrap(),
         ]));
@@ -293,4 +311,76 @@ fn merge_to_gguf_equals_the_converter_on_the_merged_checkpoint() {
             "{adapter} {gguf_type}: {got} vs {want}"
         );
     }
+}
+
+/// `analyze --full/--base` take GGUF files like folders: ΔW of the merged LoRA (q, v only)
+/// against the f32 GGUF base equals ΔW against the HF base, module for module, with the
+/// converter's q/k permutation undone (k_proj, o_proj, ... have no update), and the
+/// converter's merged GGUF as the fine-tune gives the same spectra again.
+#[test]
+fn analyze_reads_gguf_models_like_folders() {
+    let spectra = |full: &str, base: &str| -> Vec<serde_json::Value> {
+        let out = lowrank(&[
+            "analyze",
+            "--full",
+            &fx(full),
+            "--base",
+            &fx(base),
+            "--top",
+            "4",
+            "--json",
+        ]);
+        ok(&out);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["modules"].as_array().unwrap().clone()
+    };
+    let hf = spectra("merged/llama-tied__lora-qv", "models/llama-tied");
+    for (full, base) in [
+        ("merged/llama-tied__lora-qv", "gguf/llama-tied-f32.gguf"),
+        (
+            "gguf/merged/llama-tied__lora-qv-f32.gguf",
+            "gguf/llama-tied-f32.gguf",
+        ),
+    ] {
+        let got = spectra(full, base);
+        assert_eq!(got.len(), hf.len(), "{full} against {base}");
+        for (g, h) in got.iter().zip(&hf) {
+            assert_eq!(g["module"], h["module"]);
+            let (g_norm, h_norm) = (
+                g["frobenius_norm"].as_f64().unwrap(),
+                h["frobenius_norm"].as_f64().unwrap(),
+            );
+            assert!(
+                (g_norm - h_norm).abs() <= 1e-6 * h_norm.max(1.0),
+                "{full} against {base}: {} {g_norm} vs {h_norm}",
+                g["module"]
+            );
+            let adapted = ["q_proj", "v_proj"]
+                .iter()
+                .any(|p| h["module"].as_str().unwrap().ends_with(p));
+            assert_eq!(h_norm > 0.0, adapted, "{}", h["module"]);
+        }
+    }
+}
+
+/// A model GGUF cannot express is refused, naming what, and no file is left behind: the Gemma 2
+/// fixture's query_pre_attn_scalar (24) is not the head size llama.cpp assumes (16).
+#[test]
+fn merge_to_gguf_refuses_what_llama_cpp_cannot_express() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged.gguf");
+    let run = lowrank(&[
+        "merge",
+        "--model",
+        &fx("families/gemma2/model"),
+        "--adapter",
+        &fx("families/gemma2/adapters/all-linear"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(
+        &run,
+        &["query_pre_attn_scalar 24", "llama.cpp takes 16", "gemma2"],
+    );
+    assert!(!out.exists());
 }

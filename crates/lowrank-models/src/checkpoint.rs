@@ -107,6 +107,16 @@ impl Checkpoint {
         })
     }
 
+    /// A checkpoint folder, or a GGUF file read under the HF names of its model's config.
+    pub fn open_model(path: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(path) {
+            let model = GgufModel::open(path)?;
+            let config = model.config()?;
+            return Ok(Self::from_gguf(model, &config));
+        }
+        Self::open(path)
+    }
+
     /// The tensors of a GGUF model under their HF names, for a model of `config`.
     pub fn from_gguf(model: GgufModel, config: &crate::ModelConfig) -> Self {
         let path = model.path().to_path_buf();
@@ -176,15 +186,7 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let t = match &self.store {
-            Store::Safetensors(t) => t.load(name, device).map_err(|_| {
-                Error::Msg(format!("{}: missing tensor {name:?}", self.dir.display()))
-            })?,
-            Store::Gguf { model, heads } => {
-                let (dims, data) = model.load_f32(name, heads.0, heads.1)?;
-                Tensor::from_vec(data, dims, device)?
-            }
-        };
+        let t = self.load_stored(name, device)?;
         if t.dims() != shape {
             return Err(Error::Msg(format!(
                 "{}: tensor {name:?} has shape {:?}, expected {shape:?} from config.json",
@@ -195,6 +197,20 @@ impl Checkpoint {
         let t = t.to_dtype(dtype)?;
         lowrank_core::finite::ensure_finite(self.source(), name, &t)?;
         Ok(t)
+    }
+
+    /// Tensor `name` in its stored dtype and shape (of a GGUF: dequantized to f32, in the HF
+    /// model's layout).
+    pub fn load_stored(&self, name: &str, device: &Device) -> Result<Tensor> {
+        Ok(match &self.store {
+            Store::Safetensors(t) => t.load(name, device).map_err(|_| {
+                Error::Msg(format!("{}: missing tensor {name:?}", self.dir.display()))
+            })?,
+            Store::Gguf { model, heads } => {
+                let (dims, data) = model.load_f32(name, heads.0, heads.1)?;
+                Tensor::from_vec(data, dims, device)?
+            }
+        })
     }
 
     /// What errors about a tensor name: the file of a single-file checkpoint, else the folder.

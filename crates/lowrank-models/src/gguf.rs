@@ -1,15 +1,19 @@
 //! Hugging Face models read from GGUF files (llama.cpp's format): the config.json the
 //! metadata stands for, and the HF tensor names, with `convert_hf_to_gguf.py`'s conversions
-//! undone (its tensor names, and the q/k row permutation of llama-architecture attention).
+//! undone (its tensor names, the q/k row permutation of llama-architecture attention, the
+//! `1 + w` it stores for Gemma's norms).
 //!
-//! Adding an architecture is one [`ArchSpec`] row, plus rows in [`LAYER_TENSORS`] for the
-//! per-layer tensors it has beyond the llama ones (e.g. qwen3's `attn_q_norm`).
+//! Adding an architecture is one [`ArchSpec`] row (with its per-layer tensor table) and its
+//! hyper-parameters in [`GgufModel::config_json`]. Where the metadata is silent, the model is
+//! what llama.cpp's loader makes of the file: e.g. Gemma's attention scale is 1/√head_dim and
+//! Gemma 3 has one global-attention layer in six unless `attention.sliding_window_pattern`
+//! says otherwise; Qwen3's GGUF has no sliding window.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use lowrank_core::{Error, Result};
-use lowrank_gguf::{GgufFile, TensorInfo, TensorType};
+use lowrank_gguf::{GgufFile, TensorInfo, TensorType, Value as GgufValue};
 use serde_json::{json, Value};
 
 /// How an architecture of `general.architecture` maps to its Hugging Face model.
@@ -26,35 +30,15 @@ pub struct ArchSpec {
     /// `convert_hf_to_gguf.py` interleaves the rotary halves of each head's q/k rows
     /// (`LlamaModel.permute`); undone on load.
     pub permuted_qk: bool,
+    /// Gemma: the converter stores each RMSNorm weight `w` as `1 + w` (the HF model computes
+    /// `x · (1 + w)`, llama.cpp `x · w`).
+    pub norm_plus_one: bool,
+    /// Per-layer tensors: GGUF stem (`blk.N.<stem>.weight|bias`) → HF module
+    /// (`model.layers.N.<module>.weight|bias`).
+    pub layer_tensors: &'static [(&'static str, &'static str)],
 }
 
-/// The architectures read from and written to GGUF.
-pub const ARCHITECTURES: &[ArchSpec] = &[
-    ArchSpec {
-        gguf: "llama",
-        model_type: "llama",
-        hf_class: "LlamaForCausalLM",
-        converted_from: &["mistral"],
-        permuted_qk: true,
-    },
-    ArchSpec {
-        gguf: "qwen2",
-        model_type: "qwen2",
-        hf_class: "Qwen2ForCausalLM",
-        converted_from: &[],
-        permuted_qk: false,
-    },
-];
-
-/// Tensors outside the layers: GGUF name stem → HF module.
-const GLOBAL_TENSORS: &[(&str, &str)] = &[
-    ("token_embd", "model.embed_tokens"),
-    ("output_norm", "model.norm"),
-    ("output", "lm_head"),
-];
-
-/// Per-layer tensors (`blk.N.<stem>.weight|bias` → `model.layers.N.<module>.weight|bias`).
-pub const LAYER_TENSORS: &[(&str, &str)] = &[
+const LLAMA_LAYER: &[(&str, &str)] = &[
     ("attn_norm", "input_layernorm"),
     ("ffn_norm", "post_attention_layernorm"),
     ("attn_q", "self_attn.q_proj"),
@@ -66,33 +50,189 @@ pub const LAYER_TENSORS: &[(&str, &str)] = &[
     ("ffn_down", "mlp.down_proj"),
 ];
 
-/// The HF name of GGUF tensor `name`, if it is one the table knows.
-pub fn hf_tensor_name(name: &str) -> Option<String> {
-    let (stem, kind) = name.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    if let Some(rest) = stem.strip_prefix("blk.") {
-        let (layer, stem) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        let (_, module) = LAYER_TENSORS.iter().find(|(g, _)| *g == stem)?;
-        return Some(format!("model.layers.{layer}.{module}.{kind}"));
-    }
-    let (_, module) = GLOBAL_TENSORS.iter().find(|(g, _)| *g == stem)?;
-    Some(format!("{module}.{kind}"))
-}
+const QWEN3_LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
 
-/// The GGUF name of HF tensor `name` (the inverse of [`hf_tensor_name`]).
-pub fn gguf_tensor_name(name: &str) -> Option<String> {
-    let (module, kind) = name.rsplit_once('.')?;
-    if let Some(rest) = module.strip_prefix("model.layers.") {
-        let (layer, module) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        let (stem, _) = LAYER_TENSORS.iter().find(|(_, m)| *m == module)?;
-        return Some(format!("blk.{layer}.{stem}.{kind}"));
+/// Phi-3 keeps its fused projections: `attn_qkv` and `ffn_up` holding gate and up.
+const PHI3_LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_qkv", "self_attn.qkv_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_up", "mlp.gate_up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Gemma 2 norms around both blocks: HF's `post_attention_layernorm` is the attention output's
+/// norm there, `pre_feedforward_layernorm` the MLP's input norm (GGUF's `ffn_norm`).
+const GEMMA2_LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+const GEMMA3_LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// The architectures read from and written to GGUF.
+pub const ARCHITECTURES: &[ArchSpec] = &[
+    ArchSpec {
+        gguf: "llama",
+        model_type: "llama",
+        hf_class: "LlamaForCausalLM",
+        converted_from: &["mistral"],
+        permuted_qk: true,
+        norm_plus_one: false,
+        layer_tensors: LLAMA_LAYER,
+    },
+    ArchSpec {
+        gguf: "qwen2",
+        model_type: "qwen2",
+        hf_class: "Qwen2ForCausalLM",
+        converted_from: &[],
+        permuted_qk: false,
+        norm_plus_one: false,
+        layer_tensors: LLAMA_LAYER,
+    },
+    ArchSpec {
+        gguf: "qwen3",
+        model_type: "qwen3",
+        hf_class: "Qwen3ForCausalLM",
+        converted_from: &[],
+        permuted_qk: false,
+        norm_plus_one: false,
+        layer_tensors: QWEN3_LAYER,
+    },
+    ArchSpec {
+        gguf: "phi3",
+        model_type: "phi3",
+        hf_class: "Phi3ForCausalLM",
+        converted_from: &[],
+        permuted_qk: false,
+        norm_plus_one: false,
+        layer_tensors: PHI3_LAYER,
+    },
+    ArchSpec {
+        gguf: "gemma2",
+        model_type: "gemma2",
+        hf_class: "Gemma2ForCausalLM",
+        converted_from: &[],
+        permuted_qk: false,
+        norm_plus_one: true,
+        layer_tensors: GEMMA2_LAYER,
+    },
+    ArchSpec {
+        gguf: "gemma3",
+        model_type: "gemma3_text",
+        hf_class: "Gemma3ForCausalLM",
+        converted_from: &[],
+        permuted_qk: false,
+        norm_plus_one: true,
+        layer_tensors: GEMMA3_LAYER,
+    },
+];
+
+/// Tensors outside the layers: GGUF name stem → HF module.
+const GLOBAL_TENSORS: &[(&str, &str)] = &[
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+
+/// Phi-3's LongRoPE factors, which config.json holds (`rope_scaling.long_factor` and
+/// `short_factor`), not a weight.
+const PHI3_ROPE_FACTORS: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
+
+impl ArchSpec {
+    /// The HF name of GGUF tensor `name`, if it is one this architecture has.
+    pub fn hf_tensor_name(&self, name: &str) -> Option<String> {
+        let (stem, kind) = name.rsplit_once('.')?;
+        if kind != "weight" && kind != "bias" {
+            return None;
+        }
+        if let Some(rest) = stem.strip_prefix("blk.") {
+            let (layer, stem) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let (_, module) = self.layer_tensors.iter().find(|(g, _)| *g == stem)?;
+            return Some(format!("model.layers.{layer}.{module}.{kind}"));
+        }
+        let (_, module) = GLOBAL_TENSORS.iter().find(|(g, _)| *g == stem)?;
+        Some(format!("{module}.{kind}"))
     }
-    let (stem, _) = GLOBAL_TENSORS.iter().find(|(_, m)| *m == module)?;
-    Some(format!("{stem}.{kind}"))
+
+    /// The GGUF name of HF tensor `name` (the inverse of [`Self::hf_tensor_name`]).
+    pub fn gguf_tensor_name(&self, name: &str) -> Option<String> {
+        let (module, kind) = name.rsplit_once('.')?;
+        if let Some(rest) = module.strip_prefix("model.layers.") {
+            let (layer, module) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let (stem, _) = self.layer_tensors.iter().find(|(_, m)| *m == module)?;
+            return Some(format!("blk.{layer}.{stem}.{kind}"));
+        }
+        let (stem, _) = GLOBAL_TENSORS.iter().find(|(_, m)| *m == module)?;
+        Some(format!("{stem}.{kind}"))
+    }
+
+    /// Whether HF tensor `name` is an RMSNorm weight GGUF holds as `1 + w`.
+    pub fn stores_norm_plus_one(&self, hf_name: &str) -> bool {
+        self.norm_plus_one && hf_name.ends_with("norm.weight")
+    }
+
+    /// The query pre-attention scalar llama.cpp assumes for Gemma (it has no key for it):
+    /// the head size, or hidden/heads for the 27B models (gemma_pytorch's config).
+    pub fn gemma_query_scalar(&self, layers: u64, hidden: u64, heads: u64, head_dim: u64) -> u64 {
+        let is_27b = match self.gguf {
+            "gemma2" => layers == 46,
+            _ => layers == 62,
+        };
+        if is_27b && heads > 0 {
+            hidden / heads
+        } else {
+            head_dim
+        }
+    }
+
+    /// The layers llama.cpp's loader makes sliding-window ones when the file has no
+    /// `attention.sliding_window_pattern`: `il % n < n - 1` with n = 2 (Gemma 2), 6 (Gemma 3).
+    pub fn default_sliding_pattern(&self) -> u64 {
+        if self.gguf == "gemma2" {
+            2
+        } else {
+            6
+        }
+    }
 }
 
 /// Whether `path` is a GGUF file (a file starting with the GGUF magic).
@@ -141,7 +281,10 @@ impl GgufModel {
                     path.display()
                 )));
             }
-            let hf = hf_tensor_name(&t.name).ok_or_else(|| {
+            if arch.gguf == "phi3" && PHI3_ROPE_FACTORS.contains(&t.name.as_str()) {
+                continue;
+            }
+            let hf = arch.hf_tensor_name(&t.name).ok_or_else(|| {
                 Error::Msg(format!(
                     "{}: tensor {:?} is not one a {} model has",
                     path.display(),
@@ -188,25 +331,38 @@ impl GgufModel {
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
         let e = gguf_error;
         let heads = f.u64(&key("attention.head_count")).map_err(e)?;
+        let hidden = f.u64(&key("embedding_length")).map_err(e)?;
+        let layers = f.u64(&key("block_count")).map_err(e)?;
         let embed = self.tensor("model.embed_tokens.weight").ok_or_else(|| {
             Error::Msg(format!(
                 "{}: no tensor \"token_embd.weight\"",
                 self.path().display()
             ))
         })?;
+        let head_dim = match f.u64_opt(&key("attention.key_length")).map_err(e)? {
+            Some(d) => d,
+            None if heads > 0 => hidden / heads,
+            None => 0,
+        };
+        let rope_theta = f
+            .f64_opt(&key("rope.freq_base"))
+            .map_err(e)?
+            .unwrap_or(10_000.0);
+        let gemma = self.arch.norm_plus_one;
         let mut cfg = json!({
             "architectures": [self.arch.hf_class],
             "model_type": self.arch.model_type,
             "vocab_size": embed.shape()[0],
-            "hidden_size": f.u64(&key("embedding_length")).map_err(e)?,
+            "hidden_size": hidden,
             "intermediate_size": f.u64(&key("feed_forward_length")).map_err(e)?,
-            "num_hidden_layers": f.u64(&key("block_count")).map_err(e)?,
+            "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": f.u64_opt(&key("attention.head_count_kv")).map_err(e)?.unwrap_or(heads),
+            // Written out: transformers' defaults differ per family (Qwen3 128, Gemma 256).
+            "head_dim": head_dim,
             "rms_norm_eps": f.f64(&key("attention.layer_norm_rms_epsilon")).map_err(e)?,
             // llama.cpp's default when the key is absent.
-            "rope_theta": f.f64_opt(&key("rope.freq_base")).map_err(e)?.unwrap_or(10_000.0),
-            "hidden_act": "silu",
+            "rope_theta": rope_theta,
             "tie_word_embeddings": self.tensor("lm_head.weight").is_none(),
             "torch_dtype": match embed.tensor_type {
                 TensorType::F16 => "float16",
@@ -215,49 +371,262 @@ impl GgufModel {
             },
         });
         let obj = cfg.as_object_mut().expect("an object");
+        // llama.cpp's Gemma graphs use GELU (tanh approximation), the others SiLU.
+        if gemma {
+            obj.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+        } else {
+            obj.insert("hidden_act".into(), "silu".into());
+        }
         if let Some(ctx) = f.u64_opt(&key("context_length")).map_err(e)? {
             obj.insert("max_position_embeddings".into(), ctx.into());
         }
-        if let Some(head_dim) = f.u64_opt(&key("attention.key_length")).map_err(e)? {
-            obj.insert("head_dim".into(), head_dim.into());
-        }
-        if self.arch.model_type == "llama" {
-            let has = |n: &str| self.tensor(n).is_some();
+        let has = |n: &str| self.tensor(n).is_some();
+        if matches!(self.arch.model_type, "llama" | "qwen3") {
             obj.insert(
                 "attention_bias".into(),
-                has("model.layers.0.self_attn.o_proj.bias").into(),
+                has("model.layers.0.self_attn.q_proj.bias").into(),
             );
+        }
+        if self.arch.model_type == "llama" {
             obj.insert(
                 "mlp_bias".into(),
                 has("model.layers.0.mlp.up_proj.bias").into(),
             );
         }
-        match f.str_opt(&key("rope.scaling.type")).map_err(e)? {
-            None | Some("none") => {}
-            Some("linear") => {
-                let factor = f.f64(&key("rope.scaling.factor")).map_err(e)?;
-                obj.insert(
-                    "rope_scaling".into(),
-                    json!({"rope_type": "linear", "factor": factor}),
-                );
+        let scaling = self.rope_scaling()?;
+        match self.arch.gguf {
+            "gemma2" | "gemma3" => {
+                self.gemma_fields(obj, layers, hidden, heads, head_dim, scaling)?
             }
-            Some(other) => {
-                return Err(Error::field(
-                    self.path(),
-                    &key("rope.scaling.type"),
-                    format!("rope scaling {other:?} is not supported; supported: none, linear"),
-                ))
+            "phi3" => self.phi3_fields(obj, head_dim)?,
+            _ => {
+                if let Some(scaling) = scaling {
+                    obj.insert("rope_scaling".into(), scaling);
+                }
             }
         }
         for (gguf_key, hf_key) in [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
         ] {
             if let Some(id) = f.u64_opt(gguf_key).map_err(e)? {
                 obj.insert(hf_key.into(), id.into());
             }
         }
+        // Written out when absent: transformers' defaults (Phi-3's 32000) may lie past the
+        // vocabulary.
+        obj.entry("pad_token_id").or_insert(Value::Null);
         Ok(cfg)
+    }
+
+    /// `rope.scaling.*` as config.json's `rope_scaling` (None: no scaling).
+    fn rope_scaling(&self) -> Result<Option<Value>> {
+        let f = &self.file;
+        let key = |k: &str| format!("{}.{k}", self.arch.gguf);
+        match f.str_opt(&key("rope.scaling.type")).map_err(gguf_error)? {
+            None | Some("none") => Ok(None),
+            Some("linear") => {
+                let factor = f.f64(&key("rope.scaling.factor")).map_err(gguf_error)?;
+                Ok(Some(json!({"rope_type": "linear", "factor": factor})))
+            }
+            // Phi-3's factors are tensors, read by `phi3_fields`.
+            Some("longrope") if self.arch.gguf == "phi3" => Ok(None),
+            Some(other) => Err(Error::field(
+                self.path(),
+                &key("rope.scaling.type"),
+                format!(
+                    "rope scaling {other:?} is not supported; supported: none, linear{}",
+                    if self.arch.gguf == "phi3" {
+                        ", longrope"
+                    } else {
+                        ""
+                    }
+                ),
+            )),
+        }
+    }
+
+    /// Gemma 2/3: soft-capping, sliding windows and their layers, the attention scale, and
+    /// Gemma 3's two RoPEs (global layers: `rope.freq_base` and the scaling; sliding layers:
+    /// `rope.freq_base_swa`, unscaled, as llama.cpp's loader has it).
+    fn gemma_fields(
+        &self,
+        obj: &mut serde_json::Map<String, Value>,
+        layers: u64,
+        hidden: u64,
+        heads: u64,
+        head_dim: u64,
+        scaling: Option<Value>,
+    ) -> Result<()> {
+        let f = &self.file;
+        let key = |k: &str| format!("{}.{k}", self.arch.gguf);
+        let e = gguf_error;
+        let gemma2 = self.arch.gguf == "gemma2";
+        obj.insert(
+            "query_pre_attn_scalar".into(),
+            self.arch
+                .gemma_query_scalar(layers, hidden, heads, head_dim)
+                .into(),
+        );
+        // Absent keys: llama.cpp's defaults (Gemma 2: 50 and 30, Gemma 3: none).
+        let cap = |k: &str, default: Option<f64>| -> Result<Value> {
+            Ok(match f.f64_opt(&key(k)).map_err(e)?.or(default) {
+                Some(v) if v > 0.0 => v.into(),
+                _ => Value::Null,
+            })
+        };
+        obj.insert(
+            "attn_logit_softcapping".into(),
+            cap("attn_logit_softcapping", gemma2.then_some(50.0))?,
+        );
+        obj.insert(
+            "final_logit_softcapping".into(),
+            cap("final_logit_softcapping", gemma2.then_some(30.0))?,
+        );
+        let window = match f.u64_opt(&key("attention.sliding_window")).map_err(e)? {
+            Some(0) => None,
+            Some(w) => Some(w),
+            None if gemma2 => Some(4096),
+            None => None,
+        };
+        let sliding: Vec<bool> = match window {
+            None => vec![false; layers as usize],
+            Some(w) => {
+                obj.insert("sliding_window".into(), w.into());
+                self.sliding_layers(layers)?
+            }
+        };
+        let layer_types: Vec<&str> = sliding
+            .iter()
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        obj.insert("layer_types".into(), json!(layer_types));
+        if gemma2 {
+            if let Some(scaling) = scaling {
+                obj.insert("rope_scaling".into(), scaling);
+            }
+            return Ok(());
+        }
+        let theta = obj["rope_theta"].clone();
+        let local_theta = f
+            .f64_opt(&key("rope.freq_base_swa"))
+            .map_err(e)?
+            .unwrap_or(10_000.0);
+        let mut global = scaling.unwrap_or_else(|| json!({"rope_type": "default"}));
+        global["rope_theta"] = theta;
+        obj.insert(
+            "rope_parameters".into(),
+            json!({"full_attention": global,
+                   "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}),
+        );
+        obj.remove("rope_theta");
+        Ok(())
+    }
+
+    /// Which layers use the sliding window: `attention.sliding_window_pattern` (one bool per
+    /// layer, or n: `il % n < n - 1`), else the architecture's default pattern.
+    fn sliding_layers(&self, layers: u64) -> Result<Vec<bool>> {
+        let name = format!("{}.attention.sliding_window_pattern", self.arch.gguf);
+        let pattern = match self.file.get(&name) {
+            None => self.arch.default_sliding_pattern(),
+            Some(GgufValue::Array(items)) => {
+                let flags: Option<Vec<bool>> = items
+                    .iter()
+                    .map(|v| match v {
+                        GgufValue::Bool(b) => Some(*b),
+                        _ => None,
+                    })
+                    .collect();
+                return flags.filter(|f| f.len() as u64 == layers).ok_or_else(|| {
+                    Error::field(
+                        self.path(),
+                        &name,
+                        format!("expected {layers} bools, one per layer"),
+                    )
+                });
+            }
+            Some(v) => v.as_u64().ok_or_else(|| {
+                Error::field(
+                    self.path(),
+                    &name,
+                    "expected an integer or an array of bools",
+                )
+            })?,
+        };
+        Ok((0..layers)
+            .map(|il| pattern == 0 || il % pattern < pattern - 1)
+            .collect())
+    }
+
+    /// Phi-3: partial rotary embedding (`rope.dimension_count`), LongRoPE (its factors are
+    /// the tensors `rope_factors_long/short.weight`) and the sliding window (config.json's,
+    /// which the converter writes and llama.cpp ignores).
+    fn phi3_fields(&self, obj: &mut serde_json::Map<String, Value>, head_dim: u64) -> Result<()> {
+        let f = &self.file;
+        let key = |k: &str| format!("{}.{k}", self.arch.gguf);
+        let e = gguf_error;
+        let rope_dims = f
+            .u64_opt(&key("rope.dimension_count"))
+            .map_err(e)?
+            .unwrap_or(head_dim);
+        if head_dim > 0 && rope_dims != head_dim {
+            obj.insert(
+                "partial_rotary_factor".into(),
+                (rope_dims as f64 / head_dim as f64).into(),
+            );
+        }
+        let original = f
+            .u64_opt(&key("rope.scaling.original_context_length"))
+            .map_err(e)?;
+        if let Some(original) = original {
+            obj.insert("original_max_position_embeddings".into(), original.into());
+        }
+        let factors = |name: &str| -> Result<Option<Vec<f64>>> {
+            if self.file.tensor(name).is_none() {
+                return Ok(None);
+            }
+            let (_, values) = self.file.dequantize(name).map_err(gguf_error)?;
+            Ok(Some(values.into_iter().map(f64::from).collect()))
+        };
+        match (
+            factors(PHI3_ROPE_FACTORS[0])?,
+            factors(PHI3_ROPE_FACTORS[1])?,
+        ) {
+            (Some(long), Some(short)) => {
+                let original = original.ok_or_else(|| {
+                    Error::field(
+                        self.path(),
+                        &key("rope.scaling.original_context_length"),
+                        "missing (LongRoPE needs it)",
+                    )
+                })?;
+                obj.insert(
+                    "rope_scaling".into(),
+                    json!({"rope_type": "longrope", "long_factor": long, "short_factor": short,
+                           "original_max_position_embeddings": original}),
+                );
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Msg(format!(
+                "{}: LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight",
+                self.path().display()
+            )))
+            }
+        }
+        if let Some(w) = f.u64_opt(&key("attention.sliding_window")).map_err(e)? {
+            if w > 0 {
+                obj.insert("sliding_window".into(), w.into());
+            }
+        }
+        Ok(())
     }
 
     /// The model's config, as [`crate::ModelConfig::from_value`] validates it.
@@ -276,10 +645,15 @@ impl GgufModel {
             Error::Msg(format!(
                 "{}: missing tensor {:?} ({name})",
                 self.path().display(),
-                gguf_tensor_name(name).unwrap_or_default()
+                self.arch.gguf_tensor_name(name).unwrap_or_default()
             ))
         })?;
-        let (shape, data) = self.file.dequantize(&info.name).map_err(gguf_error)?;
+        let (shape, mut data) = self.file.dequantize(&info.name).map_err(gguf_error)?;
+        if self.arch.stores_norm_plus_one(name) {
+            // Exact for stored values of at least 1/2 (every real Gemma norm): the model's
+            // 1 + w is then the stored value again, bit for bit.
+            data.iter_mut().for_each(|v| *v -= 1.0);
+        }
         let heads = if !self.arch.permuted_qk {
             None
         } else if name.contains(".self_attn.q_proj.") {
@@ -332,6 +706,8 @@ fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32
 mod tests {
     use super::*;
 
+    const LLAMA: &ArchSpec = &ARCHITECTURES[0];
+
     #[test]
     fn names_map_both_ways() {
         for (gguf, hf) in [
@@ -351,11 +727,68 @@ mod tests {
                 "model.layers.3.mlp.down_proj.weight",
             ),
         ] {
-            assert_eq!(hf_tensor_name(gguf).as_deref(), Some(hf));
-            assert_eq!(gguf_tensor_name(hf).as_deref(), Some(gguf));
+            assert_eq!(LLAMA.hf_tensor_name(gguf).as_deref(), Some(hf));
+            assert_eq!(LLAMA.gguf_tensor_name(hf).as_deref(), Some(gguf));
         }
-        assert_eq!(hf_tensor_name("rope_freqs.weight"), None);
-        assert_eq!(hf_tensor_name("blk.x.attn_q.weight"), None);
+        assert_eq!(LLAMA.hf_tensor_name("rope_freqs.weight"), None);
+        assert_eq!(LLAMA.hf_tensor_name("blk.x.attn_q.weight"), None);
+    }
+
+    /// Gemma's and Phi-3's own names (gguf-py's tensor_mapping for those architectures).
+    #[test]
+    fn family_names_map_both_ways() {
+        let spec = |name: &str| ARCHITECTURES.iter().find(|a| a.gguf == name).unwrap();
+        for (arch, gguf, hf) in [
+            (
+                "gemma2",
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "gemma2",
+                "blk.1.post_attention_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            (
+                "gemma3",
+                "blk.0.post_ffw_norm.weight",
+                "model.layers.0.post_feedforward_layernorm.weight",
+            ),
+            (
+                "gemma3",
+                "blk.2.attn_q_norm.weight",
+                "model.layers.2.self_attn.q_norm.weight",
+            ),
+            (
+                "qwen3",
+                "blk.0.attn_k_norm.weight",
+                "model.layers.0.self_attn.k_norm.weight",
+            ),
+            (
+                "phi3",
+                "blk.0.attn_qkv.weight",
+                "model.layers.0.self_attn.qkv_proj.weight",
+            ),
+            (
+                "phi3",
+                "blk.0.ffn_up.weight",
+                "model.layers.0.mlp.gate_up_proj.weight",
+            ),
+        ] {
+            assert_eq!(
+                spec(arch).hf_tensor_name(gguf).as_deref(),
+                Some(hf),
+                "{arch}"
+            );
+            assert_eq!(
+                spec(arch).gguf_tensor_name(hf).as_deref(),
+                Some(gguf),
+                "{arch}"
+            );
+        }
+        assert_eq!(spec("phi3").hf_tensor_name("blk.0.attn_q.weight"), None);
+        assert!(spec("gemma2").stores_norm_plus_one("model.norm.weight"));
+        assert!(!spec("qwen3").stores_norm_plus_one("model.norm.weight"));
     }
 
     /// The inverse of convert_hf_to_gguf.py's `permute` (reshape(n_head, 2, rows/n_head/2, cols)

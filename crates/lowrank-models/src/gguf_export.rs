@@ -7,7 +7,8 @@ use lowrank_core::lora::{LoraAdapter, LoraVariant};
 use lowrank_core::{Error, Result};
 use lowrank_gguf::{GgufWriter, TensorType, Value};
 
-use crate::gguf::{gguf_tensor_name, ArchSpec, ARCHITECTURES};
+use crate::config::RopeScaling;
+use crate::gguf::{ArchSpec, ARCHITECTURES};
 use crate::ModelConfig;
 
 /// gguf-py's `GGML_QUANT_VERSION`, written as `general.quantization_version`.
@@ -150,7 +151,8 @@ pub fn lora_adapter_gguf(
     );
     for (key, module) in &adapter.modules {
         let weight = format!("{key}.weight");
-        let gguf = gguf_tensor_name(&weight)
+        let gguf = arch
+            .gguf_tensor_name(&weight)
             .ok_or_else(|| Error::Msg(format!("module {key} has no GGUF tensor name")))?;
         let a = module.a.to_dtype(candle_core::DType::F32)?;
         let b = module.b.to_dtype(candle_core::DType::F32)?;
@@ -289,23 +291,60 @@ pub fn model_gguf(
 ) -> Result<GgufWriter> {
     let config = model.config();
     let arch = arch_of(config)?;
-    match config.rope_scaling {
-        crate::config::RopeScaling::None | crate::config::RopeScaling::Linear { .. } => {}
-        crate::config::RopeScaling::Llama3 { .. } => {
-            return Err(Error::Msg(
-                "Llama 3.1 rope scaling (llama.cpp's precomputed rope_freqs tensor) cannot be written to GGUF here".into(),
-            ))
+    let refuse = |what: &str| -> Result<GgufWriter> {
+        Err(Error::Msg(format!(
+            "{what}: llama.cpp's {} architecture cannot express it; not written to GGUF",
+            arch.gguf
+        )))
+    };
+    match (&config.rope_scaling, arch.gguf) {
+        (RopeScaling::None | RopeScaling::Linear { .. }, _) => {}
+        (RopeScaling::LongRope { .. }, "phi3") => {}
+        (RopeScaling::Llama3 { .. }, _) => {
+            return refuse("Llama 3.1 rope scaling (llama.cpp's precomputed rope_freqs tensor)")
         }
-        crate::config::RopeScaling::LongRope { .. } => {
-            return Err(Error::Msg(
-                "LongRoPE (Phi-3) is not written to GGUF here".into(),
-            ))
-        }
+        (RopeScaling::LongRope { .. }, _) => return refuse("LongRoPE"),
     }
-    if config.layer_windows.iter().any(Option::is_some) {
-        return Err(Error::Msg(
-            "sliding-window attention (Mistral) is not kept by llama.cpp's llama architecture; not written to GGUF".into(),
-        ));
+    let window = config.layer_windows.iter().flatten().next().copied();
+    if config
+        .layer_windows
+        .iter()
+        .flatten()
+        .any(|&w| Some(w) != window)
+    {
+        return refuse("sliding windows of different sizes");
+    }
+    let gemma = arch.norm_plus_one;
+    match arch.gguf {
+        // Phi-3: the window is written (llama.cpp reads it and, for now, ignores it).
+        "phi3" if config.layer_windows.iter().any(Option::is_none) && window.is_some() => {
+            return refuse("a sliding window on some layers only")
+        }
+        "phi3" => {}
+        _ if gemma => {
+            let layers = config.num_layers as u64;
+            let scalar = arch.gemma_query_scalar(
+                layers,
+                config.hidden_size as u64,
+                config.num_heads as u64,
+                config.head_dim as u64,
+            );
+            let scale = 1.0 / (scalar as f64).sqrt();
+            if (config.attention_scale - scale).abs() > 1e-9 * scale {
+                let ours = 1.0 / (config.attention_scale * config.attention_scale);
+                return refuse(&format!(
+                    "query_pre_attn_scalar {} (llama.cpp takes {scalar} for this model)",
+                    (ours * 1e6).round() / 1e6
+                ));
+            }
+            if let Some(local) = &config.local_rope {
+                if local.scaling != RopeScaling::None {
+                    return refuse("RoPE scaling on the sliding-window layers");
+                }
+            }
+        }
+        _ if window.is_some() => return refuse("sliding-window attention"),
+        _ => {}
     }
     let key = |k: &str| format!("{}.{k}", arch.gguf);
     let u32_of = |v: usize| Value::U32(v as u32);
@@ -329,16 +368,19 @@ pub fn model_gguf(
     );
     w.add(&key("attention.head_count"), u32_of(config.num_heads));
     w.add(&key("attention.head_count_kv"), u32_of(config.num_kv_heads));
-    w.add(&key("rope.freq_base"), Value::F32(config.rope_theta as f32));
+    // Gemma 2's converter writes no RoPE base (llama.cpp then takes 10000).
+    if arch.gguf != "gemma2" || config.rope_theta != 10_000.0 {
+        w.add(&key("rope.freq_base"), Value::F32(config.rope_theta as f32));
+    }
     w.add(
         &key("attention.layer_norm_rms_epsilon"),
         Value::F32(config.rms_norm_eps as f32),
     );
-    if config.raw.get("head_dim").is_some_and(|v| !v.is_null()) {
+    if gemma || config.raw.get("head_dim").is_some_and(|v| !v.is_null()) && arch.gguf != "phi3" {
         w.add(&key("attention.key_length"), u32_of(config.head_dim));
         w.add(&key("attention.value_length"), u32_of(config.head_dim));
     }
-    if let crate::config::RopeScaling::Linear { factor } = config.rope_scaling {
+    if let RopeScaling::Linear { factor } = config.rope_scaling {
         w.add(&key("rope.scaling.type"), Value::String("linear".into()));
         w.add(&key("rope.scaling.factor"), Value::F32(factor as f32));
     }
@@ -347,6 +389,68 @@ pub fn model_gguf(
         // LlamaModel.set_gguf_parameters adds these two.
         w.add(&key("vocab_size"), u32_of(config.vocab_size));
         w.add(&key("rope.dimension_count"), u32_of(config.head_dim));
+    }
+    let mut extra_tensors: Vec<(&str, Vec<f32>)> = Vec::new();
+    if arch.gguf == "phi3" {
+        w.add(&key("rope.dimension_count"), u32_of(config.rotary_dim));
+        w.add(
+            &key("attention.sliding_window"),
+            u32_of(window.unwrap_or(0)),
+        );
+        let original = match &config.rope_scaling {
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                w.add(
+                    &key("rope.scaling.attn_factor"),
+                    Value::F32(*attention_factor as f32),
+                );
+                let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+                extra_tensors.push(("rope_factors_long.weight", f32s(long_factor)));
+                extra_tensors.push(("rope_factors_short.weight", f32s(short_factor)));
+                Some(*original_max_position_embeddings)
+            }
+            _ => config.raw["original_max_position_embeddings"]
+                .as_u64()
+                .map(|v| v as usize),
+        };
+        if let Some(original) = original {
+            w.add(
+                &key("rope.scaling.original_context_length"),
+                u32_of(original),
+            );
+        }
+    }
+    if gemma {
+        if let Some(cap) = config.attention_softcap {
+            w.add(&key("attn_logit_softcapping"), Value::F32(cap as f32));
+        }
+        if let Some(cap) = config.final_softcap {
+            w.add(&key("final_logit_softcapping"), Value::F32(cap as f32));
+        }
+        if let Some(local) = &config.local_rope {
+            w.add(&key("rope.freq_base_swa"), Value::F32(local.theta as f32));
+        }
+        if let Some(window) = window {
+            w.add(&key("attention.sliding_window"), u32_of(window));
+        }
+        // The converter writes no pattern: llama.cpp's default must then be the model's, else
+        // the layers are written out (a key llama.cpp reads).
+        let sliding: Vec<bool> = config.layer_windows.iter().map(Option::is_some).collect();
+        let n = arch.default_sliding_pattern() as usize;
+        let default = (0..config.num_layers).all(|il| sliding[il] == (il % n < n - 1));
+        if window.is_some() && !default {
+            w.add(
+                &key("attention.sliding_window_pattern"),
+                Value::Array(sliding.into_iter().map(Value::Bool).collect()),
+            );
+        }
+    }
+    if arch.gguf == "gemma2" {
+        w.add("tokenizer.ggml.add_space_prefix", Value::Bool(false));
     }
     w.add(
         "general.quantization_version",
@@ -358,8 +462,16 @@ pub fn model_gguf(
     let mut weights = model.named_weights()?;
     // The converter's order: the checkpoint's, which safetensors sorts by name.
     weights.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, values) in extra_tensors {
+        w.add_tensor(name, &[values.len()], &values, TensorType::F32);
+    }
     for (hf_name, tensor) in weights {
-        let gguf = gguf_tensor_name(&hf_name)
+        // Gemma 2's converter drops lm_head (llama.cpp always ties it).
+        if arch.gguf == "gemma2" && hf_name == "lm_head.weight" {
+            continue;
+        }
+        let gguf = arch
+            .gguf_tensor_name(&hf_name)
             .ok_or_else(|| Error::Msg(format!("tensor {hf_name} has no GGUF name")))?;
         let shape = tensor.dims().to_vec();
         let mut values: Vec<f32> = tensor
@@ -378,6 +490,9 @@ pub fn model_gguf(
         if let Some(heads) = heads {
             values = permute_rows(&values, shape[0], heads)
                 .map_err(|e| Error::Msg(format!("{hf_name}: {e}")))?;
+        }
+        if arch.stores_norm_plus_one(&hf_name) {
+            values.iter_mut().for_each(|v| *v += 1.0);
         }
         w.add_tensor(&gguf, &shape, &values, file_type.tensor_type(&gguf, &shape));
     }

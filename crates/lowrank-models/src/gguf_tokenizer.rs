@@ -4,7 +4,17 @@
 //! `tokenizer.ggml.model` "gpt2" (byte-level BPE): tokens, merges, token types (control and
 //! user-defined tokens become added tokens), BOS/EOS ids and add-BOS/EOS flags, and the
 //! pre-tokenizer named by `tokenizer.ggml.pre`, looked up in [`PRE_TOKENIZERS`] (adding one is
-//! a row there). SentencePiece ("llama") vocabularies are refused for now.
+//! a row there).
+//!
+//! `tokenizer.ggml.model` "llama" (SentencePiece BPE with byte fallback, as Llama and Gemma
+//! ship it): built as the tokenizer.json transformers converts `tokenizer.model` into — a BPE
+//! with byte fallback over the pieces, whose merges transformers derives from the vocabulary
+//! (`generate_merges`: every split of a piece into two pieces, ranked by the piece's id), a
+//! Metaspace pre-tokenizer (`▁` for spaces, prepended to the text unless
+//! `tokenizer.ggml.add_space_prefix` is false, as Gemma's). llama.cpp's own SPM tokenizer
+//! merges by score instead; for BPE-trained pieces (score = -id) the two agree, and it is
+//! transformers' ids that are reproduced. Unknown (type 2), control and user-defined tokens
+//! are added tokens, as in the HF tokenizer; `[PADn]` fillers (unused) are left out.
 
 use lowrank_core::{Error, Result};
 use lowrank_gguf::{GgufFile, Value as GgufValue};
@@ -13,6 +23,7 @@ use serde_json::{json, Value};
 use crate::gguf::gguf_error;
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_UNKNOWN: u64 = 2;
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
@@ -67,17 +78,20 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     let path = file.path();
     let e = gguf_error;
     let model = file.str("tokenizer.ggml.model").map_err(e)?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(Error::field(
             path,
             "tokenizer.ggml.model",
-            format!("tokenizer model {model:?} is not supported from GGUF; supported: gpt2 (byte-level BPE)"),
+            format!("tokenizer model {model:?} is not supported from GGUF; supported: gpt2 (byte-level BPE), llama (SentencePiece BPE)"),
         ));
     }
+    let sentencepiece = model == "llama";
     let pre_name = file
         .str_opt("tokenizer.ggml.pre")
         .map_err(e)?
         .unwrap_or("gpt-2");
+    // SentencePiece has no pre-tokenizer name (the converter writes "default").
+    let pre_name = if sentencepiece { "gpt-2" } else { pre_name };
     let pre = PRE_TOKENIZERS
         .iter()
         .find(|p| p.name == pre_name)
@@ -99,10 +113,11 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         .strings_opt("tokenizer.ggml.tokens")
         .map_err(e)?
         .ok_or_else(|| Error::field(path, "tokenizer.ggml.tokens", "missing"))?;
-    let merges = file
-        .strings_opt("tokenizer.ggml.merges")
-        .map_err(e)?
-        .ok_or_else(|| Error::field(path, "tokenizer.ggml.merges", "missing"))?;
+    let merges = match file.strings_opt("tokenizer.ggml.merges").map_err(e)? {
+        Some(merges) => merges.into_iter().map(str::to_string).collect(),
+        None if sentencepiece => Vec::new(),
+        None => return Err(Error::field(path, "tokenizer.ggml.merges", "missing")),
+    };
     let types: Vec<u64> = match file.array_opt("tokenizer.ggml.token_type").map_err(e)? {
         None => vec![1; tokens.len()],
         Some(items) => items
@@ -151,14 +166,23 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         .enumerate()
         .map(|(id, t)| (t.to_string(), id.into()))
         .collect();
+    let added_types: &[u64] = if sentencepiece {
+        &[
+            TOKEN_TYPE_UNKNOWN,
+            TOKEN_TYPE_CONTROL,
+            TOKEN_TYPE_USER_DEFINED,
+        ]
+    } else {
+        &[TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED]
+    };
     let added_tokens: Vec<Value> = tokens
         .iter()
         .zip(&types)
         .enumerate()
-        .filter(|(_, (_, &t))| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+        .filter(|(_, (_, t))| added_types.contains(t))
         .map(|(id, (content, &t))| {
             json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": t == TOKEN_TYPE_CONTROL})
+                   "rstrip": false, "normalized": false, "special": t != TOKEN_TYPE_USER_DEFINED})
         })
         .collect();
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": use_regex, "use_regex": use_regex});
@@ -186,10 +210,42 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     }
     let mut pair = single.clone();
     pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
-    let post_processor = json!({"type": "Sequence", "processors": [
-        {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
-    ]});
+    if sentencepiece {
+        let add_space_prefix = file
+            .bool_opt("tokenizer.ggml.add_space_prefix")
+            .map_err(e)?
+            .unwrap_or(true);
+        let template = json!({"type": "TemplateProcessing", "single": single, "pair": pair,
+                              "special_tokens": special_tokens});
+        return Ok(GgufTokenizer {
+            tokenizer_json: sentencepiece_json(
+                &tokens,
+                &types,
+                added_tokens,
+                template,
+                add_space_prefix,
+            ),
+            bos_token: bos.map(|(_, t)| t),
+            eos_token: eos.map(|(_, t)| t),
+            unk_token: unk.map(|(_, t)| t),
+            pad_token: pad.map(|(_, t)| t),
+            chat_template: file
+                .str_opt("tokenizer.chat_template")
+                .map_err(e)?
+                .map(str::to_string),
+        });
+    }
+    let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    // A template only when it adds a token (as the HF tokenizers have it: a template is what
+    // tells gguf-py to write `add_sep_token` when the file is written back).
+    let post_processor = if special_tokens.is_empty() {
+        byte_level_post
+    } else {
+        json!({"type": "Sequence", "processors": [
+            byte_level_post,
+            {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
+        ]})
+    };
     let tokenizer_json = json!({
         "version": "1.0",
         "truncation": null,
@@ -215,6 +271,72 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             .str_opt("tokenizer.chat_template")
             .map_err(e)?
             .map(str::to_string),
+    })
+}
+
+/// The tokenizer.json transformers makes of a SentencePiece BPE model (its `LlamaConverter`
+/// output in transformers 5): the pieces (not the `[PADn]` fillers) as a byte-fallback BPE
+/// whose merges `generate_merges` derives from them, a Metaspace pre-tokenizer and the
+/// matching decoder.
+fn sentencepiece_json(
+    tokens: &[&str],
+    types: &[u64],
+    added_tokens: Vec<Value>,
+    post_processor: Value,
+    add_space_prefix: bool,
+) -> Value {
+    let pieces: Vec<(usize, &str)> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t != TOKEN_TYPE_UNUSED)
+        .map(|(id, (&piece, _))| (id, piece))
+        .collect();
+    // Python's dict: a piece seen twice keeps its last id.
+    let ids: std::collections::HashMap<&str, usize> =
+        pieces.iter().map(|&(id, piece)| (piece, id)).collect();
+    // generate_merges without scores: pieces in id order; within a piece, its splits by the
+    // left part's length (its sort key after the piece's rank).
+    let mut merges = Vec::new();
+    for &(id, piece) in &pieces {
+        if ids.get(piece) != Some(&id) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(at);
+            if ids.contains_key(left) && ids.contains_key(right) {
+                merges.push(json!([left, right]));
+            }
+        }
+    }
+    let vocab: serde_json::Map<String, Value> = ids
+        .iter()
+        .map(|(&piece, &id)| (piece.to_string(), id.into()))
+        .collect();
+    let prepend_scheme = if add_space_prefix { "first" } else { "never" };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                          "prepend_scheme": prepend_scheme, "split": false},
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        },
     })
 }
 

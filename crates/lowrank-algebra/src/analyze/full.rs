@@ -1,11 +1,11 @@
 //! A full fine-tune's update ΔW = W_ft − W per adapted linear, read from two HF checkpoints
-//! (single file or shards, any float dtype), and its top-K spectrum by randomized SVD.
+//! (single file or shards, any float dtype) or GGUF files (dequantized, under the HF names),
+//! and its top-K spectrum by randomized SVD.
 //!
 //! The linears compared are the ones LoRA targets: every `…layers.N.….{q,k,v,o,gate,up,down}_proj
 //! .weight` of the base, matched by name in the fine-tune. One layer at a time is held in memory
 //! (W, W_ft and ΔW in f64), so the models are never loaded whole.
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use lowrank_core::lora::ALL_LINEAR;
 use lowrank_models::checkpoint::{resolve_model_dir, Checkpoint};
@@ -40,26 +40,19 @@ pub fn adapted_linear_module(tensor: &str) -> Option<&str> {
     (in_layer && ALL_LINEAR.contains(&projection)).then_some(module)
 }
 
-/// A checkpoint's tensors, memory-mapped, with its folder for messages.
+/// A checkpoint's tensors (memory-mapped safetensors, or a GGUF file), with its path for
+/// messages.
 struct Weights {
     dir: String,
     checkpoint: Checkpoint,
-    tensors: MmapedSafetensors,
 }
 
 impl Weights {
     fn open(spec: &str) -> Result<Self> {
         let dir = resolve_model_dir(spec)?;
-        let checkpoint = Checkpoint::open(&dir)?;
-        // SAFETY: the files are opened read-only; as with every mmap, they must not be truncated
-        // while in use (the same contract as `Checkpoint::open`).
-        let tensors = unsafe { MmapedSafetensors::multi(checkpoint.files()) }.map_err(|e| {
-            Error::Invalid(format!("{}: cannot read safetensors: {e}", dir.display()))
-        })?;
         Ok(Weights {
+            checkpoint: Checkpoint::open_model(&dir)?,
             dir: dir.display().to_string(),
-            checkpoint,
-            tensors,
         })
     }
 
@@ -70,10 +63,7 @@ impl Weights {
                 self.dir
             )));
         }
-        let tensor = self
-            .tensors
-            .load(name, &Device::Cpu)
-            .map_err(|_| Error::Invalid(format!("{}: missing tensor {name:?}", self.dir)))?;
+        let tensor = self.checkpoint.load_stored(name, &Device::Cpu)?;
         if tensor.rank() != 2 || !tensor.dtype().is_float() {
             return Err(Error::Invalid(format!(
                 "{}: tensor {name:?} is {:?} {:?}, expected a 2-D float matrix",
@@ -87,7 +77,7 @@ impl Weights {
 }
 
 /// The spectrum of ΔW = W_ft − W for every adapted linear of `base`, in model order.
-/// `fine_tuned` and `base` are folders or repo ids in the local HF cache.
+/// `fine_tuned` and `base` are folders, GGUF files or repo ids in the local HF cache.
 pub fn full_fine_tune_spectra(
     fine_tuned: &str,
     base: &str,

@@ -20,11 +20,11 @@ pub struct Args {
     /// A second adapter (folder or Hub id): subspace similarity φ(i, j) with it, per module both adapt.
     #[arg(long, value_name = "ADAPTER")]
     compare: Option<PathBuf>,
-    /// A fully fine-tuned model (folder or Hub id): analyse ΔW = W_ft − W of
+    /// A fully fine-tuned model (folder, GGUF file or Hub id): analyse ΔW = W_ft − W of
     /// its decoder-layer linears against --base.
     #[arg(long, value_name = "MODEL_FT", requires = "base")]
     full: Option<String>,
-    /// With --full: the model it was fine-tuned from.
+    /// With --full: the model it was fine-tuned from (folder, GGUF file or Hub id).
     #[arg(long, value_name = "MODEL", requires = "full")]
     base: Option<String>,
     /// With --full: singular values computed per layer (randomized SVD).

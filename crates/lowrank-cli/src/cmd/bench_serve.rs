@@ -9,7 +9,7 @@ use lowrank_serve::bench::{run, BenchOptions, BenchWeights};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// How the base's weights are stored, one server each: f32, bf16 (--bf16-weights),

@@ -10,7 +10,7 @@ use super::{activate, load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to stack adapters.

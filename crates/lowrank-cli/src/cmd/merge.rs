@@ -14,14 +14,14 @@ use super::{load_adapters, load_model_with, AdapterSpec, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to merge several.
     #[arg(long, required = true)]
     adapter: Vec<AdapterSpec>,
     /// Output folder (created; must not hold a checkpoint already), or a `.gguf` file: the
-    /// merged model for llama.cpp, as its convert_hf_to_gguf.py writes it (llama, qwen2).
+    /// merged model for llama.cpp, as its convert_hf_to_gguf.py writes it (llama, qwen2, qwen3, phi3, gemma2, gemma3).
     #[arg(long)]
     out: PathBuf,
     /// With `--out x.gguf`: the type of the weights, f32, f16, bf16 or q8_0 (vectors and

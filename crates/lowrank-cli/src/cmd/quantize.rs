@@ -13,7 +13,7 @@ use lowrank_train::QuantKind;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// Output folder (created; must not hold a checkpoint already).

@@ -17,7 +17,7 @@ use lowrank_train::{ComputeDtype, Init, Method, OptimizerKind, Schedule, TrainOp
     )
 )]
 pub struct Args {
-    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
     #[arg(long)]
     model: String,
     /// JSONL: {"text"}, {"prompt","completion"} or {"messages":[{"role","content"}...]} per line.
