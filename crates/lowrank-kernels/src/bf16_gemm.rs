@@ -20,7 +20,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{require_cpu, sgemm, Mat};
-use crate::lora_linear::FrozenMatmul;
+use crate::frozen_linear::FrozenMatmul;
 
 const NAME: &str = "lowrank-bf16-gemm";
 

@@ -34,8 +34,8 @@ use rayon::prelude::*;
 
 use half::bf16;
 
+use crate::bf16_rows::streamed_rows_bf16;
 use crate::cpu::{add_scaled_matvec, prefetch, streamed_rows, RunTail};
-use crate::decode::streamed_rows_bf16;
 
 /// Output rows per task.
 const ROWS: usize = 16;

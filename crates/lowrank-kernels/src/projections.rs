@@ -17,15 +17,15 @@ const NAME: &str = "lowrank-linears-one-row";
 /// One linear of [`linears_one_row`]: y = x·Wᵀ (+ bias) (+ scale·(x·Aᵀ)·Bᵀ). The weight
 /// (out × in) is f32 or bf16 (widened in registers, f32 accumulation); bias (out), A (r × in)
 /// and B (out × r) are f32.
-pub struct RowLinear<'a> {
+pub struct OneRowLinear<'a> {
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
-    pub lora: Option<RowLora<'a>>,
+    pub lora: Option<OneRowLora<'a>>,
 }
 
-/// The LoRA term of a [`RowLinear`]: A (r × in), B (out × r) and the scale.
+/// The LoRA term of a [`OneRowLinear`]: A (r × in), B (out × r) and the scale.
 #[derive(Clone, Copy)]
-pub enum RowLora<'a> {
+pub enum OneRowLora<'a> {
     /// Factors as f32 tensors.
     Tensors {
         a: &'a Tensor,
@@ -44,7 +44,7 @@ pub enum RowLora<'a> {
 
 /// Every linear's output for x (…, in) holding exactly one row, shaped like x with the last
 /// dimension replaced by the linear's output size.
-pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>> {
+pub fn linears_one_row(x: &Tensor, linears: &[OneRowLinear]) -> Result<Vec<Tensor>> {
     let in_f = x.dims().last().copied().unwrap_or(0);
     if x.elem_count() != in_f {
         bail!("{NAME}: x {:?} must hold exactly one row", x.dims())
@@ -70,10 +70,10 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
             bail!("{NAME}: a bias does not fit weight {:?}", l.weight.dims())
         }
         match l.lora {
-            Some(RowLora::Tensors { a, b, .. }) => {
+            Some(OneRowLora::Tensors { a, b, .. }) => {
                 factor_rank(NAME, a, b, (out_f, in_f))?;
             }
-            Some(RowLora::Slices { a, b, .. }) => {
+            Some(OneRowLora::Slices { a, b, .. }) => {
                 let r = a.len().checked_div(in_f).unwrap_or(0);
                 if a.len() != r * in_f || b.len() != out_f * r {
                     bail!(
@@ -112,7 +112,7 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
     let factors = linears
         .iter()
         .map(|l| match l.lora {
-            Some(RowLora::Tensors { a, b, .. }) => Ok(Some((small(a)?, small(b)?))),
+            Some(OneRowLora::Tensors { a, b, .. }) => Ok(Some((small(a)?, small(b)?))),
             _ => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -136,12 +136,12 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
         .map(|(i, l)| GemvPart {
             w: data[i],
             lora: match (l.lora, &factor_views[i]) {
-                (Some(RowLora::Tensors { scale, .. }), Some((a, b))) => Some(LowRankTerm {
+                (Some(OneRowLora::Tensors { scale, .. }), Some((a, b))) => Some(LowRankTerm {
                     a: a.get(),
                     b: b.get(),
                     scale: scale as f32,
                 }),
-                (Some(RowLora::Slices { a, b, scale }), _) => Some(LowRankTerm {
+                (Some(OneRowLora::Slices { a, b, scale }), _) => Some(LowRankTerm {
                     a,
                     b,
                     scale: scale as f32,
@@ -189,29 +189,29 @@ mod tests {
         let got = linears_one_row(
             &x,
             &[
-                RowLinear {
+                OneRowLinear {
                     weight: &w1,
                     bias: Some(&bias1),
                     lora: None,
                 },
-                RowLinear {
+                OneRowLinear {
                     weight: &w2,
                     bias: None,
                     lora: None,
                 },
-                RowLinear {
+                OneRowLinear {
                     weight: &w3,
                     bias: None,
-                    lora: Some(RowLora::Tensors {
+                    lora: Some(OneRowLora::Tensors {
                         a: &a3,
                         b: &b3,
                         scale: 0.7,
                     }),
                 },
-                RowLinear {
+                OneRowLinear {
                     weight: &w4,
                     bias: Some(&bias4),
-                    lora: Some(RowLora::Slices {
+                    lora: Some(OneRowLora::Slices {
                         a: &a4_values,
                         b: &b4_values,
                         scale: 1.5,
@@ -236,8 +236,8 @@ mod tests {
             assert!(e < 1e-6, "linear {i}: {e:.2e}");
         }
         let two_rows = randt(&[2, in_f], 102, 1.0);
-        let refused = |x: &Tensor, bias: Option<&Tensor>, lora: Option<RowLora>| {
-            let linear = RowLinear {
+        let refused = |x: &Tensor, bias: Option<&Tensor>, lora: Option<OneRowLora>| {
+            let linear = OneRowLinear {
                 weight: &w1,
                 bias,
                 lora,
@@ -250,12 +250,12 @@ mod tests {
         assert!(err.contains("bias"), "{err}");
         // Factors of other shapes, as tensors (r = 16 for 50 outputs) and as slices (r = 8 for 9).
         let misfits = [
-            RowLora::Tensors {
+            OneRowLora::Tensors {
                 a: &a3,
                 b: &b3,
                 scale: 1.0,
             },
-            RowLora::Slices {
+            OneRowLora::Slices {
                 a: &a4_values,
                 b: &b4_values,
                 scale: 1.0,

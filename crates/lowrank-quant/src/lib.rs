@@ -6,6 +6,7 @@
 //!   bitsandbytes / transformers tensor names and `quant_state` JSON.
 //! - [`matmul`]: x·Wᵀ with W 4-bit, tiles dequantized on the fly (forward and grad of x).
 //! - [`checkpoint`]: read / write pre-quantized checkpoints and `quantization_config`.
+//! - [`sgemm`]: the bounds-checked f32 GEMM wrapper (shared with `lowrank-kernels`).
 
 pub mod blockwise;
 pub mod checkpoint;
@@ -13,6 +14,7 @@ pub mod codebook;
 pub mod error;
 pub mod matmul;
 pub mod qtensor;
+pub mod sgemm;
 
 pub use blockwise::{validate_block_size, DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE};
 pub use checkpoint::{BnbCheckpoint, QuantizationConfig};

@@ -4,7 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod bench;
-pub mod engine;
+pub mod continuous_batching;
 pub mod logprobs;
 pub mod metrics;
 pub mod registry;

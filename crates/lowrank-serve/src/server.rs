@@ -22,7 +22,7 @@ use tokio_stream::StreamExt;
 
 use crate::api::*;
 use crate::auth::{ApiKeys, Grant};
-use crate::engine::{Engine, EngineError, Request, SubmitError};
+use crate::continuous_batching::{Engine, EngineError, Request, SubmitError};
 use crate::metrics::Metrics;
 use crate::registry::{validate_id, AdapterLease, AdapterRegistry, RegistryError};
 use crate::render::{self, ChunkHeader, CompletionRender, Echo, Events, StreamRender};
@@ -882,7 +882,8 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             } else {
                 opts.max_loaded_adapters.min(opts.max_batch)
             },
-            kv_cache_tokens: kv_cache_bytes / crate::engine::kv_bytes_per_token(&model),
+            kv_cache_tokens: kv_cache_bytes
+                / crate::continuous_batching::kv_bytes_per_token(&model),
         })
         .map_err(|e| e.to_string())?,
     );
@@ -890,7 +891,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     let engine = Engine::start(
         model,
         tokenizer.clone(),
-        crate::engine::EngineConfig {
+        crate::continuous_batching::EngineConfig {
             max_batch: opts.max_batch,
             max_queue: opts.max_queue,
             kv_cache_bytes,
