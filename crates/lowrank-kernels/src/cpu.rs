@@ -120,10 +120,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// How far ahead of a streamed row's reads [`streamed_rows`] asks for memory. On the 2-core
-/// Zen 5 of the README's figures the hardware prefetchers alone left each core short of the
-/// bandwidth it can draw; asking 2 KiB ahead made batch-1 decoding 3–5% faster (merged,
-/// unmerged and base alike), 1 KiB ahead less so, 3–4 KiB no better.
+/// How far ahead of a streamed row's reads [`streamed_rows`] asks for memory: the hardware
+/// prefetchers alone leave each core short of the bandwidth it can draw.
 pub(crate) const STREAM_AHEAD_BYTES: usize = 2048;
 
 /// y[k] = w[k]·x (+ B[k]·(scale·A·x) from `tail`) for each row k of `w` (row-major, x.len()
@@ -132,10 +130,7 @@ pub(crate) const STREAM_AHEAD_BYTES: usize = 2048;
 /// bytes [`STREAM_AHEAD_BYTES`] past them, the rows that follow.
 ///
 /// One call per run rather than per row: when memory is fast, each core's streaming is what
-/// limits decoding, and the instructions around each row count. Dispatching once per run,
-/// summing the lanes by shuffles and reading the B row by pointer took 1.2–2.1% less time per
-/// token than a dot-product call per row with memory fast (merged and unmerged alike, tokens
-/// alternating in one process), and 0–0.5% less with memory slow.
+/// limits decoding, and the instructions around each row count.
 pub(crate) fn streamed_rows(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail) {
     check_run("streamed_rows", w.len(), x, y, tail);
     #[cfg(target_arch = "x86_64")]

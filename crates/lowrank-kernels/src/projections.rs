@@ -1,11 +1,8 @@
 //! Several linears of the same input row in one parallel pass over all their weights: batch-1
 //! decoding's q, k and v projections (and gate and up).
 //!
-//! One token's linears are short, bandwidth-bound passes (a k or v projection of a
-//! SmolLM-135M-sized model reads 0.44 MB); each pays a dispatch to the thread pool and a tail
-//! where one thread finishes alone. Over the 210 linears of that model (plus its head), doing
-//! q/k/v and gate/up as two passes per layer instead of five took 4% less time per token when
-//! memory was slow and 8–11% less when it was fast (one process, alternating tokens).
+//! One token's linears are short, bandwidth-bound passes; each pays a dispatch to the thread
+//! pool and a tail where one thread finishes alone, so fewer, longer passes are faster.
 //! No backward: inference only (the outputs record no op).
 
 use crate::cpu::{factor_rank, require_cpu, view};

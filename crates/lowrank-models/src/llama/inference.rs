@@ -23,8 +23,7 @@ impl Llama {
     }
 
     /// Logits (batch, vocab) of the last position only, as [`Self::forward`] computes them:
-    /// a prompt's forward in decoding, which needs no logits for the other positions (the head
-    /// is a fifth of a SmolLM-135M-sized model's prefill work).
+    /// a prompt's forward in decoding, which needs no logits for the other positions.
     pub fn forward_last(
         &self,
         ids: &Tensor,
