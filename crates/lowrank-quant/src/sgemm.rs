@@ -31,6 +31,10 @@ impl<'a> Mat<'a> {
 
 /// dst (m×n, row-major with row stride `dst_rs`) = [dst +] alpha · lhs (m×k) · rhs (k×n).
 /// `parallel` lets gemm use the rayon pool (leave it off inside a rayon task).
+///
+/// # Panics
+/// When an operand's slice is too short for its shape and strides: a caller's bug, which would
+/// otherwise be an out-of-bounds access inside gemm.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
