@@ -538,6 +538,24 @@ struct Prepared {
     render: StreamRender,
 }
 
+/// [`GenerationRequest`]'s accessors of the fields both requests have under the same names.
+macro_rules! shared_request_fields {
+    () => {
+        fn sampling(&self) -> &Sampling {
+            &self.sampling
+        }
+
+        fn other(&self) -> &serde_json::Map<String, serde_json::Value> {
+            &self.other
+        }
+
+        fn target(&self) -> (Option<&str>, Option<&str>, Option<&[StackedAdapter]>) {
+            let (model, adapter) = (self.model.as_deref(), self.adapter.as_deref());
+            (model, adapter, self.adapters.as_deref())
+        }
+    };
+}
+
 impl GenerationRequest for CompletionRequest {
     const UNSUPPORTED: &'static [&'static [Unsupported]] = COMPLETION_UNSUPPORTED;
     const ID_PREFIX: &'static str = "cmpl";
@@ -545,18 +563,7 @@ impl GenerationRequest for CompletionRequest {
     /// The prompt and `logprobs`.
     type Checked = (String, Option<usize>);
 
-    fn sampling(&self) -> &Sampling {
-        &self.sampling
-    }
-
-    fn other(&self) -> &serde_json::Map<String, serde_json::Value> {
-        &self.other
-    }
-
-    fn target(&self) -> (Option<&str>, Option<&str>, Option<&[StackedAdapter]>) {
-        let (model, adapter) = (self.model.as_deref(), self.adapter.as_deref());
-        (model, adapter, self.adapters.as_deref())
-    }
+    shared_request_fields!();
 
     fn check(&self) -> Result<Self::Checked, ApiError> {
         let prompt = match &self.prompt {
@@ -608,18 +615,7 @@ impl GenerationRequest for ChatRequest {
     /// `Some(top_logprobs)` when logprobs are asked for.
     type Checked = Option<usize>;
 
-    fn sampling(&self) -> &Sampling {
-        &self.sampling
-    }
-
-    fn other(&self) -> &serde_json::Map<String, serde_json::Value> {
-        &self.other
-    }
-
-    fn target(&self) -> (Option<&str>, Option<&str>, Option<&[StackedAdapter]>) {
-        let (model, adapter) = (self.model.as_deref(), self.adapter.as_deref());
-        (model, adapter, self.adapters.as_deref())
-    }
+    shared_request_fields!();
 
     fn check(&self) -> Result<Self::Checked, ApiError> {
         if self.messages.is_empty() {
