@@ -255,7 +255,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// kernel, which reads W once and accumulates in f32; more rows (prefill) widen W to f32 for
 /// the GEMM, whose cost dwarfs the conversion.
 fn bf16_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && rows(x) <= lowrank_kernels::decode::MAX_ROWS {
+    if x.device().is_cpu() && rows(x) <= lowrank_kernels::bf16_linear::MAX_ROWS {
         Ok(lowrank_kernels::gemv_bf16(x, w)?)
     } else {
         matmul_t(x, &w.to_dtype(x.dtype())?)
@@ -547,7 +547,7 @@ impl AdaptedLinear {
             // Decoding over a bf16 base: the LoRA path rides along the one pass over W.
             let decode = m.magnitude.is_none()
                 && x.device().is_cpu()
-                && rows(x) <= lowrank_kernels::decode::MAX_ROWS;
+                && rows(x) <= lowrank_kernels::bf16_linear::MAX_ROWS;
             if let (false, Some(base)) = (decode, self.bf16_operand(x)?) {
                 return Ok(match &m.magnitude {
                     None => Some(lowrank_kernels::lora_linear_over(

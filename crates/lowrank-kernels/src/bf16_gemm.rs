@@ -4,9 +4,9 @@
 //!
 //! CPUs with AVX512-BF16 can run our own microkernel on `vdpbf16ps`, which multiplies pairs
 //! of bf16 and adds both products to an f32 lane: twice the multiply-adds per instruction of
-//! an f32 FMA. Whether that is faster depends on the core: on a Sapphire Rapids-class Xeon the
-//! f32 AVX-512 GEMM ran 2× faster than it (measured: it issues at half the FMA's rate there).
-//! So the kernel is used only where a one-off timing of both paths at first use says it wins.
+//! an f32 FMA. Whether that is faster depends on the core (on some it issues at half the
+//! FMA's rate), so the kernel is used only where a one-off timing of both paths at first use
+//! says it wins.
 //! Otherwise the same numbers come from the f32 GEMM on the rounded activations and the
 //! weight widened to f32 (bf16 → f32 is exact), so results agree across CPUs up to the order
 //! of the f32 sums.
@@ -20,7 +20,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{require_cpu, sgemm, Mat};
-use crate::lora_linear::FrozenMatmul;
+use crate::frozen_linear::FrozenMatmul;
 
 const NAME: &str = "lowrank-bf16-gemm";
 
@@ -71,7 +71,7 @@ pub(crate) fn gemm_bf16(
 /// Whether this CPU has AVX512-BF16 and its kernel beat the widening path on a 512×512×512
 /// product (best of three each, timed once per process: a few milliseconds). Smaller products
 /// flatter the kernel: the widening path's rounding and widening passes weigh more there than
-/// at training sizes (a 256-row trial picked the kernel on a Xeon where it was 1.6× slower).
+/// at training sizes.
 #[cfg(target_arch = "x86_64")]
 fn bf16_dot_is_faster() -> bool {
     static CHOICE: OnceLock<bool> = OnceLock::new();

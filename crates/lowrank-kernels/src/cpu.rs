@@ -3,6 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Shape, Storage, StorageRef, Tensor};
+pub(crate) use lowrank_quant::sgemm::{sgemm, Mat};
 
 /// The contiguous f32 data of a custom op's input.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -99,100 +100,6 @@ pub(crate) fn with_features(shape: &Shape, features: usize) -> Shape {
     Shape::from(dims)
 }
 
-/// A row-major or strided matrix operand: data and (row stride, column stride).
-#[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
-    pub data: &'a [f32],
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// Row-major with `cols` columns.
-    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-    /// The transpose of a row-major matrix with `cols` columns.
-    pub(crate) fn t(data: &'a [f32], cols: usize) -> Self {
-        Mat {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    }
-}
-
-/// dst (m×n, row-major with row stride `dst_rs`) = [dst +] alpha · lhs (m×k) · rhs (k×n).
-/// `parallel` lets gemm use the rayon pool (leave it off inside a rayon task).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: Mat,
-    rhs: Mat,
-    alpha: f32,
-    accumulate: bool,
-    parallel: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst too small");
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!(
-        (m - 1) * lhs.rs + (k - 1) * lhs.cs < lhs.data.len(),
-        "gemm: lhs too small"
-    );
-    assert!(
-        (k - 1) * rhs.rs + (n - 1) * rhs.cs < rhs.data.len(),
-        "gemm: rhs too small"
-    );
-    let par = if parallel && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
-    // `dst` is borrowed mutably so it cannot alias the operands.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
 /// The LoRA term of a run of streamed rows: the run's rows of B (rows × r, row-major) and
 /// scale·A·x (r). Row k's B[k]·(scale·A·x) is added into the same eight-lane sums as its W·x
 /// (two FMAs for r = 16), so the B term needs no horizontal sum of its own.
@@ -213,10 +120,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// How far ahead of a streamed row's reads [`streamed_rows`] asks for memory. On the 2-core
-/// Zen 5 of the README's figures the hardware prefetchers alone left each core short of the
-/// bandwidth it can draw; asking 2 KiB ahead made batch-1 decoding 3–5% faster (merged,
-/// unmerged and base alike), 1 KiB ahead less so, 3–4 KiB no better.
+/// How far ahead of a streamed row's reads [`streamed_rows`] asks for memory: the hardware
+/// prefetchers alone leave each core short of the bandwidth it can draw.
 pub(crate) const STREAM_AHEAD_BYTES: usize = 2048;
 
 /// y[k] = w[k]·x (+ B[k]·(scale·A·x) from `tail`) for each row k of `w` (row-major, x.len()
@@ -225,10 +130,7 @@ pub(crate) const STREAM_AHEAD_BYTES: usize = 2048;
 /// bytes [`STREAM_AHEAD_BYTES`] past them, the rows that follow.
 ///
 /// One call per run rather than per row: when memory is fast, each core's streaming is what
-/// limits decoding, and the instructions around each row count. Dispatching once per run,
-/// summing the lanes by shuffles and reading the B row by pointer took 1.2–2.1% less time per
-/// token than a dot-product call per row with memory fast (merged and unmerged alike, tokens
-/// alternating in one process), and 0–0.5% less with memory slow.
+/// limits decoding, and the instructions around each row count.
 pub(crate) fn streamed_rows(w: &[f32], x: &[f32], y: &mut [f32], tail: RunTail) {
     check_run("streamed_rows", w.len(), x, y, tail);
     #[cfg(target_arch = "x86_64")]

@@ -12,13 +12,7 @@
 //! with one token), and with helpers awake a pass computes its A·x as one task that a helper
 //! takes (`gemv.rs`), reading A from cache rather than from memory, while the calling thread
 //! streams W at once.
-//! Without them, both threads first read half of A from memory, before their first row of W,
-//! and the second thread began its half 1.4–5.8 µs into every pass (timers in the tasks). On
-//! the 2-core Zen 5 of the README's figures, unmerged decoding of the SmolLM-135M-shaped model
-//! took 1.2–2.6% less time per token this way (six `decode_pair` runs, both ways in one
-//! process): unmerged/base 1.028–1.035 against 1.044–1.068 without helpers. Base decoding with
-//! helpers awake ran as fast as without (0.992–1.006), so only steps with an unmerged adapter
-//! use them.
+//! Only steps with an unmerged adapter use them: base decoding gains nothing from helpers.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -167,9 +161,7 @@ fn help(shared: &Shared) {
 }
 
 /// Reads one value of every 64-byte line of `spans` (and each span's last value). Loads
-/// rather than prefetch hints: the CPU drops prefetches it has no room
-/// for, and on the Zen 5 of these figures a helper issued the hints for 80 KB in 0.6 µs,
-/// after which the next pass's A·x still read most of A from memory.
+/// rather than prefetch hints: the CPU drops prefetches it has no room for.
 fn load(spans: &[(usize, usize)]) {
     const LINE: usize = 64;
     let mut sum = 0f32;

@@ -1,6 +1,6 @@
 //! exp over f32 slices for the softmax, cross-entropy and SiLU loops.
 //!
-//! libm's `expf` is a scalar call (≈ 4% of a LoRA training step's CPU time went there), so on
+//! libm's `expf` is a scalar call, so on
 //! x86-64 with AVX2+FMA eight lanes at a time use the classic range reduction
 //! exp(x) = 2ⁿ·eʳ, n = round(x·log₂e), r = x − n·ln 2 (ln 2 split in two so r is exact),
 //! and a degree-7 polynomial for eʳ on |r| ≤ ln 2 / 2 (the Cephes `expf` coefficients), within

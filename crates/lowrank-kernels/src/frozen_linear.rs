@@ -10,9 +10,20 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{require_cpu, rows_and_features, sgemm, slice, view, with_features, Mat};
 use crate::gemv::{gemv, Weights};
-use crate::lora_linear::FrozenMatmul;
 
 const NAME: &str = "lowrank-frozen-linear";
+
+/// A frozen base weight the kernels cannot read as an f32 matrix (a 4-bit or a bf16 one): it
+/// supplies x·Wᵀ and dy·W itself, and the frozen and LoRA linears are built around those two
+/// products.
+pub trait FrozenMatmul: Send + Sync {
+    /// (out, in) of W.
+    fn shape(&self) -> (usize, usize);
+    /// x·Wᵀ for `rows` rows of x (rows × in) → rows × out.
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>>;
+    /// dy·W for `rows` rows of dy (rows × out) → rows × in.
+    fn grad_input(&self, dy: &[f32], rows: usize) -> Result<Vec<f32>>;
+}
 
 /// x (..., in) · wᵀ (w: out × in), with gradient to x only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {

@@ -1,30 +1,15 @@
 //! Batch-1 decoding's matrix-vector products: y = W·x (+ scale·B·(A·x)) (+ bias) for one input
 //! row, several linears of the same x in one parallel pass over their weights.
 //!
-//! Rows are split across the rayon pool in runs of 16. Measured faster here than the `gemm`
-//! crate's m = 1 path (and than reading four rows per pass over x), which matters because
-//! decoding reads every weight once per token. Each run is one call (`streamed_rows`,
-//! `streamed_rows_bf16`) whose row dots ask for the weight's bytes 2 KiB ahead of their reads:
-//! the rows that follow, already on their way when it gets to them.
-//!
-//! An unmerged LoRA (r = 16) reads 3.6% more bytes than merged weights. Its B term rides in
-//! each row's dot product: B[o]·(scale·A·x) is folded into the same eight-lane sums as W[o]·x
-//! (two FMAs for r = 16) before their one horizontal sum, with the run's rows of B prefetched
-//! first. That took 0.3–0.7% less time per token than adding it after the run's rows of W,
-//! eight rows at a time (`decode_pair`, both ways in one process); a separate short dot per
-//! row, between two rows of W, had made the linears 7–15% slower than merged (each waited on
-//! its own cache line of B and ended in a horizontal sum of its own).
-//! A·x is computed inside the same pass. Inside a decoding step with helpers awake
-//! (`decode_team`), which has had a helper load the pass's A during the serial work before it,
-//! A·x is one task at the midpoint of the pass's items, where rayon first splits the work, so
-//! a helper computes it from its cache while the calling thread streams W from the first item.
-//! Otherwise its rows are split in two halves, put where the two threads of the pool start (the
-//! first item, and the midpoint), so both threads compute half of A·x at once and then stream
-//! W. A run that finds A·x not yet complete adds its B term apart, or leaves it to whichever
-//! thread completes A·x. On the 2-core Zen 5 of these figures, unmerged decoding of the
-//! SmolLM-135M-shaped model took 12–13% longer than merged when memory was fast with A·x
-//! computed on the calling thread before the pass (the other thread idle meanwhile), and 7–9%
-//! with the split; when memory was slow the split saved 0–1.1 points (5.0–7.0% → 5.0–6.6%).
+//! Rows are split across the rayon pool in runs of 16, each run one call (`streamed_rows`,
+//! `streamed_rows_bf16`) that streams its rows and asks for the bytes ahead of its reads. An
+//! unmerged LoRA's B term rides in each row's dot product (B[o]·(scale·A·x) folded into the
+//! same lane sums as W[o]·x), so the adapter adds no second pass over the output. A·x is
+//! computed inside the same pass: with `decode_team` helpers awake, as one task at the
+//! midpoint of the pass's items, where a helper takes it from its cache while the calling
+//! thread streams W; otherwise split in two halves where the pool's two threads start. A run
+//! that finds A·x not yet complete adds its B term apart, or leaves it to whichever thread
+//! completes A·x.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,8 +19,8 @@ use rayon::prelude::*;
 
 use half::bf16;
 
+use crate::bf16_rows::streamed_rows_bf16;
 use crate::cpu::{add_scaled_matvec, prefetch, streamed_rows, RunTail};
-use crate::decode::streamed_rows_bf16;
 
 /// Output rows per task.
 const ROWS: usize = 16;

@@ -1,15 +1,12 @@
 //! Backing model weights with 2 MiB pages.
 //!
-//! Batch-1 decoding streams every weight once per token. With 4 KiB pages that is one TLB
-//! miss and a restart of the hardware prefetcher every 4 KiB; on the 2-core AMD EPYC (Zen 5)
-//! these figures come from, two threads summing 540 MB read 39–41 GB/s from 4 KiB pages and
-//! 43–47 GB/s from 2 MiB pages, and decoding the SmolLM-135M-shaped model with merged weights
-//! took 9.3–9.5 ms per token instead of 9.7–9.9 (`decode_pair`, alternating runs). Linux gives
-//! anonymous memory huge pages only where asked (`transparent_hugepage/enabled` is usually
-//! `madvise`), and candle's weights live in ordinary heap allocations that we do not control;
-//! so once the weights are in memory, `MADV_COLLAPSE` (Linux 6.1+) moves the 2 MiB-aligned
-//! blocks that hold them onto huge pages in place. Contents do not change; a block the kernel cannot collapse (THP off, no free huge
-//! page, a block that crosses into another mapping) stays as it was, so this is a hint only.
+//! Batch-1 decoding streams every weight once per token; with 4 KiB pages that is a TLB miss
+//! and a restart of the hardware prefetcher every 4 KiB. Linux gives anonymous memory huge
+//! pages only where asked (`transparent_hugepage/enabled` is usually `madvise`), and candle's
+//! weights live in ordinary heap allocations, so once the weights are in memory
+//! `MADV_COLLAPSE` (Linux 6.1+) moves the 2 MiB-aligned blocks that hold them onto huge pages
+//! in place. Contents do not change; a block the kernel cannot collapse (THP off, no free huge
+//! page, a block that crosses into another mapping) stays as it was: a hint only.
 
 use candle_core::{CpuStorage, Storage, Tensor};
 

@@ -17,10 +17,11 @@ pub mod adamw;
 pub mod attention;
 pub mod batch;
 pub mod bf16_gemm;
+pub mod bf16_linear;
+mod bf16_rows;
 pub mod column_scale;
 mod cpu;
 pub mod cross_entropy;
-pub mod decode;
 pub mod decode_team;
 mod exp;
 pub mod frozen_linear;
@@ -44,17 +45,17 @@ pub use attention::{causal_attention, causal_attention_cached};
 
 pub use adamw::adamw_step;
 pub use bf16_gemm::Bf16Frozen;
+pub use bf16_linear::{gemv_bf16, lora_linear_decode_bf16};
 pub use column_scale::scale_columns;
 pub use cross_entropy::chunked_cross_entropy;
-pub use decode::{gemv_bf16, lora_linear_decode_bf16};
 pub use decode_team::{with_helpers, DecodeTeam};
-pub use frozen_linear::{frozen_linear, frozen_linear_over};
+pub use frozen_linear::{frozen_linear, frozen_linear_over, FrozenMatmul};
 pub use heads::{merge_heads, split_heads};
 pub use huge_pages::{back_slice_with_huge_pages, back_with_huge_pages};
 pub use lora_linear::{
-    dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over, FrozenMatmul,
+    dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over,
 };
-pub use projections::{linears_one_row, RowLinear, RowLora};
+pub use projections::{linears_one_row, OneRowLinear, OneRowLora};
 pub use rms_norm::{rms_norm, rms_norm_rows};
 pub use rope::{rope, rope_rows};
 pub use rows_attention::{attend_rows, CachedRow, Heads};

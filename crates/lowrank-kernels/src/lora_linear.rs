@@ -19,23 +19,12 @@ use crate::cpu::{
     add_scaled_matvec, dot, factor_rank, require_cpu, rows_and_features, sgemm, slice, sum_sq,
     view, with_features, Mat,
 };
-use crate::frozen_linear::dense_grad_input;
+use crate::frozen_linear::{dense_grad_input, FrozenMatmul};
 use crate::gemv::{gemv, LowRankTerm, Weights};
 
 const NAME: &str = "lowrank-lora-linear";
 /// Up to this many rows, forward runs the fused one-pass-over-W kernel instead of GEMMs.
 pub const GEMV_ROWS: usize = 4;
-
-/// A frozen base weight the kernel cannot read as an f32 matrix (a 4-bit one): it supplies
-/// x·Wᵀ and dy·W itself, and the LoRA path is fused around those two products.
-pub trait FrozenMatmul: Send + Sync {
-    /// (out, in) of W.
-    fn shape(&self) -> (usize, usize);
-    /// x·Wᵀ for `rows` rows of x (rows × in) → rows × out.
-    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>>;
-    /// dy·W for `rows` rows of dy (rows × out) → rows × in.
-    fn grad_input(&self, dy: &[f32], rows: usize) -> Result<Vec<f32>>;
-}
 
 /// The frozen base of a LoRA linear: a dense f32 matrix, or one that multiplies itself.
 enum Base {

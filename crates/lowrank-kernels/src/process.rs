@@ -20,9 +20,8 @@ pub fn set_up() {
 
 /// candle's elementwise thread pool spins (25 000 rounds) after every parallel op before it
 /// sleeps. With as many threads as cores that spinning takes a core from the rayon threads
-/// running the next GEMM: 5% of a LoRA training step's CPU time went there, and steps ran ~6%
-/// faster without it (alternating runs, 2 cores). Sleeping at once costs one wake-up per large
-/// elementwise op. A value the user set wins.
+/// running the next GEMM; sleeping at once costs one wake-up per large elementwise op. A value
+/// the user set wins.
 fn stop_candle_spinning() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
@@ -32,9 +31,7 @@ fn stop_candle_spinning() {
 /// Lets glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 /// A training step frees and reallocates the same activation buffers (megabytes each) every
 /// step; by default glibc returns them (munmap, heap trimming) and every step page-faults them
-/// in again: about 105 000 faults per LoRA step, 370 000 per DoRA step and 330 000 per
-/// checkpointed step of a SmolLM-135M-sized model (`perf stat -e page-faults`), a quarter of a
-/// DoRA step's time. With buffers up to 32 MiB (glibc's largest allowed threshold) taken from
+/// in again. With buffers up to 32 MiB (glibc's largest allowed threshold) taken from
 /// the heap and the heap never trimmed below 2 GiB of free space, steady steps fault about
 /// never; peak RSS is unchanged, since it is set by the step's peak use either way. Settings
 /// the user made through glibc's environment variables win.

@@ -1,11 +1,8 @@
 //! Several linears of the same input row in one parallel pass over all their weights: batch-1
 //! decoding's q, k and v projections (and gate and up).
 //!
-//! One token's linears are short, bandwidth-bound passes (a k or v projection of a
-//! SmolLM-135M-sized model reads 0.44 MB); each pays a dispatch to the thread pool and a tail
-//! where one thread finishes alone. Over the 210 linears of that model (plus its head), doing
-//! q/k/v and gate/up as two passes per layer instead of five took 4% less time per token when
-//! memory was slow and 8–11% less when it was fast (one process, alternating tokens).
+//! One token's linears are short, bandwidth-bound passes; each pays a dispatch to the thread
+//! pool and a tail where one thread finishes alone, so fewer, longer passes are faster.
 //! No backward: inference only (the outputs record no op).
 
 use crate::cpu::{factor_rank, require_cpu, view};
@@ -17,15 +14,15 @@ const NAME: &str = "lowrank-linears-one-row";
 /// One linear of [`linears_one_row`]: y = x·Wᵀ (+ bias) (+ scale·(x·Aᵀ)·Bᵀ). The weight
 /// (out × in) is f32 or bf16 (widened in registers, f32 accumulation); bias (out), A (r × in)
 /// and B (out × r) are f32.
-pub struct RowLinear<'a> {
+pub struct OneRowLinear<'a> {
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
-    pub lora: Option<RowLora<'a>>,
+    pub lora: Option<OneRowLora<'a>>,
 }
 
-/// The LoRA term of a [`RowLinear`]: A (r × in), B (out × r) and the scale.
+/// The LoRA term of a [`OneRowLinear`]: A (r × in), B (out × r) and the scale.
 #[derive(Clone, Copy)]
-pub enum RowLora<'a> {
+pub enum OneRowLora<'a> {
     /// Factors as f32 tensors.
     Tensors {
         a: &'a Tensor,
@@ -44,7 +41,7 @@ pub enum RowLora<'a> {
 
 /// Every linear's output for x (…, in) holding exactly one row, shaped like x with the last
 /// dimension replaced by the linear's output size.
-pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>> {
+pub fn linears_one_row(x: &Tensor, linears: &[OneRowLinear]) -> Result<Vec<Tensor>> {
     let in_f = x.dims().last().copied().unwrap_or(0);
     if x.elem_count() != in_f {
         bail!("{NAME}: x {:?} must hold exactly one row", x.dims())
@@ -70,10 +67,10 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
             bail!("{NAME}: a bias does not fit weight {:?}", l.weight.dims())
         }
         match l.lora {
-            Some(RowLora::Tensors { a, b, .. }) => {
+            Some(OneRowLora::Tensors { a, b, .. }) => {
                 factor_rank(NAME, a, b, (out_f, in_f))?;
             }
-            Some(RowLora::Slices { a, b, .. }) => {
+            Some(OneRowLora::Slices { a, b, .. }) => {
                 let r = a.len().checked_div(in_f).unwrap_or(0);
                 if a.len() != r * in_f || b.len() != out_f * r {
                     bail!(
@@ -112,7 +109,7 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
     let factors = linears
         .iter()
         .map(|l| match l.lora {
-            Some(RowLora::Tensors { a, b, .. }) => Ok(Some((small(a)?, small(b)?))),
+            Some(OneRowLora::Tensors { a, b, .. }) => Ok(Some((small(a)?, small(b)?))),
             _ => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -136,12 +133,12 @@ pub fn linears_one_row(x: &Tensor, linears: &[RowLinear]) -> Result<Vec<Tensor>>
         .map(|(i, l)| GemvPart {
             w: data[i],
             lora: match (l.lora, &factor_views[i]) {
-                (Some(RowLora::Tensors { scale, .. }), Some((a, b))) => Some(LowRankTerm {
+                (Some(OneRowLora::Tensors { scale, .. }), Some((a, b))) => Some(LowRankTerm {
                     a: a.get(),
                     b: b.get(),
                     scale: scale as f32,
                 }),
-                (Some(RowLora::Slices { a, b, scale }), _) => Some(LowRankTerm {
+                (Some(OneRowLora::Slices { a, b, scale }), _) => Some(LowRankTerm {
                     a,
                     b,
                     scale: scale as f32,
@@ -189,29 +186,29 @@ mod tests {
         let got = linears_one_row(
             &x,
             &[
-                RowLinear {
+                OneRowLinear {
                     weight: &w1,
                     bias: Some(&bias1),
                     lora: None,
                 },
-                RowLinear {
+                OneRowLinear {
                     weight: &w2,
                     bias: None,
                     lora: None,
                 },
-                RowLinear {
+                OneRowLinear {
                     weight: &w3,
                     bias: None,
-                    lora: Some(RowLora::Tensors {
+                    lora: Some(OneRowLora::Tensors {
                         a: &a3,
                         b: &b3,
                         scale: 0.7,
                     }),
                 },
-                RowLinear {
+                OneRowLinear {
                     weight: &w4,
                     bias: Some(&bias4),
-                    lora: Some(RowLora::Slices {
+                    lora: Some(OneRowLora::Slices {
                         a: &a4_values,
                         b: &b4_values,
                         scale: 1.5,
@@ -236,8 +233,8 @@ mod tests {
             assert!(e < 1e-6, "linear {i}: {e:.2e}");
         }
         let two_rows = randt(&[2, in_f], 102, 1.0);
-        let refused = |x: &Tensor, bias: Option<&Tensor>, lora: Option<RowLora>| {
-            let linear = RowLinear {
+        let refused = |x: &Tensor, bias: Option<&Tensor>, lora: Option<OneRowLora>| {
+            let linear = OneRowLinear {
                 weight: &w1,
                 bias,
                 lora,
@@ -250,12 +247,12 @@ mod tests {
         assert!(err.contains("bias"), "{err}");
         // Factors of other shapes, as tensors (r = 16 for 50 outputs) and as slices (r = 8 for 9).
         let misfits = [
-            RowLora::Tensors {
+            OneRowLora::Tensors {
                 a: &a3,
                 b: &b3,
                 scale: 1.0,
             },
-            RowLora::Slices {
+            OneRowLora::Slices {
                 a: &a4_values,
                 b: &b4_values,
                 scale: 1.0,

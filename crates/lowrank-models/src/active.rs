@@ -9,8 +9,7 @@
 //!   heap, a few misses in a row for every A and every B; the factors copied into one plain
 //!   buffer ([`AdapterPack`]) are slices.
 //!
-//! On the SmolLM-135M-shaped model the two took 0.9% of an unmerged token (`decode_pair`,
-//! measured against the same path with its factors' tensors kept in cache). The pack also
+//! The pack also
 //! holds each DoRA module's column scale m/‖W + s·BA‖, which depends on the base weight only,
 //! so a step never recomputes it. The model keeps the packs of the adapters its steps use
 //! ([`AdapterPacks`]), so a server's tenants are packed once, not once per step.

@@ -7,6 +7,7 @@
 //! - [`matmul`]: x·Wᵀ with W 4-bit, tiles dequantized on the fly (forward and grad of x).
 //! - [`planes`]: the AVX2 decoder of 32 codes at a time that the 4-bit kernels share.
 //! - [`checkpoint`]: read / write pre-quantized checkpoints and `quantization_config`.
+//! - [`sgemm`]: the bounds-checked f32 GEMM wrapper (shared with `lowrank-kernels`).
 
 pub mod blockwise;
 pub mod checkpoint;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod matmul;
 pub mod planes;
 pub mod qtensor;
+pub mod sgemm;
 
 pub use blockwise::{validate_block_size, DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE};
 pub use checkpoint::{BnbCheckpoint, QuantizationConfig};

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::qtensor::Quantized4Bit;
+use crate::sgemm::{sgemm, Mat};
 
 /// Output rows of W dequantized per forward task.
 const TILE_OUT: usize = 16;
@@ -45,50 +46,6 @@ fn dequantize_rows(
         });
 }
 
-/// dst (m×n, row stride dst_rs) = [dst +] lhs (m×k, strides lhs_rs/lhs_cs) · rhs (k×n,
-/// strides rhs_rs/rhs_cs), through gemm with the rayon pool.
-///
-/// # Safety
-/// Every index touched must lie inside the buffers the pointers come from.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-) {
-    let par = if rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        par,
-    )
-}
-
 /// y = x·Wᵀ tile by tile through gemm.
 fn matmul_4bit_gemm(
     x: &[f32],
@@ -104,20 +61,19 @@ fn matmul_4bit_gemm(
         let n = GEMM_TILE_OUT.min(out_f - o0);
         let tile = &mut tile[..n * in_f];
         dequantize_rows(w, &lut, o0, in_f, tile);
-        // SAFETY: y is rows × out_f and columns o0..o0+n < out_f are written; x is rows × in_f;
-        // the tile is n × in_f, read transposed (in_f × n).
-        unsafe {
-            sgemm(
-                rows,
-                n,
-                in_f,
-                y.as_mut_ptr().add(o0),
-                out_f,
-                false,
-                (x.as_ptr(), in_f, 1),
-                (tile.as_ptr(), 1, in_f),
-            );
-        }
+        // Columns o0..o0 + n of y (rows × out_f); the tile (n × in_f) read transposed.
+        sgemm(
+            rows,
+            n,
+            in_f,
+            &mut y[o0..],
+            out_f,
+            Mat::rows(x, in_f),
+            Mat::t(tile, in_f),
+            1.0,
+            false,
+            true,
+        );
     }
     y
 }
@@ -137,20 +93,24 @@ fn matmul_4bit_grad_input_gemm(
         let n = GEMM_TILE_OUT.min(out_f - o0);
         let tile = &mut tile[..n * in_f];
         dequantize_rows(w, &lut, o0, in_f, tile);
-        // SAFETY: dx is rows × in_f; dy is rows × out_f read at columns o0..o0+n; the tile is
-        // n × in_f row-major.
-        unsafe {
-            sgemm(
-                rows,
-                in_f,
-                n,
-                dx.as_mut_ptr(),
-                in_f,
-                o0 > 0,
-                (dy.as_ptr().add(o0), out_f, 1),
-                (tile.as_ptr(), in_f, 1),
-            );
-        }
+        // Columns o0..o0 + n of dy (rows × out_f) times the tile (n × in_f, row-major).
+        let dy_cols = Mat {
+            data: &dy[o0..],
+            rs: out_f,
+            cs: 1,
+        };
+        sgemm(
+            rows,
+            in_f,
+            n,
+            &mut dx,
+            in_f,
+            dy_cols,
+            Mat::rows(tile, in_f),
+            1.0,
+            o0 > 0,
+            true,
+        );
     }
     dx
 }

@@ -3,8 +3,9 @@
 
 pub mod api;
 pub mod auth;
+#[cfg(feature = "bench")]
 pub mod bench;
-pub mod engine;
+pub mod continuous_batching;
 pub mod logprobs;
 pub mod metrics;
 pub mod registry;
@@ -14,8 +15,8 @@ pub mod store;
 
 pub use server::{build_state, router, serve_on, AppState, ServeOptions};
 
-/// Gives rustls its crypto (ring) before any HTTP client is built: reqwest's rustls, used by the
-/// load benchmark and by object_store, is built without a provider of its own. Idempotent.
+/// Gives rustls its crypto (ring) before any HTTP client is built: reqwest's rustls, used by
+/// object_store (and by the load benchmark), is built without a provider of its own. Idempotent.
 pub fn install_tls_provider() {
     // ring has no post-quantum key exchange (hence the deprecation); the alternative,
     // aws-lc-rs, is a large C build. Installing fails only when a provider is already there.

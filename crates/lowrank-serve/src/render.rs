@@ -11,7 +11,7 @@ use lowrank_models::Tokenizer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::api::*;
-use crate::engine::{EngineError, Event};
+use crate::continuous_batching::{EngineError, Event};
 use crate::logprobs::{Detokenizer, TokenLogprobs};
 
 /// The engine's events of every choice of one HTTP request.

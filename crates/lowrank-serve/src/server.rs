@@ -22,7 +22,7 @@ use tokio_stream::StreamExt;
 
 use crate::api::*;
 use crate::auth::{ApiKeys, Grant};
-use crate::engine::{Engine, EngineError, Request, SubmitError};
+use crate::continuous_batching::{Engine, EngineError, Request, SubmitError};
 use crate::metrics::Metrics;
 use crate::registry::{validate_id, AdapterLease, AdapterRegistry, RegistryError};
 use crate::render::{self, ChunkHeader, CompletionRender, Echo, Events, StreamRender};
@@ -117,8 +117,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(generation::<CompletionRequest>))
+        .route("/v1/chat/completions", post(generation::<ChatRequest>))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
         .with_state(state)
@@ -503,111 +503,137 @@ fn refuse_unsupported(
     }
 }
 
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let result = async {
-        let grant = state.authorize(&headers)?;
-        let req: CompletionRequest = parse(&state.read_body(body).await?)?;
-        refuse_unsupported(&req.other, COMPLETION_UNSUPPORTED)?;
-        let prompt = match req.prompt {
-            Prompt::One(p) => p,
-            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+/// A generation endpoint's request (`/v1/completions`, `/v1/chat/completions`): what the one
+/// handler, [`generation`], asks of it.
+trait GenerationRequest: DeserializeOwned {
+    /// The fields of OpenAI's (or vLLM's) request this endpoint refuses.
+    const UNSUPPORTED: &'static [&'static [Unsupported]];
+    /// The prefix of its response ids.
+    const ID_PREFIX: &'static str;
+    /// `max_tokens` when the request has none.
+    const DEFAULT_MAX_TOKENS: usize;
+    /// What [`Self::check`] found, for [`Self::prepare`].
+    type Checked;
+
+    fn sampling(&self) -> &Sampling;
+    fn other(&self) -> &serde_json::Map<String, serde_json::Value>;
+    /// `model`, `adapter` and `adapters`: the base or adapter(s) to generate with.
+    fn target(&self) -> (Option<&str>, Option<&str>, Option<&[StackedAdapter]>);
+    /// Checks the fields only this endpoint has, before the adapters are looked up.
+    fn check(&self) -> Result<Self::Checked, ApiError>;
+    /// Tokenizes the prompt and says how to report the answer.
+    fn prepare(
+        &self,
+        checked: Self::Checked,
+        tokenizer: &Arc<Tokenizer>,
+    ) -> Result<Prepared, ApiError>;
+}
+
+/// A generation request ready to start: its prompt, what it reports and how it is rendered.
+struct Prepared {
+    prompt: Vec<u32>,
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
+    echo: bool,
+    render: StreamRender,
+}
+
+/// [`GenerationRequest`]'s accessors of the fields both requests have under the same names.
+macro_rules! shared_request_fields {
+    () => {
+        fn sampling(&self) -> &Sampling {
+            &self.sampling
+        }
+
+        fn other(&self) -> &serde_json::Map<String, serde_json::Value> {
+            &self.other
+        }
+
+        fn target(&self) -> (Option<&str>, Option<&str>, Option<&[StackedAdapter]>) {
+            let (model, adapter) = (self.model.as_deref(), self.adapter.as_deref());
+            (model, adapter, self.adapters.as_deref())
+        }
+    };
+}
+
+impl GenerationRequest for CompletionRequest {
+    const UNSUPPORTED: &'static [&'static [Unsupported]] = COMPLETION_UNSUPPORTED;
+    const ID_PREFIX: &'static str = "cmpl";
+    const DEFAULT_MAX_TOKENS: usize = 16;
+    /// The prompt and `logprobs`.
+    type Checked = (String, Option<usize>);
+
+    shared_request_fields!();
+
+    fn check(&self) -> Result<Self::Checked, ApiError> {
+        let prompt = match &self.prompt {
+            Prompt::One(p) => p.clone(),
+            Prompt::Many(v) if v.len() == 1 => v[0].clone(),
             Prompt::Many(_) => {
                 return Err(ApiError::bad(
                     "prompt must be a string or a list of exactly one string",
                 ))
             }
         };
-        let logprobs = req.logprobs.map(|k| check_top(k, "logprobs")).transpose()?;
-        let (model, adapters) = state
-            .lookup(
-                grant,
-                req.model.as_deref(),
-                req.adapter.as_deref(),
-                req.adapters.as_deref(),
-            )
-            .await?;
-        let ids = state
-            .tokenizer
+        let logprobs = self
+            .logprobs
+            .map(|k| check_top(k, "logprobs"))
+            .transpose()?;
+        Ok((prompt, logprobs))
+    }
+
+    fn prepare(
+        &self,
+        (prompt, logprobs): Self::Checked,
+        tokenizer: &Arc<Tokenizer>,
+    ) -> Result<Prepared, ApiError> {
+        let ids = tokenizer
             .encode(&prompt, true)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        let n = req.sampling.n.unwrap_or(1);
-        let rx = state.start(Generation {
-            prompt: ids.clone(),
-            adapters,
-            sampling: &req.sampling,
-            default_max_tokens: 16,
-            logprobs,
-            prompt_logprobs: logprobs.filter(|_| req.echo),
-            echo: req.echo,
-        })?;
         let render = CompletionRender {
-            tokenizer: state.tokenizer.clone(),
-            echo: req.echo.then_some(Echo { text: prompt, ids }),
+            tokenizer: tokenizer.clone(),
+            echo: self.echo.then(|| Echo {
+                text: prompt,
+                ids: ids.clone(),
+            }),
             logprobs: logprobs.is_some(),
         };
-        let id = request_id("cmpl");
-        let created = now();
-        if req.sampling.stream {
-            let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-            let header = ChunkHeader {
-                id,
-                created,
-                model,
-                tokenizer: state.tokenizer.clone(),
-            };
-            let render = StreamRender::Completion(render);
-            return Ok(render::stream(rx, n, render, header, include_usage));
-        }
-        let (outputs, usage) = render::collect(rx, n).await?;
-        let choices = outputs
-            .into_iter()
-            .enumerate()
-            .map(|(index, output)| render.choice(index, output))
-            .collect();
-        Ok(Json(CompletionResponse {
-            id,
-            object: "text_completion",
-            created,
-            model,
-            choices,
-            usage: Some(usage),
+        Ok(Prepared {
+            prompt: ids,
+            logprobs,
+            prompt_logprobs: logprobs.filter(|_| self.echo),
+            echo: self.echo,
+            render: StreamRender::Completion(render),
         })
-        .into_response())
     }
-    .await;
-    state.respond(result)
 }
 
-async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let result = async {
-        let grant = state.authorize(&headers)?;
-        let req: ChatRequest = parse(&state.read_body(body).await?)?;
-        refuse_unsupported(&req.other, CHAT_UNSUPPORTED)?;
-        if req.messages.is_empty() {
+impl GenerationRequest for ChatRequest {
+    const UNSUPPORTED: &'static [&'static [Unsupported]] = CHAT_UNSUPPORTED;
+    const ID_PREFIX: &'static str = "chatcmpl";
+    const DEFAULT_MAX_TOKENS: usize = 256;
+    /// `Some(top_logprobs)` when logprobs are asked for.
+    type Checked = Option<usize>;
+
+    shared_request_fields!();
+
+    fn check(&self) -> Result<Self::Checked, ApiError> {
+        if self.messages.is_empty() {
             return Err(ApiError::bad("messages is empty"));
         }
-        if req.top_logprobs.is_some() && !req.logprobs {
+        if self.top_logprobs.is_some() && !self.logprobs {
             return Err(ApiError::bad("top_logprobs needs `logprobs: true`"));
         }
-        let top_logprobs = check_top(req.top_logprobs.unwrap_or(0), "top_logprobs")?;
-        let logprobs = req.logprobs.then_some(top_logprobs);
-        let (model, adapters) = state
-            .lookup(
-                grant,
-                req.model.as_deref(),
-                req.adapter.as_deref(),
-                req.adapters.as_deref(),
-            )
-            .await?;
-        let messages: Vec<Message> = req
+        let top_logprobs = check_top(self.top_logprobs.unwrap_or(0), "top_logprobs")?;
+        Ok(self.logprobs.then_some(top_logprobs))
+    }
+
+    fn prepare(
+        &self,
+        logprobs: Self::Checked,
+        tokenizer: &Arc<Tokenizer>,
+    ) -> Result<Prepared, ApiError> {
+        let messages: Vec<Message> = self
             .messages
             .iter()
             .map(|m| Message {
@@ -615,60 +641,115 @@ async fn chat_completions(
                 content: m.content.clone(),
             })
             .collect();
-        let ids = state
-            .tokenizer
+        let ids = tokenizer
             .encode_chat(&messages, true)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        let n = req.sampling.n.unwrap_or(1);
-        let rx = state.start(Generation {
+        Ok(Prepared {
             prompt: ids,
-            adapters,
-            sampling: &req.sampling,
-            default_max_tokens: 256,
             logprobs,
             prompt_logprobs: None,
             echo: false,
+            render: StreamRender::Chat { logprobs },
+        })
+    }
+}
+
+/// `POST /v1/completions` and `POST /v1/chat/completions`: checks the request, starts its
+/// sequences and answers with the whole result or streams it.
+async fn generation<R: GenerationRequest>(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let grant = state.authorize(&headers)?;
+        let req: R = parse(&state.read_body(body).await?)?;
+        refuse_unsupported(req.other(), R::UNSUPPORTED)?;
+        let checked = req.check()?;
+        let (model, adapter, stacked) = req.target();
+        let (model, adapters) = state.lookup(grant, model, adapter, stacked).await?;
+        let prepared = req.prepare(checked, &state.tokenizer)?;
+        let sampling = req.sampling();
+        let n = sampling.n.unwrap_or(1);
+        let rx = state.start(Generation {
+            prompt: prepared.prompt,
+            adapters,
+            sampling,
+            default_max_tokens: R::DEFAULT_MAX_TOKENS,
+            logprobs: prepared.logprobs,
+            prompt_logprobs: prepared.prompt_logprobs,
+            echo: prepared.echo,
         })?;
-        let id = request_id("chatcmpl");
+        let id = request_id(R::ID_PREFIX);
         let created = now();
-        if req.sampling.stream {
-            let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+        if sampling.stream {
+            let include_usage = sampling
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage);
             let header = ChunkHeader {
                 id,
                 created,
                 model,
                 tokenizer: state.tokenizer.clone(),
             };
-            let render = StreamRender::Chat { logprobs };
-            return Ok(render::stream(rx, n, render, header, include_usage));
+            return Ok(render::stream(
+                rx,
+                n,
+                prepared.render,
+                header,
+                include_usage,
+            ));
         }
         let (outputs, usage) = render::collect(rx, n).await?;
-        let choices = outputs
-            .into_iter()
-            .enumerate()
-            .map(|(index, output)| {
-                let mut texts = render::TokenTexts::new(state.tokenizer.clone(), 0);
-                let logprobs = logprobs.map(|_| texts.chat_logprobs(&output.logprobs, true));
-                ChatChoice {
-                    index,
-                    message: ChatMessage {
-                        role: "assistant".into(),
-                        content: output.text,
-                    },
-                    logprobs,
-                    finish_reason: Some(output.finish_reason),
-                }
-            })
-            .collect();
-        Ok(Json(ChatResponse {
-            id,
-            object: "chat.completion",
-            created,
-            model,
-            choices,
-            usage,
-        })
-        .into_response())
+        let response = match prepared.render {
+            StreamRender::Completion(render) => {
+                let choices = outputs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, output)| render.choice(index, output))
+                    .collect();
+                Json(CompletionResponse {
+                    id,
+                    object: "text_completion",
+                    created,
+                    model,
+                    choices,
+                    usage: Some(usage),
+                })
+                .into_response()
+            }
+            StreamRender::Chat { logprobs } => {
+                let choices = outputs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, output)| {
+                        let mut texts = render::TokenTexts::new(state.tokenizer.clone(), 0);
+                        let logprobs =
+                            logprobs.map(|_| texts.chat_logprobs(&output.logprobs, true));
+                        ChatChoice {
+                            index,
+                            message: ChatMessage {
+                                role: "assistant".into(),
+                                content: output.text,
+                            },
+                            logprobs,
+                            finish_reason: Some(output.finish_reason),
+                        }
+                    })
+                    .collect();
+                Json(ChatResponse {
+                    id,
+                    object: "chat.completion",
+                    created,
+                    model,
+                    choices,
+                    usage,
+                })
+                .into_response()
+            }
+        };
+        Ok(response)
     }
     .await;
     state.respond(result)
@@ -882,7 +963,8 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             } else {
                 opts.max_loaded_adapters.min(opts.max_batch)
             },
-            kv_cache_tokens: kv_cache_bytes / crate::engine::kv_bytes_per_token(&model),
+            kv_cache_tokens: kv_cache_bytes
+                / crate::continuous_batching::kv_bytes_per_token(&model),
         })
         .map_err(|e| e.to_string())?,
     );
@@ -890,7 +972,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
     let engine = Engine::start(
         model,
         tokenizer.clone(),
-        crate::engine::EngineConfig {
+        crate::continuous_batching::EngineConfig {
             max_batch: opts.max_batch,
             max_queue: opts.max_queue,
             kv_cache_bytes,
