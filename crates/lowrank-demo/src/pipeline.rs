@@ -10,10 +10,11 @@ use crate::error::{bail, Context, Result};
 use candle_core::Device;
 use lowrank_core::lora::LoraAdapter;
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
+use lowrank_train::{Method, TrainOptions, TrainReport};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::engine::{Method, Runner, TrainOutcome, TrainSpec};
+use crate::engine::{self, Runner};
 use crate::evaluate::{self, Score};
 use crate::report::{
     CostRow, DemoReport, MemoryRow, MergeCheck, ModelRow, ModelSummary, PretrainSummary, Sample,
@@ -409,23 +410,17 @@ pub fn run(
     ));
     let p = config.pretrain;
     let pretrain = runner.train(
-        &TrainSpec {
-            model: init.clone(),
-            data: data.join("pretrain.jsonl"),
+        &TrainOptions {
             eval_data: Some(data.join("pretrain_eval.jsonl")),
-            out: base.clone(),
             method: Method::Full,
-            rank: 0,
-            alpha: 0.0,
             targets: config.targets.clone(),
             lr: p.lr,
-            steps: p.steps,
             warmup_steps: p.warmup_steps,
             batch_size: p.batch_size,
             max_len: p.max_len,
-            pack: false,
             seed,
             quiet: !config.verbose,
+            ..engine::options(&init, &data.join("pretrain.jsonl"), &base, p.steps)
         },
         &runs.join("pretrain.spec.json"),
     )?;
@@ -443,25 +438,25 @@ pub fn run(
     // Adapters, and full fine-tuning of one task for the comparison.
     let f = config.finetune;
     let finetune_spec =
-        |task: Task, method: Method, rank: usize, alpha: f64, lr: f64, out: PathBuf| TrainSpec {
-            model: base.clone(),
-            data: data.join(format!("{}_train.jsonl", task.name())),
-            eval_data: None,
-            out,
+        |task: Task, method: Method, rank: usize, alpha: f64, lr: f64, out: PathBuf| TrainOptions {
             method,
             rank,
             alpha,
             targets: config.targets.clone(),
             lr,
-            steps: f.steps,
             warmup_steps: f.warmup_steps,
             batch_size: f.batch_size,
             max_len: f.max_len,
-            pack: false,
             seed,
             quiet: !config.verbose,
+            ..engine::options(
+                &base,
+                &data.join(format!("{}_train.jsonl", task.name())),
+                &out,
+                f.steps,
+            )
         };
-    let mut trained: Vec<(AdapterPlan, PathBuf, TrainOutcome)> = Vec::new();
+    let mut trained: Vec<(AdapterPlan, PathBuf, TrainReport)> = Vec::new();
     for plan in &config.adapters {
         let dir = out.join("adapters").join(plan.dir_name());
         progress.say(format!(
@@ -586,7 +581,7 @@ pub fn run(
             share_of_base_file: bytes as f64 / base_bytes as f64,
             train_seconds: outcome.seconds,
             final_loss: outcome.final_loss,
-            peak_rss_mb: outcome.peak_rss_mb,
+            peak_rss_mb: runner.peak_rss_mb(outcome),
         });
         own_outputs.insert(plan.task, scores[&plan.task].outputs.clone());
         rows.push(ModelRow::new(&plan.label(), Some(plan.task), &scores));
@@ -610,7 +605,7 @@ pub fn run(
         share_of_base_file: full_bytes as f64 / base_bytes as f64,
         train_seconds: full.seconds,
         final_loss: full.final_loss,
-        peak_rss_mb: full.peak_rss_mb,
+        peak_rss_mb: runner.peak_rss_mb(&full),
     });
     let full_plan = trained.iter().find(|(p, _, _)| p.task == config.full_task);
     let mut memory = Vec::new();
@@ -621,8 +616,8 @@ pub fn run(
             steps: f.steps,
             batch_size: f.batch_size,
             adapter: format!("{} r{}", plan.method.label(), plan.rank),
-            adapter_peak_rss_mb: outcome.peak_rss_mb,
-            full_peak_rss_mb: full.peak_rss_mb,
+            adapter_peak_rss_mb: runner.peak_rss_mb(outcome),
+            full_peak_rss_mb: runner.peak_rss_mb(&full),
         });
         if let (Some(probe), Runner::Child { .. }) = (&config.memory_probe, runner) {
             let m = probe.model;
@@ -636,9 +631,9 @@ pub fn run(
             let probe_dir = runs.join("probe-model");
             m.write_random(&probe_dir, seed)?;
             let probe_run = |method: Method, name: &str| {
-                let spec = TrainSpec {
-                    model: probe_dir.clone(),
-                    steps: probe.steps,
+                let spec = TrainOptions {
+                    model: probe_dir.to_string_lossy().into_owned(),
+                    max_steps: Some(probe.steps),
                     batch_size: probe.batch_size,
                     warmup_steps: 0,
                     ..finetune_spec(
@@ -669,8 +664,8 @@ pub fn run(
                 steps: probe.steps,
                 batch_size: probe.batch_size,
                 adapter: format!("{} r{}", plan.method.label(), plan.rank),
-                adapter_peak_rss_mb: lora.peak_rss_mb,
-                full_peak_rss_mb: full.peak_rss_mb,
+                adapter_peak_rss_mb: runner.peak_rss_mb(&lora),
+                full_peak_rss_mb: runner.peak_rss_mb(&full),
             });
         }
     }
@@ -686,8 +681,8 @@ pub fn run(
             ));
             let train = |rank: usize, dir: &Path| {
                 let name = format!("sweep-{}-r{rank}", plan.task.name());
-                let spec = TrainSpec {
-                    steps: plan.steps,
+                let spec = TrainOptions {
+                    max_steps: Some(plan.steps),
                     ..finetune_spec(
                         plan.task,
                         Method::Lora,
@@ -762,7 +757,7 @@ pub fn run(
                 eval_loss: pretrain.eval_loss,
                 initial_eval_loss: pretrain.base_eval_loss,
                 seconds: pretrain.seconds,
-                peak_rss_mb: pretrain.peak_rss_mb,
+                peak_rss_mb: runner.peak_rss_mb(&pretrain),
             },
         },
         tasks: Task::SKILLS

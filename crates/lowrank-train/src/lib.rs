@@ -68,6 +68,18 @@ named_enum!(
     }
 );
 
+impl Method {
+    /// The name in tables and reports: LoRA, DoRA, full, AdaLoRA.
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::Lora => "LoRA",
+            Method::Dora => "DoRA",
+            Method::Full => "full",
+            Method::Adalora => "AdaLoRA",
+        }
+    }
+}
+
 named_enum!(
     /// The dtype the frozen base's matmuls take (`--compute-dtype`).
     ComputeDtype, "compute dtype", {
@@ -143,110 +155,183 @@ named_enum!(
     }
 );
 
-/// Everything `lowrank train` can be told; the CLI maps its flags 1:1 onto these fields.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Everything `lowrank train` can be told: the CLI flattens this struct into its flags, so the
+/// flag names, help and defaults below are the one description of a run (the library's
+/// `Default` is a command line that gives only the required flags).
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
 pub struct TrainOptions {
-    /// Model folder or repo id in the local HF cache.
+    /// Model folder, GGUF file (llama, qwen2), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    #[arg(long)]
     pub model: String,
-    /// Quantize the base's linear weights to 4 bits at load (QLoRA).
-    #[serde(default)]
-    pub quantize: Option<QuantizeOptions>,
-    /// The frozen base's matmul dtype (bf16: mixed precision over a dense base).
-    #[serde(default = "default_compute_dtype")]
-    pub compute_dtype: ComputeDtype,
-    /// Training data, JSONL: `{"text"}`, `{"prompt","completion"}` or `{"messages":[...]}`.
+    /// JSONL: {"text"}, {"prompt","completion"} or {"messages":[{"role","content"}...]} per line.
+    #[arg(long)]
     pub data: PathBuf,
     /// Output folder: adapter (or full checkpoint), training_log.jsonl, loss.svg, checkpoints.
+    #[arg(long)]
     pub out: PathBuf,
+    /// Separate eval JSONL.
+    #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// Hold out this share of the training lines (seeded) for evaluation.
+    /// Hold out this share of --data for eval (seeded).
+    #[arg(long)]
     pub eval_split: Option<f64>,
+    /// lora, dora, adalora or full.
+    #[arg(long, default_value_t = Method::Lora)]
     pub method: Method,
+    #[arg(long, default_value_t = 16)]
     pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
     pub alpha: f64,
+    /// LoRA dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
-    /// `q_proj,v_proj`, `all-linear`, or a regex over module keys (full match).
+    /// q_proj,v_proj | all-linear | a regex over module keys.
+    #[arg(long, default_value = "all-linear")]
     pub targets: String,
+    /// Scale α/√r instead of α/r.
+    #[arg(long)]
     pub rslora: bool,
+    /// kaiming, gaussian, pissa or olora.
+    #[arg(long, default_value_t = Init::Kaiming)]
     pub init: Init,
-    /// Continue from an existing PEFT adapter folder.
+    /// Continue from an existing PEFT adapter (folder or Hub id org/name[@revision]).
+    #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+    /// adamw or sgd.
+    #[arg(long, default_value_t = OptimizerKind::Adamw)]
     pub optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// AdamW betas, `B1,B2`.
+    #[arg(long, default_value = "0.9,0.999", value_parser = parse_betas)]
     pub betas: (f64, f64),
+    #[arg(long, default_value_t = 1e-8)]
     pub eps: f64,
+    /// constant, linear or cosine.
+    #[arg(long, default_value_t = Schedule::Cosine)]
     pub lr_schedule: Schedule,
+    #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
     /// Sequences (or packed rows) per micro-batch.
+    #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Clip the global gradient norm to this; 0 disables.
+    /// Clip the global gradient norm; 0 disables.
+    #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
     pub epochs: usize,
-    /// Stop after this many optimizer steps (overrides `epochs`).
+    /// Stop after N optimizer steps (overrides --epochs).
+    #[arg(long)]
     pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Shuffle the lines each epoch (seeded); `false` keeps file order.
+    /// Shuffle the lines each epoch (seeded); `--no-shuffle` keeps them in file order.
+    #[arg(long = "no-shuffle", action = clap::ArgAction::SetFalse, help = "Keep the lines in file order")]
     pub shuffle: bool,
     /// Truncate each sequence to this many tokens (also the packed row length).
+    #[arg(long, default_value_t = 512)]
     pub max_len: usize,
-    /// Pack several sequences into each row (no attention or loss across them).
+    /// Pack several sequences per row (no attention or loss across them).
+    #[arg(long)]
     pub pack: bool,
     /// Recompute each layer's activations in backward to save memory.
+    #[arg(long)]
     pub grad_checkpoint: bool,
-    /// Write a checkpoint every N optimizer steps.
+    /// f32, or bf16: the frozen base's linear weights kept in bf16 and their matmuls fed
+    /// bf16 activations with f32 accumulation (adapters and optimizer state stay f32).
+    #[arg(long, default_value_t = ComputeDtype::F32)]
+    #[serde(default = "default_compute_dtype")]
+    pub compute_dtype: ComputeDtype,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
     pub save_every: Option<usize>,
-    /// Evaluate every N optimizer steps (always at the start and the end when there is eval data).
+    /// Evaluate every N steps.
+    #[arg(long)]
     pub eval_every: Option<usize>,
-    /// Continue a killed run from its output folder (latest checkpoint) or a checkpoint folder.
+    /// Continue a killed run: its --out folder or a checkpoint-N folder. The options, the
+    /// model folder and the data's contents must be those the checkpoint was trained with.
+    #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// No progress bar and no summary lines on stderr.
+    /// No progress bar or summary.
+    #[arg(long)]
     pub quiet: bool,
-    /// End the run after this many steps as if it were killed (no final adapter); for testing
-    /// `resume`.
+    /// Testing: end after N optimizer steps as if killed (no final adapter), to test --resume.
+    #[arg(long, hide = true)]
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// Quantize the base's linear weights to 4 bits at load (QLoRA); the CLI sets it from
+    /// `--quantize`, `--double-quant` and `--block-size`, which other commands share.
+    #[arg(skip)]
+    #[serde(default)]
+    pub quantize: Option<QuantizeOptions>,
     /// `--method adalora`'s rank budget schedule and regularizer (PEFT's `AdaLoraConfig`).
+    #[command(flatten)]
     #[serde(default)]
     pub adalora: AdaloraOptions,
 }
 
-/// AdaLoRA's options; the total step count is the run's. Defaults are PEFT's.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// `--betas B1,B2`.
+fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    match parts.as_slice() {
+        [a, b] => Ok((
+            a.parse().map_err(|e| format!("{a:?}: {e}"))?,
+            b.parse().map_err(|e| format!("{b:?}: {e}"))?,
+        )),
+        _ => Err(format!("expected two numbers like 0.9,0.999, found {s:?}")),
+    }
+}
+
+/// `--method adalora`: the rank budget schedule (PEFT's `AdaLoraConfig`; total steps are the
+/// run's). `--alpha`, `--targets` and `--dropout` apply as for LoRA; `--rank` is not used.
+/// Defaults are PEFT's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct AdaloraOptions {
-    /// Initial rank of every module (`init_r`).
+    /// AdaLoRA: initial rank of every adapted module (`init_r`).
+    #[arg(long, default_value_t = 12)]
     pub init_rank: usize,
-    /// Target average rank (`target_r`): the final budget is target_rank × modules.
+    /// AdaLoRA: target average rank (`target_r`); the final budget is this × modules.
+    #[arg(long, default_value_t = 8)]
     pub target_rank: usize,
-    /// Warmup steps at the full budget (`tinit`).
+    /// AdaLoRA: warmup steps at the full budget.
+    #[arg(long, default_value_t = 0)]
     pub tinit: usize,
-    /// Final steps with the pattern frozen (`tfinal`).
+    /// AdaLoRA: final steps with the rank pattern frozen.
+    #[arg(long, default_value_t = 0)]
     pub tfinal: usize,
-    /// Steps between two maskings (`deltaT`).
+    /// AdaLoRA: steps between two maskings (`deltaT`).
+    #[arg(long, default_value_t = 1)]
     pub delta_t: usize,
-    /// EMA coefficient of the sensitivity.
+    /// AdaLoRA: EMA coefficient of the importance (sensitivity).
+    #[arg(long, default_value_t = 0.85)]
     pub beta1: f64,
-    /// EMA coefficient of the uncertainty.
+    /// AdaLoRA: EMA coefficient of the importance's uncertainty.
+    #[arg(long, default_value_t = 0.85)]
     pub beta2: f64,
-    /// Weight of the orthogonality regularizer added to the loss.
+    /// AdaLoRA: weight of the orthogonality regularizer added to the loss.
+    #[arg(long, default_value_t = 0.5)]
     pub orth_reg_weight: f64,
+}
+
+/// The values clap gives `T`'s flags on a command line of only `required` (the defaults
+/// written in the `#[arg]` attributes).
+fn clap_defaults<T: clap::Args + clap::FromArgMatches>(required: &[&str]) -> T {
+    let command = T::augment_args(clap::Command::new("defaults"));
+    let matches = command
+        .try_get_matches_from(std::iter::once("defaults").chain(required.iter().copied()))
+        .expect("the defaults are valid flag values");
+    T::from_arg_matches(&matches).expect("the defaults are valid flag values")
 }
 
 impl Default for AdaloraOptions {
     fn default() -> Self {
-        AdaloraOptions {
-            init_rank: 12,
-            target_rank: 8,
-            tinit: 0,
-            tfinal: 0,
-            delta_t: 1,
-            beta1: 0.85,
-            beta2: 0.85,
-            orth_reg_weight: 0.5,
-        }
+        clap_defaults(&[])
     }
 }
 
@@ -256,46 +341,12 @@ fn default_compute_dtype() -> ComputeDtype {
 }
 
 impl Default for TrainOptions {
+    /// The CLI's defaults, with no model or data and `out` as the output folder.
     fn default() -> Self {
         TrainOptions {
             model: String::new(),
-            quantize: None,
-            compute_dtype: ComputeDtype::F32,
             data: PathBuf::new(),
-            out: PathBuf::from("out"),
-            eval_data: None,
-            eval_split: None,
-            method: Method::Lora,
-            rank: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            targets: "all-linear".into(),
-            rslora: false,
-            init: Init::Kaiming,
-            init_adapter: None,
-            optimizer: OptimizerKind::Adamw,
-            lr: 2e-4,
-            weight_decay: 0.0,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            lr_schedule: Schedule::Cosine,
-            warmup_steps: 0,
-            batch_size: 4,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            epochs: 1,
-            max_steps: None,
-            seed: 0,
-            shuffle: true,
-            max_len: 512,
-            pack: false,
-            grad_checkpoint: false,
-            save_every: None,
-            eval_every: None,
-            resume: None,
-            quiet: false,
-            stop_after: None,
-            adalora: AdaloraOptions::default(),
+            ..clap_defaults(&["--model", "-", "--data", "-", "--out", "out"])
         }
     }
 }
