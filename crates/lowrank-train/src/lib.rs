@@ -20,6 +20,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use lowrank_core::{Error, Result};
+use lowrank_quant::QuantSpec;
 use serde::{Deserialize, Serialize};
 pub use trainer::{train, train_with};
 
@@ -91,36 +92,6 @@ named_enum!(
         Bf16 = "bf16",
     }
 );
-
-named_enum!(
-    /// The 4-bit code of a quantized base (bitsandbytes' `bnb_4bit_quant_type`).
-    QuantKind, "quant type", {
-        /// NormalFloat4: quantiles of N(0, 1), for normally distributed weights.
-        Nf4 = "nf4",
-        /// 4-bit float (1 sign, 2 exponent, 1 mantissa bits).
-        Fp4 = "fp4",
-    }
-);
-
-/// `--quantize nf4|fp4 [--double-quant] [--block-size N]`: train adapters over a 4-bit base
-/// (every linear weight of the decoder layers quantized at load, as QLoRA).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuantizeOptions {
-    pub quant_type: QuantKind,
-    pub double_quant: bool,
-    pub block_size: usize,
-}
-
-impl QuantizeOptions {
-    /// The checked spec (block size a power of two in 32..=4096).
-    pub fn spec(&self) -> lowrank_core::Result<lowrank_core::QuantSpec> {
-        let kind = match self.quant_type {
-            QuantKind::Nf4 => lowrank_quant::QuantType::Nf4,
-            QuantKind::Fp4 => lowrank_quant::QuantType::Fp4,
-        };
-        lowrank_core::QuantSpec::new(kind, self.double_quant, self.block_size)
-    }
-}
 
 named_enum!(
     /// How new adapter tensors start (PEFT's `init_lora_weights`).
@@ -268,7 +239,7 @@ pub struct TrainOptions {
     /// `--quantize`, `--double-quant` and `--block-size`, which other commands share.
     #[arg(skip)]
     #[serde(default)]
-    pub quantize: Option<QuantizeOptions>,
+    pub quantize: Option<QuantSpec>,
     /// `--method adalora`'s rank budget schedule and regularizer (PEFT's `AdaLoraConfig`).
     #[command(flatten)]
     #[serde(default)]

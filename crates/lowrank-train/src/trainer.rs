@@ -36,6 +36,7 @@ use lowrank_core::lora::{
 use lowrank_core::targets::ModuleSelector;
 use lowrank_core::{Error, Result};
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
+use lowrank_quant::QuantSpec;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
@@ -913,7 +914,7 @@ pub fn train_with(opts: &TrainOptions, comm: &dyn Communicator) -> Result<TrainR
     let dir = lowrank_models::checkpoint::resolve_model_dir(&o.model)?;
     let device = Device::Cpu;
     let load = lowrank_models::LoadOptions {
-        quantize: o.quantize.map(|q| q.spec()).transpose()?,
+        quantize: o.quantize.map(QuantSpec::validated).transpose()?,
     };
     let mut model = Llama::load_with(&dir, &device, &load)?;
     if model.is_quantized() {

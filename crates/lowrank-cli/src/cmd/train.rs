@@ -23,7 +23,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let mut opts = args.options;
-    opts.quantize = args.quant.options();
+    opts.quantize = args.quant.spec()?;
     opts.init_adapter = opts
         .init_adapter
         .as_deref()
