@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Result};
 use crate::evaluate::Score;
-use crate::pipeline::Progress;
+use crate::progress::Progress;
 use crate::tasks::Task;
 
 /// Which ranks to train on which task.

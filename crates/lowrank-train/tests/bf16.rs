@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use lowrank_models::Llama;
 use lowrank_quant::{QuantSpec, QuantType};
-use lowrank_train::trainer::{gradients, setup_trainable};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::gradients;
 use lowrank_train::{data, train, ComputeDtype, Method, TrainOptions};
 
 fn fixtures() -> PathBuf {

@@ -9,7 +9,8 @@ use candle_core::{DType, Device};
 use lowrank_models::Llama;
 use lowrank_quant::{QuantSpec, QuantType};
 use lowrank_train::data;
-use lowrank_train::trainer::{batch_nll, gradients, setup_trainable};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::{batch_nll, gradients};
 use lowrank_train::{train, Method, OptimizerKind, Schedule, TrainOptions};
 
 const FAMILIES: &[&str] = &["qwen3", "phi3", "gemma2", "gemma3"];

@@ -7,7 +7,8 @@ use candle_core::Device;
 use lowrank_models::{Llama, LoadOptions};
 use lowrank_quant::{QuantSpec, QuantType};
 use lowrank_train::data;
-use lowrank_train::trainer::{gradients, setup_trainable};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::gradients;
 use lowrank_train::{train, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 fn fixtures() -> PathBuf {

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use lowrank_models::Llama;
 use lowrank_train::data::{self, Example};
-use lowrank_train::trainer::{batch_nll, gradients, setup_trainable};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::{batch_nll, gradients};
 use lowrank_train::{train, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 fn fixtures() -> PathBuf {
