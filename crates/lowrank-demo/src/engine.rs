@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::error::{bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 use lowrank_train::{TrainOptions, TrainReport};
 

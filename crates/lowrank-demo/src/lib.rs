@@ -10,7 +10,6 @@
 pub mod charset;
 pub mod config;
 pub mod engine;
-pub mod error;
 pub mod evaluate;
 pub mod pipeline;
 pub mod progress;

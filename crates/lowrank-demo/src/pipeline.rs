@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::error::{bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lowrank_core::lora::LoraAdapter;
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
@@ -702,7 +702,7 @@ impl Evaluation {
         let decode = |ids: &[u32]| {
             self.tokenizer
                 .decode(ids, true)
-                .map_err(crate::error::Error::from)
+                .map_err(anyhow::Error::from)
         };
         let mut samples = Vec::new();
         for task in Task::ALL {

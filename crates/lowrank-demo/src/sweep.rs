@@ -9,10 +9,10 @@ use lowrank_algebra::analyze::report::{ModuleSpectrum, SideSummary};
 use lowrank_algebra::analyze::{analyze_adapter, plot, AdapterAnalysis, DEFAULT_ENERGY};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Context, Result};
 use crate::evaluate::Score;
 use crate::progress::Progress;
 use crate::tasks::Task;
+use anyhow::{Context, Result};
 
 /// Which ranks to train on which task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
