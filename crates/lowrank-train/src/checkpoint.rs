@@ -121,12 +121,14 @@ pub(crate) fn check_inputs(ckpt: &Path, saved: Option<&Value>, now: &Value) -> R
             was.get("bytes") == is.get("bytes") && was.get("crc32") == is.get("crc32")
         };
         if !same {
-            return Err(Error::Msg(format!(
-                "--resume {}: {flag} is not what the checkpoint was trained on: the checkpoint has {}, this run gives {}",
-                ckpt.display(),
-                describe_input(was),
-                describe_input(is)
-            )));
+            return Err(Error::Resume {
+                checkpoint: ckpt.to_path_buf(),
+                message: format!(
+                    "{flag} is not what the checkpoint was trained on: the checkpoint has {}, this run gives {}",
+                    describe_input(was),
+                    describe_input(is)
+                ),
+            });
         }
     }
     Ok(())
@@ -174,8 +176,10 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.join(STATE_FILE).exists() {
         return Ok(path.to_path_buf());
     }
-    let entries = std::fs::read_dir(path)
-        .map_err(|e| Error::Msg(format!("--resume {}: {e}", path.display())))?;
+    let entries = std::fs::read_dir(path).map_err(|e| Error::Resume {
+        checkpoint: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let latest = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -253,11 +257,10 @@ pub(crate) fn check_options(ckpt: &Path, state: &Value, o: &TrainOptions) -> Res
             )
         })
         .collect();
-    Err(Error::Msg(format!(
-        "--resume {}: options differ from the checkpoint's: {}",
-        ckpt.display(),
-        diff.join(", ")
-    )))
+    Err(Error::Resume {
+        checkpoint: ckpt.to_path_buf(),
+        message: format!("options differ from the checkpoint's: {}", diff.join(", ")),
+    })
 }
 
 /// Cuts training_log.jsonl back to the lines of the steps up to `step`, as written (parsing

@@ -391,11 +391,10 @@ impl<'a> Run<'a> {
             &format!("{resume_from:?}"),
         )?;
         if root && resume_from.is_none() && log_path.exists() {
-            return Err(Error::Msg(format!(
-                "{}: already holds a training run ({LOG_FILE}); pass --resume {} to continue it, or choose another --out",
-                o.out.display(),
-                o.out.display()
-            )));
+            return Err(Error::RunExists {
+                out: o.out.clone(),
+                log: LOG_FILE.into(),
+            });
         }
         let inputs = input_identity(o, &model_dir)?;
         check_ranks_agree(comm, o, &inputs)?;
@@ -788,13 +787,13 @@ impl<'a> Run<'a> {
 
     /// The error that stops a run whose loss or gradient norm is not finite, before the update.
     fn nan_stop(&self, step: usize, lr: f64, what: &str, value: f64) -> Error {
-        let keep = match &self.last_checkpoint {
-            Some(p) => format!("the last good checkpoint is {}", p.display()),
-            None => "no checkpoint was saved (use --save-every N to keep one)".into(),
-        };
-        Error::Msg(format!(
-            "step {step}: {what} is {value} (lr {lr:.3e}); stopping before the update; {keep}"
-        ))
+        Error::Diverged {
+            step,
+            what: what.into(),
+            value,
+            lr,
+            last_checkpoint: self.last_checkpoint.clone(),
+        }
     }
 
     /// Writes checkpoint-`step` (rank 0; the others only note its folder).

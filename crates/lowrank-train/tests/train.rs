@@ -534,3 +534,64 @@ fn bad_options_and_data_are_clear_errors() {
         .join("adapter_model.safetensors")
         .exists());
 }
+
+/// Callers tell training errors apart by variant: a divergence names the checkpoint to go back
+/// to; a used --out, a refused resume, a bad option and a bad data line each have their own.
+#[test]
+fn training_errors_are_typed() {
+    use lowrank_train::Error;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = train(&TrainOptions {
+        optimizer: OptimizerKind::Sgd,
+        lr: 1e30,
+        lr_schedule: Schedule::Constant,
+        max_grad_norm: 0.0,
+        dropout: 0.0,
+        grad_accum: 1,
+        save_every: Some(1),
+        init_adapter: Some(fixtures().join("adapters/llama-tied__lora-qv")),
+        ..small_run(&out)
+    })
+    .unwrap_err();
+    match &err {
+        Error::Diverged {
+            value,
+            last_checkpoint: Some(ckpt),
+            ..
+        } => {
+            assert!(!value.is_finite(), "{err}");
+            assert!(ckpt.join("trainer_state.json").exists(), "{err}");
+        }
+        other => panic!("expected Error::Diverged, got {other}"),
+    }
+    let err = train(&small_run(&out)).unwrap_err();
+    assert!(
+        matches!(&err, Error::RunExists { out: o, .. } if o == &out),
+        "{err}"
+    );
+    let err = train(&TrainOptions {
+        resume: Some(out.clone()),
+        lr: 0.5,
+        ..small_run(&out)
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::Resume { .. }), "{err}");
+    let err = train(&TrainOptions {
+        dropout: 1.5,
+        ..small_run(&dir.path().join("o1"))
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Option { flag, .. } if flag == "dropout"),
+        "{err}"
+    );
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"the dog\"}\n{\"text\": \"the cat\"\n").unwrap();
+    let err = train(&TrainOptions {
+        data: bad,
+        ..small_run(&dir.path().join("o2"))
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::DataLine { line: 2, .. }), "{err}");
+}
