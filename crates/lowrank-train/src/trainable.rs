@@ -14,6 +14,9 @@ use crate::adalora::{self, AdaloraTraining};
 use crate::options::{bad, parse_targets};
 use crate::{Init, Method, TrainOptions};
 
+/// PiSSA/OLoRA: each module's initial (A₀, B₀).
+pub type InitialFactors = BTreeMap<String, (Tensor, Tensor)>;
+
 /// What is being trained: named `Var`s, and for LoRA/DoRA the adapter built from them.
 pub struct Trainable {
     pub names: Vec<String>,
@@ -23,7 +26,7 @@ pub struct Trainable {
     /// The adapter whose tensors are the `Var`s (None for `full`).
     pub adapter: Option<LoraAdapter>,
     /// PiSSA/OLoRA: each module's initial (A₀, B₀), subtracted when saving a plain LoRA adapter.
-    pub initial: Option<BTreeMap<String, (Tensor, Tensor)>>,
+    pub initial: Option<InitialFactors>,
     /// `--method adalora`: the A/E/B bookkeeping, regularizer and rank allocator.
     pub adalora: Option<AdaloraTraining>,
 }
@@ -123,13 +126,9 @@ pub fn setup_trainable(model: &mut Llama, o: &TrainOptions) -> Result<Trainable>
             adalora: Some(training),
         });
     }
-    let want = if o.method == Method::Dora {
-        LoraVariant::Dora
-    } else {
-        LoraVariant::Lora
-    };
     let (config, modules, initial) = match &o.init_adapter {
         Some(dir) => {
+            let want = variant_of(o.method);
             let adapter = model.load_adapter(dir)?;
             if adapter.config.variant != want {
                 return Err(Error::Msg(format!(
@@ -145,61 +144,96 @@ pub fn setup_trainable(model: &mut Llama, o: &TrainOptions) -> Result<Trainable>
             }
             (adapter.config, adapter.modules, None)
         }
-        None => {
-            let mut config = LoraConfig::new(o.rank, o.alpha, parse_targets(&o.targets)?);
-            config.variant = want;
-            config.use_rslora = o.rslora;
-            config.dropout = o.dropout;
-            config.base_model = Some(o.model.clone());
-            let mut rng = StdRng::seed_from_u64(o.seed);
-            let mut modules = BTreeMap::new();
-            let mut initial = BTreeMap::new();
-            for linear in model.linears() {
-                if !config.targets_module(&linear.name) {
-                    continue;
-                }
-                let lin = model.linear(&linear.name).expect("listed");
-                if lin.is_quantized() && matches!(o.init, Init::Pissa | Init::Olora) {
-                    return Err(bad(
-                        "init",
-                        format!(
-                            "{} rewrites the base weights; it needs a dense base, not a 4-bit one",
-                            o.init
-                        ),
-                    ));
-                }
-                // A 4-bit base: this one layer dequantized for the initialisation only (DoRA's
-                // magnitude ‖W‖ is taken over the dequantized weight, as PEFT does).
-                let weight = lin.base().to_dense(model.device())?;
-                let scale = config.scale_for(&linear.name);
-                let init = crate::init::init_module(
-                    o.init,
-                    &weight,
-                    config.rank_for(&linear.name),
-                    scale,
-                    o.method == Method::Dora,
-                    &mut rng,
-                )
-                .map_err(|e| Error::Msg(format!("{}: {e}", linear.name)))?;
-                if let Some(residual) = init.residual {
-                    model
-                        .linear_mut(&linear.name)
-                        .expect("listed")
-                        .set_weight(residual)?;
-                    initial.insert(
-                        linear.name.clone(),
-                        (init.module.a.clone(), init.module.b.clone()),
-                    );
-                }
-                modules.insert(linear.name.clone(), init.module);
-            }
-            if modules.is_empty() {
-                return Err(bad("targets", format!("{:?} matches no linear layer of the model (e.g. model.layers.0.self_attn.q_proj)", o.targets)));
-            }
-            let initial = (!initial.is_empty()).then_some(initial);
-            (config, modules, initial)
-        }
+        None => new_modules(model, o)?,
     };
+    lora_trainable(config, modules, initial)
+}
+
+/// The LoRA variant `--method` trains.
+fn variant_of(method: Method) -> LoraVariant {
+    if method == Method::Dora {
+        LoraVariant::Dora
+    } else {
+        LoraVariant::Lora
+    }
+}
+
+/// Each module's initial A's and B's (PiSSA/OLoRA: the base weights rewritten, and (A₀, B₀)
+/// kept for saving): a fresh adapter as `--init` says.
+fn new_modules(
+    model: &mut Llama,
+    o: &TrainOptions,
+) -> Result<(
+    LoraConfig,
+    BTreeMap<String, LoraModule>,
+    Option<InitialFactors>,
+)> {
+    let mut config = LoraConfig::new(o.rank, o.alpha, parse_targets(&o.targets)?);
+    config.variant = variant_of(o.method);
+    config.use_rslora = o.rslora;
+    config.dropout = o.dropout;
+    config.base_model = Some(o.model.clone());
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let mut modules = BTreeMap::new();
+    let mut initial = BTreeMap::new();
+    for linear in model.linears() {
+        if !config.targets_module(&linear.name) {
+            continue;
+        }
+        let lin = model.linear(&linear.name).expect("listed");
+        if lin.is_quantized() && matches!(o.init, Init::Pissa | Init::Olora) {
+            return Err(bad(
+                "init",
+                format!(
+                    "{} rewrites the base weights; it needs a dense base, not a 4-bit one",
+                    o.init
+                ),
+            ));
+        }
+        // A 4-bit base: this one layer dequantized for the initialisation only (DoRA's
+        // magnitude ‖W‖ is taken over the dequantized weight, as PEFT does).
+        let weight = lin.base().to_dense(model.device())?;
+        let scale = config.scale_for(&linear.name);
+        let init = crate::init::init_module(
+            o.init,
+            &weight,
+            config.rank_for(&linear.name),
+            scale,
+            o.method == Method::Dora,
+            &mut rng,
+        )
+        .map_err(|e| Error::Msg(format!("{}: {e}", linear.name)))?;
+        if let Some(residual) = init.residual {
+            model
+                .linear_mut(&linear.name)
+                .expect("listed")
+                .set_weight(residual)?;
+            initial.insert(
+                linear.name.clone(),
+                (init.module.a.clone(), init.module.b.clone()),
+            );
+        }
+        modules.insert(linear.name.clone(), init.module);
+    }
+    if modules.is_empty() {
+        return Err(bad(
+            "targets",
+            format!(
+                "{:?} matches no linear layer of the model (e.g. model.layers.0.self_attn.q_proj)",
+                o.targets
+            ),
+        ));
+    }
+    let initial = (!initial.is_empty()).then_some(initial);
+    Ok((config, modules, initial))
+}
+
+/// The adapter's tensors as `Var`s, named as PEFT names them.
+fn lora_trainable(
+    config: LoraConfig,
+    modules: BTreeMap<String, LoraModule>,
+    initial: Option<InitialFactors>,
+) -> Result<Trainable> {
     let (mut names, mut vars) = (Vec::new(), Vec::new());
     let mut trainable_modules = BTreeMap::new();
     for (name, m) in modules {

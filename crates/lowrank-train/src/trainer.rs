@@ -674,63 +674,24 @@ impl<'a> Run<'a> {
         group: &[data::Rows],
     ) -> Result<StepResult> {
         let o = self.o;
-        let (rank, world) = (self.comm.rank(), self.comm.size());
-        let train_ex = &self.examples.train;
         let t0 = Instant::now();
         // The whole step's tokens (every rank knows the plan).
-        let examples = || group.iter().flatten().flatten().map(|&i| &train_ex[i]);
+        let examples = || {
+            group
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|&i| &self.examples.train[i])
+        };
         let step_tokens: usize = examples().map(Example::loss_tokens).sum();
         let input_tokens: usize = examples().map(|e| e.ids.len()).sum();
-        // This rank's slice of the step's rows, in micro-batches numbered m·N + rank (the
-        // dropout seed's index: with one rank, the micro-batch's index in the step).
-        let step_rows = group.concat();
-        let batches = comm::shard(&step_rows, rank, world)
-            .chunks(o.batch_size)
-            .enumerate()
-            .map(|(m, rows)| {
-                Ok((
-                    m * world + rank,
-                    data::make_batch(train_ex, rows, self.model.device())?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let vars = &self.trainable.vars;
-        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let active = active_of(&self.trainable);
-        let mut nll = 0.0;
-        for (index, batch) in &batches {
-            let seed = mix(mix(o.seed, step as u64), *index as u64);
-            nll += forward_backward(
-                &self.model,
-                &active,
-                batch,
-                Some(seed),
-                1.0 / step_tokens as f64,
-                vars,
-                &mut acc,
-                o.grad_checkpoint,
-            )?;
-        }
-        let mut allreduce_s = None;
-        if world > 1 {
-            let t = Instant::now();
-            nll = all_reduce_step(self.comm, &mut acc, vars, nll)?;
-            allreduce_s = Some(t.elapsed().as_secs_f64());
-        }
+        let (mut acc, nll, allreduce_s) = self.step_gradients(step, group, step_tokens)?;
         let mut loss = nll / step_tokens as f64;
-        // AdaLoRA: + w·R(A, B), R the mean ‖AAᵀ − I‖_F, ‖BᵀB − I‖_F (PEFT adds it to the loss).
-        let mut orth_reg = None;
-        if let Some(ada) = &self.trainable.adalora {
-            let w = ada.config.schedule.orth_reg_weight;
-            let reg = ada.orth_reg(vars)?;
-            if w > 0.0 {
-                let store = (&reg * w)?.backward()?;
-                add_grads(&mut acc, vars, &store)?;
-            }
-            let r = to_f64(&reg.detach())?;
-            loss += w * r;
-            orth_reg = Some((nll / step_tokens as f64, r));
+        let orth_reg = self.add_orth_reg(&mut acc)?;
+        if let Some((weight, value)) = orth_reg {
+            loss += weight * value;
         }
+        let vars = &self.trainable.vars;
         let lr = schedule::lr_at(o.lr_schedule, o.lr, o.warmup_steps, self.total_steps, step);
         if !loss.is_finite() {
             return Err(self.nan_stop(step, lr, "the loss", loss));
@@ -766,11 +727,11 @@ impl<'a> Run<'a> {
             "elapsed_s": self.started.elapsed().as_secs_f64(),
         });
         if let Some(seconds) = allreduce_s {
-            line["world_size"] = json!(world);
+            line["world_size"] = json!(self.comm.size());
             line["allreduce_s"] = json!(seconds);
         }
-        if let (Some((nll_loss, reg)), Some(a)) = (orth_reg, &allocation) {
-            line["nll"] = json!(nll_loss);
+        if let (Some((_, reg)), Some(a)) = (orth_reg, &allocation) {
+            line["nll"] = json!(nll / step_tokens as f64);
             line["orth_reg"] = json!(reg);
             line["budget"] = json!(a.budget);
             if let Some(mask) = &a.mask {
@@ -783,6 +744,72 @@ impl<'a> Run<'a> {
             tokens_per_s,
             line,
         })
+    }
+
+    /// This rank's forward and backward passes over its slice of the step's rows, the loss
+    /// scaled by the step's loss tokens, then (data parallel) the sum over the ranks: the
+    /// gradients, the summed NLL, and the all-reduce's seconds.
+    fn step_gradients(
+        &self,
+        step: usize,
+        group: &[data::Rows],
+        step_tokens: usize,
+    ) -> Result<(Vec<Option<Tensor>>, f64, Option<f64>)> {
+        let o = self.o;
+        let (rank, world) = (self.comm.rank(), self.comm.size());
+        // This rank's slice of the step's rows, in micro-batches numbered m·N + rank (the
+        // dropout seed's index: with one rank, the micro-batch's index in the step).
+        let step_rows = group.concat();
+        let batches = comm::shard(&step_rows, rank, world)
+            .chunks(o.batch_size)
+            .enumerate()
+            .map(|(m, rows)| {
+                Ok((
+                    m * world + rank,
+                    data::make_batch(&self.examples.train, rows, self.model.device())?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vars = &self.trainable.vars;
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let active = active_of(&self.trainable);
+        let mut nll = 0.0;
+        for (index, batch) in &batches {
+            let seed = mix(mix(o.seed, step as u64), *index as u64);
+            nll += forward_backward(
+                &self.model,
+                &active,
+                batch,
+                Some(seed),
+                1.0 / step_tokens as f64,
+                vars,
+                &mut acc,
+                o.grad_checkpoint,
+            )?;
+        }
+        let mut allreduce_s = None;
+        if world > 1 {
+            let t = Instant::now();
+            nll = all_reduce_step(self.comm, &mut acc, vars, nll)?;
+            allreduce_s = Some(t.elapsed().as_secs_f64());
+        }
+        Ok((acc, nll, allreduce_s))
+    }
+
+    /// AdaLoRA: adds the gradients of w·R(A, B), R the mean ‖AAᵀ − I‖_F, ‖BᵀB − I‖_F (PEFT adds
+    /// it to the loss), to `acc`; returns (w, R), none for other methods.
+    fn add_orth_reg(&self, acc: &mut [Option<Tensor>]) -> Result<Option<(f64, f64)>> {
+        let Some(ada) = &self.trainable.adalora else {
+            return Ok(None);
+        };
+        let vars = &self.trainable.vars;
+        let weight = ada.config.schedule.orth_reg_weight;
+        let reg = ada.orth_reg(vars)?;
+        if weight > 0.0 {
+            let store = (&reg * weight)?.backward()?;
+            add_grads(acc, vars, &store)?;
+        }
+        Ok(Some((weight, to_f64(&reg.detach())?)))
     }
 
     /// The error that stops a run whose loss or gradient norm is not finite, before the update.
