@@ -354,11 +354,10 @@ fn resume_reproduces_an_uninterrupted_run() {
     assert!(err.contains("lr"), "{err}");
 }
 
-#[test]
-fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let opts = TrainOptions {
+/// A run whose first update (SGD at lr 1e30, unclipped) makes the next loss non-finite, with
+/// a checkpoint after every step.
+fn diverging_run(out: &Path) -> TrainOptions {
+    TrainOptions {
         optimizer: OptimizerKind::Sgd,
         lr: 1e30,
         lr_schedule: Schedule::Constant,
@@ -367,9 +366,15 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
         grad_accum: 1,
         save_every: Some(1),
         init_adapter: Some(fixtures().join("adapters/llama-tied__lora-qv")),
-        ..small_run(&out)
-    };
-    let err = train(&opts).unwrap_err().to_string();
+        ..small_run(out)
+    }
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = train(&diverging_run(&out)).unwrap_err().to_string();
     assert!(err.contains("NaN") || err.contains("inf"), "{err}");
     assert!(err.contains("checkpoint-"), "{err}");
     assert!(!out.join("adapter_model.safetensors").exists());
@@ -542,18 +547,7 @@ fn training_errors_are_typed() {
     use lowrank_train::Error;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let err = train(&TrainOptions {
-        optimizer: OptimizerKind::Sgd,
-        lr: 1e30,
-        lr_schedule: Schedule::Constant,
-        max_grad_norm: 0.0,
-        dropout: 0.0,
-        grad_accum: 1,
-        save_every: Some(1),
-        init_adapter: Some(fixtures().join("adapters/llama-tied__lora-qv")),
-        ..small_run(&out)
-    })
-    .unwrap_err();
+    let err = train(&diverging_run(&out)).unwrap_err();
     match &err {
         Error::Diverged {
             value,
