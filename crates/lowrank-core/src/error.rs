@@ -34,8 +34,52 @@ pub enum Error {
     /// 4-bit quantization (a bad block size, a malformed bitsandbytes tensor...).
     #[error(transparent)]
     Quant(#[from] lowrank_quant::Error),
+    /// A command-line option (`--flag`) holds a value that cannot be used.
+    #[error("--{flag}: {message}")]
+    Option { flag: String, message: String },
+    /// A line of a data file cannot be used.
+    #[error("{}:{line}: {message}", .path.display())]
+    DataLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    /// A training run stopped before an update whose loss or gradient norm is not finite;
+    /// `last_checkpoint` is the checkpoint to go back to, if one was saved.
+    #[error(
+        "step {step}: {what} is {value} (lr {lr:.3e}); stopping before the update; {}",
+        last_good(.last_checkpoint)
+    )]
+    Diverged {
+        step: usize,
+        what: String,
+        value: f64,
+        lr: f64,
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// A training run's `--out` already holds a run (its log) and `--resume` was not given.
+    #[error(
+        "{}: already holds a training run ({}); pass --resume {} to continue it, or choose another --out",
+        .out.display(),
+        .log.display(),
+        .out.display()
+    )]
+    RunExists { out: PathBuf, log: PathBuf },
+    /// `--resume` refused the checkpoint: other options, model or data, or an unreadable one.
+    #[error("--resume {}: {message}", .checkpoint.display())]
+    Resume {
+        checkpoint: PathBuf,
+        message: String,
+    },
     #[error("{0}")]
     Msg(String),
+}
+
+fn last_good(checkpoint: &Option<PathBuf>) -> String {
+    match checkpoint {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint was saved (use --save-every N to keep one)".into(),
+    }
 }
 
 impl Error {
@@ -57,7 +101,10 @@ impl Error {
     /// A command-line option (`--name`) holding a value that cannot be used; `field` is its
     /// name with underscores (`save_every` is `--save-every`).
     pub fn option(field: &str, message: impl std::fmt::Display) -> Self {
-        Error::Msg(format!("--{}: {message}", field.replace('_', "-")))
+        Error::Option {
+            flag: field.replace('_', "-"),
+            message: message.to_string(),
+        }
     }
 
     pub fn tensors(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

@@ -10,4 +10,6 @@ pub mod lora;
 pub mod targets;
 
 pub use error::{Error, Result};
-pub use linear::{ActiveModule, AdaptedLinear, BaseWeight, QuantSpec, QuantizeStats};
+pub use linear::{ActiveModule, AdaptedLinear, BaseWeight, QuantizeStats};
+/// The 4-bit quantization a base is loaded with; defined in `lowrank-quant`.
+pub use lowrank_quant::QuantSpec;

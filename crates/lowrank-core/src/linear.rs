@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use lowrank_kernels::FrozenMatmul;
-use lowrank_quant::{QMatMul, QuantType, Quantized4Bit};
+use lowrank_quant::{QMatMul, QuantSpec, Quantized4Bit};
 
 use crate::error::{Error, Result};
 use crate::lora::LoraModule;
@@ -22,27 +22,6 @@ use crate::lora::LoraModule;
 pub struct ActiveModule<'a> {
     pub module: &'a LoraModule,
     pub weight: f64,
-}
-
-/// How to quantize a base weight to 4 bits (bitsandbytes' `quant_type`, `blocksize`,
-/// `compress_statistics`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuantSpec {
-    pub kind: QuantType,
-    pub double_quant: bool,
-    pub block_size: usize,
-}
-
-impl QuantSpec {
-    /// Checks the block size (a power of two from 32 to 4096).
-    pub fn new(kind: QuantType, double_quant: bool, block_size: usize) -> Result<Self> {
-        lowrank_quant::validate_block_size(block_size)?;
-        Ok(QuantSpec {
-            kind,
-            double_quant,
-            block_size,
-        })
-    }
 }
 
 /// The error a quantization introduced in one weight.
@@ -681,6 +660,7 @@ fn lora_path(x: &Tensor, m: &LoraModule, weight: f64) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+    use lowrank_quant::QuantType;
 
     fn t(data: &[f32], shape: (usize, usize)) -> Tensor {
         Tensor::from_slice(data, shape, &Device::Cpu).unwrap()

@@ -1,15 +1,16 @@
 //! Tuning aid: train one adapter on an existing demo base and score it.
 //! `cargo run --release -p lowrank-demo --example tune -- DEMO_OUT TASK METHOD STEPS LR [RANK] [BATCH]`
 
-use lowrank_demo::engine::{train_here, Method, TrainSpec};
+use lowrank_demo::engine::{options, train_here};
 use lowrank_demo::tasks::Task;
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
+use lowrank_train::{Method, TrainOptions};
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
     let out = std::path::PathBuf::from(&a[0]);
     let task = Task::ALL.into_iter().find(|t| t.name() == a[1]).unwrap();
-    let method: Method = serde_json::from_value(serde_json::json!(a[2]))?;
+    let method: Method = a[2].parse().map_err(anyhow::Error::msg)?;
     let steps: usize = a[3].parse()?;
     let lr: f64 = a[4].parse()?;
     let rank: usize = a.get(5).map_or(Ok(8), |s| s.parse())?;
@@ -21,23 +22,21 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let base = out.join("base");
     let t = std::time::Instant::now();
-    let o = train_here(&TrainSpec {
-        model: base.clone(),
-        data: out.join(format!("data/{}_train.jsonl", task.name())),
-        eval_data: None,
-        out: dir.clone(),
+    let o = train_here(&TrainOptions {
         method,
         rank,
         alpha: 2.0 * rank as f64,
-        targets: "all-linear".into(),
         lr,
-        steps,
         warmup_steps: 20,
         batch_size: batch,
         max_len: 32,
-        pack: false,
-        seed: 0,
         quiet: true,
+        ..options(
+            &base,
+            &out.join(format!("data/{}_train.jsonl", task.name())),
+            &dir,
+            steps,
+        )
     })?;
     let model = Llama::load(&base, &candle_core::Device::Cpu)?;
     let tok = Tokenizer::load(&base)?;

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::error::{Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 pub const UNK: &str = "<unk>";

@@ -1,7 +1,7 @@
 //! Scoring a model (optionally with adapters) on a task: loss on the completion tokens and
 //! exact-match accuracy of greedy generation.
 
-use crate::error::{Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Tensor, D};
 use lowrank_models::generate::{generate, Sampler, SamplingParams};
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};

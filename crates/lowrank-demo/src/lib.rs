@@ -8,14 +8,17 @@
 //! on one skill, with the spectrum of every adapter's update (`lowrank analyze`).
 
 pub mod charset;
+pub mod config;
 pub mod engine;
-pub mod error;
 pub mod evaluate;
 pub mod pipeline;
+pub mod progress;
 pub mod report;
 pub mod sweep;
 pub mod tasks;
 pub mod tiny;
 
-pub use pipeline::{run, DemoConfig, Progress};
+pub use config::DemoConfig;
+pub use pipeline::run;
+pub use progress::Progress;
 pub use report::DemoReport;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::config::DemoConfig;
 use crate::evaluate::Score;
-use crate::pipeline::{fmt_loss, pct, thousands, DemoConfig};
 use crate::sweep::SweepReport;
 use crate::tasks::{Example, Task};
 use crate::tiny::TinyConfig;
@@ -542,4 +542,25 @@ the wider model shows where the saving goes as weights grow.";
         ));
         out
     }
+}
+
+pub fn fmt_loss(x: f64) -> String {
+    format!("{x:.3}")
+}
+
+pub fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+/// 1234567 → "1,234,567".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

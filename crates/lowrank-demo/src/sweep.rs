@@ -9,11 +9,10 @@ use lowrank_algebra::analyze::report::{ModuleSpectrum, SideSummary};
 use lowrank_algebra::analyze::{analyze_adapter, plot, AdapterAnalysis, DEFAULT_ENERGY};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::TrainOutcome;
-use crate::error::{Context, Result};
 use crate::evaluate::Score;
-use crate::pipeline::Progress;
+use crate::progress::Progress;
 use crate::tasks::Task;
+use anyhow::{Context, Result};
 
 /// Which ranks to train on which task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,7 +115,7 @@ fn rank_for_90(m: &ModuleSpectrum) -> f64 {
 struct Trained {
     rank: usize,
     dir: PathBuf,
-    outcome: TrainOutcome,
+    outcome: lowrank_train::TrainReport,
     score: Score,
 }
 
@@ -128,7 +127,7 @@ pub fn run(
     out: &Path,
     demo_out: &Path,
     batch_size: usize,
-    train: impl Fn(usize, &Path) -> Result<TrainOutcome>,
+    train: impl Fn(usize, &Path) -> Result<lowrank_train::TrainReport>,
     score: impl Fn(&Path) -> Result<Score>,
     progress: &Progress,
 ) -> Result<SweepReport> {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::error::{bail, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -105,8 +105,8 @@ impl TinyConfig {
             );
         }
         let mut rng = StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0f32, INIT_STD)
-            .map_err(|e| crate::error::Error::Msg(format!("normal distribution: {e}")))?;
+        let normal =
+            Normal::new(0f32, INIT_STD).map_err(|e| anyhow::anyhow!("normal distribution: {e}"))?;
         let mut tensors = Vec::new();
         for (name, shape) in self.tensor_shapes() {
             let n: usize = shape.iter().product();

@@ -20,10 +20,14 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
-/// Which 4-bit table: NormalFloat4 (QLoRA) or bitsandbytes' FP4 (e2m1, bias 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Which 4-bit table: NormalFloat4 (QLoRA) or bitsandbytes' FP4 (e2m1, bias 3); bitsandbytes'
+/// `bnb_4bit_quant_type`, written `nf4` / `fp4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QuantType {
+    /// NormalFloat4: quantiles of N(0, 1), for normally distributed weights.
     Nf4,
+    /// 4-bit float (1 sign, 2 exponent, 1 mantissa bits).
     Fp4,
 }
 
@@ -64,6 +68,47 @@ impl QuantType {
             QuantType::Nf4 => NF4_BOOK.get_or_init(|| Codebook4::new(&NF4)),
             QuantType::Fp4 => FP4_BOOK.get_or_init(|| Codebook4::new(&FP4)),
         }
+    }
+}
+
+/// `--quantize nf4|fp4` (any case).
+impl std::str::FromStr for QuantType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "nf4" => Ok(QuantType::Nf4),
+            "fp4" => Ok(QuantType::Fp4),
+            _ => Err(Error::UnknownQuantType { name: s.into() }),
+        }
+    }
+}
+
+/// How to quantize a base weight to 4 bits (bitsandbytes' `quant_type`, `compress_statistics`,
+/// `blocksize`): what `--quantize`, `--double-quant` and `--block-size` say, and what a run's
+/// options record (as `{"quant_type", "double_quant", "block_size"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuantSpec {
+    #[serde(rename = "quant_type")]
+    pub kind: QuantType,
+    pub double_quant: bool,
+    pub block_size: usize,
+}
+
+impl QuantSpec {
+    /// Checks the block size (a power of two from 32 to 4096).
+    pub fn new(kind: QuantType, double_quant: bool, block_size: usize) -> Result<Self> {
+        crate::validate_block_size(block_size)?;
+        Ok(QuantSpec {
+            kind,
+            double_quant,
+            block_size,
+        })
+    }
+
+    /// This spec, its block size checked (for one built field by field).
+    pub fn validated(self) -> Result<Self> {
+        QuantSpec::new(self.kind, self.double_quant, self.block_size)
     }
 }
 

@@ -6,6 +6,9 @@ pub enum Error {
     /// `--block-size` / `blocksize` outside 32..=4096 or not a power of two.
     #[error("block size {block_size}: must be a power of two in 32..=4096")]
     BlockSize { block_size: usize },
+    /// A 4-bit type other than nf4 and fp4 (`--quantize`).
+    #[error("unknown quant type {name:?}; expected one of: nf4, fp4")]
+    UnknownQuantType { name: String },
     /// A tensor is missing or has the wrong dtype, shape or length.
     #[error("tensor `{name}`: {message}")]
     Tensor { name: String, message: String },

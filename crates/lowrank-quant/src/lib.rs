@@ -1,6 +1,7 @@
 //! 4-bit (NF4 / FP4) blockwise quantization, bit-exact with bitsandbytes on CPU, for QLoRA.
 //!
-//! - [`codebook`]: the NF4 / FP4 tables and bitsandbytes' signed 8-bit dynamic map.
+//! - [`codebook`]: the NF4 / FP4 tables and bitsandbytes' signed 8-bit dynamic map; [`QuantSpec`],
+//!   the one description of a 4-bit quantization (type, double quantization, block size).
 //! - [`blockwise`]: 4-bit quantize / dequantize and double quantization of the absmax.
 //! - [`qtensor`]: [`Quantized4Bit`], a frozen weight that stays packed in memory, and its
 //!   bitsandbytes / transformers tensor names and `quant_state` JSON.
@@ -20,7 +21,7 @@ pub mod sgemm;
 
 pub use blockwise::{validate_block_size, DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE};
 pub use checkpoint::{BnbCheckpoint, QuantizationConfig};
-pub use codebook::QuantType;
+pub use codebook::{QuantSpec, QuantType};
 pub use error::{Error, Result};
 pub use matmul::{matmul_4bit, matmul_4bit_grad_input, QMatMul};
 pub use qtensor::{AbsmaxState, Quantized4Bit};

@@ -15,7 +15,8 @@ use candle_core::{Device, Tensor};
 use lowrank_models::{ActiveAdapter, Llama};
 use lowrank_train::data::{make_batch, Batch, Example};
 use lowrank_train::optim::{clip, Optimizer};
-use lowrank_train::trainer::{forward_backward, setup_trainable, Trainable};
+use lowrank_train::trainable::{setup_trainable, Trainable};
+use lowrank_train::trainer::forward_backward;
 use lowrank_train::{Method, TrainOptions};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;

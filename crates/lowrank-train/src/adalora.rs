@@ -27,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use crate::trainer::{parse_targets, Trainable};
+use crate::options::{bad, parse_targets};
 use crate::{Init, TrainOptions};
 
 pub const RANKS_FILE: &str = "adalora_ranks.json";
@@ -39,7 +39,7 @@ const STATE_JSON: &str = "adalora_state.json";
 pub struct AdaloraTraining {
     /// The adapter's config (its `rank_pattern` stays `None`: the allocator holds the pattern).
     pub config: AdaloraConfig,
-    /// Module name → indices of its A, E, B in `Trainable::vars`.
+    /// Module name → indices of its A, E, B in the run's trainable `Var`s.
     pub modules: Vec<(String, [usize; 3])>,
     /// Set by [`AdaloraTraining::start`] once the total step count is known.
     pub allocator: Option<RankAllocator>,
@@ -52,13 +52,13 @@ fn normal_tensor(rng: &mut StdRng, shape: (usize, usize), std: f64) -> Result<Te
     Ok(Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?)
 }
 
-fn bad(field: &str, msg: impl Into<String>) -> Error {
-    Error::option(field, msg.into())
-}
-
 /// The trainable adapter: fresh (E = 0, A and B ~ N(0, 0.02), PEFT's `reset_lora_parameters`)
-/// or continued from a PEFT AdaLoRA folder (`--init-adapter`, full rank).
-pub fn setup_trainable(model: &Llama, o: &TrainOptions) -> Result<Trainable> {
+/// or continued from a PEFT AdaLoRA folder (`--init-adapter`, full rank): the `Var`s' names,
+/// the `Var`s, and the bookkeeping over them.
+pub fn setup_trainable(
+    model: &Llama,
+    o: &TrainOptions,
+) -> Result<(Vec<String>, Vec<Var>, AdaloraTraining)> {
     let ao = &o.adalora;
     if matches!(o.init, Init::Pissa | Init::Olora | Init::Gaussian) {
         return Err(bad(
@@ -157,16 +157,7 @@ pub fn setup_trainable(model: &Llama, o: &TrainOptions) -> Result<Trainable> {
         allocator: None,
         last: None,
     };
-    let adapter = ada.forward_adapter(&vars)?;
-    let decay = vec![true; vars.len()];
-    Ok(Trainable {
-        names,
-        vars,
-        decay,
-        adapter: Some(adapter),
-        initial: None,
-        adalora: Some(ada),
-    })
+    Ok((names, vars, ada))
 }
 
 impl AdaloraTraining {

@@ -201,7 +201,11 @@ pub fn load(
         if line.trim().is_empty() {
             continue;
         }
-        let at = |msg: String| Error::Msg(format!("{}:{}: {msg}", path.display(), i + 1));
+        let at = |message: String| Error::DataLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
         let value: Value =
             serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
         let found = detect(&value).ok_or_else(|| {

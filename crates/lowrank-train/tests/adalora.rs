@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use lowrank_core::adalora::{AdaloraAdapter, AdaloraConfig};
 use lowrank_models::{ActiveAdapter, Llama, Tokenizer};
-use lowrank_train::trainer::{gradients, setup_trainable};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::gradients;
 use lowrank_train::{train, AdaloraOptions, Method, OptimizerKind, Schedule, TrainOptions};
 use serde_json::Value;
 

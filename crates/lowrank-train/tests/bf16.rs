@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lowrank_models::Llama;
-use lowrank_train::trainer::{gradients, setup_trainable};
-use lowrank_train::{data, train, ComputeDtype, Method, QuantKind, QuantizeOptions, TrainOptions};
+use lowrank_quant::{QuantSpec, QuantType};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::gradients;
+use lowrank_train::{data, train, ComputeDtype, Method, TrainOptions};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -162,8 +164,8 @@ fn bf16_is_refused_where_it_does_not_apply() {
         "{err}"
     );
     let err = train(&TrainOptions {
-        quantize: Some(QuantizeOptions {
-            quant_type: QuantKind::Nf4,
+        quantize: Some(QuantSpec {
+            kind: QuantType::Nf4,
             double_quant: true,
             block_size: 64,
         }),

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use lowrank_models::Llama;
+use lowrank_quant::{QuantSpec, QuantType};
 use lowrank_train::data;
-use lowrank_train::trainer::{batch_nll, gradients, setup_trainable};
-use lowrank_train::{
-    train, Method, OptimizerKind, QuantKind, QuantizeOptions, Schedule, TrainOptions,
-};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::{batch_nll, gradients};
+use lowrank_train::{train, Method, OptimizerKind, Schedule, TrainOptions};
 
 const FAMILIES: &[&str] = &["qwen3", "phi3", "gemma2", "gemma3"];
 
@@ -42,8 +42,8 @@ fn check(family: &str, adapter: &str, method: Method, nf4: bool, lr: f64, expect
     let dir = tempfile::tempdir().unwrap();
     let opts = TrainOptions {
         model: family_dir(family).join("model").display().to_string(),
-        quantize: nf4.then_some(QuantizeOptions {
-            quant_type: QuantKind::Nf4,
+        quantize: nf4.then_some(QuantSpec {
+            kind: QuantType::Nf4,
             double_quant: true,
             block_size: 64,
         }),

@@ -5,19 +5,19 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use lowrank_models::{Llama, LoadOptions};
+use lowrank_quant::{QuantSpec, QuantType};
 use lowrank_train::data;
-use lowrank_train::trainer::{gradients, setup_trainable};
-use lowrank_train::{
-    train, Init, Method, OptimizerKind, QuantKind, QuantizeOptions, Schedule, TrainOptions,
-};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::gradients;
+use lowrank_train::{train, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-fn nf4_dq() -> QuantizeOptions {
-    QuantizeOptions {
-        quant_type: QuantKind::Nf4,
+fn nf4_dq() -> QuantSpec {
+    QuantSpec {
+        kind: QuantType::Nf4,
         double_quant: true,
         block_size: 64,
     }
@@ -101,8 +101,8 @@ fn qlora_training_with_blocks_straddling_rows_matches_peft_over_bitsandbytes() {
     for (i, case) in cases.iter().enumerate() {
         let adapter = case["adapter"].as_str().unwrap();
         let quant_type = match case["quant_type"].as_str().unwrap() {
-            "nf4" => QuantKind::Nf4,
-            _ => QuantKind::Fp4,
+            "nf4" => QuantType::Nf4,
+            _ => QuantType::Fp4,
         };
         let method = if adapter.ends_with("dora") {
             Method::Dora
@@ -111,8 +111,8 @@ fn qlora_training_with_blocks_straddling_rows_matches_peft_over_bitsandbytes() {
         };
         let opts = TrainOptions {
             model: straddle.join("llama-i176").display().to_string(),
-            quantize: Some(QuantizeOptions {
-                quant_type,
+            quantize: Some(QuantSpec {
+                kind: quant_type,
                 double_quant: case["double_quant"].as_bool().unwrap(),
                 block_size: case["block_size"].as_u64().unwrap() as usize,
             }),
@@ -147,7 +147,7 @@ fn only_adapter_tensors_get_gradients_over_4bit_base() {
         (Method::Dora, "llama-tied__dora"),
     ] {
         let opts = LoadOptions {
-            quantize: Some(nf4_dq().spec().unwrap()),
+            quantize: Some(nf4_dq()),
         };
         let mut model = Llama::load_with(&dir, &Device::Cpu, &opts).unwrap();
         let tok = lowrank_models::Tokenizer::load(&dir).unwrap();

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use lowrank_models::Llama;
 use lowrank_train::data::{self, Example};
-use lowrank_train::trainer::{batch_nll, gradients, setup_trainable};
+use lowrank_train::trainable::setup_trainable;
+use lowrank_train::trainer::{batch_nll, gradients};
 use lowrank_train::{train, Init, Method, OptimizerKind, Schedule, TrainOptions};
 
 fn fixtures() -> PathBuf {
@@ -353,11 +354,10 @@ fn resume_reproduces_an_uninterrupted_run() {
     assert!(err.contains("lr"), "{err}");
 }
 
-#[test]
-fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let opts = TrainOptions {
+/// A run whose first update (SGD at lr 1e30, unclipped) makes the next loss non-finite, with
+/// a checkpoint after every step.
+fn diverging_run(out: &Path) -> TrainOptions {
+    TrainOptions {
         optimizer: OptimizerKind::Sgd,
         lr: 1e30,
         lr_schedule: Schedule::Constant,
@@ -366,9 +366,15 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
         grad_accum: 1,
         save_every: Some(1),
         init_adapter: Some(fixtures().join("adapters/llama-tied__lora-qv")),
-        ..small_run(&out)
-    };
-    let err = train(&opts).unwrap_err().to_string();
+        ..small_run(out)
+    }
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = train(&diverging_run(&out)).unwrap_err().to_string();
     assert!(err.contains("NaN") || err.contains("inf"), "{err}");
     assert!(err.contains("checkpoint-"), "{err}");
     assert!(!out.join("adapter_model.safetensors").exists());
@@ -532,4 +538,54 @@ fn bad_options_and_data_are_clear_errors() {
         .join("o1")
         .join("adapter_model.safetensors")
         .exists());
+}
+
+/// Callers tell training errors apart by variant: a divergence names the checkpoint to go back
+/// to; a used --out, a refused resume, a bad option and a bad data line each have their own.
+#[test]
+fn training_errors_are_typed() {
+    use lowrank_train::Error;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = train(&diverging_run(&out)).unwrap_err();
+    match &err {
+        Error::Diverged {
+            value,
+            last_checkpoint: Some(ckpt),
+            ..
+        } => {
+            assert!(!value.is_finite(), "{err}");
+            assert!(ckpt.join("trainer_state.json").exists(), "{err}");
+        }
+        other => panic!("expected Error::Diverged, got {other}"),
+    }
+    let err = train(&small_run(&out)).unwrap_err();
+    assert!(
+        matches!(&err, Error::RunExists { out: o, .. } if o == &out),
+        "{err}"
+    );
+    let err = train(&TrainOptions {
+        resume: Some(out.clone()),
+        lr: 0.5,
+        ..small_run(&out)
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::Resume { .. }), "{err}");
+    let err = train(&TrainOptions {
+        dropout: 1.5,
+        ..small_run(&dir.path().join("o1"))
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Option { flag, .. } if flag == "dropout"),
+        "{err}"
+    );
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"the dog\"}\n{\"text\": \"the cat\"\n").unwrap();
+    let err = train(&TrainOptions {
+        data: bad,
+        ..small_run(&dir.path().join("o2"))
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::DataLine { line: 2, .. }), "{err}");
 }

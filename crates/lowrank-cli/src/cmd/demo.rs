@@ -29,7 +29,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(spec) = &args.train_child {
-        return Ok(child_main(spec)?);
+        return child_main(spec);
     }
     let mut config = if args.quick {
         DemoConfig::quick()

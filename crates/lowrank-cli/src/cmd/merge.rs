@@ -65,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
                 .and_then(|x| x.base().as_quantized().cloned())
         });
         match first {
-            Some(q) => Some(lowrank_core::QuantSpec::new(
+            Some(q) => Some(lowrank_quant::QuantSpec::new(
                 q.kind(),
                 q.is_double_quant(),
                 q.block_size(),

@@ -18,10 +18,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lowrank_core::lora::LoraAdapter;
-use lowrank_core::QuantSpec;
 use lowrank_models::hub::resolve_adapter_dir;
 use lowrank_models::{ActiveAdapter, Llama, LoadOptions, Tokenizer};
-use lowrank_train::{QuantKind, QuantizeOptions};
+use lowrank_quant::{QuantSpec, QuantType};
 
 /// Puts what was being done with a path in front of an error ("loading adapter DIR: ..."),
 /// leaving the path out when the error names it already: the library's errors name the file
@@ -82,7 +81,7 @@ pub fn load_model_with(spec: &str, quant: &QuantArgs) -> Result<Loaded> {
 pub struct QuantArgs {
     /// Quantize the decoder layers' linear weights to 4 bits at load: nf4 or fp4.
     #[arg(long, value_name = "nf4|fp4")]
-    pub quantize: Option<QuantKind>,
+    pub quantize: Option<QuantType>,
     /// With --quantize: quantize the per-block absmax too (≈4.13 instead of 4.5 bits/parameter).
     #[arg(long, requires = "quantize")]
     pub double_quant: bool,
@@ -92,16 +91,13 @@ pub struct QuantArgs {
 }
 
 impl QuantArgs {
-    pub fn options(&self) -> Option<QuantizeOptions> {
-        self.quantize.map(|quant_type| QuantizeOptions {
-            quant_type,
-            double_quant: self.double_quant,
-            block_size: self.block_size.unwrap_or(lowrank_quant::DEFAULT_BLOCK_SIZE),
-        })
-    }
-
+    /// The quantization the flags ask for (none without `--quantize`).
     pub fn spec(&self) -> Result<Option<QuantSpec>> {
-        Ok(self.options().map(|o| o.spec()).transpose()?)
+        let spec = |kind| {
+            let block_size = self.block_size.unwrap_or(lowrank_quant::DEFAULT_BLOCK_SIZE);
+            QuantSpec::new(kind, self.double_quant, block_size)
+        };
+        Ok(self.quantize.map(spec).transpose()?)
     }
 }
 

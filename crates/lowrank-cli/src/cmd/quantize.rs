@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::NamePath;
 use anyhow::{bail, Result};
 use lowrank_models::{Llama, LoadOptions};
-use lowrank_train::QuantKind;
+use lowrank_quant::{QuantSpec, QuantType};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,7 +21,7 @@ pub struct Args {
     out: PathBuf,
     /// nf4 or fp4.
     #[arg(long, value_name = "nf4|fp4")]
-    quant: QuantKind,
+    quant: QuantType,
     /// Quantize the per-block absmax too (≈4.13 instead of 4.5 bits/parameter).
     #[arg(long)]
     double_quant: bool,
@@ -38,12 +38,7 @@ pub fn run(args: Args) -> Result<()> {
             args.out.display()
         );
     }
-    let spec = lowrank_train::QuantizeOptions {
-        quant_type: args.quant,
-        double_quant: args.double_quant,
-        block_size: args.block_size,
-    }
-    .spec()?;
+    let spec = QuantSpec::new(args.quant, args.double_quant, args.block_size)?;
     let model = Llama::load_with(
         &dir,
         &super::device(),

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::AdaloraConfig;
 use crate::error::{Error, Result};
+use crate::lora::{shapes_of, Factor};
 use crate::lora::{LinearShape, LoraAdapter, LoraModule, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
 use crate::targets::ModuleSelector;
 
@@ -141,24 +142,15 @@ impl AdaloraAdapter {
     /// Loads without a base model, taking each layer's shape from its tensors.
     pub fn load_standalone(dir: &Path, device: &Device) -> Result<Self> {
         let (path, tensors) = read_tensors(dir, device)?;
-        let mut shapes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for (key, t) in &tensors {
+        let base = shapes_of(tensors.iter().map(|(k, t)| (k, t)), |key| {
             let (module, part) = parse_key(key, &path)?;
-            let entry = shapes.entry(module).or_default();
-            match (part, t.dims()) {
-                (Part::A, [_, k]) => entry.1 = *k,
-                (Part::B, [d, _]) => entry.0 = *d,
-                _ => {}
-            }
-        }
-        let base: Vec<LinearShape> = shapes
-            .into_iter()
-            .map(|(name, (out_features, in_features))| LinearShape {
-                name,
-                out_features,
-                in_features,
-            })
-            .collect();
+            let factor = match part {
+                Part::A => Some(Factor::A),
+                Part::B => Some(Factor::B),
+                Part::E => None,
+            };
+            Ok((module, factor))
+        })?;
         Self::load(dir, &base, device)
     }
 

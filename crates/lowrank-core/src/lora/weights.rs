@@ -78,6 +78,38 @@ enum Part {
     Magnitude,
 }
 
+/// The two factors of ΔW = B·A, whose shapes give a module's: A is r × in, B is out × r.
+pub(crate) enum Factor {
+    A,
+    B,
+}
+
+/// Each module's shape, read from its A and B tensors (for an adapter folder loaded without
+/// its base model); `factor_of(key)` names a tensor's module and factor (none for others).
+pub(crate) fn shapes_of<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    factor_of: impl Fn(&str) -> Result<(String, Option<Factor>)>,
+) -> Result<Vec<LinearShape>> {
+    let mut shapes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (key, t) in tensors {
+        let (module, factor) = factor_of(key)?;
+        let entry = shapes.entry(module).or_default();
+        match (factor, t.dims()) {
+            (Some(Factor::A), [_, k]) => entry.1 = *k,
+            (Some(Factor::B), [d, _]) => entry.0 = *d,
+            _ => {}
+        }
+    }
+    Ok(shapes
+        .into_iter()
+        .map(|(name, (out_features, in_features))| LinearShape {
+            name,
+            out_features,
+            in_features,
+        })
+        .collect())
+}
+
 /// Splits a PEFT tensor key into (module, part).
 fn parse_key(key: &str, file: &Path) -> Result<(String, Part)> {
     let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
@@ -155,24 +187,15 @@ impl LoraAdapter {
         let weights_path = dir.join(WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| Error::tensors(&weights_path, format!("cannot read safetensors: {e}")))?;
-        let mut shapes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for (key, t) in &tensors {
+        let base = shapes_of(&tensors, |key| {
             let (module, part) = parse_key(key, &weights_path)?;
-            let entry = shapes.entry(module).or_default();
-            match (part, t.dims()) {
-                (Part::A, [_, k]) => entry.1 = *k,
-                (Part::B, [d, _]) => entry.0 = *d,
-                _ => {}
-            }
-        }
-        let base: Vec<LinearShape> = shapes
-            .into_iter()
-            .map(|(name, (out_features, in_features))| LinearShape {
-                name,
-                out_features,
-                in_features,
-            })
-            .collect();
+            let factor = match part {
+                Part::A => Some(Factor::A),
+                Part::B => Some(Factor::B),
+                Part::Magnitude => None,
+            };
+            Ok((module, factor))
+        })?;
         Self::load(dir, &base, device)
     }
 
