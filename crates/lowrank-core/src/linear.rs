@@ -17,11 +17,11 @@ use lowrank_quant::{QMatMul, QuantSpec, Quantized4Bit};
 use crate::error::{Error, Result};
 use crate::lora::LoraModule;
 
-/// An adapter applied in a forward call, with a multiplier on its ΔW (1.0 = as trained).
+/// An adapter applied in a forward call, with a coefficient on its ΔW (1.0 = as trained).
 #[derive(Debug, Clone, Copy)]
 pub struct ActiveModule<'a> {
     pub module: &'a LoraModule,
-    pub weight: f64,
+    pub coefficient: f64,
 }
 
 /// The error a quantization introduced in one weight.
@@ -444,7 +444,7 @@ impl AdaptedLinear {
             y = (y + extra)?;
         } else {
             for a in active {
-                y = (y + lora_path(xd, a.module, a.weight)?)?;
+                y = (y + lora_path(xd, a.module, a.coefficient)?)?;
             }
         }
         match &self.bias {
@@ -462,7 +462,7 @@ impl AdaptedLinear {
         let Some(dora) = active.iter().find(|a| a.module.magnitude.is_some()) else {
             return Ok(None);
         };
-        if active.len() > 1 || dora.weight != 1.0 {
+        if active.len() > 1 || dora.coefficient != 1.0 {
             return Err(Error::Msg(
                 "a DoRA adapter cannot be stacked with other adapters or re-weighted at inference; merge it first".into(),
             ));
@@ -487,7 +487,7 @@ impl AdaptedLinear {
             y = scale_columns(&(y + lora_path(x, m, 1.0)?)?, &factor)?;
         } else {
             for a in active {
-                y = (y + lora_path(x, a.module, a.weight)?)?;
+                y = (y + lora_path(x, a.module, a.coefficient)?)?;
             }
         }
         match &self.bias {
@@ -512,7 +512,7 @@ impl AdaptedLinear {
                 self.bias.as_ref(),
                 &m.a,
                 &m.b,
-                m.scale * one.weight,
+                m.scale * one.coefficient,
             )?));
         }
         let ([one], BaseWeight::Dense(w)) = (active, &self.base) else {
@@ -535,9 +535,9 @@ impl AdaptedLinear {
                         self.bias.as_ref(),
                         &m.a,
                         &m.b,
-                        m.scale * one.weight,
+                        m.scale * one.coefficient,
                     )?),
-                    Some(magnitude) if one.weight == 1.0 => {
+                    Some(magnitude) if one.coefficient == 1.0 => {
                         Some(lowrank_kernels::dora_linear_over(
                             x,
                             base,
@@ -560,7 +560,7 @@ impl AdaptedLinear {
                         self.bias.as_ref(),
                         &m.a,
                         &m.b,
-                        m.scale * one.weight,
+                        m.scale * one.coefficient,
                     )
                 })
                 .transpose()?);
@@ -572,9 +572,9 @@ impl AdaptedLinear {
                 self.bias.as_ref(),
                 &m.a,
                 &m.b,
-                m.scale * one.weight,
+                m.scale * one.coefficient,
             )?,
-            Some(magnitude) if one.weight == 1.0 => lowrank_kernels::dora_linear(
+            Some(magnitude) if one.coefficient == 1.0 => lowrank_kernels::dora_linear(
                 x,
                 w,
                 self.bias.as_ref(),
@@ -591,7 +591,7 @@ impl AdaptedLinear {
     /// Folds an adapter into the weight (times `weight`, LoRA only) so later calls pay nothing
     /// for it. Over a 4-bit base the layer's weight is dequantized into a dense one first
     /// (see [`Self::quantize`] to pack it again).
-    pub fn merge(&mut self, name: &str, module: &LoraModule, weight: f64) -> Result<()> {
+    pub fn merge(&mut self, name: &str, module: &LoraModule, coefficient: f64) -> Result<()> {
         if self
             .base
             .as_dense()
@@ -602,7 +602,7 @@ impl AdaptedLinear {
                     .into(),
             ));
         }
-        let delta = (module.delta_weight()? * weight)?;
+        let delta = (module.delta_weight()? * coefficient)?;
         if let BaseWeight::Quantized(q) = &self.base {
             let q = q.clone();
             self.base = BaseWeight::Dense(q.dequantize_tensor(delta.device())?);
@@ -615,7 +615,7 @@ impl AdaptedLinear {
                 Merged::Lora { delta }
             }
             Some(magnitude) => {
-                if weight != 1.0 {
+                if coefficient != 1.0 {
                     return Err(Error::Msg(
                         "a DoRA adapter can only be merged with weight 1".into(),
                     ));
@@ -651,9 +651,9 @@ impl AdaptedLinear {
 }
 
 /// weight·s·B(A·x): two thin matmuls, never the out×in ΔW.
-fn lora_path(x: &Tensor, m: &LoraModule, weight: f64) -> Result<Tensor> {
+fn lora_path(x: &Tensor, m: &LoraModule, coefficient: f64) -> Result<Tensor> {
     let ax = matmul_t(x, &m.a)?;
-    Ok((matmul_t(&ax, &m.b)? * (m.scale * weight))?)
+    Ok((matmul_t(&ax, &m.b)? * (m.scale * coefficient))?)
 }
 
 #[cfg(test)]
@@ -701,7 +701,7 @@ mod tests {
                 &x,
                 &[ActiveModule {
                     module: &module,
-                    weight: 1.0,
+                    coefficient: 1.0,
                 }],
             )
             .unwrap();
@@ -719,7 +719,7 @@ mod tests {
                 &x,
                 &[ActiveModule {
                     module: &module,
-                    weight: 1.0,
+                    coefficient: 1.0,
                 }],
             )
             .unwrap();
@@ -743,7 +743,7 @@ mod tests {
                     &x,
                     &[ActiveModule {
                         module: &module,
-                        weight: 1.0,
+                        coefficient: 1.0,
                     }],
                 )
                 .unwrap();
@@ -767,7 +767,7 @@ mod tests {
                 &x,
                 &[ActiveModule {
                     module: &module,
-                    weight: 1.0,
+                    coefficient: 1.0,
                 }],
             )
             .unwrap();
@@ -777,11 +777,11 @@ mod tests {
                 &[
                     ActiveModule {
                         module: &module,
-                        weight: 0.7,
+                        coefficient: 0.7,
                     },
                     ActiveModule {
                         module: &module,
-                        weight: 0.3,
+                        coefficient: 0.3,
                     },
                 ],
             )
@@ -797,11 +797,11 @@ mod tests {
         let both = [
             ActiveModule {
                 module: &module,
-                weight: 1.0,
+                coefficient: 1.0,
             },
             ActiveModule {
                 module: &module,
-                weight: 1.0,
+                coefficient: 1.0,
             },
         ];
         assert!(layer.forward(&x, &both).is_err());
@@ -834,7 +834,7 @@ mod tests {
             };
             let active = [ActiveModule {
                 module: &module,
-                weight: 1.0,
+                coefficient: 1.0,
             }];
             let a = qlayer.forward(&x, &active).unwrap();
             let b = dense.forward(&x, &active).unwrap();
@@ -867,7 +867,7 @@ mod tests {
                 x,
                 &[ActiveModule {
                     module,
-                    weight: 1.0,
+                    coefficient: 1.0,
                 }],
             )
             .unwrap()

@@ -67,11 +67,11 @@ pub(crate) fn proj_slot(key: &str) -> Option<usize> {
     Some(SLOTS_PER_LAYER * layer.parse::<usize>().ok()? + k)
 }
 
-/// An adapter applied in a forward call, with a multiplier on its ΔW (1.0 = as trained).
+/// An adapter applied in a forward call, with a coefficient on its ΔW (1.0 = as trained).
 #[derive(Debug)]
 pub struct ActiveAdapter<'a> {
     pub adapter: &'a LoraAdapter,
-    pub weight: f64,
+    pub coefficient: f64,
     /// The adapter's modules by projection slot, built on first use.
     by_slot: OnceLock<Vec<Option<&'a LoraModule>>>,
     /// Its pack and the generation of the model's pack cache it came from, kept so that a
@@ -81,14 +81,14 @@ pub struct ActiveAdapter<'a> {
 
 impl<'a> ActiveAdapter<'a> {
     pub fn new(adapter: &'a LoraAdapter) -> Self {
-        Self::weighted(adapter, 1.0)
+        Self::with_coefficient(adapter, 1.0)
     }
 
-    /// `adapter` with its ΔW multiplied by `weight`.
-    pub fn weighted(adapter: &'a LoraAdapter, weight: f64) -> Self {
+    /// `adapter` with its ΔW multiplied by `coefficient`.
+    pub fn with_coefficient(adapter: &'a LoraAdapter, coefficient: f64) -> Self {
         ActiveAdapter {
             adapter,
-            weight,
+            coefficient,
             by_slot: OnceLock::new(),
             pack: Mutex::new(None),
         }

@@ -58,10 +58,10 @@ pub(crate) enum Outputs {
     All,
 }
 
-/// Token rows that share one adapter at one weight.
+/// Token rows that share one adapter at one coefficient.
 struct Group {
     pack: Arc<AdapterPack>,
-    weight: f64,
+    coefficient: f64,
     rows: Vec<usize>,
 }
 
@@ -254,13 +254,14 @@ impl Llama {
         let mut groups: Vec<Group> = Vec::new();
         for (row, &first) in rows.iter().zip(&firsts) {
             let token_rows = first..first + row.tokens.len();
-            for (pack, weight) in &row.adapters {
-                let same = |g: &&mut Group| Arc::ptr_eq(&g.pack, pack) && g.weight == *weight;
+            for (pack, coefficient) in &row.adapters {
+                let same =
+                    |g: &&mut Group| Arc::ptr_eq(&g.pack, pack) && g.coefficient == *coefficient;
                 match groups.iter_mut().find(same) {
                     Some(g) => g.rows.extend(token_rows.clone()),
                     None => groups.push(Group {
                         pack: pack.clone(),
-                        weight: *weight,
+                        coefficient: *coefficient,
                         rows: token_rows.clone().collect(),
                     }),
                 }
@@ -437,7 +438,7 @@ impl Llama {
                     Some(Segment {
                         a: m.a,
                         b: m.b,
-                        scale: (m.scale * g.weight) as f32,
+                        scale: (m.scale * g.coefficient) as f32,
                         rows: &g.rows,
                         column_scale: m.column_scale,
                     })
@@ -640,7 +641,7 @@ mod tests {
         for ((p, a), n) in prompts.iter().zip(&adapters).zip(next) {
             let active: Vec<ActiveAdapter> = a
                 .iter()
-                .map(|&(a, w)| ActiveAdapter::weighted(a, w))
+                .map(|&(a, w)| ActiveAdapter::with_coefficient(a, w))
                 .collect();
             let full: Vec<u32> = p.iter().copied().chain([n]).collect();
             let ids = Tensor::new(full.as_slice(), &Device::Cpu)

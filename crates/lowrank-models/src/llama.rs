@@ -222,12 +222,17 @@ impl Llama {
     }
 
     /// Folds `adapter` (times `weight`) into the base weights.
-    pub fn merge_adapter(&mut self, name: &str, adapter: &LoraAdapter, weight: f64) -> Result<()> {
+    pub fn merge_adapter(
+        &mut self,
+        name: &str,
+        adapter: &LoraAdapter,
+        coefficient: f64,
+    ) -> Result<()> {
         self.packs.clear();
         for layer in &mut self.layers {
             for proj in layer.projs_mut() {
                 if let Some(module) = adapter.modules.get(&proj.name) {
-                    proj.linear.merge(name, module, weight)?;
+                    proj.linear.merge(name, module, coefficient)?;
                 }
             }
         }

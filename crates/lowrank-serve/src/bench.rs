@@ -300,7 +300,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             quantize: weights.quantize,
         };
         eprintln!("starting the server over {} weights ...", weights.name);
-        let state = crate::build_state(&serve)?;
+        let state = crate::build_state(&serve).map_err(|e| e.to_string())?;
         let cost = {
             let memory = state.engine.model().linear_memory();
             let head_bytes = head_params * if weights.bf16_weights { 2.0 } else { 4.0 };

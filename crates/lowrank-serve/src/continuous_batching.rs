@@ -574,7 +574,7 @@ fn score_chunk(model: &Llama, s: &mut Sequence, tokens: &[u32]) -> lowrank_core:
         .req
         .adapters
         .iter()
-        .map(|(a, w)| ActiveAdapter::weighted(a.adapter(), *w))
+        .map(|(a, w)| ActiveAdapter::with_coefficient(a.adapter(), *w))
         .collect();
     let ids = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
     let rows = model

@@ -826,14 +826,31 @@ pub struct ServeOptions {
     pub quantize: Option<lowrank_core::QuantSpec>,
 }
 
+/// Why the server cannot start; each message names the flag or the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A limit or a combination of flags the server cannot run with.
+    #[error("{0}")]
+    Options(String),
+    /// The model, its tokenizer or the adapter to merge could not be loaded or prepared.
+    #[error("{0}")]
+    Model(String),
+    /// A folder, store or file a flag names (the adapters, the API keys) could not be opened.
+    #[error("{0}")]
+    Open(String),
+    /// The metrics registry refused a metric.
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
 impl ServeOptions {
     /// Refuses limits that would make the server refuse everything, naming the flag.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), StartError> {
         let zero = |is_zero: bool, flag: &str| {
             if is_zero {
-                Err(format!(
+                Err(StartError::Options(format!(
                     "{flag} 0 would refuse every request; give a positive value"
-                ))
+                )))
             } else {
                 Ok(())
             }
@@ -852,46 +869,47 @@ impl ServeOptions {
 }
 
 /// Loads the model and builds the shared state.
-pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
+pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, StartError> {
     opts.validate()?;
     crate::install_tls_provider();
     let device = candle_core::Device::Cpu;
-    let dir =
-        lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(|e| e.to_string())?;
+    let model_error = |e: lowrank_core::Error| StartError::Model(e.to_string());
+    let dir = lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(model_error)?;
     let load = lowrank_models::LoadOptions {
         quantize: opts.quantize,
     };
-    let mut model =
-        lowrank_models::Llama::load_with(&dir, &device, &load).map_err(|e| e.to_string())?;
+    let mut model = lowrank_models::Llama::load_with(&dir, &device, &load).map_err(model_error)?;
     if model.is_quantized() {
         eprintln!("{}", model.linear_memory().summary());
     }
-    let tokenizer = Arc::new(Tokenizer::load(&dir).map_err(|e| e.to_string())?);
-    let stop_ids = lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer)
-        .map_err(|e| e.to_string())?;
+    let tokenizer = Arc::new(Tokenizer::load(&dir).map_err(model_error)?);
+    let stop_ids =
+        lowrank_models::generate::stop_token_ids(&dir, &model, &tokenizer).map_err(model_error)?;
     let adapters_url = opts.adapters.to_str().filter(|s| is_remote(s));
     if adapters_url.is_none() && !opts.adapters.is_dir() {
-        return Err(format!(
+        return Err(StartError::Options(format!(
             "--adapters {}: not a folder",
             opts.adapters.display()
-        ));
+        )));
     }
     if adapters_url.is_some() && opts.merge.is_some() {
-        return Err("--merge needs a local --adapters folder".into());
+        return Err(StartError::Options(
+            "--merge needs a local --adapters folder".into(),
+        ));
     }
     if let Some(name) = &opts.merge {
-        validate_id(name).map_err(|e| e.to_string())?;
+        validate_id(name).map_err(|e| StartError::Options(e.to_string()))?;
         let adapter = model
             .load_adapter(&opts.adapters.join(name))
-            .map_err(|e| format!("--merge {name}: {e}"))?;
+            .map_err(|e| StartError::Model(format!("--merge {name}: {e}")))?;
         model
             .merge_adapter(name, &adapter, 1.0)
-            .map_err(|e| e.to_string())?;
+            .map_err(model_error)?;
     }
     if opts.bf16_weights {
         model
             .cast_for_inference(candle_core::DType::BF16)
-            .map_err(|e| format!("--bf16-weights: {e}"))?;
+            .map_err(|e| StartError::Model(format!("--bf16-weights: {e}")))?;
     }
     let base_name = opts.served_model_name.clone().unwrap_or_else(|| {
         opts.merge.clone().unwrap_or_else(|| {
@@ -903,7 +921,12 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
                 .map_or("base".into(), |n| n.to_string_lossy().into_owned())
         })
     });
-    let keys = opts.api_keys.as_deref().map(ApiKeys::load).transpose()?;
+    let keys = opts
+        .api_keys
+        .as_deref()
+        .map(ApiKeys::load)
+        .transpose()
+        .map_err(StartError::Open)?;
     let limits = crate::registry::Limits {
         max_loaded: opts.max_loaded_adapters,
         max_bytes: opts.adapter_memory_mb * 1024 * 1024,
@@ -922,7 +945,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             .clone()
             .unwrap_or_else(default_adapter_cache_dir);
         RemoteAdapters::new(allowed, &dir, opts.adapter_cache_mb * 1024 * 1024)
-            .map_err(|e| e.to_string())
+            .map_err(|e| StartError::Open(e.to_string()))
     };
     let registry = match adapters_url {
         Some(url) => AdapterRegistry::new_remote(
@@ -933,7 +956,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             device,
             limits,
         )
-        .map_err(|e| format!("--adapters {url}: {e}"))?,
+        .map_err(|e| StartError::Open(format!("--adapters {url}: {e}")))?,
         None => {
             let registry = AdapterRegistry::new(
                 &opts.adapters,
@@ -943,7 +966,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
                 limits,
                 opts.allow_any_adapter_path,
             )
-            .map_err(|e| format!("--adapters {}: {e}", opts.adapters.display()))?
+            .map_err(|e| StartError::Open(format!("--adapters {}: {e}", opts.adapters.display())))?
             .with_hub_adapters(opts.allow_hub_adapters);
             if opts.allow_adapter_sources.is_empty() {
                 registry
@@ -966,7 +989,7 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, String> {
             kv_cache_tokens: kv_cache_bytes
                 / crate::continuous_batching::kv_bytes_per_token(&model),
         })
-        .map_err(|e| e.to_string())?,
+        .map_err(|e| StartError::Metrics(e.to_string()))?,
     );
     let model = Arc::new(model);
     let engine = Engine::start(

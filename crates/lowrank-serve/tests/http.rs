@@ -213,7 +213,7 @@ fn expected_on(
     let active: Vec<ActiveAdapter> = adapters
         .iter()
         .zip(stack)
-        .map(|(a, (_, w))| ActiveAdapter::weighted(a, *w))
+        .map(|(a, (_, w))| ActiveAdapter::with_coefficient(a, *w))
         .collect();
     let ids = tokenizer.encode(prompt, true).unwrap();
     let stops = lowrank_models::generate::stop_token_ids(dir, &model, &tokenizer).unwrap();
@@ -2098,4 +2098,29 @@ async fn the_endpoint_picker_reads_adapter_affinity_from_metrics() {
     assert!(view.active_models.is_empty() && view.waiting_models.is_empty());
     assert_eq!(view.running_requests_size + view.waiting_queue_size, 0);
     assert_eq!(lora_affinity(&view, "a1"), 0.8);
+}
+
+/// A server that cannot start says why by kind: a flag, the model, or the adapters.
+#[test]
+fn start_errors_are_typed_and_name_the_flag_or_file() {
+    use lowrank_serve::server::StartError;
+    let root = adapter_root();
+    let mut zero = options(root.path());
+    zero.max_batch = 0;
+    match lowrank_serve::build_state(&zero) {
+        Err(StartError::Options(m)) => assert!(m.contains("--max-batch"), "{m}"),
+        other => panic!("--max-batch 0: {:?}", other.err()),
+    }
+    let mut missing = options(root.path());
+    missing.model = root.path().join("no-model").to_string_lossy().into_owned();
+    match lowrank_serve::build_state(&missing) {
+        Err(StartError::Model(m)) => assert!(m.contains("no-model"), "{m}"),
+        other => panic!("a missing model: {:?}", other.err()),
+    }
+    let mut keys = options(root.path());
+    keys.api_keys = Some(root.path().join("no-keys.txt"));
+    match lowrank_serve::build_state(&keys) {
+        Err(StartError::Open(m)) => assert!(m.contains("no-keys.txt"), "{m}"),
+        other => panic!("a missing keys file: {:?}", other.err()),
+    }
 }

@@ -198,7 +198,7 @@ pub fn evaluate(
     let adapters: Vec<ActiveAdapter> = detached
         .iter()
         .zip(adapters)
-        .map(|(d, a)| ActiveAdapter::weighted(d, a.weight))
+        .map(|(d, a)| ActiveAdapter::with_coefficient(d, a.coefficient))
         .collect();
     let (mut total, mut count) = (0.0, 0usize);
     let order: Vec<usize> = (0..examples.len()).collect();

@@ -172,7 +172,7 @@ pub fn activate<'a>(
     }
     Ok(adapters
         .iter()
-        .map(|(adapter, weight)| ActiveAdapter::weighted(adapter, *weight))
+        .map(|(adapter, weight)| ActiveAdapter::with_coefficient(adapter, *weight))
         .collect())
 }
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use lowrank_serve::ServeOptions;
 
 /// Connections served at once unless `--max-connections` says otherwise (fewer when the
@@ -127,12 +127,12 @@ pub fn run(args: Args) -> Result<()> {
         bf16_weights: args.bf16_weights,
         quantize: args.quant.spec()?,
     };
-    opts.validate().map_err(|e| anyhow!(e))?;
+    opts.validate()?;
     // Bound before the model loads, so a taken port fails at once.
     let listener = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("--host {} --port {}: cannot listen", opts.host, opts.port))?;
-    let state = lowrank_serve::build_state(&opts).map_err(|e| anyhow!(e))?;
+    let state = lowrank_serve::build_state(&opts)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;

@@ -80,7 +80,7 @@ impl Llama {
         let mut packs = Vec::with_capacity(adapters.len());
         for a in adapters {
             match a.pack(&self.packs, &base)? {
-                Some(pack) => packs.push((pack, a.weight)),
+                Some(pack) => packs.push((pack, a.coefficient)),
                 None => return Ok(None),
             }
         }

@@ -56,7 +56,7 @@ impl Proj {
             .filter_map(|a| {
                 a.module(self.slot).map(|module| ActiveModule {
                     module,
-                    weight: a.weight,
+                    coefficient: a.coefficient,
                 })
             })
             .collect()
