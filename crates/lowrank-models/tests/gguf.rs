@@ -4,7 +4,7 @@
 //! original itself).
 
 mod common;
-use common::{eval_texts, fixtures};
+use common::{eval_texts, fixtures, max_abs_diff};
 
 use candle_core::Device;
 use lowrank_models::generate::{generate, sequence_nll, Sampler, SamplingParams};
@@ -91,18 +91,6 @@ fn an_f32_gguf_holds_the_hf_weights_exactly() {
 /// layers 3..6 repeat layers 0..3.
 #[test]
 fn family_f32_ggufs_hold_the_hf_weights_exactly() {
-    let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
     for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
         let ours = Llama::load(
             &fixtures().join(format!("gguf/families/{family}-f32.gguf")),
@@ -132,9 +120,9 @@ fn family_f32_ggufs_hold_the_hf_weights_exactly() {
             assert_eq!(w.dims(), want.dims(), "{family}: {name}");
             // Gemma computes with 1 + w, which the converter stored: that is what is exact.
             let diff = if family.starts_with("gemma") && name.ends_with("norm.weight") {
-                max_diff(&(&w + 1.0).unwrap(), &(want + 1.0).unwrap())
+                max_abs_diff(&(&w + 1.0).unwrap(), &(want + 1.0).unwrap())
             } else {
-                max_diff(&w, want)
+                max_abs_diff(&w, want)
             };
             assert_eq!(diff, 0.0, "{family}: {name}");
             compared += 1;

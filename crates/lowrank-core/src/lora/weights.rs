@@ -326,10 +326,8 @@ impl LoraAdapter {
     }
 
     /// Moves the factors onto 2 MiB pages where the kernel can
-    /// ([`lowrank_kernels::back_with_huge_pages`]; returns the bytes collapsed). Served
-    /// unmerged, they are read at every decoding step along with the base weights: from 4 KiB
-    /// pages, unmerged decoding of the SmolLM-135M-shaped model took 0.6–0.9% longer per token
-    /// (`decode_pair`, two runs).
+    /// ([`lowrank_kernels::back_with_huge_pages`]; returns the bytes collapsed): served
+    /// unmerged, they are read at every decoding step along with the base weights.
     pub fn back_with_huge_pages(&self) -> usize {
         let factors: Vec<&Tensor> = self.modules.values().flat_map(|m| [&m.a, &m.b]).collect();
         lowrank_kernels::back_with_huge_pages(&factors)
