@@ -47,8 +47,8 @@ fn weights(name: &str) -> Result<BenchWeights> {
         Ok(Some(QuantSpec::new(kind, double_quant, 64)?))
     };
     let (base, bf16_head) = match name.split_once('+') {
-        Some((base, "bf16")) if base.contains('4') => (base, true),
-        Some(_) => bail!("--weights: {name:?}: only a 4-bit name takes a suffix, +bf16"),
+        Some((base, "bf16")) => (base, true),
+        Some(_) => bail!("--weights: {name:?}: the only suffix is +bf16 (nf4-dq+bf16)"),
         None => (name, false),
     };
     let (bf16_weights, quantize) = match base {
@@ -62,6 +62,9 @@ fn weights(name: &str) -> Result<BenchWeights> {
             "--weights: {other:?} is not one of f32, bf16, nf4, nf4-dq, fp4, fp4-dq (a 4-bit one optionally with +bf16)"
         ),
     };
+    if bf16_head && quantize.is_none() {
+        bail!("--weights: {name:?}: +bf16 goes on a 4-bit name (nf4-dq+bf16)");
+    }
     Ok(BenchWeights {
         name: name.to_string(),
         bf16_weights: bf16_weights || bf16_head,
@@ -138,4 +141,28 @@ pub fn run_cmd(args: Args) -> Result<()> {
     }
     println!("share: steps × the tighter of (bytes/bandwidth, FLOPs/GEMM rate) ÷ wall time; the host's other load slows both sides of that ratio differently, so figures on a busy host are lower bounds");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::weights;
+
+    #[test]
+    fn weights_names_and_the_bf16_head_suffix() {
+        let plain = weights("nf4-dq").unwrap();
+        assert!(!plain.bf16_weights && plain.quantize.is_some_and(|q| q.double_quant));
+        let head = weights("nf4-dq+bf16").unwrap();
+        assert!(head.bf16_weights && head.quantize.is_some());
+        assert!(weights("bf16").unwrap().quantize.is_none());
+        for bad in ["f32+bf16", "bf16+bf16", "nf4+f16", "q4_0"] {
+            let err = weights(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("--weights") && err.contains(bad.split('+').next().unwrap()),
+                "{bad}: {err}"
+            );
+        }
+    }
 }
