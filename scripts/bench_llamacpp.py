@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,9 +220,13 @@ def serve_llamacpp(args, gguf, lora_files, clients):
         proc.wait()
 
 
+# Single-stream figures on both sides: llama-bench's average of this many runs, lowrank's median.
+REPEATS = 3
+
+
 def llama_bench(args, gguf):
     out = subprocess.run([os.path.join(args.llama_cpp, "build", "bin", "llama-bench"), "-m", gguf, "-p", "256",
-                          "-n", "64", "-t", str(os.cpu_count()), "-r", "2", "-o", "json"],
+                          "-n", "64", "-t", str(os.cpu_count()), "-r", str(REPEATS), "-o", "json"],
                          check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)
     pick = lambda key: next(r["avg_ts"] for r in rows if r[key] > 0)  # noqa: E731
@@ -236,8 +241,9 @@ def lowrank_single(args, model_dir, weights):
         m = re.search(r"prefill: (\d+) tokens in ([\d.]+) s .*decode: \d+ tokens at ([\d.]+) tokens/s", err)
         return int(m.group(1)) / float(m.group(2)), float(m.group(3))
 
-    prefill, _ = gen(" ".join(f"w{3 + j}" for j in range(255)), 1)
-    _, decode = gen(prompt(0), 64)
+    # The median of REPEATS processes, as llama-bench averages REPEATS runs.
+    prefill = statistics.median(gen(" ".join(f"w{3 + j}" for j in range(255)), 1)[0] for _ in range(REPEATS))
+    decode = statistics.median(gen(prompt(0), 64)[1] for _ in range(REPEATS))
     return {"prefill_tok_s": prefill, "decode_tok_s": decode}
 
 
