@@ -31,7 +31,6 @@ pub mod huge_pages;
 pub mod lora_linear;
 pub mod probe;
 pub mod process;
-pub mod projections;
 pub mod rms_norm;
 pub mod rope;
 pub mod rows_attention;
@@ -55,7 +54,6 @@ pub use huge_pages::{back_slice_with_huge_pages, back_with_huge_pages};
 pub use lora_linear::{
     dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over,
 };
-pub use projections::{linears_one_row, OneRowLinear, OneRowLora};
 pub use rms_norm::{rms_norm, rms_norm_rows};
 pub use rope::{rope, rope_rows};
 pub use rows_attention::{attend_rows, CachedRow, Heads};
