@@ -384,3 +384,91 @@ fn merge_to_gguf_refuses_what_llama_cpp_cannot_express() {
     );
     assert!(!out.exists());
 }
+
+/// The per-step losses of `training_log.jsonl`.
+fn step_losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("training_log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+        .collect()
+}
+
+/// Training, quantizing and describing an adapter over a GGUF base go as over the HF folder
+/// it was converted from: the same losses step for step, the same 4-bit model, the same share.
+#[test]
+fn train_quantize_and_inspect_over_a_gguf_base_match_the_hf_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (gguf, folder) = (fx("gguf/llama-tied-f32.gguf"), fx("models/llama-tied"));
+    let train = |model: &str, out: &str| {
+        let out = tmp.path().join(out);
+        ok(&lowrank(&[
+            "train",
+            "--model",
+            model,
+            "--data",
+            &fx("data/train.jsonl"),
+            "--out",
+            &out.to_string_lossy(),
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.05",
+            "--max-steps",
+            "3",
+            "--seed",
+            "7",
+        ]));
+        out
+    };
+    let (from_gguf, from_folder) = (train(&gguf, "gguf-lora"), train(&folder, "hf-lora"));
+    let (a, b) = (step_losses(&from_gguf), step_losses(&from_folder));
+    assert!(a.len() >= 3 && a.len() == b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+
+    let quantize = |model: &str, out: &str| {
+        let out = tmp.path().join(out).to_string_lossy().into_owned();
+        ok(&lowrank(&[
+            "quantize",
+            "--model",
+            model,
+            "--out",
+            &out,
+            "--quant",
+            "nf4",
+            "--double-quant",
+        ]));
+        loss(&lowrank(&[
+            "eval",
+            "--model",
+            &out,
+            "--data",
+            &fx("data/eval.jsonl"),
+        ]))
+    };
+    let (q_gguf, q_folder) = (quantize(&gguf, "gguf-nf4"), quantize(&folder, "hf-nf4"));
+    assert!((q_gguf - q_folder).abs() < 1e-5, "{q_gguf} vs {q_folder}");
+
+    let described = |model: &str| -> serde_json::Value {
+        let out = ok(&lowrank(&[
+            "inspect",
+            &from_folder.to_string_lossy(),
+            "--model",
+            model,
+            "--json",
+        ]));
+        let mut described: serde_json::Value = serde_json::from_str(&out).unwrap();
+        // The one field that differs: the path given.
+        described.as_object_mut().unwrap().remove("base_model");
+        described
+    };
+    let (over_gguf, over_folder) = (described(&gguf), described(&folder));
+    assert!(
+        over_gguf["share_percent"].as_f64().is_some_and(|s| s > 0.0),
+        "{over_gguf}"
+    );
+    assert_eq!(over_gguf, over_folder);
+}

@@ -2124,3 +2124,30 @@ fn start_errors_are_typed_and_name_the_flag_or_file() {
         other => panic!("a missing keys file: {:?}", other.err()),
     }
 }
+
+/// A GGUF base serves what its HF original does: the base and a PEFT adapter of the HF model,
+/// greedy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_base_serves_the_hf_models_tokens() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.model = fixtures()
+        .join("gguf/llama-tied-f32.gguf")
+        .to_string_lossy()
+        .into_owned();
+    let server = Server::start(opts).await;
+    for (model, adapter) in [("base", None), ("tenant-lora", Some("llama-tied__lora-qv"))] {
+        let (s, b) = server
+            .post(
+                "/v1/completions",
+                json!({"model": model, "prompt": "The quick cat", "max_tokens": 6, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(
+            b["choices"][0]["text"],
+            expected_text(adapter, "The quick cat", 6),
+            "{model}"
+        );
+    }
+}
