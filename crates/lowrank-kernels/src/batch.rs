@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{sgemm, Mat};
 use crate::gemv::{gemv_parts, GemvPart, LowRankTerm, Weights};
-use crate::skinny::{dot_tile, shrink, skinny};
+use crate::skinny::{dot_tile, shrink, skinny, TileWeight};
 pub use crate::skinny::{BaseWeights, Segment, StepLinear};
 
 /// Rows up to which the skinny GEMM runs; above, the packed GEMM's throughput wins over
@@ -148,21 +148,25 @@ fn check(index: usize, l: &StepLinear, in_f: usize, rows: usize) -> Result<()> {
 fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> Result<Vec<f32>> {
     let rows = x.len() / in_f;
     let out_f = l.out_features(in_f);
+    // Y[:, o0..o0 + n] = X·W[o0..o0 + n]ᵀ for an f32 block of W's rows.
+    let gemm_into = |y: &mut [f32], o0: usize, n: usize, w: &[f32]| {
+        sgemm(
+            rows,
+            n,
+            in_f,
+            &mut y[o0..],
+            out_f,
+            Mat::rows(x, in_f),
+            Mat::t(w, in_f),
+            1.0,
+            false,
+            true,
+        )
+    };
     let mut y = match l.weight {
         BaseWeights::F32(w) => {
             let mut y = vec![0f32; rows * out_f];
-            sgemm(
-                rows,
-                out_f,
-                in_f,
-                &mut y,
-                out_f,
-                Mat::rows(x, in_f),
-                Mat::t(w, in_f),
-                1.0,
-                false,
-                true,
-            );
+            gemm_into(&mut y, 0, out_f, w);
             y
         }
         BaseWeights::Bf16(w) => {
@@ -171,27 +175,15 @@ fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> R
             for o0 in (0..out_f).step_by(WIDEN_TILE) {
                 let n = WIDEN_TILE.min(out_f - o0);
                 tile.resize(n * in_f, 0.0);
-                // In parallel, and by the shift (a bf16 is the high half of an f32), which
-                // vectorises where `to_f32` does not.
+                // Widened in parallel.
                 tile.par_chunks_mut(1 << 14)
                     .zip(w[o0 * in_f..(o0 + n) * in_f].par_chunks(1 << 14))
                     .for_each(|(dst, src)| {
                         for (d, v) in dst.iter_mut().zip(src) {
-                            *d = f32::from_bits((v.to_bits() as u32) << 16);
+                            *d = TileWeight::to_f32(*v);
                         }
                     });
-                sgemm(
-                    rows,
-                    n,
-                    in_f,
-                    &mut y[o0..],
-                    out_f,
-                    Mat::rows(x, in_f),
-                    Mat::t(&tile, in_f),
-                    1.0,
-                    false,
-                    true,
-                );
+                gemm_into(&mut y, o0, n, &tile);
             }
             y
         }
