@@ -212,7 +212,12 @@ pub fn scored_nll(
     }
     model.check_ids(ids)?;
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    let logits = model.forward(&input, None, adapters)?.squeeze(0)?;
+    // Through a cache, so that on the CPU the loss comes from the batched step that `generate`
+    // and the server decode with, not from the training forward.
+    let mut cache = KvCache::with_capacity(ids.len());
+    let logits = model
+        .forward(&input, Some(&mut cache), adapters)?
+        .squeeze(0)?;
     let scored = ids.len() - first;
     let logprobs = candle_nn::ops::log_softmax(&logits.narrow(0, first - 1, scored)?, D::Minus1)?;
     let targets = Tensor::new(&ids[first..], model.device())?.unsqueeze(1)?;

@@ -391,3 +391,58 @@ fn decoding_steps_with_blocks_straddling_rows_equal_bitsandbytes() {
         eprintln!("{key}: max |logit diff| {worst:e}");
     }
 }
+
+/// `eval` scores with the step `generate` and the server decode with: its NLL is, bit for bit,
+/// the one read off the logits of a cached forward (the batched step), over an f32, a 4-bit
+/// and a bf16 base with an adapter.
+#[test]
+fn eval_scores_with_the_decoding_step() {
+    use candle_core::{Tensor, D};
+    use lowrank_models::KvCache;
+    let tok = Tokenizer::load(&fixtures().join("models/llama-tied")).unwrap();
+    let f32_model = Llama::load(&fixtures().join("models/llama-tied"), &Device::Cpu).unwrap();
+    let mut bf16_model = Llama::load(&fixtures().join("models/llama-tied"), &Device::Cpu).unwrap();
+    bf16_model
+        .cast_for_inference(candle_core::DType::BF16)
+        .unwrap();
+    for model in [
+        f32_model,
+        load_quantized("llama-tied", "nf4", true),
+        bf16_model,
+    ] {
+        let adapter = model
+            .load_adapter(&fixtures().join("adapters/llama-tied__lora-qv"))
+            .unwrap();
+        let active = [ActiveAdapter::new(&adapter)];
+        let ids = tok.encode(&eval_texts()[0], true).unwrap();
+        let (nll, n) = sequence_nll(&model, &ids, &active).unwrap();
+        assert_eq!(n, ids.len() - 1);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let decoding_nll = |cache: Option<&mut KvCache>| {
+            let logits = model
+                .forward(&input, cache, &active)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let logprobs =
+                candle_nn::ops::log_softmax(&logits.narrow(0, 0, n).unwrap(), D::Minus1).unwrap();
+            let targets = Tensor::new(&ids[1..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(1)
+                .unwrap();
+            let picked = logprobs.gather(&targets, 1).unwrap().sum_all().unwrap();
+            -f64::from(picked.to_scalar::<f32>().unwrap())
+        };
+        let mut cache = KvCache::with_capacity(ids.len());
+        let stepped = decoding_nll(Some(&mut cache));
+        assert_eq!(
+            nll.to_bits(),
+            stepped.to_bits(),
+            "eval {nll} vs step {stepped}"
+        );
+        // The check can tell the two forwards apart.
+    }
+}
