@@ -236,27 +236,7 @@ impl ModelConfig {
     pub fn from_value(raw: Value, path: &Path) -> Result<Self> {
         let file: ConfigFile = lowrank_core::files::from_json_value(raw.clone(), path)?;
         let bad = |field: &str, msg: String| Error::field(path, field, msg);
-        let model_type = file.model_type.clone().ok_or_else(|| {
-            bad(
-                "model_type",
-                format!("missing; expected one of {}", Architecture::NAMES),
-            )
-        })?;
-        let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
-            // Gemma 3's multimodal checkpoints (vision tower + text model).
-            let hint = if model_type == "gemma3" {
-                " (Gemma 3 with its vision tower is not supported; text-only checkpoints such as gemma-3-1b are `gemma3_text`)"
-            } else {
-                ""
-            };
-            bad(
-                "model_type",
-                format!(
-                    "unsupported model type {model_type:?}{hint}; supported: {}",
-                    Architecture::NAMES
-                ),
-            )
-        })?;
+        let (model_type, architecture) = architecture_of(&file).map_err(|(f, m)| bad(f, m))?;
         let gemma = architecture.is_gemma();
         if file.use_bidirectional_attention == Some(true) {
             return Err(bad(
@@ -264,156 +244,19 @@ impl ModelConfig {
                 "bidirectional (embedding) models are not supported".into(),
             ));
         }
-        let (act_field, act) = match (&file.hidden_activation, &file.hidden_act) {
-            (Some(a), _) => ("hidden_activation", Some(a.as_str())),
-            (None, a) => ("hidden_act", a.as_deref()),
-        };
-        let activation = match act.unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" }) {
-            "silu" => Activation::Silu,
-            "gelu_pytorch_tanh" if gemma => Activation::GeluTanh,
-            other => {
-                return Err(bad(
-                    act_field,
-                    format!(
-                        "expected \"silu\" (or \"gelu_pytorch_tanh\" for Gemma), found {other:?}"
-                    ),
-                ))
-            }
-        };
+        let activation = activation_of(&file, gemma).map_err(|(f, m)| bad(f, m))?;
         // Pre-quantized checkpoints: bitsandbytes 4-bit (NF4/FP4) only; the error names the field.
         let quantization =
             lowrank_quant::QuantizationConfig::from_config(&raw, &path.display().to_string())
                 .map_err(|e| Error::Msg(e.to_string()))?;
-        let num_kv_heads = file.num_key_value_heads.unwrap_or(file.num_attention_heads);
-        if file.num_attention_heads == 0
-            || num_kv_heads == 0
-            || !file.num_attention_heads.is_multiple_of(num_kv_heads)
-        {
-            return Err(bad(
-                "num_key_value_heads",
-                format!(
-                    "{num_kv_heads} key/value heads must divide {} attention heads",
-                    file.num_attention_heads
-                ),
-            ));
-        }
-        // transformers' config classes: Qwen3 defaults head_dim to 128, Gemma 2 to 256, the
-        // others derive it.
-        let head_dim = file.head_dim.unwrap_or(match architecture {
-            Architecture::Qwen3 => 128,
-            Architecture::Gemma2 | Architecture::Gemma3 => 256,
-            _ => file.hidden_size / file.num_attention_heads,
-        });
-        if !head_dim.is_multiple_of(2) {
-            return Err(bad(
-                "head_dim",
-                format!("rotary embeddings need an even head_dim, found {head_dim}"),
-            ));
-        }
-        // rope_parameters (newer transformers) holds rope_theta and the scaling together; Gemma
-        // 3 writes one set per layer type.
-        let rope_parameters = file.rope_parameters.as_ref().filter(|v| !v.is_null());
-        if let Some(p) = rope_parameters.filter(|p| !p.is_object()) {
-            return Err(bad(
-                "rope_parameters",
-                format!("expected an object, found {p}"),
-            ));
-        }
-        let per_type = rope_parameters.filter(|p| p.get("full_attention").is_some());
-        let rope_params = match per_type {
-            Some(p) => p.get("full_attention"),
-            None => rope_parameters,
-        }
-        .filter(|v| v.is_object());
-        let params_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
-            Some(t) => Some(t.as_f64().ok_or_else(|| {
-                bad(
-                    "rope_parameters.rope_theta",
-                    format!("expected a number, found {t}"),
-                )
-            })?),
-            None => None,
-        };
-        let rope_theta = file
-            .rope_theta
-            .or(params_theta)
-            .unwrap_or(match architecture {
-                Architecture::Qwen2 | Architecture::Gemma3 => 1_000_000.0,
-                _ => 10_000.0,
-            });
-        let local_rope = if architecture == Architecture::Gemma3 {
-            let local = per_type.and_then(|p| p.get("sliding_attention"));
-            let theta = local
-                .and_then(|p| p.get("rope_theta"))
-                .and_then(Value::as_f64)
-                .or(file.rope_local_base_freq)
-                .unwrap_or(10_000.0);
-            let scaling = parse_rope_scaling(local, file.max_position_embeddings, 0)
-                .map_err(|m| bad("rope_parameters", m))?;
-            Some(LocalRope { theta, scaling })
-        } else {
-            None
-        };
-        let scaling = file
-            .rope_scaling
-            .as_ref()
-            .filter(|v| !v.is_null())
-            .or(rope_params);
-        let original_max = scaling
-            .and_then(|v| v.get("original_max_position_embeddings"))
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .or(file.original_max_position_embeddings)
-            .unwrap_or(file.max_position_embeddings);
-        let scaling_field = if file.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            "rope_scaling"
-        } else {
-            "rope_parameters"
-        };
-        let rope_scaling = parse_rope_scaling(scaling, file.max_position_embeddings, original_max)
-            .map_err(|m| bad(scaling_field, m))?;
-        check_ranges(
-            &file,
-            head_dim,
-            rope_theta,
-            &rope_scaling,
-            local_rope.as_ref(),
-        )
-        .map_err(|(field, msg)| bad(field, msg))?;
-        let partial_rotary_factor = scaling
-            .and_then(|v| v.get("partial_rotary_factor"))
-            .and_then(Value::as_f64)
-            .or(file.partial_rotary_factor)
-            .unwrap_or(1.0);
-        // transformers: int(head_dim * partial_rotary_factor).
-        let rotary_dim = (head_dim as f64 * partial_rotary_factor) as usize;
-        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
-            return Err(bad(
-                "partial_rotary_factor",
-                format!(
-                    "{partial_rotary_factor} of head_dim {head_dim} gives {rotary_dim} rotary dimensions; expected an even number from 2 to head_dim"
-                ),
-            ));
-        }
-        if let RopeScaling::LongRope {
-            short_factor,
-            long_factor,
-            ..
-        } = &rope_scaling
-        {
-            for (name, factors) in [("short_factor", short_factor), ("long_factor", long_factor)] {
-                if factors.len() != rotary_dim / 2 {
-                    return Err(bad(
-                        "rope_scaling",
-                        format!(
-                            "longrope {name} has {} entries; expected {} (rotary dimensions / 2)",
-                            factors.len(),
-                            rotary_dim / 2
-                        ),
-                    ));
-                }
-            }
-        }
+        let (num_kv_heads, head_dim) =
+            attention_heads(&file, architecture).map_err(|(f, m)| bad(f, m))?;
+        let Rope {
+            theta: rope_theta,
+            scaling: rope_scaling,
+            local: local_rope,
+            rotary_dim,
+        } = Rope::read(&file, architecture, head_dim).map_err(|(f, m)| bad(f, m))?;
         // Gemma's config classes default the window to 4096 (null turns it off).
         let default_window = (gemma && raw.get("sliding_window").is_none()).then_some(4096);
         let layer_windows =
@@ -520,6 +363,212 @@ impl ModelConfig {
 /// More decoder layers than this is a broken config.json, not a model.
 const MAX_LAYERS: usize = 1 << 16;
 
+/// A field's name and what is wrong with it.
+type FieldError = (&'static str, String);
+
+/// `model_type` and the architecture it names.
+fn architecture_of(file: &ConfigFile) -> std::result::Result<(String, Architecture), FieldError> {
+    let model_type = file.model_type.clone().ok_or_else(|| {
+        (
+            "model_type",
+            format!("missing; expected one of {}", Architecture::NAMES),
+        )
+    })?;
+    let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
+        // Gemma 3's multimodal checkpoints (vision tower + text model).
+        let hint = if model_type == "gemma3" {
+            " (Gemma 3 with its vision tower is not supported; text-only checkpoints such as gemma-3-1b are `gemma3_text`)"
+        } else {
+            ""
+        };
+        (
+            "model_type",
+            format!(
+                "unsupported model type {model_type:?}{hint}; supported: {}",
+                Architecture::NAMES
+            ),
+        )
+    })?;
+    Ok((model_type, architecture))
+}
+
+/// The MLP's activation: `hidden_activation` (Gemma) or `hidden_act`, with the family's default.
+fn activation_of(file: &ConfigFile, gemma: bool) -> std::result::Result<Activation, FieldError> {
+    let (act_field, act) = match (&file.hidden_activation, &file.hidden_act) {
+        (Some(a), _) => ("hidden_activation", Some(a.as_str())),
+        (None, a) => ("hidden_act", a.as_deref()),
+    };
+    match act.unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" }) {
+        "silu" => Ok(Activation::Silu),
+        "gelu_pytorch_tanh" if gemma => Ok(Activation::GeluTanh),
+        other => Err((
+            act_field,
+            format!("expected \"silu\" (or \"gelu_pytorch_tanh\" for Gemma), found {other:?}"),
+        )),
+    }
+}
+
+/// Key/value heads and the head dimension, with transformers' per-class defaults.
+fn attention_heads(
+    file: &ConfigFile,
+    architecture: Architecture,
+) -> std::result::Result<(usize, usize), FieldError> {
+    let num_kv_heads = file.num_key_value_heads.unwrap_or(file.num_attention_heads);
+    if file.num_attention_heads == 0
+        || num_kv_heads == 0
+        || !file.num_attention_heads.is_multiple_of(num_kv_heads)
+    {
+        return Err((
+            "num_key_value_heads",
+            format!(
+                "{num_kv_heads} key/value heads must divide {} attention heads",
+                file.num_attention_heads
+            ),
+        ));
+    }
+    // transformers' config classes: Qwen3 defaults head_dim to 128, Gemma 2 to 256, the
+    // others derive it.
+    let head_dim = file.head_dim.unwrap_or(match architecture {
+        Architecture::Qwen3 => 128,
+        Architecture::Gemma2 | Architecture::Gemma3 => 256,
+        _ => file.hidden_size / file.num_attention_heads,
+    });
+    if !head_dim.is_multiple_of(2) {
+        return Err((
+            "head_dim",
+            format!("rotary embeddings need an even head_dim, found {head_dim}"),
+        ));
+    }
+    Ok((num_kv_heads, head_dim))
+}
+
+/// The rotary embedding's settings, from `rope_theta`/`rope_scaling` or the newer
+/// `rope_parameters` (one set per layer type on Gemma 3).
+struct Rope {
+    theta: f64,
+    scaling: RopeScaling,
+    /// Gemma 3's sliding-window layers' own base and scaling.
+    local: Option<LocalRope>,
+    rotary_dim: usize,
+}
+
+impl Rope {
+    /// Reads and checks them; the sizes' ranges are checked here too, once the RoPE settings
+    /// they are checked with are known.
+    fn read(
+        file: &ConfigFile,
+        architecture: Architecture,
+        head_dim: usize,
+    ) -> std::result::Result<Self, FieldError> {
+        // rope_parameters (newer transformers) holds rope_theta and the scaling together; Gemma
+        // 3 writes one set per layer type.
+        let rope_parameters = file.rope_parameters.as_ref().filter(|v| !v.is_null());
+        if let Some(p) = rope_parameters.filter(|p| !p.is_object()) {
+            return Err(("rope_parameters", format!("expected an object, found {p}")));
+        }
+        let per_type = rope_parameters.filter(|p| p.get("full_attention").is_some());
+        let rope_params = match per_type {
+            Some(p) => p.get("full_attention"),
+            None => rope_parameters,
+        }
+        .filter(|v| v.is_object());
+        let params_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+            Some(t) => Some(t.as_f64().ok_or_else(|| {
+                (
+                    "rope_parameters.rope_theta",
+                    format!("expected a number, found {t}"),
+                )
+            })?),
+            None => None,
+        };
+        let rope_theta = file
+            .rope_theta
+            .or(params_theta)
+            .unwrap_or(match architecture {
+                Architecture::Qwen2 | Architecture::Gemma3 => 1_000_000.0,
+                _ => 10_000.0,
+            });
+        let local_rope = if architecture == Architecture::Gemma3 {
+            let local = per_type.and_then(|p| p.get("sliding_attention"));
+            let theta = local
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .or(file.rope_local_base_freq)
+                .unwrap_or(10_000.0);
+            let scaling = parse_rope_scaling(local, file.max_position_embeddings, 0)
+                .map_err(|m| ("rope_parameters", m))?;
+            Some(LocalRope { theta, scaling })
+        } else {
+            None
+        };
+        let scaling = file
+            .rope_scaling
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .or(rope_params);
+        let original_max = scaling
+            .and_then(|v| v.get("original_max_position_embeddings"))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .or(file.original_max_position_embeddings)
+            .unwrap_or(file.max_position_embeddings);
+        let scaling_field = if file.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            "rope_scaling"
+        } else {
+            "rope_parameters"
+        };
+        let rope_scaling = parse_rope_scaling(scaling, file.max_position_embeddings, original_max)
+            .map_err(|m| (scaling_field, m))?;
+        check_ranges(
+            &file,
+            head_dim,
+            rope_theta,
+            &rope_scaling,
+            local_rope.as_ref(),
+        )?;
+        let partial_rotary_factor = scaling
+            .and_then(|v| v.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .or(file.partial_rotary_factor)
+            .unwrap_or(1.0);
+        // transformers: int(head_dim * partial_rotary_factor).
+        let rotary_dim = (head_dim as f64 * partial_rotary_factor) as usize;
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+            return Err((
+                    "partial_rotary_factor",
+                    format!(
+                        "{partial_rotary_factor} of head_dim {head_dim} gives {rotary_dim} rotary dimensions; expected an even number from 2 to head_dim"
+                    ),
+                ));
+        }
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope_scaling
+        {
+            for (name, factors) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if factors.len() != rotary_dim / 2 {
+                    return Err((
+                        "rope_scaling",
+                        format!(
+                            "longrope {name} has {} entries; expected {} (rotary dimensions / 2)",
+                            factors.len(),
+                            rotary_dim / 2
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Rope {
+            theta: rope_theta,
+            scaling: rope_scaling,
+            local: local_rope,
+            rotary_dim,
+        })
+    }
+}
+
 /// Sizes and constants a forward pass divides by, takes powers of or allocates from: zero,
 /// negative or non-finite values would give NaN everywhere (or nothing) instead of an error.
 fn check_ranges(
@@ -528,7 +577,7 @@ fn check_ranges(
     rope_theta: f64,
     rope_scaling: &RopeScaling,
     local_rope: Option<&LocalRope>,
-) -> std::result::Result<(), (&'static str, String)> {
+) -> std::result::Result<(), FieldError> {
     let sizes = [
         ("vocab_size", file.vocab_size),
         ("hidden_size", file.hidden_size),
@@ -631,7 +680,7 @@ fn layer_windows(
     file: &ConfigFile,
     architecture: Architecture,
     default_window: Option<usize>,
-) -> std::result::Result<Vec<Option<usize>>, (&'static str, String)> {
+) -> std::result::Result<Vec<Option<usize>>, FieldError> {
     let n = file.num_hidden_layers;
     let window = match architecture {
         Architecture::Llama => None,
