@@ -14,7 +14,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use half::bf16;
 use lowrank_core::lora::LoraAdapter;
 use lowrank_core::{BaseWeight, Error, Result};
@@ -122,6 +122,50 @@ fn norm_weight(w: &[f32], plus_one: bool) -> Cow<'_, [f32]> {
         Cow::Borrowed(w)
     }
 }
+/// The step's weights as slices.
+struct StepWeights<'g> {
+    embed: BaseWeights<'g>,
+    final_norm: Cow<'g, [f32]>,
+    head: BaseWeights<'g>,
+    layers: Vec<LayerWeights<'g>>,
+}
+
+/// The token rows of each (adapter, coefficient) the rows use.
+fn adapter_groups(rows: &[PackedRow], firsts: &[usize]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for (row, &first) in rows.iter().zip(firsts) {
+        let token_rows = first..first + row.tokens.len();
+        for (pack, coefficient) in &row.adapters {
+            let same = |g: &&mut Group| Arc::ptr_eq(&g.pack, pack) && g.coefficient == *coefficient;
+            match groups.iter_mut().find(same) {
+                Some(g) => g.rows.extend(token_rows.clone()),
+                None => groups.push(Group {
+                    pack: pack.clone(),
+                    coefficient: *coefficient,
+                    rows: token_rows.clone().collect(),
+                }),
+            }
+        }
+    }
+    groups
+}
+
+/// The embedding rows of `ids` (tokens × h), scaled where the family scales them.
+fn embed_rows(embed: BaseWeights, ids: &[u32], h: usize, scale: Option<f32>) -> Vec<f32> {
+    let mut x = Vec::with_capacity(ids.len() * h);
+    for &id in ids {
+        let row = id as usize * h..(id as usize + 1) * h;
+        match embed {
+            BaseWeights::F32(table) => x.extend_from_slice(&table[row]),
+            BaseWeights::Bf16(table) => x.extend(table[row].iter().map(|v| v.to_f32())),
+            BaseWeights::FourBit(_) => unreachable!("the embedding is dense"),
+        }
+    }
+    if let Some(scale) = scale {
+        x.iter_mut().for_each(|v| *v *= scale);
+    }
+    x
+}
 
 /// The columns of token rows (rows × Σ widths) split into one buffer per width, in order:
 /// a fused projection's output as its parts.
@@ -208,24 +252,7 @@ impl Llama {
 
     /// One step over `rows`; logits for the rows `outputs` names.
     pub(crate) fn step(&self, rows: &mut [PackedRow], outputs: Outputs) -> Result<Tensor> {
-        if rows.is_empty() || rows.iter().any(|r| r.tokens.is_empty()) {
-            return Err(Error::Msg(
-                "a step needs at least one token in every row".into(),
-            ));
-        }
-        if !self.steps_on_host() {
-            return Err(Error::Msg(
-                "batched steps run on the CPU over frozen f32 weights (bf16 or 4-bit linears allowed)".into(),
-            ));
-        }
-        for row in rows.iter() {
-            let dora = row.adapters.iter().any(|(p, _)| p.has_dora());
-            if dora && (row.adapters.len() > 1 || row.adapters[0].1 != 1.0) {
-                return Err(Error::Msg(
-                    "a DoRA adapter cannot be stacked with other adapters or re-weighted at inference; merge it first".into(),
-                ));
-            }
-        }
+        self.check_rows(rows)?;
         self.packs.next_step();
         let new_tokens: Vec<usize> = rows.iter().map(|r| r.tokens.len()).collect();
         for row in rows.iter_mut() {
@@ -234,126 +261,22 @@ impl Llama {
         let c = &self.config;
         let all: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         self.check_ids(&all)?;
-        // Each row's rotary tables for its positions (LongRoPE picks its frequencies per row),
-        // the sliding-window layers' own too (Gemma 3).
-        let mut firsts = Vec::with_capacity(rows.len());
-        let mut tables: Option<LayerTables<(Vec<f32>, Vec<f32>)>> = None;
-        let mut first = 0;
-        for row in rows.iter() {
-            firsts.push(first);
-            first += row.tokens.len();
-            let past = row.cache.len();
-            let positions: Vec<usize> = (past..past + row.tokens.len()).collect();
-            let row_tables = self.rope.host_tables(&positions);
-            match &mut tables {
-                None => tables = Some(row_tables),
-                Some(all) => all.extend(row_tables),
-            }
-        }
-        let tables = tables.expect("at least one row");
-        let mut groups: Vec<Group> = Vec::new();
-        for (row, &first) in rows.iter().zip(&firsts) {
-            let token_rows = first..first + row.tokens.len();
-            for (pack, coefficient) in &row.adapters {
-                let same =
-                    |g: &&mut Group| Arc::ptr_eq(&g.pack, pack) && g.coefficient == *coefficient;
-                match groups.iter_mut().find(same) {
-                    Some(g) => g.rows.extend(token_rows.clone()),
-                    None => groups.push(Group {
-                        pack: pack.clone(),
-                        coefficient: *coefficient,
-                        rows: token_rows.clone().collect(),
-                    }),
-                }
-            }
-        }
+        let (firsts, tables) = self.row_tables(rows);
+        let groups = adapter_groups(rows, &firsts);
 
-        // Every weight's values, read in place for the whole step; a tied head is the
-        // embedding's (one read lock per tensor: std's may not be taken twice by one thread).
-        let head = self
-            .head_for_inference
-            .as_ref()
-            .unwrap_or(self.head_weight());
-        let tied = head.id() == self.embed.id();
-        let mut tensors = vec![&self.embed, &self.norm];
-        if !tied {
-            tensors.push(head);
-        }
-        for layer in &self.layers {
-            tensors.extend(layer.norms().into_iter().map(|(_, w)| w));
-            for p in layer.projs() {
-                tensors.extend(p.linear.base().as_dense());
-                tensors.extend(p.linear.bias());
-            }
-        }
+        // Every weight's values, read in place for the whole step (one read lock per tensor:
+        // std's may not be taken twice by one thread).
+        let tensors = self.step_tensors();
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut values = guards.iter().map(|(guard, layout)| {
-            let range = layout
-                .contiguous_offsets()
-                .ok_or_else(|| Error::Msg("a weight is not contiguous".into()))?;
-            match &**guard {
-                Storage::Cpu(CpuStorage::F32(v)) => Ok(Values::F32(&v[range.0..range.1])),
-                Storage::Cpu(CpuStorage::BF16(v)) => Ok(Values::Bf16(&v[range.0..range.1])),
-                _ => Err(Error::Msg("weights must be f32 or bf16 on the CPU".into())),
-            }
-        });
-        let embed = next_dense(&mut values)?;
-        let final_norm = norm_weight(next_f32(&mut values, "the final norm")?, c.norm_plus_one);
-        let head = if tied {
-            embed
-        } else {
-            next_dense(&mut values)?
-        };
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            // In `Layer::norms` order.
-            let plus_one = c.norm_plus_one;
-            let mut norm = |w: Option<&Tensor>| {
-                w.map(|_| next_f32(&mut values, "a norm").map(|w| norm_weight(w, plus_one)))
-                    .transpose()
-            };
-            let input_norm = norm(Some(&layer.input_norm))?.expect("always there");
-            let mlp_norm = norm(Some(&layer.mlp_norm))?.expect("always there");
-            let attn_out_norm = norm(layer.attn_out_norm.as_ref())?;
-            let mlp_out_norm = norm(layer.mlp_out_norm.as_ref())?;
-            let q_norm = norm(layer.q_norm.as_ref())?;
-            let k_norm = norm(layer.k_norm.as_ref())?;
-            let mut projs = [None; SLOTS_PER_LAYER];
-            for p in layer.projs() {
-                let weight = match p.linear.base() {
-                    BaseWeight::Quantized(q) => BaseWeights::FourBit(q.as_ref()),
-                    BaseWeight::Dense(_) => next_dense(&mut values)?,
-                };
-                let bias = match p.linear.bias() {
-                    Some(_) => Some(next_f32(&mut values, "a bias")?),
-                    None => None,
-                };
-                projs[p.kind] = Some((weight, bias));
-            }
-            layers.push(LayerWeights {
-                input_norm,
-                mlp_norm,
-                attn_out_norm,
-                mlp_out_norm,
-                q_norm,
-                k_norm,
-                projs,
-            });
-        }
-
+        let storages: Vec<(&Storage, &Layout)> = guards.iter().map(|(g, l)| (&**g, *l)).collect();
+        let StepWeights {
+            embed,
+            final_norm,
+            head,
+            layers,
+        } = self.step_weights(&storages)?;
         let h = c.hidden_size;
-        let mut x = Vec::with_capacity(all.len() * h);
-        for &id in &all {
-            let row = id as usize * h..(id as usize + 1) * h;
-            match embed {
-                BaseWeights::F32(table) => x.extend_from_slice(&table[row]),
-                BaseWeights::Bf16(table) => x.extend(table[row].iter().map(|v| v.to_f32())),
-                BaseWeights::FourBit(_) => unreachable!("the embedding is dense"),
-            }
-        }
-        if let Some(scale) = c.embed_scale {
-            x.iter_mut().for_each(|v| *v *= scale);
-        }
+        let x = embed_rows(embed, &all, h, c.embed_scale);
         // One token with one plain LoRA: batch-1 decoding, helped (see the module docs).
         let helped = all.len() == 1
             && matches!(rows[0].adapters.as_slice(), [(p, _)] if p.has_lora() && !p.has_dora());
@@ -403,6 +326,150 @@ impl Llama {
             (picked.len(), vocab),
             self.device(),
         )?)
+    }
+
+    /// Refuses an empty row, a model whose steps cannot run here, and a DoRA adapter stacked
+    /// or re-weighted.
+    fn check_rows(&self, rows: &[PackedRow]) -> Result<()> {
+        if rows.is_empty() || rows.iter().any(|r| r.tokens.is_empty()) {
+            return Err(Error::Msg(
+                "a step needs at least one token in every row".into(),
+            ));
+        }
+        if !self.steps_on_host() {
+            return Err(Error::Msg(
+                "batched steps run on the CPU over frozen f32 weights (bf16 or 4-bit linears allowed)".into(),
+            ));
+        }
+        for row in rows.iter() {
+            let dora = row.adapters.iter().any(|(p, _)| p.has_dora());
+            if dora && (row.adapters.len() > 1 || row.adapters[0].1 != 1.0) {
+                return Err(Error::Msg(
+                    "a DoRA adapter cannot be stacked with other adapters or re-weighted at inference; merge it first".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where each row's tokens start among the step's token rows, and every token row's rotary
+    /// tables for its position (LongRoPE picks its frequencies per row; Gemma 3's
+    /// sliding-window layers have their own).
+    fn row_tables(&self, rows: &[PackedRow]) -> (Vec<usize>, LayerTables<(Vec<f32>, Vec<f32>)>) {
+        let mut firsts = Vec::with_capacity(rows.len());
+        let mut tables: Option<LayerTables<(Vec<f32>, Vec<f32>)>> = None;
+        let mut first = 0;
+        for row in rows.iter() {
+            firsts.push(first);
+            first += row.tokens.len();
+            let past = row.cache.len();
+            let positions: Vec<usize> = (past..past + row.tokens.len()).collect();
+            let row_tables = self.rope.host_tables(&positions);
+            match &mut tables {
+                None => tables = Some(row_tables),
+                Some(all) => all.extend(row_tables),
+            }
+        }
+        (firsts, tables.expect("at least one row"))
+    }
+
+    /// The output head as the step reads it (bf16 for inference where cast), and whether it is
+    /// the embedding table.
+    fn step_head(&self) -> (&Tensor, bool) {
+        let head = self
+            .head_for_inference
+            .as_ref()
+            .unwrap_or(self.head_weight());
+        (head, head.id() == self.embed.id())
+    }
+
+    /// The dense tensors a step reads, in the order [`Self::step_weights`] takes them: the
+    /// embedding, the final norm, an untied head, then each layer's norms and dense projections
+    /// with their biases.
+    fn step_tensors(&self) -> Vec<&Tensor> {
+        let (head, tied) = self.step_head();
+        let mut tensors = vec![&self.embed, &self.norm];
+        if !tied {
+            tensors.push(head);
+        }
+        for layer in &self.layers {
+            tensors.extend(layer.norms().into_iter().map(|(_, w)| w));
+            for p in layer.projs() {
+                tensors.extend(p.linear.base().as_dense());
+                tensors.extend(p.linear.bias());
+            }
+        }
+        tensors
+    }
+
+    /// Every weight as slices of the locked storages of [`Self::step_tensors`] (4-bit
+    /// projections from their codes).
+    fn step_weights<'g>(
+        &'g self,
+        storages: &[(&'g Storage, &'g Layout)],
+    ) -> Result<StepWeights<'g>> {
+        let c = &self.config;
+        let tied = self.step_head().1;
+        let mut values = storages.iter().map(|&(storage, layout)| {
+            let range = layout
+                .contiguous_offsets()
+                .ok_or_else(|| Error::Msg("a weight is not contiguous".into()))?;
+            match storage {
+                Storage::Cpu(CpuStorage::F32(v)) => Ok(Values::F32(&v[range.0..range.1])),
+                Storage::Cpu(CpuStorage::BF16(v)) => Ok(Values::Bf16(&v[range.0..range.1])),
+                _ => Err(Error::Msg("weights must be f32 or bf16 on the CPU".into())),
+            }
+        });
+        let embed = next_dense(&mut values)?;
+        let final_norm = norm_weight(next_f32(&mut values, "the final norm")?, c.norm_plus_one);
+        let head = if tied {
+            embed
+        } else {
+            next_dense(&mut values)?
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            // In `Layer::norms` order.
+            let plus_one = c.norm_plus_one;
+            let mut norm = |w: Option<&Tensor>| {
+                w.map(|_| next_f32(&mut values, "a norm").map(|w| norm_weight(w, plus_one)))
+                    .transpose()
+            };
+            let input_norm = norm(Some(&layer.input_norm))?.expect("always there");
+            let mlp_norm = norm(Some(&layer.mlp_norm))?.expect("always there");
+            let attn_out_norm = norm(layer.attn_out_norm.as_ref())?;
+            let mlp_out_norm = norm(layer.mlp_out_norm.as_ref())?;
+            let q_norm = norm(layer.q_norm.as_ref())?;
+            let k_norm = norm(layer.k_norm.as_ref())?;
+            let mut projs = [None; SLOTS_PER_LAYER];
+            for p in layer.projs() {
+                let weight = match p.linear.base() {
+                    BaseWeight::Quantized(q) => BaseWeights::FourBit(q.as_ref()),
+                    BaseWeight::Dense(_) => next_dense(&mut values)?,
+                };
+                let bias = match p.linear.bias() {
+                    Some(_) => Some(next_f32(&mut values, "a bias")?),
+                    None => None,
+                };
+                projs[p.kind] = Some((weight, bias));
+            }
+            layers.push(LayerWeights {
+                input_norm,
+                mlp_norm,
+                attn_out_norm,
+                mlp_out_norm,
+                q_norm,
+                k_norm,
+                projs,
+            });
+        }
+
+        Ok(StepWeights {
+            embed,
+            final_norm,
+            head,
+            layers,
+        })
     }
 
     /// Every decoder layer over the step's token rows x (tokens × hidden).
