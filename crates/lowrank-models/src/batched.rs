@@ -71,6 +71,9 @@ enum Values<'g> {
     Bf16(&'g [bf16]),
 }
 
+/// Each token row's rotary tables (cos, sin), as the step's host kernels read them.
+type HostTables = LayerTables<(Vec<f32>, Vec<f32>)>;
+
 /// A projection's weight and bias.
 type ProjWeights<'g> = (BaseWeights<'g>, Option<&'g [f32]>);
 
@@ -355,9 +358,9 @@ impl Llama {
     /// Where each row's tokens start among the step's token rows, and every token row's rotary
     /// tables for its position (LongRoPE picks its frequencies per row; Gemma 3's
     /// sliding-window layers have their own).
-    fn row_tables(&self, rows: &[PackedRow]) -> (Vec<usize>, LayerTables<(Vec<f32>, Vec<f32>)>) {
+    fn row_tables(&self, rows: &[PackedRow]) -> (Vec<usize>, HostTables) {
         let mut firsts = Vec::with_capacity(rows.len());
-        let mut tables: Option<LayerTables<(Vec<f32>, Vec<f32>)>> = None;
+        let mut tables: Option<HostTables> = None;
         let mut first = 0;
         for row in rows.iter() {
             firsts.push(first);
@@ -481,7 +484,7 @@ impl Llama {
         firsts: &[usize],
         groups: &'p [Group],
         mut x: Vec<f32>,
-        tables: &LayerTables<(Vec<f32>, Vec<f32>)>,
+        tables: &HostTables,
         team: Option<&DecodeTeam<'p>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;

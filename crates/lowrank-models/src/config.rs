@@ -520,7 +520,7 @@ impl Rope {
         let rope_scaling = parse_rope_scaling(scaling, file.max_position_embeddings, original_max)
             .map_err(|m| (scaling_field, m))?;
         check_ranges(
-            &file,
+            file,
             head_dim,
             rope_theta,
             &rope_scaling,
