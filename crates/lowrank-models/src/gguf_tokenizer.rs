@@ -86,18 +86,72 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         ));
     }
     let sentencepiece = model == "llama";
+    // SentencePiece has no pre-tokenizer name (the converter writes "default").
+    let pre = if sentencepiece {
+        &PRE_TOKENIZERS[0]
+    } else {
+        pre_tokenizer_of(file)?
+    };
+    let tokens = file
+        .strings_opt("tokenizer.ggml.tokens")
+        .map_err(e)?
+        .ok_or_else(|| Error::field(path, "tokenizer.ggml.tokens", "missing"))?;
+    let merges = match file.strings_opt("tokenizer.ggml.merges").map_err(e)? {
+        Some(merges) => merges.into_iter().map(str::to_string).collect(),
+        None if sentencepiece => Vec::new(),
+        None => return Err(Error::field(path, "tokenizer.ggml.merges", "missing")),
+    };
+    let types = token_types(file, tokens.len())?;
+    let special = SpecialTokens::read(file, &tokens)?;
+    let added_tokens = added_tokens(&tokens, &types, sentencepiece);
+    let (single, pair, special_tokens) = special.template();
+    let tokenizer_json = if sentencepiece {
+        let add_space_prefix = file
+            .bool_opt("tokenizer.ggml.add_space_prefix")
+            .map_err(e)?
+            .unwrap_or(true);
+        let template = json!({"type": "TemplateProcessing", "single": single, "pair": pair,
+                              "special_tokens": special_tokens});
+        sentencepiece_json(&tokens, &types, added_tokens, template, add_space_prefix)
+    } else {
+        let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+        // A template only when it adds a token (as the HF tokenizers have it: a template is
+        // what tells gguf-py to write `add_sep_token` when the file is written back).
+        let post_processor = if special_tokens.is_empty() {
+            byte_level_post
+        } else {
+            json!({"type": "Sequence", "processors": [
+                byte_level_post,
+                {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
+            ]})
+        };
+        byte_level_json(pre, &tokens, merges, added_tokens, post_processor)
+    };
+    Ok(GgufTokenizer {
+        tokenizer_json,
+        bos_token: special.bos.map(|(_, t)| t),
+        eos_token: special.eos.map(|(_, t)| t),
+        unk_token: special.unk.map(|(_, t)| t),
+        pad_token: special.pad.map(|(_, t)| t),
+        chat_template: file
+            .str_opt("tokenizer.chat_template")
+            .map_err(e)?
+            .map(str::to_string),
+    })
+}
+
+/// The byte-level BPE's pre-tokenizer, named by `tokenizer.ggml.pre`.
+fn pre_tokenizer_of(file: &GgufFile) -> Result<&'static PreTokenizer> {
     let pre_name = file
         .str_opt("tokenizer.ggml.pre")
-        .map_err(e)?
+        .map_err(gguf_error)?
         .unwrap_or("gpt-2");
-    // SentencePiece has no pre-tokenizer name (the converter writes "default").
-    let pre_name = if sentencepiece { "gpt-2" } else { pre_name };
-    let pre = PRE_TOKENIZERS
+    PRE_TOKENIZERS
         .iter()
         .find(|p| p.name == pre_name)
         .ok_or_else(|| {
             Error::field(
-                path,
+                file.path(),
                 "tokenizer.ggml.pre",
                 format!(
                     "pre-tokenizer {pre_name:?} is not supported; supported: {}",
@@ -108,64 +162,100 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
                         .join(", ")
                 ),
             )
-        })?;
-    let tokens = file
-        .strings_opt("tokenizer.ggml.tokens")
-        .map_err(e)?
-        .ok_or_else(|| Error::field(path, "tokenizer.ggml.tokens", "missing"))?;
-    let merges = match file.strings_opt("tokenizer.ggml.merges").map_err(e)? {
-        Some(merges) => merges.into_iter().map(str::to_string).collect(),
-        None if sentencepiece => Vec::new(),
-        None => return Err(Error::field(path, "tokenizer.ggml.merges", "missing")),
-    };
-    let types: Vec<u64> = match file.array_opt("tokenizer.ggml.token_type").map_err(e)? {
-        None => vec![1; tokens.len()],
+        })
+}
+
+/// `tokenizer.ggml.token_type`, one per token (all normal when missing).
+fn token_types(file: &GgufFile, count: usize) -> Result<Vec<u64>> {
+    match file
+        .array_opt("tokenizer.ggml.token_type")
+        .map_err(gguf_error)?
+    {
+        None => Ok(vec![1; count]),
         Some(items) => items
             .iter()
             .map(GgufValue::as_u64)
             .collect::<Option<Vec<_>>>()
-            .filter(|t| t.len() == tokens.len())
+            .filter(|t| t.len() == count)
             .ok_or_else(|| {
                 Error::field(
-                    path,
+                    file.path(),
                     "tokenizer.ggml.token_type",
-                    format!("expected {} integers, one per token", tokens.len()),
+                    format!("expected {count} integers, one per token"),
                 )
-            })?,
-    };
-    let token_of = |key: &str| -> Result<Option<(u64, String)>> {
-        match file.u64_opt(key).map_err(e)? {
-            None => Ok(None),
-            Some(id) => tokens
-                .get(id as usize)
-                .map(|t| Some((id, t.to_string())))
-                .ok_or_else(|| {
-                    Error::field(
-                        path,
-                        key,
-                        format!("token id {id} is past the {} tokens", tokens.len()),
-                    )
-                }),
-        }
-    };
-    let bos = token_of("tokenizer.ggml.bos_token_id")?;
-    let eos = token_of("tokenizer.ggml.eos_token_id")?;
-    let unk = token_of("tokenizer.ggml.unknown_token_id")?;
-    let pad = token_of("tokenizer.ggml.padding_token_id")?;
-    let add_bos = file
-        .bool_opt("tokenizer.ggml.add_bos_token")
-        .map_err(e)?
-        .unwrap_or(false);
-    let add_eos = file
-        .bool_opt("tokenizer.ggml.add_eos_token")
-        .map_err(e)?
-        .unwrap_or(false);
+            }),
+    }
+}
 
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.to_string(), id.into()))
-        .collect();
+/// The special tokens (id and text) and whether BOS/EOS are added to each encoding.
+struct SpecialTokens {
+    bos: Option<(u64, String)>,
+    eos: Option<(u64, String)>,
+    unk: Option<(u64, String)>,
+    pad: Option<(u64, String)>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+impl SpecialTokens {
+    fn read(file: &GgufFile, tokens: &[&str]) -> Result<Self> {
+        let token_of = |key: &str| -> Result<Option<(u64, String)>> {
+            match file.u64_opt(key).map_err(gguf_error)? {
+                None => Ok(None),
+                Some(id) => tokens
+                    .get(id as usize)
+                    .map(|t| Some((id, t.to_string())))
+                    .ok_or_else(|| {
+                        Error::field(
+                            file.path(),
+                            key,
+                            format!("token id {id} is past the {} tokens", tokens.len()),
+                        )
+                    }),
+            }
+        };
+        let flag = |key: &str| -> Result<bool> {
+            Ok(file.bool_opt(key).map_err(gguf_error)?.unwrap_or(false))
+        };
+        Ok(SpecialTokens {
+            bos: token_of("tokenizer.ggml.bos_token_id")?,
+            eos: token_of("tokenizer.ggml.eos_token_id")?,
+            unk: token_of("tokenizer.ggml.unknown_token_id")?,
+            pad: token_of("tokenizer.ggml.padding_token_id")?,
+            add_bos: flag("tokenizer.ggml.add_bos_token")?,
+            add_eos: flag("tokenizer.ggml.add_eos_token")?,
+        })
+    }
+
+    /// The `TemplateProcessing` parts that add BOS/EOS: single, pair and special tokens.
+    fn template(&self) -> (Vec<Value>, Vec<Value>, serde_json::Map<String, Value>) {
+        let mut single = Vec::new();
+        let mut special_tokens = serde_json::Map::new();
+        for (add, token) in [
+            (self.add_bos, &self.bos),
+            (true, &None),
+            (self.add_eos, &self.eos),
+        ] {
+            match token {
+                None if add => single.push(json!({"Sequence": {"id": "A", "type_id": 0}})),
+                Some((id, text)) if add => {
+                    single.push(json!({"SpecialToken": {"id": text, "type_id": 0}}));
+                    special_tokens.insert(
+                        text.clone(),
+                        json!({"id": text, "ids": [id], "tokens": [text]}),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let mut pair = single.clone();
+        pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
+        (single, pair, special_tokens)
+    }
+}
+
+/// Control and user-defined tokens (and SentencePiece's unknown token) as HF added tokens.
+fn added_tokens(tokens: &[&str], types: &[u64], sentencepiece: bool) -> Vec<Value> {
     let added_types: &[u64] = if sentencepiece {
         &[
             TOKEN_TYPE_UNKNOWN,
@@ -175,15 +265,30 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     } else {
         &[TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED]
     };
-    let added_tokens: Vec<Value> = tokens
+    tokens
         .iter()
-        .zip(&types)
+        .zip(types)
         .enumerate()
         .filter(|(_, (_, t))| added_types.contains(t))
         .map(|(id, (content, &t))| {
             json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                    "rstrip": false, "normalized": false, "special": t != TOKEN_TYPE_USER_DEFINED})
         })
+        .collect()
+}
+
+/// The tokenizer.json of a byte-level BPE (GPT-2, Qwen2, Llama 3 style).
+fn byte_level_json(
+    pre: &PreTokenizer,
+    tokens: &[&str],
+    merges: Vec<String>,
+    added_tokens: Vec<Value>,
+    post_processor: Value,
+) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.to_string(), id.into()))
         .collect();
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": use_regex, "use_regex": use_regex});
     let pre_tokenizer = match pre.regex {
@@ -193,60 +298,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             byte_level(false),
         ]}),
     };
-    let mut single = Vec::new();
-    let mut special_tokens = serde_json::Map::new();
-    for (add, token) in [(add_bos, &bos), (true, &None), (add_eos, &eos)] {
-        match token {
-            None if add => single.push(json!({"Sequence": {"id": "A", "type_id": 0}})),
-            Some((id, text)) if add => {
-                single.push(json!({"SpecialToken": {"id": text, "type_id": 0}}));
-                special_tokens.insert(
-                    text.clone(),
-                    json!({"id": text, "ids": [id], "tokens": [text]}),
-                );
-            }
-            _ => {}
-        }
-    }
-    let mut pair = single.clone();
-    pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
-    if sentencepiece {
-        let add_space_prefix = file
-            .bool_opt("tokenizer.ggml.add_space_prefix")
-            .map_err(e)?
-            .unwrap_or(true);
-        let template = json!({"type": "TemplateProcessing", "single": single, "pair": pair,
-                              "special_tokens": special_tokens});
-        return Ok(GgufTokenizer {
-            tokenizer_json: sentencepiece_json(
-                &tokens,
-                &types,
-                added_tokens,
-                template,
-                add_space_prefix,
-            ),
-            bos_token: bos.map(|(_, t)| t),
-            eos_token: eos.map(|(_, t)| t),
-            unk_token: unk.map(|(_, t)| t),
-            pad_token: pad.map(|(_, t)| t),
-            chat_template: file
-                .str_opt("tokenizer.chat_template")
-                .map_err(e)?
-                .map(str::to_string),
-        });
-    }
-    let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
-    // A template only when it adds a token (as the HF tokenizers have it: a template is what
-    // tells gguf-py to write `add_sep_token` when the file is written back).
-    let post_processor = if special_tokens.is_empty() {
-        byte_level_post
-    } else {
-        json!({"type": "Sequence", "processors": [
-            byte_level_post,
-            {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
-        ]})
-    };
-    let tokenizer_json = json!({
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -260,17 +312,6 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
             "ignore_merges": pre.ignore_merges, "vocab": vocab, "merges": merges,
         },
-    });
-    Ok(GgufTokenizer {
-        tokenizer_json,
-        bos_token: bos.map(|(_, t)| t),
-        eos_token: eos.map(|(_, t)| t),
-        unk_token: unk.map(|(_, t)| t),
-        pad_token: pad.map(|(_, t)| t),
-        chat_template: file
-            .str_opt("tokenizer.chat_template")
-            .map_err(e)?
-            .map(str::to_string),
     })
 }
 
