@@ -22,8 +22,9 @@ Q4_0 and Q4_1):
 - closed-loop serving at each client count, base and over N adapters (each request one
   adapter, in turn): aggregate tokens/s and p50/p99 latency of `lowrank serve --max-batch C`
   against `llama-server -np C`, same prompts (16 words), greedy, 64 tokens, EOS ignored;
-- the memory bound of decoding: weight bytes a step reads ÷ the read bandwidth measured here,
-  times the rows a step decodes, and each figure's share of it.
+- the bound of decoding: a step of C rows takes at least the weight bytes it reads ÷ the read
+  bandwidth and C × its FLOPs per row ÷ the f32 GEMM rate, both measured here with torch; the
+  tighter of the two gives C tokens per step, and each figure's share of it.
 The load average is printed with each figure: on a shared host, compare ratios, not absolutes.
 """
 
@@ -172,6 +173,26 @@ def step_bytes(weights):
     return linear * per_linear + head * per_head
 
 
+def gemm_flop_s():
+    """f32 FLOP per second of a large torch matmul on all cores (best of 3)."""
+    import torch
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
+def decode_bound(bytes_per_step, flop_per_row, rows, bandwidth, gemm):
+    """Tokens/s a step of `rows` rows cannot beat, and which resource bounds it."""
+    memory_s, compute_s = bytes_per_step / bandwidth, rows * flop_per_row / gemm
+    return rows / max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
+
+
 def serve_lowrank(args, model_dir, adapter_root, weights, clients, adapters):
     cmd = [args.lowrank, "serve", "--model", model_dir, "--adapters", adapter_root, "--port", str(args.port),
            "--max-batch", str(clients), "--served-model-name", "base", "--kv-cache-mb", "4096"]
@@ -281,7 +302,11 @@ def main():
         lora_files.append(out)
 
     bandwidth = bench.read_bandwidth_gb_s() * 1e9
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (torch, all cores)", flush=True)
+    gemm = gemm_flop_s()
+    # Two FLOPs per weight of the linears and the head, per row (attention is small here).
+    flop_per_row = 2 * bench.weight_bytes_per_token() / 4
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, f32 GEMM {gemm / 1e9:.0f} GFLOP/s (torch, all cores)",
+          flush=True)
     pairs = {"f32": ["f32"], "bf16": ["bf16"], "nf4-dq": ["q4_0", "q4_1"], "nf4-dq+bf16": ["q4_0", "q4_1"]}
     results = []
     for weights in args.weights.split(","):
@@ -292,8 +317,8 @@ def main():
             line = (f"[{weights} vs {peer}] single stream: decode {ours['decode_tok_s']:.1f} vs {theirs['decode_tok_s']:.1f} tok/s "
                     f"(x{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}), pp256 {ours['prefill_tok_s']:.0f} vs "
                     f"{theirs['prefill_tok_s']:.0f} tok/s (x{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f})")
-            bound = bandwidth / ours_bytes
-            line += f"; decode bound {bound:.0f} tok/s ({ours_bytes / 1e6:.0f} MB/token)"
+            bound, by = decode_bound(ours_bytes, flop_per_row, 1, bandwidth, gemm)
+            line += f"; decode bound {bound:.0f} tok/s ({by}; {ours_bytes / 1e6:.0f} MB/token)"
             print(line + f" (load {load():.1f})", flush=True)
             results.append({"weights": weights, "peer": peer, "single": {"lowrank": ours, "llamacpp": theirs}})
         for clients in [int(c) for c in args.clients.split(",")]:
@@ -301,13 +326,12 @@ def main():
                 ours = serve_lowrank(args, model_dir, os.path.join(work, "adapters"), weights, clients, adapters[:n])
                 for peer in pairs[weights]:
                     theirs = serve_llamacpp(args, ggufs[peer][1], lora_files[:n], clients)
-                    step = ours_bytes
-                    bound = bandwidth / step * clients
+                    bound, by = decode_bound(ours_bytes, flop_per_row, clients, bandwidth, gemm)
                     print(f"[{weights} vs {peer}] {clients} clients, {n or 'no'} adapters: "
                           f"{ours['tokens_per_s']:.1f} vs {theirs['tokens_per_s']:.1f} tok/s "
                           f"(x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}); p50 {ours['p50_s']:.1f} vs "
                           f"{theirs['p50_s']:.1f} s, p99 {ours['p99_s']:.1f} vs {theirs['p99_s']:.1f} s; "
-                          f"bandwidth bound {bound:.0f} tok/s, lowrank at {100 * ours['tokens_per_s'] / bound:.0f}% "
+                          f"bound {bound:.0f} tok/s ({by}), lowrank at {100 * ours['tokens_per_s'] / bound:.0f}% "
                           f"(load {load():.1f})", flush=True)
                     results.append({"weights": weights, "peer": peer, "clients": clients, "adapters": n,
                                     "lowrank": ours, "llamacpp": theirs})
