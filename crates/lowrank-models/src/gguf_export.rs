@@ -291,7 +291,69 @@ pub fn model_gguf(
 ) -> Result<GgufWriter> {
     let config = model.config();
     let arch = arch_of(config)?;
-    let refuse = |what: &str| -> Result<GgufWriter> {
+    check_expressible(config, arch)?;
+    let mut w = GgufWriter::new();
+    add_hyperparameters(&mut w, config, arch, name, file_type);
+    let extra_tensors = match arch.gguf {
+        "phi3" => add_phi3_keys(&mut w, config, arch),
+        _ => Vec::new(),
+    };
+    if arch.norm_plus_one {
+        add_gemma_keys(&mut w, config, arch);
+    }
+    if arch.gguf == "gemma2" {
+        w.add("tokenizer.ggml.add_space_prefix", Value::Bool(false));
+    }
+    w.add(
+        "general.quantization_version",
+        Value::U32(QUANTIZATION_VERSION),
+    );
+    for (k, v) in crate::gguf_tokenizer::to_gguf_metadata(tokenizer, config.vocab_size, config)? {
+        w.add(&k, v);
+    }
+    let mut weights = model.named_weights()?;
+    // The converter's order: the checkpoint's, which safetensors sorts by name.
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, values) in extra_tensors {
+        w.add_tensor(name, &[values.len()], &values, TensorType::F32);
+    }
+    for (hf_name, tensor) in weights {
+        // Gemma 2's converter drops lm_head (llama.cpp always ties it).
+        if arch.gguf == "gemma2" && hf_name == "lm_head.weight" {
+            continue;
+        }
+        let gguf = arch
+            .gguf_tensor_name(&hf_name)
+            .ok_or_else(|| Error::Msg(format!("tensor {hf_name} has no GGUF name")))?;
+        let shape = tensor.dims().to_vec();
+        let mut values: Vec<f32> = tensor
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let heads = if !arch.permuted_qk {
+            None
+        } else if hf_name.contains(".self_attn.q_proj.") {
+            Some(config.num_heads)
+        } else if hf_name.contains(".self_attn.k_proj.") {
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            values = permute_rows(&values, shape[0], heads)
+                .map_err(|e| Error::Msg(format!("{hf_name}: {e}")))?;
+        }
+        if arch.stores_norm_plus_one(&hf_name) {
+            values.iter_mut().for_each(|v| *v += 1.0);
+        }
+        w.add_tensor(&gguf, &shape, &values, file_type.tensor_type(&gguf, &shape));
+    }
+    Ok(w)
+}
+
+/// Refuses, by name, what llama.cpp's architecture for `config` cannot express.
+fn check_expressible(config: &ModelConfig, arch: &ArchSpec) -> Result<()> {
+    let refuse = |what: &str| -> Result<()> {
         Err(Error::Msg(format!(
             "{what}: llama.cpp's {} architecture cannot express it; not written to GGUF",
             arch.gguf
@@ -346,9 +408,21 @@ pub fn model_gguf(
         _ if window.is_some() => return refuse("sliding-window attention"),
         _ => {}
     }
+    Ok(())
+}
+
+/// The keys every architecture has: general.*, sizes, heads, RoPE base and linear scaling,
+/// the norm epsilon, the file type.
+fn add_hyperparameters(
+    w: &mut GgufWriter,
+    config: &ModelConfig,
+    arch: &ArchSpec,
+    name: &str,
+    file_type: GgufFileType,
+) {
+    let gemma = arch.norm_plus_one;
     let key = |k: &str| format!("{}.{k}", arch.gguf);
     let u32_of = |v: usize| Value::U32(v as u32);
-    let mut w = GgufWriter::new();
     w.add("general.architecture", Value::String(arch.gguf.into()));
     w.add("general.type", Value::String("model".into()));
     w.add("general.name", Value::String(id_to_title(name)));
@@ -390,111 +464,80 @@ pub fn model_gguf(
         w.add(&key("vocab_size"), u32_of(config.vocab_size));
         w.add(&key("rope.dimension_count"), u32_of(config.head_dim));
     }
-    let mut extra_tensors: Vec<(&str, Vec<f32>)> = Vec::new();
-    if arch.gguf == "phi3" {
-        w.add(&key("rope.dimension_count"), u32_of(config.rotary_dim));
-        w.add(
-            &key("attention.sliding_window"),
-            u32_of(window.unwrap_or(0)),
-        );
-        let original = match &config.rope_scaling {
-            RopeScaling::LongRope {
-                short_factor,
-                long_factor,
-                original_max_position_embeddings,
-                attention_factor,
-            } => {
-                w.add(
-                    &key("rope.scaling.attn_factor"),
-                    Value::F32(*attention_factor as f32),
-                );
-                let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
-                extra_tensors.push(("rope_factors_long.weight", f32s(long_factor)));
-                extra_tensors.push(("rope_factors_short.weight", f32s(short_factor)));
-                Some(*original_max_position_embeddings)
-            }
-            _ => config.raw["original_max_position_embeddings"]
-                .as_u64()
-                .map(|v| v as usize),
-        };
-        if let Some(original) = original {
-            w.add(
-                &key("rope.scaling.original_context_length"),
-                u32_of(original),
-            );
-        }
-    }
-    if gemma {
-        if let Some(cap) = config.attention_softcap {
-            w.add(&key("attn_logit_softcapping"), Value::F32(cap as f32));
-        }
-        if let Some(cap) = config.final_softcap {
-            w.add(&key("final_logit_softcapping"), Value::F32(cap as f32));
-        }
-        if let Some(local) = &config.local_rope {
-            w.add(&key("rope.freq_base_swa"), Value::F32(local.theta as f32));
-        }
-        if let Some(window) = window {
-            w.add(&key("attention.sliding_window"), u32_of(window));
-        }
-        // The converter writes no pattern: llama.cpp's default must then be the model's, else
-        // the layers are written out (a key llama.cpp reads).
-        let sliding: Vec<bool> = config.layer_windows.iter().map(Option::is_some).collect();
-        let n = arch.default_sliding_pattern() as usize;
-        let default = (0..config.num_layers).all(|il| sliding[il] == (il % n < n - 1));
-        if window.is_some() && !default {
-            w.add(
-                &key("attention.sliding_window_pattern"),
-                Value::Array(sliding.into_iter().map(Value::Bool).collect()),
-            );
-        }
-    }
-    if arch.gguf == "gemma2" {
-        w.add("tokenizer.ggml.add_space_prefix", Value::Bool(false));
-    }
+}
+
+/// Phi-3's keys (rotary dimensions, window, LongRoPE's attention factor and original context);
+/// returns LongRoPE's factor tensors, written before the weights.
+fn add_phi3_keys(
+    w: &mut GgufWriter,
+    config: &ModelConfig,
+    arch: &ArchSpec,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let key = |k: &str| format!("{}.{k}", arch.gguf);
+    let u32_of = |v: usize| Value::U32(v as u32);
+    let window = config.layer_windows.iter().flatten().next().copied();
+    let mut extra_tensors = Vec::new();
+    w.add(&key("rope.dimension_count"), u32_of(config.rotary_dim));
     w.add(
-        "general.quantization_version",
-        Value::U32(QUANTIZATION_VERSION),
+        &key("attention.sliding_window"),
+        u32_of(window.unwrap_or(0)),
     );
-    for (k, v) in crate::gguf_tokenizer::to_gguf_metadata(tokenizer, config.vocab_size, config)? {
-        w.add(&k, v);
-    }
-    let mut weights = model.named_weights()?;
-    // The converter's order: the checkpoint's, which safetensors sorts by name.
-    weights.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, values) in extra_tensors {
-        w.add_tensor(name, &[values.len()], &values, TensorType::F32);
-    }
-    for (hf_name, tensor) in weights {
-        // Gemma 2's converter drops lm_head (llama.cpp always ties it).
-        if arch.gguf == "gemma2" && hf_name == "lm_head.weight" {
-            continue;
+    let original = match &config.rope_scaling {
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } => {
+            w.add(
+                &key("rope.scaling.attn_factor"),
+                Value::F32(*attention_factor as f32),
+            );
+            let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+            extra_tensors.push(("rope_factors_long.weight", f32s(long_factor)));
+            extra_tensors.push(("rope_factors_short.weight", f32s(short_factor)));
+            Some(*original_max_position_embeddings)
         }
-        let gguf = arch
-            .gguf_tensor_name(&hf_name)
-            .ok_or_else(|| Error::Msg(format!("tensor {hf_name} has no GGUF name")))?;
-        let shape = tensor.dims().to_vec();
-        let mut values: Vec<f32> = tensor
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let heads = if !arch.permuted_qk {
-            None
-        } else if hf_name.contains(".self_attn.q_proj.") {
-            Some(config.num_heads)
-        } else if hf_name.contains(".self_attn.k_proj.") {
-            Some(config.num_kv_heads)
-        } else {
-            None
-        };
-        if let Some(heads) = heads {
-            values = permute_rows(&values, shape[0], heads)
-                .map_err(|e| Error::Msg(format!("{hf_name}: {e}")))?;
-        }
-        if arch.stores_norm_plus_one(&hf_name) {
-            values.iter_mut().for_each(|v| *v += 1.0);
-        }
-        w.add_tensor(&gguf, &shape, &values, file_type.tensor_type(&gguf, &shape));
+        _ => config.raw["original_max_position_embeddings"]
+            .as_u64()
+            .map(|v| v as usize),
+    };
+    if let Some(original) = original {
+        w.add(
+            &key("rope.scaling.original_context_length"),
+            u32_of(original),
+        );
     }
-    Ok(w)
+    extra_tensors
+}
+
+/// Gemma's keys: soft-capping, the sliding-window layers' RoPE base, the window and, where it
+/// is not llama.cpp's default, which layers have it.
+fn add_gemma_keys(w: &mut GgufWriter, config: &ModelConfig, arch: &ArchSpec) {
+    let key = |k: &str| format!("{}.{k}", arch.gguf);
+    let u32_of = |v: usize| Value::U32(v as u32);
+    let window = config.layer_windows.iter().flatten().next().copied();
+    if let Some(cap) = config.attention_softcap {
+        w.add(&key("attn_logit_softcapping"), Value::F32(cap as f32));
+    }
+    if let Some(cap) = config.final_softcap {
+        w.add(&key("final_logit_softcapping"), Value::F32(cap as f32));
+    }
+    if let Some(local) = &config.local_rope {
+        w.add(&key("rope.freq_base_swa"), Value::F32(local.theta as f32));
+    }
+    if let Some(window) = window {
+        w.add(&key("attention.sliding_window"), u32_of(window));
+    }
+    // The converter writes no pattern: llama.cpp's default must then be the model's, else
+    // the layers are written out (a key llama.cpp reads).
+    let sliding: Vec<bool> = config.layer_windows.iter().map(Option::is_some).collect();
+    let n = arch.default_sliding_pattern() as usize;
+    let default = (0..config.num_layers).all(|il| sliding[il] == (il % n < n - 1));
+    if window.is_some() && !default {
+        w.add(
+            &key("attention.sliding_window_pattern"),
+            Value::Array(sliding.into_iter().map(Value::Bool).collect()),
+        );
+    }
 }
