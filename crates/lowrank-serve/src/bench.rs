@@ -225,40 +225,8 @@ struct ModelCost {
 }
 
 pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
-    let dir =
-        lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(|e| e.to_string())?;
-    let model = lowrank_models::Llama::load(&dir, &Device::Cpu).map_err(|e| e.to_string())?;
-    let max_count = opts.adapter_counts.iter().copied().max().unwrap_or(1);
-    let max_clients = opts.clients.iter().copied().max().unwrap_or(1);
     let root = tempfile::tempdir().map_err(|e| e.to_string())?;
-    eprintln!("writing {max_count} adapters (rank {}) ...", opts.rank);
-    write_adapters(&model, root.path(), max_count, opts.rank)?;
-    let linears = model.linears();
-    let start = Instant::now();
-    let probes = max_count.min(16);
-    for i in 0..probes {
-        LoraAdapter::load(
-            &root.path().join(format!("tenant-{i:04}")),
-            &linears,
-            &Device::Cpu,
-        )
-        .map_err(|e| e.to_string())?;
-    }
-    let adapter_load_ms = start.elapsed().as_secs_f64() * 1000.0 / probes as f64;
-    let adapter_bytes = ["adapter_model.safetensors", "adapter_config.json"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(root.path().join("tenant-0000").join(f)).ok())
-        .map(|m| m.len())
-        .sum();
-    // One adapter's factors: rank × (in + out) f32 values for each q and v projection.
-    let adapter_params: f64 = linears
-        .iter()
-        .filter(|l| l.name.ends_with("q_proj") || l.name.ends_with("v_proj"))
-        .map(|l| (opts.rank * (l.in_features + l.out_features)) as f64)
-        .sum();
-    let head_params = (model.config().vocab_size * model.config().hidden_size) as f64;
-    drop(model);
-
+    let tenants = write_tenants(opts, root.path())?;
     eprintln!("measuring read bandwidth and the GEMM rate ...");
     let read_bytes_s = lowrank_kernels::probe::read_bandwidth(3);
     let gemm_flop_s = gemm_rate()?;
@@ -268,122 +236,199 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         gemm_flop_s / 1e9,
         load_average()
     );
-
     let mut scenarios: Vec<Scenario> = Vec::new();
     for weights in &opts.weights {
-        let serve = ServeOptions {
-            model: opts.model.clone(),
-            adapters: root.path().to_path_buf(),
-            host: "127.0.0.1".into(),
-            port: 0,
-            api_keys: None,
-            max_batch: max_clients,
-            max_queue: max_clients * 4,
-            max_loaded_adapters: max_count,
-            adapter_memory_mb: 1 << 14,
-            kv_cache_mb: 4096,
-            max_tokens_limit: opts.max_tokens,
-            max_body_bytes: 1 << 20,
-            request_timeout: opts.time_limit.max(Duration::from_secs(1)),
-            // Every client's connection, and the listener's neighbours in the default limit.
-            max_connections: (max_clients * 2).max(64),
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(30),
-            allow_any_adapter_path: false,
-            allow_adapter_sources: Vec::new(),
-            adapter_cache_dir: None,
-            adapter_cache_mb: 1024,
-            allow_hub_adapters: false,
-            merge: None,
-            served_model_name: Some("base".into()),
-            bf16_weights: weights.bf16_weights,
-            quantize: weights.quantize,
-        };
-        eprintln!("starting the server over {} weights ...", weights.name);
-        let state = crate::build_state(&serve).map_err(|e| e.to_string())?;
-        let cost = {
-            let memory = state.engine.model().linear_memory();
-            let head_bytes = head_params * if weights.bf16_weights { 2.0 } else { 4.0 };
-            ModelCost {
-                params: memory.params as f64 + head_params,
-                weight_bytes: memory.bytes as f64 + head_bytes,
-            }
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
-        let url = format!(
-            "http://{}/v1/completions",
-            listener.local_addr().map_err(|e| e.to_string())?
-        );
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::serve_on(state.clone(), listener, async {
-            let _ = stop_rx.await;
-        }));
-        // One request first, so that no scenario pays for the first touch of the weights.
-        let http = loopback_client()?;
-        let warm = json!({"model": "base", "prompt": "w3 w4 w5", "max_tokens": 4,
-                          "temperature": 0, "stream": true});
-        streamed(&http, &url, &warm).await;
-        let runs: Vec<(usize, usize)> = opts
-            .stacks
-            .iter()
-            .flat_map(|&stack| {
-                opts.adapter_counts
-                    .iter()
-                    .filter(move |&&count| stack == 1 || count >= stack)
-                    .map(move |&count| (stack, count))
-            })
-            .collect();
-        for &clients in &opts.clients {
-            for &(stack, count) in &runs {
-                let s = scenario(
-                    opts,
-                    &state,
-                    &url,
-                    weights,
-                    clients,
-                    (count, stack),
-                    &cost,
-                    adapter_params,
-                    (read_bytes_s, gemm_flop_s),
-                )
-                .await?;
-                let one = scenarios.iter().find(|o| {
-                    o.weights == s.weights
-                        && o.clients == s.clients
-                        && o.stack == 1
-                        && o.adapters == if stack == 1 { 1 } else { count }
-                });
-                let s = Scenario {
-                    ratio_to_one: one.map_or(1.0, |one| s.tokens_per_s / one.tokens_per_s),
-                    ..s
-                };
-                eprintln!(
-                    "{} weights, {clients} client(s), {count} adapter(s){}: {:.1} tokens/s, {:.0}% of the {} bound (load {:.2})",
-                    weights.name,
-                    if stack > 1 { format!(", {stack} stacked per request") } else { String::new() },
-                    s.tokens_per_s,
-                    100.0 * s.share_of_bound,
-                    s.bound,
-                    s.load_average
-                );
-                scenarios.push(s);
-            }
-        }
-        let _ = stop_tx.send(());
-        server
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let machine = (read_bytes_s, gemm_flop_s);
+        bench_weights(
+            opts,
+            root.path(),
+            &tenants,
+            weights,
+            machine,
+            &mut scenarios,
+        )
+        .await?;
     }
     Ok(BenchReport {
         read_gb_s: read_bytes_s / 1e9,
         gemm_gflop_s: gemm_flop_s / 1e9,
         scenarios,
-        adapter_load_ms,
-        adapter_bytes,
+        adapter_load_ms: tenants.load_ms,
+        adapter_bytes: tenants.bytes,
     })
+}
+
+/// The tenants' adapters as written, and what the roofline and the report need of them.
+struct Tenants {
+    /// Mean time to load one from disk, in milliseconds.
+    load_ms: f64,
+    /// Bytes of one adapter's files.
+    bytes: u64,
+    /// One adapter's factor values.
+    params: f64,
+    /// The output head's parameters (vocab × hidden).
+    head_params: f64,
+}
+
+/// Writes the most adapters any scenario uses under `root` and times loading a few.
+fn write_tenants(opts: &BenchOptions, root: &Path) -> Result<Tenants, String> {
+    let dir =
+        lowrank_models::checkpoint::resolve_model_dir(&opts.model).map_err(|e| e.to_string())?;
+    let model = lowrank_models::Llama::load(&dir, &Device::Cpu).map_err(|e| e.to_string())?;
+    let max_count = opts.adapter_counts.iter().copied().max().unwrap_or(1);
+    eprintln!("writing {max_count} adapters (rank {}) ...", opts.rank);
+    write_adapters(&model, root, max_count, opts.rank)?;
+    let linears = model.linears();
+    let start = Instant::now();
+    let probes = max_count.min(16);
+    for i in 0..probes {
+        LoraAdapter::load(&root.join(format!("tenant-{i:04}")), &linears, &Device::Cpu)
+            .map_err(|e| e.to_string())?;
+    }
+    let adapter_load_ms = start.elapsed().as_secs_f64() * 1000.0 / probes as f64;
+    let adapter_bytes = ["adapter_model.safetensors", "adapter_config.json"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(root.join("tenant-0000").join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    // One adapter's factors: rank × (in + out) f32 values for each q and v projection.
+    let adapter_params: f64 = linears
+        .iter()
+        .filter(|l| l.name.ends_with("q_proj") || l.name.ends_with("v_proj"))
+        .map(|l| (opts.rank * (l.in_features + l.out_features)) as f64)
+        .sum();
+    let head_params = (model.config().vocab_size * model.config().hidden_size) as f64;
+
+    Ok(Tenants {
+        load_ms: adapter_load_ms,
+        bytes: adapter_bytes,
+        params: adapter_params,
+        head_params,
+    })
+}
+
+/// The server options of a benchmark over `weights`, with the tenants' adapters under `root`.
+fn serve_options(opts: &BenchOptions, root: &Path, weights: &BenchWeights) -> ServeOptions {
+    let max_clients = opts.clients.iter().copied().max().unwrap_or(1);
+    let max_count = opts.adapter_counts.iter().copied().max().unwrap_or(1);
+    ServeOptions {
+        model: opts.model.clone(),
+        adapters: root.to_path_buf(),
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_keys: None,
+        max_batch: max_clients,
+        max_queue: max_clients * 4,
+        max_loaded_adapters: max_count,
+        adapter_memory_mb: 1 << 14,
+        kv_cache_mb: 4096,
+        max_tokens_limit: opts.max_tokens,
+        max_body_bytes: 1 << 20,
+        request_timeout: opts.time_limit.max(Duration::from_secs(1)),
+        // Every client's connection, and the listener's neighbours in the default limit.
+        max_connections: (max_clients * 2).max(64),
+        header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(30),
+        allow_any_adapter_path: false,
+        allow_adapter_sources: Vec::new(),
+        adapter_cache_dir: None,
+        adapter_cache_mb: 1024,
+        allow_hub_adapters: false,
+        merge: None,
+        served_model_name: Some("base".into()),
+        bf16_weights: weights.bf16_weights,
+        quantize: weights.quantize,
+    }
+}
+
+/// Every scenario over one kind of weights, against one server started for them.
+async fn bench_weights(
+    opts: &BenchOptions,
+    root: &Path,
+    tenants: &Tenants,
+    weights: &BenchWeights,
+    (read_bytes_s, gemm_flop_s): (f64, f64),
+    scenarios: &mut Vec<Scenario>,
+) -> Result<(), String> {
+    let serve = serve_options(opts, root, weights);
+    eprintln!("starting the server over {} weights ...", weights.name);
+    let state = crate::build_state(&serve).map_err(|e| e.to_string())?;
+    let cost = {
+        let memory = state.engine.model().linear_memory();
+        let head_bytes = tenants.head_params * if weights.bf16_weights { 2.0 } else { 4.0 };
+        ModelCost {
+            params: memory.params as f64 + tenants.head_params,
+            weight_bytes: memory.bytes as f64 + head_bytes,
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let url = format!(
+        "http://{}/v1/completions",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::serve_on(state.clone(), listener, async {
+        let _ = stop_rx.await;
+    }));
+    // One request first, so that no scenario pays for the first touch of the weights.
+    let http = loopback_client()?;
+    let warm = json!({"model": "base", "prompt": "w3 w4 w5", "max_tokens": 4,
+                      "temperature": 0, "stream": true});
+    streamed(&http, &url, &warm).await;
+    let runs: Vec<(usize, usize)> = opts
+        .stacks
+        .iter()
+        .flat_map(|&stack| {
+            opts.adapter_counts
+                .iter()
+                .filter(move |&&count| stack == 1 || count >= stack)
+                .map(move |&count| (stack, count))
+        })
+        .collect();
+    for &clients in &opts.clients {
+        for &(stack, count) in &runs {
+            let s = scenario(
+                opts,
+                &state,
+                &url,
+                weights,
+                clients,
+                (count, stack),
+                &cost,
+                tenants.params,
+                (read_bytes_s, gemm_flop_s),
+            )
+            .await?;
+            let one = scenarios.iter().find(|o| {
+                o.weights == s.weights
+                    && o.clients == s.clients
+                    && o.stack == 1
+                    && o.adapters == if stack == 1 { 1 } else { count }
+            });
+            let s = Scenario {
+                ratio_to_one: one.map_or(1.0, |one| s.tokens_per_s / one.tokens_per_s),
+                ..s
+            };
+            eprintln!(
+                "{} weights, {clients} client(s), {count} adapter(s){}: {:.1} tokens/s, {:.0}% of the {} bound (load {:.2})",
+                weights.name,
+                if stack > 1 { format!(", {stack} stacked per request") } else { String::new() },
+                s.tokens_per_s,
+                100.0 * s.share_of_bound,
+                s.bound,
+                s.load_average
+            );
+            scenarios.push(s);
+        }
+    }
+    let _ = stop_tx.send(());
+    server
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// One scenario: `clients` closed-loop clients over `count` adapters against a running server.
