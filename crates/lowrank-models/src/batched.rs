@@ -475,6 +475,59 @@ impl Llama {
         })
     }
 
+    /// Appends the step's keys and values of layer `i` to each row's cache and attends every
+    /// token row over its own cache (ragged lengths, one kernel call for all rows).
+    fn attend_cached(
+        &self,
+        i: usize,
+        rows: &mut [PackedRow],
+        firsts: &[usize],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let scale = c.attention_scale as f32;
+        let softcap = c.attention_softcap.map(|s| s as f32);
+        let kv_width = kv_heads * d;
+        for (row, &first) in rows.iter_mut().zip(firsts) {
+            let n = row.tokens.len();
+            let span = first * kv_width..(first + n) * kv_width;
+            row.cache
+                .row_layer(i, kv_heads, d, n)?
+                .append(&k[span.clone()], &v[span], n);
+        }
+        let cached = rows
+            .iter()
+            .zip(firsts)
+            .map(|(row, &first)| {
+                let kv = row.cache.rows_of(i).expect("written above");
+                CachedRow {
+                    k: &kv.k,
+                    v: &kv.v,
+                    capacity: kv.capacity,
+                    len: kv.len,
+                    first,
+                    tokens: row.tokens.len(),
+                }
+            })
+            .collect::<Vec<_>>();
+        let shape = Heads {
+            heads,
+            kv_heads,
+            head_dim: d,
+        };
+        Ok(attend_rows(
+            q,
+            &cached,
+            shape,
+            scale,
+            c.layer_windows[i],
+            softcap,
+        )?)
+    }
+
     /// Every decoder layer over the step's token rows x (tokens × hidden).
     #[allow(clippy::too_many_arguments)]
     fn layers_step<'p>(
@@ -497,8 +550,6 @@ impl Llama {
             (&[kind::Q, kind::K, kind::V], &[kind::GATE, kind::UP])
         };
         let tokens = x.len() / h;
-        let scale = c.attention_scale as f32;
-        let softcap = c.attention_softcap.map(|s| s as f32);
         // The adapters' segments of projection `slot`.
         let segments = |slot: usize| -> Vec<Segment<'p>> {
             groups
@@ -564,35 +615,7 @@ impl Llama {
             let (cos, sin) = tables.of(c.layer_windows[i].is_some());
             lowrank_kernels::rope_rows(&mut q, tokens, heads, cos, sin)?;
             lowrank_kernels::rope_rows(&mut k, tokens, kv_heads, cos, sin)?;
-            let kv_width = kv_heads * d;
-            for (row, &first) in rows.iter_mut().zip(firsts) {
-                let n = row.tokens.len();
-                let span = first * kv_width..(first + n) * kv_width;
-                row.cache
-                    .row_layer(i, kv_heads, d, n)?
-                    .append(&k[span.clone()], &v[span], n);
-            }
-            let cached = rows
-                .iter()
-                .zip(firsts)
-                .map(|(row, &first)| {
-                    let kv = row.cache.rows_of(i).expect("written above");
-                    CachedRow {
-                        k: &kv.k,
-                        v: &kv.v,
-                        capacity: kv.capacity,
-                        len: kv.len,
-                        first,
-                        tokens: row.tokens.len(),
-                    }
-                })
-                .collect::<Vec<_>>();
-            let shape = Heads {
-                heads,
-                kv_heads,
-                head_dim: d,
-            };
-            let attn = attend_rows(&q, &cached, shape, scale, c.layer_windows[i], softcap)?;
+            let attn = self.attend_cached(i, rows, firsts, &q, &k, &v)?;
             let [mut o]: [Vec<f32>; 1] = pass(&[kind::O], &attn, heads * d)?
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one"));
