@@ -7,6 +7,7 @@ pub mod files;
 pub mod finite;
 pub mod linear;
 pub mod lora;
+mod peft_config;
 pub mod targets;
 
 pub use error::{Error, Result};
