@@ -2,6 +2,7 @@
 //! and the adapted linear layer they attach to.
 
 pub mod adalora;
+mod adapter_tensors;
 pub mod error;
 pub mod files;
 pub mod finite;
