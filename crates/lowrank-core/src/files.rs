@@ -55,11 +55,14 @@ pub fn read_text(path: &Path) -> Result<String> {
             .rposition(|&b| b == b'\n')
             .map_or(0, |at| at + 1);
         let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
-        Error::Msg(format!(
-            "{}:{line}: not valid UTF-8 (at byte {} of the line); the file must be UTF-8 text",
-            path.display(),
-            valid.len() - line_start + 1
-        ))
+        Error::DataLine {
+            path: path.to_path_buf(),
+            line,
+            message: format!(
+                "not valid UTF-8 (at byte {} of the line); the file must be UTF-8 text",
+                valid.len() - line_start + 1
+            ),
+        }
     })
 }
 

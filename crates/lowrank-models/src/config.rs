@@ -282,8 +282,7 @@ impl ModelConfig {
         };
         // Pre-quantized checkpoints: bitsandbytes 4-bit (NF4/FP4) only; the error names the field.
         let quantization =
-            lowrank_quant::QuantizationConfig::from_config(&raw, &path.display().to_string())
-                .map_err(|e| Error::Msg(e.to_string()))?;
+            lowrank_quant::QuantizationConfig::from_config(&raw, &path.display().to_string())?;
         let num_kv_heads = file.num_key_value_heads.unwrap_or(file.num_attention_heads);
         if file.num_attention_heads == 0
             || num_kv_heads == 0

@@ -240,10 +240,6 @@ pub fn is_gguf(path: &Path) -> bool {
     path.is_file() && lowrank_gguf::is_gguf(path)
 }
 
-pub(crate) fn gguf_error(e: lowrank_gguf::GgufError) -> Error {
-    Error::Msg(e.to_string())
-}
-
 /// An open GGUF model: the file, its architecture and the HF name of each tensor.
 pub struct GgufModel {
     file: GgufFile,
@@ -254,8 +250,8 @@ pub struct GgufModel {
 
 impl GgufModel {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = GgufFile::open(path).map_err(gguf_error)?;
-        let name = file.str("general.architecture").map_err(gguf_error)?;
+        let file = GgufFile::open(path)?;
+        let name = file.str("general.architecture")?;
         let arch = ARCHITECTURES
             .iter()
             .find(|a| a.gguf == name)
@@ -276,21 +272,19 @@ impl GgufModel {
         let mut by_hf_name = HashMap::new();
         for (i, t) in file.tensors().iter().enumerate() {
             if t.name == "rope_freqs.weight" {
-                return Err(Error::Msg(format!(
-                    "{}: tensor \"rope_freqs.weight\" (Llama 3.1 rope scaling, precomputed) is not supported from GGUF",
-                    path.display()
-                )));
+                return Err(Error::tensors(
+                    path,
+                    "tensor \"rope_freqs.weight\" (Llama 3.1 rope scaling, precomputed) is not supported from GGUF",
+                ));
             }
             if arch.gguf == "phi3" && PHI3_ROPE_FACTORS.contains(&t.name.as_str()) {
                 continue;
             }
             let hf = arch.hf_tensor_name(&t.name).ok_or_else(|| {
-                Error::Msg(format!(
-                    "{}: tensor {:?} is not one a {} model has",
-                    path.display(),
-                    t.name,
-                    arch.gguf
-                ))
+                Error::tensors(
+                    path,
+                    format!("tensor {:?} is not one a {} model has", t.name, arch.gguf),
+                )
             })?;
             by_hf_name.insert(hf, i);
         }
@@ -329,38 +323,31 @@ impl GgufModel {
     pub fn config_json(&self) -> Result<Value> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let e = gguf_error;
-        let heads = f.u64(&key("attention.head_count")).map_err(e)?;
-        let hidden = f.u64(&key("embedding_length")).map_err(e)?;
-        let layers = f.u64(&key("block_count")).map_err(e)?;
-        let embed = self.tensor("model.embed_tokens.weight").ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: no tensor \"token_embd.weight\"",
-                self.path().display()
-            ))
-        })?;
-        let head_dim = match f.u64_opt(&key("attention.key_length")).map_err(e)? {
+        let heads = f.u64(&key("attention.head_count"))?;
+        let hidden = f.u64(&key("embedding_length"))?;
+        let layers = f.u64(&key("block_count"))?;
+        let embed = self
+            .tensor("model.embed_tokens.weight")
+            .ok_or_else(|| Error::tensors(self.path(), "no tensor \"token_embd.weight\""))?;
+        let head_dim = match f.u64_opt(&key("attention.key_length"))? {
             Some(d) => d,
             None if heads > 0 => hidden / heads,
             None => 0,
         };
-        let rope_theta = f
-            .f64_opt(&key("rope.freq_base"))
-            .map_err(e)?
-            .unwrap_or(10_000.0);
+        let rope_theta = f.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let gemma = self.arch.norm_plus_one;
         let mut cfg = json!({
             "architectures": [self.arch.hf_class],
             "model_type": self.arch.model_type,
             "vocab_size": embed.shape()[0],
             "hidden_size": hidden,
-            "intermediate_size": f.u64(&key("feed_forward_length")).map_err(e)?,
+            "intermediate_size": f.u64(&key("feed_forward_length"))?,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
-            "num_key_value_heads": f.u64_opt(&key("attention.head_count_kv")).map_err(e)?.unwrap_or(heads),
+            "num_key_value_heads": f.u64_opt(&key("attention.head_count_kv"))?.unwrap_or(heads),
             // Written out: transformers' defaults differ per family (Qwen3 128, Gemma 256).
             "head_dim": head_dim,
-            "rms_norm_eps": f.f64(&key("attention.layer_norm_rms_epsilon")).map_err(e)?,
+            "rms_norm_eps": f.f64(&key("attention.layer_norm_rms_epsilon"))?,
             // llama.cpp's default when the key is absent.
             "rope_theta": rope_theta,
             "tie_word_embeddings": self.tensor("lm_head.weight").is_none(),
@@ -377,7 +364,7 @@ impl GgufModel {
         } else {
             obj.insert("hidden_act".into(), "silu".into());
         }
-        if let Some(ctx) = f.u64_opt(&key("context_length")).map_err(e)? {
+        if let Some(ctx) = f.u64_opt(&key("context_length"))? {
             obj.insert("max_position_embeddings".into(), ctx.into());
         }
         let has = |n: &str| self.tensor(n).is_some();
@@ -410,7 +397,7 @@ impl GgufModel {
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
             ("tokenizer.ggml.padding_token_id", "pad_token_id"),
         ] {
-            if let Some(id) = f.u64_opt(gguf_key).map_err(e)? {
+            if let Some(id) = f.u64_opt(gguf_key)? {
                 obj.insert(hf_key.into(), id.into());
             }
         }
@@ -424,10 +411,10 @@ impl GgufModel {
     fn rope_scaling(&self) -> Result<Option<Value>> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        match f.str_opt(&key("rope.scaling.type")).map_err(gguf_error)? {
+        match f.str_opt(&key("rope.scaling.type"))? {
             None | Some("none") => Ok(None),
             Some("linear") => {
-                let factor = f.f64(&key("rope.scaling.factor")).map_err(gguf_error)?;
+                let factor = f.f64(&key("rope.scaling.factor"))?;
                 Ok(Some(json!({"rope_type": "linear", "factor": factor})))
             }
             // Phi-3's factors are tensors, read by `phi3_fields`.
@@ -461,7 +448,6 @@ impl GgufModel {
     ) -> Result<()> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let e = gguf_error;
         let gemma2 = self.arch.gguf == "gemma2";
         obj.insert(
             "query_pre_attn_scalar".into(),
@@ -471,7 +457,7 @@ impl GgufModel {
         );
         // Absent keys: llama.cpp's defaults (Gemma 2: 50 and 30, Gemma 3: none).
         let cap = |k: &str, default: Option<f64>| -> Result<Value> {
-            Ok(match f.f64_opt(&key(k)).map_err(e)?.or(default) {
+            Ok(match f.f64_opt(&key(k))?.or(default) {
                 Some(v) if v > 0.0 => v.into(),
                 _ => Value::Null,
             })
@@ -484,7 +470,7 @@ impl GgufModel {
             "final_logit_softcapping".into(),
             cap("final_logit_softcapping", gemma2.then_some(30.0))?,
         );
-        let window = match f.u64_opt(&key("attention.sliding_window")).map_err(e)? {
+        let window = match f.u64_opt(&key("attention.sliding_window"))? {
             Some(0) => None,
             Some(w) => Some(w),
             None if gemma2 => Some(4096),
@@ -515,10 +501,7 @@ impl GgufModel {
             return Ok(());
         }
         let theta = obj["rope_theta"].clone();
-        let local_theta = f
-            .f64_opt(&key("rope.freq_base_swa"))
-            .map_err(e)?
-            .unwrap_or(10_000.0);
+        let local_theta = f.f64_opt(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
         let mut global = scaling.unwrap_or_else(|| json!({"rope_type": "default"}));
         global["rope_theta"] = theta;
         obj.insert(
@@ -571,20 +554,14 @@ impl GgufModel {
     fn phi3_fields(&self, obj: &mut serde_json::Map<String, Value>, head_dim: u64) -> Result<()> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let e = gguf_error;
-        let rope_dims = f
-            .u64_opt(&key("rope.dimension_count"))
-            .map_err(e)?
-            .unwrap_or(head_dim);
+        let rope_dims = f.u64_opt(&key("rope.dimension_count"))?.unwrap_or(head_dim);
         if head_dim > 0 && rope_dims != head_dim {
             obj.insert(
                 "partial_rotary_factor".into(),
                 (rope_dims as f64 / head_dim as f64).into(),
             );
         }
-        let original = f
-            .u64_opt(&key("rope.scaling.original_context_length"))
-            .map_err(e)?;
+        let original = f.u64_opt(&key("rope.scaling.original_context_length"))?;
         if let Some(original) = original {
             obj.insert("original_max_position_embeddings".into(), original.into());
         }
@@ -592,7 +569,7 @@ impl GgufModel {
             if self.file.tensor(name).is_none() {
                 return Ok(None);
             }
-            let (_, values) = self.file.dequantize(name).map_err(gguf_error)?;
+            let (_, values) = self.file.dequantize(name)?;
             Ok(Some(values.into_iter().map(f64::from).collect()))
         };
         match (
@@ -615,13 +592,13 @@ impl GgufModel {
             }
             (None, None) => {}
             _ => {
-                return Err(Error::Msg(format!(
-                "{}: LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight",
-                self.path().display()
-            )))
+                return Err(Error::tensors(
+                    self.path(),
+                    "LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight",
+                ))
             }
         }
-        if let Some(w) = f.u64_opt(&key("attention.sliding_window")).map_err(e)? {
+        if let Some(w) = f.u64_opt(&key("attention.sliding_window"))? {
             if w > 0 {
                 obj.insert("sliding_window".into(), w.into());
             }
@@ -642,13 +619,15 @@ impl GgufModel {
         num_kv_heads: usize,
     ) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.tensor(name).ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: missing tensor {:?} ({name})",
-                self.path().display(),
-                self.arch.gguf_tensor_name(name).unwrap_or_default()
-            ))
+            Error::tensors(
+                self.path(),
+                format!(
+                    "missing tensor {:?} ({name})",
+                    self.arch.gguf_tensor_name(name).unwrap_or_default()
+                ),
+            )
         })?;
-        let (shape, mut data) = self.file.dequantize(&info.name).map_err(gguf_error)?;
+        let (shape, mut data) = self.file.dequantize(&info.name)?;
         if self.arch.stores_norm_plus_one(name) {
             // Exact for stored values of at least 1/2 (every real Gemma norm): the model's
             // 1 + w is then the stored value again, bit for bit.
@@ -665,11 +644,13 @@ impl GgufModel {
         };
         let data = match heads {
             Some(heads) => unpermute_rows(&data, &shape, heads).ok_or_else(|| {
-                Error::Msg(format!(
-                    "{}: tensor {:?} of shape {shape:?} does not split into {heads} heads of even size",
-                    self.path().display(),
-                    info.name
-                ))
+                Error::tensors(
+                    self.path(),
+                    format!(
+                        "tensor {:?} of shape {shape:?} does not split into {heads} heads of even size",
+                        info.name
+                    ),
+                )
             })?,
             None => data,
         };

@@ -20,8 +20,6 @@ use lowrank_core::{Error, Result};
 use lowrank_gguf::{GgufFile, Value as GgufValue};
 use serde_json::{json, Value};
 
-use crate::gguf::gguf_error;
-
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_UNKNOWN: u64 = 2;
 const TOKEN_TYPE_CONTROL: u64 = 3;
@@ -76,8 +74,7 @@ pub struct GgufTokenizer {
 /// Builds the tokenizer described by `file`'s metadata.
 pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     let path = file.path();
-    let e = gguf_error;
-    let model = file.str("tokenizer.ggml.model").map_err(e)?;
+    let model = file.str("tokenizer.ggml.model")?;
     if model != "gpt2" && model != "llama" {
         return Err(Error::field(
             path,
@@ -86,10 +83,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         ));
     }
     let sentencepiece = model == "llama";
-    let pre_name = file
-        .str_opt("tokenizer.ggml.pre")
-        .map_err(e)?
-        .unwrap_or("gpt-2");
+    let pre_name = file.str_opt("tokenizer.ggml.pre")?.unwrap_or("gpt-2");
     // SentencePiece has no pre-tokenizer name (the converter writes "default").
     let pre_name = if sentencepiece { "gpt-2" } else { pre_name };
     let pre = PRE_TOKENIZERS
@@ -110,15 +104,14 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             )
         })?;
     let tokens = file
-        .strings_opt("tokenizer.ggml.tokens")
-        .map_err(e)?
+        .strings_opt("tokenizer.ggml.tokens")?
         .ok_or_else(|| Error::field(path, "tokenizer.ggml.tokens", "missing"))?;
-    let merges = match file.strings_opt("tokenizer.ggml.merges").map_err(e)? {
+    let merges = match file.strings_opt("tokenizer.ggml.merges")? {
         Some(merges) => merges.into_iter().map(str::to_string).collect(),
         None if sentencepiece => Vec::new(),
         None => return Err(Error::field(path, "tokenizer.ggml.merges", "missing")),
     };
-    let types: Vec<u64> = match file.array_opt("tokenizer.ggml.token_type").map_err(e)? {
+    let types: Vec<u64> = match file.array_opt("tokenizer.ggml.token_type")? {
         None => vec![1; tokens.len()],
         Some(items) => items
             .iter()
@@ -134,7 +127,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             })?,
     };
     let token_of = |key: &str| -> Result<Option<(u64, String)>> {
-        match file.u64_opt(key).map_err(e)? {
+        match file.u64_opt(key)? {
             None => Ok(None),
             Some(id) => tokens
                 .get(id as usize)
@@ -153,12 +146,10 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     let unk = token_of("tokenizer.ggml.unknown_token_id")?;
     let pad = token_of("tokenizer.ggml.padding_token_id")?;
     let add_bos = file
-        .bool_opt("tokenizer.ggml.add_bos_token")
-        .map_err(e)?
+        .bool_opt("tokenizer.ggml.add_bos_token")?
         .unwrap_or(false);
     let add_eos = file
-        .bool_opt("tokenizer.ggml.add_eos_token")
-        .map_err(e)?
+        .bool_opt("tokenizer.ggml.add_eos_token")?
         .unwrap_or(false);
 
     let vocab: serde_json::Map<String, Value> = tokens
@@ -212,8 +203,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
     if sentencepiece {
         let add_space_prefix = file
-            .bool_opt("tokenizer.ggml.add_space_prefix")
-            .map_err(e)?
+            .bool_opt("tokenizer.ggml.add_space_prefix")?
             .unwrap_or(true);
         let template = json!({"type": "TemplateProcessing", "single": single, "pair": pair,
                               "special_tokens": special_tokens});
@@ -229,10 +219,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             eos_token: eos.map(|(_, t)| t),
             unk_token: unk.map(|(_, t)| t),
             pad_token: pad.map(|(_, t)| t),
-            chat_template: file
-                .str_opt("tokenizer.chat_template")
-                .map_err(e)?
-                .map(str::to_string),
+            chat_template: file.str_opt("tokenizer.chat_template")?.map(str::to_string),
         });
     }
     let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
@@ -267,10 +254,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         eos_token: eos.map(|(_, t)| t),
         unk_token: unk.map(|(_, t)| t),
         pad_token: pad.map(|(_, t)| t),
-        chat_template: file
-            .str_opt("tokenizer.chat_template")
-            .map_err(e)?
-            .map(str::to_string),
+        chat_template: file.str_opt("tokenizer.chat_template")?.map(str::to_string),
     })
 }
 

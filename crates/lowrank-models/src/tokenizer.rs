@@ -138,16 +138,16 @@ impl Tokenizer {
         // errors inside the "decoder" section when it parses the text itself.
         let json: Value = lowrank_core::files::read_json(&path)?;
         let inner: tokenizers::Tokenizer = serde_json::from_value(json)
-            .map_err(|e| Error::Msg(format!("{}: cannot read tokenizer: {e}", path.display())))?;
+            .map_err(|e| Error::file(&path, format!("cannot read tokenizer: {e}")))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.exists() {
             match lowrank_core::files::read_json(&config_path)? {
                 Value::Object(fields) => fields,
                 other => {
-                    return Err(Error::Msg(format!(
-                        "{}: expected a JSON object, found {other}",
-                        config_path.display()
-                    )))
+                    return Err(Error::file(
+                        &config_path,
+                        format!("expected a JSON object, found {other}"),
+                    ))
                 }
             }
         } else {
@@ -176,15 +176,10 @@ impl Tokenizer {
 
     /// The tokenizer a GGUF file's metadata describes (see [`crate::gguf_tokenizer`]).
     pub fn from_gguf(path: &Path) -> Result<Self> {
-        let file = lowrank_gguf::GgufFile::open(path).map_err(crate::gguf::gguf_error)?;
+        let file = lowrank_gguf::GgufFile::open(path)?;
         let built = crate::gguf_tokenizer::from_gguf(&file)?;
-        let inner: tokenizers::Tokenizer =
-            serde_json::from_value(built.tokenizer_json).map_err(|e| {
-                Error::Msg(format!(
-                    "{}: cannot build the tokenizer: {e}",
-                    path.display()
-                ))
-            })?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(built.tokenizer_json)
+            .map_err(|e| Error::file(path, format!("cannot build the tokenizer: {e}")))?;
         Ok(Tokenizer {
             inner,
             bos_token: built.bos_token,

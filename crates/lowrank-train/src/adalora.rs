@@ -69,20 +69,22 @@ pub fn setup_trainable(
     let (config, modules) = match &o.init_adapter {
         Some(dir) => {
             if !lowrank_core::adalora::is_adalora_dir(dir) {
-                return Err(Error::Msg(format!(
-                    "{}: --method adalora continues only an AdaLoRA adapter (peft_type \"ADALORA\")",
-                    dir.display()
-                )));
+                return Err(Error::file(
+                    dir,
+                    "--method adalora continues only an AdaLoRA adapter (peft_type \"ADALORA\")",
+                ));
             }
             let adapter = AdaloraAdapter::load(dir, &model.linears(), model.device())?;
             let mut config = adapter.config;
             let init_r = config.schedule.init_r;
             if let Some((name, m)) = adapter.modules.iter().find(|(_, m)| m.rank() != init_r) {
-                return Err(Error::Msg(format!(
-                    "{}: module {name:?} is cut to rank {} of {init_r} (a finished AdaLoRA adapter); training continues only from a full-rank one",
-                    dir.display(),
-                    m.rank()
-                )));
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "module {name:?} is cut to rank {} of {init_r} (a finished AdaLoRA adapter); training continues only from a full-rank one",
+                        m.rank()
+                    ),
+                ));
             }
             // The schedule is this run's; the rank and α (the scale) are the adapter's.
             config.schedule = AdaloraSchedule {
@@ -315,8 +317,10 @@ impl AdaloraTraining {
         };
         alloc.load_state(&names, &tensors)?;
         let json: serde_json::Value = lowrank_core::files::read_json(&dir.join(STATE_JSON))?;
-        alloc.rank_pattern = serde_json::from_value(json["rank_pattern"].clone())
-            .map_err(|e| Error::Msg(format!("{}: {e}", dir.join(STATE_JSON).display())))?;
+        alloc.rank_pattern = lowrank_core::files::from_json_value(
+            json["rank_pattern"].clone(),
+            &dir.join(STATE_JSON),
+        )?;
         Ok(())
     }
 
