@@ -2,8 +2,8 @@
 //! safetensors file, keys grouped by module, the checks against the base model's linears, and
 //! each module's shape taken from the tensors alone when there is no base model.
 //!
-//! Each method names its tensor kinds (LoRA's A/B/magnitude, AdaLoRA's A/E/B) through
-//! [`TensorPart`] and builds its modules from the grouped tensors.
+//! Each method names its tensors' key endings ([`TensorKeys`]) and builds its modules from the
+//! grouped tensors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,20 +26,40 @@ pub struct LinearShape {
     pub in_features: usize,
 }
 
-/// The two factors of ΔW = B·A, whose shapes give a module's: A is r × in, B is out × r.
-pub(crate) enum Factor {
+/// A tensor's part of its module: the factors of ΔW = B·A (A is r × in, B is out × r, so they
+/// give the module's shape), or the method's third tensor (DoRA's magnitude, AdaLoRA's Λ).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Part {
     A,
     B,
+    Third,
 }
 
-/// One method's kinds of tensor within a module, as its PEFT keys name them.
-pub(crate) trait TensorPart: Copy {
+/// A module's tensors, in [`Part`] order: A, B, the third.
+pub(crate) type Parts = [Option<Tensor>; 3];
+
+/// How one method's PEFT keys name its tensors: `base_model.model.<module><suffix>`.
+pub(crate) struct TensorKeys {
+    pub suffixes: &'static [(&'static str, Part)],
+    /// The message for a key that ends in none of the suffixes, given the key and what
+    /// follows the prefix.
+    pub unknown: fn(key: &str, rest: &str) -> String,
+}
+
+impl TensorKeys {
     /// Splits a PEFT tensor key into (module, part); `file` names the source in errors.
-    fn parse(key: &str, file: &Path) -> Result<(String, Self)>;
-    /// Where the part goes among its module's tensors.
-    fn slot(self) -> usize;
-    /// The factor of ΔW the part is, if its shape gives the module's.
-    fn factor(self) -> Option<Factor>;
+    fn parse(&self, key: &str, file: &Path) -> Result<(String, Part)> {
+        let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
+            Error::tensors(
+                file,
+                format!("tensor {key:?}: expected a PEFT key starting with {PEFT_PREFIX:?}"),
+            )
+        })?;
+        self.suffixes
+            .iter()
+            .find_map(|(suffix, part)| Some((rest.strip_suffix(suffix)?.to_string(), *part)))
+            .ok_or_else(|| Error::tensors(file, (self.unknown)(key, rest)))
+    }
 }
 
 /// Reads `dir`'s `adapter_model.safetensors`; returns its path (for errors) and the tensors.
@@ -66,17 +86,18 @@ pub(crate) fn read_weights(
 
 /// Each module's shape, read from its A and B tensors (for an adapter folder loaded without
 /// its base model).
-pub(crate) fn standalone_shapes<P: TensorPart>(
+pub(crate) fn standalone_shapes(
+    keys: &TensorKeys,
     tensors: &[(String, Tensor)],
     file: &Path,
 ) -> Result<Vec<LinearShape>> {
     let mut shapes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (key, t) in tensors {
-        let (module, part) = P::parse(key, file)?;
+        let (module, part) = keys.parse(key, file)?;
         let entry = shapes.entry(module).or_default();
-        match (part.factor(), t.dims()) {
-            (Some(Factor::A), [_, k]) => entry.1 = *k,
-            (Some(Factor::B), [d, _]) => entry.0 = *d,
+        match (part, t.dims()) {
+            (Part::A, [_, k]) => entry.1 = *k,
+            (Part::B, [d, _]) => entry.0 = *d,
             _ => {}
         }
     }
@@ -132,23 +153,21 @@ impl ModuleTensors<'_> {
 
 /// Groups PEFT-keyed tensors by module (as f32, each checked finite), checks every module is
 /// a linear of `base` the adapter targets, and builds each targeted linear's module with
-/// `build` from its `N` tensor slots. An adapter that targets no linear is an error.
-pub(crate) fn modules_from_tensors<P: TensorPart, const N: usize, M>(
+/// `build` from its [`Parts`]. An adapter that targets no linear is an error.
+pub(crate) fn modules_from_tensors<M>(
+    keys: &TensorKeys,
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     base: &[LinearShape],
     targets_module: impl Fn(&str) -> bool,
     file: &Path,
-    mut build: impl FnMut(&ModuleTensors, [Option<Tensor>; N]) -> Result<M>,
+    mut build: impl FnMut(&ModuleTensors, Parts) -> Result<M>,
 ) -> Result<BTreeMap<String, M>> {
-    let mut parts: BTreeMap<String, [Option<Tensor>; N]> = BTreeMap::new();
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     for (key, tensor) in tensors {
-        let (module, part) = P::parse(&key, file)?;
+        let (module, part) = keys.parse(&key, file)?;
         let tensor = tensor.to_dtype(DType::F32)?;
         crate::finite::ensure_finite(file, &key, &tensor)?;
-        let slots = parts
-            .entry(module)
-            .or_insert_with(|| std::array::from_fn(|_| None));
-        slots[part.slot()] = Some(tensor);
+        parts.entry(module).or_default()[part as usize] = Some(tensor);
     }
     for name in parts.keys() {
         if !base.iter().any(|l| &l.name == name) {
@@ -166,10 +185,8 @@ pub(crate) fn modules_from_tensors<P: TensorPart, const N: usize, M>(
     }
     let mut modules = BTreeMap::new();
     for linear in base.iter().filter(|l| targets_module(&l.name)) {
-        let slots = parts
-            .remove(&linear.name)
-            .unwrap_or_else(|| std::array::from_fn(|_| None));
-        let module = build(&ModuleTensors { file, linear }, slots)?;
+        let module_parts = parts.remove(&linear.name).unwrap_or_default();
+        let module = build(&ModuleTensors { file, linear }, module_parts)?;
         modules.insert(linear.name.clone(), module);
     }
     if modules.is_empty() {

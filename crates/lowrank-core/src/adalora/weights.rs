@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::AdaloraConfig;
 use crate::adapter_tensors::{
-    modules_from_tensors, read_weights, standalone_shapes, Factor, LinearShape, TensorPart,
+    modules_from_tensors, read_weights, standalone_shapes, LinearShape, Part, TensorKeys,
     CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
 };
 use crate::error::{Error, Result};
@@ -81,47 +81,18 @@ pub struct AdaloraAdapter {
     pub modules: BTreeMap<String, AdaloraModule>,
 }
 
-#[derive(Clone, Copy)]
-enum Part {
-    A,
-    E,
-    B,
-}
+/// AdaLoRA's keys: `.lora_A`, `.lora_B`, and Λ (`.lora_E`) as the third part.
+const KEYS: TensorKeys = TensorKeys {
+    suffixes: &[
+        (".lora_A", Part::A),
+        (".lora_B", Part::B),
+        (".lora_E", Part::Third),
+    ],
+    unknown: unknown_key,
+};
 
-impl TensorPart for Part {
-    fn parse(key: &str, file: &Path) -> Result<(String, Part)> {
-        let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
-            Error::tensors(
-                file,
-                format!("tensor {key:?}: expected a PEFT key starting with {PEFT_PREFIX:?}"),
-            )
-        })?;
-        for (suffix, part) in [
-            (".lora_A", Part::A),
-            (".lora_E", Part::E),
-            (".lora_B", Part::B),
-        ] {
-            if let Some(module) = rest.strip_suffix(suffix) {
-                return Ok((module.to_string(), part));
-            }
-        }
-        Err(Error::tensors(
-            file,
-            format!("tensor {key:?}: not an AdaLoRA tensor (expected .lora_A, .lora_E or .lora_B)"),
-        ))
-    }
-
-    fn slot(self) -> usize {
-        self as usize
-    }
-
-    fn factor(self) -> Option<Factor> {
-        match self {
-            Part::A => Some(Factor::A),
-            Part::B => Some(Factor::B),
-            Part::E => None,
-        }
-    }
+fn unknown_key(key: &str, _rest: &str) -> String {
+    format!("tensor {key:?}: not an AdaLoRA tensor (expected .lora_A, .lora_E or .lora_B)")
 }
 
 /// Whether the folder's `adapter_config.json` says `peft_type` "ADALORA".
@@ -143,7 +114,7 @@ impl AdaloraAdapter {
     /// Loads without a base model, taking each layer's shape from its tensors.
     pub fn load_standalone(dir: &Path, device: &Device) -> Result<Self> {
         let (path, tensors) = read_weights(dir, device)?;
-        let base = standalone_shapes::<Part>(&tensors, &path)?;
+        let base = standalone_shapes(&KEYS, &tensors, &path)?;
         Self::load(dir, &base, device)
     }
 
@@ -156,12 +127,13 @@ impl AdaloraAdapter {
         file: &Path,
     ) -> Result<Self> {
         let targets_module = |name: &str| config.targets_module(name);
-        let modules = modules_from_tensors::<Part, 3, _>(
+        let modules = modules_from_tensors(
+            &KEYS,
             tensors,
             base,
             targets_module,
             file,
-            |module, [a, e, b]| {
+            |module, [a, b, e]| {
                 let linear = module.linear;
                 let (a, e, b) = (
                     module.require(a, "lora_A")?,

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{LoraConfig, LoraVariant};
 use crate::adapter_tensors::{
-    modules_from_tensors, read_weights, standalone_shapes, Factor, LinearShape, TensorPart,
+    modules_from_tensors, read_weights, standalone_shapes, LinearShape, Part, TensorKeys,
     CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
 };
 use crate::error::{Error, Result};
@@ -62,54 +62,22 @@ pub struct LoraAdapter {
     pub modules: BTreeMap<String, LoraModule>,
 }
 
-#[derive(Clone, Copy)]
-enum Part {
-    A,
-    B,
-    Magnitude,
-}
+/// LoRA's keys: `.lora_A.weight`, `.lora_B.weight`, and DoRA's magnitude as the third part.
+const KEYS: TensorKeys = TensorKeys {
+    suffixes: &[
+        (".lora_A.weight", Part::A),
+        (".lora_B.weight", Part::B),
+        (".lora_magnitude_vector.weight", Part::Third),
+        (".lora_magnitude_vector", Part::Third),
+    ],
+    unknown: unknown_key,
+};
 
-impl TensorPart for Part {
-    fn parse(key: &str, file: &Path) -> Result<(String, Part)> {
-        let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
-            Error::tensors(
-                file,
-                format!("tensor {key:?}: expected a PEFT key starting with {PEFT_PREFIX:?}"),
-            )
-        })?;
-        let suffixes = [
-            (".lora_A.weight", Part::A),
-            (".lora_B.weight", Part::B),
-            (".lora_magnitude_vector.weight", Part::Magnitude),
-            (".lora_magnitude_vector", Part::Magnitude),
-        ];
-        for (suffix, part) in suffixes {
-            if let Some(module) = rest.strip_suffix(suffix) {
-                return Ok((module.to_string(), part));
-            }
-        }
-        if rest.contains("lora_embedding_") {
-            return Err(Error::tensors(
-                file,
-                format!("tensor {key:?}: embedding adapters are not supported"),
-            ));
-        }
-        Err(Error::tensors(
-            file,
-            format!("tensor {key:?}: not a LoRA tensor (expected .lora_A.weight, .lora_B.weight or .lora_magnitude_vector)"),
-        ))
-    }
-
-    fn slot(self) -> usize {
-        self as usize
-    }
-
-    fn factor(self) -> Option<Factor> {
-        match self {
-            Part::A => Some(Factor::A),
-            Part::B => Some(Factor::B),
-            Part::Magnitude => None,
-        }
+fn unknown_key(key: &str, rest: &str) -> String {
+    if rest.contains("lora_embedding_") {
+        format!("tensor {key:?}: embedding adapters are not supported")
+    } else {
+        format!("tensor {key:?}: not a LoRA tensor (expected .lora_A.weight, .lora_B.weight or .lora_magnitude_vector)")
     }
 }
 
@@ -144,7 +112,7 @@ impl LoraAdapter {
             return crate::adalora::AdaloraAdapter::load_standalone(dir, device)?.to_lora();
         }
         let (weights_path, tensors) = read_weights(dir, device)?;
-        let base = standalone_shapes::<Part>(&tensors, &weights_path)?;
+        let base = standalone_shapes(&KEYS, &tensors, &weights_path)?;
         Self::load(dir, &base, device)
     }
 
@@ -157,7 +125,8 @@ impl LoraAdapter {
     ) -> Result<Self> {
         let is_dora = config.variant == LoraVariant::Dora;
         let targets_module = |name: &str| config.targets_module(name);
-        let modules = modules_from_tensors::<Part, 3, _>(
+        let modules = modules_from_tensors(
+            &KEYS,
             tensors,
             base,
             targets_module,
