@@ -205,6 +205,22 @@ impl ArchSpec {
         Some(format!("{stem}.{kind}"))
     }
 
+    /// The heads whose rows llama.cpp reorders ([`reorder_rotary_rows`]) in module or tensor
+    /// `name`: the query's (`heads`) and the key's (`kv_heads`), for the architectures that
+    /// permute them.
+    pub(crate) fn rotary_heads(&self, name: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+        let is = |module: &str| name.ends_with(module) || name.contains(&format!("{module}."));
+        if !self.permuted_qk {
+            None
+        } else if is(".self_attn.q_proj") {
+            Some(heads)
+        } else if is(".self_attn.k_proj") {
+            Some(kv_heads)
+        } else {
+            None
+        }
+    }
+
     /// Whether HF tensor `name` is an RMSNorm weight GGUF holds as `1 + w`.
     pub fn stores_norm_plus_one(&self, hf_name: &str) -> bool {
         self.norm_plus_one && hf_name.ends_with("norm.weight")
@@ -633,17 +649,10 @@ impl GgufModel {
             // 1 + w is then the stored value again, bit for bit.
             data.iter_mut().for_each(|v| *v -= 1.0);
         }
-        let heads = if !self.arch.permuted_qk {
-            None
-        } else if name.contains(".self_attn.q_proj.") {
-            Some(num_heads)
-        } else if name.contains(".self_attn.k_proj.") {
-            Some(num_kv_heads)
-        } else {
-            None
-        };
-        let data = match heads {
-            Some(heads) => unpermute_rows(&data, &shape, heads).ok_or_else(|| {
+        let data = match self.arch.rotary_heads(name, num_heads, num_kv_heads) {
+            Some(heads) => {
+                let rows = shape.first().copied().unwrap_or(0);
+                reorder_rotary_rows(&data, rows, heads, RotaryRows::FromGguf).ok_or_else(|| {
                 Error::tensors(
                     self.path(),
                     format!(
@@ -651,22 +660,36 @@ impl GgufModel {
                         info.name
                     ),
                 )
-            })?,
+            })?
+            }
             None => data,
         };
         Ok((shape, data))
     }
 }
 
-/// Undoes `LlamaModel.permute` of convert_hf_to_gguf.py: within each head, GGUF row `2j + s`
-/// is HF row `s * head_rows / 2 + j` (the rotary halves were interleaved). None when the rows
-/// do not split into `heads` heads of even size.
-fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32>> {
-    let rows = *shape.first()?;
-    let cols: usize = shape[1..].iter().product();
+/// Which way [`reorder_rotary_rows`] goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RotaryRows {
+    /// HF's order to llama.cpp's (convert_hf_to_gguf.py's `LlamaModel.permute`).
+    ToGguf,
+    /// llama.cpp's order back to HF's.
+    FromGguf,
+}
+
+/// The rows of a q/k projection (or its LoRA B) between HF's and llama.cpp's order: within
+/// each head, GGUF row `2j + s` is HF row `s * head_rows / 2 + j` (the rotary halves are
+/// interleaved). None when the `rows` do not split into `heads` heads of even size.
+pub(crate) fn reorder_rotary_rows(
+    data: &[f32],
+    rows: usize,
+    heads: usize,
+    way: RotaryRows,
+) -> Option<Vec<f32>> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
+    let cols = data.len().checked_div(rows).unwrap_or(0);
     let head_rows = rows / heads;
     let half = head_rows / 2;
     let mut out = vec![0f32; data.len()];
@@ -675,8 +698,12 @@ fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32
             for j in 0..half {
                 let hf = h * head_rows + s * half + j;
                 let gguf = h * head_rows + 2 * j + s;
-                out[hf * cols..(hf + 1) * cols]
-                    .copy_from_slice(&data[gguf * cols..(gguf + 1) * cols]);
+                let (from, to) = match way {
+                    RotaryRows::ToGguf => (hf, gguf),
+                    RotaryRows::FromGguf => (gguf, hf),
+                };
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&data[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -778,8 +805,8 @@ mod tests {
     fn unpermute_inverts_the_converters_permutation() {
         // permute([0..8]) per head [a0 a1 b0 b1] -> [a0 b0 a1 b1]: rows 0 2 1 3 | 4 6 5 7.
         let gguf = [0., 2., 1., 3., 4., 6., 5., 7.];
-        let hf = unpermute_rows(&gguf, &[8, 1], 2).unwrap();
+        let hf = reorder_rotary_rows(&gguf, 8, 2, RotaryRows::FromGguf).unwrap();
         assert_eq!(hf, [0., 1., 2., 3., 4., 5., 6., 7.]);
-        assert!(unpermute_rows(&gguf, &[8, 1], 3).is_none());
+        assert!(reorder_rotary_rows(&gguf, 8, 3, RotaryRows::FromGguf).is_none());
     }
 }
