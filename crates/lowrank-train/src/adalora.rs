@@ -19,7 +19,7 @@ use lowrank_core::adalora::{
     orth_regularizer, AdaloraAdapter, AdaloraConfig, AdaloraModule, AdaloraSchedule, Allocation,
     BudgetSchedule, ModuleGrads, RankAllocator,
 };
-use lowrank_core::lora::{LoraAdapter, PEFT_PREFIX};
+use lowrank_core::lora::{LoraAdapter, ALL_LINEAR, PEFT_PREFIX};
 use lowrank_core::targets::layer_index;
 use lowrank_core::{Error, Result};
 use lowrank_models::Llama;
@@ -354,17 +354,6 @@ pub struct RankReport {
     pub per_module: BTreeMap<String, usize>,
 }
 
-/// PEFT's order of a Llama layer's linears, for the table's columns.
-const ORDER: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 impl RankReport {
     pub fn new(adapter: &AdaloraAdapter) -> Self {
         let per_module = adapter.ranks();
@@ -372,7 +361,11 @@ impl RankReport {
         let mut modules: Vec<String> = per_module.keys().map(|n| kind(n)).collect();
         modules.sort_by_key(|m| {
             (
-                ORDER.iter().position(|o| o == m).unwrap_or(ORDER.len()),
+                // PEFT's order of a layer's linears.
+                ALL_LINEAR
+                    .iter()
+                    .position(|o| o == m)
+                    .unwrap_or(ALL_LINEAR.len()),
                 m.clone(),
             )
         });

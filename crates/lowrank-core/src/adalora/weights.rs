@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::AdaloraConfig;
 use crate::adapter_tensors::{
-    modules_from_tensors, read_weights, standalone_shapes, LinearShape, Part, TensorKeys,
-    CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
+    modules_from_tensors, read_weights, standalone_shapes, LinearShape, ModuleTensors, Part, Parts,
+    TensorKeys, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
 };
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraModule};
@@ -126,28 +126,22 @@ impl AdaloraAdapter {
         base: &[LinearShape],
         file: &Path,
     ) -> Result<Self> {
-        let targets_module = |name: &str| config.targets_module(name);
-        let modules = modules_from_tensors(
-            &KEYS,
-            tensors,
-            base,
-            targets_module,
-            file,
-            |module, [a, b, e]| {
-                let linear = module.linear;
-                let (a, e, b) = (
-                    module.require(a, "lora_A")?,
-                    module.require(e, "lora_E")?,
-                    module.require(b, "lora_B")?,
-                );
-                let r = config.rank_for(&linear.name);
-                let rank_note = format!("kept rank {r} from init_r/rank_pattern");
-                module.check_shape(&a, "lora_A", &[r, linear.in_features], &rank_note)?;
-                module.check_shape(&e, "lora_E", &[r, 1], &rank_note)?;
-                module.check_shape(&b, "lora_B", &[linear.out_features, r], &rank_note)?;
-                Ok(AdaloraModule { a, e, b })
-            },
-        )?;
+        let build = |module: &ModuleTensors, [a, b, e]: Parts| {
+            let linear = module.linear;
+            let (a, e, b) = (
+                module.require(a, "lora_A")?,
+                module.require(e, "lora_E")?,
+                module.require(b, "lora_B")?,
+            );
+            let r = config.rank_for(&linear.name);
+            let rank_note = format!("kept rank {r} from init_r/rank_pattern");
+            module.check_shape(&a, "lora_A", &[r, linear.in_features], &rank_note)?;
+            module.check_shape(&e, "lora_E", &[r, 1], &rank_note)?;
+            module.check_shape(&b, "lora_B", &[linear.out_features, r], &rank_note)?;
+            Ok(AdaloraModule { a, e, b })
+        };
+        let targets = |name: &str| config.targets_module(name);
+        let modules = modules_from_tensors(&KEYS, tensors, base, targets, file, build)?;
         Ok(AdaloraAdapter { config, modules })
     }
 

@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{LoraConfig, LoraVariant};
 use crate::adapter_tensors::{
-    modules_from_tensors, read_weights, standalone_shapes, LinearShape, Part, TensorKeys,
-    CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
+    modules_from_tensors, read_weights, standalone_shapes, LinearShape, ModuleTensors, Part, Parts,
+    TensorKeys, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
 };
 use crate::error::{Error, Result};
 
@@ -124,43 +124,37 @@ impl LoraAdapter {
         file: &Path,
     ) -> Result<Self> {
         let is_dora = config.variant == LoraVariant::Dora;
-        let targets_module = |name: &str| config.targets_module(name);
-        let modules = modules_from_tensors(
-            &KEYS,
-            tensors,
-            base,
-            targets_module,
-            file,
-            |module, [a, b, magnitude]| {
-                let (name, linear) = (&module.linear.name, module.linear);
-                let a = module.require(a, "lora_A.weight")?;
-                let b = module.require(b, "lora_B.weight")?;
-                let r = config.rank_for(name);
-                let rank_note = format!("rank {r} from r/rank_pattern");
-                module.check_shape(&a, "lora_A", &[r, linear.in_features], &rank_note)?;
-                module.check_shape(&b, "lora_B", &[linear.out_features, r], &rank_note)?;
-                let magnitude = match (is_dora, magnitude) {
-                    (true, Some(m)) => {
-                        let shape = [linear.out_features];
-                        module.check_shape(&m, "lora_magnitude_vector", &shape, &rank_note)?;
-                        Some(m)
-                    }
-                    (true, None) => {
-                        return Err(module.error("missing lora_magnitude_vector (use_dora is true)"))
-                    }
-                    (false, Some(_)) => {
-                        return Err(module.error("has lora_magnitude_vector but use_dora is false"))
-                    }
-                    (false, None) => None,
-                };
-                Ok(LoraModule {
-                    a,
-                    b,
-                    magnitude,
-                    scale: config.scale_for(name),
-                })
-            },
-        )?;
+        let build = |module: &ModuleTensors, [a, b, magnitude]: Parts| {
+            let (name, linear) = (&module.linear.name, module.linear);
+            let a = module.require(a, "lora_A.weight")?;
+            let b = module.require(b, "lora_B.weight")?;
+            let r = config.rank_for(name);
+            let rank_note = format!("rank {r} from r/rank_pattern");
+            module.check_shape(&a, "lora_A", &[r, linear.in_features], &rank_note)?;
+            module.check_shape(&b, "lora_B", &[linear.out_features, r], &rank_note)?;
+            let magnitude = match (is_dora, magnitude) {
+                (true, Some(m)) => {
+                    let shape = [linear.out_features];
+                    module.check_shape(&m, "lora_magnitude_vector", &shape, &rank_note)?;
+                    Some(m)
+                }
+                (true, None) => {
+                    return Err(module.error("missing lora_magnitude_vector (use_dora is true)"))
+                }
+                (false, Some(_)) => {
+                    return Err(module.error("has lora_magnitude_vector but use_dora is false"))
+                }
+                (false, None) => None,
+            };
+            Ok(LoraModule {
+                a,
+                b,
+                magnitude,
+                scale: config.scale_for(name),
+            })
+        };
+        let targets = |name: &str| config.targets_module(name);
+        let modules = modules_from_tensors(&KEYS, tensors, base, targets, file, build)?;
         Ok(LoraAdapter { config, modules })
     }
 
