@@ -229,6 +229,10 @@ mod tests {
             err.contains("data.jsonl:2:") && err.contains("UTF-8") && err.contains("byte 14"),
             "{err}"
         );
+        assert!(matches!(
+            read_text(&path),
+            Err(Error::DataLine { line: 2, .. })
+        ));
         std::fs::write(&path, "{\"text\": \"café\"}\n").unwrap();
         assert_eq!(read_text(&path).unwrap(), "{\"text\": \"café\"}\n");
     }

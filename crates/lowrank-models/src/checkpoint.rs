@@ -326,4 +326,14 @@ mod tests {
         let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("model.safetensors"), "{err}");
     }
+
+    /// The folder at fault is a field of the error, not only part of its text.
+    #[test]
+    fn a_folder_without_weights_is_a_file_error_on_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        match Checkpoint::open(dir.path()) {
+            Err(Error::File { path, .. }) => assert_eq!(path, dir.path()),
+            other => panic!("{:?}", other.err()),
+        }
+    }
 }

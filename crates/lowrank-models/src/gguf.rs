@@ -714,6 +714,19 @@ pub(crate) fn reorder_rotary_rows(
 mod tests {
     use super::*;
 
+    /// A broken GGUF file keeps lowrank_gguf's typed error (which names the file).
+    #[test]
+    fn a_truncated_gguf_is_a_gguf_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, b"GGUF").unwrap();
+        let err = GgufModel::open(&path).err().unwrap();
+        assert!(
+            matches!(err, Error::Gguf(_)) && err.to_string().contains("model.gguf"),
+            "{err:?}"
+        );
+    }
+
     const LLAMA: &ArchSpec = &ARCHITECTURES[0];
 
     #[test]

@@ -492,6 +492,20 @@ pub fn render_chat_template(
 mod tests {
     use super::*;
 
+    /// A tokenizer.json the tokenizers crate refuses: an error on that file, the path a field.
+    #[test]
+    fn an_unreadable_tokenizer_is_a_file_error_on_tokenizer_json() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+        match Tokenizer::load(dir.path()) {
+            Err(Error::File { path, message }) => {
+                assert_eq!(path, dir.path().join("tokenizer.json"));
+                assert!(message.contains("cannot read tokenizer"), "{message}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
     fn fixture_tokenizer(style: &str) -> Tokenizer {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers");
         Tokenizer::load(&dir.join(style)).unwrap()
