@@ -16,8 +16,8 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor, Var};
 use lowrank_core::adalora::{
-    orth_regularizer, AdaloraAdapter, AdaloraConfig, AdaloraModule, AdaloraSchedule, Allocation,
-    BudgetSchedule, ModuleGrads, RankAllocator,
+    orth_regularizer, AdaloraAdapter, AdaloraConfig, AdaloraModule, Allocation, BudgetSchedule,
+    ModuleGrads, RankAllocator,
 };
 use lowrank_core::lora::{LoraAdapter, ALL_LINEAR, PEFT_PREFIX};
 use lowrank_core::targets::layer_index;
@@ -87,32 +87,12 @@ pub fn setup_trainable(
                 ));
             }
             // The schedule is this run's; the rank and α (the scale) are the adapter's.
-            config.schedule = AdaloraSchedule {
-                init_r,
-                target_r: ao.target_rank,
-                tinit: ao.tinit,
-                tfinal: ao.tfinal,
-                delta_t: ao.delta_t,
-                beta1: ao.beta1,
-                beta2: ao.beta2,
-                orth_reg_weight: ao.orth_reg_weight,
-                total_step: None,
-            };
+            config.schedule = ao.schedule(init_r);
             config.rank_pattern = None;
             (config, adapter.modules)
         }
         None => {
-            let schedule = AdaloraSchedule {
-                init_r: ao.init_rank,
-                target_r: ao.target_rank,
-                tinit: ao.tinit,
-                tfinal: ao.tfinal,
-                delta_t: ao.delta_t,
-                beta1: ao.beta1,
-                beta2: ao.beta2,
-                orth_reg_weight: ao.orth_reg_weight,
-                total_step: None,
-            };
+            let schedule = ao.schedule(ao.init_rank);
             let mut config = AdaloraConfig::new(schedule, o.alpha, parse_targets(&o.targets)?);
             config.dropout = o.dropout;
             config.base_model = Some(o.model.clone());
