@@ -27,6 +27,10 @@ pub enum Error {
     /// A tensor file does not fit what the configuration or the base model expects.
     #[error("{path}: {message}")]
     Tensors { path: PathBuf, message: String },
+    /// A file or folder whose content cannot be used (a tokenizer, a model folder without
+    /// weights, a GGUF model lowrank cannot map...).
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
     #[error("safetensors: {0}")]
     Safetensors(#[from] safetensors::SafeTensorError),
     #[error(transparent)]
@@ -34,6 +38,9 @@ pub enum Error {
     /// 4-bit quantization (a bad block size, a malformed bitsandbytes tensor...).
     #[error(transparent)]
     Quant(#[from] lowrank_quant::Error),
+    /// A GGUF file that cannot be read (truncated, corrupt, a missing key...).
+    #[error(transparent)]
+    Gguf(#[from] lowrank_gguf::GgufError),
     /// A command-line option (`--flag`) holds a value that cannot be used.
     #[error("--{flag}: {message}")]
     Option { flag: String, message: String },
@@ -109,6 +116,13 @@ impl Error {
 
     pub fn tensors(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Tensors {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::File {
             path: path.into(),
             message: message.into(),
         }

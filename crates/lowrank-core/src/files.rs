@@ -55,11 +55,14 @@ pub fn read_text(path: &Path) -> Result<String> {
             .rposition(|&b| b == b'\n')
             .map_or(0, |at| at + 1);
         let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
-        Error::Msg(format!(
-            "{}:{line}: not valid UTF-8 (at byte {} of the line); the file must be UTF-8 text",
-            path.display(),
-            valid.len() - line_start + 1
-        ))
+        Error::DataLine {
+            path: path.to_path_buf(),
+            line,
+            message: format!(
+                "not valid UTF-8 (at byte {} of the line); the file must be UTF-8 text",
+                valid.len() - line_start + 1
+            ),
+        }
     })
 }
 
@@ -226,6 +229,10 @@ mod tests {
             err.contains("data.jsonl:2:") && err.contains("UTF-8") && err.contains("byte 14"),
             "{err}"
         );
+        assert!(matches!(
+            read_text(&path),
+            Err(Error::DataLine { line: 2, .. })
+        ));
         std::fs::write(&path, "{\"text\": \"café\"}\n").unwrap();
         assert_eq!(read_text(&path).unwrap(), "{\"text\": \"café\"}\n");
     }

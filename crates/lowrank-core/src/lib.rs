@@ -2,11 +2,13 @@
 //! and the adapted linear layer they attach to.
 
 pub mod adalora;
+mod adapter_tensors;
 pub mod error;
 pub mod files;
 pub mod finite;
 pub mod linear;
 pub mod lora;
+mod peft_config;
 pub mod targets;
 
 pub use error::{Error, Result};

@@ -16,7 +16,7 @@
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
-use crate::cpu::{sgemm, Mat};
+use crate::cpu::sgemm_xwt;
 use crate::gemv::{gemv_parts, GemvPart, LowRankTerm, Weights};
 use crate::skinny::{dot_tile, shrink, skinny, TileWeight};
 pub use crate::skinny::{BaseWeights, Segment, StepLinear};
@@ -150,18 +150,7 @@ fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> R
     let out_f = l.out_features(in_f);
     // Y[:, o0..o0 + n] = X·W[o0..o0 + n]ᵀ for an f32 block of W's rows.
     let gemm_into = |y: &mut [f32], o0: usize, n: usize, w: &[f32]| {
-        sgemm(
-            rows,
-            n,
-            in_f,
-            &mut y[o0..],
-            out_f,
-            Mat::rows(x, in_f),
-            Mat::t(w, in_f),
-            1.0,
-            false,
-            true,
-        )
+        sgemm_xwt(rows, n, in_f, &mut y[o0..], out_f, x, w)
     };
     let mut y = match l.weight {
         BaseWeights::F32(w) => {

@@ -3,7 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Shape, Storage, StorageRef, Tensor};
-pub(crate) use lowrank_quant::sgemm::{sgemm, Mat};
+pub(crate) use lowrank_quant::sgemm::{sgemm, sgemm_xwt, Mat};
 
 /// The contiguous f32 data of a custom op's input.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {

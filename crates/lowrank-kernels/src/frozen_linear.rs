@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{require_cpu, rows_and_features, sgemm, slice, view, with_features, Mat};
+use crate::cpu::{
+    require_cpu, rows_and_features, sgemm, sgemm_xwt, slice, view, with_features, Mat,
+};
 use crate::gemv::{gemv, Weights};
 
 const NAME: &str = "lowrank-frozen-linear";
@@ -106,18 +108,7 @@ impl CustomOp1 for FrozenLinear {
             ));
         }
         let mut y = vec![0f32; n * out_f];
-        sgemm(
-            n,
-            out_f,
-            in_f,
-            &mut y,
-            out_f,
-            Mat::rows(x, in_f),
-            Mat::t(w, in_f),
-            1.0,
-            false,
-            true,
-        );
+        sgemm_xwt(n, out_f, in_f, &mut y, out_f, x, w);
         Ok((CpuStorage::F32(y), out_shape))
     }
 

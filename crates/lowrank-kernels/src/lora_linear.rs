@@ -16,8 +16,8 @@ use rayon::prelude::*;
 
 use crate::column_scale::scale_columns;
 use crate::cpu::{
-    add_scaled_matvec, dot, factor_rank, require_cpu, rows_and_features, sgemm, slice, sum_sq,
-    view, with_features, Mat,
+    add_scaled_matvec, dot, factor_rank, require_cpu, rows_and_features, sgemm, sgemm_xwt, slice,
+    sum_sq, view, with_features, Mat,
 };
 use crate::frozen_linear::{dense_grad_input, FrozenMatmul};
 use crate::gemv::{gemv, LowRankTerm, Weights};
@@ -173,18 +173,7 @@ pub fn dora_row_norm(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<T
     let (wv, av, bv) = (view(&w, NAME)?, view(&a, NAME)?, view(&b, NAME)?);
     let (ws, as_, bs) = (wv.get(), av.get(), bv.get());
     let mut wat = vec![0f32; out_f * r];
-    sgemm(
-        out_f,
-        r,
-        in_f,
-        &mut wat,
-        r,
-        Mat::rows(ws, in_f),
-        Mat::t(as_, in_f),
-        1.0,
-        false,
-        true,
-    );
+    sgemm_xwt(out_f, r, in_f, &mut wat, r, ws, as_);
     let mut gram = vec![0f32; r * r];
     for i in 0..r {
         for j in 0..r {
@@ -272,18 +261,7 @@ fn add_lora_and_bias(
     scale: f32,
     (n, in_f, r, out_f): (usize, usize, usize, usize),
 ) {
-    sgemm(
-        n,
-        r,
-        in_f,
-        ax,
-        r,
-        Mat::rows(x, in_f),
-        Mat::t(a, in_f),
-        1.0,
-        false,
-        true,
-    );
+    sgemm_xwt(n, r, in_f, ax, r, x, a);
     sgemm(
         n,
         out_f,
@@ -370,18 +348,7 @@ impl CustomOp3 for LoraLinear {
         } else {
             let w = wv.as_ref().expect("dense").get();
             let mut y = vec![0f32; n * out_f];
-            sgemm(
-                n,
-                out_f,
-                in_f,
-                &mut y,
-                out_f,
-                Mat::rows(x, in_f),
-                Mat::t(w, in_f),
-                1.0,
-                false,
-                true,
-            );
+            sgemm_xwt(n, out_f, in_f, &mut y, out_f, x, w);
             add_lora_and_bias(
                 &mut y,
                 x,

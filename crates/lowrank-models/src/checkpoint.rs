@@ -81,10 +81,10 @@ impl Checkpoint {
             } else {
                 ""
             };
-            return Err(Error::Msg(format!(
-                "{}: no {SINGLE_FILE} or {INDEX_FILE}{hint}",
-                dir.display()
-            )));
+            return Err(Error::file(
+                dir,
+                format!("no {SINGLE_FILE} or {INDEX_FILE}{hint}"),
+            ));
         };
         for f in &files {
             if !f.exists() {
@@ -99,7 +99,7 @@ impl Checkpoint {
         }
         // SAFETY: the files are opened read-only; as with every mmap, they must not be truncated while in use.
         let tensors = unsafe { MmapedSafetensors::multi(&files) }
-            .map_err(|e| Error::Msg(format!("{}: cannot read safetensors: {e}", dir.display())))?;
+            .map_err(|e| Error::tensors(dir, format!("cannot read safetensors: {e}")))?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             files,
@@ -188,11 +188,13 @@ impl Checkpoint {
     ) -> Result<Tensor> {
         let t = self.load_stored(name, device)?;
         if t.dims() != shape {
-            return Err(Error::Msg(format!(
-                "{}: tensor {name:?} has shape {:?}, expected {shape:?} from config.json",
-                self.dir.display(),
-                t.dims()
-            )));
+            return Err(Error::tensors(
+                &self.dir,
+                format!(
+                    "tensor {name:?} has shape {:?}, expected {shape:?} from config.json",
+                    t.dims()
+                ),
+            ));
         }
         let t = t.to_dtype(dtype)?;
         lowrank_core::finite::ensure_finite(self.source(), name, &t)?;
@@ -203,9 +205,9 @@ impl Checkpoint {
     /// model's layout).
     pub fn load_stored(&self, name: &str, device: &Device) -> Result<Tensor> {
         Ok(match &self.store {
-            Store::Safetensors(t) => t.load(name, device).map_err(|_| {
-                Error::Msg(format!("{}: missing tensor {name:?}", self.dir.display()))
-            })?,
+            Store::Safetensors(t) => t
+                .load(name, device)
+                .map_err(|_| Error::tensors(&self.dir, format!("missing tensor {name:?}")))?,
             Store::Gguf { model, heads } => {
                 let (dims, data) = model.load_f32(name, heads.0, heads.1)?;
                 Tensor::from_vec(data, dims, device)?
@@ -242,10 +244,10 @@ impl Checkpoint {
     ) -> Result<lowrank_quant::Quantized4Bit> {
         use lowrank_quant::qtensor::{RawDtype, RawTensorRef};
         let Store::Safetensors(tensors) = &self.store else {
-            return Err(Error::Msg(format!(
-                "{}: GGUF files hold no bitsandbytes 4-bit tensors",
-                self.dir.display()
-            )));
+            return Err(Error::tensors(
+                &self.dir,
+                "GGUF files hold no bitsandbytes 4-bit tensors",
+            ));
         };
         // The views of this weight's tensors (a view owns its shape, so they are kept here).
         let mut views = std::collections::HashMap::new();
@@ -281,22 +283,26 @@ impl Checkpoint {
             let name = format!("{weight_name}.{part}");
             if let Ok(v) = tensors.get(&name) {
                 if !matches!(v.dtype(), safetensors::Dtype::U8 | safetensors::Dtype::F32) {
-                    return Err(Error::Msg(format!(
-                        "{}: tensor {name:?} has dtype {:?}, expected uint8 or float32",
-                        self.dir.display(),
-                        v.dtype()
-                    )));
+                    return Err(Error::tensors(
+                        &self.dir,
+                        format!(
+                            "tensor {name:?} has dtype {:?}, expected uint8 or float32",
+                            v.dtype()
+                        ),
+                    ));
                 }
             }
         }
         let q = lowrank_quant::Quantized4Bit::from_bnb_tensors(weight_name, get)
-            .map_err(|e| Error::Msg(format!("{}: {e}", self.dir.display())))?;
+            .map_err(|e| Error::tensors(&self.dir, e.to_string()))?;
         if q.shape() != shape {
-            return Err(Error::Msg(format!(
-                "{}: 4-bit tensor {weight_name:?} has shape {:?}, expected {shape:?} from config.json",
-                self.dir.display(),
-                q.shape()
-            )));
+            return Err(Error::tensors(
+                &self.dir,
+                format!(
+                    "4-bit tensor {weight_name:?} has shape {:?}, expected {shape:?} from config.json",
+                    q.shape()
+                ),
+            ));
         }
         Ok(q)
     }
@@ -319,5 +325,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("model.safetensors"), "{err}");
+    }
+
+    /// The folder at fault is a field of the error, not only part of its text.
+    #[test]
+    fn a_folder_without_weights_is_a_file_error_on_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        match Checkpoint::open(dir.path()) {
+            Err(Error::File { path, .. }) => assert_eq!(path, dir.path()),
+            other => panic!("{:?}", other.err()),
+        }
     }
 }

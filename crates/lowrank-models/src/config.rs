@@ -247,8 +247,7 @@ impl ModelConfig {
         let activation = activation_of(&file, gemma).map_err(|(f, m)| bad(f, m))?;
         // Pre-quantized checkpoints: bitsandbytes 4-bit (NF4/FP4) only; the error names the field.
         let quantization =
-            lowrank_quant::QuantizationConfig::from_config(&raw, &path.display().to_string())
-                .map_err(|e| Error::Msg(e.to_string()))?;
+            lowrank_quant::QuantizationConfig::from_config(&raw, &path.display().to_string())?;
         let (num_kv_heads, head_dim) =
             attention_heads(&file, architecture).map_err(|(f, m)| bad(f, m))?;
         let Rope {

@@ -172,10 +172,10 @@ pub fn stop_token_ids(
     if path.exists() {
         let v: serde_json::Value = lowrank_core::files::read_json(&path)?;
         let Some(fields) = v.as_object() else {
-            return Err(lowrank_core::Error::Msg(format!(
-                "{}: expected a JSON object, found {v}",
-                path.display()
-            )));
+            return Err(lowrank_core::Error::file(
+                &path,
+                format!("expected a JSON object, found {v}"),
+            ));
         };
         let eos = crate::config::token_ids(&fields.get("eos_token_id").cloned())
             .map_err(|m| lowrank_core::Error::field(&path, "eos_token_id", m))?;

@@ -205,6 +205,22 @@ impl ArchSpec {
         Some(format!("{stem}.{kind}"))
     }
 
+    /// The heads whose rows llama.cpp reorders ([`reorder_rotary_rows`]) in module or tensor
+    /// `name`: the query's (`heads`) and the key's (`kv_heads`), for the architectures that
+    /// permute them.
+    pub(crate) fn rotary_heads(&self, name: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+        let is = |module: &str| name.ends_with(module) || name.contains(&format!("{module}."));
+        if !self.permuted_qk {
+            None
+        } else if is(".self_attn.q_proj") {
+            Some(heads)
+        } else if is(".self_attn.k_proj") {
+            Some(kv_heads)
+        } else {
+            None
+        }
+    }
+
     /// Whether HF tensor `name` is an RMSNorm weight GGUF holds as `1 + w`.
     pub fn stores_norm_plus_one(&self, hf_name: &str) -> bool {
         self.norm_plus_one && hf_name.ends_with("norm.weight")
@@ -240,10 +256,6 @@ pub fn is_gguf(path: &Path) -> bool {
     path.is_file() && lowrank_gguf::is_gguf(path)
 }
 
-pub(crate) fn gguf_error(e: lowrank_gguf::GgufError) -> Error {
-    Error::Msg(e.to_string())
-}
-
 /// An open GGUF model: the file, its architecture and the HF name of each tensor.
 pub struct GgufModel {
     file: GgufFile,
@@ -254,8 +266,8 @@ pub struct GgufModel {
 
 impl GgufModel {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = GgufFile::open(path).map_err(gguf_error)?;
-        let name = file.str("general.architecture").map_err(gguf_error)?;
+        let file = GgufFile::open(path)?;
+        let name = file.str("general.architecture")?;
         let arch = ARCHITECTURES
             .iter()
             .find(|a| a.gguf == name)
@@ -276,21 +288,19 @@ impl GgufModel {
         let mut by_hf_name = HashMap::new();
         for (i, t) in file.tensors().iter().enumerate() {
             if t.name == "rope_freqs.weight" {
-                return Err(Error::Msg(format!(
-                    "{}: tensor \"rope_freqs.weight\" (Llama 3.1 rope scaling, precomputed) is not supported from GGUF",
-                    path.display()
-                )));
+                return Err(Error::tensors(
+                    path,
+                    "tensor \"rope_freqs.weight\" (Llama 3.1 rope scaling, precomputed) is not supported from GGUF",
+                ));
             }
             if arch.gguf == "phi3" && PHI3_ROPE_FACTORS.contains(&t.name.as_str()) {
                 continue;
             }
             let hf = arch.hf_tensor_name(&t.name).ok_or_else(|| {
-                Error::Msg(format!(
-                    "{}: tensor {:?} is not one a {} model has",
-                    path.display(),
-                    t.name,
-                    arch.gguf
-                ))
+                Error::tensors(
+                    path,
+                    format!("tensor {:?} is not one a {} model has", t.name, arch.gguf),
+                )
             })?;
             by_hf_name.insert(hf, i);
         }
@@ -329,38 +339,31 @@ impl GgufModel {
     pub fn config_json(&self) -> Result<Value> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let e = gguf_error;
-        let heads = f.u64(&key("attention.head_count")).map_err(e)?;
-        let hidden = f.u64(&key("embedding_length")).map_err(e)?;
-        let layers = f.u64(&key("block_count")).map_err(e)?;
-        let embed = self.tensor("model.embed_tokens.weight").ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: no tensor \"token_embd.weight\"",
-                self.path().display()
-            ))
-        })?;
-        let head_dim = match f.u64_opt(&key("attention.key_length")).map_err(e)? {
+        let heads = f.u64(&key("attention.head_count"))?;
+        let hidden = f.u64(&key("embedding_length"))?;
+        let layers = f.u64(&key("block_count"))?;
+        let embed = self
+            .tensor("model.embed_tokens.weight")
+            .ok_or_else(|| Error::tensors(self.path(), "no tensor \"token_embd.weight\""))?;
+        let head_dim = match f.u64_opt(&key("attention.key_length"))? {
             Some(d) => d,
             None if heads > 0 => hidden / heads,
             None => 0,
         };
-        let rope_theta = f
-            .f64_opt(&key("rope.freq_base"))
-            .map_err(e)?
-            .unwrap_or(10_000.0);
+        let rope_theta = f.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let gemma = self.arch.norm_plus_one;
         let mut cfg = json!({
             "architectures": [self.arch.hf_class],
             "model_type": self.arch.model_type,
             "vocab_size": embed.shape()[0],
             "hidden_size": hidden,
-            "intermediate_size": f.u64(&key("feed_forward_length")).map_err(e)?,
+            "intermediate_size": f.u64(&key("feed_forward_length"))?,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
-            "num_key_value_heads": f.u64_opt(&key("attention.head_count_kv")).map_err(e)?.unwrap_or(heads),
+            "num_key_value_heads": f.u64_opt(&key("attention.head_count_kv"))?.unwrap_or(heads),
             // Written out: transformers' defaults differ per family (Qwen3 128, Gemma 256).
             "head_dim": head_dim,
-            "rms_norm_eps": f.f64(&key("attention.layer_norm_rms_epsilon")).map_err(e)?,
+            "rms_norm_eps": f.f64(&key("attention.layer_norm_rms_epsilon"))?,
             // llama.cpp's default when the key is absent.
             "rope_theta": rope_theta,
             "tie_word_embeddings": self.tensor("lm_head.weight").is_none(),
@@ -377,7 +380,7 @@ impl GgufModel {
         } else {
             obj.insert("hidden_act".into(), "silu".into());
         }
-        if let Some(ctx) = f.u64_opt(&key("context_length")).map_err(e)? {
+        if let Some(ctx) = f.u64_opt(&key("context_length"))? {
             obj.insert("max_position_embeddings".into(), ctx.into());
         }
         let has = |n: &str| self.tensor(n).is_some();
@@ -410,7 +413,7 @@ impl GgufModel {
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
             ("tokenizer.ggml.padding_token_id", "pad_token_id"),
         ] {
-            if let Some(id) = f.u64_opt(gguf_key).map_err(e)? {
+            if let Some(id) = f.u64_opt(gguf_key)? {
                 obj.insert(hf_key.into(), id.into());
             }
         }
@@ -424,10 +427,10 @@ impl GgufModel {
     fn rope_scaling(&self) -> Result<Option<Value>> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        match f.str_opt(&key("rope.scaling.type")).map_err(gguf_error)? {
+        match f.str_opt(&key("rope.scaling.type"))? {
             None | Some("none") => Ok(None),
             Some("linear") => {
-                let factor = f.f64(&key("rope.scaling.factor")).map_err(gguf_error)?;
+                let factor = f.f64(&key("rope.scaling.factor"))?;
                 Ok(Some(json!({"rope_type": "linear", "factor": factor})))
             }
             // Phi-3's factors are tensors, read by `phi3_fields`.
@@ -461,7 +464,6 @@ impl GgufModel {
     ) -> Result<()> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let e = gguf_error;
         let gemma2 = self.arch.gguf == "gemma2";
         obj.insert(
             "query_pre_attn_scalar".into(),
@@ -471,7 +473,7 @@ impl GgufModel {
         );
         // Absent keys: llama.cpp's defaults (Gemma 2: 50 and 30, Gemma 3: none).
         let cap = |k: &str, default: Option<f64>| -> Result<Value> {
-            Ok(match f.f64_opt(&key(k)).map_err(e)?.or(default) {
+            Ok(match f.f64_opt(&key(k))?.or(default) {
                 Some(v) if v > 0.0 => v.into(),
                 _ => Value::Null,
             })
@@ -484,7 +486,7 @@ impl GgufModel {
             "final_logit_softcapping".into(),
             cap("final_logit_softcapping", gemma2.then_some(30.0))?,
         );
-        let window = match f.u64_opt(&key("attention.sliding_window")).map_err(e)? {
+        let window = match f.u64_opt(&key("attention.sliding_window"))? {
             Some(0) => None,
             Some(w) => Some(w),
             None if gemma2 => Some(4096),
@@ -515,10 +517,7 @@ impl GgufModel {
             return Ok(());
         }
         let theta = obj["rope_theta"].clone();
-        let local_theta = f
-            .f64_opt(&key("rope.freq_base_swa"))
-            .map_err(e)?
-            .unwrap_or(10_000.0);
+        let local_theta = f.f64_opt(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
         let mut global = scaling.unwrap_or_else(|| json!({"rope_type": "default"}));
         global["rope_theta"] = theta;
         obj.insert(
@@ -571,20 +570,14 @@ impl GgufModel {
     fn phi3_fields(&self, obj: &mut serde_json::Map<String, Value>, head_dim: u64) -> Result<()> {
         let f = &self.file;
         let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let e = gguf_error;
-        let rope_dims = f
-            .u64_opt(&key("rope.dimension_count"))
-            .map_err(e)?
-            .unwrap_or(head_dim);
+        let rope_dims = f.u64_opt(&key("rope.dimension_count"))?.unwrap_or(head_dim);
         if head_dim > 0 && rope_dims != head_dim {
             obj.insert(
                 "partial_rotary_factor".into(),
                 (rope_dims as f64 / head_dim as f64).into(),
             );
         }
-        let original = f
-            .u64_opt(&key("rope.scaling.original_context_length"))
-            .map_err(e)?;
+        let original = f.u64_opt(&key("rope.scaling.original_context_length"))?;
         if let Some(original) = original {
             obj.insert("original_max_position_embeddings".into(), original.into());
         }
@@ -592,7 +585,7 @@ impl GgufModel {
             if self.file.tensor(name).is_none() {
                 return Ok(None);
             }
-            let (_, values) = self.file.dequantize(name).map_err(gguf_error)?;
+            let (_, values) = self.file.dequantize(name)?;
             Ok(Some(values.into_iter().map(f64::from).collect()))
         };
         match (
@@ -615,13 +608,13 @@ impl GgufModel {
             }
             (None, None) => {}
             _ => {
-                return Err(Error::Msg(format!(
-                "{}: LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight",
-                self.path().display()
-            )))
+                return Err(Error::tensors(
+                    self.path(),
+                    "LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight",
+                ))
             }
         }
-        if let Some(w) = f.u64_opt(&key("attention.sliding_window")).map_err(e)? {
+        if let Some(w) = f.u64_opt(&key("attention.sliding_window"))? {
             if w > 0 {
                 obj.insert("sliding_window".into(), w.into());
             }
@@ -642,50 +635,61 @@ impl GgufModel {
         num_kv_heads: usize,
     ) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.tensor(name).ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: missing tensor {:?} ({name})",
-                self.path().display(),
-                self.arch.gguf_tensor_name(name).unwrap_or_default()
-            ))
+            Error::tensors(
+                self.path(),
+                format!(
+                    "missing tensor {:?} ({name})",
+                    self.arch.gguf_tensor_name(name).unwrap_or_default()
+                ),
+            )
         })?;
-        let (shape, mut data) = self.file.dequantize(&info.name).map_err(gguf_error)?;
+        let (shape, mut data) = self.file.dequantize(&info.name)?;
         if self.arch.stores_norm_plus_one(name) {
             // Exact for stored values of at least 1/2 (every real Gemma norm): the model's
             // 1 + w is then the stored value again, bit for bit.
             data.iter_mut().for_each(|v| *v -= 1.0);
         }
-        let heads = if !self.arch.permuted_qk {
-            None
-        } else if name.contains(".self_attn.q_proj.") {
-            Some(num_heads)
-        } else if name.contains(".self_attn.k_proj.") {
-            Some(num_kv_heads)
-        } else {
-            None
-        };
-        let data = match heads {
-            Some(heads) => unpermute_rows(&data, &shape, heads).ok_or_else(|| {
-                Error::Msg(format!(
-                    "{}: tensor {:?} of shape {shape:?} does not split into {heads} heads of even size",
-                    self.path().display(),
-                    info.name
-                ))
-            })?,
+        let data = match self.arch.rotary_heads(name, num_heads, num_kv_heads) {
+            Some(heads) => {
+                let rows = shape.first().copied().unwrap_or(0);
+                reorder_rotary_rows(&data, rows, heads, RotaryRows::FromGguf).ok_or_else(|| {
+                Error::tensors(
+                    self.path(),
+                    format!(
+                        "tensor {:?} of shape {shape:?} does not split into {heads} heads of even size",
+                        info.name
+                    ),
+                )
+            })?
+            }
             None => data,
         };
         Ok((shape, data))
     }
 }
 
-/// Undoes `LlamaModel.permute` of convert_hf_to_gguf.py: within each head, GGUF row `2j + s`
-/// is HF row `s * head_rows / 2 + j` (the rotary halves were interleaved). None when the rows
-/// do not split into `heads` heads of even size.
-fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32>> {
-    let rows = *shape.first()?;
-    let cols: usize = shape[1..].iter().product();
+/// Which way [`reorder_rotary_rows`] goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RotaryRows {
+    /// HF's order to llama.cpp's (convert_hf_to_gguf.py's `LlamaModel.permute`).
+    ToGguf,
+    /// llama.cpp's order back to HF's.
+    FromGguf,
+}
+
+/// The rows of a q/k projection (or its LoRA B) between HF's and llama.cpp's order: within
+/// each head, GGUF row `2j + s` is HF row `s * head_rows / 2 + j` (the rotary halves are
+/// interleaved). None when the `rows` do not split into `heads` heads of even size.
+pub(crate) fn reorder_rotary_rows(
+    data: &[f32],
+    rows: usize,
+    heads: usize,
+    way: RotaryRows,
+) -> Option<Vec<f32>> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
+    let cols = data.len().checked_div(rows).unwrap_or(0);
     let head_rows = rows / heads;
     let half = head_rows / 2;
     let mut out = vec![0f32; data.len()];
@@ -694,8 +698,12 @@ fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32
             for j in 0..half {
                 let hf = h * head_rows + s * half + j;
                 let gguf = h * head_rows + 2 * j + s;
-                out[hf * cols..(hf + 1) * cols]
-                    .copy_from_slice(&data[gguf * cols..(gguf + 1) * cols]);
+                let (from, to) = match way {
+                    RotaryRows::ToGguf => (hf, gguf),
+                    RotaryRows::FromGguf => (gguf, hf),
+                };
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&data[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -705,6 +713,19 @@ fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A broken GGUF file keeps lowrank_gguf's typed error (which names the file).
+    #[test]
+    fn a_truncated_gguf_is_a_gguf_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, b"GGUF").unwrap();
+        let err = GgufModel::open(&path).err().unwrap();
+        assert!(
+            matches!(err, Error::Gguf(_)) && err.to_string().contains("model.gguf"),
+            "{err:?}"
+        );
+    }
 
     const LLAMA: &ArchSpec = &ARCHITECTURES[0];
 
@@ -797,8 +818,8 @@ mod tests {
     fn unpermute_inverts_the_converters_permutation() {
         // permute([0..8]) per head [a0 a1 b0 b1] -> [a0 b0 a1 b1]: rows 0 2 1 3 | 4 6 5 7.
         let gguf = [0., 2., 1., 3., 4., 6., 5., 7.];
-        let hf = unpermute_rows(&gguf, &[8, 1], 2).unwrap();
+        let hf = reorder_rotary_rows(&gguf, 8, 2, RotaryRows::FromGguf).unwrap();
         assert_eq!(hf, [0., 1., 2., 3., 4., 5., 6., 7.]);
-        assert!(unpermute_rows(&gguf, &[8, 1], 3).is_none());
+        assert!(reorder_rotary_rows(&gguf, 8, 3, RotaryRows::FromGguf).is_none());
     }
 }

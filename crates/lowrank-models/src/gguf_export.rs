@@ -8,7 +8,7 @@ use lowrank_core::{Error, Result};
 use lowrank_gguf::{GgufWriter, TensorType, Value};
 
 use crate::config::RopeScaling;
-use crate::gguf::{ArchSpec, ARCHITECTURES};
+use crate::gguf::{reorder_rotary_rows, ArchSpec, RotaryRows, ARCHITECTURES};
 use crate::ModelConfig;
 
 /// gguf-py's `GGML_QUANT_VERSION`, written as `general.quantization_version`.
@@ -77,25 +77,11 @@ fn python_title(w: &str) -> String {
 /// The rows of a q/k projection (or its LoRA B) in llama.cpp's order: convert_hf_to_gguf.py's
 /// `LlamaModel.permute`, the inverse of [`crate::gguf`]'s.
 pub fn permute_rows(data: &[f32], rows: usize, heads: usize) -> Result<Vec<f32>> {
-    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        return Err(Error::Msg(format!(
+    reorder_rotary_rows(data, rows, heads, RotaryRows::ToGguf).ok_or_else(|| {
+        Error::Msg(format!(
             "{rows} rows do not split into {heads} heads of even size"
-        )));
-    }
-    let cols = data.len() / rows;
-    let (head_rows, half) = (rows / heads, rows / heads / 2);
-    let mut out = vec![0f32; data.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for j in 0..half {
-                let hf = h * head_rows + s * half + j;
-                let gguf = h * head_rows + 2 * j + s;
-                out[gguf * cols..(gguf + 1) * cols]
-                    .copy_from_slice(&data[hf * cols..(hf + 1) * cols]);
-            }
-        }
-    }
-    Ok(out)
+        ))
+    })
 }
 
 /// The alpha llama.cpp needs for every module to get PEFT's scale: llama.cpp scales each
@@ -159,16 +145,7 @@ pub fn lora_adapter_gguf(
         let (a_dims, b_dims) = (a.dims().to_vec(), b.dims().to_vec());
         let a: Vec<f32> = a.flatten_all()?.to_vec1()?;
         let mut b: Vec<f32> = b.flatten_all()?.to_vec1()?;
-        let heads = if !arch.permuted_qk {
-            None
-        } else if key.ends_with(".self_attn.q_proj") {
-            Some(config.num_heads)
-        } else if key.ends_with(".self_attn.k_proj") {
-            Some(config.num_kv_heads)
-        } else {
-            None
-        };
-        if let Some(heads) = heads {
+        if let Some(heads) = arch.rotary_heads(key, config.num_heads, config.num_kv_heads) {
             b = permute_rows(&b, b_dims[0], heads)
                 .map_err(|e| Error::Msg(format!("{key}: {e}")))?;
         }
@@ -330,16 +307,7 @@ pub fn model_gguf(
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        let heads = if !arch.permuted_qk {
-            None
-        } else if hf_name.contains(".self_attn.q_proj.") {
-            Some(config.num_heads)
-        } else if hf_name.contains(".self_attn.k_proj.") {
-            Some(config.num_kv_heads)
-        } else {
-            None
-        };
-        if let Some(heads) = heads {
+        if let Some(heads) = arch.rotary_heads(&hf_name, config.num_heads, config.num_kv_heads) {
             values = permute_rows(&values, shape[0], heads)
                 .map_err(|e| Error::Msg(format!("{hf_name}: {e}")))?;
         }

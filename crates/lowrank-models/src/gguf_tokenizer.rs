@@ -20,8 +20,6 @@ use lowrank_core::{Error, Result};
 use lowrank_gguf::{GgufFile, Value as GgufValue};
 use serde_json::{json, Value};
 
-use crate::gguf::gguf_error;
-
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_UNKNOWN: u64 = 2;
 const TOKEN_TYPE_CONTROL: u64 = 3;
@@ -76,8 +74,7 @@ pub struct GgufTokenizer {
 /// Builds the tokenizer described by `file`'s metadata.
 pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     let path = file.path();
-    let e = gguf_error;
-    let model = file.str("tokenizer.ggml.model").map_err(e)?;
+    let model = file.str("tokenizer.ggml.model")?;
     if model != "gpt2" && model != "llama" {
         return Err(Error::field(
             path,
@@ -93,10 +90,9 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         pre_tokenizer_of(file)?
     };
     let tokens = file
-        .strings_opt("tokenizer.ggml.tokens")
-        .map_err(e)?
+        .strings_opt("tokenizer.ggml.tokens")?
         .ok_or_else(|| Error::field(path, "tokenizer.ggml.tokens", "missing"))?;
-    let merges = match file.strings_opt("tokenizer.ggml.merges").map_err(e)? {
+    let merges = match file.strings_opt("tokenizer.ggml.merges")? {
         Some(merges) => merges.into_iter().map(str::to_string).collect(),
         None if sentencepiece => Vec::new(),
         None => return Err(Error::field(path, "tokenizer.ggml.merges", "missing")),
@@ -107,8 +103,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     let (single, pair, special_tokens) = special.template();
     let tokenizer_json = if sentencepiece {
         let add_space_prefix = file
-            .bool_opt("tokenizer.ggml.add_space_prefix")
-            .map_err(e)?
+            .bool_opt("tokenizer.ggml.add_space_prefix")?
             .unwrap_or(true);
         let template = json!({"type": "TemplateProcessing", "single": single, "pair": pair,
                               "special_tokens": special_tokens});
@@ -133,19 +128,13 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
         eos_token: special.eos.map(|(_, t)| t),
         unk_token: special.unk.map(|(_, t)| t),
         pad_token: special.pad.map(|(_, t)| t),
-        chat_template: file
-            .str_opt("tokenizer.chat_template")
-            .map_err(e)?
-            .map(str::to_string),
+        chat_template: file.str_opt("tokenizer.chat_template")?.map(str::to_string),
     })
 }
 
 /// The byte-level BPE's pre-tokenizer, named by `tokenizer.ggml.pre`.
 fn pre_tokenizer_of(file: &GgufFile) -> Result<&'static PreTokenizer> {
-    let pre_name = file
-        .str_opt("tokenizer.ggml.pre")
-        .map_err(gguf_error)?
-        .unwrap_or("gpt-2");
+    let pre_name = file.str_opt("tokenizer.ggml.pre")?.unwrap_or("gpt-2");
     PRE_TOKENIZERS
         .iter()
         .find(|p| p.name == pre_name)
@@ -167,10 +156,7 @@ fn pre_tokenizer_of(file: &GgufFile) -> Result<&'static PreTokenizer> {
 
 /// `tokenizer.ggml.token_type`, one per token (all normal when missing).
 fn token_types(file: &GgufFile, count: usize) -> Result<Vec<u64>> {
-    match file
-        .array_opt("tokenizer.ggml.token_type")
-        .map_err(gguf_error)?
-    {
+    match file.array_opt("tokenizer.ggml.token_type")? {
         None => Ok(vec![1; count]),
         Some(items) => items
             .iter()
@@ -200,7 +186,7 @@ struct SpecialTokens {
 impl SpecialTokens {
     fn read(file: &GgufFile, tokens: &[&str]) -> Result<Self> {
         let token_of = |key: &str| -> Result<Option<(u64, String)>> {
-            match file.u64_opt(key).map_err(gguf_error)? {
+            match file.u64_opt(key)? {
                 None => Ok(None),
                 Some(id) => tokens
                     .get(id as usize)
@@ -214,9 +200,7 @@ impl SpecialTokens {
                     }),
             }
         };
-        let flag = |key: &str| -> Result<bool> {
-            Ok(file.bool_opt(key).map_err(gguf_error)?.unwrap_or(false))
-        };
+        let flag = |key: &str| -> Result<bool> { Ok(file.bool_opt(key)?.unwrap_or(false)) };
         Ok(SpecialTokens {
             bos: token_of("tokenizer.ggml.bos_token_id")?,
             eos: token_of("tokenizer.ggml.eos_token_id")?,

@@ -138,16 +138,16 @@ impl Tokenizer {
         // errors inside the "decoder" section when it parses the text itself.
         let json: Value = lowrank_core::files::read_json(&path)?;
         let inner: tokenizers::Tokenizer = serde_json::from_value(json)
-            .map_err(|e| Error::Msg(format!("{}: cannot read tokenizer: {e}", path.display())))?;
+            .map_err(|e| Error::file(&path, format!("cannot read tokenizer: {e}")))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.exists() {
             match lowrank_core::files::read_json(&config_path)? {
                 Value::Object(fields) => fields,
                 other => {
-                    return Err(Error::Msg(format!(
-                        "{}: expected a JSON object, found {other}",
-                        config_path.display()
-                    )))
+                    return Err(Error::file(
+                        &config_path,
+                        format!("expected a JSON object, found {other}"),
+                    ))
                 }
             }
         } else {
@@ -176,15 +176,10 @@ impl Tokenizer {
 
     /// The tokenizer a GGUF file's metadata describes (see [`crate::gguf_tokenizer`]).
     pub fn from_gguf(path: &Path) -> Result<Self> {
-        let file = lowrank_gguf::GgufFile::open(path).map_err(crate::gguf::gguf_error)?;
+        let file = lowrank_gguf::GgufFile::open(path)?;
         let built = crate::gguf_tokenizer::from_gguf(&file)?;
-        let inner: tokenizers::Tokenizer =
-            serde_json::from_value(built.tokenizer_json).map_err(|e| {
-                Error::Msg(format!(
-                    "{}: cannot build the tokenizer: {e}",
-                    path.display()
-                ))
-            })?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(built.tokenizer_json)
+            .map_err(|e| Error::file(path, format!("cannot build the tokenizer: {e}")))?;
         Ok(Tokenizer {
             inner,
             bos_token: built.bos_token,
@@ -496,6 +491,20 @@ pub fn render_chat_template(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tokenizer.json the tokenizers crate refuses: an error on that file, the path a field.
+    #[test]
+    fn an_unreadable_tokenizer_is_a_file_error_on_tokenizer_json() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+        match Tokenizer::load(dir.path()) {
+            Err(Error::File { path, message }) => {
+                assert_eq!(path, dir.path().join("tokenizer.json"));
+                assert!(message.contains("cannot read tokenizer"), "{message}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
+    }
 
     fn fixture_tokenizer(style: &str) -> Tokenizer {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers");

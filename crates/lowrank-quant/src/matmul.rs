@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::qtensor::Quantized4Bit;
-use crate::sgemm::{sgemm, Mat};
+use crate::sgemm::{sgemm, sgemm_xwt, Mat};
 
 /// Output rows of W dequantized per forward task.
 const TILE_OUT: usize = 16;
@@ -62,18 +62,7 @@ fn matmul_4bit_gemm(
         let tile = &mut tile[..n * in_f];
         dequantize_rows(w, &lut, o0, in_f, tile);
         // Columns o0..o0 + n of y (rows × out_f); the tile (n × in_f) read transposed.
-        sgemm(
-            rows,
-            n,
-            in_f,
-            &mut y[o0..],
-            out_f,
-            Mat::rows(x, in_f),
-            Mat::t(tile, in_f),
-            1.0,
-            false,
-            true,
-        );
+        sgemm_xwt(rows, n, in_f, &mut y[o0..], out_f, x, tile);
     }
     y
 }

@@ -29,6 +29,31 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// dst (m×n, row stride `dst_rs`) = x · wᵀ for row-major x (m×k) and w (n×k): a linear
+/// layer's product (w holds one output per row), on the rayon pool.
+pub fn sgemm_xwt(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    x: &[f32],
+    w: &[f32],
+) {
+    sgemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        Mat::rows(x, k),
+        Mat::t(w, k),
+        1.0,
+        false,
+        true,
+    );
+}
+
 /// dst (m×n, row-major with row stride `dst_rs`) = [dst +] alpha · lhs (m×k) · rhs (k×n).
 /// `parallel` lets gemm use the rayon pool (leave it off inside a rayon task).
 ///

@@ -1740,18 +1740,12 @@ fn write_wide_adapter(root: &Path, name: &str) -> PathBuf {
     let config = LoraConfig::new(
         8,
         4.0,
+        // Every linear of the model's layers.
         lowrank_core::targets::ModuleSelector::Names(
-            [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            lowrank_core::lora::ALL_LINEAR
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         ),
     );
     let dir = root.join(name);

@@ -16,10 +16,10 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor, Var};
 use lowrank_core::adalora::{
-    orth_regularizer, AdaloraAdapter, AdaloraConfig, AdaloraModule, AdaloraSchedule, Allocation,
-    BudgetSchedule, ModuleGrads, RankAllocator,
+    orth_regularizer, AdaloraAdapter, AdaloraConfig, AdaloraModule, Allocation, BudgetSchedule,
+    ModuleGrads, RankAllocator,
 };
-use lowrank_core::lora::{LoraAdapter, PEFT_PREFIX};
+use lowrank_core::lora::{LoraAdapter, ALL_LINEAR, PEFT_PREFIX};
 use lowrank_core::targets::layer_index;
 use lowrank_core::{Error, Result};
 use lowrank_models::Llama;
@@ -69,48 +69,30 @@ pub fn setup_trainable(
     let (config, modules) = match &o.init_adapter {
         Some(dir) => {
             if !lowrank_core::adalora::is_adalora_dir(dir) {
-                return Err(Error::Msg(format!(
-                    "{}: --method adalora continues only an AdaLoRA adapter (peft_type \"ADALORA\")",
-                    dir.display()
-                )));
+                return Err(Error::file(
+                    dir,
+                    "--method adalora continues only an AdaLoRA adapter (peft_type \"ADALORA\")",
+                ));
             }
             let adapter = AdaloraAdapter::load(dir, &model.linears(), model.device())?;
             let mut config = adapter.config;
             let init_r = config.schedule.init_r;
             if let Some((name, m)) = adapter.modules.iter().find(|(_, m)| m.rank() != init_r) {
-                return Err(Error::Msg(format!(
-                    "{}: module {name:?} is cut to rank {} of {init_r} (a finished AdaLoRA adapter); training continues only from a full-rank one",
-                    dir.display(),
-                    m.rank()
-                )));
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "module {name:?} is cut to rank {} of {init_r} (a finished AdaLoRA adapter); training continues only from a full-rank one",
+                        m.rank()
+                    ),
+                ));
             }
             // The schedule is this run's; the rank and α (the scale) are the adapter's.
-            config.schedule = AdaloraSchedule {
-                init_r,
-                target_r: ao.target_rank,
-                tinit: ao.tinit,
-                tfinal: ao.tfinal,
-                delta_t: ao.delta_t,
-                beta1: ao.beta1,
-                beta2: ao.beta2,
-                orth_reg_weight: ao.orth_reg_weight,
-                total_step: None,
-            };
+            config.schedule = ao.schedule(init_r);
             config.rank_pattern = None;
             (config, adapter.modules)
         }
         None => {
-            let schedule = AdaloraSchedule {
-                init_r: ao.init_rank,
-                target_r: ao.target_rank,
-                tinit: ao.tinit,
-                tfinal: ao.tfinal,
-                delta_t: ao.delta_t,
-                beta1: ao.beta1,
-                beta2: ao.beta2,
-                orth_reg_weight: ao.orth_reg_weight,
-                total_step: None,
-            };
+            let schedule = ao.schedule(ao.init_rank);
             let mut config = AdaloraConfig::new(schedule, o.alpha, parse_targets(&o.targets)?);
             config.dropout = o.dropout;
             config.base_model = Some(o.model.clone());
@@ -315,8 +297,10 @@ impl AdaloraTraining {
         };
         alloc.load_state(&names, &tensors)?;
         let json: serde_json::Value = lowrank_core::files::read_json(&dir.join(STATE_JSON))?;
-        alloc.rank_pattern = serde_json::from_value(json["rank_pattern"].clone())
-            .map_err(|e| Error::Msg(format!("{}: {e}", dir.join(STATE_JSON).display())))?;
+        alloc.rank_pattern = lowrank_core::files::from_json_value(
+            json["rank_pattern"].clone(),
+            &dir.join(STATE_JSON),
+        )?;
         Ok(())
     }
 
@@ -350,17 +334,6 @@ pub struct RankReport {
     pub per_module: BTreeMap<String, usize>,
 }
 
-/// PEFT's order of a Llama layer's linears, for the table's columns.
-const ORDER: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 impl RankReport {
     pub fn new(adapter: &AdaloraAdapter) -> Self {
         let per_module = adapter.ranks();
@@ -368,7 +341,11 @@ impl RankReport {
         let mut modules: Vec<String> = per_module.keys().map(|n| kind(n)).collect();
         modules.sort_by_key(|m| {
             (
-                ORDER.iter().position(|o| o == m).unwrap_or(ORDER.len()),
+                // PEFT's order of a layer's linears.
+                ALL_LINEAR
+                    .iter()
+                    .position(|o| o == m)
+                    .unwrap_or(ALL_LINEAR.len()),
                 m.clone(),
             )
         });

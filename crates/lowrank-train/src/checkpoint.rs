@@ -192,7 +192,10 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
         })
         .max_by_key(|(s, _)| *s);
     latest.map(|(_, p)| p).ok_or_else(|| {
-        Error::Msg(format!("{}: no checkpoint to resume from (no checkpoint-N/{STATE_FILE}; was --save-every given?)", path.display()))
+        Error::file(
+            path,
+            format!("no checkpoint to resume from (no checkpoint-N/{STATE_FILE}; was --save-every given?)"),
+        )
     })
 }
 
@@ -239,8 +242,7 @@ pub(crate) fn save_checkpoint(
 /// Refuses to resume with options other than the checkpoint's (those `run_identity` keeps).
 pub(crate) fn check_options(ckpt: &Path, state: &Value, o: &TrainOptions) -> Result<()> {
     let saved = state.get("options").cloned().unwrap_or(Value::Null);
-    let saved: TrainOptions = serde_json::from_value(saved)
-        .map_err(|e| Error::Msg(format!("{}: {e}", ckpt.join(STATE_FILE).display())))?;
+    let saved: TrainOptions = lowrank_core::files::from_json_value(saved, &ckpt.join(STATE_FILE))?;
     let (a, b) = (run_identity(&saved), run_identity(o));
     if a == b {
         return Ok(());

@@ -229,12 +229,12 @@ pub fn load(
             out.push(ex);
         }
     }
-    let format = format.ok_or_else(|| Error::Msg(format!("{}: no data lines", path.display())))?;
+    let format = format.ok_or_else(|| Error::file(path, "no data lines"))?;
     if out.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: no line has a token to learn from (after truncation to --max-len {max_len})",
-            path.display()
-        )));
+        return Err(Error::file(
+            path,
+            format!("no line has a token to learn from (after truncation to --max-len {max_len})"),
+        ));
     }
     Ok((format, out, dropped))
 }

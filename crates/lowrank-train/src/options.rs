@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use lowrank_core::adalora::AdaloraSchedule;
 use lowrank_core::lora::ALL_LINEAR;
 use lowrank_core::targets::ModuleSelector;
 use lowrank_core::{Error, Result};
@@ -288,6 +289,24 @@ fn clap_defaults<T: clap::Args + clap::FromArgMatches>(required: &[&str]) -> T {
 impl Default for AdaloraOptions {
     fn default() -> Self {
         clap_defaults(&[])
+    }
+}
+
+impl AdaloraOptions {
+    /// The budget schedule of a run over modules of initial rank `init_r` (`--init-rank`, or
+    /// the rank of the adapter a run continues); the run's total steps are set when known.
+    pub fn schedule(&self, init_r: usize) -> AdaloraSchedule {
+        AdaloraSchedule {
+            init_r,
+            target_r: self.target_rank,
+            tinit: self.tinit,
+            tfinal: self.tfinal,
+            delta_t: self.delta_t,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            orth_reg_weight: self.orth_reg_weight,
+            total_step: None,
+        }
     }
 }
 

@@ -131,16 +131,18 @@ pub fn setup_trainable(model: &mut Llama, o: &TrainOptions) -> Result<Trainable>
             let want = variant_of(o.method);
             let adapter = model.load_adapter(dir)?;
             if adapter.config.variant != want {
-                return Err(Error::Msg(format!(
-                    "{}: the adapter is {} but --method is {}",
-                    dir.display(),
-                    if adapter.config.variant == LoraVariant::Dora {
-                        "DoRA"
-                    } else {
-                        "LoRA"
-                    },
-                    o.method
-                )));
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "the adapter is {} but --method is {}",
+                        if adapter.config.variant == LoraVariant::Dora {
+                            "DoRA"
+                        } else {
+                            "LoRA"
+                        },
+                        o.method
+                    ),
+                ));
             }
             (adapter.config, adapter.modules, None)
         }

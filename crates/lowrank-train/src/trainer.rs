@@ -934,12 +934,9 @@ fn load_examples(
         (&eval, o.eval_data.as_ref().unwrap_or(&o.data)),
     ] {
         for ex in set {
-            model.check_ids(&ex.ids).map_err(|e| {
-                Error::Msg(format!(
-                    "{}: {e} (tokenizer and model disagree)",
-                    file.display()
-                ))
-            })?;
+            model
+                .check_ids(&ex.ids)
+                .map_err(|e| Error::file(file, format!("{e} (tokenizer and model disagree)")))?;
         }
     }
     if dropped > 0 {

@@ -12,19 +12,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use lowrank_models::generate::{sequence_nll, windowed_nll};
 
-use super::{activate, load_adapters, load_model_with, read_jsonl, AdapterSpec, QuantArgs};
+use super::{activate, load_adapters, load_model_with, read_jsonl, ModelArgs, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
-    #[arg(long)]
-    model: String,
-    /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to stack adapters.
-    #[arg(long)]
-    adapter: Vec<AdapterSpec>,
-    /// Merge the adapters into the weights instead of applying them unmerged.
-    #[arg(long)]
-    merge: bool,
+    #[command(flatten)]
+    target: ModelArgs,
     /// JSONL file, one `{"text": ...}` per line.
     #[arg(long)]
     data: PathBuf,
@@ -41,12 +34,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut loaded = load_model_with(&args.model, &args.quant)?;
-    let adapters = load_adapters(&loaded.model, &args.adapter)?;
-    if args.merge && adapters.is_empty() {
+    let target = &args.target;
+    let mut loaded = load_model_with(&target.model, &args.quant)?;
+    let adapters = load_adapters(&loaded.model, &target.adapter)?;
+    if target.merge && adapters.is_empty() {
         bail!("--merge needs an --adapter");
     }
-    let active = activate(&mut loaded.model, &adapters, args.merge)?;
+    let active = activate(&mut loaded.model, &adapters, target.merge)?;
     let window = loaded.model.config().max_position_embeddings;
     let stride = args.stride.unwrap_or(window.saturating_sub(1));
     if stride == 0 || stride >= window {

@@ -6,19 +6,12 @@ use anyhow::{Context, Result};
 use lowrank_models::generate::{generate, Sampler, SamplingParams};
 use lowrank_models::Message;
 
-use super::{activate, load_adapters, load_model_with, AdapterSpec, QuantArgs};
+use super::{activate, load_adapters, load_model_with, ModelArgs, QuantArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
-    #[arg(long)]
-    model: String,
-    /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to stack adapters.
-    #[arg(long)]
-    adapter: Vec<AdapterSpec>,
-    /// Merge the adapters into the weights first.
-    #[arg(long)]
-    merge: bool,
+    #[command(flatten)]
+    target: ModelArgs,
     #[arg(long)]
     prompt: String,
     /// Render the prompt as a user message with the model's chat template.
@@ -70,9 +63,10 @@ impl StreamPrinter<'_> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut loaded = load_model_with(&args.model, &args.quant)?;
-    let adapters = load_adapters(&loaded.model, &args.adapter)?;
-    let active = activate(&mut loaded.model, &adapters, args.merge)?;
+    let target = &args.target;
+    let mut loaded = load_model_with(&target.model, &args.quant)?;
+    let adapters = load_adapters(&loaded.model, &target.adapter)?;
+    let active = activate(&mut loaded.model, &adapters, target.merge)?;
     if args.bf16_weights {
         loaded
             .model

@@ -108,6 +108,20 @@ pub fn parse_block_size(s: &str) -> std::result::Result<usize, String> {
     Ok(n)
 }
 
+/// The model a command runs and the adapters it applies (`eval`, `generate`).
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Model folder, GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3), or Hub id org/name[@revision] (from the HF cache, else downloaded into it).
+    #[arg(long)]
+    pub model: String,
+    /// PEFT adapter folder or Hub id org/name[@revision], optionally with `:WEIGHT`; repeat to stack adapters.
+    #[arg(long)]
+    pub adapter: Vec<AdapterSpec>,
+    /// Merge the adapters into the weights instead of applying them unmerged.
+    #[arg(long)]
+    pub merge: bool,
+}
+
 /// `--adapter PATH[:WEIGHT]`: an adapter folder or Hub id (`org/name[@revision]`) and the
 /// multiplier on its ΔW (default 1).
 #[derive(Debug, Clone, PartialEq)]

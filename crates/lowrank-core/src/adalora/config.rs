@@ -8,71 +8,54 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::lora::{check_shared, LayersWire, LoraConfig, SharedFields};
-use crate::targets::{ModuleSelector, ModuleSelectorWire};
+use crate::lora::LoraConfig;
+use crate::peft_config::{check_shared, peft_config_file};
+use crate::targets::ModuleSelector;
 
 /// The `rank_pattern` key PEFT writes for a module: `<module>.lora_E`.
 pub fn rank_pattern_key(module: &str) -> String {
     format!("{module}.lora_E")
 }
 
-/// PEFT's `adapter_config.json` for `peft_type` "ADALORA", field for field.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AdaloraConfigFile {
-    pub peft_type: String,
-    #[serde(default)]
-    pub task_type: Option<String>,
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    #[serde(default = "default_init_r")]
-    pub init_r: usize,
-    #[serde(default = "default_target_r")]
-    pub target_r: usize,
-    #[serde(default)]
-    pub tinit: usize,
-    #[serde(default)]
-    pub tfinal: usize,
-    #[serde(rename = "deltaT", default = "one")]
-    pub delta_t: usize,
-    #[serde(default = "default_beta")]
-    pub beta1: f64,
-    #[serde(default = "default_beta")]
-    pub beta2: f64,
-    #[serde(default = "default_orth")]
-    pub orth_reg_weight: f64,
-    #[serde(default)]
-    pub total_step: Option<usize>,
-    /// `<module>.lora_E` → one bool per initial triplet (kept or masked); `null` before any
-    /// masking.
-    #[serde(default)]
-    pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
-    #[serde(default = "default_alpha")]
-    pub lora_alpha: f64,
-    #[serde(default)]
-    pub lora_dropout: f64,
-    #[serde(default)]
-    pub target_modules: Option<ModuleSelectorWire>,
-    #[serde(default)]
-    pub exclude_modules: Option<ModuleSelectorWire>,
-    #[serde(default)]
-    pub layers_to_transform: Option<LayersWire>,
-    #[serde(default)]
-    pub layers_pattern: Option<ModuleSelectorWire>,
-    #[serde(default = "default_bias")]
-    pub bias: String,
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    #[serde(default)]
-    pub use_dora: bool,
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    /// Every other PEFT field (`r`, `inference_mode`, ...), kept as it was.
-    #[serde(flatten)]
-    pub other: Map<String, Value>,
+peft_config_file! {
+    /// PEFT's `adapter_config.json` for `peft_type` "ADALORA", field for field.
+    pub struct AdaloraConfigFile {
+        after_base_model {
+            #[serde(default = "default_init_r")]
+            pub init_r: usize,
+            #[serde(default = "default_target_r")]
+            pub target_r: usize,
+            #[serde(default)]
+            pub tinit: usize,
+            #[serde(default)]
+            pub tfinal: usize,
+            #[serde(rename = "deltaT", default = "one")]
+            pub delta_t: usize,
+            #[serde(default = "default_beta")]
+            pub beta1: f64,
+            #[serde(default = "default_beta")]
+            pub beta2: f64,
+            #[serde(default = "default_orth")]
+            pub orth_reg_weight: f64,
+            #[serde(default)]
+            pub total_step: Option<usize>,
+            /// `<module>.lora_E` → one bool per initial triplet (kept or masked); `null` before
+            /// any masking.
+            #[serde(default)]
+            pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
+        }
+        after_lora_dropout {}
+        after_exclude_modules {}
+        after_fan_in_fan_out {
+            #[serde(default)]
+            pub use_dora: bool,
+        }
+        /// Every other PEFT field (`r`, `inference_mode`, ...), kept as it was.
+        other,
+    }
 }
 
 fn default_init_r() -> usize {
@@ -89,20 +72,6 @@ fn default_beta() -> f64 {
 }
 fn default_orth() -> f64 {
     0.5
-}
-fn default_alpha() -> f64 {
-    8.0
-}
-fn default_bias() -> String {
-    "none".into()
-}
-
-fn number(v: f64) -> Value {
-    if v.fract() == 0.0 && v.abs() < 2f64.powi(53) {
-        Value::from(v as i64)
-    } else {
-        Value::from(v)
-    }
 }
 
 /// The budget schedule's hyperparameters (PEFT's `AdaLoraConfig` fields of the same names).
@@ -186,7 +155,6 @@ impl AdaloraConfig {
         if file.init_r == 0 {
             return Err(bad("init_r", "the initial rank must be at least 1".into()));
         }
-        crate::lora::check_alpha(file.lora_alpha).map_err(|m| bad("lora_alpha", m))?;
         if file.delta_t == 0 {
             return Err(bad("deltaT", "must be at least 1".into()));
         }
@@ -204,18 +172,7 @@ impl AdaloraConfig {
         if file.use_dora {
             return Err(bad("use_dora", "AdaLoRA does not support DoRA".into()));
         }
-        let (targets, exclude) = check_shared(
-            SharedFields {
-                bias: &file.bias,
-                fan_in_fan_out: file.fan_in_fan_out,
-                modules_to_save: file.modules_to_save.as_deref(),
-                other: &file.other,
-                lora_dropout: file.lora_dropout,
-                target_modules: file.target_modules.as_ref(),
-                exclude_modules: file.exclude_modules.as_ref(),
-            },
-            path,
-        )?;
+        let matching = check_shared(file.shared(), path)?;
         let rank_pattern = match file.rank_pattern {
             None => None,
             Some(map) => {
@@ -247,15 +204,6 @@ impl AdaloraConfig {
                 Some(out)
             }
         };
-        let layers_to_transform = file.layers_to_transform.as_ref().map(|l| match l {
-            LayersWire::One(i) => vec![*i],
-            LayersWire::Many(v) => v.clone(),
-        });
-        let layers_pattern = match &file.layers_pattern {
-            None => vec![],
-            Some(ModuleSelectorWire::Pattern(p)) => vec![p.clone()],
-            Some(ModuleSelectorWire::Names(v)) => v.clone(),
-        };
         Ok(AdaloraConfig {
             schedule: AdaloraSchedule {
                 init_r: file.init_r,
@@ -270,10 +218,10 @@ impl AdaloraConfig {
             },
             alpha: file.lora_alpha,
             dropout: file.lora_dropout,
-            targets,
-            exclude,
-            layers_to_transform,
-            layers_pattern,
+            targets: matching.targets,
+            exclude: matching.exclude,
+            layers_to_transform: matching.layers_to_transform,
+            layers_pattern: matching.layers_pattern,
             base_model: file.base_model_name_or_path,
             rank_pattern,
             other: file.other,
@@ -282,18 +230,8 @@ impl AdaloraConfig {
 
     /// The wire form PEFT's `AdaLoraConfig.from_pretrained` reads.
     pub fn to_file(&self) -> AdaloraConfigFile {
-        let mut other = self.other.clone();
-        other.entry("inference_mode").or_insert(Value::Bool(true));
-        other
-            .entry("init_lora_weights")
-            .or_insert(Value::Bool(true));
-        other.entry("r").or_insert(Value::from(8));
-        other.entry("revision").or_insert(Value::Null);
         let s = &self.schedule;
         AdaloraConfigFile {
-            peft_type: "ADALORA".into(),
-            task_type: Some("CAUSAL_LM".into()),
-            base_model_name_or_path: self.base_model.clone(),
             init_r: s.init_r,
             target_r: s.target_r,
             tinit: s.tinit,
@@ -308,29 +246,19 @@ impl AdaloraConfig {
                     .map(|(m, mask)| (rank_pattern_key(m), mask.clone()))
                     .collect()
             }),
-            lora_alpha: self.alpha,
-            lora_dropout: self.dropout,
-            target_modules: Some(self.targets.to_wire()),
-            exclude_modules: self.exclude.as_ref().map(ModuleSelector::to_wire),
-            layers_to_transform: self.layers_to_transform.clone().map(LayersWire::Many),
-            layers_pattern: (!self.layers_pattern.is_empty())
-                .then(|| ModuleSelectorWire::Names(self.layers_pattern.clone())),
-            bias: "none".into(),
-            fan_in_fan_out: false,
             use_dora: false,
-            modules_to_save: None,
-            other,
+            // PEFT writes LoraConfig's `r` (8) in AdaLoRA files too, though AdaLoRA does not use it.
+            ..AdaloraConfigFile::with_shared(
+                "ADALORA",
+                &self.lora_view(),
+                &self.other,
+                &[("r", Value::from(8))],
+            )
         }
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut v = serde_json::to_value(self.to_file())
-            .map_err(|e| Error::Msg(format!("adapter_config.json: {e}")))?;
-        // PEFT declares lora_alpha an int: 16, not 16.0.
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("lora_alpha".into(), number(self.alpha));
-        }
-        crate::files::write_json(path, &v)
+        crate::files::write_json(path, &self.to_file())
     }
 
     /// A LoRA config with the same module matching (and α, dropout), for target checks.

@@ -9,9 +9,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::AdaloraConfig;
+use crate::adapter_tensors::{
+    modules_from_tensors, read_weights, standalone_shapes, LinearShape, ModuleTensors, Part, Parts,
+    TensorKeys, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
+};
 use crate::error::{Error, Result};
-use crate::lora::{shapes_of, Factor};
-use crate::lora::{LinearShape, LoraAdapter, LoraModule, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
+use crate::lora::{LoraAdapter, LoraModule};
 use crate::targets::ModuleSelector;
 
 /// One module: ΔW = scale·P·diag(Λ)·Q = scale·B·(A ⊙ E).
@@ -78,33 +81,18 @@ pub struct AdaloraAdapter {
     pub modules: BTreeMap<String, AdaloraModule>,
 }
 
-#[derive(Clone, Copy)]
-enum Part {
-    A,
-    E,
-    B,
-}
-
-fn parse_key(key: &str, file: &Path) -> Result<(String, Part)> {
-    let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
-        Error::tensors(
-            file,
-            format!("tensor {key:?}: expected a PEFT key starting with {PEFT_PREFIX:?}"),
-        )
-    })?;
-    for (suffix, part) in [
+/// AdaLoRA's keys: `.lora_A`, `.lora_B`, and Λ (`.lora_E`) as the third part.
+const KEYS: TensorKeys = TensorKeys {
+    suffixes: &[
         (".lora_A", Part::A),
-        (".lora_E", Part::E),
         (".lora_B", Part::B),
-    ] {
-        if let Some(module) = rest.strip_suffix(suffix) {
-            return Ok((module.to_string(), part));
-        }
-    }
-    Err(Error::tensors(
-        file,
-        format!("tensor {key:?}: not an AdaLoRA tensor (expected .lora_A, .lora_E or .lora_B)"),
-    ))
+        (".lora_E", Part::Third),
+    ],
+    unknown: unknown_key,
+};
+
+fn unknown_key(key: &str, _rest: &str) -> String {
+    format!("tensor {key:?}: not an AdaLoRA tensor (expected .lora_A, .lora_E or .lora_B)")
 }
 
 /// Whether the folder's `adapter_config.json` says `peft_type` "ADALORA".
@@ -115,42 +103,18 @@ pub fn is_adalora_dir(dir: &Path) -> bool {
         .is_some_and(|v| v.get("peft_type").and_then(|p| p.as_str()) == Some("ADALORA"))
 }
 
-fn read_tensors(
-    dir: &Path,
-    device: &Device,
-) -> Result<(std::path::PathBuf, Vec<(String, Tensor)>)> {
-    let weights_path = dir.join(WEIGHTS_FILE);
-    if !weights_path.exists() {
-        return Err(Error::io(
-            &weights_path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-        ));
-    }
-    let tensors = candle_core::safetensors::load(&weights_path, device)
-        .map_err(|e| Error::tensors(&weights_path, format!("cannot read safetensors: {e}")))?;
-    Ok((weights_path, tensors.into_iter().collect()))
-}
-
 impl AdaloraAdapter {
     /// Loads a PEFT AdaLoRA folder checked against the base model's linear layers.
     pub fn load(dir: &Path, base: &[LinearShape], device: &Device) -> Result<Self> {
         let config = AdaloraConfig::load(&dir.join(CONFIG_FILE))?;
-        let (path, tensors) = read_tensors(dir, device)?;
+        let (path, tensors) = read_weights(dir, device)?;
         Self::from_tensors(config, tensors, base, &path)
     }
 
     /// Loads without a base model, taking each layer's shape from its tensors.
     pub fn load_standalone(dir: &Path, device: &Device) -> Result<Self> {
-        let (path, tensors) = read_tensors(dir, device)?;
-        let base = shapes_of(tensors.iter().map(|(k, t)| (k, t)), |key| {
-            let (module, part) = parse_key(key, &path)?;
-            let factor = match part {
-                Part::A => Some(Factor::A),
-                Part::B => Some(Factor::B),
-                Part::E => None,
-            };
-            Ok((module, factor))
-        })?;
+        let (path, tensors) = read_weights(dir, device)?;
+        let base = standalone_shapes(&KEYS, &tensors, &path)?;
         Self::load(dir, &base, device)
     }
 
@@ -162,70 +126,22 @@ impl AdaloraAdapter {
         base: &[LinearShape],
         file: &Path,
     ) -> Result<Self> {
-        let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
-        for (key, tensor) in tensors {
-            let (module, part) = parse_key(&key, file)?;
-            let slot = parts.entry(module).or_default();
-            let tensor = tensor.to_dtype(DType::F32)?;
-            crate::finite::ensure_finite(file, &key, &tensor)?;
-            slot[part as usize] = Some(tensor);
-        }
-        for name in parts.keys() {
-            match base.iter().find(|l| &l.name == name) {
-                None => {
-                    return Err(Error::tensors(
-                        file,
-                        format!("module {name:?} is not a linear layer of the base model"),
-                    ))
-                }
-                Some(_) if !config.targets_module(name) => {
-                    return Err(Error::tensors(
-                        file,
-                        format!(
-                        "module {name:?} has tensors but adapter_config.json does not target it"
-                    ),
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
-        let mut modules = BTreeMap::new();
-        for linear in base.iter().filter(|l| config.targets_module(&l.name)) {
-            let name = &linear.name;
-            let [a, e, b] = parts.remove(name).unwrap_or_default();
-            let missing =
-                |what: &str| Error::tensors(file, format!("module {name:?}: missing {what}"));
+        let build = |module: &ModuleTensors, [a, b, e]: Parts| {
+            let linear = module.linear;
             let (a, e, b) = (
-                a.ok_or_else(|| missing("lora_A"))?,
-                e.ok_or_else(|| missing("lora_E"))?,
-                b.ok_or_else(|| missing("lora_B"))?,
+                module.require(a, "lora_A")?,
+                module.require(e, "lora_E")?,
+                module.require(b, "lora_B")?,
             );
-            let r = config.rank_for(name);
-            for (t, what, shape) in [
-                (&a, "lora_A", [r, linear.in_features]),
-                (&e, "lora_E", [r, 1]),
-                (&b, "lora_B", [linear.out_features, r]),
-            ] {
-                if t.dims() != shape {
-                    return Err(Error::tensors(
-                        file,
-                        format!(
-                            "module {name:?}: {what} has shape {:?}, expected {shape:?} (kept rank {r} from init_r/rank_pattern, base layer {}×{})",
-                            t.dims(),
-                            linear.out_features,
-                            linear.in_features
-                        ),
-                    ));
-                }
-            }
-            modules.insert(name.clone(), AdaloraModule { a, e, b });
-        }
-        if modules.is_empty() {
-            return Err(Error::tensors(
-                file,
-                "the adapter targets no linear layer of the base model",
-            ));
-        }
+            let r = config.rank_for(&linear.name);
+            let rank_note = format!("kept rank {r} from init_r/rank_pattern");
+            module.check_shape(&a, "lora_A", &[r, linear.in_features], &rank_note)?;
+            module.check_shape(&e, "lora_E", &[r, 1], &rank_note)?;
+            module.check_shape(&b, "lora_B", &[linear.out_features, r], &rank_note)?;
+            Ok(AdaloraModule { a, e, b })
+        };
+        let targets = |name: &str| config.targets_module(name);
+        let modules = modules_from_tensors(&KEYS, tensors, base, targets, file, build)?;
         Ok(AdaloraAdapter { config, modules })
     }
 

@@ -5,11 +5,11 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::targets::{layer_index, pattern_value, ModuleSelector, ModuleSelectorWire};
+use crate::peft_config::{check_alpha, check_shared, number, peft_config_file};
+use crate::targets::{layer_index, pattern_value, ModuleSelector};
 
 /// How the adapter's output is combined with the base layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,76 +20,33 @@ pub enum LoraVariant {
     Dora,
 }
 
-/// PEFT's `adapter_config.json` for `peft_type` "LORA", field for field.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LoraConfigFile {
-    pub peft_type: String,
-    #[serde(default)]
-    pub task_type: Option<String>,
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    #[serde(default = "default_rank")]
-    pub r: usize,
-    #[serde(default = "default_alpha", serialize_with = "whole_as_integer")]
-    pub lora_alpha: f64,
-    #[serde(default)]
-    pub lora_dropout: f64,
-    #[serde(default)]
-    pub use_rslora: bool,
-    #[serde(default)]
-    pub use_dora: bool,
-    #[serde(default)]
-    pub target_modules: Option<ModuleSelectorWire>,
-    #[serde(default)]
-    pub exclude_modules: Option<ModuleSelectorWire>,
-    #[serde(default)]
-    pub rank_pattern: Map<String, Value>,
-    #[serde(default)]
-    pub alpha_pattern: Map<String, Value>,
-    #[serde(default)]
-    pub layers_to_transform: Option<LayersWire>,
-    #[serde(default)]
-    pub layers_pattern: Option<ModuleSelectorWire>,
-    #[serde(default = "default_bias")]
-    pub bias: String,
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    /// Every other PEFT field, kept as it was.
-    #[serde(flatten)]
-    pub other: Map<String, Value>,
-}
-
-/// `layers_to_transform`: one index or a list.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum LayersWire {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-/// PEFT declares α an int: write 16 rather than 16.0 when it is whole.
-fn whole_as_integer<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
-    number(*v).serialize(s)
-}
-
-fn number(v: f64) -> Value {
-    if v.fract() == 0.0 && v.abs() < 2f64.powi(53) {
-        Value::from(v as i64)
-    } else {
-        Value::from(v)
+peft_config_file! {
+    /// PEFT's `adapter_config.json` for `peft_type` "LORA", field for field.
+    pub struct LoraConfigFile {
+        after_base_model {
+            #[serde(default = "default_rank")]
+            pub r: usize,
+        }
+        after_lora_dropout {
+            #[serde(default)]
+            pub use_rslora: bool,
+            #[serde(default)]
+            pub use_dora: bool,
+        }
+        after_exclude_modules {
+            #[serde(default)]
+            pub rank_pattern: Map<String, Value>,
+            #[serde(default)]
+            pub alpha_pattern: Map<String, Value>,
+        }
+        after_fan_in_fan_out {}
+        /// Every other PEFT field, kept as it was.
+        other,
     }
 }
 
 fn default_rank() -> usize {
     8
-}
-fn default_alpha() -> f64 {
-    8.0
-}
-fn default_bias() -> String {
-    "none".into()
 }
 
 /// A validated LoRA/DoRA configuration.
@@ -110,114 +67,6 @@ pub struct LoraConfig {
     pub base_model: Option<String>,
     /// Fields we do not interpret, written back unchanged.
     other: Map<String, Value>,
-}
-
-/// PEFT fields that change the adapter's math in ways lowrank does not implement yet: a
-/// non-empty value is rejected rather than silently ignored.
-const UNSUPPORTED_WHEN_SET: &[&str] = &[
-    "target_parameters",
-    "trainable_token_indices",
-    "layer_replication",
-    "alora_invocation_tokens",
-    "megatron_config",
-];
-
-fn is_set(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => false,
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-        _ => true,
-    }
-}
-
-/// α must be a number whose scale (α/r or α/√r, r ≥ 1, applied in f32) is finite: a larger one
-/// turns every output of the adapted layers into ±inf or NaN. PEFT accepts any sign (and 0).
-pub(crate) fn check_alpha(alpha: f64) -> std::result::Result<(), String> {
-    if alpha.is_finite() && alpha.abs() <= f64::from(f32::MAX) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{alpha:e} is out of range: the scale α/r is applied in f32, so |α| must be at most {:e}",
-            f32::MAX
-        ))
-    }
-}
-
-/// The PEFT fields LoRA and AdaLoRA configs share.
-pub(crate) struct SharedFields<'a> {
-    pub bias: &'a str,
-    pub fan_in_fan_out: bool,
-    pub modules_to_save: Option<&'a [String]>,
-    pub other: &'a Map<String, Value>,
-    pub lora_dropout: f64,
-    pub target_modules: Option<&'a ModuleSelectorWire>,
-    pub exclude_modules: Option<&'a ModuleSelectorWire>,
-}
-
-/// Checks the shared fields the same way for every adapter kind, rejecting by name what
-/// lowrank does not implement, and returns the target and exclude selectors.
-pub(crate) fn check_shared(
-    f: SharedFields,
-    path: &Path,
-) -> Result<(ModuleSelector, Option<ModuleSelector>)> {
-    let bad = |field: &str, msg: String| Error::field(path, field, msg);
-    if f.bias != "none" {
-        return Err(bad(
-            "bias",
-            format!("only \"none\" is supported, found {:?}", f.bias),
-        ));
-    }
-    if f.fan_in_fan_out {
-        return Err(bad(
-            "fan_in_fan_out",
-            "transposed (Conv1D) weights are not supported".into(),
-        ));
-    }
-    if f.modules_to_save.is_some_and(|m| !m.is_empty()) {
-        return Err(bad(
-            "modules_to_save",
-            "fully trained extra modules are not supported".into(),
-        ));
-    }
-    if f.other.get("lora_bias").is_some_and(is_set) {
-        return Err(bad("lora_bias", "adapter biases are not supported".into()));
-    }
-    if f.other.get("use_qalora").is_some_and(is_set) {
-        return Err(bad("use_qalora", "QA-LoRA is not supported".into()));
-    }
-    for field in UNSUPPORTED_WHEN_SET {
-        if f.other.get(*field).is_some_and(is_set) {
-            return Err(bad(field, "this PEFT option is not supported".into()));
-        }
-    }
-    if !(0.0..1.0).contains(&f.lora_dropout) {
-        return Err(bad(
-            "lora_dropout",
-            format!("expected a value in [0, 1), found {}", f.lora_dropout),
-        ));
-    }
-    let targets = match f.target_modules {
-        None => {
-            return Err(bad(
-                "target_modules",
-                "missing: name the modules the adapter applies to".into(),
-            ))
-        }
-        Some(ModuleSelectorWire::Pattern(p)) if p == "all-linear" => {
-            ModuleSelector::Names(ALL_LINEAR.iter().map(|s| s.to_string()).collect())
-        }
-        Some(w) => ModuleSelector::from_wire(w)
-            .map_err(|e| bad("target_modules", format!("invalid regex: {e}")))?,
-    };
-    let exclude = f
-        .exclude_modules
-        .map(|w| {
-            ModuleSelector::from_wire(w)
-                .map_err(|e| bad("exclude_modules", format!("invalid regex: {e}")))
-        })
-        .transpose()?;
-    Ok((targets, exclude))
 }
 
 impl LoraConfig {
@@ -260,18 +109,7 @@ impl LoraConfig {
         if file.r == 0 {
             return Err(bad("r", "the rank must be at least 1".into()));
         }
-        let (targets, exclude) = check_shared(
-            SharedFields {
-                bias: &file.bias,
-                fan_in_fan_out: file.fan_in_fan_out,
-                modules_to_save: file.modules_to_save.as_deref(),
-                other: &file.other,
-                lora_dropout: file.lora_dropout,
-                target_modules: file.target_modules.as_ref(),
-                exclude_modules: file.exclude_modules.as_ref(),
-            },
-            path,
-        )?;
+        let matching = check_shared(file.shared(), path)?;
         let rank_pattern = file
             .rank_pattern
             .iter()
@@ -283,7 +121,6 @@ impl LoraConfig {
                 )),
             })
             .collect::<Result<Vec<_>>>()?;
-        check_alpha(file.lora_alpha).map_err(|m| bad("lora_alpha", m))?;
         let alpha_pattern = file
             .alpha_pattern
             .iter()
@@ -301,15 +138,6 @@ impl LoraConfig {
             regex::Regex::new(key)
                 .map_err(|e| bad("rank_pattern/alpha_pattern", format!("{key:?}: {e}")))?;
         }
-        let layers_to_transform = file.layers_to_transform.as_ref().map(|l| match l {
-            LayersWire::One(i) => vec![*i],
-            LayersWire::Many(v) => v.clone(),
-        });
-        let layers_pattern = match &file.layers_pattern {
-            None => vec![],
-            Some(ModuleSelectorWire::Pattern(p)) => vec![p.clone()],
-            Some(ModuleSelectorWire::Names(v)) => v.clone(),
-        };
         Ok(LoraConfig {
             variant: if file.use_dora {
                 LoraVariant::Dora
@@ -320,12 +148,12 @@ impl LoraConfig {
             alpha: file.lora_alpha,
             use_rslora: file.use_rslora,
             dropout: file.lora_dropout,
-            targets,
-            exclude,
+            targets: matching.targets,
+            exclude: matching.exclude,
             rank_pattern,
             alpha_pattern,
-            layers_to_transform,
-            layers_pattern,
+            layers_to_transform: matching.layers_to_transform,
+            layers_pattern: matching.layers_pattern,
             base_model: file.base_model_name_or_path,
             other: file.other,
         })
@@ -333,23 +161,10 @@ impl LoraConfig {
 
     /// The wire form PEFT's `LoraConfig.from_pretrained` reads.
     pub fn to_file(&self) -> LoraConfigFile {
-        let mut other = self.other.clone();
-        other.entry("inference_mode").or_insert(Value::Bool(true));
-        other
-            .entry("init_lora_weights")
-            .or_insert(Value::Bool(true));
-        other.entry("revision").or_insert(Value::Null);
         LoraConfigFile {
-            peft_type: "LORA".into(),
-            task_type: Some("CAUSAL_LM".into()),
-            base_model_name_or_path: self.base_model.clone(),
             r: self.rank,
-            lora_alpha: self.alpha,
-            lora_dropout: self.dropout,
             use_rslora: self.use_rslora,
             use_dora: self.variant == LoraVariant::Dora,
-            target_modules: Some(self.targets.to_wire()),
-            exclude_modules: self.exclude.as_ref().map(ModuleSelector::to_wire),
             rank_pattern: self
                 .rank_pattern
                 .iter()
@@ -360,13 +175,7 @@ impl LoraConfig {
                 .iter()
                 .map(|(k, v)| (k.clone(), number(*v)))
                 .collect(),
-            layers_to_transform: self.layers_to_transform.clone().map(LayersWire::Many),
-            layers_pattern: (!self.layers_pattern.is_empty())
-                .then(|| ModuleSelectorWire::Names(self.layers_pattern.clone())),
-            bias: "none".into(),
-            fan_in_fan_out: false,
-            modules_to_save: None,
-            other,
+            ..LoraConfigFile::with_shared("LORA", self, &self.other, &[])
         }
     }
 
@@ -417,21 +226,6 @@ impl LoraConfig {
         }
     }
 }
-
-/// What `all-linear` expands to: every linear in the decoder layers of every supported family
-/// (Phi-3's fused `qkv_proj` and `gate_up_proj` included); the output head is excluded, as
-/// PEFT does.
-pub const ALL_LINEAR: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "qkv_proj",
-    "gate_up_proj",
-];
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 mod config;
 mod weights;
 
-pub(crate) use config::{check_alpha, check_shared, SharedFields};
-pub use config::{LayersWire, LoraConfig, LoraConfigFile, LoraVariant, ALL_LINEAR};
-pub(crate) use weights::{shapes_of, Factor};
-pub use weights::{LinearShape, LoraAdapter, LoraModule, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
+pub use crate::adapter_tensors::{LinearShape, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
+pub use crate::peft_config::{LayersWire, ALL_LINEAR};
+pub use config::{LoraConfig, LoraConfigFile, LoraVariant};
+pub use weights::{LoraAdapter, LoraModule};

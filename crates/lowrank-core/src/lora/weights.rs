@@ -8,21 +8,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{LoraConfig, LoraVariant};
+use crate::adapter_tensors::{
+    modules_from_tensors, read_weights, standalone_shapes, LinearShape, ModuleTensors, Part, Parts,
+    TensorKeys, CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE,
+};
 use crate::error::{Error, Result};
-
-/// Prefix PEFT puts before every module name in adapter files.
-pub const PEFT_PREFIX: &str = "base_model.model.";
-pub const CONFIG_FILE: &str = "adapter_config.json";
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-
-/// A linear layer of the base model an adapter may attach to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinearShape {
-    /// Module key, e.g. `model.layers.0.self_attn.q_proj`.
-    pub name: String,
-    pub out_features: usize,
-    pub in_features: usize,
-}
 
 /// One module's adapter: ΔW = scale·B·A, plus DoRA's magnitude.
 #[derive(Debug, Clone)]
@@ -72,73 +62,23 @@ pub struct LoraAdapter {
     pub modules: BTreeMap<String, LoraModule>,
 }
 
-enum Part {
-    A,
-    B,
-    Magnitude,
-}
-
-/// The two factors of ΔW = B·A, whose shapes give a module's: A is r × in, B is out × r.
-pub(crate) enum Factor {
-    A,
-    B,
-}
-
-/// Each module's shape, read from its A and B tensors (for an adapter folder loaded without
-/// its base model); `factor_of(key)` names a tensor's module and factor (none for others).
-pub(crate) fn shapes_of<'a>(
-    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
-    factor_of: impl Fn(&str) -> Result<(String, Option<Factor>)>,
-) -> Result<Vec<LinearShape>> {
-    let mut shapes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for (key, t) in tensors {
-        let (module, factor) = factor_of(key)?;
-        let entry = shapes.entry(module).or_default();
-        match (factor, t.dims()) {
-            (Some(Factor::A), [_, k]) => entry.1 = *k,
-            (Some(Factor::B), [d, _]) => entry.0 = *d,
-            _ => {}
-        }
-    }
-    Ok(shapes
-        .into_iter()
-        .map(|(name, (out_features, in_features))| LinearShape {
-            name,
-            out_features,
-            in_features,
-        })
-        .collect())
-}
-
-/// Splits a PEFT tensor key into (module, part).
-fn parse_key(key: &str, file: &Path) -> Result<(String, Part)> {
-    let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
-        Error::tensors(
-            file,
-            format!("tensor {key:?}: expected a PEFT key starting with {PEFT_PREFIX:?}"),
-        )
-    })?;
-    let suffixes = [
+/// LoRA's keys: `.lora_A.weight`, `.lora_B.weight`, and DoRA's magnitude as the third part.
+const KEYS: TensorKeys = TensorKeys {
+    suffixes: &[
         (".lora_A.weight", Part::A),
         (".lora_B.weight", Part::B),
-        (".lora_magnitude_vector.weight", Part::Magnitude),
-        (".lora_magnitude_vector", Part::Magnitude),
-    ];
-    for (suffix, part) in suffixes {
-        if let Some(module) = rest.strip_suffix(suffix) {
-            return Ok((module.to_string(), part));
-        }
-    }
+        (".lora_magnitude_vector.weight", Part::Third),
+        (".lora_magnitude_vector", Part::Third),
+    ],
+    unknown: unknown_key,
+};
+
+fn unknown_key(key: &str, rest: &str) -> String {
     if rest.contains("lora_embedding_") {
-        return Err(Error::tensors(
-            file,
-            format!("tensor {key:?}: embedding adapters are not supported"),
-        ));
+        format!("tensor {key:?}: embedding adapters are not supported")
+    } else {
+        format!("tensor {key:?}: not a LoRA tensor (expected .lora_A.weight, .lora_B.weight or .lora_magnitude_vector)")
     }
-    Err(Error::tensors(
-        file,
-        format!("tensor {key:?}: not a LoRA tensor (expected .lora_A.weight, .lora_B.weight or .lora_magnitude_vector)"),
-    ))
 }
 
 impl LoraAdapter {
@@ -161,20 +101,7 @@ impl LoraAdapter {
             ));
         }
         let config = LoraConfig::load(&config_path)?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        if !weights_path.exists() {
-            let hint = if dir.join("adapter_model.bin").exists() {
-                "only adapter_model.safetensors is read; convert the pickled adapter_model.bin to safetensors"
-            } else {
-                "file not found"
-            };
-            return Err(Error::io(
-                &weights_path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, hint),
-            ));
-        }
-        let tensors = candle_core::safetensors::load(&weights_path, device)
-            .map_err(|e| Error::tensors(&weights_path, format!("cannot read safetensors: {e}")))?;
+        let (weights_path, tensors) = read_weights(dir, device)?;
         Self::from_tensors(config, tensors, base, &weights_path)
     }
 
@@ -184,18 +111,8 @@ impl LoraAdapter {
         if crate::adalora::is_adalora_dir(dir) {
             return crate::adalora::AdaloraAdapter::load_standalone(dir, device)?.to_lora();
         }
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&weights_path, device)
-            .map_err(|e| Error::tensors(&weights_path, format!("cannot read safetensors: {e}")))?;
-        let base = shapes_of(&tensors, |key| {
-            let (module, part) = parse_key(key, &weights_path)?;
-            let factor = match part {
-                Part::A => Some(Factor::A),
-                Part::B => Some(Factor::B),
-                Part::Magnitude => None,
-            };
-            Ok((module, factor))
-        })?;
+        let (weights_path, tensors) = read_weights(dir, device)?;
+        let base = standalone_shapes(&KEYS, &tensors, &weights_path)?;
         Self::load(dir, &base, device)
     }
 
@@ -206,94 +123,38 @@ impl LoraAdapter {
         base: &[LinearShape],
         file: &Path,
     ) -> Result<Self> {
-        let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
-        for (key, tensor) in tensors {
-            let (module, part) = parse_key(&key, file)?;
-            let slot = parts.entry(module).or_default();
-            let tensor = tensor.to_dtype(DType::F32)?;
-            crate::finite::ensure_finite(file, &key, &tensor)?;
-            match part {
-                Part::A => slot[0] = Some(tensor),
-                Part::B => slot[1] = Some(tensor),
-                Part::Magnitude => slot[2] = Some(tensor),
-            }
-        }
-        for name in parts.keys() {
-            match base.iter().find(|l| &l.name == name) {
-                None => {
-                    return Err(Error::tensors(
-                        file,
-                        format!("module {name:?} is not a linear layer of the base model"),
-                    ))
-                }
-                Some(_) if !config.targets_module(name) => {
-                    return Err(Error::tensors(
-                        file,
-                        format!(
-                        "module {name:?} has tensors but adapter_config.json does not target it"
-                    ),
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
         let is_dora = config.variant == LoraVariant::Dora;
-        let mut modules = BTreeMap::new();
-        for linear in base.iter().filter(|l| config.targets_module(&l.name)) {
-            let name = &linear.name;
-            let [a, b, magnitude] = parts.remove(name).unwrap_or_default();
-            let missing =
-                |what: &str| Error::tensors(file, format!("module {name:?}: missing {what}"));
-            let a = a.ok_or_else(|| missing("lora_A.weight"))?;
-            let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+        let build = |module: &ModuleTensors, [a, b, magnitude]: Parts| {
+            let (name, linear) = (&module.linear.name, module.linear);
+            let a = module.require(a, "lora_A.weight")?;
+            let b = module.require(b, "lora_B.weight")?;
             let r = config.rank_for(name);
-            let expect = |t: &Tensor, what: &str, shape: &[usize]| -> Result<()> {
-                if t.dims() != shape {
-                    return Err(Error::tensors(
-                        file,
-                        format!(
-                            "module {name:?}: {what} has shape {:?}, expected {shape:?} (rank {r} from r/rank_pattern, base layer {}×{})",
-                            t.dims(),
-                            linear.out_features,
-                            linear.in_features
-                        ),
-                    ));
-                }
-                Ok(())
-            };
-            expect(&a, "lora_A", &[r, linear.in_features])?;
-            expect(&b, "lora_B", &[linear.out_features, r])?;
+            let rank_note = format!("rank {r} from r/rank_pattern");
+            module.check_shape(&a, "lora_A", &[r, linear.in_features], &rank_note)?;
+            module.check_shape(&b, "lora_B", &[linear.out_features, r], &rank_note)?;
             let magnitude = match (is_dora, magnitude) {
                 (true, Some(m)) => {
-                    expect(&m, "lora_magnitude_vector", &[linear.out_features])?;
+                    let shape = [linear.out_features];
+                    module.check_shape(&m, "lora_magnitude_vector", &shape, &rank_note)?;
                     Some(m)
                 }
-                (true, None) => return Err(missing("lora_magnitude_vector (use_dora is true)")),
+                (true, None) => {
+                    return Err(module.error("missing lora_magnitude_vector (use_dora is true)"))
+                }
                 (false, Some(_)) => {
-                    return Err(Error::tensors(
-                        file,
-                        format!("module {name:?}: has lora_magnitude_vector but use_dora is false"),
-                    ))
+                    return Err(module.error("has lora_magnitude_vector but use_dora is false"))
                 }
                 (false, None) => None,
             };
-            let scale = config.scale_for(name);
-            modules.insert(
-                name.clone(),
-                LoraModule {
-                    a,
-                    b,
-                    magnitude,
-                    scale,
-                },
-            );
-        }
-        if modules.is_empty() {
-            return Err(Error::tensors(
-                file,
-                "the adapter targets no linear layer of the base model",
-            ));
-        }
+            Ok(LoraModule {
+                a,
+                b,
+                magnitude,
+                scale: config.scale_for(name),
+            })
+        };
+        let targets = |name: &str| config.targets_module(name);
+        let modules = modules_from_tensors(&KEYS, tensors, base, targets, file, build)?;
         Ok(LoraAdapter { config, modules })
     }
 

@@ -26,10 +26,10 @@ impl Llama {
     /// sibling folder and renamed, so a failed run leaves nothing half-written. `out` must not hold a checkpoint already.
     pub fn save_pretrained(&self, base_dir: &Path, out: &Path) -> Result<()> {
         if out.join("model.safetensors").exists() || out.join("config.json").exists() {
-            return Err(Error::Msg(format!(
-                "{}: already holds a checkpoint; choose an empty folder",
-                out.display()
-            )));
+            return Err(Error::file(
+                out,
+                "already holds a checkpoint; choose an empty folder",
+            ));
         }
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -42,7 +42,7 @@ impl Llama {
             let ckpt = self.bnb_checkpoint()?;
             let path = staging.path().join("model.safetensors");
             ckpt.write(&path)
-                .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+                .map_err(|e| Error::tensors(&path, e.to_string()))?;
         } else {
             let weights = self.named_weights()?;
             lowrank_core::files::write_safetensors(
@@ -58,12 +58,13 @@ impl Llama {
                 obj.remove("quantization_config");
             }
             if let Some(qc) = self.quantization_config() {
-                qc.insert_into(&mut cfg)
-                    .map_err(|e| Error::Msg(e.to_string()))?;
+                qc.insert_into(&mut cfg)?;
             }
-            let text =
-                serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))? + "\n";
             let dest = staging.path().join("config.json");
+            let text = serde_json::to_string_pretty(&cfg).map_err(|source| Error::Json {
+                path: dest.clone(),
+                source,
+            })? + "\n";
             std::fs::write(&dest, text).map_err(|e| Error::io(&dest, e))
         };
         if crate::gguf::is_gguf(base_dir) {

@@ -174,10 +174,10 @@ impl Llama {
         }
         let config = ModelConfig::load(&dir.join("config.json"))?;
         if opts.quantize.is_some() && config.quantization.is_some() {
-            return Err(Error::Msg(format!(
-                "{}: the checkpoint is 4-bit quantized already (quantization_config in config.json); drop --quantize",
-                dir.display()
-            )));
+            return Err(Error::file(
+                dir,
+                "the checkpoint is 4-bit quantized already (quantization_config in config.json); drop --quantize",
+            ));
         }
         let ckpt = Checkpoint::open(dir)?;
         Self::from_checkpoint_with(config, &ckpt, device, opts)
