@@ -197,3 +197,30 @@ pub(crate) fn modules_from_tensors<M>(
     }
     Ok(modules)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a base model too, and for AdaLoRA as for LoRA, a folder holding only the
+    /// pickled weights says to convert them.
+    #[test]
+    fn a_pickled_adapter_is_named_for_every_method_and_loader() {
+        for peft_type in ["LORA", "ADALORA"] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join(CONFIG_FILE),
+                format!(r#"{{"peft_type": "{peft_type}", "target_modules": ["q_proj"]}}"#),
+            )
+            .unwrap();
+            std::fs::write(dir.path().join("adapter_model.bin"), b"pickle").unwrap();
+            let err = crate::lora::LoraAdapter::load_standalone(dir.path(), &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(WEIGHTS_FILE) && err.contains("convert the pickled adapter_model.bin"),
+                "{peft_type}: {err}"
+            );
+        }
+    }
+}

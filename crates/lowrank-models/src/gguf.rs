@@ -679,7 +679,8 @@ pub(crate) enum RotaryRows {
 
 /// The rows of a q/k projection (or its LoRA B) between HF's and llama.cpp's order: within
 /// each head, GGUF row `2j + s` is HF row `s * head_rows / 2 + j` (the rotary halves are
-/// interleaved). None when the `rows` do not split into `heads` heads of even size.
+/// interleaved). None when there are no rows or they do not split into `heads` heads of even
+/// size.
 pub(crate) fn reorder_rotary_rows(
     data: &[f32],
     rows: usize,
@@ -689,7 +690,7 @@ pub(crate) fn reorder_rotary_rows(
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
-    let cols = data.len().checked_div(rows).unwrap_or(0);
+    let cols = data.len().checked_div(rows)?;
     let head_rows = rows / heads;
     let half = head_rows / 2;
     let mut out = vec![0f32; data.len()];

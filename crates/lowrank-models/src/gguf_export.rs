@@ -183,6 +183,13 @@ mod tests {
             [0., 2., 1., 3., 4., 6., 5., 7.]
         );
     }
+
+    /// Found while merging the reader's and the writer's copies: no rows divided by zero.
+    #[test]
+    fn no_rows_is_an_error() {
+        let err = permute_rows(&[], 0, 2).unwrap_err().to_string();
+        assert!(err.contains("0 rows"), "{err}");
+    }
 }
 
 /// gguf-py's `size_label` of a dense model: the parameter count in K/M/B/T with at least two
