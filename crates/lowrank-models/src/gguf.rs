@@ -176,6 +176,11 @@ const GLOBAL_TENSORS: &[(&str, &str)] = &[
 const PHI3_ROPE_FACTORS: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
 
 impl ArchSpec {
+    /// A metadata key of this architecture: `<arch>.<k>`.
+    pub fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.gguf)
+    }
+
     /// The HF name of GGUF tensor `name`, if it is one this architecture has.
     pub fn hf_tensor_name(&self, name: &str) -> Option<String> {
         let (stem, kind) = name.rsplit_once('.')?;
@@ -338,32 +343,33 @@ impl GgufModel {
     /// The config.json the metadata stands for (transformers' field names).
     pub fn config_json(&self) -> Result<Value> {
         let f = &self.file;
-        let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let heads = f.u64(&key("attention.head_count"))?;
-        let hidden = f.u64(&key("embedding_length"))?;
-        let layers = f.u64(&key("block_count"))?;
+        let heads = f.u64(&self.arch.key("attention.head_count"))?;
+        let hidden = f.u64(&self.arch.key("embedding_length"))?;
+        let layers = f.u64(&self.arch.key("block_count"))?;
         let embed = self
             .tensor("model.embed_tokens.weight")
             .ok_or_else(|| Error::tensors(self.path(), "no tensor \"token_embd.weight\""))?;
-        let head_dim = match f.u64_opt(&key("attention.key_length"))? {
+        let head_dim = match f.u64_opt(&self.arch.key("attention.key_length"))? {
             Some(d) => d,
             None if heads > 0 => hidden / heads,
             None => 0,
         };
-        let rope_theta = f.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let rope_theta = f
+            .f64_opt(&self.arch.key("rope.freq_base"))?
+            .unwrap_or(10_000.0);
         let gemma = self.arch.norm_plus_one;
         let mut cfg = json!({
             "architectures": [self.arch.hf_class],
             "model_type": self.arch.model_type,
             "vocab_size": embed.shape()[0],
             "hidden_size": hidden,
-            "intermediate_size": f.u64(&key("feed_forward_length"))?,
+            "intermediate_size": f.u64(&self.arch.key("feed_forward_length"))?,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
-            "num_key_value_heads": f.u64_opt(&key("attention.head_count_kv"))?.unwrap_or(heads),
+            "num_key_value_heads": f.u64_opt(&self.arch.key("attention.head_count_kv"))?.unwrap_or(heads),
             // Written out: transformers' defaults differ per family (Qwen3 128, Gemma 256).
             "head_dim": head_dim,
-            "rms_norm_eps": f.f64(&key("attention.layer_norm_rms_epsilon"))?,
+            "rms_norm_eps": f.f64(&self.arch.key("attention.layer_norm_rms_epsilon"))?,
             // llama.cpp's default when the key is absent.
             "rope_theta": rope_theta,
             "tie_word_embeddings": self.tensor("lm_head.weight").is_none(),
@@ -380,7 +386,7 @@ impl GgufModel {
         } else {
             obj.insert("hidden_act".into(), "silu".into());
         }
-        if let Some(ctx) = f.u64_opt(&key("context_length"))? {
+        if let Some(ctx) = f.u64_opt(&self.arch.key("context_length"))? {
             obj.insert("max_position_embeddings".into(), ctx.into());
         }
         let has = |n: &str| self.tensor(n).is_some();
@@ -426,18 +432,17 @@ impl GgufModel {
     /// `rope.scaling.*` as config.json's `rope_scaling` (None: no scaling).
     fn rope_scaling(&self) -> Result<Option<Value>> {
         let f = &self.file;
-        let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        match f.str_opt(&key("rope.scaling.type"))? {
+        match f.str_opt(&self.arch.key("rope.scaling.type"))? {
             None | Some("none") => Ok(None),
             Some("linear") => {
-                let factor = f.f64(&key("rope.scaling.factor"))?;
+                let factor = f.f64(&self.arch.key("rope.scaling.factor"))?;
                 Ok(Some(json!({"rope_type": "linear", "factor": factor})))
             }
             // Phi-3's factors are tensors, read by `phi3_fields`.
             Some("longrope") if self.arch.gguf == "phi3" => Ok(None),
             Some(other) => Err(Error::field(
                 self.path(),
-                &key("rope.scaling.type"),
+                &self.arch.key("rope.scaling.type"),
                 format!(
                     "rope scaling {other:?} is not supported; supported: none, linear{}",
                     if self.arch.gguf == "phi3" {
@@ -463,7 +468,6 @@ impl GgufModel {
         scaling: Option<Value>,
     ) -> Result<()> {
         let f = &self.file;
-        let key = |k: &str| format!("{}.{k}", self.arch.gguf);
         let gemma2 = self.arch.gguf == "gemma2";
         obj.insert(
             "query_pre_attn_scalar".into(),
@@ -473,7 +477,7 @@ impl GgufModel {
         );
         // Absent keys: llama.cpp's defaults (Gemma 2: 50 and 30, Gemma 3: none).
         let cap = |k: &str, default: Option<f64>| -> Result<Value> {
-            Ok(match f.f64_opt(&key(k))?.or(default) {
+            Ok(match f.f64_opt(&self.arch.key(k))?.or(default) {
                 Some(v) if v > 0.0 => v.into(),
                 _ => Value::Null,
             })
@@ -486,7 +490,7 @@ impl GgufModel {
             "final_logit_softcapping".into(),
             cap("final_logit_softcapping", gemma2.then_some(30.0))?,
         );
-        let window = match f.u64_opt(&key("attention.sliding_window"))? {
+        let window = match f.u64_opt(&self.arch.key("attention.sliding_window"))? {
             Some(0) => None,
             Some(w) => Some(w),
             None if gemma2 => Some(4096),
@@ -517,7 +521,9 @@ impl GgufModel {
             return Ok(());
         }
         let theta = obj["rope_theta"].clone();
-        let local_theta = f.f64_opt(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
+        let local_theta = f
+            .f64_opt(&self.arch.key("rope.freq_base_swa"))?
+            .unwrap_or(10_000.0);
         let mut global = scaling.unwrap_or_else(|| json!({"rope_type": "default"}));
         global["rope_theta"] = theta;
         obj.insert(
@@ -532,7 +538,7 @@ impl GgufModel {
     /// Which layers use the sliding window: `attention.sliding_window_pattern` (one bool per
     /// layer, or n: `il % n < n - 1`), else the architecture's default pattern.
     fn sliding_layers(&self, layers: u64) -> Result<Vec<bool>> {
-        let name = format!("{}.attention.sliding_window_pattern", self.arch.gguf);
+        let name = self.arch.key("attention.sliding_window_pattern");
         let pattern = match self.file.get(&name) {
             None => self.arch.default_sliding_pattern(),
             Some(GgufValue::Array(items)) => {
@@ -569,15 +575,16 @@ impl GgufModel {
     /// which the converter writes and llama.cpp ignores).
     fn phi3_fields(&self, obj: &mut serde_json::Map<String, Value>, head_dim: u64) -> Result<()> {
         let f = &self.file;
-        let key = |k: &str| format!("{}.{k}", self.arch.gguf);
-        let rope_dims = f.u64_opt(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+        let rope_dims = f
+            .u64_opt(&self.arch.key("rope.dimension_count"))?
+            .unwrap_or(head_dim);
         if head_dim > 0 && rope_dims != head_dim {
             obj.insert(
                 "partial_rotary_factor".into(),
                 (rope_dims as f64 / head_dim as f64).into(),
             );
         }
-        let original = f.u64_opt(&key("rope.scaling.original_context_length"))?;
+        let original = f.u64_opt(&self.arch.key("rope.scaling.original_context_length"))?;
         if let Some(original) = original {
             obj.insert("original_max_position_embeddings".into(), original.into());
         }
@@ -596,7 +603,7 @@ impl GgufModel {
                 let original = original.ok_or_else(|| {
                     Error::field(
                         self.path(),
-                        &key("rope.scaling.original_context_length"),
+                        &self.arch.key("rope.scaling.original_context_length"),
                         "missing (LongRoPE needs it)",
                     )
                 })?;
@@ -614,7 +621,7 @@ impl GgufModel {
                 ))
             }
         }
-        if let Some(w) = f.u64_opt(&key("attention.sliding_window"))? {
+        if let Some(w) = f.u64_opt(&self.arch.key("attention.sliding_window"))? {
             if w > 0 {
                 obj.insert("sliding_window".into(), w.into());
             }

@@ -326,6 +326,16 @@ pub fn model_gguf(
     Ok(w)
 }
 
+/// The window of the sliding-window layers (one size: [`check_expressible`] refuses others).
+fn sliding_window(config: &ModelConfig) -> Option<usize> {
+    config.layer_windows.iter().flatten().next().copied()
+}
+
+/// A count as GGUF's u32 metadata value.
+fn u32_of(v: usize) -> Value {
+    Value::U32(v as u32)
+}
+
 /// Refuses, by name, what llama.cpp's architecture for `config` cannot express.
 fn check_expressible(config: &ModelConfig, arch: &ArchSpec) -> Result<()> {
     let refuse = |what: &str| -> Result<()> {
@@ -342,7 +352,7 @@ fn check_expressible(config: &ModelConfig, arch: &ArchSpec) -> Result<()> {
         }
         (RopeScaling::LongRope { .. }, _) => return refuse("LongRoPE"),
     }
-    let window = config.layer_windows.iter().flatten().next().copied();
+    let window = sliding_window(config);
     if config
         .layer_windows
         .iter()
@@ -396,8 +406,6 @@ fn add_hyperparameters(
     file_type: GgufFileType,
 ) {
     let gemma = arch.norm_plus_one;
-    let key = |k: &str| format!("{}.{k}", arch.gguf);
-    let u32_of = |v: usize| Value::U32(v as u32);
     w.add("general.architecture", Value::String(arch.gguf.into()));
     w.add("general.type", Value::String("model".into()));
     w.add("general.name", Value::String(id_to_title(name)));
@@ -405,39 +413,48 @@ fn add_hyperparameters(
         "general.size_label",
         Value::String(size_label(config.num_parameters())),
     );
-    w.add(&key("block_count"), u32_of(config.num_layers));
+    w.add(&arch.key("block_count"), u32_of(config.num_layers));
     w.add(
-        &key("context_length"),
+        &arch.key("context_length"),
         u32_of(config.max_position_embeddings),
     );
-    w.add(&key("embedding_length"), u32_of(config.hidden_size));
+    w.add(&arch.key("embedding_length"), u32_of(config.hidden_size));
     w.add(
-        &key("feed_forward_length"),
+        &arch.key("feed_forward_length"),
         u32_of(config.intermediate_size),
     );
-    w.add(&key("attention.head_count"), u32_of(config.num_heads));
-    w.add(&key("attention.head_count_kv"), u32_of(config.num_kv_heads));
+    w.add(&arch.key("attention.head_count"), u32_of(config.num_heads));
+    w.add(
+        &arch.key("attention.head_count_kv"),
+        u32_of(config.num_kv_heads),
+    );
     // Gemma 2's converter writes no RoPE base (llama.cpp then takes 10000).
     if arch.gguf != "gemma2" || config.rope_theta != 10_000.0 {
-        w.add(&key("rope.freq_base"), Value::F32(config.rope_theta as f32));
+        w.add(
+            &arch.key("rope.freq_base"),
+            Value::F32(config.rope_theta as f32),
+        );
     }
     w.add(
-        &key("attention.layer_norm_rms_epsilon"),
+        &arch.key("attention.layer_norm_rms_epsilon"),
         Value::F32(config.rms_norm_eps as f32),
     );
     if gemma || config.raw.get("head_dim").is_some_and(|v| !v.is_null()) && arch.gguf != "phi3" {
-        w.add(&key("attention.key_length"), u32_of(config.head_dim));
-        w.add(&key("attention.value_length"), u32_of(config.head_dim));
+        w.add(&arch.key("attention.key_length"), u32_of(config.head_dim));
+        w.add(&arch.key("attention.value_length"), u32_of(config.head_dim));
     }
     if let RopeScaling::Linear { factor } = config.rope_scaling {
-        w.add(&key("rope.scaling.type"), Value::String("linear".into()));
-        w.add(&key("rope.scaling.factor"), Value::F32(factor as f32));
+        w.add(
+            &arch.key("rope.scaling.type"),
+            Value::String("linear".into()),
+        );
+        w.add(&arch.key("rope.scaling.factor"), Value::F32(factor as f32));
     }
     w.add("general.file_type", Value::U32(file_type.ftype()));
     if arch.permuted_qk {
         // LlamaModel.set_gguf_parameters adds these two.
-        w.add(&key("vocab_size"), u32_of(config.vocab_size));
-        w.add(&key("rope.dimension_count"), u32_of(config.head_dim));
+        w.add(&arch.key("vocab_size"), u32_of(config.vocab_size));
+        w.add(&arch.key("rope.dimension_count"), u32_of(config.head_dim));
     }
 }
 
@@ -448,13 +465,11 @@ fn add_phi3_keys(
     config: &ModelConfig,
     arch: &ArchSpec,
 ) -> Vec<(&'static str, Vec<f32>)> {
-    let key = |k: &str| format!("{}.{k}", arch.gguf);
-    let u32_of = |v: usize| Value::U32(v as u32);
-    let window = config.layer_windows.iter().flatten().next().copied();
+    let window = sliding_window(config);
     let mut extra_tensors = Vec::new();
-    w.add(&key("rope.dimension_count"), u32_of(config.rotary_dim));
+    w.add(&arch.key("rope.dimension_count"), u32_of(config.rotary_dim));
     w.add(
-        &key("attention.sliding_window"),
+        &arch.key("attention.sliding_window"),
         u32_of(window.unwrap_or(0)),
     );
     let original = match &config.rope_scaling {
@@ -465,7 +480,7 @@ fn add_phi3_keys(
             attention_factor,
         } => {
             w.add(
-                &key("rope.scaling.attn_factor"),
+                &arch.key("rope.scaling.attn_factor"),
                 Value::F32(*attention_factor as f32),
             );
             let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
@@ -479,7 +494,7 @@ fn add_phi3_keys(
     };
     if let Some(original) = original {
         w.add(
-            &key("rope.scaling.original_context_length"),
+            &arch.key("rope.scaling.original_context_length"),
             u32_of(original),
         );
     }
@@ -489,20 +504,21 @@ fn add_phi3_keys(
 /// Gemma's keys: soft-capping, the sliding-window layers' RoPE base, the window and, where it
 /// is not llama.cpp's default, which layers have it.
 fn add_gemma_keys(w: &mut GgufWriter, config: &ModelConfig, arch: &ArchSpec) {
-    let key = |k: &str| format!("{}.{k}", arch.gguf);
-    let u32_of = |v: usize| Value::U32(v as u32);
-    let window = config.layer_windows.iter().flatten().next().copied();
+    let window = sliding_window(config);
     if let Some(cap) = config.attention_softcap {
-        w.add(&key("attn_logit_softcapping"), Value::F32(cap as f32));
+        w.add(&arch.key("attn_logit_softcapping"), Value::F32(cap as f32));
     }
     if let Some(cap) = config.final_softcap {
-        w.add(&key("final_logit_softcapping"), Value::F32(cap as f32));
+        w.add(&arch.key("final_logit_softcapping"), Value::F32(cap as f32));
     }
     if let Some(local) = &config.local_rope {
-        w.add(&key("rope.freq_base_swa"), Value::F32(local.theta as f32));
+        w.add(
+            &arch.key("rope.freq_base_swa"),
+            Value::F32(local.theta as f32),
+        );
     }
     if let Some(window) = window {
-        w.add(&key("attention.sliding_window"), u32_of(window));
+        w.add(&arch.key("attention.sliding_window"), u32_of(window));
     }
     // The converter writes no pattern: llama.cpp's default must then be the model's, else
     // the layers are written out (a key llama.cpp reads).
@@ -511,7 +527,7 @@ fn add_gemma_keys(w: &mut GgufWriter, config: &ModelConfig, arch: &ArchSpec) {
     let default = (0..config.num_layers).all(|il| sliding[il] == (il % n < n - 1));
     if window.is_some() && !default {
         w.add(
-            &key("attention.sliding_window_pattern"),
+            &arch.key("attention.sliding_window_pattern"),
             Value::Array(sliding.into_iter().map(Value::Bool).collect()),
         );
     }
