@@ -198,6 +198,13 @@ pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// Whether this x86-64 CPU has AVX-512F (std caches the answer).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512f() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
 /// Eight independent accumulators, so the loop vectorises without fast-math. Called directly
 /// for short vectors (a rank-r row), where the SIMD dispatch would cost more than the work.
 #[inline(always)]

@@ -3,7 +3,7 @@
 //! step. Prints wall and process CPU milliseconds per step and tokens per second, over the
 //! base and with a different random rank-16 LoRA (q and v) per row.
 //!
-//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS]`
+//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…]`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -57,8 +57,17 @@ fn main() -> Res<()> {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let dir = PathBuf::from(args.first().ok_or("usage: step_rows MODEL_DIR [STEPS]")?);
+    let dir = PathBuf::from(
+        args.first()
+            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…]")?,
+    );
     let steps: usize = args.get(1).map_or(Ok(16), |s| s.parse())?;
+    let row_counts: Vec<usize> = args
+        .get(2)
+        .map_or("1,2,4,8,16,32", |s| s.as_str())
+        .split(',')
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
     let model = Llama::load(&dir, &Device::Cpu)?;
     let adapters: Vec<LoraAdapter> = (0..32).map(|_| adapter(&model)).collect::<Res<_>>()?;
     let pool = rayon::ThreadPoolBuilder::new().build()?;
@@ -68,7 +77,7 @@ fn main() -> Res<()> {
     );
     pool.install(|| -> Res<()> {
         for with_adapters in [false, true] {
-            for rows in [1, 2, 4, 8, 16, 32] {
+            for &rows in &row_counts {
                 let mut caches: Vec<KvCache> = (0..rows)
                     .map(|_| KvCache::with_capacity(64 + steps))
                     .collect();
