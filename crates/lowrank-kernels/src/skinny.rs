@@ -8,9 +8,9 @@
 //! registers for up to eight rows of X with AVX-512 (sixteen codes by one shift and one 16-lane
 //! table permute; X's values reordered once per step to the order the shift leaves the codes
 //! in) or four with AVX2 (byte shuffles, see `Planes`), and for more into an f32 buffer three
-//! rows at a time — once per step, for all rows of X. The
-//! register block is 3 rows of W × 4 rows of X (12 eight-lane FMA chains, AVX2+FMA chosen at
-//! run time), summed over the whole row before one horizontal sum per output.
+//! rows at a time — once per step, for all rows of X. The register block is 3 rows of W × 4
+//! rows of X (12 eight-lane FMA chains, AVX2+FMA chosen at run time), summed over the whole row
+//! before one horizontal sum per output.
 //!
 //! Adapters follow Punica/S-LoRA's segmented form: a [`Segment`] is one adapter module and the
 //! rows that use it. Before the pass over W, each segment's "shrink" T = scale·X[rows]·Aᵀ
@@ -360,8 +360,8 @@ unsafe fn fourbit_rows_avx2<const C: usize>(
 
 /// Rows of X up to which the AVX-512 4-bit kernel runs: two sums each, with the decoded
 /// values, the table and the shifts, fit the 32 vector registers. Above, decoding into the
-/// buffer once and the f32 blocks measured faster (32 rows: 200–217 tokens/s against 229–238
-/// on an AVX-512 Xeon) than decoding again for every eight rows.
+/// buffer once for the f32 blocks served 32 clients faster on an AVX-512 Xeon (229–238
+/// tokens/s against 199–217) than decoding again for every eight rows.
 const FOURBIT_WIDE_ROWS: usize = 8;
 
 /// Within each run of 16 values, the order in which [`fourbit_rows_avx512`] leaves 16 codes:
@@ -396,10 +396,10 @@ fn in_code_order(x: &[f32], in_f: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// [`fourbit_rows`] for C rows of X in code order: each 8 bytes of codes are broadcast to the 16 lanes,
-/// a per-lane shift brings one code to each lane's low four bits (lane 2j code j, lane 2j + 1
-/// code 8 + j) and a 16-lane permute looks the table up — a load, a shift and a permute per 16
-/// codes, for all C rows.
+/// [`fourbit_rows`] for C rows of X in code order: each 8 bytes of codes are broadcast to the
+/// 16 lanes, a per-lane shift brings one code to each lane's low four bits (lane 2j code j,
+/// lane 2j + 1 code 8 + j) and a 16-lane permute looks the table up — a load, a shift and a
+/// permute per 16 codes, for all C rows.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; in_f and the block size multiples of 32, rows o0..o0 + nw
@@ -472,9 +472,9 @@ unsafe fn lookup16(
     _mm512_permutexvar_ps(_mm512_srlv_epi32(codes, shifts), table)
 }
 
-/// The absmax of every block that output rows o0..o0 + nw of a 4-bit W touch,
-/// restored once. Blocks run over the flattened weight, and their sizes are powers of two: the
-/// block of a flat index is a shift away.
+/// The absmax of every block that output rows o0..o0 + nw of a 4-bit W touch, restored once.
+/// Blocks run over the flattened weight, and their sizes are powers of two: the block of a flat
+/// index is a shift away.
 struct RowBlocks {
     size: usize,
     shift: u32,
