@@ -540,6 +540,23 @@ fn a_closed_stdout_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// bf16 training with an unknown `LOWRANK_BF16_GEMM` kernel stops before writing anything.
+#[test]
+fn an_unknown_bf16_kernel_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .args(["train", "--model", &fx("models/llama-tied")])
+        .args(["--data", &fx("data/train.jsonl"), "--quiet"])
+        .args(["--compute-dtype", "bf16", "--out"])
+        .arg(&out)
+        .env("LOWRANK_BF16_GEMM", "fast")
+        .output()
+        .expect("run lowrank");
+    assert_fails_with(&output, &["LOWRANK_BF16_GEMM", "\"fast\"", "dot or widen"]);
+    assert!(!out.exists(), "nothing is written");
+}
+
 /// A build without the `mpi` feature started as one of several ranks (`mpirun -np 2`, `srun
 /// -n 2`) refuses to train: each copy would train alone and overwrite the others' --out.
 #[cfg(not(feature = "mpi"))]

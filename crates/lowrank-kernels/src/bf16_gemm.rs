@@ -10,9 +10,13 @@
 //! Otherwise the same numbers come from the f32 GEMM on the rounded activations and the
 //! weight widened to f32 (bf16 → f32 is exact), so results agree across CPUs up to the order
 //! of the f32 sums.
+//!
+//! That order shows in the last bits, and bf16 rounding downstream can grow it to ~1e-5 in a
+//! loss: two processes that time differently (two MPI ranks, a run and its resume) need not
+//! agree bit for bit. `LOWRANK_BF16_GEMM=dot` or `=widen` names the kernel instead, as MKL's
+//! `MKL_CBWR` pins its code path.
 
 use std::sync::Arc;
-#[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
@@ -39,8 +43,59 @@ impl Bf16Mat<'_> {
     }
 }
 
-/// dst (m×n, row-major) [+]= bf16(lhs) (m×k) · rhs (k×n), accumulated in f32.
+/// The two ways this module runs a bf16 GEMM: both multiply exactly the same values and
+/// differ only in the order of the f32 sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// Our AVX512-BF16 microkernel on `vdpbf16ps`.
+    Dot,
+    /// The f32 GEMM over the rounded activations and the widened weight.
+    Widen,
+}
+
+/// The environment variable that names the kernel (`dot` or `widen`) for every process.
+pub const BF16_KERNEL_VAR: &str = "LOWRANK_BF16_GEMM";
+
+/// This process's bf16 GEMM kernel, chosen once: the one `LOWRANK_BF16_GEMM` names, else
+/// AVX512-BF16's where this CPU has it and it times faster. An unknown name, or `dot` on a
+/// CPU without AVX512-BF16, is an error naming the variable.
+pub fn bf16_kernel() -> Result<Bf16Kernel> {
+    static CHOICE: OnceLock<std::result::Result<Bf16Kernel, String>> = OnceLock::new();
+    CHOICE
+        .get_or_init(|| choose_kernel(std::env::var(BF16_KERNEL_VAR).ok().as_deref()))
+        .clone()
+        .map_err(candle_core::Error::Msg)
+}
+
+fn choose_kernel(named: Option<&str>) -> std::result::Result<Bf16Kernel, String> {
+    match named.map(str::trim) {
+        None | Some("") => Ok(if dot_kernel_is_faster() {
+            Bf16Kernel::Dot
+        } else {
+            Bf16Kernel::Widen
+        }),
+        Some("widen") => Ok(Bf16Kernel::Widen),
+        Some("dot") if dot_kernel_available() => Ok(Bf16Kernel::Dot),
+        Some("dot") => Err(format!(
+            "{BF16_KERNEL_VAR}=dot needs a CPU with AVX512-BF16, and this one has none \
+             (use widen, or leave it unset)"
+        )),
+        Some(other) => Err(format!(
+            "{BF16_KERNEL_VAR}={other:?}: expected dot or widen (or leave it unset to time both)"
+        )),
+    }
+}
+
+fn dot_kernel_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx512::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// dst (m×n, row-major) [+]= bf16(lhs) (m×k) · rhs (k×n), accumulated in f32 by `kernel`.
 pub(crate) fn gemm_bf16(
+    kernel: Bf16Kernel,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     lhs: Mat,
@@ -61,7 +116,7 @@ pub(crate) fn gemm_bf16(
     );
     #[cfg(target_arch = "x86_64")]
     {
-        if k > 0 && bf16_dot_is_faster() {
+        if k > 0 && kernel == Bf16Kernel::Dot {
             return avx512::gemm((m, n, k), dst, lhs, rhs, accumulate);
         }
     }
@@ -69,13 +124,13 @@ pub(crate) fn gemm_bf16(
 }
 
 /// Whether this CPU has AVX512-BF16 and its kernel beat the widening path on a 512×512×512
-/// product (best of three each, timed once per process: a few milliseconds). Smaller products
-/// flatter the kernel: the widening path's rounding and widening passes weigh more there than
-/// at training sizes.
-#[cfg(target_arch = "x86_64")]
-fn bf16_dot_is_faster() -> bool {
-    static CHOICE: OnceLock<bool> = OnceLock::new();
-    *CHOICE.get_or_init(|| {
+/// product (best of three each: a few milliseconds). Smaller products flatter the kernel: the
+/// widening path's rounding and widening passes weigh more there than at training sizes.
+fn dot_kernel_is_faster() -> bool {
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+    #[cfg(target_arch = "x86_64")]
+    {
         if !avx512::available() {
             return false;
         }
@@ -101,7 +156,7 @@ fn bf16_dot_is_faster() -> bool {
         let dot = best(&|c| avx512::gemm((m, n, k), c, Mat::rows(&a, k), rhs, false));
         let widen = best(&|c| widened::gemm((m, n, k), c, Mat::rows(&a, k), rhs, false));
         dot < widen
-    })
+    }
 }
 
 /// f32 → bf16 → f32, round to nearest even (NaN stays NaN).
@@ -344,6 +399,7 @@ pub struct Bf16Frozen {
     w: Tensor,
     out_f: usize,
     in_f: usize,
+    kernel: Bf16Kernel,
 }
 
 impl Bf16Frozen {
@@ -358,6 +414,7 @@ impl Bf16Frozen {
             w: w.detach().contiguous()?,
             out_f,
             in_f,
+            kernel: bf16_kernel()?,
         }))
     }
 
@@ -387,7 +444,14 @@ impl FrozenMatmul for Bf16Frozen {
                 rs: 1,
                 cs: in_f,
             };
-            gemm_bf16((rows, out_f, in_f), &mut y, Mat::rows(x, in_f), wt, false);
+            gemm_bf16(
+                self.kernel,
+                (rows, out_f, in_f),
+                &mut y,
+                Mat::rows(x, in_f),
+                wt,
+                false,
+            );
             y
         })
     }
@@ -402,6 +466,7 @@ impl FrozenMatmul for Bf16Frozen {
                 cs: 1,
             };
             gemm_bf16(
+                self.kernel,
                 (rows, in_f, out_f),
                 &mut dx,
                 Mat::rows(dy, out_f),
@@ -456,6 +521,7 @@ mod tests {
     /// dispatching entry point and the fallback (the same on a CPU without AVX512-BF16).
     #[test]
     fn matches_the_exact_product_of_the_rounded_inputs() {
+        let kernel = bf16_kernel().unwrap();
         // The last one is over widened::WIDEN_ELEMS: the fallback widens it a block of columns at a time.
         for &(m, n, k) in &[
             (1, 1, 1),
@@ -481,7 +547,7 @@ mod tests {
                 let want = reference(m, n, k, &a, &rhs);
                 let lhs = Mat::rows(&a, k);
                 let mut got = vec![0f32; m * n];
-                gemm_bf16((m, n, k), &mut got, lhs, rhs, false);
+                gemm_bf16(kernel, (m, n, k), &mut got, lhs, rhs, false);
                 check(&got, &want, k, &format!("{m}x{n}x{k} {layout}"));
                 let mut fallback = vec![0f32; m * n];
                 widened::gemm((m, n, k), &mut fallback, lhs, rhs, false);
@@ -501,7 +567,7 @@ mod tests {
                     check(&dot, &plus_one, k, &format!("avx512 {m}x{n}x{k} {layout}"));
                 }
                 // Accumulating adds the same product again.
-                gemm_bf16((m, n, k), &mut got, lhs, rhs, true);
+                gemm_bf16(kernel, (m, n, k), &mut got, lhs, rhs, true);
                 let twice: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();
                 check(
                     &got,
@@ -511,6 +577,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `LOWRANK_BF16_GEMM` names a kernel; a name it does not know, or `dot` where the CPU
+    /// lacks AVX512-BF16, is an error that names the variable.
+    #[test]
+    fn the_environment_names_the_kernel() {
+        assert_eq!(choose_kernel(Some("widen")), Ok(Bf16Kernel::Widen));
+        match choose_kernel(Some("dot")) {
+            Ok(k) => assert!(dot_kernel_available() && k == Bf16Kernel::Dot),
+            Err(e) => assert!(!dot_kernel_available() && e.contains("AVX512-BF16"), "{e}"),
+        }
+        let e = choose_kernel(Some("fast")).unwrap_err();
+        assert!(
+            e.contains(BF16_KERNEL_VAR) && e.contains("dot or widen"),
+            "{e}"
+        );
+        let timed = choose_kernel(None).unwrap();
+        assert!(timed == Bf16Kernel::Widen || dot_kernel_available());
     }
 
     /// The activations really are rounded: an input that bf16 cannot hold gives bf16's value.
@@ -524,7 +608,14 @@ mod tests {
             rs: 1,
             cs: 1,
         };
-        gemm_bf16((1, 1, 1), &mut y, Mat::rows(&x, 1), rhs, false);
+        gemm_bf16(
+            bf16_kernel().unwrap(),
+            (1, 1, 1),
+            &mut y,
+            Mat::rows(&x, 1),
+            rhs,
+            false,
+        );
         assert_eq!(y[0], 1.0);
     }
 

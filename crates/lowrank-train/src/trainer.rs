@@ -311,6 +311,10 @@ pub fn train_with(opts: &TrainOptions, comm: &dyn Communicator) -> Result<TrainR
         &quiet
     };
     validate(o)?;
+    if o.compute_dtype == ComputeDtype::Bf16 {
+        // A bad LOWRANK_BF16_GEMM stops the run before anything is written.
+        lowrank_kernels::bf16_gemm::bf16_kernel()?;
+    }
     let mut run = Run::open(o, comm, started)?;
     run.plan()?;
     let steps = run.steps()?;
