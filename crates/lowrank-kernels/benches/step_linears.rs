@@ -43,6 +43,8 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
 }
 
 fn main() -> candle_core::Result<()> {
+    // The allocator and thread settings the `lowrank` binary runs with.
+    lowrank_kernels::process::set_up();
     let iters = std::env::var("BENCH_ITERS")
         .ok()
         .and_then(|s| s.parse().ok())

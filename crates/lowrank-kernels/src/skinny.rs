@@ -9,8 +9,11 @@
 //! table permute; X's values reordered once per step to the order the shift leaves the codes
 //! in) or four with AVX2 (byte shuffles, see `Planes`), and for more into an f32 buffer three
 //! rows at a time — once per step, for all rows of X. The register block is 3 rows of W × 4
-//! rows of X (12 eight-lane FMA chains, AVX2+FMA chosen at run time), summed over the whole row
-//! before one horizontal sum per output.
+//! rows of X (12 FMA chains of sixteen lanes with AVX-512F, eight with AVX2+FMA, chosen at run
+//! time), summed over the whole row before one horizontal sum per output. While a block
+//! computes, the next rows of W are asked for, spread over all of its passes (see [`Ahead`]).
+//! A task sums its outputs in a tile of its own and writes them into its columns of every row
+//! of Y.
 //!
 //! Adapters follow Punica/S-LoRA's segmented form: a [`Segment`] is one adapter module and the
 //! rows that use it. Before the pass over W, each segment's "shrink" T = scale·X[rows]·Aᵀ
@@ -94,11 +97,6 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
     let m = x.len().checked_div(in_f).unwrap_or(0);
     let x_rows: Vec<&[f32]> = x.chunks_exact(in_f.max(1)).collect();
     let shrunk = shrink(&x_rows, in_f, linears);
-    // Outputs transposed (out × m): a task owns a run of output rows, all of them contiguous.
-    let mut transposed: Vec<Vec<f32>> = linears
-        .iter()
-        .map(|l| vec![0f32; l.out_features(in_f) * m])
-        .collect();
     let code_order = linears
         .iter()
         .any(|l| matches!(l.weight, BaseWeights::FourBit(_)))
@@ -113,17 +111,25 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
             _ => None,
         })
         .collect();
-    let mut tasks = Vec::new();
-    for (part, yt) in transposed.iter_mut().enumerate() {
-        for (t, tile) in yt.chunks_mut((TILE_OUT * m).max(1)).enumerate() {
-            tasks.push((part, t * TILE_OUT, tile));
-        }
-    }
-    tasks
-        .into_par_iter()
-        .for_each_init(Vec::new, |buf, (part, o0, tile)| {
+    let mut ys: Vec<Vec<f32>> = linears
+        .iter()
+        .map(|l| vec![0f32; m * l.out_features(in_f)])
+        .collect();
+    let outs: Vec<Columns> = ys.iter_mut().map(|y| Columns::new(y, m)).collect();
+    let tasks: Vec<(usize, usize)> = outs
+        .iter()
+        .enumerate()
+        .flat_map(|(part, out)| (0..out.out_f).step_by(TILE_OUT).map(move |o0| (part, o0)))
+        .collect();
+    // A task owns TILE_OUT outputs: it sums them transposed (out × m) in a tile of its own,
+    // then writes the tile into those columns of every row.
+    tasks.into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(buf, tile), (part, o0)| {
             let linear = &linears[part];
-            let rows_out = tile.len() / m;
+            let rows_out = TILE_OUT.min(outs[part].out_f - o0);
+            tile.clear();
+            tile.resize(rows_out * m, 0.0);
             base_tile(
                 &linear.weight,
                 luts[part].as_ref(),
@@ -135,20 +141,50 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
                 buf,
             );
             finish_tile(linear, &shrunk[part], o0, m, tile);
-        });
-    transposed
-        .into_iter()
-        .map(|yt| {
-            let out_f = yt.len() / m.max(1);
-            let mut y = vec![0f32; yt.len()];
-            for (o, column) in yt.chunks_exact(m.max(1)).enumerate() {
-                for (i, v) in column.iter().enumerate() {
-                    y[i * out_f + o] = *v;
-                }
+            // SAFETY: the tasks of a part start TILE_OUT apart and write at most TILE_OUT
+            // columns each, so no two write the same element.
+            unsafe { outs[part].put(o0, m, tile) };
+        },
+    );
+    drop(outs);
+    ys
+}
+
+/// A row-major output (m × out_f) whose columns parallel tasks fill, each its own.
+struct Columns {
+    ptr: *mut f32,
+    len: usize,
+    out_f: usize,
+}
+
+// SAFETY: the tasks sharing a `Columns` write disjoint elements (see `put`), and the Vec it
+// points into outlives them.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Over `y`, m rows.
+    fn new(y: &mut [f32], m: usize) -> Columns {
+        Columns {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+            out_f: y.len().checked_div(m).unwrap_or(0),
+        }
+    }
+
+    /// Writes a transposed tile (outputs × m) into columns o0.. of every row.
+    ///
+    /// # Safety
+    /// No other thread may write these columns meanwhile.
+    unsafe fn put(&self, o0: usize, m: usize, tile: &[f32]) {
+        let width = tile.len() / m.max(1);
+        assert!(o0 + width <= self.out_f && m * self.out_f <= self.len);
+        for i in 0..m {
+            let row = self.ptr.add(i * self.out_f + o0);
+            for (o, column) in tile.chunks_exact(m).enumerate() {
+                *row.add(o) = column[i];
             }
-            y
-        })
-        .collect()
+        }
+    }
 }
 
 /// Rows of X per shrink task.
@@ -570,7 +606,7 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
 
 /// out[out_x[i] + o·out_w] += Σ_{k < len} w[o·w_stride + k]·xs[i][k] for o < nw and every
 /// row i of `xs`. With `stream` (w read from memory, its rows one after another at the
-/// stride), the first pass over each group of rows asks for the next group's bytes.
+/// stride), each block of rows asks for the next block's bytes as it computes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_tile<T: TileWeight>(
     w: &[T],
@@ -603,10 +639,14 @@ pub(crate) fn dot_tile<T: TileWeight>(
     assert!(last < out.len(), "dot_tile: out too small");
     #[cfg(target_arch = "x86_64")]
     {
+        let args = (w_stride, nw, len, out_x, out_w, stream);
+        // SAFETY (both): the CPU has the features; the asserts above keep every read inside w
+        // and the rows of x, and every write inside out.
+        if crate::cpu::has_avx512f() {
+            return unsafe { dot_tile_simd::<Avx512, T>(w, xs, out, args) };
+        }
         if crate::cpu::has_avx2_fma() {
-            // SAFETY: the CPU has the features; the asserts above keep every read inside w and
-            // the rows of x, and every write inside out.
-            return unsafe { dot_tile_avx2(w, w_stride, nw, len, xs, out, out_x, out_w, stream) };
+            return unsafe { dot_tile_simd::<Avx2, T>(w, xs, out, args) };
         }
     }
     dot_tile_portable(w, w_stride, nw, len, xs, out, out_x, out_w)
@@ -635,39 +675,69 @@ fn dot_tile_portable<T: TileWeight>(
     }
 }
 
-/// Blocks of up to [`BLOCK_W`] rows of w × [`BLOCK_X`] rows of x.
+/// Cache lines to ask for while a block computes: `lines` from `from` on.
+///
+/// A core keeps only so many misses in flight, so the next rows of w stream at full speed only
+/// if they are asked for all the time: spread over every pass of a block, not only the first
+/// (that left memory idle while the later passes computed from L1, and the step cost the sum
+/// of both instead of the larger).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Ahead {
+    from: *const u8,
+    lines: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Ahead {
+    /// Pass `pass` of `passes`' equal share of the lines.
+    fn share(self, pass: usize, passes: usize) -> Ahead {
+        let each = self.lines.div_ceil(passes.max(1));
+        let first = (pass * each).min(self.lines);
+        Ahead {
+            from: self.from.wrapping_add(64 * first),
+            lines: each.min(self.lines - first),
+        }
+    }
+}
+
+/// Blocks of up to [`BLOCK_W`] rows of w × [`BLOCK_X`] rows of x, `L` lanes at a time.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA, and the arguments must pass [`dot_tile`]'s checks.
+/// The CPU must have `L`'s features, and the arguments must pass [`dot_tile`]'s checks.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dot_tile_avx2<T: TileWeight>(
+#[allow(clippy::type_complexity)]
+unsafe fn dot_tile_simd<L: Lanes, T: TileWeight>(
     w: &[T],
-    w_stride: usize,
-    nw: usize,
-    len: usize,
     xs: &[&[f32]],
     out: &mut [f32],
-    out_x: &[usize],
-    out_w: usize,
-    stream: bool,
+    (w_stride, nw, len, out_x, out_w, stream): (usize, usize, usize, &[usize], usize, bool),
 ) {
     let mut o = 0;
     while o < nw {
         let rw = BLOCK_W.min(nw - o);
         let wp = w.as_ptr().add(o * w_stride);
+        // While these rows of w meet every row of x, the next BLOCK_W rows are asked for,
+        // an equal share in each pass over a group of rows of x.
+        let next = Ahead {
+            from: wp.wrapping_add(rw * w_stride).cast(),
+            lines: if stream {
+                (BLOCK_W * w_stride * std::mem::size_of::<T>()).div_ceil(64)
+            } else {
+                0
+            },
+        };
+        let passes = xs.len().div_ceil(BLOCK_X);
         let mut i = 0;
         while i < xs.len() {
             let rx = BLOCK_X.min(xs.len() - i);
             let xp = |c: usize| xs[i + c.min(rx - 1)].as_ptr();
-            // The next rows of w are asked for while the first rows of x use these.
-            let ahead = stream && i == 0;
+            let ahead = next.share(i / BLOCK_X, passes);
             let x = [xp(0), xp(1), xp(2), xp(3)];
             let sums = match rw {
-                3 => block_of::<T, 3>(wp, w_stride, x, rx, len, ahead),
-                2 => block_of::<T, 2>(wp, w_stride, x, rx, len, ahead),
-                _ => block_of::<T, 1>(wp, w_stride, x, rx, len, ahead),
+                3 => L::block_of::<T, 3>(wp, w_stride, x, rx, len, ahead),
+                2 => L::block_of::<T, 2>(wp, w_stride, x, rx, len, ahead),
+                _ => L::block_of::<T, 1>(wp, w_stride, x, rx, len, ahead),
             };
             for (r, sums) in sums.iter().enumerate().take(rw) {
                 for (c, s) in sums.iter().enumerate().take(rx) {
@@ -680,27 +750,154 @@ unsafe fn dot_tile_avx2<T: TileWeight>(
     }
 }
 
-/// [`block`] over R rows of w and the first `rx` (1…4) of `x`, its sums in the full
-/// [`BLOCK_W`] × [`BLOCK_X`] shape (the rest zero).
-///
-/// # Safety
-/// As [`block`], for the first `rx` rows of x.
+/// A SIMD width the tile kernels run at: its vector of f32 lanes and the operations a block
+/// needs, each compiled with the width's CPU features.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn block_of<T: TileWeight, const R: usize>(
+trait Lanes {
+    type V: Copy;
+    const N: usize;
+
+    /// # Safety (every method)
+    /// The CPU must have the width's features; loads read `N` values at the pointer.
+    unsafe fn zero() -> Self::V;
+    unsafe fn load_w<T: TileWeight>(p: *const T) -> Self::V;
+    unsafe fn load_x(p: *const f32) -> Self::V;
+    unsafe fn fmadd(a: Self::V, b: Self::V, acc: Self::V) -> Self::V;
+    unsafe fn sum(v: Self::V) -> f32;
+
+    /// [`block`] over R rows of w and the first `rx` (1…4) of `x`, its sums in the full
+    /// [`BLOCK_W`] × [`BLOCK_X`] shape (the rest zero), compiled with the width's features.
+    unsafe fn block_of<T: TileWeight, const R: usize>(
+        w: *const T,
+        ws: usize,
+        x: [*const f32; BLOCK_X],
+        rx: usize,
+        len: usize,
+        ahead: Ahead,
+    ) -> [[f32; BLOCK_X]; BLOCK_W];
+}
+
+/// Eight lanes: AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+/// Sixteen lanes: AVX-512F (twice the multiply-adds per instruction, which pays once a block
+/// is compute-bound: eight rows of x and more).
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2 {
+    type V = std::arch::x86_64::__m256;
+    const N: usize = 8;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load_w<T: TileWeight>(p: *const T) -> Self::V {
+        T::load8(p)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load_x(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fmadd(a: Self::V, b: Self::V, acc: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_fmadd_ps(a, b, acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn sum(v: Self::V) -> f32 {
+        crate::cpu::sum_lanes(v)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_of<T: TileWeight, const R: usize>(
+        w: *const T,
+        ws: usize,
+        x: [*const f32; BLOCK_X],
+        rx: usize,
+        len: usize,
+        ahead: Ahead,
+    ) -> [[f32; BLOCK_X]; BLOCK_W] {
+        block_of::<Self, T, R>(w, ws, x, rx, len, ahead)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx512 {
+    type V = std::arch::x86_64::__m512;
+    const N: usize = 16;
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load_w<T: TileWeight>(p: *const T) -> Self::V {
+        T::load16(p)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load_x(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn fmadd(a: Self::V, b: Self::V, acc: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_fmadd_ps(a, b, acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn sum(v: Self::V) -> f32 {
+        std::arch::x86_64::_mm512_reduce_add_ps(v)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_of<T: TileWeight, const R: usize>(
+        w: *const T,
+        ws: usize,
+        x: [*const f32; BLOCK_X],
+        rx: usize,
+        len: usize,
+        ahead: Ahead,
+    ) -> [[f32; BLOCK_X]; BLOCK_W] {
+        block_of::<Self, T, R>(w, ws, x, rx, len, ahead)
+    }
+}
+
+/// [`Lanes::block_of`]'s body, inlined into each width's features.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_of<L: Lanes, T: TileWeight, const R: usize>(
     w: *const T,
     ws: usize,
     x: [*const f32; BLOCK_X],
     rx: usize,
     len: usize,
-    ahead: bool,
+    ahead: Ahead,
 ) -> [[f32; BLOCK_X]; BLOCK_W] {
     match rx {
-        4 => widen(block::<T, R, 4>(w, ws, x, len, ahead)),
-        3 => widen(block::<T, R, 3>(w, ws, [x[0], x[1], x[2]], len, ahead)),
-        2 => widen(block::<T, R, 2>(w, ws, [x[0], x[1]], len, ahead)),
-        _ => widen(block::<T, R, 1>(w, ws, [x[0]], len, ahead)),
+        4 => widen(block::<L, T, R, 4>(w, ws, x, len, ahead)),
+        3 => widen(block::<L, T, R, 3>(w, ws, [x[0], x[1], x[2]], len, ahead)),
+        2 => widen(block::<L, T, R, 2>(w, ws, [x[0], x[1]], len, ahead)),
+        _ => widen(block::<L, T, R, 1>(w, ws, [x[0]], len, ahead)),
     }
 }
 
@@ -714,52 +911,48 @@ fn widen<const R: usize, const C: usize>(s: [[f32; C]; R]) -> [[f32; BLOCK_X]; B
     out
 }
 
-/// Σ_k w[r·ws + k]·x[c][k] for r < R, c < C: R·C eight-lane FMA chains over the rows, one
-/// horizontal sum each at the end, the rest past a multiple of eight one by one. With `ahead`,
-/// each step also asks for two cache lines of the R rows that follow (a hint: past the end of
-/// w it does nothing).
+/// Σ_k w[r·ws + k]·x[c][k] for r < R, c < C: R·C FMA chains of `L::N` lanes over the rows, one
+/// horizontal sum each at the end, the rest past a multiple of `L::N` one by one, asking for
+/// `ahead`'s lines evenly along the way.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; w must hold R rows of `len` at stride `ws`, each x[c] `len`
-/// values.
+/// The CPU must have `L`'s features; w must hold R rows of `len` at stride `ws`, each x[c]
+/// `len` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn block<T: TileWeight, const R: usize, const C: usize>(
+#[inline(always)]
+unsafe fn block<L: Lanes, T: TileWeight, const R: usize, const C: usize>(
     w: *const T,
     ws: usize,
     x: [*const f32; C],
     len: usize,
-    ahead: bool,
+    ahead: Ahead,
 ) -> [[f32; C]; R] {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    // The next R rows start R strides on: two cache lines of them per eight columns (of an
-    // f32 W; one per eight of a bf16) cover them, and more, by the end of these rows.
-    let next = w.wrapping_add(R * ws).cast::<u8>();
-    let step = 4 * std::mem::size_of::<T>();
+    let mut acc = [[L::zero(); C]; R];
+    let steps = len / L::N;
+    let (mut asked, mut step) = (0, 0);
     let mut k = 0;
-    while k + 8 <= len {
-        if ahead {
-            crate::cpu::prefetch_line(next.wrapping_add(step * k));
-            crate::cpu::prefetch_line(next.wrapping_add(step * k + 64));
+    while k + L::N <= len {
+        step += 1;
+        while asked * steps < step * ahead.lines {
+            crate::cpu::prefetch_line(ahead.from.wrapping_add(64 * asked));
+            asked += 1;
         }
-        let mut wv = [_mm256_setzero_ps(); R];
+        let mut wv = [L::zero(); R];
         for (r, wv) in wv.iter_mut().enumerate() {
-            *wv = T::load8(w.add(r * ws + k));
+            *wv = L::load_w(w.add(r * ws + k));
         }
         for c in 0..C {
-            let xv = _mm256_loadu_ps(x[c].add(k));
+            let xv = L::load_x(x[c].add(k));
             for r in 0..R {
-                acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+                acc[r][c] = L::fmadd(wv[r], xv, acc[r][c]);
             }
         }
-        k += 8;
+        k += L::N;
     }
     let mut sums = [[0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
-            let mut s = crate::cpu::sum_lanes(acc[r][c]);
+            let mut s = L::sum(acc[r][c]);
             for kk in k..len {
                 s += (*w.add(r * ws + kk)).to_f32() * *x[c].add(kk);
             }
@@ -779,6 +972,13 @@ pub(crate) trait TileWeight: Copy + Send + Sync {
     /// The CPU must have AVX2; eight values must be readable at `p`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Sixteen values from `p`, as f32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; sixteen values must be readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl TileWeight for f32 {
@@ -792,6 +992,13 @@ impl TileWeight for f32 {
     #[target_feature(enable = "avx2")]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -809,6 +1016,15 @@ impl TileWeight for bf16 {
         use std::arch::x86_64::*;
         let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
     }
 }
 
@@ -836,9 +1052,9 @@ mod tests {
             [(1, 40, 300), (4, 40, 300)]
                 .into_iter()
                 .chain([1, 2, 3, 4, 7].into_iter().flat_map(|nw| {
-                    [1, 2, 3, 4, 5, 9]
-                        .into_iter()
-                        .flat_map(move |nx| [0, 1, 7, 8, 9, 33, 100].map(move |len| (nw, nx, len)))
+                    [1, 2, 3, 4, 5, 9].into_iter().flat_map(move |nx| {
+                        [0, 1, 7, 8, 9, 16, 17, 33, 100].map(move |len| (nw, nx, len))
+                    })
                 }))
         {
             {
@@ -858,6 +1074,24 @@ mod tests {
                     dot_tile(&w, stride, nw, len, &xs, &mut fast, &out_x, out_w, nw > 1);
                     let mut portable = start.clone();
                     dot_tile_portable(&w, stride, nw, len, &xs, &mut portable, &out_x, out_w);
+                    let mut paths = vec![("dispatched", fast), ("portable", portable)];
+                    // Each SIMD width this CPU has, whichever the dispatch picks.
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        let args = (stride, nw, len, &out_x[..], out_w, nw > 1);
+                        if crate::cpu::has_avx2_fma() {
+                            let mut y = start.clone();
+                            // SAFETY: the CPU has AVX2+FMA; the sizes are dot_tile's, checked.
+                            unsafe { dot_tile_simd::<Avx2, T>(&w, &xs, &mut y, args) };
+                            paths.push(("avx2", y));
+                        }
+                        if crate::cpu::has_avx512f() {
+                            let mut y = start.clone();
+                            // SAFETY: as above, for AVX-512F.
+                            unsafe { dot_tile_simd::<Avx512, T>(&w, &xs, &mut y, args) };
+                            paths.push(("avx512", y));
+                        }
+                    }
                     for o in 0..nw {
                         for (i, x) in xs.iter().enumerate() {
                             let at = out_x[i] + o * out_w;
@@ -865,7 +1099,7 @@ mod tests {
                                 + (0..len)
                                     .map(|k| w[o * stride + k].to_f32() as f64 * x[k] as f64)
                                     .sum::<f64>();
-                            for (path, got) in [("simd", fast[at]), ("portable", portable[at])] {
+                            for (path, got) in paths.iter().map(|(p, y)| (p, y[at])) {
                                 assert!(
                                     (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
                                     "{path}: nw {nw} nx {nx} len {len} ({o}, {i}): {got} vs {want}"

@@ -53,6 +53,8 @@ fn adapter(model: &Llama) -> Res<LoraAdapter> {
 }
 
 fn main() -> Res<()> {
+    // The allocator and thread settings the `lowrank` binary runs with.
+    lowrank_kernels::process::set_up();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
