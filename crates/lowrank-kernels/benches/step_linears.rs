@@ -7,6 +7,10 @@
 //! `cargo bench --workspace --bench step_linears` (BENCH_ITERS repetitions, minimum reported).
 //! Times are the process's CPU time per call (all threads), so a busy host slows the figures
 //! less than wall time would; with `RAYON_NUM_THREADS=1` they are one core's cost.
+//!
+//! Those weights stay in the last-level cache between calls. A second table streams them
+//! from memory, as a decoding step does: the gate and up weights of 64 layers (453 MB at f32),
+//! each layer's once per pass, wall time per pass (BENCH_STREAM_PASSES, least reported).
 
 use candle_core::{Device, Tensor};
 use half::bf16;
@@ -132,6 +136,63 @@ fn main() -> candle_core::Result<()> {
             }
             println!("{line}");
         }
+    }
+    streamed()
+}
+
+/// The gate and up weights of 64 layers, each layer's pair once per pass: wall ms per pass,
+/// weight GB/s and GFLOP/s, f32 and bf16, for 1 to 64 rows.
+fn streamed() -> candle_core::Result<()> {
+    let passes = std::env::var("BENCH_STREAM_PASSES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let (h, i, layers) = (576, 1536, 64);
+    let ws: Vec<Vec<f32>> = (0..2 * layers).map(|k| values(i * h, k)).collect();
+    let bs: Vec<Vec<bf16>> = ws
+        .iter()
+        .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+        .collect();
+    let params = (2 * layers * i * h) as f64;
+    println!(
+        "streamed: gate+up of {layers} layers ({:.0} MB at f32), wall ms per pass",
+        4.0 * params * 1e-6
+    );
+    for rows in [1, 4, 8, 16, 32, 64] {
+        let x = values(rows * h, 9);
+        let mut line = format!("{rows:4} rows");
+        for kind in ["f32", "bf16"] {
+            let pass = || {
+                for pair in 0..layers {
+                    let linears: Vec<StepLinear> = (2 * pair..2 * pair + 2)
+                        .map(|k| StepLinear {
+                            weight: if kind == "f32" {
+                                BaseWeights::F32(&ws[k])
+                            } else {
+                                BaseWeights::Bf16(&bs[k])
+                            },
+                            bias: None,
+                            segments: Vec::new(),
+                        })
+                        .collect();
+                    apply(&x, h, &linears).expect("apply");
+                }
+            };
+            let mut best = f64::INFINITY;
+            for _ in 0..passes {
+                let t = std::time::Instant::now();
+                pass();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let bytes = params * if kind == "f32" { 4.0 } else { 2.0 };
+            line += &format!(
+                " | {kind} {:7.2} ms {:5.1} GB/s {:6.1} GFLOP/s",
+                best * 1e3,
+                bytes / best * 1e-9,
+                2.0 * params * rows as f64 / best * 1e-9
+            );
+        }
+        println!("{line}");
     }
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! step. Prints wall and process CPU milliseconds per step and tokens per second, over the
 //! base and with a different random rank-16 LoRA (q and v) per row.
 //!
-//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…]`
+//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16]`
+//! (`bf16`: the base's linears and head kept in bf16, as `--bf16-weights` does).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -61,7 +62,7 @@ fn main() -> Res<()> {
         .collect();
     let dir = PathBuf::from(
         args.first()
-            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…]")?,
+            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16]")?,
     );
     let steps: usize = args.get(1).map_or(Ok(16), |s| s.parse())?;
     let row_counts: Vec<usize> = args
@@ -70,7 +71,10 @@ fn main() -> Res<()> {
         .split(',')
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
-    let model = Llama::load(&dir, &Device::Cpu)?;
+    let mut model = Llama::load(&dir, &Device::Cpu)?;
+    if args.get(3).is_some_and(|a| a == "bf16") {
+        model.cast_for_inference(candle_core::DType::BF16)?;
+    }
     let adapters: Vec<LoraAdapter> = (0..32).map(|_| adapter(&model)).collect::<Res<_>>()?;
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!(
