@@ -205,6 +205,13 @@ pub(crate) fn has_avx512f() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
 }
 
+/// Whether this x86-64 CPU has AVX-512F and VL (every AVX-512 CPU since Skylake-SP).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512f_vl() -> bool {
+    has_avx512f() && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
 /// Eight independent accumulators, so the loop vectorises without fast-math. Called directly
 /// for short vectors (a rank-r row), where the SIMD dispatch would cost more than the work.
 #[inline(always)]
