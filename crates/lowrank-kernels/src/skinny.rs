@@ -28,18 +28,14 @@ use lowrank_quant::qtensor::PairLut;
 use lowrank_quant::{AbsmaxState, Quantized4Bit};
 use rayon::prelude::*;
 
-/// Output rows of W per task: eight register blocks of three rows (AVX2), four of six
-/// (AVX-512).
+/// Output rows of W per task: register blocks of three or six rows.
 const TILE_OUT: usize = 24;
-/// Rows of W in a register block: at most this many (see [`Lanes::ROWS_W`]).
+/// Rows of W in a register block, at most (see [`Lanes::shape`]).
 const BLOCK_W: usize = 6;
-/// Rows of X in a register block.
-const BLOCK_X: usize = 4;
+/// Rows of X in a register block, at most.
+const BLOCK_X: usize = 8;
 /// Rows of a 4-bit W decoded at a time into the buffer that the f32 blocks read.
 const DECODED_ROWS: usize = 6;
-/// Rows of X from which a block takes [`Lanes::ROWS_W`] rows of W; below, three. (With
-/// AVX-512's six, 32 and 64 rows streamed 10–13% faster and eight rows 10% slower.)
-const WIDE_BLOCK_ROWS_X: usize = 9;
 
 /// A frozen base weight W (out × in, row-major), as stored.
 #[derive(Clone, Copy)]
@@ -722,11 +718,7 @@ unsafe fn dot_tile_simd<L: Lanes, T: TileWeight>(
     out: &mut [f32],
     (w_stride, nw, len, out_x, out_w, stream): (usize, usize, usize, &[usize], usize, bool),
 ) {
-    let block_rows = if xs.len() >= WIDE_BLOCK_ROWS_X {
-        L::ROWS_W
-    } else {
-        L::ROWS_W.min(3)
-    };
+    let (block_rows, block_x) = L::shape(xs.len());
     let mut o = 0;
     while o < nw {
         let rw = block_rows.min(nw - o);
@@ -741,13 +733,12 @@ unsafe fn dot_tile_simd<L: Lanes, T: TileWeight>(
                 0
             },
         };
-        let passes = xs.len().div_ceil(BLOCK_X);
+        let passes = xs.len().div_ceil(block_x);
         let mut i = 0;
         while i < xs.len() {
-            let rx = BLOCK_X.min(xs.len() - i);
-            let xp = |c: usize| xs[i + c.min(rx - 1)].as_ptr();
-            let ahead = next.share(i / BLOCK_X, passes);
-            let x = [xp(0), xp(1), xp(2), xp(3)];
+            let rx = block_x.min(xs.len() - i);
+            let ahead = next.share(i / block_x, passes);
+            let x = std::array::from_fn(|c| xs[i + c.min(rx - 1)].as_ptr());
             let sums = L::block_of::<T>((wp, w_stride, rw), block_rows, x, rx, len, ahead);
             for (r, sums) in sums.iter().enumerate().take(rw) {
                 for (c, s) in sums.iter().enumerate().take(rx) {
@@ -766,9 +757,10 @@ unsafe fn dot_tile_simd<L: Lanes, T: TileWeight>(
 trait Lanes {
     type V: Copy;
     const N: usize;
-    /// Rows of W in a block at most: as many as keep ROWS_W × [`BLOCK_X`] sums, the rows of W
-    /// and one of x in registers.
-    const ROWS_W: usize;
+
+    /// Rows of W and of x in a block, for this many rows of x: as many as keep the sums, the
+    /// rows of W and one of x in registers.
+    fn shape(rows_x: usize) -> (usize, usize);
 
     /// # Safety (every method)
     /// The CPU must have the width's features; loads read `N` values at the pointer.
@@ -778,9 +770,9 @@ trait Lanes {
     unsafe fn fmadd(a: Self::V, b: Self::V, acc: Self::V) -> Self::V;
     unsafe fn sum(v: Self::V) -> f32;
 
-    /// [`block`] over the `rw` rows of w at `w` (stride `ws`) in a block of `block_rows` (3
-    /// or ROWS_W) and the first `rx` (1…4) of `x`, its sums in the full [`BLOCK_W`] ×
-    /// [`BLOCK_X`] shape (the rest zero), compiled with the width's features.
+    /// [`block`] over the `rw` rows of w at `w` (stride `ws`) in a block of `block_rows` and
+    /// the first `rx` of `x`, as [`Lanes::shape`] gives them, its sums in the full
+    /// [`BLOCK_W`] × [`BLOCK_X`] shape (the rest zero), compiled with the width's features.
     unsafe fn block_of<T: TileWeight>(
         w: (*const T, usize, usize),
         block_rows: usize,
@@ -795,10 +787,10 @@ trait Lanes {
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
 
-/// Sixteen lanes: AVX-512F and VL (thirty-two registers: 6 × 4 sums). Twice the
-/// multiply-adds per instruction, and half the loads of x per multiply-add of the 3 × 4
-/// block. VL matters: without it the horizontal sums' 256- and 128-bit steps reach only
-/// the first sixteen registers, and the compiler spills sums from them inside the loop.
+/// Sixteen lanes: AVX-512F and VL (thirty-two registers: 3 × 8 sums up to eight rows of x, one
+/// pass over W for all of them; 6 × 4 from nine on, fewer loads of x per multiply-add). VL
+/// matters: without it the horizontal sums' 256- and 128-bit steps reach only the first
+/// sixteen registers, and the compiler spills sums from them inside the loop.
 #[cfg(target_arch = "x86_64")]
 struct Avx512;
 
@@ -806,7 +798,10 @@ struct Avx512;
 impl Lanes for Avx2 {
     type V = std::arch::x86_64::__m256;
     const N: usize = 8;
-    const ROWS_W: usize = 3;
+
+    fn shape(_rows_x: usize) -> (usize, usize) {
+        (3, 4)
+    }
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -855,7 +850,14 @@ impl Lanes for Avx2 {
 impl Lanes for Avx512 {
     type V = std::arch::x86_64::__m512;
     const N: usize = 16;
-    const ROWS_W: usize = 6;
+
+    fn shape(rows_x: usize) -> (usize, usize) {
+        if rows_x <= 8 {
+            (3, 8)
+        } else {
+            (6, 4)
+        }
+    }
 
     #[target_feature(enable = "avx512f,avx512vl")]
     #[inline]
@@ -896,29 +898,37 @@ impl Lanes for Avx512 {
         len: usize,
         ahead: Ahead,
     ) -> [[f32; BLOCK_X]; BLOCK_W] {
-        if block_rows == 6 {
-            block_of::<Self, T, 6>(w, x, rx, len, ahead)
-        } else {
-            block_of::<Self, T, 3>(w, x, rx, len, ahead)
+        match (block_rows, rx) {
+            (6, _) => block_of::<Self, T, 6>(w, x, rx, len, ahead),
+            (_, 5..) => widen(block::<Self, T, 3, 8>(rows_of(w), x, len, ahead)),
+            _ => block_of::<Self, T, 3>(w, x, rx, len, ahead),
         }
     }
 }
 
-/// [`Lanes::block_of`]'s body for R rows of W, inlined into each width's features. Fewer
-/// rows (the last block of a tile whose rows are not a multiple of R) repeat the last one and
-/// drop its extra sums.
+/// The R row pointers of a block of W from its first row, stride and rows: fewer rows than R
+/// (the last block of a tile whose rows are not a multiple of R) repeat the last one, whose
+/// extra sums the caller drops. So do x's rows past `rx` in a block of eight.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_of<T, const R: usize>((w, ws, rw): (*const T, usize, usize)) -> [*const T; R] {
+    std::array::from_fn(|r| w.add(r.min(rw - 1) * ws))
+}
+
+/// [`Lanes::block_of`]'s body for R rows of W and one to four of x, inlined into each width's
+/// features.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn block_of<L: Lanes, T: TileWeight, const R: usize>(
-    (w, ws, rw): (*const T, usize, usize),
+    w: (*const T, usize, usize),
     x: [*const f32; BLOCK_X],
     rx: usize,
     len: usize,
     ahead: Ahead,
 ) -> [[f32; BLOCK_X]; BLOCK_W] {
-    let w: [*const T; R] = std::array::from_fn(|r| w.add(r.min(rw - 1) * ws));
+    let w: [*const T; R] = rows_of(w);
     match rx {
-        4 => widen(block::<L, T, R, 4>(w, x, len, ahead)),
+        4 => widen(block::<L, T, R, 4>(w, [x[0], x[1], x[2], x[3]], len, ahead)),
         3 => widen(block::<L, T, R, 3>(w, [x[0], x[1], x[2]], len, ahead)),
         2 => widen(block::<L, T, R, 2>(w, [x[0], x[1]], len, ahead)),
         _ => widen(block::<L, T, R, 1>(w, [x[0]], len, ahead)),
@@ -1072,7 +1082,7 @@ mod tests {
         // 40 rows of 300 exceed the slice budget: three slices of 96 and one of 12.
         for (nw, nx, len) in [(1, 40, 300), (4, 40, 300)].into_iter().chain(
             [1, 2, 3, 4, 5, 6, 7, 13].into_iter().flat_map(|nw| {
-                [1, 2, 3, 4, 5, 9].into_iter().flat_map(move |nx| {
+                [1, 2, 3, 4, 5, 6, 8, 9].into_iter().flat_map(move |nx| {
                     [0, 1, 7, 8, 9, 16, 17, 33, 100].map(move |len| (nw, nx, len))
                 })
             }),
