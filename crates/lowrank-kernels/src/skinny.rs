@@ -2,15 +2,16 @@
 //! with every row's adapters (LoRA, DoRA, stacked) applied by segments.
 //!
 //! A step over m rows must cost about one pass over the weights, not m: each task takes a
-//! tile of [`TILE_OUT`] output rows of W and, three rows of W at a time, applies them to every
-//! row of X before it moves on, so each row of W comes from memory once and from L1 for the
+//! tile of [`TILE_OUT`] output rows of W and, a block of rows of W at a time, applies them to
+//! every row of X before it moves on, so each row of W comes from memory once and from L1 for the
 //! other rows. A bf16 W is widened in registers as it is loaded. A 4-bit W is decoded in
 //! registers for up to eight rows of X with AVX-512 (sixteen codes by one shift and one 16-lane
 //! table permute; X's values reordered once per step to the order the shift leaves the codes
-//! in) or four with AVX2 (byte shuffles, see `Planes`), and for more into an f32 buffer three
-//! rows at a time — once per step, for all rows of X. The register block is 3 rows of W × 4
-//! rows of X (12 FMA chains of sixteen lanes with AVX-512F, eight with AVX2+FMA, chosen at run
-//! time), summed over the whole row before one horizontal sum per output. While a block
+//! in) or four with AVX2 (byte shuffles, see `Planes`), and for more into an f32 buffer six
+//! rows at a time — once per step, for all rows of X. A register block takes 3 rows of W × 4
+//! rows of X with AVX2+FMA (12 eight-lane FMA chains); with AVX-512, 3 × 8 up to eight rows of
+//! X (one pass over W) and 6 × 4 from nine (sixteen lanes, 24 chains), chosen at run time. Each
+//! chain runs over the whole row before one horizontal sum per output. While a block
 //! computes, the next rows of W are asked for, spread over all of its passes (see [`Ahead`]).
 //! A task sums its outputs in a tile of its own and writes them into its columns of every row
 //! of Y.
