@@ -265,10 +265,10 @@ fn base_tile(
             &w[span], in_f, rows_out, in_f, x_rows, tile, &out_x, m, true,
         ),
         BaseWeights::FourBit(q) => {
+            let lut = lut.expect("a 4-bit weight has its table");
             for g in (0..rows_out).step_by(DECODED_ROWS) {
                 let nw = DECODED_ROWS.min(rows_out - g);
                 buf.resize(nw * in_f, 0.0);
-                let lut = lut.expect("a 4-bit weight has its table");
                 q.dequantize_range(lut, (o0 + g) * in_f, buf);
                 let out = &mut tile[g * m..];
                 dot_tile(&buf[..], in_f, nw, in_f, x_rows, out, &out_x, m, false);
