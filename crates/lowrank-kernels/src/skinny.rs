@@ -7,7 +7,8 @@
 //! other rows. A bf16 W is widened in registers as it is loaded. A 4-bit W is decoded in
 //! registers for up to eight rows of X with AVX-512 (sixteen codes by one shift and one 16-lane
 //! table permute; X's values reordered once per step to the order the shift leaves the codes
-//! in) or four with AVX2 (byte shuffles, see `Planes`), and for more into an f32 buffer six
+//! in; two rows of W at a time, so each load of X serves both) or four with AVX2 (byte
+//! shuffles, see `Planes`), and for more into an f32 buffer six
 //! rows at a time — once per step, for all rows of X. A register block takes 3 rows of W × 4
 //! rows of X with AVX2+FMA (12 eight-lane FMA chains); with AVX-512, 3 × 8 up to eight rows of
 //! X (one pass over W) and 6 × 4 from nine (sixteen lanes, 24 chains), chosen at run time. Each
@@ -441,7 +442,8 @@ fn in_code_order(x: &[f32], in_f: usize) -> Option<Vec<f32>> {
 /// [`fourbit_rows`] for C rows of X in code order: each 8 bytes of codes are broadcast to the
 /// 16 lanes, a per-lane shift brings one code to each lane's low four bits (lane 2j code j,
 /// lane 2j + 1 code 8 + j) and a 16-lane permute looks the table up — a load, a shift and a
-/// permute per 16 codes, for all C rows.
+/// permute per 16 codes, for all C rows. Two rows of W at a time, each 32 codes scaled by
+/// their block's absmax once (the dequantized weight), so each load of x serves both rows.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; in_f and the block size multiples of 32, rows o0..o0 + nw
@@ -456,41 +458,65 @@ unsafe fn fourbit_rows_avx512<const C: usize>(
     x: [*const f32; C],
     tile: &mut [f32],
 ) {
+    let blocks = RowBlocks::new(q, in_f, o0, nw);
+    let mut o = 0;
+    while o + 2 <= nw {
+        fourbit_pass::<C, 2>(q, &blocks, in_f, o0 + o, x, &mut tile[o * C..]);
+        o += 2;
+    }
+    if o < nw {
+        fourbit_pass::<C, 1>(q, &blocks, in_f, o0 + o, x, &mut tile[o * C..]);
+    }
+}
+
+/// R rows of W from output row `first` against the C rows of x, added to `tile` (R × C).
+///
+/// # Safety
+/// As [`fourbit_rows_avx512`], for rows first..first + R.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fourbit_pass<const C: usize, const R: usize>(
+    q: &Quantized4Bit,
+    blocks: &RowBlocks,
+    in_f: usize,
+    first: usize,
+    x: [*const f32; C],
+    tile: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let table = _mm512_loadu_ps(q.code().as_ptr());
     // Byte j of the eight holds codes 2j (high nibble) and 2j + 1 (low nibble); the even
     // lanes read the first four bytes (codes 0–7), the odd lanes the last four (codes 8–15).
     let shifts = _mm512_setr_epi32(4, 4, 0, 0, 12, 12, 8, 8, 20, 20, 16, 16, 28, 28, 24, 24);
     let packed = q.packed().as_ptr();
-    let blocks = RowBlocks::new(q, in_f, o0, nw);
-    for o in 0..nw {
-        let row = (o0 + o) * in_f;
-        let mut acc = [_mm512_setzero_ps(); C];
-        let mut k = 0;
-        while k < in_f {
-            let (end, scale) = blocks.at(row, k, in_f);
-            let mut part = [[_mm512_setzero_ps(); 2]; C];
-            while k < end {
-                let p = packed.add((row + k) / 2);
-                let (v0, v1) = (
-                    lookup16(p, shifts, table),
-                    lookup16(p.add(8), shifts, table),
-                );
-                for c in 0..C {
-                    let sums = &mut part[c];
-                    sums[0] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x[c].add(k)), sums[0]);
-                    sums[1] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x[c].add(k + 16)), sums[1]);
-                }
-                k += 32;
-            }
-            let scale = _mm512_set1_ps(scale);
-            for c in 0..C {
-                let sum = _mm512_add_ps(part[c][0], part[c][1]);
-                acc[c] = _mm512_fmadd_ps(sum, scale, acc[c]);
+    let rows: [usize; R] = std::array::from_fn(|r| (first + r) * in_f);
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let mut k = 0;
+    while k < in_f {
+        let mut v = [[_mm512_setzero_ps(); 2]; R];
+        for (v, &row) in v.iter_mut().zip(&rows) {
+            // A run of 32 codes lies in one block: blocks and rows are multiples of 32.
+            let scale = _mm512_set1_ps(blocks.at(row, k, in_f).1);
+            let p = packed.add((row + k) / 2);
+            v[0] = _mm512_mul_ps(lookup16(p, shifts, table), scale);
+            v[1] = _mm512_mul_ps(lookup16(p.add(8), shifts, table), scale);
+        }
+        for c in 0..C {
+            let (x0, x1) = (
+                _mm512_loadu_ps(x[c].add(k)),
+                _mm512_loadu_ps(x[c].add(k + 16)),
+            );
+            for r in 0..R {
+                acc[r][c] = _mm512_fmadd_ps(v[r][0], x0, acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(v[r][1], x1, acc[r][c]);
             }
         }
+        k += 32;
+    }
+    for (r, acc) in acc.iter().enumerate() {
         for (c, acc) in acc.iter().enumerate() {
-            *tile.get_unchecked_mut(o * C + c) += _mm512_reduce_add_ps(*acc);
+            *tile.get_unchecked_mut(r * C + c) += _mm512_reduce_add_ps(*acc);
         }
     }
 }
