@@ -86,7 +86,7 @@ fn main() -> candle_core::Result<()> {
             .zip(&parts)
             .map(|(w, &(o, n))| Tensor::from_vec(w.clone(), (o, n), &Device::Cpu)?.t())
             .collect::<candle_core::Result<_>>()?;
-        for rows in [1, 2, 4, 8, 16, 32, 64, 128] {
+        for rows in [1, 2, 4, 8, 16, 24, 32, 48, 64, 128] {
             let x = values(rows * in_f, 9);
             let xt = Tensor::from_vec(x.clone(), (rows, in_f), &Device::Cpu)?;
             let flop = 2.0 * (params * rows) as f64;

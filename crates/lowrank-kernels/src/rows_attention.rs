@@ -167,25 +167,141 @@ fn decode_heads(
     let n = len - lo;
     scores.clear();
     scores.resize(qs.len() * n, 0.0);
-    for (j, key) in k[lo * d..len * d].chunks_exact(d).enumerate() {
+    group_scores(qs, &k[lo * d..len * d], scale, scores);
+    if let Some(cap) = softcap {
+        soft_cap(scores, cap);
+    }
+    for s in scores.chunks_exact_mut(n) {
+        let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let inv = 1.0 / exp_shifted(s, max);
+        s.iter_mut().for_each(|p| *p *= inv);
+    }
+    let mut out = vec![0f32; qs.len() * d];
+    group_values(scores, &v[lo * d..len * d], d, &mut out);
+    out
+}
+
+/// scores[h·n + j] = q_h·key_j·scale for each head h of the group and each of the n keys
+/// (n × d).
+fn group_scores(qs: &[&[f32]], keys: &[f32], scale: f32, scores: &mut [f32]) {
+    let d = qs.first().map_or(0, |q| q.len());
+    let n = keys.len().checked_div(d).unwrap_or(0);
+    assert!(
+        scores.len() >= qs.len() * n && qs.iter().all(|q| q.len() == d),
+        "group_scores: shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) && crate::cpu::has_avx512f() {
+        // SAFETY: the CPU has AVX-512F; the assert keeps every read and write inside the
+        // slices.
+        return unsafe { group_scores_avx512(qs, keys, d, scale, scores) };
+    }
+    for (j, key) in keys.chunks_exact(d).enumerate() {
         for (h, q) in qs.iter().enumerate() {
             scores[h * n + j] = dot(q, key) * scale;
         }
     }
-    if let Some(cap) = softcap {
-        soft_cap(scores, cap);
+}
+
+/// [`group_scores`] for d a multiple of 16: each key loaded once for all heads.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the shapes must pass [`group_scores`]' check.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn group_scores_avx512(
+    qs: &[&[f32]],
+    keys: &[f32],
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = keys.len() / d;
+    for j in 0..n {
+        let key = keys.as_ptr().add(j * d);
+        for (h, q) in qs.iter().enumerate() {
+            let mut acc = _mm512_setzero_ps();
+            for c in (0..d).step_by(16) {
+                acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(q.as_ptr().add(c)),
+                    _mm512_loadu_ps(key.add(c)),
+                    acc,
+                );
+            }
+            *scores.get_unchecked_mut(h * n + j) = _mm512_reduce_add_ps(acc) * scale;
+        }
     }
-    let mut out = vec![0f32; qs.len() * d];
-    for (h, s) in scores.chunks_exact_mut(n).enumerate() {
-        let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let inv = 1.0 / exp_shifted(s, max);
-        s.iter_mut().for_each(|p| *p *= inv);
-        let o = &mut out[h * d..(h + 1) * d];
-        for (p, value) in s.iter().zip(v[lo * d..len * d].chunks_exact(d)) {
+}
+
+/// out[h·d..(h + 1)·d] += Σ_j p[h·n + j]·values[j] for each head h of the group, the n values
+/// (n × d) read once for all heads.
+fn group_values(p: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+    let heads = out.len().checked_div(d).unwrap_or(0);
+    let n = values.len().checked_div(d).unwrap_or(0);
+    assert!(p.len() >= heads * n, "group_values: shapes");
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(32) && crate::cpu::has_avx512f() {
+        for h0 in (0..heads).step_by(VALUE_HEADS) {
+            let hs = VALUE_HEADS.min(heads - h0);
+            let (p, out) = (&p[h0 * n..], &mut out[h0 * d..(h0 + hs) * d]);
+            macro_rules! heads {
+                ($($h:literal),*) => {
+                    match hs {
+                        // SAFETY: the CPU has AVX-512F; the assert keeps every read inside
+                        // p and values, and the writes inside out.
+                        $($h => unsafe { group_values_avx512::<$h>(p, values, d, out) },)*
+                        _ => unreachable!("1 to {VALUE_HEADS} heads"),
+                    }
+                };
+            }
+            heads!(1, 2, 3, 4, 5, 6, 7, 8);
+        }
+        return;
+    }
+    for (h, o) in out.chunks_exact_mut(d).enumerate() {
+        for (p, value) in p[h * n..(h + 1) * n].iter().zip(values.chunks_exact(d)) {
             o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
         }
     }
-    out
+}
+
+/// Heads of a group whose sums [`group_values_avx512`] keeps in registers at once.
+#[cfg(target_arch = "x86_64")]
+const VALUE_HEADS: usize = 8;
+
+/// [`group_values`] for H heads and d a multiple of 32: 32 columns at a time, H × 2 sums in
+/// registers over all the values.
+///
+/// # Safety
+/// The CPU must have AVX-512F; p must hold H × n weights, values n × d and out H × d.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn group_values_avx512<const H: usize>(
+    p: &[f32],
+    values: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = values.len() / d;
+    for c in (0..d).step_by(32) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; H];
+        for j in 0..n {
+            let value = values.as_ptr().add(j * d + c);
+            let (v0, v1) = (_mm512_loadu_ps(value), _mm512_loadu_ps(value.add(16)));
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*p.get_unchecked(h * n + j));
+                acc[0] = _mm512_fmadd_ps(w, v0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(w, v1, acc[1]);
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let o = out.as_mut_ptr().add(h * d + c);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[0]));
+            _mm512_storeu_ps(o.add(16), _mm512_add_ps(_mm512_loadu_ps(o.add(16)), acc[1]));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +310,50 @@ mod tests {
     use crate::causal_attention;
     use crate::test_util::*;
     use candle_core::Tensor;
+
+    /// A kv group's scores and weighted values against f64 sums, for head sizes that take
+    /// the AVX-512 paths (multiples of 16 and 32, where the CPU has them) and those that do
+    /// not, and groups of up to ten heads (more than one block of eight for the values).
+    #[test]
+    fn group_scores_and_values_match_f64() {
+        for d in [8, 16, 40, 64, 96, 128] {
+            for heads in [1, 3, 8, 10] {
+                let n = 37;
+                let qv: Vec<Vec<f32>> = (0..heads).map(|h| values(d, h)).collect();
+                let qs: Vec<&[f32]> = qv.iter().map(|q| q.as_slice()).collect();
+                let (keys, vals) = (values(n * d, 50), values(n * d, 60));
+                let mut scores = vec![0f32; heads * n];
+                group_scores(&qs, &keys, 0.3, &mut scores);
+                let start = values(heads * d, 70);
+                let mut out = start.clone();
+                group_values(&scores, &vals, d, &mut out);
+                for h in 0..heads {
+                    for j in 0..n {
+                        let want: f64 = (0..d)
+                            .map(|c| qs[h][c] as f64 * keys[j * d + c] as f64)
+                            .sum::<f64>()
+                            * 0.3;
+                        let got = scores[h * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "d {d} heads {heads} score ({h}, {j}): {got} vs {want}"
+                        );
+                    }
+                    for c in 0..d {
+                        let want = start[h * d + c] as f64
+                            + (0..n)
+                                .map(|j| scores[h * n + j] as f64 * vals[j * d + c] as f64)
+                                .sum::<f64>();
+                        let got = out[h * d + c] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "d {d} heads {heads} value ({h}, {c}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// Rows of different cache lengths, prefill chunks (longer than a query block too) and
     /// decoding tokens in one call equal each row's attention alone (the tiled kernel over its

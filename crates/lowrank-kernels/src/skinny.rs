@@ -12,7 +12,9 @@
 //! rows at a time — once per step, for all rows of X. A register block takes 3 rows of W × 4
 //! rows of X with AVX2+FMA (12 eight-lane FMA chains); with AVX-512, 3 × 8 up to eight rows of
 //! X (one pass over W) and 6 × 4 from nine (sixteen lanes, 24 chains), chosen at run time. Each
-//! chain runs over the whole row before one horizontal sum per output. While a block
+//! chain runs over the whole row before one horizontal sum per output. From 24 rows of X with
+//! AVX-512 the broadcast blocks of [`broadcast`] take over (X packed transposed once per call,
+//! no horizontal sums; a bf16 or 4-bit W widened or decoded into the buffer). While a block
 //! computes, the next rows of W are asked for, spread over all of its passes (see [`Ahead`]).
 //! A task sums its outputs in a tile of its own and writes them into its columns of every row
 //! of Y.
@@ -29,6 +31,14 @@ use lowrank_quant::planes::Planes;
 use lowrank_quant::qtensor::PairLut;
 use lowrank_quant::{AbsmaxState, Quantized4Bit};
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod broadcast;
+#[cfg(target_arch = "x86_64")]
+use broadcast::{PackedX, Rows};
+/// Stands in for [`PackedX`] where there is no AVX-512 to run it.
+#[cfg(not(target_arch = "x86_64"))]
+struct PackedX;
 
 /// Output rows of W per task: register blocks of three or six rows.
 const TILE_OUT: usize = 24;
@@ -108,6 +118,10 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
         .flatten();
     let x_code_order: Option<Vec<&[f32]>> =
         code_order.as_ref().map(|x| x.chunks_exact(in_f).collect());
+    #[cfg(target_arch = "x86_64")]
+    let packed = PackedX::new(x, in_f);
+    #[cfg(not(target_arch = "x86_64"))]
+    let packed: Option<PackedX> = None;
     let luts: Vec<Option<PairLut>> = linears
         .iter()
         .map(|l| match l.weight {
@@ -140,7 +154,11 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
                 in_f,
                 o0,
                 rows_out,
-                (&x_rows, x_code_order.as_deref()),
+                StepX {
+                    rows: &x_rows,
+                    code_order: x_code_order.as_deref(),
+                    packed: packed.as_ref(),
+                },
                 tile,
                 buf,
             );
@@ -233,10 +251,20 @@ pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> 
     out
 }
 
+/// X of a step in the forms the base kernels read it.
+struct StepX<'a> {
+    rows: &'a [&'a [f32]],
+    /// In code order, for the AVX-512 4-bit decoder (see [`in_code_order`]).
+    code_order: Option<&'a [&'a [f32]]>,
+    /// Transposed, for the broadcast blocks (see [`PackedX`]).
+    packed: Option<&'a PackedX>,
+}
+
 /// The base product of output rows o0..o0 + rows_out for every row of X, into the transposed
-/// tile (element (o, i) at o·m + i), three rows of W at a time; a 4-bit W is decoded in
-/// registers where it can be (from X's rows in code order, when [`in_code_order`] gave them),
-/// else into `buf` first.
+/// tile (element (o, i) at o·m + i): from 24 rows of X with AVX-512 by the broadcast blocks
+/// (a bf16 or 4-bit W widened or decoded into `buf` first); a 4-bit W is decoded in registers
+/// where it can be (from X's rows in code order, when [`in_code_order`] gave them), else into
+/// `buf` first; else by the dot-product blocks.
 #[allow(clippy::too_many_arguments)]
 fn base_tile(
     w: &BaseWeights,
@@ -244,10 +272,17 @@ fn base_tile(
     in_f: usize,
     o0: usize,
     rows_out: usize,
-    (x_rows, x_code_order): (&[&[f32]], Option<&[&[f32]]>),
+    x: StepX,
     tile: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
+    let StepX {
+        rows: x_rows,
+        code_order: x_code_order,
+        packed,
+    } = x;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = packed;
     let m = x_rows.len();
     let out_x: Vec<usize> = (0..m).collect();
     if let BaseWeights::FourBit(q) = w {
@@ -256,6 +291,38 @@ fn base_tile(
         }
     }
     let span = o0 * in_f..(o0 + rows_out) * in_f;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(packed) = packed {
+        let widen = |first: usize, rows: usize, out: &mut [f32]| {
+            if let BaseWeights::Bf16(w) = w {
+                let from = &w[span.start + first * in_f..span.start + (first + rows) * in_f];
+                // SAFETY: PackedX::new checked the CPU for AVX-512F.
+                unsafe { broadcast::widen(from, out) };
+            }
+        };
+        let decode = |first: usize, rows: usize, out: &mut [f32]| {
+            if let (BaseWeights::FourBit(q), Some(lut)) = (w, lut) {
+                q.dequantize_range(lut, span.start + first * in_f, &mut out[..rows * in_f]);
+            }
+        };
+        let rows = match w {
+            BaseWeights::F32(w) => Rows::F32(&w[span]),
+            BaseWeights::Bf16(w) => Rows::Filled {
+                stored: w[span.start..].as_ptr().cast(),
+                bytes_per_row: 2 * in_f,
+                fill: &widen,
+            },
+            BaseWeights::FourBit(q) => Rows::Filled {
+                stored: q.packed()[span.start / 2..].as_ptr(),
+                bytes_per_row: in_f / 2,
+                fill: &decode,
+            },
+        };
+        // SAFETY: PackedX::new checked the CPU; the span is inside W and the tile
+        // rows_out × m.
+        unsafe { broadcast::tile(rows, in_f, rows_out, packed, tile, buf) };
+        return;
+    }
     // An f32 or bf16 W is read straight from memory (a bf16 widened in registers): its next
     // rows are asked for ahead.
     match w {
@@ -972,9 +1039,9 @@ fn widen<const R: usize, const C: usize>(s: [[f32; C]; R]) -> [[f32; BLOCK_X]; B
     out
 }
 
-/// Σ_k w[r][k]·x[c][k] for r < R, c < C: R·C FMA chains of `L::N` lanes over the rows, one
-/// horizontal sum each at the end, the rest past a multiple of `L::N` one by one, asking for
-/// `ahead`'s lines evenly along the way.
+/// Σ_k w[r][k]·x[c][k] for r < R, c < C: R·C FMA chains of `L::N` lanes over the rows (the
+/// rest past a multiple of `L::N` zero-padded to one more step), one horizontal sum each at
+/// the end, asking for `ahead`'s lines evenly along the way.
 ///
 /// # Safety
 /// The CPU must have `L`'s features; each w[r] and x[c] must hold `len` values.
@@ -1008,14 +1075,30 @@ unsafe fn block<L: Lanes, T: TileWeight, const R: usize, const C: usize>(
         }
         k += L::N;
     }
+    if k < len {
+        // The rest, zero-padded to one more step: a short row (a rank-r factor) then costs
+        // R·C multiply-adds of L::N lanes instead of R·C·(len − k) scalar ones.
+        let pad = |p: *const f32| {
+            let mut v = [0f32; 16];
+            std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), len - k);
+            v
+        };
+        let xs: [[f32; 16]; C] = std::array::from_fn(|c| pad(x[c].add(k)));
+        for r in 0..R {
+            let mut v = [0f32; 16];
+            for (v, kk) in v.iter_mut().zip(k..len) {
+                *v = (*w[r].add(kk)).to_f32();
+            }
+            let wv = L::load_x(v.as_ptr());
+            for c in 0..C {
+                acc[r][c] = L::fmadd(wv, L::load_x(xs[c].as_ptr()), acc[r][c]);
+            }
+        }
+    }
     let mut sums = [[0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
-            let mut s = L::sum(acc[r][c]);
-            for kk in k..len {
-                s += (*w[r].add(kk)).to_f32() * *x[c].add(kk);
-            }
-            sums[r][c] = s;
+            sums[r][c] = L::sum(acc[r][c]);
         }
     }
     sums

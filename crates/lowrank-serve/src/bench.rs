@@ -4,8 +4,8 @@
 //! from that many closed-loop clients spread over that many adapters. Each scenario reports
 //! aggregate tokens/s, latency percentiles, time to first token, and the roofline: the bytes
 //! and FLOPs of an average step against this machine's read bandwidth and GEMM rate (both
-//! measured in this process before the scenarios), with the share of the tighter bound that
-//! the scenario reached.
+//! measured in this process before the scenarios), and the share of the bound reached — each
+//! step's tighter bound summed over the scenario (see [`crate::step_tokens`]) ÷ wall time.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -72,11 +72,14 @@ pub struct Scenario {
     pub bytes_per_step: f64,
     /// 2 × parameters × tokens (linears, head and adapters; attention left out).
     pub flops_per_step: f64,
-    /// The step time bytes / bandwidth and FLOPs / GEMM rate give, and which is longer.
+    /// The time an average step's bytes / bandwidth and FLOPs / GEMM rate give.
     pub memory_bound_ms: f64,
     pub compute_bound_ms: f64,
+    /// Which of the two bounds most of the scenario's bound time.
     pub bound: &'static str,
-    /// steps × the tighter bound ÷ wall time: how close the scenario came to the roofline.
+    /// The sum over steps of each step's tighter bound (its bytes / bandwidth or its FLOPs /
+    /// GEMM rate, whichever is longer) ÷ wall time: how close the scenario came to the
+    /// roofline.
     pub share_of_bound: f64,
     /// The host's 1-minute load average after the scenario (other processes share the cores).
     pub load_average: f64,
@@ -447,7 +450,7 @@ async fn scenario(
     let metrics = &state.metrics;
     let steps_before = metrics.batch_size.get_sample_count();
     let rows_before = metrics.batch_size.get_sample_sum();
-    let tokens_before = metrics.prompt_tokens.get() + metrics.generated_tokens.get();
+    let tally_before = metrics.step_tokens.tally();
     let total = clients * opts.requests_per_client;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let deadline = Instant::now() + opts.time_limit;
@@ -498,20 +501,21 @@ async fn scenario(
     let tokens: u64 = results.iter().map(|r| r.tokens).sum();
     let steps = metrics.batch_size.get_sample_count() - steps_before;
     let rows = metrics.batch_size.get_sample_sum() - rows_before;
-    let fed = metrics.prompt_tokens.get() + metrics.generated_tokens.get() - tokens_before;
+    let tally = metrics.step_tokens.tally().since(&tally_before);
     let per_step = |v: f64| if steps == 0 { 0.0 } else { v / steps as f64 };
     let rows_per_step = per_step(rows);
-    let tokens_per_step = per_step(fed as f64);
+    let tokens_per_step = per_step(tally.tokens() as f64);
     // The distinct adapters of a step: `stack` per row at most.
     let adapters_per_step = (rows_per_step * stack as f64).min(count as f64);
     let bytes_per_step = cost.weight_bytes + 4.0 * adapter_params * adapters_per_step;
-    let flops_per_step = 2.0 * (cost.params + adapter_params * stack as f64) * tokens_per_step;
+    let flops_per_token = 2.0 * (cost.params + adapter_params * stack as f64);
     let memory_bound = bytes_per_step / read_bytes_s;
-    let compute_bound = flops_per_step / gemm_flop_s;
-    let (bound, tighter) = if memory_bound >= compute_bound {
-        ("memory", memory_bound)
+    let (memory_part, compute_part) =
+        tally.bound_seconds(memory_bound, flops_per_token / gemm_flop_s);
+    let bound = if memory_part >= compute_part {
+        "memory"
     } else {
-        ("compute", compute_bound)
+        "compute"
     };
     Ok(Scenario {
         weights: weights.name.clone(),
@@ -530,11 +534,11 @@ async fn scenario(
         rows_per_step,
         tokens_per_step,
         bytes_per_step,
-        flops_per_step,
+        flops_per_step: flops_per_token * tokens_per_step,
         memory_bound_ms: memory_bound * 1e3,
-        compute_bound_ms: compute_bound * 1e3,
+        compute_bound_ms: flops_per_token * tokens_per_step / gemm_flop_s * 1e3,
         bound,
-        share_of_bound: steps as f64 * tighter / seconds,
+        share_of_bound: (memory_part + compute_part) / seconds,
         load_average: load_average(),
     })
 }

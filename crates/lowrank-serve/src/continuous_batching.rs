@@ -398,6 +398,9 @@ impl Worker {
             })
             .collect();
         self.metrics.batch_size.observe(plan.len() as f64);
+        self.metrics
+            .step_tokens
+            .record(plan.iter().map(Vec::len).sum());
         let logits = match self.forward(&plan) {
             Ok(l) => l,
             Err(e) => {

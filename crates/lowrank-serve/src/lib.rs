@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod registry;
 pub mod render;
 pub mod server;
+pub mod step_tokens;
 pub mod store;
 
 pub use server::{build_state, router, serve_on, AppState, ServeOptions};

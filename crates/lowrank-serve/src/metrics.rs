@@ -29,6 +29,7 @@ use prometheus::{
 };
 
 use crate::registry::RegistryStats;
+use crate::step_tokens::StepTokens;
 
 /// The media type of the text format.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
@@ -81,6 +82,8 @@ pub struct Metrics {
     pub request_latency: Histogram,
     pub time_to_first_token: Histogram,
     pub batch_size: Histogram,
+    /// Steps by the tokens they fed (for the load benchmark's roofline; not exported).
+    pub step_tokens: StepTokens,
     engine: Mutex<Reported>,
     protocol: Protocol,
 }
@@ -130,6 +133,7 @@ impl Metrics {
                 SECONDS,
             )?,
             batch_size: histogram("lowrank_batch_size", "Rows per decoding step.", SIZES)?,
+            step_tokens: StepTokens::default(),
             registry,
             engine: Mutex::new(Reported {
                 state: EngineState::default(),

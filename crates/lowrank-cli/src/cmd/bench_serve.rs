@@ -139,7 +139,7 @@ pub fn run_cmd(args: Args) -> Result<()> {
             s.load_average
         );
     }
-    println!("share: steps × the tighter of (bytes/bandwidth, FLOPs/GEMM rate) ÷ wall time; the host's other load slows both sides of that ratio differently, so figures on a busy host are lower bounds");
+    println!("share: the sum over steps of each step's tighter bound (bytes/bandwidth or its tokens' FLOPs/GEMM rate) ÷ wall time; the host's other load slows both sides of that ratio differently, so figures on a busy host are lower bounds");
     Ok(())
 }
 
