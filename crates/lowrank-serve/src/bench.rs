@@ -3,9 +3,10 @@
 //! 4-bit), and for every (clients, adapters) pair sends a fixed number of streamed requests
 //! from that many closed-loop clients spread over that many adapters. Each scenario reports
 //! aggregate tokens/s, latency percentiles, time to first token, and the roofline: the bytes
-//! and FLOPs of an average step against this machine's read bandwidth and GEMM rate (both
-//! measured in this process before the scenarios), and the share of the bound reached — each
-//! step's tighter bound summed over the scenario (see [`crate::step_tokens`]) ÷ wall time.
+//! and FLOPs of an average step against this machine's read bandwidth and GEMM rate (measured
+//! in this process before each weight format and after the last, the best of them taken), and
+//! the share of the bound reached — each step's tighter bound summed over the scenario (see
+//! [`crate::step_tokens`]) ÷ wall time.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -16,6 +17,8 @@ use candle_core::{Device, Tensor};
 use lowrank_core::lora::{LoraAdapter, LoraConfig, LoraModule};
 use lowrank_core::targets::ModuleSelector;
 use serde_json::json;
+
+use crate::step_tokens::StepTally;
 use tokio_stream::StreamExt;
 
 use crate::server::ServeOptions;
@@ -81,6 +84,11 @@ pub struct Scenario {
     /// GEMM rate, whichever is longer) ÷ wall time: how close the scenario came to the
     /// roofline.
     pub share_of_bound: f64,
+    /// The scenario's steps by tokens, and the FLOPs per token, for the roofline.
+    #[serde(skip)]
+    tally: StepTally,
+    #[serde(skip)]
+    flops_per_token: f64,
     /// The host's 1-minute load average after the scenario (other processes share the cores).
     pub load_average: f64,
 }
@@ -221,6 +229,56 @@ async fn streamed(http: &reqwest::Client, url: &str, body: &serde_json::Value) -
     })
 }
 
+/// The machine's bounds: read bandwidth (bytes/s) and f32 GEMM rate (FLOP/s).
+#[derive(Debug, Clone, Copy)]
+struct Machine {
+    read_bytes_s: f64,
+    gemm_flop_s: f64,
+}
+
+impl Machine {
+    /// Measured now.
+    fn probe() -> Result<Machine, String> {
+        let m = Machine {
+            read_bytes_s: lowrank_kernels::probe::read_bandwidth(3),
+            gemm_flop_s: gemm_rate()?,
+        };
+        eprintln!(
+            "read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s (load average {:.2})",
+            m.read_bytes_s / 1e9,
+            m.gemm_flop_s / 1e9,
+            load_average()
+        );
+        Ok(m)
+    }
+
+    /// The better of each bound: what the machine showed it can do. A probe slowed by other
+    /// load would otherwise flatter every scenario measured against it.
+    fn best(self, other: Machine) -> Machine {
+        Machine {
+            read_bytes_s: self.read_bytes_s.max(other.read_bytes_s),
+            gemm_flop_s: self.gemm_flop_s.max(other.gemm_flop_s),
+        }
+    }
+}
+
+impl Scenario {
+    /// Fills in the roofline against `machine`.
+    fn measure_against(&mut self, machine: Machine) {
+        let memory_s = self.bytes_per_step / machine.read_bytes_s;
+        let per_token_s = self.flops_per_token / machine.gemm_flop_s;
+        let (memory, compute) = self.tally.bound_seconds(memory_s, per_token_s);
+        self.memory_bound_ms = memory_s * 1e3;
+        self.compute_bound_ms = per_token_s * self.tokens_per_step * 1e3;
+        self.bound = if memory >= compute {
+            "memory"
+        } else {
+            "compute"
+        };
+        self.share_of_bound = (memory + compute) / self.seconds;
+    }
+}
+
 /// What the roofline needs of a model: parameters and bytes a step reads besides adapters.
 struct ModelCost {
     params: f64,
@@ -231,17 +289,12 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     let root = tempfile::tempdir().map_err(|e| e.to_string())?;
     let tenants = write_tenants(opts, root.path())?;
     eprintln!("measuring read bandwidth and the GEMM rate ...");
-    let read_bytes_s = lowrank_kernels::probe::read_bandwidth(3);
-    let gemm_flop_s = gemm_rate()?;
-    eprintln!(
-        "read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s (load average {:.2})",
-        read_bytes_s / 1e9,
-        gemm_flop_s / 1e9,
-        load_average()
-    );
+    let mut machine = Machine::probe()?;
     let mut scenarios: Vec<Scenario> = Vec::new();
-    for weights in &opts.weights {
-        let machine = (read_bytes_s, gemm_flop_s);
+    for (i, weights) in opts.weights.iter().enumerate() {
+        if i > 0 {
+            machine = machine.best(Machine::probe()?);
+        }
         bench_weights(
             opts,
             root.path(),
@@ -252,6 +305,12 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         )
         .await?;
     }
+    // Once more after the load, and every scenario measured against the best of the probes.
+    let machine = machine.best(Machine::probe()?);
+    for s in &mut scenarios {
+        s.measure_against(machine);
+    }
+    let (read_bytes_s, gemm_flop_s) = (machine.read_bytes_s, machine.gemm_flop_s);
     Ok(BenchReport {
         read_gb_s: read_bytes_s / 1e9,
         gemm_gflop_s: gemm_flop_s / 1e9,
@@ -350,7 +409,7 @@ async fn bench_weights(
     root: &Path,
     tenants: &Tenants,
     weights: &BenchWeights,
-    (read_bytes_s, gemm_flop_s): (f64, f64),
+    machine: Machine,
     scenarios: &mut Vec<Scenario>,
 ) -> Result<(), String> {
     let serve = serve_options(opts, root, weights);
@@ -401,7 +460,7 @@ async fn bench_weights(
                 (count, stack),
                 &cost,
                 tenants.params,
-                (read_bytes_s, gemm_flop_s),
+                machine,
             )
             .await?;
             let one = scenarios.iter().find(|o| {
@@ -445,7 +504,7 @@ async fn scenario(
     (count, stack): (usize, usize),
     cost: &ModelCost,
     adapter_params: f64,
-    (read_bytes_s, gemm_flop_s): (f64, f64),
+    machine: Machine,
 ) -> Result<Scenario, String> {
     let metrics = &state.metrics;
     let steps_before = metrics.batch_size.get_sample_count();
@@ -509,15 +568,7 @@ async fn scenario(
     let adapters_per_step = (rows_per_step * stack as f64).min(count as f64);
     let bytes_per_step = cost.weight_bytes + 4.0 * adapter_params * adapters_per_step;
     let flops_per_token = 2.0 * (cost.params + adapter_params * stack as f64);
-    let memory_bound = bytes_per_step / read_bytes_s;
-    let (memory_part, compute_part) =
-        tally.bound_seconds(memory_bound, flops_per_token / gemm_flop_s);
-    let bound = if memory_part >= compute_part {
-        "memory"
-    } else {
-        "compute"
-    };
-    Ok(Scenario {
+    let mut s = Scenario {
         weights: weights.name.clone(),
         clients,
         adapters: count,
@@ -535,10 +586,16 @@ async fn scenario(
         tokens_per_step,
         bytes_per_step,
         flops_per_step: flops_per_token * tokens_per_step,
-        memory_bound_ms: memory_bound * 1e3,
-        compute_bound_ms: flops_per_token * tokens_per_step / gemm_flop_s * 1e3,
-        bound,
-        share_of_bound: (memory_part + compute_part) / seconds,
+        memory_bound_ms: 0.0,
+        compute_bound_ms: 0.0,
+        bound: "memory",
+        share_of_bound: 0.0,
+        tally,
+        flops_per_token,
         load_average: load_average(),
-    })
+    };
+    // Against the probes so far, for the line printed as it ends; `run` measures every
+    // scenario again against the best of all probes.
+    s.measure_against(machine);
+    Ok(s)
 }
