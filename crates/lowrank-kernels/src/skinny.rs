@@ -293,16 +293,17 @@ fn base_tile(
     let span = o0 * in_f..(o0 + rows_out) * in_f;
     #[cfg(target_arch = "x86_64")]
     if let Some(packed) = packed {
-        let widen = |first: usize, rows: usize, out: &mut [f32]| {
-            if let BaseWeights::Bf16(w) = w {
-                let from = &w[span.start + first * in_f..span.start + (first + rows) * in_f];
+        // Rows first..first + rows of the tile's W as f32, for a bf16 or 4-bit W.
+        let fill = |first: usize, rows: usize, out: &mut [f32]| {
+            let at = span.start + first * in_f;
+            match w {
                 // SAFETY: PackedX::new checked the CPU for AVX-512F.
-                unsafe { broadcast::widen(from, out) };
-            }
-        };
-        let decode = |first: usize, rows: usize, out: &mut [f32]| {
-            if let (BaseWeights::FourBit(q), Some(lut)) = (w, lut) {
-                q.dequantize_range(lut, span.start + first * in_f, &mut out[..rows * in_f]);
+                BaseWeights::Bf16(w) => unsafe { broadcast::widen(&w[at..at + rows * in_f], out) },
+                BaseWeights::FourBit(q) => {
+                    let lut = lut.expect("a 4-bit weight has its table");
+                    q.dequantize_range(lut, at, &mut out[..rows * in_f])
+                }
+                BaseWeights::F32(_) => unreachable!("an f32 W is read in place"),
             }
         };
         let rows = match w {
@@ -310,12 +311,12 @@ fn base_tile(
             BaseWeights::Bf16(w) => Rows::Filled {
                 stored: w[span.start..].as_ptr().cast(),
                 bytes_per_row: 2 * in_f,
-                fill: &widen,
+                fill: &fill,
             },
             BaseWeights::FourBit(q) => Rows::Filled {
                 stored: q.packed()[span.start / 2..].as_ptr(),
                 bytes_per_row: in_f / 2,
-                fill: &decode,
+                fill: &fill,
             },
         };
         // SAFETY: PackedX::new checked the CPU; the span is inside W and the tile

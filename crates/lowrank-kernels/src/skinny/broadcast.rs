@@ -130,7 +130,7 @@ pub(super) unsafe fn tile(
     let mut o = 0;
     while o < rows_out {
         let rw = block_rows.min(rows_out - o);
-        let (first, stride, ahead) = match &w {
+        let (first, ahead) = match &w {
             Rows::F32(w) => {
                 assert!(w.len() >= rows_out * in_f, "broadcast tile: w too small");
                 let first = w.as_ptr().add(o * in_f);
@@ -138,7 +138,7 @@ pub(super) unsafe fn tile(
                     from: first.wrapping_add(rw * in_f).cast(),
                     lines: (block_rows * in_f * 4).div_ceil(64),
                 };
-                (first, in_f, ahead)
+                (first, ahead)
             }
             Rows::Filled {
                 stored,
@@ -151,11 +151,11 @@ pub(super) unsafe fn tile(
                     from: stored.wrapping_add((o + rw) * bytes_per_row),
                     lines: (block_rows * bytes_per_row).div_ceil(64),
                 };
-                (buf.as_ptr(), in_f, ahead)
+                (buf.as_ptr(), ahead)
             }
         };
         let out = tile.as_mut_ptr().add(o * m);
-        let rows = (first, stride, rw);
+        let rows = (first, in_f, rw);
         // Every panel of X against these rows of W, which stay in L1 after the first.
         let passes = x.panels.len();
         for (pass, &panel) in x.panels.iter().enumerate() {
