@@ -17,11 +17,10 @@ use candle_core::{Device, Tensor};
 use lowrank_core::lora::{LoraAdapter, LoraConfig, LoraModule};
 use lowrank_core::targets::ModuleSelector;
 use serde_json::json;
-
-use crate::step_tokens::StepTally;
 use tokio_stream::StreamExt;
 
 use crate::server::ServeOptions;
+use crate::step_tokens::StepTally;
 
 /// How the base's weights are stored for one series of scenarios.
 #[derive(Debug, Clone)]
@@ -310,10 +309,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     for s in &mut scenarios {
         s.measure_against(machine);
     }
-    let (read_bytes_s, gemm_flop_s) = (machine.read_bytes_s, machine.gemm_flop_s);
     Ok(BenchReport {
-        read_gb_s: read_bytes_s / 1e9,
-        gemm_gflop_s: gemm_flop_s / 1e9,
+        read_gb_s: machine.read_bytes_s / 1e9,
+        gemm_gflop_s: machine.gemm_flop_s / 1e9,
         scenarios,
         adapter_load_ms: tenants.load_ms,
         adapter_bytes: tenants.bytes,
