@@ -342,6 +342,48 @@ pub(crate) unsafe fn add_tail_row(
     rest
 }
 
+/// Lane t of the result = the sum of a[t]'s sixteen lanes: the sixteen horizontal sums in 45
+/// shuffles and adds instead of about 8 × 16, halving the vectors at each step (128-bit
+/// quarters, then pairs of floats, then floats), and a last permute into a's order. Each sum
+/// is added in `_mm512_reduce_add_ps`'s order (lanes i and i + 8, then i + 4, i + 2, i + 1),
+/// so lane t is that of `_mm512_reduce_add_ps(a[t])` bit for bit.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn sum_lanes_16(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // b[i], quarter q: a[2i] (q = 0, 1) or a[2i + 1] (q = 2, 3), its quarters q and q + 2 added.
+    let b: [__m512; 8] = std::array::from_fn(|i| {
+        let (x, y) = (a[2 * i], a[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+        )
+    });
+    // c[i], quarter q: the four partial sums of a[4i + q].
+    let c: [__m512; 4] = std::array::from_fn(|i| {
+        let (x, y) = (b[2 * i], b[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    });
+    // Within each quarter q, pairs, then single floats: element e = the sum of a[4e + q].
+    let pair =
+        |x: __m512, y: __m512| _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    let (e01, e23) = (pair(c[0], c[1]), pair(c[2], c[3]));
+    let g = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b01_00_01_00>(e01, e23),
+        _mm512_shuffle_ps::<0b11_10_11_10>(e01, e23),
+    );
+    // g holds the sum of a[4e + q] at 4q + e; lane t = 4e + q comes from 4(t % 4) + t / 4.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, g)
+}
+
 /// The sum of eight lanes, by shuffles (no store and reload).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -450,6 +492,38 @@ pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sixteen sums at once are `_mm512_reduce_add_ps`'s, bit for bit, and in a's order:
+    /// values of very different sizes, so another order of additions rounds differently.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sum_lanes_16_adds_as_reduce_add() {
+        use std::arch::x86_64::*;
+        if !has_avx512f() {
+            return;
+        }
+        let value = |i: usize| ((i * 7919 % 2003) as f32 - 1001.0) * 10f32.powi((i % 9) as i32 - 4);
+        let vectors: [[f32; 16]; 16] =
+            std::array::from_fn(|t| std::array::from_fn(|l| value(16 * t + l)));
+        // SAFETY: the CPU has AVX-512F; each array is 16 floats.
+        let (got, want) = unsafe {
+            let a = vectors.map(|v| _mm512_loadu_ps(v.as_ptr()));
+            let mut got = [0f32; 16];
+            _mm512_storeu_ps(got.as_mut_ptr(), sum_lanes_16(a));
+            (got, a.map(|v| _mm512_reduce_add_ps(v)))
+        };
+        let sequential: Vec<f32> = vectors.iter().map(|v| v.iter().sum()).collect();
+        assert_ne!(sequential, want, "the values do not tell the orders apart");
+        for t in 0..16 {
+            assert_eq!(
+                got[t].to_bits(),
+                want[t].to_bits(),
+                "lane {t}: {} vs {}",
+                got[t],
+                want[t]
+            );
+        }
+    }
 
     /// Each row's w·x + B·ax against f64, on the SIMD path and the portable one: rows whose
     /// length leaves remainders past 32 and past 8, B rows of multiples of eight and not, no

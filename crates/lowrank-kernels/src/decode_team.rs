@@ -1,4 +1,4 @@
-//! Helper threads for one batch-1 decoding step.
+//! Helper threads for one inference step.
 //!
 //! A decoding step is some hundred short parallel passes over the weights (one per group of
 //! projections), with short serial stretches between them (norms, attention, residual adds)
@@ -12,7 +12,9 @@
 //! with one token), and with helpers awake a pass computes its A·x as one task that a helper
 //! takes (`gemv.rs`), reading A from cache rather than from memory, while the calling thread
 //! streams W at once.
-//! Only steps with an unmerged adapter use them: base decoding gains nothing from helpers.
+//! Every step of the batched forward runs with helpers: on a 2-core AVX-512 Xeon VM, where
+//! each wake-up is an inter-processor interrupt through the hypervisor, spinning helpers
+//! served 2–30% more tokens per second than sleeping ones (4-bit and f32, 1 to 32 rows).
 
 use std::cell::Cell;
 use std::marker::PhantomData;

@@ -230,7 +230,7 @@ unsafe fn group_scores_avx512(
                     *acc = _mm512_fmadd_ps(qc, _mm512_loadu_ps(key), *acc);
                 }
             }
-            let sums = _mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(scale));
+            let sums = _mm512_mul_ps(crate::cpu::sum_lanes_16(acc), _mm512_set1_ps(scale));
             _mm512_storeu_ps(scores.as_mut_ptr().add(h * n + j0), sums);
         }
     }
@@ -248,46 +248,6 @@ unsafe fn group_scores_avx512(
             *scores.get_unchecked_mut(h * n + j) = _mm512_reduce_add_ps(acc) * scale;
         }
     }
-}
-
-/// Lane t of the result = the sum of a[t]'s sixteen lanes: the sixteen horizontal sums in 45
-/// shuffles and adds instead of about 8 × 16, halving the vectors at each step (128-bit
-/// quarters, then pairs of floats, then floats), and a last permute into key order.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn sum_lanes_16(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    // b[i], quarter q: a[2i] (q = 0, 1) or a[2i + 1] (q = 2, 3), its quarters q and q + 2 added.
-    let b: [__m512; 8] = std::array::from_fn(|i| {
-        let (x, y) = (a[2 * i], a[2 * i + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
-            _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
-        )
-    });
-    // c[i], quarter q: the four partial sums of a[4i + q].
-    let c: [__m512; 4] = std::array::from_fn(|i| {
-        let (x, y) = (b[2 * i], b[2 * i + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
-        )
-    });
-    // Within each quarter q, pairs, then single floats: element e = the sum of a[4e + q].
-    let pair =
-        |x: __m512, y: __m512| _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
-    let (e01, e23) = (pair(c[0], c[1]), pair(c[2], c[3]));
-    let g = _mm512_add_ps(
-        _mm512_shuffle_ps::<0b01_00_01_00>(e01, e23),
-        _mm512_shuffle_ps::<0b11_10_11_10>(e01, e23),
-    );
-    // g holds the sum of a[4e + q] at 4q + e; key k = 4e + q comes from 4(k % 4) + k / 4.
-    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    _mm512_permutexvar_ps(order, g)
 }
 
 /// out[h·d..(h + 1)·d] += Σ_j p[h·n + j]·values[j] for each head h of the group, the n values

@@ -375,7 +375,7 @@ fn fourbit_rows(
     #[cfg(target_arch = "x86_64")]
     {
         if let Some(x) = x_code_order.filter(|_| m <= FOURBIT_WIDE_ROWS) {
-            if crate::cpu::has_avx512f() {
+            if crate::cpu::has_avx512f_vl() {
                 assert!(
                     x.len() == m && x.iter().all(|x| x.len() >= in_f),
                     "fourbit_rows: a row of x is too short"
@@ -492,7 +492,7 @@ fn code_lane(i: usize) -> usize {
 /// [`FOURBIT_WIDE_ROWS`] of them).
 fn in_code_order(x: &[f32], in_f: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    let wide = crate::cpu::has_avx512f();
+    let wide = crate::cpu::has_avx512f_vl();
     #[cfg(not(target_arch = "x86_64"))]
     let wide = false;
     if !in_f.is_multiple_of(32) || x.len() > FOURBIT_WIDE_ROWS * in_f || !wide {
@@ -510,14 +510,14 @@ fn in_code_order(x: &[f32], in_f: usize) -> Option<Vec<f32>> {
 /// [`fourbit_rows`] for C rows of X in code order: each 8 bytes of codes are broadcast to the
 /// 16 lanes, a per-lane shift brings one code to each lane's low four bits (lane 2j code j,
 /// lane 2j + 1 code 8 + j) and a 16-lane permute looks the table up — a load, a shift and a
-/// permute per 16 codes, for all C rows. Two rows of W at a time, each 32 codes scaled by
-/// their block's absmax once (the dequantized weight), so each load of x serves both rows.
+/// permute per 16 codes, for all C rows, from the table scaled by the block's absmax (the
+/// dequantized weight). Two rows of W at a time, so each load of x serves both rows.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; in_f and the block size multiples of 32, rows o0..o0 + nw
 /// inside the weight, each x[c] in_f values in code order and the tile nw × C values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512vl")]
 unsafe fn fourbit_rows_avx512<const C: usize>(
     q: &Quantized4Bit,
     in_f: usize,
@@ -542,7 +542,7 @@ unsafe fn fourbit_rows_avx512<const C: usize>(
 /// # Safety
 /// As [`fourbit_rows_avx512`], for rows first..first + R.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512vl")]
 #[inline]
 unsafe fn fourbit_pass<const C: usize, const R: usize>(
     q: &Quantized4Bit,
@@ -562,25 +562,35 @@ unsafe fn fourbit_pass<const C: usize, const R: usize>(
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let mut k = 0;
     while k < in_f {
-        let mut v = [[_mm512_setzero_ps(); 2]; R];
-        for (v, &row) in v.iter_mut().zip(&rows) {
-            // A run of 32 codes lies in one block: blocks and rows are multiples of 32.
-            let scale = _mm512_set1_ps(blocks.at(row, k, in_f).1);
-            let p = packed.add((row + k) / 2);
-            v[0] = _mm512_mul_ps(lookup16(p, shifts, table), scale);
-            v[1] = _mm512_mul_ps(lookup16(p.add(8), shifts, table), scale);
-        }
-        for c in 0..C {
-            let (x0, x1) = (
-                _mm512_loadu_ps(x[c].add(k)),
-                _mm512_loadu_ps(x[c].add(k + 16)),
-            );
-            for r in 0..R {
-                acc[r][c] = _mm512_fmadd_ps(v[r][0], x0, acc[r][c]);
-                acc[r][c] = _mm512_fmadd_ps(v[r][1], x1, acc[r][c]);
+        // Up to where every row's block goes on (blocks and rows are multiples of 32 values),
+        // each row's table times its block's absmax: looking codes up in it gives the products
+        // of looking up and multiplying, with one multiply per block instead of one per 16.
+        let mut end = in_f;
+        let scaled: [__m512; R] = std::array::from_fn(|r| {
+            let (row_end, scale) = blocks.at(rows[r], k, in_f);
+            end = end.min(row_end);
+            _mm512_mul_ps(table, _mm512_set1_ps(scale))
+        });
+        while k < end {
+            let v: [[__m512; 2]; R] = std::array::from_fn(|r| {
+                let p = packed.add((rows[r] + k) / 2);
+                [
+                    lookup16(p, shifts, scaled[r]),
+                    lookup16(p.add(8), shifts, scaled[r]),
+                ]
+            });
+            for c in 0..C {
+                let (x0, x1) = (
+                    _mm512_loadu_ps(x[c].add(k)),
+                    _mm512_loadu_ps(x[c].add(k + 16)),
+                );
+                for r in 0..R {
+                    acc[r][c] = _mm512_fmadd_ps(v[r][0], x0, acc[r][c]);
+                    acc[r][c] = _mm512_fmadd_ps(v[r][1], x1, acc[r][c]);
+                }
             }
+            k += 32;
         }
-        k += 32;
     }
     for (r, acc) in acc.iter().enumerate() {
         for (c, acc) in acc.iter().enumerate() {
@@ -595,7 +605,7 @@ unsafe fn fourbit_pass<const C: usize, const R: usize>(
 /// # Safety
 /// The CPU must have AVX-512F; 8 bytes must be readable at `p`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512vl")]
 #[inline]
 unsafe fn lookup16(
     p: *const u8,
@@ -1349,7 +1359,7 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 assert_eq!(
                     x_ordered.is_some(),
-                    crate::cpu::has_avx512f() && m <= FOURBIT_WIDE_ROWS,
+                    crate::cpu::has_avx512f_vl() && m <= FOURBIT_WIDE_ROWS,
                     "{m} rows"
                 );
                 for (path, tile) in &paths {

@@ -3,8 +3,10 @@
 //! step. Prints wall and process CPU milliseconds per step and tokens per second, over the
 //! base and with a different random rank-16 LoRA (q and v) per row.
 //!
-//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16]`
-//! (`bf16`: the base's linears and head kept in bf16, as `--bf16-weights` does).
+//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|nf4]`
+//! (`bf16`: the base's linears and head kept in bf16, as `--bf16-weights` does; `nf4`: the
+//! decoder layers' linears in NF4 with double quantization and the embedding/head in bf16, as
+//! `--quantize nf4 --double-quant --bf16-weights`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,7 +14,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use lowrank_core::lora::{LoraAdapter, LoraConfig, LoraModule};
 use lowrank_core::targets::ModuleSelector;
+use lowrank_core::QuantSpec;
 use lowrank_models::{KvCache, Llama, RowStep};
+use lowrank_quant::QuantType;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -62,7 +66,7 @@ fn main() -> Res<()> {
         .collect();
     let dir = PathBuf::from(
         args.first()
-            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16]")?,
+            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|nf4]")?,
     );
     let steps: usize = args.get(1).map_or(Ok(16), |s| s.parse())?;
     let row_counts: Vec<usize> = args
@@ -72,8 +76,14 @@ fn main() -> Res<()> {
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
     let mut model = Llama::load(&dir, &Device::Cpu)?;
-    if args.get(3).is_some_and(|a| a == "bf16") {
-        model.cast_for_inference(candle_core::DType::BF16)?;
+    match args.get(3).map(String::as_str) {
+        None => {}
+        Some("bf16") => model.cast_for_inference(candle_core::DType::BF16)?,
+        Some("nf4") => {
+            model.quantize_linears(&QuantSpec::new(QuantType::Nf4, true, 64)?)?;
+            model.cast_for_inference(candle_core::DType::BF16)?;
+        }
+        Some(other) => return Err(format!("weights `{other}`: expected bf16 or nf4").into()),
     }
     let adapters: Vec<LoraAdapter> = (0..32).map(|_| adapter(&model)).collect::<Res<_>>()?;
     let pool = rayon::ThreadPoolBuilder::new().build()?;

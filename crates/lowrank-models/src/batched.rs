@@ -8,8 +8,9 @@
 //! rows and applies every row's adapters by segments; attention is one call for all rows, each
 //! over its own cache, read in place. What a row's adapters are is resolved once per step into
 //! segments (an adapter module and the token rows that use it), from the adapters' packs (see
-//! `active.rs`). A step of one token with one plain LoRA keeps the pool's other threads awake
-//! and has them load each pass's A factors before it (`lowrank_kernels::decode_team`).
+//! `active.rs`). Every step keeps the pool's other threads awake while its layers run, and a
+//! step of one token with one plain LoRA also has them load each pass's A factors before it
+//! (`lowrank_kernels::decode_team`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -280,16 +281,16 @@ impl Llama {
         } = self.step_weights(&storages)?;
         let h = c.hidden_size;
         let x = embed_rows(embed, &all, h, c.embed_scale);
-        // One token with one plain LoRA: batch-1 decoding, helped (see the module docs).
-        let helped = all.len() == 1
+        // The layers are some hundred short parallel passes with serial stretches between
+        // them; a sleeping thread woken for each pass cost up to a tenth of the step (more on
+        // a VM), so the pool's other threads spin until the layers are done. One token with one
+        // plain LoRA (batch-1 decoding) also has them warm the next pass's A factors.
+        let warm_factors = all.len() == 1
             && matches!(rows[0].adapters.as_slice(), [(p, _)] if p.has_lora() && !p.has_dora());
-        let x = if helped {
-            lowrank_kernels::with_helpers(|team| {
-                self.layers_step(&layers, rows, &firsts, &groups, x, &tables, Some(team))
-            })?
-        } else {
-            self.layers_step(&layers, rows, &firsts, &groups, x, &tables, None)?
-        };
+        let x = lowrank_kernels::with_helpers(|team| {
+            let team = warm_factors.then_some(team);
+            self.layers_step(&layers, rows, &firsts, &groups, x, &tables, team)
+        })?;
 
         let picked: Vec<usize> = match outputs {
             Outputs::Last => rows
