@@ -592,12 +592,31 @@ unsafe fn fourbit_pass<const C: usize, const R: usize>(
             k += 32;
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        for (c, acc) in acc.iter().enumerate() {
-            *tile.get_unchecked_mut(r * C + c) += _mm512_reduce_add_ps(*acc);
+    if R * C >= SUMS_TOGETHER {
+        // The tile's R × C values are acc's in order: their sums at once.
+        let flat: [__m512; 16] = std::array::from_fn(|i| {
+            if i < R * C {
+                acc[i / C][i % C]
+            } else {
+                _mm512_setzero_ps()
+            }
+        });
+        let mask = ((1u32 << (R * C)) - 1) as u16;
+        let t = tile.as_mut_ptr();
+        let sums = crate::cpu::sum_lanes_16(flat);
+        _mm512_mask_storeu_ps(t, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, t), sums));
+    } else {
+        for (r, acc) in acc.iter().enumerate() {
+            for (c, acc) in acc.iter().enumerate() {
+                *tile.get_unchecked_mut(r * C + c) += _mm512_reduce_add_ps(*acc);
+            }
         }
     }
 }
+
+/// Sums per pass from which [`fourbit_pass`] adds them up together rather than one by one: a
+/// horizontal sum alone takes eight shuffles and adds, sixteen together 45.
+const SUMS_TOGETHER: usize = 6;
 
 /// The values of the 16 codes in the 8 bytes at `p`, in the lane order of
 /// [`fourbit_rows_avx512`].
@@ -911,7 +930,8 @@ trait Lanes {
     unsafe fn load_w<T: TileWeight>(p: *const T) -> Self::V;
     unsafe fn load_x(p: *const f32) -> Self::V;
     unsafe fn fmadd(a: Self::V, b: Self::V, acc: Self::V) -> Self::V;
-    unsafe fn sum(v: Self::V) -> f32;
+    /// Each sum's lanes added up.
+    unsafe fn sums<const R: usize, const C: usize>(acc: [[Self::V; C]; R]) -> [[f32; C]; R];
 
     /// [`block`] over the `rw` rows of w at `w` (stride `ws`) in a block of `block_rows` and
     /// the first `rx` of `x`, as [`Lanes::shape`] gives them, its sums in the full
@@ -972,8 +992,8 @@ impl Lanes for Avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn sum(v: Self::V) -> f32 {
-        crate::cpu::sum_lanes(v)
+    unsafe fn sums<const R: usize, const C: usize>(acc: [[Self::V; C]; R]) -> [[f32; C]; R] {
+        acc.map(|acc| acc.map(|v| crate::cpu::sum_lanes(v)))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -1028,8 +1048,26 @@ impl Lanes for Avx512 {
 
     #[target_feature(enable = "avx512f,avx512vl")]
     #[inline]
-    unsafe fn sum(v: Self::V) -> f32 {
-        std::arch::x86_64::_mm512_reduce_add_ps(v)
+    unsafe fn sums<const R: usize, const C: usize>(acc: [[Self::V; C]; R]) -> [[f32; C]; R] {
+        use std::arch::x86_64::*;
+        // Sixteen at a time, in `_mm512_reduce_add_ps`'s order.
+        let mut flat = [0f32; 32];
+        for (chunk, out) in flat
+            .chunks_exact_mut(16)
+            .enumerate()
+            .take((R * C).div_ceil(16))
+        {
+            let vectors: [__m512; 16] = std::array::from_fn(|i| {
+                let i = 16 * chunk + i;
+                if i < R * C {
+                    acc[i / C][i % C]
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            _mm512_storeu_ps(out.as_mut_ptr(), crate::cpu::sum_lanes_16(vectors));
+        }
+        std::array::from_fn(|r| std::array::from_fn(|c| flat[r * C + c]))
     }
 
     #[target_feature(enable = "avx512f,avx512vl")]
@@ -1144,13 +1182,7 @@ unsafe fn block<L: Lanes, T: TileWeight, const R: usize, const C: usize>(
             }
         }
     }
-    let mut sums = [[0f32; C]; R];
-    for r in 0..R {
-        for c in 0..C {
-            sums[r][c] = L::sum(acc[r][c]);
-        }
-    }
-    sums
+    L::sums(acc)
 }
 
 /// A value of W as the tile kernels read it: an f32, or a bf16 widened (exactly) to f32.
