@@ -712,17 +712,35 @@ mod simd_lookup {
     /// A code table ready for SIMD lookups where the CPU has them (built once per range).
     pub struct Table {
         #[cfg(target_arch = "x86_64")]
-        planes: Option<crate::planes::Planes>,
+        kernel: Option<Kernel>,
+    }
+
+    /// The lookup a CPU runs: with AVX-512, sixteen lanes index the table in one permute;
+    /// with AVX2, [`crate::planes::Planes`]' shuffles.
+    #[cfg(target_arch = "x86_64")]
+    enum Kernel {
+        Avx512([f32; 16]),
+        Avx2(crate::planes::Planes),
     }
 
     impl Table {
         pub fn new(code: &[f32; 16]) -> Self {
-            let _ = code;
+            Self::with_avx512(code, true)
+        }
+
+        /// As [`Table::new`], with AVX-512 only if `avx512` (the tests compare both paths).
+        fn with_avx512(code: &[f32; 16], avx512: bool) -> Self {
+            let _ = (code, avx512);
             Table {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: built only where the CPU has AVX2.
-                planes: std::is_x86_feature_detected!("avx2")
-                    .then(|| unsafe { crate::planes::Planes::new(code) }),
+                kernel: if avx512 && std::is_x86_feature_detected!("avx512f") {
+                    Some(Kernel::Avx512(*code))
+                } else if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: built only where the CPU has AVX2.
+                    Some(Kernel::Avx2(unsafe { crate::planes::Planes::new(code) }))
+                } else {
+                    None
+                },
             }
         }
 
@@ -730,17 +748,42 @@ mod simd_lookup {
         /// scaled by `scale`; returns how many values it wrote (0 without AVX2).
         pub fn dequantize(&self, scale: f32, bytes: &[u8], out: &mut [f32]) -> usize {
             #[cfg(target_arch = "x86_64")]
-            {
-                if let Some(planes) = &self.planes {
-                    let n = bytes.len() / 16 * 16;
-                    // SAFETY: the planes exist only where the CPU has AVX2; the loop reads
-                    // bytes[..n] and writes out[..2n], both within their slices.
-                    unsafe { avx2(planes, scale, &bytes[..n], &mut out[..2 * n]) };
-                    return 2 * n;
+            if let Some(kernel) = &self.kernel {
+                let n = bytes.len() / 16 * 16;
+                let (bytes, out) = (&bytes[..n], &mut out[..2 * n]);
+                // SAFETY: each kernel exists only where the CPU has its features; the loops
+                // read bytes[..n] and write out[..2n], both within their slices.
+                match kernel {
+                    Kernel::Avx512(code) => unsafe { avx512(code, scale, bytes, out) },
+                    Kernel::Avx2(planes) => unsafe { avx2(planes, scale, bytes, out) },
                 }
+                return 2 * n;
             }
             let _ = (scale, bytes, out);
             0
+        }
+    }
+
+    /// Each byte's two codes spread to two lanes (high nibble first), looked up in the table
+    /// times `scale`: the products `code[c] * scale` of the scalar loop, bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(code: &[f32; 16], scale: f32, bytes: &[u8], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let scaled = _mm512_mul_ps(_mm512_loadu_ps(code.as_ptr()), _mm512_set1_ps(scale));
+        // Lane 2j holds byte j's high nibble, lane 2j + 1 its low one (the permute reads only
+        // the low four bits of each lane).
+        let shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+        for (chunk, dst) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            let at = dst.as_mut_ptr();
+            for (half, pairs) in [_mm_unpacklo_epi8(v, v), _mm_unpackhi_epi8(v, v)]
+                .into_iter()
+                .enumerate()
+            {
+                let index = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(pairs), shifts);
+                _mm512_storeu_ps(at.add(16 * half), _mm512_permutexvar_ps(index, scaled));
+            }
         }
     }
 
@@ -767,20 +810,21 @@ mod simd_lookup {
             let bytes: Vec<u8> = (0..80u32)
                 .map(|i| (i.wrapping_mul(97) % 256) as u8)
                 .collect();
-            let mut out = vec![0f32; 160];
-            let written = super::Table::new(&code).dequantize(0.37, &bytes, &mut out);
-            if !std::is_x86_feature_detected!("avx2") {
-                assert_eq!(written, 0);
-                return;
-            }
-            assert_eq!(written, 160);
-            for (i, &b) in bytes.iter().enumerate() {
-                assert_eq!(out[2 * i], code[(b >> 4) as usize] * 0.37, "byte {i} high");
-                assert_eq!(
-                    out[2 * i + 1],
-                    code[(b & 15) as usize] * 0.37,
-                    "byte {i} low"
-                );
+            // The AVX-512 path where the CPU has it, and AVX2's.
+            for avx512 in [true, false] {
+                let mut out = vec![0f32; 160];
+                let table = super::Table::with_avx512(&code, avx512);
+                let written = table.dequantize(0.37, &bytes, &mut out);
+                if !std::is_x86_feature_detected!("avx2") {
+                    assert_eq!(written, 0);
+                    return;
+                }
+                assert_eq!(written, 160);
+                for (i, &b) in bytes.iter().enumerate() {
+                    let (high, low) = (code[(b >> 4) as usize], code[(b & 15) as usize]);
+                    assert_eq!(out[2 * i], high * 0.37, "avx512 {avx512}: byte {i} high");
+                    assert_eq!(out[2 * i + 1], low * 0.37, "avx512 {avx512}: byte {i} low");
+                }
             }
         }
     }
