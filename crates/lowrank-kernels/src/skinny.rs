@@ -624,7 +624,7 @@ unsafe fn fourbit_pass<const C: usize, const R: usize>(
     }
 }
 
-/// Sums per pass from which [`fourbit_pass`] adds them up together rather than one by one: a
+/// Sums from which a block or a 4-bit pass adds them up together rather than one by one: a
 /// horizontal sum alone takes eight shuffles and adds, sixteen together 45.
 const SUMS_TOGETHER: usize = 6;
 
@@ -752,6 +752,9 @@ unsafe fn restore_avx512(
     whole
 }
 
+/// Ranks below which an expand multiplies B's rows one by one (see [`finish_tile`]).
+const SHORT_RANK: usize = 16;
+
 /// Adds each segment's expand to its rows of a transposed tile, scales DoRA rows, adds the
 /// bias.
 fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, tile: &mut [f32]) {
@@ -761,8 +764,18 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
         if r == 0 {
             continue;
         }
-        let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
         let b = &seg.b[o0 * r..(o0 + rows_out) * r];
+        if r < SHORT_RANK {
+            // A row of B shorter than one vector: the blocks would pad every row of B and T
+            // into a vector per block, which cost more than these few products.
+            for (b, column) in b.chunks_exact(r).zip(tile.chunks_exact_mut(m)) {
+                for (t, &i) in t.chunks_exact(r).zip(seg.rows) {
+                    column[i] += crate::cpu::dot_portable(b, t);
+                }
+            }
+            continue;
+        }
+        let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
         dot_tile(b, r, rows_out, r, &ts, tile, seg.rows, m, false);
     }
     for seg in &linear.segments {
@@ -1060,6 +1073,9 @@ impl Lanes for Avx512 {
     #[inline]
     unsafe fn sums<const R: usize, const C: usize>(acc: [[Self::V; C]; R]) -> [[f32; C]; R] {
         use std::arch::x86_64::*;
+        if R * C < SUMS_TOGETHER {
+            return acc.map(|acc| acc.map(|v| _mm512_reduce_add_ps(v)));
+        }
         // Sixteen at a time, in `_mm512_reduce_add_ps`'s order.
         let mut flat = [0f32; 32];
         for (chunk, out) in flat
