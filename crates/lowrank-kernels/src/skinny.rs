@@ -1016,7 +1016,14 @@ impl Lanes for Avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn sums<const R: usize, const C: usize>(acc: [[Self::V; C]; R]) -> [[f32; C]; R] {
-        acc.map(|acc| acc.map(|v| crate::cpu::sum_lanes(v)))
+        // Plain loops: a closure here would be compiled without AVX2 (see Avx512's).
+        let mut sums = [[0f32; C]; R];
+        for r in 0..R {
+            for c in 0..C {
+                sums[r][c] = crate::cpu::sum_lanes(acc[r][c]);
+            }
+        }
+        sums
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -1074,7 +1081,15 @@ impl Lanes for Avx512 {
     unsafe fn sums<const R: usize, const C: usize>(acc: [[Self::V; C]; R]) -> [[f32; C]; R] {
         use std::arch::x86_64::*;
         if R * C < SUMS_TOGETHER {
-            return acc.map(|acc| acc.map(|v| _mm512_reduce_add_ps(v)));
+            // Plain loops: a closure (array::map) is compiled without AVX-512, and it
+            // called the reduction instead of inlining it.
+            let mut sums = [[0f32; C]; R];
+            for r in 0..R {
+                for c in 0..C {
+                    sums[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+                }
+            }
+            return sums;
         }
         // Sixteen at a time, in `_mm512_reduce_add_ps`'s order.
         let mut flat = [0f32; 32];
