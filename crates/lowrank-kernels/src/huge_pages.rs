@@ -32,9 +32,14 @@ pub fn back_with_huge_pages(tensors: &[&Tensor]) -> usize {
     collapse_ranges(&ranges)
 }
 
-/// [`back_with_huge_pages`] for a buffer of our own rather than a tensor's.
-pub fn back_slice_with_huge_pages(data: &[f32]) -> usize {
-    collapse_ranges(&[(data.as_ptr() as usize, std::mem::size_of_val(data))])
+/// [`back_with_huge_pages`] for buffers of our own rather than tensors' (an adapter pack's
+/// factors, a 4-bit weight's codes).
+pub fn back_slices_with_huge_pages<T>(slices: &[&[T]]) -> usize {
+    let ranges: Vec<(usize, usize)> = slices
+        .iter()
+        .map(|d| (d.as_ptr() as usize, std::mem::size_of_val(*d)))
+        .collect();
+    collapse_ranges(&ranges)
 }
 
 /// Collapses the 2 MiB blocks that (address, bytes) ranges touch, if they hold 16 MiB or more
@@ -148,7 +153,7 @@ mod tests {
     fn collapses_a_buffer_in_place() {
         let values: Vec<f32> = (0..6 << 20).map(|i| (i % 1000) as f32).collect();
         let copy = values.clone();
-        let collapsed = back_slice_with_huge_pages(&values);
+        let collapsed = back_slices_with_huge_pages(&[&values]);
         assert_eq!(values, copy);
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default();
@@ -158,7 +163,7 @@ mod tests {
         }
         assert!(collapsed >= 22 << 20, "collapsed {collapsed} bytes");
         assert!(smaps_kb(values.as_ptr() as usize, "AnonHugePages:") >= 22 << 10);
-        assert_eq!(back_slice_with_huge_pages(&values[..1 << 20]), 0);
+        assert_eq!(back_slices_with_huge_pages(&[&values[..1 << 20]]), 0);
     }
 
     /// Tensors of less than 16 MiB in all are left alone, however many huge-page blocks they

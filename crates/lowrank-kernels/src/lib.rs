@@ -50,7 +50,7 @@ pub use cross_entropy::chunked_cross_entropy;
 pub use decode_team::{with_helpers, DecodeTeam};
 pub use frozen_linear::{frozen_linear, frozen_linear_over, FrozenMatmul};
 pub use heads::{merge_heads, split_heads};
-pub use huge_pages::{back_slice_with_huge_pages, back_with_huge_pages};
+pub use huge_pages::{back_slices_with_huge_pages, back_with_huge_pages};
 pub use lora_linear::{
     dora_linear, dora_linear_over, dora_row_norm, lora_linear, lora_linear_over,
 };

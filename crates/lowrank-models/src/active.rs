@@ -232,7 +232,7 @@ impl AdapterPack {
                 column_scale,
             }));
         }
-        lowrank_kernels::back_slice_with_huge_pages(&data);
+        lowrank_kernels::back_slices_with_huge_pages(&[&data]);
         Ok(Some(AdapterPack { data, by_slot }))
     }
 

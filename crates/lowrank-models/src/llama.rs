@@ -118,10 +118,13 @@ impl Llama {
         let mut tensors = vec![&self.embed];
         tensors.extend(&self.lm_head);
         tensors.extend(&self.head_for_inference);
+        let mut codes: Vec<&[u8]> = Vec::new();
         for p in self.layers.iter().flat_map(|l| l.projs()) {
             tensors.extend(p.linear.base().as_dense());
+            codes.extend(p.linear.base().as_quantized().map(|q| q.packed()));
         }
         lowrank_kernels::back_with_huge_pages(&tensors);
+        lowrank_kernels::back_slices_with_huge_pages(&codes);
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -170,6 +173,7 @@ impl Llama {
                 stats.add(&p.linear.quantize(spec)?);
             }
         }
+        self.back_weights_with_huge_pages();
         Ok(stats)
     }
 
