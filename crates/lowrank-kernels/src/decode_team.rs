@@ -44,6 +44,8 @@ struct Shared {
     spans: Mutex<Vec<(usize, usize)>>,
     /// How many of `spans` are there, so that helpers take the lock only when there is news.
     posted: AtomicUsize,
+    /// Helpers that have started helping; the work waits for all of them (see [`with_helpers`]).
+    arrived: AtomicUsize,
     /// Bytes the helpers have loaded, for the tests.
     #[cfg(test)]
     loaded: AtomicUsize,
@@ -96,11 +98,19 @@ pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send)
     let work = Mutex::new(Some(work));
     let mut results = rayon::broadcast(|ctx| {
         if ctx.index() != caller {
+            shared.arrived.fetch_add(1, Ordering::AcqRel);
             set_role(Role::Helper, || help(&shared));
             return None;
         }
         // The helpers leave even if the work panics (the panic then reaches the caller).
         let _leave = Leave(&shared);
+        // The work starts once every helper is in `help`. A thread that has not yet taken its
+        // share of the broadcast could otherwise steal a piece of the work first, take its
+        // share while that piece waits on a join, and spin in `help` above the piece — which
+        // the work then waits for: a deadlock (seen in `generate`, one step in some thousands).
+        while shared.arrived.load(Ordering::Acquire) + 1 < ctx.num_threads() {
+            std::hint::spin_loop();
+        }
         let work = work
             .lock()
             .expect("the step's work")
@@ -247,6 +257,34 @@ mod tests {
             (false, true),
             "a nested call runs inside the outer step"
         );
+    }
+
+    /// Thousands of steps, each starting parallel work at once, in a pool of two, end: a
+    /// helper never takes a piece of the work before its share of the broadcast (it would then
+    /// spin above that piece and the work would wait for it for ever). Run on a thread of its
+    /// own, so that a deadlock fails the test instead of hanging it.
+    #[test]
+    fn steps_that_split_work_at_once_do_not_deadlock() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            pool(2).install(|| {
+                let data: Vec<u32> = (0..64).collect();
+                let mut total = 0u64;
+                for _ in 0..20_000 {
+                    total += with_helpers(|_| {
+                        data.par_iter()
+                            .with_max_len(1)
+                            .map(|&v| u64::from(v))
+                            .sum::<u64>()
+                    });
+                }
+                done.send(total).unwrap();
+            });
+        });
+        let total = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the steps deadlocked");
+        assert_eq!(total, 20_000 * (0..64u64).sum::<u64>());
     }
 
     /// A panic in the work reaches the caller, and the helpers leave rather than spin on.
