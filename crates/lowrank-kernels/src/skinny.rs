@@ -511,10 +511,10 @@ fn in_code_order(x: &[f32], in_f: usize) -> Option<Vec<f32>> {
 /// 16 lanes, a per-lane shift brings one code to each lane's low four bits (lane 2j code j,
 /// lane 2j + 1 code 8 + j) and a 16-lane permute looks the table up — a load, a shift and a
 /// permute per 16 codes, for all C rows, from the table scaled by the block's absmax (the
-/// dequantized weight). Two rows of W at a time, so each load of x serves both rows.
+/// dequantized weight). Two or four rows of W at a time, so each load of x serves them all.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; in_f and the block size multiples of 32, rows o0..o0 + nw
+/// The CPU must have AVX-512F and VL; in_f and the block size multiples of 32, rows o0..o0 + nw
 /// inside the weight, each x[c] in_f values in code order and the tile nw × C values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl")]
@@ -609,24 +609,10 @@ unsafe fn fourbit_pass<const C: usize, const R: usize>(
             k += 32;
         }
     }
-    if R * C >= SUMS_TOGETHER {
-        // The tile's R × C values are acc's in order: their sums at once.
-        let flat: [__m512; 16] = std::array::from_fn(|i| {
-            if i < R * C {
-                acc[i / C][i % C]
-            } else {
-                _mm512_setzero_ps()
-            }
-        });
-        let mask = ((1u32 << (R * C)) - 1) as u16;
-        let t = tile.as_mut_ptr();
-        let sums = crate::cpu::sum_lanes_16(flat);
-        _mm512_mask_storeu_ps(t, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, t), sums));
-    } else {
-        for (r, acc) in acc.iter().enumerate() {
-            for (c, acc) in acc.iter().enumerate() {
-                *tile.get_unchecked_mut(r * C + c) += _mm512_reduce_add_ps(*acc);
-            }
+    let sums = <Avx512 as Lanes>::sums(acc);
+    for (r, sums) in sums.iter().enumerate() {
+        for (c, sum) in sums.iter().enumerate() {
+            *tile.get_unchecked_mut(r * C + c) += sum;
         }
     }
 }
@@ -637,8 +623,8 @@ unsafe fn fourbit_pass<const C: usize, const R: usize>(
 /// 2-core AVX-512 Xeon; 12 passes ahead 102); eight rows were unchanged within the noise.
 const PREFETCH_PASSES: usize = 4;
 
-/// Sums from which a block or a 4-bit pass adds them up together rather than one by one: a
-/// horizontal sum alone takes eight shuffles and adds, sixteen together 45.
+/// Sums from which [`Lanes::sums`] adds them up together rather than one by one: a horizontal
+/// sum alone takes eight shuffles and adds, sixteen together 45.
 const SUMS_TOGETHER: usize = 6;
 
 /// The values of the 16 codes in the 8 bytes at `p`, in the lane order of
