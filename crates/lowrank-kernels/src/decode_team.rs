@@ -107,7 +107,7 @@ pub fn with_helpers<'t, R: Send>(work: impl FnOnce(&DecodeTeam<'t>) -> R + Send)
         // The work starts once every helper is in `help`. A thread that has not yet taken its
         // share of the broadcast could otherwise steal a piece of the work first, take its
         // share while that piece waits on a join, and spin in `help` above the piece — which
-        // the work then waits for: a deadlock (seen in `generate`, one step in some thousands).
+        // the work then waits for: a deadlock (it hung a `generate` run).
         while shared.arrived.load(Ordering::Acquire) + 1 < ctx.num_threads() {
             std::hint::spin_loop();
         }
