@@ -1187,7 +1187,7 @@ unsafe fn block<L: Lanes, T: TileWeight, const R: usize, const C: usize>(
     while k + L::N <= len {
         step += 1;
         while asked * steps < step * ahead.lines {
-            crate::cpu::prefetch_line(ahead.from.wrapping_add(64 * asked));
+            crate::cpu::prefetch_line_l2(ahead.from.wrapping_add(64 * asked));
             asked += 1;
         }
         let mut wv = [L::zero(); R];

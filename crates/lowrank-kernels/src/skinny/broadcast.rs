@@ -195,7 +195,7 @@ unsafe fn block<const R: usize, const V: usize>(
     while k < len {
         let upto = (asked + per_chunk).min(ahead.lines);
         while asked < upto {
-            crate::cpu::prefetch_line(ahead.from.wrapping_add(64 * asked));
+            crate::cpu::prefetch_line_l2(ahead.from.wrapping_add(64 * asked));
             asked += 1;
         }
         for k in k..(k + 16).min(len) {
