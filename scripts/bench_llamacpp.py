@@ -15,8 +15,9 @@ vocabulary `w3 … w49151`). llama.cpp needs a vocabulary of its own kinds, so t
 SentencePiece one whose pieces are `▁w3 …`, and llama-server gets the prompts as the token ids
 lowrank's tokenizer gives for the same text.
 
-It prints, per weight format (f32; bf16; lowrank NF4+DQ, with an f32 or a bf16 head, beside llama.cpp
-Q4_0 and Q4_1):
+It prints, per weight format (f32; bf16; bf16-act, lowrank's bf16 with each linear's input rounded to bf16
+as llama.cpp's bf16 matmul rounds it; lowrank NF4+DQ, with an f32 or a bf16 head, beside llama.cpp Q4_0
+and Q4_1):
 - single-stream decode (tg64) and prefill of a 256-token prompt (pp256): lowrank `generate`
   against `llama-bench`;
 - closed-loop serving at each client count, base and over N adapters (each request one
@@ -158,8 +159,10 @@ def closed_loop(url, clients, requests, max_tokens, body_for):
             "p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 
 
-# lowrank's flags per --weights name; nf4-dq+bf16 keeps the tied embedding/head in bf16 over the 4-bit layers.
-WEIGHT_FLAGS = {"f32": [], "bf16": ["--bf16-weights"], "nf4-dq": ["--quantize", "nf4", "--double-quant"],
+# lowrank's flags per --weights name; nf4-dq+bf16 keeps the tied embedding/head in bf16 over the 4-bit layers;
+# bf16-act also rounds each linear's input to bf16, as llama.cpp's bf16 matmul does.
+WEIGHT_FLAGS = {"f32": [], "bf16": ["--bf16-weights"], "bf16-act": ["--bf16-weights", "--bf16-activations"],
+                "nf4-dq": ["--quantize", "nf4", "--double-quant"],
                 "nf4-dq+bf16": ["--quantize", "nf4", "--double-quant", "--bf16-weights"]}
 
 
@@ -168,8 +171,8 @@ def step_bytes(weights):
     head = bench.VOCAB * bench.HIDDEN
     linear = bench.weight_bytes_per_token() / 4 - head
     # NF4+DQ: 4 bits a value, an 8-bit absmax per 64 values and an f32 per 256 of those.
-    per_linear = {"f32": 4, "bf16": 2}.get(weights, (4 + 8 / 64 + 32 / (64 * 256)) / 8)
-    per_head = 2 if weights in ("bf16", "nf4-dq+bf16") else 4
+    per_linear = {"f32": 4, "bf16": 2, "bf16-act": 2}.get(weights, (4 + 8 / 64 + 32 / (64 * 256)) / 8)
+    per_head = 2 if weights in ("bf16", "bf16-act", "nf4-dq+bf16") else 4
     return linear * per_linear + head * per_head
 
 
@@ -307,7 +310,8 @@ def main():
     flop_per_row = 2 * bench.weight_bytes_per_token() / 4
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, f32 GEMM {gemm / 1e9:.0f} GFLOP/s (torch, all cores)",
           flush=True)
-    pairs = {"f32": ["f32"], "bf16": ["bf16"], "nf4-dq": ["q4_0", "q4_1"], "nf4-dq+bf16": ["q4_0", "q4_1"]}
+    pairs = {"f32": ["f32"], "bf16": ["bf16"], "bf16-act": ["bf16"], "nf4-dq": ["q4_0", "q4_1"],
+             "nf4-dq+bf16": ["q4_0", "q4_1"]}
     results = []
     for weights in args.weights.split(","):
         ours = lowrank_single(args, model_dir, weights)

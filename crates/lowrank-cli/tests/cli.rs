@@ -220,6 +220,42 @@ fn generate_streams_text_and_is_deterministic() {
     );
 }
 
+/// `--bf16-activations` generates over bf16 weights, and without `--bf16-weights` is refused
+/// naming both flags.
+#[test]
+fn bf16_activations_need_bf16_weights() {
+    let model = fx("models/llama-tied");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "The cat",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        lowrank(&args)
+    };
+    let ok = run(&["--bf16-weights", "--bf16-activations"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("decode: 4 tokens"));
+    let refused = run(&["--bf16-activations"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains("--bf16-activations")
+            && err.contains("--bf16-weights"),
+        "{err}"
+    );
+}
+
 #[test]
 fn every_command_has_help() {
     for cmd in ["eval", "generate", "merge", "inspect"] {

@@ -3,7 +3,7 @@
 //! intermediate 1536. Forward x·Wᵀ and backward dy·W, as `Bf16Frozen` runs them.
 //!
 //! `cargo bench -p lowrank-kernels --bench bf16_gemm` (BENCH_ITERS repetitions, minimum
-//! reported). Prints whether this CPU has AVX512-BF16; without it the bf16 path is the f32 GEMM
+//! reported; BENCH_ROWS rows, 1024 unless set). Prints whether this CPU has AVX512-BF16; without it the bf16 path is the f32 GEMM
 //! on widened weights and is expected to be a little slower than plain f32.
 
 use std::time::Instant;
@@ -38,7 +38,11 @@ fn main() -> R<()> {
         rayon::current_num_threads()
     );
     let dev = Device::Cpu;
-    let rows = 1024;
+    // BENCH_ROWS=256: a 256-token prefill's shapes (`--bf16-activations`).
+    let rows = std::env::var("BENCH_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
     for (out_f, in_f) in [(1536, 576), (576, 1536), (576, 576)] {
         let w = Tensor::randn(0f32, 0.05, (out_f, in_f), &dev)?;
         let x = Tensor::randn(0f32, 1.0, (rows, in_f), &dev)?;

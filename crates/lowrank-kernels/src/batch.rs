@@ -16,7 +16,8 @@
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
-use crate::cpu::sgemm_xwt;
+use crate::bf16_gemm::{all_bf16, bf16_kernel, gemm_bf16, Bf16Kernel, Bf16Mat};
+use crate::cpu::{sgemm_xwt, Mat};
 use crate::gemv::{gemv_parts, GemvPart, LowRankTerm, Weights};
 use crate::skinny::{dot_tile, shrink, skinny, TileWeight};
 pub use crate::skinny::{BaseWeights, Segment, StepLinear};
@@ -104,6 +105,14 @@ pub fn apply(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Result<Vec<Vec<f
     })
 }
 
+/// Whether a bf16 W's GEMM can run on AVX512-BF16's dot products: only where every value of
+/// X already is a bf16 (the model rounds each linear's input, `--bf16-activations`), so that
+/// kernel multiplies the same values as widening W would, and only where this process chose it
+/// as the faster (`bf16_gemm::bf16_kernel`).
+fn dot_kernel_fits(x: &[f32]) -> Result<bool> {
+    Ok(bf16_kernel()? == Bf16Kernel::Dot && all_bf16(x))
+}
+
 /// Checks that a linear's weight, bias and segments fit x's rows and features.
 fn check(index: usize, l: &StepLinear, in_f: usize, rows: usize) -> Result<()> {
     if !l.weight.len().is_multiple_of(in_f) {
@@ -156,6 +165,23 @@ fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> R
         BaseWeights::F32(w) => {
             let mut y = vec![0f32; rows * out_f];
             gemm_into(&mut y, 0, out_f, w);
+            y
+        }
+        BaseWeights::Bf16(w) if dot_kernel_fits(x)? => {
+            let mut y = vec![0f32; rows * out_f];
+            let rhs = Bf16Mat {
+                data: w,
+                rs: 1,
+                cs: in_f,
+            };
+            gemm_bf16(
+                Bf16Kernel::Dot,
+                (rows, out_f, in_f),
+                &mut y,
+                Mat::rows(x, in_f),
+                rhs,
+                false,
+            );
             y
         }
         BaseWeights::Bf16(w) => {
@@ -390,6 +416,48 @@ mod tests {
                             k % out_f
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// X already in bf16 (`--bf16-activations`) over a bf16 W: above 64 rows the GEMM runs on
+    /// AVX512-BF16's dot products where this process chose them; every path matches f64, odd
+    /// and even features alike.
+    #[test]
+    fn bf16_inputs_over_a_bf16_base_match_f64() {
+        for (in_f, out_f) in [(77, 37), (64, 150)] {
+            let wb: Vec<bf16> = values(out_f * in_f, 1)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let (a, b) = (values(4 * in_f, 2), values(out_f * 4, 3));
+            for rows in [1, 8, 65, 130] {
+                let mut x = values(rows * in_f, 4);
+                crate::bf16_gemm::round_to_bf16(&mut x);
+                let odd: Vec<usize> = (1..rows).step_by(2).collect();
+                let linears = [StepLinear {
+                    weight: BaseWeights::Bf16(&wb),
+                    bias: None,
+                    segments: vec![Segment {
+                        a: &a,
+                        b: &b,
+                        scale: 0.5,
+                        rows: &odd,
+                        column_scale: None,
+                    }],
+                }];
+                let got = apply(&x, in_f, &linears).unwrap();
+                let want = reference(&x, in_f, &linears[0]);
+                for (k, (g, w)) in got[0].iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{in_f} features, {rows} rows ({:?}, {:?}), row {} col {}: {g} vs {w}",
+                        kernel_for(rows, &linears),
+                        crate::bf16_gemm::bf16_kernel(),
+                        k / out_f,
+                        k % out_f
+                    );
                 }
             }
         }

@@ -165,6 +165,27 @@ fn round_bf16(v: f32) -> f32 {
     bf16::from_f32(v).to_f32()
 }
 
+/// Rounds every value to the nearest bf16 (ties to even; a NaN stays a NaN), in place: the
+/// same values as `half::bf16::from_f32`, in branch-free integer steps the compiler
+/// vectorises (the `half` call per value took a tenth of a 256-token prefill).
+pub fn round_to_bf16(values: &mut [f32]) {
+    for v in values {
+        let bits = v.to_bits();
+        let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+        *v = f32::from_bits(if nan {
+            (bits | 0x0040_0000) & 0xffff_0000
+        } else {
+            rounded
+        });
+    }
+}
+
+/// Whether every value already is a bf16 (its low sixteen bits zero).
+pub fn all_bf16(values: &[f32]) -> bool {
+    values.iter().fold(0, |low, v| low | (v.to_bits() & 0xffff)) == 0
+}
+
 /// The fallback: f32 GEMMs on exactly the values the bf16 kernel multiplies.
 mod widened {
     use super::*;

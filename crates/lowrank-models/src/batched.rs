@@ -319,7 +319,10 @@ impl Llama {
             bias: None,
             segments: Vec::new(),
         };
-        let mut logits = apply(&normed, h, &[head])?.pop().expect("one linear");
+        let head = [head];
+        let mut logits = apply(&self.linear_input(&normed, &head), h, &head)?
+            .pop()
+            .expect("one linear");
         if let Some(cap) = c.final_softcap {
             let cap = cap as f32;
             logits.iter_mut().for_each(|x| *x = (*x / cap).tanh() * cap);
@@ -330,6 +333,21 @@ impl Llama {
             (picked.len(), vocab),
             self.device(),
         )?)
+    }
+
+    /// `input` as `linears` read it: rounded to bf16 where the model computes with bf16
+    /// activations and their weight is bf16 (see [`Llama::round_activations_to_bf16`]).
+    fn linear_input<'a>(&self, input: &'a [f32], linears: &[StepLinear]) -> Cow<'a, [f32]> {
+        let bf16_weight = linears
+            .iter()
+            .any(|l| matches!(l.weight, BaseWeights::Bf16(_)));
+        if self.bf16_activations && bf16_weight {
+            let mut rounded = input.to_vec();
+            lowrank_kernels::bf16_gemm::round_to_bf16(&mut rounded);
+            Cow::Owned(rounded)
+        } else {
+            Cow::Borrowed(input)
+        }
     }
 
     /// Refuses an empty row, a model whose steps cannot run here, and a DoRA adapter stacked
@@ -593,7 +611,7 @@ impl Llama {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok(apply(input, in_f, &linears)?)
+                Ok(apply(&self.linear_input(input, &linears), in_f, &linears)?)
             };
             // Loaded during the residual add and the norm before the pass.
             warm(i, attn_in);

@@ -55,6 +55,9 @@ pub struct Llama {
     packs: AdapterPacks,
     /// Weights are trainable `Var`s (full fine-tuning): inference takes the candle loop.
     trainable: bool,
+    /// Inference steps round the input of every bf16 linear to bf16 (see
+    /// [`Llama::round_activations_to_bf16`]).
+    bf16_activations: bool,
 }
 
 /// How to load a checkpoint.

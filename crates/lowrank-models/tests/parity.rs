@@ -427,6 +427,85 @@ fn our_adapter_writer_round_trips_peft_files() {
     }
 }
 
+/// bf16 activations (each bf16 linear's input rounded to bf16, `--bf16-activations`): refused
+/// over f32 weights; logits within bf16 rounding of the f32 model's and unlike those of bf16
+/// weights alone; and an 80-token prefill (the GEMM, on AVX512-BF16's dot products where this
+/// process chose them) ends in the logits the same tokens give fed one at a time (the GEMV),
+/// up to the order of the f32 sums.
+#[test]
+fn bf16_activations_round_each_linear_s_input() {
+    let name = "llama-tied__lora-qv";
+    let (reference, tokenizer) = load(base_of(name));
+    let (mut weights_only, _) = load(base_of(name));
+    weights_only.cast_for_inference(DType::BF16).unwrap();
+    let (mut rounded, _) = load(base_of(name));
+    let err = rounded.round_activations_to_bf16().unwrap_err();
+    assert!(err.to_string().contains("bf16 weights"), "{err}");
+    rounded.cast_for_inference(DType::BF16).unwrap();
+    rounded.round_activations_to_bf16().unwrap();
+    let ids: Vec<u32> = (0..80)
+        .flat_map(|_| tokenizer.encode(&eval_texts()[0], true).unwrap())
+        .take(80)
+        .collect();
+    let adapter = reference
+        .load_adapter(&fixtures().join("adapters").join(name))
+        .unwrap();
+    for active in [vec![], vec![ActiveAdapter::new(&adapter)]] {
+        let want = prefill_and_decode(&reference, &ids[..20], &active);
+        let unrounded = prefill_and_decode(&weights_only, &ids[..20], &active);
+        let got = prefill_and_decode(&rounded, &ids[..20], &active);
+        for (step, ((g, w), u)) in got.iter().zip(&want).zip(&unrounded).enumerate() {
+            let scale = max_abs_diff(w, &w.zeros_like().unwrap());
+            let rel = max_abs_diff(g, w) / scale;
+            let rel_unrounded = max_abs_diff(u, w) / scale;
+            assert!(
+                rel < 5e-2,
+                "step {step}, {} adapters: {rel} ({rel_unrounded} unrounded)",
+                active.len()
+            );
+            assert!(max_abs_diff(g, u) > 0.0, "step {step}: not rounded");
+        }
+        let last = |logits: Tensor| logits.squeeze(0).unwrap().get(0).unwrap();
+        let at_once = last(
+            rounded
+                .forward(
+                    &Tensor::new(&ids[..], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                    Some(&mut lowrank_models::KvCache::new()),
+                    &active,
+                )
+                .unwrap()
+                .narrow(1, ids.len() - 1, 1)
+                .unwrap(),
+        );
+        let mut cache = lowrank_models::KvCache::new();
+        let mut one_by_one = None;
+        for &id in &ids {
+            let logits = rounded
+                .forward(
+                    &Tensor::new(&[id], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                    Some(&mut cache),
+                    &active,
+                )
+                .unwrap();
+            one_by_one = Some(last(logits));
+        }
+        let one_by_one = one_by_one.unwrap();
+        let scale = max_abs_diff(&at_once, &at_once.zeros_like().unwrap());
+        let rel = max_abs_diff(&at_once, &one_by_one) / scale;
+        assert!(
+            rel < 1e-4,
+            "{} adapters: prefill against one by one {rel}",
+            active.len()
+        );
+    }
+}
+
 /// Logits of a prompt (prefill) and of three cached decoding steps after it.
 fn prefill_and_decode(model: &Llama, ids: &[u32], adapters: &[ActiveAdapter]) -> Vec<Tensor> {
     let row = |ids: &[u32]| {

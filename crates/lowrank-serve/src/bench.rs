@@ -28,6 +28,8 @@ pub struct BenchWeights {
     /// As printed: "f32", "bf16", "nf4-dq", …
     pub name: String,
     pub bf16_weights: bool,
+    /// Each bf16 linear's input rounded to bf16 (`--bf16-activations`).
+    pub bf16_activations: bool,
     pub quantize: Option<lowrank_core::QuantSpec>,
 }
 
@@ -397,6 +399,7 @@ fn serve_options(opts: &BenchOptions, root: &Path, weights: &BenchWeights) -> Se
         merge: None,
         served_model_name: Some("base".into()),
         bf16_weights: weights.bf16_weights,
+        bf16_activations: weights.bf16_activations,
         quantize: weights.quantize,
     }
 }

@@ -70,6 +70,7 @@ fn options(adapters: &Path) -> ServeOptions {
         merge: None,
         served_model_name: Some("base".into()),
         bf16_weights: false,
+        bf16_activations: false,
         quantize: None,
     }
 }
@@ -159,21 +160,30 @@ impl Server {
 
 /// What `lowrank generate` gives for this adapter and prompt, greedy.
 fn expected_text(adapter: Option<&str>, prompt: &str, max_tokens: usize) -> String {
-    expected_text_with(adapter, prompt, max_tokens, false)
+    expected_text_with(adapter, prompt, max_tokens, Weights::F32)
 }
 
-/// Greedy text of one sequence decoded alone, over a base stored in bf16 when `bf16`.
+/// How the expected texts' model stores its weights and rounds its activations, as the server's
+/// `bf16_weights` and `bf16_activations` options.
+#[derive(Clone, Copy, PartialEq)]
+enum Weights {
+    F32,
+    Bf16,
+    Bf16Activations,
+}
+
+/// Greedy text of one sequence decoded alone, over a base stored as `weights` says.
 fn expected_text_with(
     adapter: Option<&str>,
     prompt: &str,
     max_tokens: usize,
-    bf16: bool,
+    weights: Weights,
 ) -> String {
     let stack: Vec<(PathBuf, f64)> = adapter
         .map(|a| (fixtures().join("adapters").join(a), 1.0))
         .into_iter()
         .collect();
-    expected_stacked(&stack, prompt, max_tokens, bf16)
+    expected_stacked(&stack, prompt, max_tokens, weights)
 }
 
 /// Greedy text of one sequence decoded alone with the adapter folders of `stack` applied
@@ -182,14 +192,14 @@ fn expected_stacked(
     stack: &[(PathBuf, f64)],
     prompt: &str,
     max_tokens: usize,
-    bf16: bool,
+    weights: Weights,
 ) -> String {
     expected_on(
         &fixtures().join("models/llama-tied"),
         stack,
         prompt,
         max_tokens,
-        bf16,
+        weights,
     )
 }
 
@@ -199,11 +209,14 @@ fn expected_on(
     stack: &[(PathBuf, f64)],
     prompt: &str,
     max_tokens: usize,
-    bf16: bool,
+    weights: Weights,
 ) -> String {
     let mut model = Llama::load(dir, &Device::Cpu).unwrap();
-    if bf16 {
+    if weights != Weights::F32 {
         model.cast_for_inference(candle_core::DType::BF16).unwrap();
+    }
+    if weights == Weights::Bf16Activations {
+        model.round_activations_to_bf16().unwrap();
     }
     let tokenizer = Tokenizer::load(dir).unwrap();
     let adapters: Vec<_> = stack
@@ -236,12 +249,12 @@ fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
 }
 
 /// Sends every (model, adapter fixture, prompt) case at once and checks each answer against
-/// that sequence decoded alone (over a bf16 base when `bf16`).
+/// that sequence decoded alone (over a base stored as `weights` says).
 async fn assert_concurrent_greedy(
     server: &Arc<Server>,
     cases: &[(&'static str, Option<&str>, &'static str)],
     max_tokens: usize,
-    bf16: bool,
+    weights: Weights,
 ) {
     let mut tasks = Vec::new();
     for &(model, _, prompt) in cases {
@@ -257,7 +270,7 @@ async fn assert_concurrent_greedy(
         assert_eq!(status, 200, "{body}");
         assert_eq!(
             body["choices"][0]["text"],
-            expected_text_with(*adapter, prompt, max_tokens, bf16),
+            expected_text_with(*adapter, prompt, max_tokens, weights),
             "{adapter:?} {prompt}"
         );
     }
@@ -278,7 +291,7 @@ async fn mixed_adapter_batches_give_each_request_its_own_greedy_tokens() {
         ),
         ("tenant-dora", Some("llama-tied__dora"), "The quick cat"),
     ];
-    assert_concurrent_greedy(&server, &cases, 24, false).await;
+    assert_concurrent_greedy(&server, &cases, 24, Weights::F32).await;
     let metrics = server.get("/metrics").await;
     // Rows were batched: some step saw more than one row.
     let single: u64 = metrics
@@ -352,7 +365,7 @@ async fn mixed_adapter_batches_on_every_family() {
                 .collect();
             assert_eq!(
                 body["choices"][0]["text"],
-                expected_on(&model_dir, &stack, prompt, 16, false),
+                expected_on(&model_dir, &stack, prompt, 16, Weights::F32),
                 "{family} {model} {prompt}"
             );
         }
@@ -789,7 +802,24 @@ async fn a_bf16_base_serves_mixed_batches() {
         ("tenant-dora", Some("llama-tied__dora"), "A dog runs"),
         ("base", None, "Birds sing in the morning"),
     ];
-    assert_concurrent_greedy(&server, &cases, 16, true).await;
+    assert_concurrent_greedy(&server, &cases, 16, Weights::Bf16).await;
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+/// With bf16 activations too, the same: every row's input rounded alike whatever the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_activations_serve_mixed_batches() {
+    let root = adapter_root();
+    let mut opts = options(root.path());
+    opts.bf16_weights = true;
+    opts.bf16_activations = true;
+    let server = Arc::new(Server::start(opts).await);
+    let cases = [
+        ("tenant-lora", Some("llama-tied__lora-qv"), "The quick cat"),
+        ("tenant-dora", Some("llama-tied__dora"), "A dog runs"),
+        ("base", None, "Birds sing in the morning"),
+    ];
+    assert_concurrent_greedy(&server, &cases, 16, Weights::Bf16Activations).await;
     Arc::try_unwrap(server).ok().unwrap().stop().await;
 }
 
@@ -1781,10 +1811,10 @@ async fn stacked_adapters_batch_with_everything_else() {
     }
     let stack = [(lora.clone(), 0.7), (wide.clone(), 0.3)];
     let want = [
-        expected_stacked(&stack, "The quick cat", 16, false),
+        expected_stacked(&stack, "The quick cat", 16, Weights::F32),
         expected_text(Some("llama-tied__lora-qv"), "The quick cat", 16),
         expected_text(Some("llama-tied__dora"), "A dog runs", 16),
-        expected_stacked(&stack, "Birds sing in the morning", 16, false),
+        expected_stacked(&stack, "Birds sing in the morning", 16, Weights::F32),
         expected_text(None, "The quick cat", 16),
     ];
     for (i, (task, want)) in tasks.into_iter().zip(want).enumerate() {
@@ -1793,7 +1823,7 @@ async fn stacked_adapters_batch_with_everything_else() {
         assert_eq!(body["choices"][0]["text"], want, "request {i}");
     }
     assert_ne!(
-        expected_stacked(&stack, "The quick cat", 16, false),
+        expected_stacked(&stack, "The quick cat", 16, Weights::F32),
         expected_text(Some("llama-tied__lora-qv"), "The quick cat", 16),
         "the stack changes the answer"
     );

@@ -13,7 +13,7 @@ pub struct Args {
     #[arg(long)]
     model: String,
     /// How the base's weights are stored, one server each: f32, bf16 (--bf16-weights),
-    /// nf4, nf4-dq, fp4, fp4-dq (4-bit at load, blocks of 64; -dq: double quantization);
+    /// bf16-act (--bf16-weights --bf16-activations), nf4, nf4-dq, fp4, fp4-dq (4-bit at load, blocks of 64; -dq: double quantization);
     /// a 4-bit name with `+bf16` (nf4-dq+bf16) keeps the embedding/head in bf16.
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,nf4-dq")]
     weights: Vec<String>,
@@ -53,13 +53,13 @@ fn weights(name: &str) -> Result<BenchWeights> {
     };
     let (bf16_weights, quantize) = match base {
         "f32" => (false, None),
-        "bf16" => (true, None),
+        "bf16" | "bf16-act" => (true, None),
         "nf4" => (false, four_bit(QuantType::Nf4, false)?),
         "nf4-dq" => (false, four_bit(QuantType::Nf4, true)?),
         "fp4" => (false, four_bit(QuantType::Fp4, false)?),
         "fp4-dq" => (false, four_bit(QuantType::Fp4, true)?),
         other => bail!(
-            "--weights: {other:?} is not one of f32, bf16, nf4, nf4-dq, fp4, fp4-dq (a 4-bit one optionally with +bf16)"
+            "--weights: {other:?} is not one of f32, bf16, bf16-act, nf4, nf4-dq, fp4, fp4-dq (a 4-bit one optionally with +bf16)"
         ),
     };
     if bf16_head && quantize.is_none() {
@@ -68,6 +68,7 @@ fn weights(name: &str) -> Result<BenchWeights> {
     Ok(BenchWeights {
         name: name.to_string(),
         bf16_weights: bf16_weights || bf16_head,
+        bf16_activations: base == "bf16-act",
         quantize,
     })
 }
@@ -153,8 +154,11 @@ mod tests {
         assert!(!plain.bf16_weights && plain.quantize.is_some_and(|q| q.double_quant));
         let head = weights("nf4-dq+bf16").unwrap();
         assert!(head.bf16_weights && head.quantize.is_some());
-        assert!(weights("bf16").unwrap().quantize.is_none());
-        for bad in ["f32+bf16", "bf16+bf16", "nf4+f16", "q4_0"] {
+        let bf16 = weights("bf16").unwrap();
+        assert!(bf16.bf16_weights && !bf16.bf16_activations && bf16.quantize.is_none());
+        let act = weights("bf16-act").unwrap();
+        assert!(act.bf16_weights && act.bf16_activations && act.quantize.is_none());
+        for bad in ["f32+bf16", "bf16+bf16", "bf16-act+bf16", "nf4+f16", "q4_0"] {
             let err = weights(bad)
                 .err()
                 .map(|e| e.to_string())

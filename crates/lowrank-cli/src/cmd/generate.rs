@@ -36,6 +36,11 @@ pub struct Args {
     /// --quantize, the embedding/output head (the decoder layers stay 4-bit).
     #[arg(long)]
     bf16_weights: bool,
+    /// Round the input of every bf16 linear to bf16, as PyTorch's bf16 models and llama.cpp's
+    /// bf16 matmul do (products exact, sums in f32): prefill runs on AVX512-BF16 dot products
+    /// where the CPU has them. Needs --bf16-weights.
+    #[arg(long, requires = "bf16_weights")]
+    bf16_activations: bool,
     #[command(flatten)]
     quant: QuantArgs,
 }
@@ -72,6 +77,12 @@ pub fn run(args: Args) -> Result<()> {
             .model
             .cast_for_inference(candle_core::DType::BF16)
             .context("--bf16-weights")?;
+    }
+    if args.bf16_activations {
+        loaded
+            .model
+            .round_activations_to_bf16()
+            .context("--bf16-activations")?;
     }
     let prompt = if args.chat {
         let messages = [Message {

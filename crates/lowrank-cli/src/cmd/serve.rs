@@ -91,6 +91,11 @@ pub struct Args {
     /// --quantize, the embedding/output head (the decoder layers stay 4-bit).
     #[arg(long)]
     bf16_weights: bool,
+    /// Round the input of every bf16 linear to bf16, as PyTorch's bf16 models and llama.cpp's
+    /// bf16 matmul do (products exact, sums in f32): prefill runs on AVX512-BF16 dot products
+    /// where the CPU has them. Needs --bf16-weights.
+    #[arg(long, requires = "bf16_weights")]
+    bf16_activations: bool,
     #[command(flatten)]
     quant: super::QuantArgs,
 }
@@ -125,6 +130,7 @@ pub fn run(args: Args) -> Result<()> {
         merge: args.merge,
         served_model_name: args.served_model_name,
         bf16_weights: args.bf16_weights,
+        bf16_activations: args.bf16_activations,
         quantize: args.quant.spec()?,
     };
     opts.validate()?;

@@ -82,6 +82,7 @@ fn served() -> &'static Served {
             merge: None,
             served_model_name: Some("base".into()),
             bf16_weights: false,
+            bf16_activations: false,
             quantize: None,
         };
         let open = lowrank_serve::build_state(&options(None)).unwrap();

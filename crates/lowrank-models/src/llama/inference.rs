@@ -163,4 +163,20 @@ impl Llama {
         self.back_weights_with_huge_pages();
         Ok(())
     }
+
+    /// Has inference steps round the input of every linear whose weight is bf16 (after
+    /// [`Llama::cast_for_inference`] to bf16) to bf16, nearest even, as a PyTorch model in
+    /// bf16 and llama.cpp's bf16 matmul do. Products stay exact and sums f32; a prefill's GEMM
+    /// then runs on AVX512-BF16 dot products where this CPU has them and they time faster
+    /// (`lowrank_kernels::bf16_gemm`). Refused while the embedding is not bf16.
+    pub fn round_activations_to_bf16(&mut self) -> Result<()> {
+        if self.embed.dtype() != DType::BF16 {
+            return Err(Error::Msg(
+                "bf16 activations need bf16 weights: cast the model to bf16 first (--bf16-weights)"
+                    .into(),
+            ));
+        }
+        self.bf16_activations = true;
+        Ok(())
+    }
 }

@@ -230,6 +230,7 @@ impl Llama {
             stored_dtype,
             packs: AdapterPacks::default(),
             trainable: false,
+            bf16_activations: false,
         };
         model.back_weights_with_huge_pages();
         Ok(model)

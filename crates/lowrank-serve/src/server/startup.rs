@@ -47,6 +47,9 @@ pub struct ServeOptions {
     pub served_model_name: Option<String>,
     /// Keep the base's linear weights and output head in bf16 (after `merge`).
     pub bf16_weights: bool,
+    /// Round each bf16 linear's input to bf16, as PyTorch's bf16 models and llama.cpp do
+    /// (needs `bf16_weights`; see `Llama::round_activations_to_bf16`).
+    pub bf16_activations: bool,
     /// Quantize the base's linear weights to 4 bits at load (a pre-quantized checkpoint is
     /// served 4-bit without it).
     pub quantize: Option<lowrank_core::QuantSpec>,
@@ -136,6 +139,11 @@ pub fn build_state(opts: &ServeOptions) -> Result<Arc<AppState>, StartError> {
         model
             .cast_for_inference(candle_core::DType::BF16)
             .map_err(|e| StartError::Model(format!("--bf16-weights: {e}")))?;
+    }
+    if opts.bf16_activations {
+        model
+            .round_activations_to_bf16()
+            .map_err(|e| StartError::Options(format!("--bf16-activations: {e}")))?;
     }
     let base_name = opts.served_model_name.clone().unwrap_or_else(|| {
         opts.merge.clone().unwrap_or_else(|| {
