@@ -421,18 +421,19 @@ mod tests {
         }
     }
 
-    /// X already in bf16 (`--bf16-activations`) over a bf16 W: above 64 rows the GEMM runs on
-    /// AVX512-BF16's dot products where this process chose them; every path matches f64, odd
-    /// and even features alike.
+    /// X already in bf16 (`--bf16-activations`) over a bf16 W: up to 23 rows of a multiple of
+    /// 32 features the skinny GEMM's pair block and above 64 rows the GEMM run on AVX512-BF16's
+    /// dot products (the GEMM where this process chose them); every path matches f64, odd and
+    /// even features alike.
     #[test]
     fn bf16_inputs_over_a_bf16_base_match_f64() {
-        for (in_f, out_f) in [(77, 37), (64, 150)] {
+        for (in_f, out_f) in [(77, 37), (64, 150), (96, 50)] {
             let wb: Vec<bf16> = values(out_f * in_f, 1)
                 .iter()
                 .map(|&v| bf16::from_f32(v))
                 .collect();
             let (a, b) = (values(4 * in_f, 2), values(out_f * 4, 3));
-            for rows in [1, 8, 65, 130] {
+            for rows in [1, 2, 5, 8, 9, 16, 23, 24, 65, 130] {
                 let mut x = values(rows * in_f, 4);
                 crate::bf16_gemm::round_to_bf16(&mut x);
                 let odd: Vec<usize> = (1..rows).step_by(2).collect();

@@ -503,6 +503,48 @@ impl FrozenMatmul for Bf16Frozen {
 mod tests {
     use super::*;
 
+    #[test]
+    fn rounding_to_bf16_gives_half_s_values() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+        ];
+        let mut s = 0x9e37_79b9u32;
+        let values: Vec<f32> = specials
+            .into_iter()
+            .chain((0..100_000).map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                f32::from_bits(s)
+            }))
+            .collect();
+        let mut rounded = values.clone();
+        round_to_bf16(&mut rounded);
+        for (v, r) in values.iter().zip(&rounded) {
+            assert_eq!(
+                r.to_bits(),
+                bf16::from_f32(*v).to_f32().to_bits(),
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
+        assert!(all_bf16(&rounded));
+        assert!(!all_bf16(&values));
+        assert!(!all_bf16(&[1.0, f32::from_bits(0x3f80_0001)]));
+    }
+
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)

@@ -33,6 +33,8 @@ use lowrank_quant::{AbsmaxState, Quantized4Bit};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
+mod bf16_pairs;
+#[cfg(target_arch = "x86_64")]
 mod broadcast;
 #[cfg(target_arch = "x86_64")]
 use broadcast::{PackedX, Rows};
@@ -122,6 +124,16 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
     let packed = PackedX::new(x, in_f);
     #[cfg(not(target_arch = "x86_64"))]
     let packed: Option<PackedX> = None;
+    // Below the broadcast blocks' rows, X already in bf16 over a bf16 W.
+    #[cfg(target_arch = "x86_64")]
+    let x_bf16 = (packed.is_none()
+        && linears
+            .iter()
+            .any(|l| matches!(l.weight, BaseWeights::Bf16(_))))
+    .then(|| bf16_pairs::bf16_rows(x, in_f))
+    .flatten();
+    #[cfg(not(target_arch = "x86_64"))]
+    let x_bf16: Option<Vec<bf16>> = None;
     let luts: Vec<Option<PairLut>> = linears
         .iter()
         .map(|l| match l.weight {
@@ -158,6 +170,7 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
                     rows: &x_rows,
                     code_order: x_code_order.as_deref(),
                     packed: packed.as_ref(),
+                    bf16: x_bf16.as_deref(),
                 },
                 tile,
                 buf,
@@ -258,6 +271,8 @@ struct StepX<'a> {
     code_order: Option<&'a [&'a [f32]]>,
     /// Transposed, for the broadcast blocks (see [`PackedX`]).
     packed: Option<&'a PackedX>,
+    /// In bf16, for a bf16 W's pair block (see `bf16_pairs::bf16_rows`).
+    bf16: Option<&'a [bf16]>,
 }
 
 /// The base product of output rows o0..o0 + rows_out for every row of X, into the transposed
@@ -280,9 +295,10 @@ fn base_tile(
         rows: x_rows,
         code_order: x_code_order,
         packed,
+        bf16: x_bf16,
     } = x;
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = packed;
+    let _ = (packed, x_bf16);
     let m = x_rows.len();
     let out_x: Vec<usize> = (0..m).collect();
     if let BaseWeights::FourBit(q) = w {
@@ -322,6 +338,13 @@ fn base_tile(
         // SAFETY: PackedX::new checked the CPU; the span is inside W and the tile
         // rows_out × m.
         unsafe { broadcast::tile(rows, in_f, rows_out, packed, tile, buf) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (BaseWeights::Bf16(w), Some(x)) = (w, x_bf16) {
+        // SAFETY: bf16_rows gave x only where the CPU has the features and in_f is a multiple
+        // of 32; the span is inside W and the tile rows_out × m.
+        unsafe { bf16_pairs::tile(&w[span], in_f, rows_out, x, m, tile) };
         return;
     }
     // An f32 or bf16 W is read straight from memory (a bf16 widened in registers): its next

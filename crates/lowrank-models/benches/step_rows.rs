@@ -3,8 +3,9 @@
 //! step. Prints wall and process CPU milliseconds per step and tokens per second, over the
 //! base and with a different random rank-16 LoRA (q and v) per row.
 //!
-//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|nf4]`
-//! (`bf16`: the base's linears and head kept in bf16, as `--bf16-weights` does; `nf4`: the
+//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|bf16-act|nf4]`
+//! (`bf16`: the base's linears and head kept in bf16, as `--bf16-weights` does; `bf16-act`:
+//! also their inputs rounded to bf16, as `--bf16-activations`; `nf4`: the
 //! decoder layers' linears in NF4 with double quantization and the embedding/head in bf16, as
 //! `--quantize nf4 --double-quant --bf16-weights`).
 
@@ -66,7 +67,7 @@ fn main() -> Res<()> {
         .collect();
     let dir = PathBuf::from(
         args.first()
-            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|nf4]")?,
+            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|bf16-act|nf4]")?,
     );
     let steps: usize = args.get(1).map_or(Ok(16), |s| s.parse())?;
     let row_counts: Vec<usize> = args
@@ -79,11 +80,17 @@ fn main() -> Res<()> {
     match args.get(3).map(String::as_str) {
         None => {}
         Some("bf16") => model.cast_for_inference(candle_core::DType::BF16)?,
+        Some("bf16-act") => {
+            model.cast_for_inference(candle_core::DType::BF16)?;
+            model.round_activations_to_bf16()?;
+        }
         Some("nf4") => {
             model.quantize_linears(&QuantSpec::new(QuantType::Nf4, true, 64)?)?;
             model.cast_for_inference(candle_core::DType::BF16)?;
         }
-        Some(other) => return Err(format!("weights `{other}`: expected bf16 or nf4").into()),
+        Some(other) => {
+            return Err(format!("weights `{other}`: expected bf16, bf16-act or nf4").into())
+        }
     }
     let adapters: Vec<LoraAdapter> = (0..32).map(|_| adapter(&model)).collect::<Res<_>>()?;
     let pool = rayon::ThreadPoolBuilder::new().build()?;
