@@ -421,7 +421,7 @@ mod tests {
         }
     }
 
-    /// X already in bf16 (`--bf16-activations`) over a bf16 W: up to 23 rows of a multiple of
+    /// X already in bf16 (`--bf16-activations`) over a bf16 W: up to 64 rows of a multiple of
     /// 32 features the skinny GEMM's pair block and above 64 rows the GEMM run on AVX512-BF16's
     /// dot products (the GEMM where this process chose them); every path matches f64, odd and
     /// even features alike.

@@ -124,14 +124,13 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
     let packed = PackedX::new(x, in_f);
     #[cfg(not(target_arch = "x86_64"))]
     let packed: Option<PackedX> = None;
-    // Below the broadcast blocks' rows, X already in bf16 over a bf16 W.
+    // X already in bf16 over a bf16 W.
     #[cfg(target_arch = "x86_64")]
-    let x_bf16 = (packed.is_none()
-        && linears
-            .iter()
-            .any(|l| matches!(l.weight, BaseWeights::Bf16(_))))
-    .then(|| bf16_pairs::bf16_rows(x, in_f))
-    .flatten();
+    let x_bf16 = linears
+        .iter()
+        .any(|l| matches!(l.weight, BaseWeights::Bf16(_)))
+        .then(|| bf16_pairs::bf16_rows(x, in_f))
+        .flatten();
     #[cfg(not(target_arch = "x86_64"))]
     let x_bf16: Option<Vec<bf16>> = None;
     let luts: Vec<Option<PairLut>> = linears
@@ -271,7 +270,8 @@ struct StepX<'a> {
     code_order: Option<&'a [&'a [f32]]>,
     /// Transposed, for the broadcast blocks (see [`PackedX`]).
     packed: Option<&'a PackedX>,
-    /// In bf16, for a bf16 W's pair block (see `bf16_pairs::bf16_rows`).
+    /// In bf16, for a bf16 W's pair block, which takes it before the broadcast blocks (see
+    /// `bf16_pairs::bf16_rows`).
     bf16: Option<&'a [bf16]>,
 }
 
@@ -308,6 +308,13 @@ fn base_tile(
     }
     let span = o0 * in_f..(o0 + rows_out) * in_f;
     #[cfg(target_arch = "x86_64")]
+    if let (BaseWeights::Bf16(w), Some(x)) = (w, x_bf16) {
+        // SAFETY: bf16_rows gave x only where the CPU has the features and in_f is a multiple
+        // of 32; the span is inside W and the tile rows_out × m.
+        unsafe { bf16_pairs::tile(&w[span], in_f, rows_out, x, m, tile) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(packed) = packed {
         // Rows first..first + rows of the tile's W as f32, for a bf16 or 4-bit W.
         let fill = |first: usize, rows: usize, out: &mut [f32]| {
@@ -338,13 +345,6 @@ fn base_tile(
         // SAFETY: PackedX::new checked the CPU; the span is inside W and the tile
         // rows_out × m.
         unsafe { broadcast::tile(rows, in_f, rows_out, packed, tile, buf) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let (BaseWeights::Bf16(w), Some(x)) = (w, x_bf16) {
-        // SAFETY: bf16_rows gave x only where the CPU has the features and in_f is a multiple
-        // of 32; the span is inside W and the tile rows_out × m.
-        unsafe { bf16_pairs::tile(&w[span], in_f, rows_out, x, m, tile) };
         return;
     }
     // An f32 or bf16 W is read straight from memory (a bf16 widened in registers): its next
