@@ -24,7 +24,7 @@ and Q4_1):
   adapter, in turn): aggregate tokens/s and p50/p99 latency of `lowrank serve --max-batch C`
   against `llama-server -np C`, same prompts (16 words), greedy, 64 tokens, EOS ignored;
 - the bound of decoding: a step of C rows takes at least the weight bytes it reads ÷ the read
-  bandwidth and C × its FLOPs per row ÷ the f32 GEMM rate, both measured here with torch; the
+  bandwidth and C × its FLOPs per row ÷ the f32 GEMM rate (bf16-act: the bf16 GEMM rate), both measured here with torch; the
   tighter of the two gives C tokens per step, and each figure's share of it.
 The load average is printed with each figure: on a shared host, compare ratios, not absolutes.
 """
@@ -176,11 +176,11 @@ def step_bytes(weights):
     return linear * per_linear + head * per_head
 
 
-def gemm_flop_s():
-    """f32 FLOP per second of a large torch matmul on all cores (best of 3)."""
+def gemm_flop_s(dtype="float32"):
+    """FLOP per second of a large torch matmul on all cores (best of 3), f32 or bf16 operands."""
     import torch
-    a = torch.randn(2048, 2048)
-    b = torch.randn(2048, 2048)
+    a = torch.randn(2048, 2048).to(getattr(torch, dtype))
+    b = torch.randn(2048, 2048).to(getattr(torch, dtype))
     a @ b
     best = float("inf")
     for _ in range(3):
@@ -306,22 +306,25 @@ def main():
 
     bandwidth = bench.read_bandwidth_gb_s() * 1e9
     gemm = gemm_flop_s()
+    # bf16-act multiplies bf16 operands: its compute bound is a bf16 GEMM's rate.
+    gemm_bf16 = gemm_flop_s("bfloat16")
     # Two FLOPs per weight of the linears and the head, per row (attention is small here).
     flop_per_row = 2 * bench.weight_bytes_per_token() / 4
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, f32 GEMM {gemm / 1e9:.0f} GFLOP/s (torch, all cores)",
-          flush=True)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, f32 GEMM {gemm / 1e9:.0f} GFLOP/s, bf16 GEMM "
+          f"{gemm_bf16 / 1e9:.0f} GFLOP/s (torch, all cores)", flush=True)
     pairs = {"f32": ["f32"], "bf16": ["bf16"], "bf16-act": ["bf16"], "nf4-dq": ["q4_0", "q4_1"],
              "nf4-dq+bf16": ["q4_0", "q4_1"]}
     results = []
     for weights in args.weights.split(","):
         ours = lowrank_single(args, model_dir, weights)
         ours_bytes = step_bytes(weights)
+        rate = gemm_bf16 if weights == "bf16-act" else gemm
         for peer in pairs[weights]:
             theirs = llama_bench(args, ggufs[peer][1])
             line = (f"[{weights} vs {peer}] single stream: decode {ours['decode_tok_s']:.1f} vs {theirs['decode_tok_s']:.1f} tok/s "
                     f"(x{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}), pp256 {ours['prefill_tok_s']:.0f} vs "
                     f"{theirs['prefill_tok_s']:.0f} tok/s (x{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f})")
-            bound, by = decode_bound(ours_bytes, flop_per_row, 1, bandwidth, gemm)
+            bound, by = decode_bound(ours_bytes, flop_per_row, 1, bandwidth, rate)
             line += f"; decode bound {bound:.0f} tok/s ({by}; {ours_bytes / 1e6:.0f} MB/token)"
             print(line + f" (load {load():.1f})", flush=True)
             results.append({"weights": weights, "peer": peer, "single": {"lowrank": ours, "llamacpp": theirs}})
@@ -330,7 +333,7 @@ def main():
                 ours = serve_lowrank(args, model_dir, os.path.join(work, "adapters"), weights, clients, adapters[:n])
                 for peer in pairs[weights]:
                     theirs = serve_llamacpp(args, ggufs[peer][1], lora_files[:n], clients)
-                    bound, by = decode_bound(ours_bytes, flop_per_row, clients, bandwidth, gemm)
+                    bound, by = decode_bound(ours_bytes, flop_per_row, clients, bandwidth, rate)
                     print(f"[{weights} vs {peer}] {clients} clients, {n or 'no'} adapters: "
                           f"{ours['tokens_per_s']:.1f} vs {theirs['tokens_per_s']:.1f} tok/s "
                           f"(x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}); p50 {ours['p50_s']:.1f} vs "

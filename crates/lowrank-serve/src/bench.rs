@@ -90,6 +90,9 @@ pub struct Scenario {
     tally: StepTally,
     #[serde(skip)]
     flops_per_token: f64,
+    /// Its linears multiply bf16 activations (compute bound: the bf16 GEMM's rate).
+    #[serde(skip)]
+    bf16_activations: bool,
     /// The host's 1-minute load average after the scenario (other processes share the cores).
     pub load_average: f64,
 }
@@ -99,6 +102,8 @@ pub struct BenchReport {
     /// Read bandwidth (GB/s) and f32 GEMM rate (GFLOP/s) measured before the scenarios.
     pub read_gb_s: f64,
     pub gemm_gflop_s: f64,
+    /// The bf16 GEMM's rate, the compute bound of `bf16-act` scenarios.
+    pub bf16_gemm_gflop_s: f64,
     pub scenarios: Vec<Scenario>,
     /// Mean time to read and check one adapter from disk.
     pub adapter_load_ms: f64,
@@ -161,6 +166,29 @@ fn gemm_rate() -> Result<f64, String> {
     for _ in 0..5 {
         let start = Instant::now();
         std::hint::black_box(x.matmul(&w).map_err(err)?);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best)
+}
+
+/// FLOP/s of the bf16 GEMM that `--bf16-activations` runs (AVX512-BF16's dot products where
+/// this process chose them, else the f32 GEMM on widened values) at the same shape, best of five:
+/// the compute bound of a bf16-act scenario, whose dot products can outrun f32 FMAs.
+fn bf16_gemm_rate() -> Result<f64, String> {
+    use lowrank_kernels::FrozenMatmul;
+    let err = |e: candle_core::Error| e.to_string();
+    let (m, k, n) = (512, 576, 1536);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
+        .and_then(|x| x.flatten_all()?.to_vec1::<f32>())
+        .map_err(err)?;
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)
+        .and_then(|w| w.to_dtype(candle_core::DType::BF16))
+        .map_err(err)?;
+    let base = lowrank_kernels::Bf16Frozen::new(&w).map_err(err)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        std::hint::black_box(base.forward(&x, m).map_err(err)?);
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok(2.0 * (m * k * n) as f64 / best)
@@ -235,6 +263,7 @@ async fn streamed(http: &reqwest::Client, url: &str, body: &serde_json::Value) -
 struct Machine {
     read_bytes_s: f64,
     gemm_flop_s: f64,
+    bf16_gemm_flop_s: f64,
 }
 
 impl Machine {
@@ -243,11 +272,13 @@ impl Machine {
         let m = Machine {
             read_bytes_s: lowrank_kernels::probe::read_bandwidth(3),
             gemm_flop_s: gemm_rate()?,
+            bf16_gemm_flop_s: bf16_gemm_rate()?,
         };
         eprintln!(
-            "read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s (load average {:.2})",
+            "read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s, bf16 GEMM {:.1} GFLOP/s (load average {:.2})",
             m.read_bytes_s / 1e9,
             m.gemm_flop_s / 1e9,
+            m.bf16_gemm_flop_s / 1e9,
             load_average()
         );
         Ok(m)
@@ -259,6 +290,7 @@ impl Machine {
         Machine {
             read_bytes_s: self.read_bytes_s.max(other.read_bytes_s),
             gemm_flop_s: self.gemm_flop_s.max(other.gemm_flop_s),
+            bf16_gemm_flop_s: self.bf16_gemm_flop_s.max(other.bf16_gemm_flop_s),
         }
     }
 }
@@ -267,7 +299,13 @@ impl Scenario {
     /// Fills in the roofline against `machine`.
     fn measure_against(&mut self, machine: Machine) {
         let memory_s = self.bytes_per_step / machine.read_bytes_s;
-        let per_token_s = self.flops_per_token / machine.gemm_flop_s;
+        // bf16 activations multiply on the bf16 GEMM's dot products, the rest in f32.
+        let gemm = if self.bf16_activations {
+            machine.bf16_gemm_flop_s
+        } else {
+            machine.gemm_flop_s
+        };
+        let per_token_s = self.flops_per_token / gemm;
         let (memory, compute) = self.tally.bound_seconds(memory_s, per_token_s);
         self.memory_bound_ms = memory_s * 1e3;
         self.compute_bound_ms = per_token_s * self.tokens_per_step * 1e3;
@@ -314,6 +352,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     Ok(BenchReport {
         read_gb_s: machine.read_bytes_s / 1e9,
         gemm_gflop_s: machine.gemm_flop_s / 1e9,
+        bf16_gemm_gflop_s: machine.bf16_gemm_flop_s / 1e9,
         scenarios,
         adapter_load_ms: tenants.load_ms,
         adapter_bytes: tenants.bytes,
@@ -593,6 +632,7 @@ async fn scenario(
         share_of_bound: 0.0,
         tally,
         flops_per_token,
+        bf16_activations: weights.bf16_activations,
         load_average: load_average(),
     };
     // Against the probes so far, for the line printed as it ends; `run` measures every

@@ -109,8 +109,12 @@ pub fn run_cmd(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "adapter load from disk: {:.2} ms ({} bytes each); read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s",
-        report.adapter_load_ms, report.adapter_bytes, report.read_gb_s, report.gemm_gflop_s
+        "adapter load from disk: {:.2} ms ({} bytes each); read bandwidth {:.1} GB/s, f32 GEMM {:.1} GFLOP/s, bf16 GEMM {:.1} GFLOP/s (bf16-act's compute bound)",
+        report.adapter_load_ms,
+        report.adapter_bytes,
+        report.read_gb_s,
+        report.gemm_gflop_s,
+        report.bf16_gemm_gflop_s
     );
     println!(
         "{:>7} {:>7} {:>8} {:>5} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
