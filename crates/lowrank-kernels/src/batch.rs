@@ -16,8 +16,8 @@
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
-use crate::bf16_gemm::{all_bf16, bf16_kernel, gemm_bf16, Bf16Kernel, Bf16Mat};
-use crate::cpu::{sgemm_xwt, Mat};
+use crate::bf16_gemm::{all_bf16, bf16_kernel, x_wt, Bf16Kernel};
+use crate::cpu::sgemm_xwt;
 use crate::gemv::{gemv_parts, GemvPart, LowRankTerm, Weights};
 use crate::skinny::{dot_tile, shrink, skinny, TileWeight};
 pub use crate::skinny::{BaseWeights, Segment, StepLinear};
@@ -168,21 +168,7 @@ fn gemm_linear(x: &[f32], in_f: usize, l: &StepLinear, shrunk: &[Vec<f32>]) -> R
             y
         }
         BaseWeights::Bf16(w) if dot_kernel_fits(x)? => {
-            let mut y = vec![0f32; rows * out_f];
-            let rhs = Bf16Mat {
-                data: w,
-                rs: 1,
-                cs: in_f,
-            };
-            gemm_bf16(
-                Bf16Kernel::Dot,
-                (rows, out_f, in_f),
-                &mut y,
-                Mat::rows(x, in_f),
-                rhs,
-                false,
-            );
-            y
+            x_wt(Bf16Kernel::Dot, x, rows, w, (out_f, in_f))
         }
         BaseWeights::Bf16(w) => {
             let mut y = vec![0f32; rows * out_f];

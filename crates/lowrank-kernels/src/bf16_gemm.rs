@@ -123,6 +123,31 @@ pub(crate) fn gemm_bf16(
     widened::gemm((m, n, k), dst, lhs, rhs, accumulate)
 }
 
+/// A linear's product Y (rows × out_f) = bf16(x) · Wᵀ for a bf16 W (out_f × in_f, row-major).
+pub(crate) fn x_wt(
+    kernel: Bf16Kernel,
+    x: &[f32],
+    rows: usize,
+    w: &[bf16],
+    (out_f, in_f): (usize, usize),
+) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out_f];
+    let wt = Bf16Mat {
+        data: w,
+        rs: 1,
+        cs: in_f,
+    };
+    gemm_bf16(
+        kernel,
+        (rows, out_f, in_f),
+        &mut y,
+        Mat::rows(x, in_f),
+        wt,
+        false,
+    );
+    y
+}
+
 /// Whether this CPU has AVX512-BF16 and its kernel beat the widening path on a 512×512×512
 /// product (best of three each: a few milliseconds). Smaller products flatter the kernel: the
 /// widening path's rounding and widening passes weigh more there than at training sizes.
@@ -457,24 +482,7 @@ impl FrozenMatmul for Bf16Frozen {
     }
 
     fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let (out_f, in_f) = (self.out_f, self.in_f);
-        self.with_data(|w| {
-            let mut y = vec![0f32; rows * out_f];
-            let wt = Bf16Mat {
-                data: w,
-                rs: 1,
-                cs: in_f,
-            };
-            gemm_bf16(
-                self.kernel,
-                (rows, out_f, in_f),
-                &mut y,
-                Mat::rows(x, in_f),
-                wt,
-                false,
-            );
-            y
-        })
+        self.with_data(|w| x_wt(self.kernel, x, rows, w, (self.out_f, self.in_f)))
     }
 
     fn grad_input(&self, dy: &[f32], rows: usize) -> Result<Vec<f32>> {

@@ -443,10 +443,7 @@ fn bf16_activations_round_each_linear_s_input() {
     assert!(err.to_string().contains("bf16 weights"), "{err}");
     rounded.cast_for_inference(DType::BF16).unwrap();
     rounded.round_activations_to_bf16().unwrap();
-    let ids: Vec<u32> = (0..80)
-        .flat_map(|_| tokenizer.encode(&eval_texts()[0], true).unwrap())
-        .take(80)
-        .collect();
+    let ids = repeated_ids(&tokenizer, 80);
     let adapter = reference
         .load_adapter(&fixtures().join("adapters").join(name))
         .unwrap();
@@ -506,6 +503,14 @@ fn bf16_activations_round_each_linear_s_input() {
     }
 }
 
+/// The first `n` ids of the first eval text, repeated as often as it takes.
+fn repeated_ids(tokenizer: &Tokenizer, n: usize) -> Vec<u32> {
+    (0..n)
+        .flat_map(|_| tokenizer.encode(&eval_texts()[0], true).unwrap())
+        .take(n)
+        .collect()
+}
+
 /// Logits of a prompt (prefill) and of three cached decoding steps after it.
 fn prefill_and_decode(model: &Llama, ids: &[u32], adapters: &[ActiveAdapter]) -> Vec<Tensor> {
     let row = |ids: &[u32]| {
@@ -537,10 +542,7 @@ fn bf16_weights_stay_within_rounding_of_f32() {
     let (reference, tokenizer) = load(base_of(name));
     let (mut narrow, _) = load(base_of(name));
     narrow.cast_for_inference(DType::BF16).unwrap();
-    let ids: Vec<u32> = (0..20)
-        .flat_map(|_| tokenizer.encode(&eval_texts()[0], true).unwrap())
-        .take(20)
-        .collect();
+    let ids = repeated_ids(&tokenizer, 20);
     let adapter = reference
         .load_adapter(&fixtures().join("adapters").join(name))
         .unwrap();

@@ -793,33 +793,29 @@ async fn a_client_that_hangs_up_cancels_its_sequence() {
 /// alone over the same bf16 base.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bf16_base_serves_mixed_batches() {
-    let root = adapter_root();
-    let mut opts = options(root.path());
-    opts.bf16_weights = true;
-    let server = Arc::new(Server::start(opts).await);
-    let cases = [
-        ("tenant-lora", Some("llama-tied__lora-qv"), "The quick cat"),
-        ("tenant-dora", Some("llama-tied__dora"), "A dog runs"),
-        ("base", None, "Birds sing in the morning"),
-    ];
-    assert_concurrent_greedy(&server, &cases, 16, Weights::Bf16).await;
-    Arc::try_unwrap(server).ok().unwrap().stop().await;
+    serves_mixed_batches(Weights::Bf16).await;
 }
 
 /// With bf16 activations too, the same: every row's input rounded alike whatever the batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_activations_serve_mixed_batches() {
+    serves_mixed_batches(Weights::Bf16Activations).await;
+}
+
+/// LoRA, DoRA and base rows in one batch over a base stored as `weights` says, each as that
+/// sequence decoded alone.
+async fn serves_mixed_batches(weights: Weights) {
     let root = adapter_root();
     let mut opts = options(root.path());
-    opts.bf16_weights = true;
-    opts.bf16_activations = true;
+    opts.bf16_weights = weights != Weights::F32;
+    opts.bf16_activations = weights == Weights::Bf16Activations;
     let server = Arc::new(Server::start(opts).await);
     let cases = [
         ("tenant-lora", Some("llama-tied__lora-qv"), "The quick cat"),
         ("tenant-dora", Some("llama-tied__dora"), "A dog runs"),
         ("base", None, "Birds sing in the morning"),
     ];
-    assert_concurrent_greedy(&server, &cases, 16, Weights::Bf16Activations).await;
+    assert_concurrent_greedy(&server, &cases, 16, weights).await;
     Arc::try_unwrap(server).ok().unwrap().stop().await;
 }
 
