@@ -907,6 +907,32 @@ struct Ahead {
 
 #[cfg(target_arch = "x86_64")]
 impl Ahead {
+    /// The lines of `block_rows` rows of W (`stride` values apart) `blocks` blocks past the
+    /// block of `rw` rows at `wp`.
+    fn blocks_ahead<T>(
+        wp: *const T,
+        (rw, block_rows): (usize, usize),
+        stride: usize,
+        blocks: usize,
+    ) -> Ahead {
+        Ahead {
+            from: wp
+                .wrapping_add((rw + (blocks - 1) * block_rows) * stride)
+                .cast(),
+            lines: (block_rows * stride * std::mem::size_of::<T>()).div_ceil(64),
+        }
+    }
+
+    /// Asks for this share's lines up to step `step` of `steps` in proportion, from line
+    /// `*asked` on (into L2).
+    #[inline(always)]
+    fn ask_until(self, asked: &mut usize, step: usize, steps: usize) {
+        while *asked * steps < step * self.lines {
+            crate::cpu::prefetch_line_l2(self.from.wrapping_add(64 * *asked));
+            *asked += 1;
+        }
+    }
+
     /// Pass `pass` of `passes`' equal share of the lines.
     fn share(self, pass: usize, passes: usize) -> Ahead {
         let each = self.lines.div_ceil(passes.max(1));
@@ -937,16 +963,10 @@ unsafe fn dot_tile_simd<L: Lanes, T: TileWeight>(
         let wp = w.as_ptr().add(o * w_stride);
         // While these rows of w meet every row of x, the rows of the block after next are
         // asked for, an equal share in each pass over a group of rows of x.
-        let next = Ahead {
-            from: wp
-                .wrapping_add((rw + (DOT_AHEAD_BLOCKS - 1) * block_rows) * w_stride)
-                .cast(),
-            lines: if stream {
-                (block_rows * w_stride * std::mem::size_of::<T>()).div_ceil(64)
-            } else {
-                0
-            },
-        };
+        let mut next = Ahead::blocks_ahead(wp, (rw, block_rows), w_stride, DOT_AHEAD_BLOCKS);
+        if !stream {
+            next.lines = 0;
+        }
         let passes = xs.len().div_ceil(block_x);
         let mut i = 0;
         while i < xs.len() {
@@ -1216,10 +1236,7 @@ unsafe fn block<L: Lanes, T: TileWeight, const R: usize, const C: usize>(
     let mut k = 0;
     while k + L::N <= len {
         step += 1;
-        while asked * steps < step * ahead.lines {
-            crate::cpu::prefetch_line_l2(ahead.from.wrapping_add(64 * asked));
-            asked += 1;
-        }
+        ahead.ask_until(&mut asked, step, steps);
         let mut wv = [L::zero(); R];
         for (r, wv) in wv.iter_mut().enumerate() {
             *wv = L::load_w(w[r].add(k));

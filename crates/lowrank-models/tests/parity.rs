@@ -55,10 +55,7 @@ fn check_logprobs(
             ref_ids,
             "{reference}: tokenization of line {i}"
         );
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let input = row(&ids);
         let logits = model
             .forward(&input, None, adapters)
             .unwrap()
@@ -233,12 +230,6 @@ fn kv_cached_steps_with_unmerged_adapters_equal_a_full_forward() {
         });
         let active: Vec<ActiveAdapter> = adapter.iter().map(ActiveAdapter::new).collect();
         let ids = tokenizer.encode(&eval_texts()[1], true).unwrap();
-        let row = |ids: &[u32]| {
-            Tensor::new(ids, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap()
-        };
         let full = model
             .forward(&row(&ids), None, &active)
             .unwrap()
@@ -279,35 +270,16 @@ fn kv_cached_decoding_equals_a_full_forward() {
     let (model, tokenizer) = load("mistral");
     let ids = tokenizer.encode(&eval_texts()[3], true).unwrap();
     let full = model
-        .forward(
-            &Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            None,
-            &[],
-        )
+        .forward(&row(&ids), None, &[])
         .unwrap()
         .squeeze(0)
         .unwrap();
     let mut cache = lowrank_models::KvCache::new();
     let split = 5;
-    let first = Tensor::new(&ids[..split], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let first = row(&ids[..split]);
     model.forward(&first, Some(&mut cache), &[]).unwrap();
     for (t, &id) in ids.iter().enumerate().skip(split) {
-        let step = model
-            .forward(
-                &Tensor::new(&[id], &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                Some(&mut cache),
-                &[],
-            )
-            .unwrap();
+        let step = model.forward(&row(&[id]), Some(&mut cache), &[]).unwrap();
         let diff = max_abs_diff(
             &step.squeeze(0).unwrap().squeeze(0).unwrap(),
             &full.get(t).unwrap(),
@@ -320,15 +292,9 @@ fn kv_cached_decoding_equals_a_full_forward() {
 
     // Reserved up front: one allocation that never grows, the same logits.
     let mut reserved = lowrank_models::KvCache::with_capacity(ids.len());
-    let whole = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let whole = row(&ids[..ids.len() - 1]);
     model.forward(&whole, Some(&mut reserved), &[]).unwrap();
-    let last = Tensor::new(&ids[ids.len() - 1..], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let last = row(&ids[ids.len() - 1..]);
     let step = model.forward(&last, Some(&mut reserved), &[]).unwrap();
     let diff = max_abs_diff(
         &step.squeeze(0).unwrap().squeeze(0).unwrap(),
@@ -466,10 +432,7 @@ fn bf16_activations_round_each_linear_s_input() {
         let at_once = last(
             rounded
                 .forward(
-                    &Tensor::new(&ids[..], &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap(),
+                    &row(&ids[..]),
                     Some(&mut lowrank_models::KvCache::new()),
                     &active,
                 )
@@ -481,14 +444,7 @@ fn bf16_activations_round_each_linear_s_input() {
         let mut one_by_one = None;
         for &id in &ids {
             let logits = rounded
-                .forward(
-                    &Tensor::new(&[id], &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap(),
-                    Some(&mut cache),
-                    &active,
-                )
+                .forward(&row(&[id]), Some(&mut cache), &active)
                 .unwrap();
             one_by_one = Some(last(logits));
         }
@@ -503,6 +459,14 @@ fn bf16_activations_round_each_linear_s_input() {
     }
 }
 
+/// `ids` as one row of a batch (1 × len).
+fn row(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
 /// The first `n` ids of the first eval text, repeated as often as it takes.
 fn repeated_ids(tokenizer: &Tokenizer, n: usize) -> Vec<u32> {
     (0..n)
@@ -513,12 +477,6 @@ fn repeated_ids(tokenizer: &Tokenizer, n: usize) -> Vec<u32> {
 
 /// Logits of a prompt (prefill) and of three cached decoding steps after it.
 fn prefill_and_decode(model: &Llama, ids: &[u32], adapters: &[ActiveAdapter]) -> Vec<Tensor> {
-    let row = |ids: &[u32]| {
-        Tensor::new(ids, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap()
-    };
     let mut cache = lowrank_models::KvCache::new();
     let mut out = vec![model
         .forward(&row(ids), Some(&mut cache), adapters)

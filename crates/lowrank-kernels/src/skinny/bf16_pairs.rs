@@ -60,12 +60,7 @@ pub(super) unsafe fn tile(
     while o < rows_out {
         let rw = BLOCK_ROWS.min(rows_out - o);
         let wp = w.as_ptr().add(o * in_f);
-        let next = Ahead {
-            from: wp
-                .wrapping_add((rw + (AHEAD_BLOCKS - 1) * BLOCK_ROWS) * in_f)
-                .cast(),
-            lines: (BLOCK_ROWS * in_f * 2).div_ceil(64),
-        };
+        let next = Ahead::blocks_ahead(wp, (rw, BLOCK_ROWS), in_f, AHEAD_BLOCKS);
         // Past eight rows of X, a pass per eight over the same three rows of W (in L1).
         let passes = m.div_ceil(BLOCK_X);
         let mut i = 0;
@@ -121,10 +116,7 @@ unsafe fn block<const C: usize>(
     let mut asked = 0;
     for step in 0..steps {
         let k = step * STEP;
-        while asked * steps < (step + 1) * ahead.lines {
-            crate::cpu::prefetch_line_l2(ahead.from.wrapping_add(64 * asked));
-            asked += 1;
-        }
+        ahead.ask_until(&mut asked, step + 1, steps);
         // Plain loops: a closure would be compiled without this function's features.
         let mut wv = [_mm512_setzero_si512(); BLOCK_ROWS];
         for r in 0..BLOCK_ROWS {
