@@ -278,30 +278,26 @@ mod widened {
     }
 }
 
-/// The AVX512-BF16 kernel. `vdpbf16ps` takes its operands as bf16 pairs along k (one u32
-/// each): a bf16 row of lhs already is that, so lhs is only rounded (32 lanes at a time,
-/// `vcvtne2ps2bf16`); rhs is packed into panels of 32 columns × k/2 pairs. A 12×32 tile of f32
-/// accumulators lives in 24 zmm registers.
+/// The AVX512-BF16 kernel: `lowrank_quant::tiled`'s engine on bf16 pairs along k
+/// (`vdpbf16ps` takes one u32 of two bf16 per lane). For x·Wᵀ with an even k, W's rows are
+/// read in place as rows of pairs and x's rows are rounded to bf16 (32 lanes at a time,
+/// `vcvtne2ps2bf16`) and packed. Any other layout (dy·W reads W row-major) runs as
+/// dstᵀ = rhsᵀ · lhsᵀ: rhs's columns packed (pairs down a column, read along rhs's rows) and
+/// lhs's rows rounded once and read in place.
+///
+/// The first version packed rhs into panels of 32 columns and ran every panel past one tile
+/// of 12 lhs rows at a time (Zen 4, 256 rows: 250–290 GFLOP/s against 330–390 now; at 1024
+/// rows it was up to a tenth faster, kernel notes in docs/performance.md).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{bf16, Bf16Mat, Mat};
+    use half::slice::HalfFloatSliceExt;
+    use lowrank_quant::tiled::{pack_lanes, run, Dst, Kernel, Rows};
     use rayon::prelude::*;
-    use std::arch::x86_64::{
-        __m512bh, __m512i, _mm512_cvtne2ps_pbh, _mm512_dpbf16_ps, _mm512_loadu_ps,
-        _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_ps, _mm512_storeu_ps,
-        _mm512_storeu_si512,
-    };
-
-    /// Rows of a tile: 12 × 2 accumulators + 2 rhs vectors + 1 broadcast fit the 32 zmm.
-    const MR: usize = 12;
-    /// Columns of a tile: two zmm of 16 f32 lanes.
-    const NR: usize = 32;
-    /// Rows per parallel task: a task streams every rhs panel once for this many rows.
-    const TASK_ROWS: usize = 2 * MR;
+    use std::arch::x86_64::{__m512i, _mm512_cvtne2ps_pbh, _mm512_loadu_ps, _mm512_storeu_si512};
 
     pub(super) fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        Kernel::Bf16Pairs.available()
     }
 
     pub(super) fn gemm(
@@ -312,75 +308,48 @@ mod avx512 {
         accumulate: bool,
     ) {
         let kp = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
-        let mut packed_rhs = vec![0u32; panels * kp * NR];
-        packed_rhs
-            .par_chunks_mut(kp * NR)
-            .enumerate()
-            .for_each(|(panel, out)| {
-                pack_rhs_panel(rhs, k, panel * NR, NR.min(n - panel * NR), out)
-            });
-        dst[..m * n]
-            .par_chunks_mut(TASK_ROWS * n)
-            .enumerate()
-            .for_each(|(task, rows_out)| {
-                let row0 = task * TASK_ROWS;
-                let rows = rows_out.len() / n;
-                // This task's lhs rows in bf16, each 2·kp long (a zero pad for odd k), and
-                // zero rows up to a whole tile.
-                let tiles = rows.div_ceil(MR);
-                let mut lhs16 = vec![0u32; tiles * MR * kp];
-                for (i, row) in lhs16.chunks_mut(kp).take(rows).enumerate() {
-                    round_row(lhs, row0 + i, k, row);
+        if rhs.rs == 1 && rhs.cs == k && k.is_multiple_of(2) {
+            // x·Wᵀ: rows of x packed, rows of W read in place.
+            let dst = Dst::new(dst, (m, n), n, 1);
+            let pack = |first: usize, count: usize, width: usize, out: &mut [u32]| {
+                pack_lanes(count, kp, width, out, |i, row| {
+                    round_row(lhs, first + i, k, row)
+                })
+            };
+            let w = Rows::bf16_pairs(rhs.data[..n * k].reinterpret_cast(), n, kp, kp);
+            run(Kernel::Bf16Pairs, (m, n), pack, w, &dst, accumulate);
+        } else {
+            let dst = Dst::new(dst, (n, m), 1, n);
+            let bits = |row: usize, col: usize| {
+                if row < k {
+                    rhs.at(row, col).to_bits() as u32
+                } else {
+                    0
                 }
-                let mut tile = [0f32; MR * NR];
-                for t in 0..tiles {
-                    let a = &lhs16[t * MR * kp..(t + 1) * MR * kp];
-                    let tile_rows = MR.min(rows - t * MR);
-                    for panel in 0..panels {
-                        let b = &packed_rhs[panel * kp * NR..(panel + 1) * kp * NR];
-                        // SAFETY: `available()` checked the CPU features; `a` holds MR rows of
-                        // kp pairs and `b` kp × NR pairs, which is what the kernel reads.
-                        unsafe { tile_kernel(kp, a, b, &mut tile) };
-                        let cols = NR.min(n - panel * NR);
-                        for i in 0..tile_rows {
-                            let out = &mut rows_out[(t * MR + i) * n + panel * NR..][..cols];
-                            let got = &tile[i * NR..i * NR + cols];
-                            if accumulate {
-                                out.iter_mut().zip(got).for_each(|(o, g)| *o += g);
-                            } else {
-                                out.copy_from_slice(got);
-                            }
+            };
+            let pack = |c0: usize, cols: usize, lanes: usize, out: &mut [u32]| {
+                for (p, out) in out.chunks_exact_mut(lanes).enumerate() {
+                    let out = &mut out[..cols];
+                    if rhs.cs == 1 && 2 * p + 1 < k {
+                        // Two rows of rhs side by side (a loop the compiler vectorises).
+                        let row = |r: usize| &rhs.data[r * rhs.rs + c0..][..cols];
+                        for ((o, lo), hi) in out.iter_mut().zip(row(2 * p)).zip(row(2 * p + 1)) {
+                            *o = lo.to_bits() as u32 | (hi.to_bits() as u32) << 16;
+                        }
+                    } else {
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o = bits(2 * p, c0 + j) | bits(2 * p + 1, c0 + j) << 16;
                         }
                     }
                 }
-            });
-    }
-
-    /// Columns col0..col0+cols of rhs as kp × NR pairs (rhs[2p][j] low, rhs[2p+1][j] high);
-    /// columns past `cols` and the pad row of an odd k stay zero.
-    fn pack_rhs_panel(rhs: Bf16Mat, k: usize, col0: usize, cols: usize, out: &mut [u32]) {
-        let bits = |row: usize, col: usize| rhs.data[row * rhs.rs + col * rhs.cs].to_bits() as u32;
-        if rhs.rs == 1 && k.is_multiple_of(2) {
-            // rhs = Wᵀ (x·Wᵀ): a pair is two neighbours in a row of W.
-            for j in 0..cols {
-                let w_row = &rhs.data[(col0 + j) * rhs.cs..][..k];
-                for (p, pair) in w_row.chunks_exact(2).enumerate() {
-                    out[p * NR + j] = pair[0].to_bits() as u32 | (pair[1].to_bits() as u32) << 16;
-                }
-            }
-            return;
-        }
-        for p in 0..k / 2 {
-            for j in 0..cols {
-                out[p * NR + j] = bits(2 * p, col0 + j) | bits(2 * p + 1, col0 + j) << 16;
-            }
-        }
-        if k % 2 == 1 {
-            let p = k / 2;
-            for j in 0..cols {
-                out[p * NR + j] = bits(2 * p, col0 + j);
-            }
+            };
+            let mut rounded = vec![0u32; m * kp];
+            rounded
+                .par_chunks_mut(kp)
+                .enumerate()
+                .for_each(|(i, row)| round_row(lhs, i, k, row));
+            let rows = Rows::u32(&rounded, m, kp, kp);
+            run(Kernel::Bf16Pairs, (n, m), pack, rows, &dst, accumulate);
         }
     }
 
@@ -413,28 +382,6 @@ mod avx512 {
             // The second operand fills the low half.
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             _mm512_storeu_si512(o.as_mut_ptr().cast(), v);
-        }
-    }
-
-    /// tile (MR × NR) = Σ over kp pairs of a[i][p] ⊗ b[p] (NR pairs), a holding MR rows of kp.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile_kernel(kp: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR]) {
-        debug_assert!(a.len() >= kp * MR && b.len() >= kp * NR);
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        for p in 0..kp {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*ap.add(i * kp + p) as i32));
-                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
-                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), row[1]);
         }
     }
 }
@@ -599,6 +546,8 @@ mod tests {
             (13, 33, 7),
             (25, 70, 64),
             (40, 31, 129),
+            (29, 100, 300),
+            (100, 50, 2000),
             (3, 2100, 2048),
         ] {
             let a = values(m * k, 1);

@@ -902,7 +902,9 @@ mod tests {
                 .unsqueeze(0)
                 .unwrap();
             assert_eq!(got.dims(), want.dims());
-            assert!(max_diff(&got, &want) < 1e-6, "cached {cached}");
+            // Up to f32 rounding: the GEMMs of 4 rows and of 1 sum in different orders.
+            let diff = max_diff(&got, &want);
+            assert!(diff < 1e-5, "cached {cached}: {diff}");
         }
     }
 

@@ -9,6 +9,8 @@
 //! - [`planes`]: the AVX2 decoder of 32 codes at a time that the 4-bit kernels share.
 //! - [`checkpoint`]: read / write pre-quantized checkpoints and `quantization_config`.
 //! - [`sgemm`]: the bounds-checked f32 GEMM wrapper (shared with `lowrank-kernels`).
+//! - [`tiled`]: the AVX-512 engine for x·Wᵀ-shaped products that reads W in place (f32 and
+//!   bf16 pairs), behind `sgemm_xwt` and `lowrank-kernels`' bf16 GEMM.
 
 pub mod blockwise;
 pub mod checkpoint;
@@ -18,6 +20,8 @@ pub mod matmul;
 pub mod planes;
 pub mod qtensor;
 pub mod sgemm;
+#[cfg(target_arch = "x86_64")]
+pub mod tiled;
 
 pub use blockwise::{validate_block_size, DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE};
 pub use checkpoint::{BnbCheckpoint, QuantizationConfig};
