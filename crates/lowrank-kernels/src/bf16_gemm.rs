@@ -292,7 +292,7 @@ mod widened {
 mod avx512 {
     use super::{bf16, Bf16Mat, Mat};
     use half::slice::HalfFloatSliceExt;
-    use lowrank_quant::tiled::{pack_lanes, run, Dst, Kernel, Rows};
+    use lowrank_quant::tiled::{pack_lanes, run, Broadcast, Dst, Kernel, Rows};
     use rayon::prelude::*;
     use std::arch::x86_64::{__m512i, _mm512_cvtne2ps_pbh, _mm512_loadu_ps, _mm512_storeu_si512};
 
@@ -316,7 +316,12 @@ mod avx512 {
                     round_row(lhs, first + i, k, row)
                 })
             };
-            let w = Rows::bf16_pairs(rhs.data[..n * k].reinterpret_cast(), n, kp, kp);
+            let w = Broadcast::InPlace(Rows::bf16_pairs(
+                rhs.data[..n * k].reinterpret_cast(),
+                n,
+                kp,
+                kp,
+            ));
             run(Kernel::Bf16Pairs, (m, n), pack, w, &dst, accumulate);
         } else {
             let dst = Dst::new(dst, (n, m), 1, n);
@@ -348,7 +353,7 @@ mod avx512 {
                 .par_chunks_mut(kp)
                 .enumerate()
                 .for_each(|(i, row)| round_row(lhs, i, k, row));
-            let rows = Rows::u32(&rounded, m, kp, kp);
+            let rows = Broadcast::InPlace(Rows::u32(&rounded, m, kp, kp));
             run(Kernel::Bf16Pairs, (n, m), pack, rows, &dst, accumulate);
         }
     }

@@ -68,27 +68,60 @@ pub fn sgemm_xwt(
 /// [`sgemm_xwt`] on the tiled engine: x's rows packed, w's rows read in place.
 #[cfg(target_arch = "x86_64")]
 fn tiled_xwt(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, x: &[f32], w: &[f32]) {
-    use crate::tiled::{pack_lanes, run, Dst, Kernel, Rows};
+    use crate::tiled::{run, Broadcast, Dst, Kernel, Rows};
     if m == 0 || n == 0 {
         return;
     }
     assert!(x.len() >= m * k, "gemm: lhs too small");
     let dst = Dst::new(dst, (m, n), dst_rs, 1);
-    let pack = |first: usize, count: usize, width: usize, out: &mut [u32]| {
-        pack_lanes(count, k, width, out, |i, lane| {
+    let w = Broadcast::InPlace(Rows::f32(w, n, k, k));
+    run(Kernel::F32, (m, n), pack_rows(x, k), w, &dst, false);
+}
+
+/// dst (m×n, row stride `dst_rs`) = x · wᵀ where w's rows are made as they are needed:
+/// `fill(first, count, out)` writes rows first..first + count of w (k values each) into out.
+/// Each of the tiled engine's tasks makes its twelve rows once for all of x (a 4-bit W
+/// decoded, a bf16 W widened). Returns false, having done nothing, where that engine does not
+/// run (no AVX-512F, or more than [`TILED_MAX_ROWS`] rows): the caller then makes W in tiles
+/// for [`sgemm_xwt`].
+pub fn sgemm_xwt_made(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    x: &[f32],
+    fill: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if m <= TILED_MAX_ROWS && k > 0 && crate::tiled::Kernel::F32.available() {
+        use crate::tiled::{run, Broadcast, Dst, Kernel};
+        if m == 0 || n == 0 {
+            return true;
+        }
+        assert!(x.len() >= m * k, "gemm: lhs too small");
+        let dst = Dst::new(dst, (m, n), dst_rs, 1);
+        let made = Broadcast::Made {
+            rows: n,
+            steps: k,
+            fill,
+        };
+        run(Kernel::F32, (m, n), pack_rows(x, k), made, &dst, false);
+        return true;
+    }
+    false
+}
+
+/// The tiled engine's `pack` for row-major x (rows of k values).
+#[cfg(target_arch = "x86_64")]
+fn pack_rows(x: &[f32], k: usize) -> impl Fn(usize, usize, usize, &mut [u32]) + Sync + '_ {
+    move |first, count, width, out| {
+        crate::tiled::pack_lanes(count, k, width, out, |i, lane| {
             for (b, v) in lane.iter_mut().zip(&x[(first + i) * k..][..k]) {
                 *b = v.to_bits();
             }
         })
-    };
-    run(
-        Kernel::F32,
-        (m, n),
-        pack,
-        Rows::f32(w, n, k, k),
-        &dst,
-        false,
-    );
+    }
 }
 
 /// dst (m×n, row-major with row stride `dst_rs`) = [dst +] alpha · lhs (m×k) · rhs (k×n).

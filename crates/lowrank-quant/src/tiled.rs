@@ -105,6 +105,37 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// Where the broadcast rows come from.
+#[derive(Clone, Copy)]
+pub enum Broadcast<'a> {
+    /// Read in place.
+    InPlace(Rows<'a>),
+    /// Made for each group of twelve rows as it starts, into that task's buffer: `fill(first,
+    /// count, out)` writes f32 rows first..first + count, `steps` values each (a 4-bit or
+    /// bf16 W decoded once per group for every lane of a block).
+    Made {
+        rows: usize,
+        steps: usize,
+        fill: &'a (dyn Fn(usize, usize, &mut [f32]) + Sync),
+    },
+}
+
+impl Broadcast<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Broadcast::InPlace(r) => r.rows,
+            Broadcast::Made { rows, .. } => *rows,
+        }
+    }
+
+    fn steps(&self) -> usize {
+        match self {
+            Broadcast::InPlace(r) => r.steps,
+            Broadcast::Made { steps, .. } => *steps,
+        }
+    }
+}
+
 /// The destination: the sum of packed lane l and broadcast row j goes to
 /// l·lane_stride + j·row_stride.
 pub struct Dst<'a> {
@@ -152,13 +183,13 @@ pub fn run(
     kernel: Kernel,
     (lanes, rows): (usize, usize),
     pack: impl Fn(usize, usize, usize, &mut [u32]) + Sync,
-    broadcast: Rows,
+    broadcast: Broadcast,
     dst: &Dst,
     accumulate: bool,
 ) {
     assert!(kernel.available(), "tiled: {kernel:?} needs AVX-512");
-    assert!(broadcast.rows >= rows, "tiled: too few broadcast rows");
-    let steps = broadcast.steps;
+    assert!(broadcast.rows() >= rows, "tiled: too few broadcast rows");
+    let steps = broadcast.steps();
     if lanes == 0 || rows == 0 {
         return;
     }
@@ -185,8 +216,16 @@ pub fn run(
             let j0 = g * NJ;
             let here = NJ.min(rows - j0);
             // Rows past the last repeat the group's first; their sums are not written.
-            let w: [*const u32; NJ] =
-                std::array::from_fn(|j| broadcast.row(j0 + if j < here { j } else { 0 }));
+            let row = |j: usize| if j < here { j } else { 0 };
+            let mut made = Vec::new();
+            let w: [*const u32; NJ] = match broadcast {
+                Broadcast::InPlace(rows) => std::array::from_fn(|j| rows.row(j0 + row(j))),
+                Broadcast::Made { fill, .. } => {
+                    made.resize(here * steps, 0f32);
+                    fill(j0, here, &mut made);
+                    std::array::from_fn(|j| made[row(j) * steps..].as_ptr().cast())
+                }
+            };
             // k a chunk at a time, every tile's sums kept between chunks: the chunk of the
             // broadcast rows stays in L1 while the packed tiles pass.
             let mut sums = vec![[[0f32; TILE_LANES]; NJ]; tiles];
@@ -196,8 +235,8 @@ pub fn run(
                 for (t, tile) in sums.iter_mut().enumerate() {
                     let x = &packed[t * steps * TILE_LANES + p0 * width(t)..][..pc * width(t)];
                     // SAFETY: `run` checked the CPU features; each w[j] has pc steps left in
-                    // its row (`Rows` checked the rows' extent) and x holds pc steps of the
-                    // tile's width.
+                    // its row (`Rows` checked the rows' extent; a made row is `steps` long)
+                    // and x holds pc steps of the tile's width.
                     unsafe {
                         match (kernel, width(t) == TILE_LANES) {
                             (Kernel::F32, true) => f32_tile::<2>(pc, x, w, tile, p0 > 0),
