@@ -334,7 +334,8 @@ mod avx512 {
             };
             let pack = |c0: usize, cols: usize, lanes: usize, out: &mut [u32]| {
                 for (p, out) in out.chunks_exact_mut(lanes).enumerate() {
-                    let out = &mut out[..cols];
+                    let (out, beyond) = out.split_at_mut(cols);
+                    beyond.fill(0);
                     if rhs.cs == 1 && 2 * p + 1 < k {
                         // Two rows of rhs side by side (a loop the compiler vectorises).
                         let row = |r: usize| &rhs.data[r * rhs.rs + c0..][..cols];

@@ -174,7 +174,8 @@ impl<'a> Dst<'a> {
 
 /// dst (lanes × rows, through `dst`'s strides) [+]= packed · broadcastᵀ over the rows' steps,
 /// where `pack(first, count, width, out)` writes lanes first..first+count as steps × `width`
-/// values (lane i of step p at p·width + i; zero beyond count). Runs on the rayon pool.
+/// values (lane i of step p at p·width + i), and zeros in the lanes beyond count: every value
+/// of `out`, which holds the last block's. Runs on the rayon pool.
 ///
 /// # Panics
 /// Where the CPU lacks the kernel's features ([`Kernel::available`]) or `dst` was made for
@@ -202,9 +203,9 @@ pub fn run(
     for l0 in (0..lanes).step_by(block_lanes) {
         let tiles = block_lanes.min(lanes - l0).div_ceil(TILE_LANES);
         let width = |t: usize| tile_width(TILE_LANES.min(lanes - l0 - t * TILE_LANES));
-        packed.clear();
-        packed.resize(tiles * steps * TILE_LANES, 0u32);
-        packed
+        // Not cleared between blocks: `pack` writes every value of its tiles.
+        packed.resize(packed.len().max(tiles * steps * TILE_LANES), 0u32);
+        packed[..tiles * steps * TILE_LANES]
             .par_chunks_mut(steps * TILE_LANES)
             .enumerate()
             .for_each(|(t, out)| {
