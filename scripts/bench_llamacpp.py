@@ -19,7 +19,8 @@ It prints, per weight format (f32; bf16; bf16-act, lowrank's bf16 with each line
 as llama.cpp's bf16 matmul rounds it; lowrank NF4+DQ, with an f32 or a bf16 head, beside llama.cpp Q4_0
 and Q4_1):
 - single-stream decode (tg64) and prefill of a 256-token prompt (pp256): lowrank `generate`
-  against `llama-bench`;
+  against `llama-bench`, and the prefill warm as llama-bench runs it (a warm-up, then the mean
+  of its repeats in one process: `cargo bench --bench prefill`);
 - closed-loop serving at each client count, base and over N adapters (each request one
   adapter, in turn): aggregate tokens/s and p50/p99 latency of `lowrank serve --max-batch C`
   against `llama-server -np C`, same prompts (16 words), greedy, 64 tokens, EOS ignored;
@@ -268,7 +269,26 @@ def lowrank_single(args, model_dir, weights):
     # The median of REPEATS processes, as llama-bench averages REPEATS runs.
     prefill = statistics.median(gen(" ".join(f"w{3 + j}" for j in range(255)), 1)[0] for _ in range(REPEATS))
     decode = statistics.median(gen(prompt(0), 64)[1] for _ in range(REPEATS))
-    return {"prefill_tok_s": prefill, "decode_tok_s": decode}
+    return {"prefill_tok_s": prefill, "warm_prefill_tok_s": warm_prefill(model_dir, weights),
+            "decode_tok_s": decode}
+
+
+# The `prefill` bench's argument for each weight format (None: it has no such format).
+PREFILL_BENCH_WEIGHTS = {"f32": [], "bf16": ["bf16"], "bf16-act": ["bf16-act"], "nf4-dq": None,
+                         "nf4-dq+bf16": ["nf4"]}
+
+
+def warm_prefill(model_dir, weights):
+    """pp256 as llama-bench measures it: in one process, a warm-up prefill, then the mean of
+    REPEATS (`cargo bench --bench prefill`). `generate`'s figure above is a fresh process's first
+    prefill, which also pays for first-touch pages and the thread pool's start."""
+    extra = PREFILL_BENCH_WEIGHTS[weights]
+    if extra is None:
+        return None
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "lowrank-models", "--bench", "prefill", "--", model_dir,
+                          str(REPEATS + 1), "256"] + extra, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    rates = [float(m.group(1)) for m in re.finditer(r"([\d.]+) tokens/s", out)]
+    return statistics.mean(rates[1:])
 
 
 def main():
@@ -324,6 +344,9 @@ def main():
             line = (f"[{weights} vs {peer}] single stream: decode {ours['decode_tok_s']:.1f} vs {theirs['decode_tok_s']:.1f} tok/s "
                     f"(x{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}), pp256 {ours['prefill_tok_s']:.0f} vs "
                     f"{theirs['prefill_tok_s']:.0f} tok/s (x{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f})")
+            if ours["warm_prefill_tok_s"]:
+                line += (f", warm pp256 {ours['warm_prefill_tok_s']:.0f} tok/s "
+                         f"(x{ours['warm_prefill_tok_s'] / theirs['prefill_tok_s']:.2f})")
             bound, by = decode_bound(ours_bytes, flop_per_row, 1, bandwidth, rate)
             line += f"; decode bound {bound:.0f} tok/s ({by}; {ours_bytes / 1e6:.0f} MB/token)"
             print(line + f" (load {load():.1f})", flush=True)

@@ -176,6 +176,9 @@ impl Llama {
                     .into(),
             ));
         }
+        // The prefill's bf16 GEMM kernel is chosen by a one-off timing (a few milliseconds):
+        // run it here, at load, rather than in the first prompt's prefill.
+        lowrank_kernels::bf16_gemm::bf16_kernel()?;
         self.bf16_activations = true;
         Ok(())
     }
