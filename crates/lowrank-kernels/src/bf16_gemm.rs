@@ -286,8 +286,8 @@ mod widened {
 /// lhs's rows rounded once and read in place.
 ///
 /// The first version packed rhs into panels of 32 columns and ran every panel past one tile
-/// of 12 lhs rows at a time (Zen 4, 256 rows: 250–290 GFLOP/s against 330–390 now; at 1024
-/// rows it was up to a tenth faster, kernel notes in docs/performance.md).
+/// of 12 lhs rows at a time (Zen 4, x·Wᵀ of 256 rows: 277–301 GFLOP/s against 358–387 now; even
+/// at 1024 rows; kernel notes in docs/performance.md).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{bf16, Bf16Mat, Mat};

@@ -9,11 +9,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use lowrank_core::QuantSpec;
 use lowrank_models::{KvCache, Llama, RowStep};
-use lowrank_quant::QuantType;
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+use common::Res;
 
 fn main() -> Res<()> {
     lowrank_kernels::process::set_up();
@@ -28,21 +27,7 @@ fn main() -> Res<()> {
     let repeats: usize = args.get(1).map_or(Ok(8), |s| s.parse())?;
     let tokens: usize = args.get(2).map_or(Ok(256), |s| s.parse())?;
     let mut model = Llama::load(&dir, &Device::Cpu)?;
-    match args.get(3).map(String::as_str) {
-        None => {}
-        Some("bf16") => model.cast_for_inference(candle_core::DType::BF16)?,
-        Some("bf16-act") => {
-            model.cast_for_inference(candle_core::DType::BF16)?;
-            model.round_activations_to_bf16()?;
-        }
-        Some("nf4") => {
-            model.quantize_linears(&QuantSpec::new(QuantType::Nf4, true, 64)?)?;
-            model.cast_for_inference(candle_core::DType::BF16)?;
-        }
-        Some(other) => {
-            return Err(format!("weights `{other}`: expected bf16, bf16-act or nf4").into())
-        }
-    }
+    common::set_weights(&mut model, args.get(3).map(String::as_str))?;
     let prompt: Vec<u32> = (0..tokens).map(|t| 3 + t as u32).collect();
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     pool.install(|| -> Res<()> {

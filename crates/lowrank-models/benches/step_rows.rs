@@ -4,10 +4,7 @@
 //! base and with a different random rank-16 LoRA (q and v) per row.
 //!
 //! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|bf16-act|nf4]`
-//! (`bf16`: the base's linears and head kept in bf16, as `--bf16-weights` does; `bf16-act`:
-//! also their inputs rounded to bf16, as `--bf16-activations`; `nf4`: the
-//! decoder layers' linears in NF4 with double quantization and the embedding/head in bf16, as
-//! `--quantize nf4 --double-quant --bf16-weights`).
+//! (the weight formats of `common::set_weights`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,11 +12,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use lowrank_core::lora::{LoraAdapter, LoraConfig, LoraModule};
 use lowrank_core::targets::ModuleSelector;
-use lowrank_core::QuantSpec;
 use lowrank_models::{KvCache, Llama, RowStep};
-use lowrank_quant::QuantType;
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+use common::Res;
 
 /// CPU seconds this process has used, all threads.
 fn cpu_seconds() -> f64 {
@@ -77,21 +73,7 @@ fn main() -> Res<()> {
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
     let mut model = Llama::load(&dir, &Device::Cpu)?;
-    match args.get(3).map(String::as_str) {
-        None => {}
-        Some("bf16") => model.cast_for_inference(candle_core::DType::BF16)?,
-        Some("bf16-act") => {
-            model.cast_for_inference(candle_core::DType::BF16)?;
-            model.round_activations_to_bf16()?;
-        }
-        Some("nf4") => {
-            model.quantize_linears(&QuantSpec::new(QuantType::Nf4, true, 64)?)?;
-            model.cast_for_inference(candle_core::DType::BF16)?;
-        }
-        Some(other) => {
-            return Err(format!("weights `{other}`: expected bf16, bf16-act or nf4").into())
-        }
-    }
+    common::set_weights(&mut model, args.get(3).map(String::as_str))?;
     let adapters: Vec<LoraAdapter> = (0..32).map(|_| adapter(&model)).collect::<Res<_>>()?;
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!(

@@ -47,9 +47,11 @@ pub fn sgemm_xwt(
     w: &[f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if m <= TILED_MAX_ROWS && k > 0 && crate::tiled::Kernel::F32.available() {
-        tiled_xwt(m, n, k, dst, dst_rs, x, w);
-        return;
+    {
+        let w = crate::tiled::Broadcast::InPlace(crate::tiled::Rows::f32(w, n, k, k));
+        if tiled_xwt((m, n, k), dst, dst_rs, x, w) {
+            return;
+        }
     }
     sgemm(
         m,
@@ -65,23 +67,10 @@ pub fn sgemm_xwt(
     );
 }
 
-/// [`sgemm_xwt`] on the tiled engine: x's rows packed, w's rows read in place.
-#[cfg(target_arch = "x86_64")]
-fn tiled_xwt(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, x: &[f32], w: &[f32]) {
-    use crate::tiled::{run, Broadcast, Dst, Kernel, Rows};
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(x.len() >= m * k, "gemm: lhs too small");
-    let dst = Dst::new(dst, (m, n), dst_rs, 1);
-    let w = Broadcast::InPlace(Rows::f32(w, n, k, k));
-    run(Kernel::F32, (m, n), pack_rows(x, k), w, &dst, false);
-}
-
 /// dst (m×n, row stride `dst_rs`) = x · wᵀ where w's rows are made as they are needed:
 /// `fill(first, count, out)` writes rows first..first + count of w (k values each) into out.
 /// Each of the tiled engine's tasks makes its twelve rows once for all of x (a 4-bit W
-/// decoded, a bf16 W widened). Returns false, having done nothing, where that engine does not
+/// decoded). Returns false, having done nothing, where that engine does not
 /// run (no AVX-512F, or more than [`TILED_MAX_ROWS`] rows): the caller then makes W in tiles
 /// for [`sgemm_xwt`].
 pub fn sgemm_xwt_made(
@@ -94,22 +83,41 @@ pub fn sgemm_xwt_made(
     fill: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if m <= TILED_MAX_ROWS && k > 0 && crate::tiled::Kernel::F32.available() {
-        use crate::tiled::{run, Broadcast, Dst, Kernel};
-        if m == 0 || n == 0 {
-            return true;
-        }
-        assert!(x.len() >= m * k, "gemm: lhs too small");
-        let dst = Dst::new(dst, (m, n), dst_rs, 1);
-        let made = Broadcast::Made {
+    return tiled_xwt(
+        (m, n, k),
+        dst,
+        dst_rs,
+        x,
+        crate::tiled::Broadcast::Made {
             rows: n,
             steps: k,
             fill,
-        };
-        run(Kernel::F32, (m, n), pack_rows(x, k), made, &dst, false);
-        return true;
-    }
+        },
+    );
+    #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// x · wᵀ on the tiled engine, x's rows packed, w's rows from `w`; false, having done nothing,
+/// where the engine does not run (no AVX-512F, or more than [`TILED_MAX_ROWS`] rows).
+#[cfg(target_arch = "x86_64")]
+fn tiled_xwt(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    x: &[f32],
+    w: crate::tiled::Broadcast,
+) -> bool {
+    use crate::tiled::{run, Dst, Kernel};
+    if m > TILED_MAX_ROWS || k == 0 || !Kernel::F32.available() {
+        return false;
+    }
+    if m > 0 && n > 0 {
+        assert!(x.len() >= m * k, "gemm: lhs too small");
+        let dst = Dst::new(dst, (m, n), dst_rs, 1);
+        run(Kernel::F32, (m, n), pack_rows(x, k), w, &dst, false);
+    }
+    true
 }
 
 /// The tiled engine's `pack` for row-major x (rows of k values).

@@ -111,8 +111,8 @@ pub enum Broadcast<'a> {
     /// Read in place.
     InPlace(Rows<'a>),
     /// Made for each group of twelve rows as it starts, into that task's buffer: `fill(first,
-    /// count, out)` writes f32 rows first..first + count, `steps` values each (a 4-bit or
-    /// bf16 W decoded once per group for every lane of a block).
+    /// count, out)` writes f32 rows first..first + count, `steps` values each (a 4-bit W
+    /// decoded once per group for every lane of a block).
     Made {
         rows: usize,
         steps: usize,
@@ -262,8 +262,7 @@ pub fn run(
 
 /// Packs `count` lanes (at most [`TILE_LANES`]) of a tile as `run`'s `pack` does: `out` gets
 /// steps × `width` values, lane i's from `lane(i, buf)`, which writes them (`steps` of them)
-/// into `buf`. Sixteen lanes at a time are transposed in registers: element by element the
-/// packing of a 256-row x took a third of the product's time for a 192-row W.
+/// into `buf`; sixteen lanes at a time are then transposed in registers.
 ///
 /// # Panics
 /// Where the CPU lacks AVX-512F or `out` is shorter than steps × width.
