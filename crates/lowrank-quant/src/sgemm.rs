@@ -95,7 +95,10 @@ pub fn sgemm_xwt_made(
         },
     );
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    {
+        let _ = (m, n, k, dst, dst_rs, x, fill);
+        false
+    }
 }
 
 /// x · wᵀ on the tiled engine, x's rows packed, w's rows from `w`; false, having done nothing,
