@@ -15,11 +15,7 @@ mod common;
 use common::Res;
 
 fn main() -> Res<()> {
-    lowrank_kernels::process::set_up();
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = common::start();
     let dir = PathBuf::from(
         args.first()
             .ok_or("usage: prefill MODEL_DIR [REPEATS] [TOKENS] [bf16|bf16-act|nf4]")?,

@@ -55,12 +55,7 @@ fn adapter(model: &Llama) -> Res<LoraAdapter> {
 }
 
 fn main() -> Res<()> {
-    // The allocator and thread settings the `lowrank` binary runs with.
-    lowrank_kernels::process::set_up();
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = common::start();
     let dir = PathBuf::from(
         args.first()
             .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|bf16-act|nf4]")?,

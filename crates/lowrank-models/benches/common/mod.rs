@@ -1,10 +1,22 @@
-//! What the model benches share: the weight formats they take on the command line.
+//! What the model benches share: their start (the binary's process settings, their
+//! arguments) and the weight formats they take on the command line.
 
 use lowrank_core::QuantSpec;
 use lowrank_models::Llama;
 use lowrank_quant::QuantType;
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Applies the allocator and thread settings the `lowrank` binary runs with (no spinning in
+/// candle's pool, freed memory kept by malloc, the main thread one of rayon's workers) and
+/// returns the bench's arguments (cargo bench appends `--bench`; everything else is ours).
+pub fn start() -> Vec<String> {
+    lowrank_kernels::process::set_up();
+    std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect()
+}
 
 /// Puts `model` into the weight format `name` names: none (f32); `bf16` (the base's linears
 /// and head kept in bf16, as `--bf16-weights`); `bf16-act` (also their inputs rounded to bf16,
