@@ -417,6 +417,16 @@ pub(crate) fn prefetch(data: &[f32]) {
     let _ = data;
 }
 
+/// Asks for every cache line of `data` into L2 (see [`prefetch_line_l2`]).
+pub(crate) fn prefetch_l2(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        prefetch_line_l2(line.as_ptr());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// y[k] += scale·M[k]·v for a small row-major M (y.len() × v.len()), all rows at once.
 pub(crate) fn add_scaled_matvec(y: &mut [f32], m: &[f32], v: &[f32], scale: f32) {
     debug_assert_eq!(m.len(), y.len() * v.len());

@@ -159,6 +159,7 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
             let rows_out = TILE_OUT.min(outs[part].out_f - o0);
             tile.clear();
             tile.resize(rows_out * m, 0.0);
+            ask_for_expands(linear, &shrunk[part], o0, rows_out);
             base_tile(
                 &linear.weight,
                 luts[part].as_ref(),
@@ -257,7 +258,9 @@ pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> 
         let r = t.len() / rows.len();
         let xs: Vec<&[f32]> = rows.iter().map(|&i| x_rows[i]).collect();
         let out_x: Vec<usize> = (0..xs.len()).map(|i| i * r).collect();
-        dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1, false);
+        // A comes from memory (a different adapter per row: as many A as rows), so each
+        // block asks for the next block's rows as it computes.
+        dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1, true);
         t.iter_mut().for_each(|v| *v *= seg.scale);
     });
     out
@@ -772,6 +775,19 @@ unsafe fn restore_avx512(
     // SAFETY: the loop wrote `whole` values past the old length, inside the reserved room.
     out.set_len(out.len() + whole);
     whole
+}
+
+/// Asks for every segment's rows of B that [`finish_tile`] will read for this tile, into L2
+/// before the base product: with a different adapter per row, each segment's rows of B are a
+/// short run of memory of their own, and read cold after the product they waited on memory
+/// one by one.
+fn ask_for_expands(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, rows_out: usize) {
+    for (seg, t) in linear.segments.iter().zip(shrunk) {
+        let r = t.len().checked_div(seg.rows.len()).unwrap_or(0);
+        if r > 0 {
+            crate::cpu::prefetch_l2(&seg.b[o0 * r..(o0 + rows_out) * r]);
+        }
+    }
 }
 
 /// Ranks below which an expand multiplies B's rows one by one (see [`finish_tile`]).

@@ -1,7 +1,8 @@
 //! The batched inference step (`Llama::forward_rows`) at 1 to 32 decoding rows, without the
 //! server around it: each row has prefilled its own prompt, then every row decodes a token per
 //! step. Prints wall and process CPU milliseconds per step and tokens per second, over the
-//! base and with a different random rank-16 LoRA (q and v) per row.
+//! base, with one random rank-16 LoRA (q and v) for every row, and with a different one per
+//! row (the serving goal: many tenants' adapters cost about what one adapter costs).
 //!
 //! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|bf16-act|nf4]`
 //! (the weight formats of `common::set_weights`).
@@ -26,6 +27,16 @@ fn cpu_seconds() -> f64 {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
     t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// Which adapters a step's rows decode with.
+#[derive(Clone, Copy)]
+enum Lora {
+    None,
+    /// The same adapter for every row.
+    Shared,
+    /// A different adapter for each row.
+    PerRow,
 }
 
 /// A random rank-16 LoRA on q and v.
@@ -76,7 +87,7 @@ fn main() -> Res<()> {
         pool.current_num_threads()
     );
     pool.install(|| -> Res<()> {
-        for with_adapters in [false, true] {
+        for lora in [Lora::None, Lora::Shared, Lora::PerRow] {
             for &rows in &row_counts {
                 let mut caches: Vec<KvCache> = (0..rows)
                     .map(|_| KvCache::with_capacity(64 + steps))
@@ -84,12 +95,10 @@ fn main() -> Res<()> {
                 let prompts: Vec<Vec<u32>> = (0..rows)
                     .map(|r| (0..16).map(|t| 3 + (r * 16 + t) as u32).collect())
                     .collect();
-                let row_adapters = |r: usize| {
-                    if with_adapters {
-                        vec![(&adapters[r], 1.0)]
-                    } else {
-                        Vec::new()
-                    }
+                let row_adapters = |r: usize| match lora {
+                    Lora::None => Vec::new(),
+                    Lora::Shared => vec![(&adapters[0], 1.0)],
+                    Lora::PerRow => vec![(&adapters[r % adapters.len()], 1.0)],
                 };
                 let step = |tokens: &[Vec<u32>], caches: &mut [KvCache]| -> Res<Vec<u32>> {
                     let mut batch: Vec<RowStep> = caches
@@ -126,10 +135,10 @@ fn main() -> Res<()> {
                 );
                 println!(
                     "{} {rows:3} rows: {:7.1} ms wall {:7.1} ms CPU {:7.1} tokens/s",
-                    if with_adapters {
-                        "LoRA per row"
-                    } else {
-                        "base        "
+                    match lora {
+                        Lora::None => "base        ",
+                        Lora::Shared => "one LoRA    ",
+                        Lora::PerRow => "LoRA per row",
                     },
                     wall * 1e3,
                     cpu * 1e3,
