@@ -190,32 +190,50 @@ fn round_bf16(v: f32) -> f32 {
     bf16::from_f32(v).to_f32()
 }
 
-/// Values per task of [`round_to_bf16`] and [`all_bf16`]: a prefill's activations (256 rows
-/// of 576) ran on one thread while the pool's other threads waited (2% of its samples each,
-/// once per group of linears).
+/// Values per task of [`round_to_bf16`], [`rounded_to_bf16`] and [`all_bf16`]: a prefill's
+/// activations (256 rows of 576) ran on one thread while the pool's other threads waited (2%
+/// of its samples each, once per group of linears).
 const PARALLEL_VALUES: usize = 1 << 14;
 
-/// Rounds every value to the nearest bf16 (ties to even; a NaN stays a NaN), in place: the
-/// same values as `half::bf16::from_f32`, in branch-free integer steps the compiler
-/// vectorises (the `half` call per value took a tenth of a 256-token prefill), runs of
+/// v rounded to the nearest bf16 (ties to even; a NaN stays a NaN): the same value as
+/// `half::bf16::from_f32`, in branch-free integer steps the compiler vectorises (the `half`
+/// call per value took a tenth of a 256-token prefill).
+#[inline(always)]
+fn nearest_bf16(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+    f32::from_bits(if nan {
+        (bits | 0x0040_0000) & 0xffff_0000
+    } else {
+        rounded
+    })
+}
+
+/// Rounds every value to the nearest bf16 ([`nearest_bf16`]) in place, runs of
 /// [`PARALLEL_VALUES`] in parallel.
 pub fn round_to_bf16(values: &mut [f32]) {
-    if values.len() > PARALLEL_VALUES {
-        values
-            .par_chunks_mut(PARALLEL_VALUES)
-            .for_each(round_to_bf16);
-        return;
-    }
-    for v in values {
-        let bits = v.to_bits();
-        let nan = bits & 0x7fff_ffff > 0x7f80_0000;
-        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
-        *v = f32::from_bits(if nan {
-            (bits | 0x0040_0000) & 0xffff_0000
-        } else {
-            rounded
+    values
+        .par_chunks_mut(PARALLEL_VALUES)
+        .for_each(|run| run.iter_mut().for_each(|v| *v = nearest_bf16(*v)));
+}
+
+/// A copy of `values`, each rounded to the nearest bf16 ([`nearest_bf16`]), written in runs of
+/// [`PARALLEL_VALUES`] in parallel: a copy and then [`round_to_bf16`] spent 1% of a prefill
+/// copying on one thread.
+pub fn rounded_to_bf16(values: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(values.len());
+    out.spare_capacity_mut()[..values.len()]
+        .par_chunks_mut(PARALLEL_VALUES)
+        .zip(values.par_chunks(PARALLEL_VALUES))
+        .for_each(|(dst, src)| {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                d.write(nearest_bf16(v));
+            }
         });
-    }
+    // SAFETY: the loop above wrote each of the first values.len() elements.
+    unsafe { out.set_len(values.len()) };
+    out
 }
 
 /// Whether every value already is a bf16 (its low sixteen bits zero); runs of
@@ -509,7 +527,10 @@ mod tests {
             .collect();
         let mut rounded = values.clone();
         round_to_bf16(&mut rounded);
-        for (v, r) in values.iter().zip(&rounded) {
+        let copied = rounded_to_bf16(&values);
+        assert_eq!(copied.len(), values.len());
+        for ((v, r), c) in values.iter().zip(&rounded).zip(&copied) {
+            assert_eq!(r.to_bits(), c.to_bits(), "{v:e}: copy and in place differ");
             assert_eq!(
                 r.to_bits(),
                 bf16::from_f32(*v).to_f32().to_bits(),

@@ -342,9 +342,7 @@ impl Llama {
             .iter()
             .any(|l| matches!(l.weight, BaseWeights::Bf16(_)));
         if self.bf16_activations && bf16_weight {
-            let mut rounded = input.to_vec();
-            lowrank_kernels::bf16_gemm::round_to_bf16(&mut rounded);
-            Cow::Owned(rounded)
+            Cow::Owned(lowrank_kernels::bf16_gemm::rounded_to_bf16(input))
         } else {
             Cow::Borrowed(input)
         }
