@@ -23,7 +23,7 @@
 //! rows that use it. Before the pass over W, each segment's "shrink" T = scale·X[rows]·Aᵀ
 //! (rows × r) is computed in parallel; inside each tile, after the base product, the segment's
 //! "expand" adds T·B[tile]ᵀ to its rows, so B is read once per step, by the task that owns its
-//! rows. A DoRA segment then scales its rows by m/‖W + sBA‖ per output; the bias comes last.
+//! rows, which asks for it before the base product. A DoRA segment then scales its rows by m/‖W + sBA‖ per output; the bias comes last.
 
 use half::bf16;
 #[cfg(target_arch = "x86_64")]
