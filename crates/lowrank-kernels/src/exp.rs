@@ -104,6 +104,27 @@ unsafe fn exp_shifted_avx512(xs: &mut [f32], shift: f32) -> (std::arch::x86_64::
     (acc, i)
 }
 
+/// Below ln(f32::MIN_POSITIVE) the result is flushed to 0; above 88.02, n would reach 128.
+#[cfg(target_arch = "x86_64")]
+const LOWEST: f32 = -87.336_55;
+#[cfg(target_arch = "x86_64")]
+const HIGHEST: f32 = 88.02;
+/// ln 2 = 0.693359375 − 2.12194440e-4: the first part has few mantissa bits, so n·it is exact.
+#[cfg(target_arch = "x86_64")]
+const LN2_HIGH: f32 = 0.693_359_4;
+#[cfg(target_arch = "x86_64")]
+const LN2_LOW: f32 = -2.121_944_4e-4;
+/// eʳ ≈ 1 + r + r²·p(r), p's coefficients from the highest power down (Cephes `expf`).
+#[cfg(target_arch = "x86_64")]
+const POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// [`exp8`] on sixteen lanes, operation for operation.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -111,23 +132,17 @@ unsafe fn exp_shifted_avx512(xs: &mut [f32], shift: f32) -> (std::arch::x86_64::
 unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let set = |v: f32| _mm512_set1_ps(v);
-    let lo = set(-87.336_55);
+    let lo = set(LOWEST);
     let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo);
-    let x = _mm512_max_ps(lo, _mm512_min_ps(set(88.02), x));
+    let x = _mm512_max_ps(lo, _mm512_min_ps(set(HIGHEST), x));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, set(std::f32::consts::LOG2_E)),
     );
-    let r = _mm512_fnmadd_ps(n, set(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, set(-2.121_944_4e-4), r);
-    let mut poly = set(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        poly = _mm512_fmadd_ps(poly, r, set(c));
+    let r = _mm512_fnmadd_ps(n, set(LN2_HIGH), x);
+    let r = _mm512_fnmadd_ps(n, set(LN2_LOW), r);
+    let mut poly = set(POLY[0]);
+    for c in &POLY[1..] {
+        poly = _mm512_fmadd_ps(poly, r, set(*c));
     }
     let er = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, set(1.0)));
     let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(
@@ -144,27 +159,19 @@ unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let set = |v: f32| _mm256_set1_ps(v);
-    // Below ln(f32::MIN_POSITIVE) the result is flushed to 0; above 88.02, n would reach 128.
-    let lo = set(-87.336_55);
+    let lo = set(LOWEST);
     let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
     // MINPS/MAXPS return their second operand when either is NaN, so NaN passes through.
-    let x = _mm256_max_ps(lo, _mm256_min_ps(set(88.02), x));
+    let x = _mm256_max_ps(lo, _mm256_min_ps(set(HIGHEST), x));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         set(std::f32::consts::LOG2_E),
     ));
-    // ln 2 = 0.693359375 − 2.12194440e-4: the first part has few mantissa bits, so n·it is exact.
-    let r = _mm256_fnmadd_ps(n, set(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, set(-2.121_944_4e-4), r);
-    let mut poly = set(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        poly = _mm256_fmadd_ps(poly, r, set(c));
+    let r = _mm256_fnmadd_ps(n, set(LN2_HIGH), x);
+    let r = _mm256_fnmadd_ps(n, set(LN2_LOW), r);
+    let mut poly = set(POLY[0]);
+    for c in &POLY[1..] {
+        poly = _mm256_fmadd_ps(poly, r, set(*c));
     }
     let er = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, set(1.0)));
     let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
