@@ -748,7 +748,7 @@ fn absmax_range(absmax: &AbsmaxState, blocks: std::ops::Range<usize>) -> Vec<f32
 }
 
 /// [`absmax_range`]'s restore of double-quantized absmax, sixteen blocks at a time: the codes
-/// widened, their values gathered from the 256-entry map, then the same multiply and add (not
+/// widened, their values looked up in the 256-entry map by permutes, then the same multiply and add (not
 /// fused, so the values are the scalar loop's, bit for bit). Appends to `out` and returns the
 /// codes it took, a multiple of sixteen.
 ///
@@ -767,9 +767,20 @@ unsafe fn restore_avx512(
     out.reserve(whole);
     let (s, o) = (_mm512_set1_ps(scale), _mm512_set1_ps(offset));
     let to = out.spare_capacity_mut().as_mut_ptr().cast::<f32>();
+    let table: [__m512; 16] = std::array::from_fn(|t| _mm512_loadu_ps(map.as_ptr().add(16 * t)));
     for i in (0..whole).step_by(16) {
         let index = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(i).cast()));
-        let values = _mm512_i32gather_ps::<4>(index, map.as_ptr().cast());
+        // The map held in sixteen registers: each pair looked up by the index's low five bits,
+        // then the pairs chosen by bits 5, 6 and 7.
+        let pairs: [__m512; 8] =
+            std::array::from_fn(|p| _mm512_permutex2var_ps(table[2 * p], index, table[2 * p + 1]));
+        let bit = |b: i32| _mm512_test_epi32_mask(index, _mm512_set1_epi32(1 << b));
+        let (b5, b6, b7) = (bit(5), bit(6), bit(7));
+        let quads: [__m512; 4] =
+            std::array::from_fn(|q| _mm512_mask_blend_ps(b5, pairs[2 * q], pairs[2 * q + 1]));
+        let halves: [__m512; 2] =
+            std::array::from_fn(|h| _mm512_mask_blend_ps(b6, quads[2 * h], quads[2 * h + 1]));
+        let values = _mm512_mask_blend_ps(b7, halves[0], halves[1]);
         _mm512_storeu_ps(to.add(i), _mm512_add_ps(_mm512_mul_ps(values, s), o));
     }
     // SAFETY: the loop wrote `whole` values past the old length, inside the reserved room.
