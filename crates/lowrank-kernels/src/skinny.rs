@@ -13,7 +13,8 @@
 //! rows of X with AVX2+FMA (12 eight-lane FMA chains); with AVX-512, 3 × 8 up to eight rows of
 //! X (one pass over W) and 6 × 4 from nine (sixteen lanes, 24 chains), chosen at run time. Each
 //! chain runs over the whole row before one horizontal sum per output. From 24 rows of X with
-//! AVX-512 the broadcast blocks of [`broadcast`] take over (X packed transposed once per call,
+//! AVX-512 (from 16 over an f32 W, where a one-off timing says so) the broadcast blocks of
+//! [`broadcast`] take over (X packed transposed once per call,
 //! no horizontal sums; a bf16 or 4-bit W widened or decoded into the buffer). While a block
 //! computes, the next rows of W are asked for, spread over all of its passes (see [`Ahead`]).
 //! A task sums its outputs in a tile of its own and writes them into its columns of every row
@@ -121,7 +122,17 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
     let x_code_order: Option<Vec<&[f32]>> =
         code_order.as_ref().map(|x| x.chunks_exact(in_f).collect());
     #[cfg(target_arch = "x86_64")]
-    let packed = PackedX::new(x, in_f);
+    let packed = {
+        let f32_weight = linears
+            .iter()
+            .any(|l| matches!(l.weight, BaseWeights::F32(_)));
+        let min_rows = if f32_weight {
+            broadcast::f32_min_rows()
+        } else {
+            broadcast::MIN_ROWS
+        };
+        PackedX::new(x, in_f, min_rows)
+    };
     #[cfg(not(target_arch = "x86_64"))]
     let packed: Option<PackedX> = None;
     // X already in bf16 over a bf16 W.
@@ -317,8 +328,12 @@ fn base_tile(
         unsafe { bf16_pairs::tile(&w[span], in_f, rows_out, x, m, tile) };
         return;
     }
+    // Below broadcast::MIN_ROWS only an f32 W takes the broadcast block (see
+    // `broadcast::f32_min_rows`).
     #[cfg(target_arch = "x86_64")]
-    if let Some(packed) = packed {
+    if let Some(packed) =
+        packed.filter(|_| m >= broadcast::MIN_ROWS || matches!(w, BaseWeights::F32(_)))
+    {
         // Rows first..first + rows of the tile's W as f32, for a bf16 or 4-bit W.
         let fill = |first: usize, rows: usize, out: &mut [f32]| {
             let at = span.start + first * in_f;

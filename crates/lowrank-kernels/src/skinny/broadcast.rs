@@ -1,5 +1,6 @@
-//! The skinny GEMM's block for 24 to 64 rows of X with AVX-512: each value of W is broadcast
-//! to sixteen lanes and multiplied into sixteen rows of X at once.
+//! The skinny GEMM's block for 24 to 64 rows of X with AVX-512 (from 16 over an f32 W where it
+//! is faster there, see [`f32_min_rows`]): each value of W is broadcast to sixteen lanes and
+//! multiplied into sixteen rows of X at once.
 //!
 //! The dot-product blocks (`block` in the parent) keep one sum per (row of W, row of X) in a
 //! vector and add its lanes at the end. Past eight rows of X those horizontal sums and the
@@ -17,9 +18,75 @@
 
 use super::Ahead;
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Rows of X from which the broadcast block runs (with AVX-512F and VL).
 pub(super) const MIN_ROWS: usize = 24;
+
+/// Rows of X from which the broadcast block runs over an f32 W: [`F32_TRIED_ROWS`] where, timed
+/// once in this process, it beat the dot-product blocks there, else [`MIN_ROWS`]. It depends
+/// on the core: on a Zen 5 (full-width AVX-512) sixteen rows streamed 32% faster through the
+/// broadcast block, on an AVX-512 Xeon they ran 5% slower. A bf16 or 4-bit W, widened or
+/// decoded into a buffer first, keeps [`MIN_ROWS`]: on that Zen 5 a bf16 W at sixteen rows was
+/// 20% slower through the buffer.
+pub(super) fn f32_min_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| {
+        if broadcast_is_faster(F32_TRIED_ROWS) {
+            F32_TRIED_ROWS
+        } else {
+            MIN_ROWS
+        }
+    })
+}
+
+/// The fewest rows of X the broadcast block is timed at for an f32 W (one vector of sixteen).
+const F32_TRIED_ROWS: usize = 16;
+
+/// Whether the broadcast block computed a few tiles of an f32 W (576 inputs, in cache) for
+/// `rows` rows of X faster than the dot-product blocks, best of five on this thread.
+fn broadcast_is_faster(rows: usize) -> bool {
+    const IN_F: usize = 576;
+    const TILES: usize = 4;
+    let rows_out = super::TILE_OUT;
+    let w: Vec<f32> = (0..TILES * rows_out * IN_F)
+        .map(|i| (i % 13) as f32 * 0.01 - 0.06)
+        .collect();
+    let x: Vec<f32> = (0..rows * IN_F)
+        .map(|i| (i % 7) as f32 * 0.1 - 0.3)
+        .collect();
+    let Some(packed) = PackedX::new(&x, IN_F, rows) else {
+        return false;
+    };
+    let x_rows: Vec<&[f32]> = x.chunks_exact(IN_F).collect();
+    let out_x: Vec<usize> = (0..rows).collect();
+    let (mut out, mut buf) = (vec![0f32; rows_out * rows], Vec::new());
+    let best = |run: &mut dyn FnMut()| -> Duration {
+        (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                run();
+                start.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    };
+    let dot = best(&mut || {
+        for w in w.chunks_exact(rows_out * IN_F) {
+            super::dot_tile(
+                w, IN_F, rows_out, IN_F, &x_rows, &mut out, &out_x, rows, false,
+            );
+        }
+    });
+    let broadcast = best(&mut || {
+        for w in w.chunks_exact(rows_out * IN_F) {
+            // SAFETY: PackedX::new checked the CPU; each chunk holds rows_out rows of IN_F.
+            unsafe { tile(Rows::F32(w), IN_F, rows_out, &packed, &mut out, &mut buf) };
+        }
+    });
+    broadcast < dot
+}
 
 /// X (m × in) transposed, in panels of two or three vectors of sixteen rows: in a panel,
 /// input k's values of its rows side by side (16·vectors of them, the padding past m zero), at
@@ -42,10 +109,10 @@ struct Panel {
 
 impl PackedX {
     /// X (m × in_f, row-major) packed, or None where the broadcast block does not run: no
-    /// AVX-512F and VL, or fewer than [`MIN_ROWS`] rows.
-    pub(crate) fn new(x: &[f32], in_f: usize) -> Option<PackedX> {
+    /// AVX-512F and VL, or fewer than `min_rows` rows.
+    pub(crate) fn new(x: &[f32], in_f: usize, min_rows: usize) -> Option<PackedX> {
         let rows = x.len().checked_div(in_f).unwrap_or(0);
-        if rows < MIN_ROWS || !crate::cpu::has_avx512f_vl() {
+        if rows < min_rows || !crate::cpu::has_avx512f_vl() {
             return None;
         }
         let vectors = rows.div_ceil(16);
@@ -300,16 +367,57 @@ mod tests {
     use super::*;
     use crate::test_util::values;
 
+    /// Under [`MIN_ROWS`] (one vector of X, or a second one mostly padding) the broadcast
+    /// block gives the dot-product blocks' sums, for an f32 W of two tiles and a ragged rest.
+    #[test]
+    fn a_few_rows_broadcast_give_the_dot_products() {
+        if !crate::cpu::has_avx512f_vl() {
+            return;
+        }
+        let (in_f, rows_out) = (96, 2 * super::super::TILE_OUT + 5);
+        let w = values(rows_out * in_f, 1);
+        for rows in [F32_TRIED_ROWS, F32_TRIED_ROWS + 1, MIN_ROWS - 1] {
+            let x = values(rows * in_f, rows);
+            let packed = PackedX::new(&x, in_f, F32_TRIED_ROWS).expect("AVX-512");
+            let (mut got, mut buf) = (vec![0f32; rows_out * rows], Vec::new());
+            // SAFETY: the CPU has AVX-512F and VL; w holds rows_out rows of in_f.
+            unsafe { tile(Rows::F32(&w), in_f, rows_out, &packed, &mut got, &mut buf) };
+            let x_rows: Vec<&[f32]> = x.chunks_exact(in_f).collect();
+            let out_x: Vec<usize> = (0..rows).collect();
+            let mut want = vec![0f32; rows_out * rows];
+            super::super::dot_tile(
+                &w, in_f, rows_out, in_f, &x_rows, &mut want, &out_x, rows, false,
+            );
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{rows} rows, {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
     /// In each panel, input k's values of its rows side by side, the padding past the last
-    /// row zero; the panels cover every row once, in order; None under 24 rows or without
-    /// AVX-512.
+    /// row zero; the panels cover every row once, in order; None under the rows asked for or
+    /// without AVX-512.
     #[test]
     fn packed_x_is_x_transposed_in_panels() {
         let in_f = 5;
-        for rows in [MIN_ROWS - 1, MIN_ROWS, 33, 48, 64, 65, 80, 130] {
+        for (rows, min_rows) in [
+            (MIN_ROWS - 1, MIN_ROWS),
+            (MIN_ROWS, MIN_ROWS),
+            (F32_TRIED_ROWS - 1, F32_TRIED_ROWS),
+            (F32_TRIED_ROWS, F32_TRIED_ROWS),
+            (33, MIN_ROWS),
+            (48, MIN_ROWS),
+            (64, MIN_ROWS),
+            (65, MIN_ROWS),
+            (80, MIN_ROWS),
+            (130, MIN_ROWS),
+        ] {
             let x = values(rows * in_f, rows);
-            let packed = PackedX::new(&x, in_f);
-            if rows < MIN_ROWS || !crate::cpu::has_avx512f_vl() {
+            let packed = PackedX::new(&x, in_f, min_rows);
+            if rows < min_rows || !crate::cpu::has_avx512f_vl() {
                 assert!(packed.is_none(), "{rows} rows");
                 continue;
             }
