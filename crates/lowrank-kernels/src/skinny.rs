@@ -13,7 +13,7 @@
 //! rows of X with AVX2+FMA (12 eight-lane FMA chains); with AVX-512, 3 × 8 up to eight rows of
 //! X (one pass over W) and 6 × 4 from nine (sixteen lanes, 24 chains), chosen at run time. Each
 //! chain runs over the whole row before one horizontal sum per output. From 24 rows of X with
-//! AVX-512 (from 16 over an f32 W, where a one-off timing says so) the broadcast blocks of
+//! AVX-512 (from 12 over an f32 W, where a one-off timing says so) the broadcast blocks of
 //! [`broadcast`] take over (X packed transposed once per call,
 //! no horizontal sums; a bf16 or 4-bit W widened or decoded into the buffer). While a block
 //! computes, the next rows of W are asked for, spread over all of its passes (see [`Ahead`]).

@@ -1,4 +1,4 @@
-//! The skinny GEMM's block for 24 to 64 rows of X with AVX-512 (from 16 over an f32 W where it
+//! The skinny GEMM's block for 24 to 64 rows of X with AVX-512 (from 12 over an f32 W where it
 //! is faster there, see [`f32_min_rows`]): each value of W is broadcast to sixteen lanes and
 //! multiplied into sixteen rows of X at once.
 //!
@@ -24,31 +24,37 @@ use std::time::{Duration, Instant};
 /// Rows of X from which the broadcast block runs (with AVX-512F and VL).
 pub(super) const MIN_ROWS: usize = 24;
 
-/// Rows of X from which the broadcast block runs over an f32 W: [`F32_TRIED_ROWS`] where, timed
-/// once in this process, it beat the dot-product blocks there, else [`MIN_ROWS`]. It depends
-/// on the core: on a Zen 5 (full-width AVX-512) sixteen rows streamed 32% faster through the
-/// broadcast block, on an AVX-512 Xeon they ran 5% slower. A bf16 or 4-bit W, widened or
-/// decoded into a buffer first, keeps [`MIN_ROWS`]: on that Zen 5 a bf16 W at sixteen rows was
-/// 20% slower through the buffer.
+/// Rows of X from which the broadcast block runs over an f32 W: [`F32_FEWEST_ROWS`] where, timed
+/// once in this process at [`F32_TIMED_ROWS`], it beat the dot-product blocks, else
+/// [`MIN_ROWS`]. That depends on the core: on a Zen 5 (full-width AVX-512) steps of 12 to 16
+/// rows ran 13–25% faster with it, on an AVX-512 Xeon sixteen rows ran 5% slower. A bf16 or
+/// 4-bit W, widened or decoded into a buffer first, keeps [`MIN_ROWS`]: on that Zen 5 a bf16 W
+/// at sixteen rows was 20% slower through the buffer.
 pub(super) fn f32_min_rows() -> usize {
     static ROWS: OnceLock<usize> = OnceLock::new();
     *ROWS.get_or_init(|| {
-        if broadcast_is_faster(F32_TRIED_ROWS) {
-            F32_TRIED_ROWS
+        if broadcast_is_faster(F32_TIMED_ROWS) {
+            F32_FEWEST_ROWS
         } else {
             MIN_ROWS
         }
     })
 }
 
-/// The fewest rows of X the broadcast block is timed at for an f32 W (one vector of sixteen).
-const F32_TRIED_ROWS: usize = 16;
+/// Where the timing runs: one full vector of X, where the two blocks differ most. Timed with W
+/// in cache, twelve rows were about even on the Zen 5; streamed from memory, as a step reads
+/// it, the broadcast block won there too (16.0–16.5 against 18.3–18.7 ms a step).
+const F32_TIMED_ROWS: usize = 16;
+/// The fewest rows an f32 W takes the broadcast block at, where the timing said so.
+const F32_FEWEST_ROWS: usize = 12;
 
-/// Whether the broadcast block computed a few tiles of an f32 W (576 inputs, in cache) for
-/// `rows` rows of X faster than the dot-product blocks, best of five on this thread.
+/// Whether the broadcast block computed tiles of an f32 W (576 inputs, 4 MB: past L2, as a
+/// step's W comes from beyond it) for `rows` rows of X faster than the dot-product blocks, the
+/// least of seven alternating runs each. With W in L2 the two were close at sixteen rows on the
+/// Zen 5, and one process in four chose the dot-product blocks.
 fn broadcast_is_faster(rows: usize) -> bool {
     const IN_F: usize = 576;
-    const TILES: usize = 4;
+    const TILES: usize = 76;
     let rows_out = super::TILE_OUT;
     let w: Vec<f32> = (0..TILES * rows_out * IN_F)
         .map(|i| (i % 13) as f32 * 0.01 - 0.06)
@@ -62,29 +68,22 @@ fn broadcast_is_faster(rows: usize) -> bool {
     let x_rows: Vec<&[f32]> = x.chunks_exact(IN_F).collect();
     let out_x: Vec<usize> = (0..rows).collect();
     let (mut out, mut buf) = (vec![0f32; rows_out * rows], Vec::new());
-    let best = |run: &mut dyn FnMut()| -> Duration {
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                run();
-                start.elapsed()
-            })
-            .min()
-            .unwrap_or_default()
-    };
-    let dot = best(&mut || {
+    let (mut dot, mut broadcast) = (Duration::MAX, Duration::MAX);
+    for _ in 0..7 {
+        let start = Instant::now();
         for w in w.chunks_exact(rows_out * IN_F) {
             super::dot_tile(
                 w, IN_F, rows_out, IN_F, &x_rows, &mut out, &out_x, rows, false,
             );
         }
-    });
-    let broadcast = best(&mut || {
+        dot = dot.min(start.elapsed());
+        let start = Instant::now();
         for w in w.chunks_exact(rows_out * IN_F) {
             // SAFETY: PackedX::new checked the CPU; each chunk holds rows_out rows of IN_F.
             unsafe { tile(Rows::F32(w), IN_F, rows_out, &packed, &mut out, &mut buf) };
         }
-    });
+        broadcast = broadcast.min(start.elapsed());
+    }
     broadcast < dot
 }
 
@@ -376,9 +375,9 @@ mod tests {
         }
         let (in_f, rows_out) = (96, 2 * super::super::TILE_OUT + 5);
         let w = values(rows_out * in_f, 1);
-        for rows in [F32_TRIED_ROWS, F32_TRIED_ROWS + 1, MIN_ROWS - 1] {
+        for rows in [F32_FEWEST_ROWS, F32_TIMED_ROWS, 17, MIN_ROWS - 1] {
             let x = values(rows * in_f, rows);
-            let packed = PackedX::new(&x, in_f, F32_TRIED_ROWS).expect("AVX-512");
+            let packed = PackedX::new(&x, in_f, F32_FEWEST_ROWS).expect("AVX-512");
             let (mut got, mut buf) = (vec![0f32; rows_out * rows], Vec::new());
             // SAFETY: the CPU has AVX-512F and VL; w holds rows_out rows of in_f.
             unsafe { tile(Rows::F32(&w), in_f, rows_out, &packed, &mut got, &mut buf) };
@@ -406,8 +405,8 @@ mod tests {
         for (rows, min_rows) in [
             (MIN_ROWS - 1, MIN_ROWS),
             (MIN_ROWS, MIN_ROWS),
-            (F32_TRIED_ROWS - 1, F32_TRIED_ROWS),
-            (F32_TRIED_ROWS, F32_TRIED_ROWS),
+            (F32_FEWEST_ROWS - 1, F32_FEWEST_ROWS),
+            (F32_FEWEST_ROWS, F32_FEWEST_ROWS),
             (33, MIN_ROWS),
             (48, MIN_ROWS),
             (64, MIN_ROWS),
