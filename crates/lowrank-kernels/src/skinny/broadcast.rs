@@ -29,7 +29,9 @@ pub(super) const MIN_ROWS: usize = 24;
 /// [`MIN_ROWS`]. That depends on the core: on a Zen 5 (full-width AVX-512) steps of 12 to 16
 /// rows ran 13–25% faster with it, on an AVX-512 Xeon sixteen rows ran 5% slower. A bf16 or
 /// 4-bit W, widened or decoded into a buffer first, keeps [`MIN_ROWS`]: on that Zen 5 a bf16 W
-/// at sixteen rows was 20% slower through the buffer.
+/// at sixteen rows was 20% slower through the buffer. The two blocks sum in different orders
+/// (module comment), so two processes that chose differently can differ in the last bits of a
+/// 12–23-row step's outputs.
 pub(super) fn f32_min_rows() -> usize {
     static ROWS: OnceLock<usize> = OnceLock::new();
     *ROWS.get_or_init(|| {
