@@ -24,7 +24,8 @@
 //! rows that use it. Before the pass over W, each segment's "shrink" T = scale·X[rows]·Aᵀ
 //! (rows × r) is computed in parallel; inside each tile, after the base product, the segment's
 //! "expand" adds T·B[tile]ᵀ to its rows, so B is read once per step, by the task that owns its
-//! rows, which asks for it before the base product. A DoRA segment then scales its rows by m/‖W + sBA‖ per output; the bias comes last.
+//! rows, which asks for it before the base product. A DoRA segment then scales its rows by
+//! m/‖W + sBA‖ per output; the bias comes last.
 
 use half::bf16;
 #[cfg(target_arch = "x86_64")]
@@ -763,9 +764,9 @@ fn absmax_range(absmax: &AbsmaxState, blocks: std::ops::Range<usize>) -> Vec<f32
 }
 
 /// [`absmax_range`]'s restore of double-quantized absmax, sixteen blocks at a time: the codes
-/// widened, their values looked up in the 256-entry map by permutes, then the same multiply and add (not
-/// fused, so the values are the scalar loop's, bit for bit). Appends to `out` and returns the
-/// codes it took, a multiple of sixteen.
+/// widened, their values looked up in the 256-entry map by permutes (a gather was slower on
+/// Zen 5), then the same multiply and add (not fused, so the values are the scalar loop's, bit
+/// for bit). Appends to `out` and returns the codes it took, a multiple of sixteen.
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
