@@ -373,16 +373,46 @@ fn base_tile(
         // SAFETY: PackedX::new checked the CPU; the span is inside W and the tile
         // rows_out × m.
         unsafe { broadcast::tile(rows, in_f, rows_out, packed, tile, buf) };
+        // The rows past the packed vectors, W's tile now in L2.
+        let done = packed.rows();
+        let rest = (w, lut, in_f, o0, rows_out);
+        dot_rows(rest, (&x_rows[done..], &out_x[done..]), tile, buf, false);
         return;
     }
     // An f32 or bf16 W is read straight from memory (a bf16 widened in registers): its next
     // rows are asked for ahead.
+    dot_rows(
+        (w, lut, in_f, o0, rows_out),
+        (x_rows, &out_x),
+        tile,
+        buf,
+        true,
+    );
+}
+
+/// The base product of output rows o0..o0 + rows_out for the rows of X `x_rows`, each into its
+/// column `out_x` of the transposed tile, by the dot-product blocks: an f32 or bf16 W read in
+/// place (its next rows asked for ahead where `stream`), a 4-bit one decoded into `buf` a few
+/// rows at a time.
+#[allow(clippy::type_complexity)]
+fn dot_rows(
+    (w, lut, in_f, o0, rows_out): (&BaseWeights, Option<&PairLut>, usize, usize, usize),
+    (x_rows, out_x): (&[&[f32]], &[usize]),
+    tile: &mut [f32],
+    buf: &mut Vec<f32>,
+    stream: bool,
+) {
+    if x_rows.is_empty() {
+        return;
+    }
+    let m = tile.len() / rows_out;
+    let span = o0 * in_f..(o0 + rows_out) * in_f;
     match w {
         BaseWeights::F32(w) => dot_tile(
-            &w[span], in_f, rows_out, in_f, x_rows, tile, &out_x, m, true,
+            &w[span], in_f, rows_out, in_f, x_rows, tile, out_x, m, stream,
         ),
         BaseWeights::Bf16(w) => dot_tile(
-            &w[span], in_f, rows_out, in_f, x_rows, tile, &out_x, m, true,
+            &w[span], in_f, rows_out, in_f, x_rows, tile, out_x, m, stream,
         ),
         BaseWeights::FourBit(q) => {
             let lut = lut.expect("a 4-bit weight has its table");
@@ -392,7 +422,7 @@ fn base_tile(
                 buf.resize(nw * in_f, 0.0);
                 decode_rows(q, lut, blocks.as_ref(), in_f, o0 + g, buf);
                 let out = &mut tile[g * m..];
-                dot_tile(&buf[..], in_f, nw, in_f, x_rows, out, &out_x, m, false);
+                dot_tile(&buf[..], in_f, nw, in_f, x_rows, out, out_x, m, false);
             }
         }
     }
@@ -1643,7 +1673,10 @@ mod tests {
                 decode_rows(&q, &lut, blocks.as_ref(), in_f, first, &mut got);
                 let mut want = vec![0f32; rows * in_f];
                 q.dequantize_range(&lut, first * in_f, &mut want);
-                assert_eq!(got, want, "{qt:?} in {in_f} block {block}, rows {first}+{rows}");
+                assert_eq!(
+                    got, want,
+                    "{qt:?} in {in_f} block {block}, rows {first}+{rows}"
+                );
             }
         }
     }

@@ -96,7 +96,26 @@ fn broadcast_is_faster(rows: usize) -> bool {
 pub(crate) struct PackedX {
     values: Vec<f32>,
     panels: Vec<Panel>,
+    /// The rows packed: X's first rows (see [`broadcast_rows`]).
     rows: usize,
+    /// All of X's rows: the tile's row length.
+    stride: usize,
+}
+
+/// Rows past a multiple of sixteen, up to which the broadcast block leaves them to the
+/// dot-product blocks rather than padding a vector of X: padded, a step of 17 to 31 rows cost
+/// what 32 did (f32 on a Zen 5: 16 rows 16.7 ms a step, 20 and 24 rows 23–27, 32 rows 26–28).
+const REST_ROWS: usize = 8;
+
+/// How many of `rows` rows of X the broadcast block takes: whole vectors of sixteen where
+/// [`REST_ROWS`] or fewer are left over, else all.
+fn broadcast_rows(rows: usize) -> usize {
+    let rest = rows % 16;
+    if rows > 16 && rest <= REST_ROWS {
+        rows - rest
+    } else {
+        rows
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -109,13 +128,14 @@ struct Panel {
 }
 
 impl PackedX {
-    /// X (m × in_f, row-major) packed, or None where the broadcast block does not run: no
-    /// AVX-512F and VL, or fewer than `min_rows` rows.
+    /// X (m × in_f, row-major) packed, its first [`broadcast_rows`] rows, or None where the
+    /// broadcast block does not run: no AVX-512F and VL, or fewer than `min_rows` rows.
     pub(crate) fn new(x: &[f32], in_f: usize, min_rows: usize) -> Option<PackedX> {
-        let rows = x.len().checked_div(in_f).unwrap_or(0);
-        if rows < min_rows || !crate::cpu::has_avx512f_vl() {
+        let stride = x.len().checked_div(in_f).unwrap_or(0);
+        if stride < min_rows || !crate::cpu::has_avx512f_vl() {
             return None;
         }
+        let rows = broadcast_rows(stride);
         let vectors = rows.div_ceil(16);
         // One panel of three vectors for 33–48 rows (the 6 × 3 block), else pairs.
         let widths: Vec<usize> = if vectors == 3 {
@@ -145,7 +165,13 @@ impl PackedX {
             values,
             panels,
             rows,
+            stride,
         })
+    }
+
+    /// The rows packed, X's first; the dot-product blocks take the rest.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
     }
 
     /// Rows of W in a block: 8 for panels of two vectors (16 sums), 6 for one of three (18).
@@ -172,12 +198,13 @@ pub(super) enum Rows<'a> {
     },
 }
 
-/// tile (rows_out × m, output-major) += W[rows_out × in_f]·Xᵀ, R rows of W at a time.
+/// tile (rows_out × m, output-major) += W[rows_out × in_f]·Xᵀ for the rows of X packed (the
+/// tile's first columns), R rows of W at a time.
 ///
 /// # Safety
 /// The CPU must have AVX-512F and VL (as [`PackedX::new`] checked); `w` must hold rows_out
 /// rows of in_f values (a `Filled`'s `stored`, rows_out rows of its bytes), `x` in_f inputs
-/// and the tile rows_out × x.rows values.
+/// and the tile rows_out × m values (m all of X's rows).
 pub(super) unsafe fn tile(
     w: Rows,
     in_f: usize,
@@ -186,7 +213,7 @@ pub(super) unsafe fn tile(
     tile: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
-    let m = x.rows;
+    let m = x.stride;
     assert!(
         tile.len() >= rows_out * m
             && x.panels
@@ -278,11 +305,11 @@ unsafe fn block<const R: usize, const V: usize>(
         }
         k += 16;
     }
-    let m = x.rows;
+    let m = x.stride;
     for (r, acc) in acc.iter().enumerate().take(rw) {
         for (v, acc) in acc.iter().enumerate() {
             let v = panel.first + v;
-            let lanes = (m - 16 * v).min(16);
+            let lanes = (x.rows - 16 * v).min(16);
             let mask: __mmask16 = if lanes == 16 {
                 u16::MAX
             } else {
@@ -369,7 +396,8 @@ mod tests {
     use crate::test_util::values;
 
     /// Under [`MIN_ROWS`] (one vector of X, or a second one mostly padding) the broadcast
-    /// block gives the dot-product blocks' sums, for an f32 W of two tiles and a ragged rest.
+    /// block gives the dot-product blocks' sums for the rows it packs, for an f32 W of two
+    /// tiles and a ragged rest, and leaves the other columns alone.
     #[test]
     fn a_few_rows_broadcast_give_the_dot_products() {
         if !crate::cpu::has_avx512f_vl() {
@@ -377,9 +405,11 @@ mod tests {
         }
         let (in_f, rows_out) = (96, 2 * super::super::TILE_OUT + 5);
         let w = values(rows_out * in_f, 1);
-        for rows in [F32_FEWEST_ROWS, F32_TIMED_ROWS, 17, MIN_ROWS - 1] {
+        for rows in [F32_FEWEST_ROWS, F32_TIMED_ROWS, 17, MIN_ROWS - 1, 26] {
             let x = values(rows * in_f, rows);
             let packed = PackedX::new(&x, in_f, F32_FEWEST_ROWS).expect("AVX-512");
+            let done = packed.rows();
+            assert_eq!(done, if rows % 16 <= REST_ROWS { 16 } else { rows });
             let (mut got, mut buf) = (vec![0f32; rows_out * rows], Vec::new());
             // SAFETY: the CPU has AVX-512F and VL; w holds rows_out rows of in_f.
             unsafe { tile(Rows::F32(&w), in_f, rows_out, &packed, &mut got, &mut buf) };
@@ -390,6 +420,10 @@ mod tests {
                 &w, in_f, rows_out, in_f, &x_rows, &mut want, &out_x, rows, false,
             );
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                if i % rows >= done {
+                    assert_eq!(*g, 0.0, "{rows} rows, {i}: a column past the packed rows");
+                    continue;
+                }
                 assert!(
                     (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
                     "{rows} rows, {i}: {g} vs {w}"
@@ -399,7 +433,8 @@ mod tests {
     }
 
     /// In each panel, input k's values of its rows side by side, the padding past the last
-    /// row zero; the panels cover every row once, in order; None under the rows asked for or
+    /// row zero; the panels cover every row packed once, in order — all rows, or whole
+    /// vectors where up to [`REST_ROWS`] are left over; None under the rows asked for or
     /// without AVX-512.
     #[test]
     fn packed_x_is_x_transposed_in_panels() {
@@ -410,6 +445,7 @@ mod tests {
             (F32_FEWEST_ROWS - 1, F32_FEWEST_ROWS),
             (F32_FEWEST_ROWS, F32_FEWEST_ROWS),
             (33, MIN_ROWS),
+            (41, MIN_ROWS),
             (48, MIN_ROWS),
             (64, MIN_ROWS),
             (65, MIN_ROWS),
@@ -423,7 +459,12 @@ mod tests {
                 continue;
             }
             let p = packed.unwrap();
-            assert_eq!(p.rows, rows);
+            let packed_rows = match rows % 16 {
+                rest if rows > 16 && rest <= REST_ROWS => rows - rest,
+                _ => rows,
+            };
+            assert_eq!((p.rows, p.stride), (packed_rows, rows), "{rows} rows");
+            let rows = packed_rows;
             let mut next = 0;
             for panel in &p.panels {
                 assert_eq!(panel.first, next, "{rows} rows");
