@@ -9,6 +9,8 @@
 //! block keeps R rows of W × V vectors of sixteen rows of X as R·V sums of sixteen outputs each:
 //! per input, V loads of X, R broadcasts of W and R·V FMAs, and no horizontal sums. The sums
 //! are already the transposed tile's layout (output-major), so they are stored as they are.
+//! Up to eight rows past a multiple of sixteen are left to the dot-product blocks rather than
+//! padded into a vector of their own ([`REST_ROWS`]).
 //! A bf16 or 4-bit W is widened or decoded R rows at a time into a buffer first (a broadcast
 //! from memory is a plain load; one from a register would take an FMA port).
 //!
