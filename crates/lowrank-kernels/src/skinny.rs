@@ -5,7 +5,7 @@
 //! tile of [`TILE_OUT`] output rows of W and, a block of rows of W at a time, applies them to
 //! every row of X before it moves on, so each row of W comes from memory once and from L1 for the
 //! other rows. A bf16 W is widened in registers as it is loaded. A 4-bit W is decoded in
-//! registers for up to eight rows of X with AVX-512 (sixteen codes by one shift and one 16-lane
+//! registers for up to twelve rows of X with AVX-512 (sixteen codes by one shift and one 16-lane
 //! table permute; X's values reordered once per step to the order the shift leaves the codes
 //! in; two rows of W at a time, so each load of X serves both) or four with AVX2 (byte
 //! shuffles, see `Planes`), and for more into an f32 buffer six
@@ -474,7 +474,7 @@ fn fourbit_rows(
                 }
                 // SAFETY: the CPU has the feature; the asserts keep the codes read inside the
                 // weight, the rows of x inside their slices, and the writes inside the tile.
-                unsafe { rows_of!(1, 2, 3, 4, 5, 6, 7, 8) }
+                unsafe { rows_of!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12) }
                 return true;
             }
         }
@@ -550,11 +550,12 @@ unsafe fn fourbit_rows_avx2<const C: usize>(
     }
 }
 
-/// Rows of X up to which the AVX-512 4-bit kernel runs: two sums each, with the decoded
-/// values, the table and the shifts, fit the 32 vector registers. Above, decoding into the
-/// buffer once for the f32 blocks served 32 clients faster on an AVX-512 Xeon (229–238
-/// tokens/s against 199–217) than decoding again for every eight rows.
-const FOURBIT_WIDE_ROWS: usize = 8;
+/// Rows of X up to which the AVX-512 4-bit kernel runs: two sums each (two rows of W), with
+/// the decoded values, the tables and one vector of X, fit the 32 vector registers. Above,
+/// decoding into the buffer once for the f32 blocks served 32 clients faster on an AVX-512
+/// Xeon (229–238 tokens/s against 199–217) than decoding again for every eight rows, and on a
+/// Zen 5 than decoding again for every twelve (16 rows level, 20–32 rows 10–30% slower).
+const FOURBIT_WIDE_ROWS: usize = 12;
 
 /// Within each run of 16 values, the order in which [`fourbit_rows_avx512`] leaves 16 codes:
 /// lane 2j holds code j and lane 2j + 1 code 8 + j.
@@ -676,15 +677,15 @@ unsafe fn fourbit_pass<const C: usize, const R: usize>(
                     lookup16(p.add(8), shifts, scaled[r]),
                 ]
             });
+            // Each half's 16 codes against every row, so that only one vector of x is live:
+            // nine to twelve rows keep 2 × C sums in registers.
             let xk = x.add(k * C);
-            for c in 0..C {
-                let (x0, x1) = (
-                    _mm512_loadu_ps(xk.add(32 * c)),
-                    _mm512_loadu_ps(xk.add(32 * c + 16)),
-                );
-                for r in 0..R {
-                    acc[r][c] = _mm512_fmadd_ps(v[r][0], x0, acc[r][c]);
-                    acc[r][c] = _mm512_fmadd_ps(v[r][1], x1, acc[r][c]);
+            for h in 0..2 {
+                for c in 0..C {
+                    let xv = _mm512_loadu_ps(xk.add(32 * c + 16 * h));
+                    for r in 0..R {
+                        acc[r][c] = _mm512_fmadd_ps(v[r][h], xv, acc[r][c]);
+                    }
                 }
             }
         }};
@@ -1682,7 +1683,7 @@ mod tests {
     }
 
     /// The 4-bit kernels that decode in registers — AVX2's for up to four rows of X, AVX-512's
-    /// for up to eight (X in code order) — against f64 sums over the dequantized weight, where
+    /// for up to twelve (X in code order) — against f64 sums over the dequantized weight, where
     /// the CPU has them: NF4 and FP4, plain and double-quantized absmax, blocks that straddle
     /// rows (96 inputs in blocks of 64) and cover several (32 inputs in blocks of 128), from
     /// an output row past the first.
@@ -1699,7 +1700,7 @@ mod tests {
                     .unwrap();
             let w = q.dequantize();
             let (o0, nw) = (2, out_f - 2);
-            for m in 1..=10 {
+            for m in 1..=FOURBIT_WIDE_ROWS + 2 {
                 let xv = values(m * in_f, 20 + m);
                 let x: Vec<&[f32]> = xv.chunks_exact(in_f).collect();
                 let x_ordered = in_code_order(&xv, in_f);
