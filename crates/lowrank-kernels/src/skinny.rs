@@ -31,7 +31,7 @@ use half::bf16;
 #[cfg(target_arch = "x86_64")]
 use lowrank_quant::planes::Planes;
 use lowrank_quant::qtensor::PairLut;
-use lowrank_quant::{AbsmaxState, Quantized4Bit};
+use lowrank_quant::Quantized4Bit;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -791,7 +791,7 @@ impl RowBlocks {
         let shift = size.trailing_zeros();
         let first = (o0 * in_f) >> shift;
         let end = ((o0 + nw) * in_f).div_ceil(size);
-        let scales = absmax_range(q.absmax(), first..end.max(first));
+        let scales = q.absmax().restore_range(first..end.max(first));
         RowBlocks {
             size,
             shift,
@@ -891,85 +891,6 @@ unsafe fn decode_rows_avx512(
             }
         }
     }
-}
-
-/// The absmax of blocks `blocks`, restored (double quantization keeps 8-bit codes and one f32
-/// per 256 of them), in one loop without a division per block.
-fn absmax_range(absmax: &AbsmaxState, blocks: std::ops::Range<usize>) -> Vec<f32> {
-    match absmax {
-        AbsmaxState::Plain(a) => a[blocks].to_vec(),
-        AbsmaxState::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_block_size,
-            nested_map,
-        } => {
-            let mut out = Vec::with_capacity(blocks.len());
-            let mut b = blocks.start;
-            while b < blocks.end {
-                let nested = b / nested_block_size;
-                let end = ((nested + 1) * nested_block_size).min(blocks.end);
-                let scale = nested_absmax[nested];
-                let mut from = b;
-                #[cfg(target_arch = "x86_64")]
-                if crate::cpu::has_avx512f() {
-                    // SAFETY: the CPU has AVX-512F.
-                    from += unsafe {
-                        restore_avx512(&codes[b..end], nested_map, (scale, *offset), &mut out)
-                    };
-                }
-                out.extend(
-                    codes[from..end]
-                        .iter()
-                        .map(|&c| nested_map[c as usize] * scale + offset),
-                );
-                b = end;
-            }
-            out
-        }
-    }
-}
-
-/// [`absmax_range`]'s restore of double-quantized absmax, sixteen blocks at a time: the codes
-/// widened, their values looked up in the 256-entry map by permutes (a gather was slower on
-/// Zen 5), then the same multiply and add (not fused, so the values are the scalar loop's, bit
-/// for bit). Appends to `out` and returns the codes it took, a multiple of sixteen.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn restore_avx512(
-    codes: &[u8],
-    map: &[f32; 256],
-    (scale, offset): (f32, f32),
-    out: &mut Vec<f32>,
-) -> usize {
-    use std::arch::x86_64::*;
-    let whole = codes.len() / 16 * 16;
-    out.reserve(whole);
-    let (s, o) = (_mm512_set1_ps(scale), _mm512_set1_ps(offset));
-    let to = out.spare_capacity_mut().as_mut_ptr().cast::<f32>();
-    let table: [__m512; 16] = std::array::from_fn(|t| _mm512_loadu_ps(map.as_ptr().add(16 * t)));
-    for i in (0..whole).step_by(16) {
-        let index = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(i).cast()));
-        // The map held in sixteen registers: each pair looked up by the index's low five bits,
-        // then the pairs chosen by bits 5, 6 and 7.
-        let pairs: [__m512; 8] =
-            std::array::from_fn(|p| _mm512_permutex2var_ps(table[2 * p], index, table[2 * p + 1]));
-        let bit = |b: i32| _mm512_test_epi32_mask(index, _mm512_set1_epi32(1 << b));
-        let (b5, b6, b7) = (bit(5), bit(6), bit(7));
-        let quads: [__m512; 4] =
-            std::array::from_fn(|q| _mm512_mask_blend_ps(b5, pairs[2 * q], pairs[2 * q + 1]));
-        let halves: [__m512; 2] =
-            std::array::from_fn(|h| _mm512_mask_blend_ps(b6, quads[2 * h], quads[2 * h + 1]));
-        let values = _mm512_mask_blend_ps(b7, halves[0], halves[1]);
-        _mm512_storeu_ps(to.add(i), _mm512_add_ps(_mm512_mul_ps(values, s), o));
-    }
-    // SAFETY: the loop wrote `whole` values past the old length, inside the reserved room.
-    out.set_len(out.len() + whole);
-    whole
 }
 
 /// Asks for every segment's rows of B that [`finish_tile`] will read for this tile, into L2
@@ -1628,27 +1549,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    /// Double-quantized absmax restored over any range of blocks (across nested blocks, not a
-    /// multiple of sixteen), bit for bit the values of the scalar restore.
-    #[test]
-    fn absmax_range_restores_each_block_exactly() {
-        // 300 rows of 64 in blocks of 64: 300 absmax, two nested blocks of 256 and a rest.
-        let q = Quantized4Bit::quantize(
-            &values(300 * 64, 3),
-            &[300, 64],
-            lowrank_quant::QuantType::Nf4,
-            64,
-            true,
-        )
-        .unwrap();
-        assert!(matches!(q.absmax(), AbsmaxState::Double { .. }));
-        for range in [0..300, 5..261, 250..257, 17..18, 0..16, 40..40] {
-            let got = absmax_range(q.absmax(), range.clone());
-            let want: Vec<f32> = range.clone().map(|b| q.absmax().get(b)).collect();
-            assert_eq!(got, want, "{range:?}");
         }
     }
 
