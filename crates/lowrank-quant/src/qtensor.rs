@@ -119,7 +119,7 @@ impl AbsmaxState {
 
     /// All absmax values as f32 (what bitsandbytes passes to its dequantize kernel).
     pub fn restore(&self) -> Vec<f32> {
-        (0..self.num_blocks()).map(|b| self.get(b)).collect()
+        self.restore_range(0..self.num_blocks())
     }
 
     /// The absmax of blocks `blocks` (the values of [`AbsmaxState::get`] bit for bit),
