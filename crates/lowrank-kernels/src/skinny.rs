@@ -79,8 +79,8 @@ impl BaseWeights<'_> {
     }
 }
 
-/// One adapter module applied to some rows of a step: y[row] += scale·B·(A·x[row]), and for
-/// DoRA y[row] = column_scale ⊙ (W·x[row] + scale·B·(A·x[row])) before the bias.
+/// One adapter module applied to some rows of a step: `y[row] += scale·B·(A·x[row])`, and for
+/// DoRA `y[row] = column_scale ⊙ (W·x[row] + scale·B·(A·x[row]))` before the bias.
 #[derive(Clone, Copy)]
 pub struct Segment<'a> {
     /// A (r × in), row-major.
