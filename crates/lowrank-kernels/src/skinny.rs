@@ -327,16 +327,17 @@ fn base_tile(
         unsafe { bf16_pairs::tile(&w[span], in_f, rows_out, x, m, tile) };
         return;
     }
+    // A 4-bit W's absmax for this tile, restored once for every decoding of its rows.
+    let blocks = match w {
+        BaseWeights::FourBit(q) => RowBlocks::for_decoding(q, in_f, o0, rows_out),
+        _ => None,
+    };
     // Below broadcast::MIN_ROWS only an f32 W takes the broadcast block (see
     // `broadcast::f32_min_rows`).
     #[cfg(target_arch = "x86_64")]
     if let Some(packed) =
         packed.filter(|_| m >= broadcast::MIN_ROWS || matches!(w, BaseWeights::F32(_)))
     {
-        let blocks = match w {
-            BaseWeights::FourBit(q) => RowBlocks::for_decoding(q, in_f, o0, rows_out),
-            _ => None,
-        };
         // Rows first..first + rows of the tile's W as f32, for a bf16 or 4-bit W.
         let fill = |first: usize, rows: usize, out: &mut [f32]| {
             let at = span.start + first * in_f;
@@ -375,14 +376,14 @@ fn base_tile(
         unsafe { broadcast::tile(rows, in_f, rows_out, packed, tile, buf) };
         // The rows past the packed vectors, W's tile now in L2.
         let done = packed.rows();
-        let rest = (w, lut, in_f, o0, rows_out);
+        let rest = (w, (lut, blocks.as_ref()), in_f, o0, rows_out);
         dot_rows(rest, (&x_rows[done..], &out_x[done..]), tile, buf, false);
         return;
     }
     // An f32 or bf16 W is read straight from memory (a bf16 widened in registers): its next
     // rows are asked for ahead.
     dot_rows(
-        (w, lut, in_f, o0, rows_out),
+        (w, (lut, blocks.as_ref()), in_f, o0, rows_out),
         (x_rows, &out_x),
         tile,
         buf,
@@ -393,10 +394,16 @@ fn base_tile(
 /// The base product of output rows o0..o0 + rows_out for the rows of X `x_rows`, each into its
 /// column `out_x` of the transposed tile, by the dot-product blocks: an f32 or bf16 W read in
 /// place (its next rows asked for ahead where `stream`), a 4-bit one decoded into `buf` a few
-/// rows at a time.
+/// rows at a time (with its table and the tile's restored absmax, see [`decode_rows`]).
 #[allow(clippy::type_complexity)]
 fn dot_rows(
-    (w, lut, in_f, o0, rows_out): (&BaseWeights, Option<&PairLut>, usize, usize, usize),
+    (w, (lut, blocks), in_f, o0, rows_out): (
+        &BaseWeights,
+        (Option<&PairLut>, Option<&RowBlocks>),
+        usize,
+        usize,
+        usize,
+    ),
     (x_rows, out_x): (&[&[f32]], &[usize]),
     tile: &mut [f32],
     buf: &mut Vec<f32>,
@@ -416,11 +423,10 @@ fn dot_rows(
         ),
         BaseWeights::FourBit(q) => {
             let lut = lut.expect("a 4-bit weight has its table");
-            let blocks = RowBlocks::for_decoding(q, in_f, o0, rows_out);
             for g in (0..rows_out).step_by(DECODED_ROWS) {
                 let nw = DECODED_ROWS.min(rows_out - g);
                 buf.resize(nw * in_f, 0.0);
-                decode_rows(q, lut, blocks.as_ref(), in_f, o0 + g, buf);
+                decode_rows(q, lut, blocks, in_f, o0 + g, buf);
                 let out = &mut tile[g * m..];
                 dot_tile(&buf[..], in_f, nw, in_f, x_rows, out, out_x, m, false);
             }
