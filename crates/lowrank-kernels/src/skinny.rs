@@ -267,13 +267,81 @@ pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> 
     jobs.into_par_iter().for_each(|(seg, rows, t)| {
         let r = t.len() / rows.len();
         let xs: Vec<&[f32]> = rows.iter().map(|&i| x_rows[i]).collect();
-        let out_x: Vec<usize> = (0..xs.len()).map(|i| i * r).collect();
-        // A comes from memory (a different adapter per row: as many A as rows), so each
-        // block asks for the next block's rows as it computes.
-        dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1, true);
+        if rows.len() > FEW_ROWS || !shrink_few_rows(seg.a, in_f, &xs, t) {
+            let out_x: Vec<usize> = (0..xs.len()).map(|i| i * r).collect();
+            // A comes from memory (a different adapter per row: as many A as rows), so each
+            // block asks for the next block's rows as it computes.
+            dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1, true);
+        }
         t.iter_mut().for_each(|v| *v *= seg.scale);
     });
     out
+}
+
+/// A segment's shrink without its scale, t[c·r + j] = Σ_k a[j·in_f + k]·xs[c][k], with
+/// AVX-512; false, having done nothing, without it. Up to sixteen rows of A at a time against
+/// one row of X, each load of x serving them all: the
+/// dot-product blocks take three rows of A at a time, whose three chains left the loop
+/// waiting on the multiply-add latency and on A, a short run of memory per row. The sums are
+/// the blocks' to the bit (see [`expand_few_rows`]).
+fn shrink_few_rows(a: &[f32], in_f: usize, xs: &[&[f32]], t: &mut [f32]) -> bool {
+    let r = t.len().checked_div(xs.len()).unwrap_or(0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if r > 0 && crate::cpu::has_avx512f_vl() {
+            assert!(
+                a.len() >= r * in_f && xs.iter().all(|x| x.len() >= in_f),
+                "shrink_few_rows: out of range"
+            );
+            // SAFETY: the CPU has the features; the assert keeps the reads inside A and the
+            // rows of x, and t holds xs.len() rows of r.
+            unsafe { shrink_few_rows_avx512(a, in_f, xs, t) };
+            return true;
+        }
+    }
+    let _ = (a, in_f, xs, r);
+    false
+}
+
+/// [`shrink_few_rows`] with AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512F and VL; t.len() / xs.len() above zero, A that many rows of in_f
+/// and each row of x in_f values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn shrink_few_rows_avx512(a: &[f32], in_f: usize, xs: &[&[f32]], t: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let r = t.len() / xs.len();
+    let (whole, rest) = (in_f / 16 * 16, in_f % 16);
+    // The blocks' zero-padded last step, as a masked load.
+    let mask: __mmask16 = (1 << rest) - 1;
+    for (x, t) in xs.iter().zip(t.chunks_exact_mut(r)) {
+        for (g, t) in t.chunks_mut(16).enumerate() {
+            // A last group of fewer rows repeats its last, whose extra sums are dropped.
+            let rows: [*const f32; 16] =
+                std::array::from_fn(|j| a.as_ptr().add((16 * g + j.min(t.len() - 1)) * in_f));
+            let mut acc = [_mm512_setzero_ps(); 16];
+            let mut k = 0;
+            while k < whole {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(k));
+                for j in 0..16 {
+                    acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[j].add(k)), xv, acc[j]);
+                }
+                k += 16;
+            }
+            if rest > 0 {
+                let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(k));
+                for j in 0..16 {
+                    let wv = _mm512_maskz_loadu_ps(mask, rows[j].add(k));
+                    acc[j] = _mm512_fmadd_ps(wv, xv, acc[j]);
+                }
+            }
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), crate::cpu::sum_lanes_16(acc));
+            t.copy_from_slice(&sums[..t.len()]);
+        }
+    }
 }
 
 /// X of a step in the forms the base kernels read it.
@@ -926,6 +994,9 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
         }
         let b = &seg.b[o0 * r..(o0 + rows_out) * r];
         if r < SHORT_RANK {
+            if expand_short_rank(b, r, t, seg.rows, m, tile) {
+                continue;
+            }
             // A row of B shorter than one vector: the blocks would pad every row of B and T
             // into a vector per block, which cost more than these few products.
             for (b, column) in b.chunks_exact(r).zip(tile.chunks_exact_mut(m)) {
@@ -933,6 +1004,9 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
                     column[i] += crate::cpu::dot_portable(b, t);
                 }
             }
+            continue;
+        }
+        if seg.rows.len() <= FEW_ROWS && expand_few_rows(b, r, t, seg.rows, m, tile) {
             continue;
         }
         let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
@@ -950,6 +1024,196 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
     if let Some(bias) = linear.bias {
         for (column, b) in tile.chunks_exact_mut(m).zip(&bias[o0..]) {
             column.iter_mut().for_each(|v| *v += b);
+        }
+    }
+}
+
+/// A short-rank segment's expand (r < [`SHORT_RANK`]) into the transposed tile,
+/// tile[o·m + rows[i]] += Σ_k b[o·r + k]·t[i·r + k], with AVX-512; false, having done nothing,
+/// without it. Sixteen rows of T at a time: T's columns gathered into vectors over the rows once
+/// per tile, each output is r multiply-adds of B's broadcast values into one vector over the
+/// rows, added to the tile's column of that output. Every row's sum is the same chain over k
+/// in whichever group it falls, so a row's output does not depend on which rows share its
+/// adapter. One by one (`dot_portable`), these products had cost a rank-8 LoRA's 32-row step
+/// more than the shrink and the base product's extra reads together.
+fn expand_short_rank(
+    b: &[f32],
+    r: usize,
+    t: &[f32],
+    rows: &[usize],
+    m: usize,
+    tile: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if (1..SHORT_RANK).contains(&r)
+            && crate::cpu::has_avx512f_vl()
+            && crate::cpu::has_avx2_fma()
+        {
+            let rows_out = b.len() / r;
+            assert!(
+                t.len() == rows.len() * r
+                    && rows.iter().all(|&i| i < m)
+                    && tile.len() >= rows_out * m,
+                "expand_short_rank: out of range"
+            );
+            // SAFETY: the CPU has the features; the assert keeps the gathers inside T, the
+            // writes inside the tile, and B is read in whole rows of r.
+            unsafe { expand_short_rank_avx512(b, r, t, rows, m, tile) };
+            return true;
+        }
+    }
+    let _ = (b, r, t, rows, m, tile);
+    false
+}
+
+/// [`expand_short_rank`] with AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512F, VL and FMA; 0 < r < [`SHORT_RANK`], t rows.len() rows of r, each row
+/// index below m and the tile at least (b.len() / r) × m.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn expand_short_rank_avx512(
+    b: &[f32],
+    r: usize,
+    t: &[f32],
+    rows: &[usize],
+    m: usize,
+    tile: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let rows_out = b.len() / r;
+    if rows.len() <= FEW_ROWS {
+        // Each sum's chain one scalar multiply-add at a time, as a lane of the vectors below
+        // computes it: gathering T's columns and multiplying sixteen lanes for one row cost
+        // a rank-8 per-row-adapter step more than `dot_portable` had.
+        for (t, &i) in t.chunks_exact(r).zip(rows) {
+            for (o, b) in b.chunks_exact(r).enumerate() {
+                // A loop, not a closure: a closure is compiled without this function's FMA.
+                let mut sum = 0f32;
+                for k in 0..r {
+                    sum = b[k].mul_add(t[k], sum);
+                }
+                *tile.get_unchecked_mut(o * m + i) += sum;
+            }
+        }
+        return;
+    }
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let starts = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(r as i32));
+    for (g, group) in rows.chunks(16).enumerate() {
+        let n = group.len();
+        let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+        let t = t.as_ptr().add(16 * g * r);
+        let mut columns = [_mm512_setzero_ps(); SHORT_RANK];
+        for (k, c) in columns.iter_mut().enumerate().take(r) {
+            *c = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, starts, t.add(k));
+        }
+        let consecutive = group.windows(2).all(|w| w[1] == w[0] + 1);
+        for o in 0..rows_out {
+            let row = b.as_ptr().add(o * r);
+            let mut sum = _mm512_setzero_ps();
+            for (k, c) in columns.iter().enumerate().take(r) {
+                sum = _mm512_fmadd_ps(_mm512_set1_ps(*row.add(k)), *c, sum);
+            }
+            let column = tile.as_mut_ptr().add(o * m);
+            if consecutive {
+                let at = column.add(group[0]);
+                let y = _mm512_maskz_loadu_ps(mask, at);
+                _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(y, sum));
+            } else {
+                let mut sums = [0f32; 16];
+                _mm512_storeu_ps(sums.as_mut_ptr(), sum);
+                for (&i, s) in group.iter().zip(sums) {
+                    *column.add(i) += s;
+                }
+            }
+        }
+    }
+}
+
+/// Rows of a segment up to which its expand is [`expand_few_rows`]'s.
+const FEW_ROWS: usize = 2;
+
+/// A segment's expand into the transposed tile, tile[o·m + rows[i]] += Σ_k b[o·r + k]·t[i·r + k],
+/// with AVX-512; false, having done nothing, without it.
+/// Sixteen outputs' products are summed together: the dot-product blocks, three rows of B at
+/// a time against one row of T, spent most of a per-row-adapter step's expand on three
+/// horizontal sums and a call per block. The sums are the blocks' to the bit (each output one
+/// chain over k, added up in `_mm512_reduce_add_ps`'s order), so a row's output does not
+/// depend on how many rows share its adapter.
+fn expand_few_rows(
+    b: &[f32],
+    r: usize,
+    t: &[f32],
+    rows: &[usize],
+    m: usize,
+    tile: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if r > 0 && crate::cpu::has_avx512f_vl() {
+            let rows_out = b.len() / r;
+            assert!(
+                t.len() == rows.len() * r
+                    && rows.iter().all(|&i| i < m)
+                    && tile.len() >= rows_out * m,
+                "expand_few_rows: out of range"
+            );
+            // SAFETY: the CPU has the features; the assert keeps the writes inside the tile,
+            // and B and T are read in whole rows of r.
+            unsafe { expand_few_rows_avx512(b, r, t, rows, m, tile) };
+            return true;
+        }
+    }
+    let _ = (b, r, t, rows, m, tile);
+    false
+}
+
+/// [`expand_few_rows`] with AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512F and VL; r above zero, t rows.len() rows of r, each row index
+/// below m and the tile at least (b.len() / r) × m.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn expand_few_rows_avx512(
+    b: &[f32],
+    r: usize,
+    t: &[f32],
+    rows: &[usize],
+    m: usize,
+    tile: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let rows_out = b.len() / r;
+    let (whole, rest) = (r / 16 * 16, r % 16);
+    // The blocks' zero-padded last step, as a masked load.
+    let mask: __mmask16 = (1 << rest) - 1;
+    for (t, &i) in t.chunks_exact(r).zip(rows) {
+        let mut o = 0;
+        while o < rows_out {
+            let n = 16.min(rows_out - o);
+            let mut products = [_mm512_setzero_ps(); 16];
+            for (j, p) in products.iter_mut().enumerate().take(n) {
+                let row = b.as_ptr().add((o + j) * r);
+                for k in (0..whole).step_by(16) {
+                    let x = _mm512_loadu_ps(t.as_ptr().add(k));
+                    *p = _mm512_fmadd_ps(_mm512_loadu_ps(row.add(k)), x, *p);
+                }
+                if rest > 0 {
+                    let x = _mm512_maskz_loadu_ps(mask, t.as_ptr().add(whole));
+                    let w = _mm512_maskz_loadu_ps(mask, row.add(whole));
+                    *p = _mm512_fmadd_ps(w, x, *p);
+                }
+            }
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), crate::cpu::sum_lanes_16(products));
+            for (j, s) in sums.iter().enumerate().take(n) {
+                *tile.get_unchecked_mut((o + j) * m + i) += s;
+            }
+            o += n;
         }
     }
 }
@@ -1551,6 +1815,98 @@ mod tests {
                                     "{path}: nw {nw} nx {nx} len {len} ({o}, {i}): {got} vs {want}"
                                 );
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A segment of one or two rows takes its own shrink and expand kernels, and must give
+    /// the dot-product blocks' sums bit for bit, so that a row's output does not depend on how
+    /// many rows share its adapter: ranks of one and two vectors, rows of whole vectors and not,
+    /// a tile that is not a multiple of 16 outputs.
+    #[test]
+    fn few_row_segments_sum_as_the_blocks() {
+        for (r, in_f, rows_out) in [
+            (16, 48, 24),
+            (16, 37, 13),
+            (32, 64, 24),
+            (32, 19, 40),
+            (8, 40, 24),
+            (24, 33, 13),
+        ] {
+            for rows in [vec![2], vec![0, 3]] {
+                let m = 5;
+                let a = values(r * in_f, r + in_f);
+                let b = values(rows_out * r, 7 + rows_out);
+                let xv: Vec<Vec<f32>> = rows.iter().map(|&i| values(in_f, 30 + i)).collect();
+                let xs: Vec<&[f32]> = xv.iter().map(|v| v.as_slice()).collect();
+                let at = format!("r {r} in_f {in_f} rows_out {rows_out} rows {rows:?}");
+
+                let mut t = vec![0f32; rows.len() * r];
+                let mut t_blocks = t.clone();
+                if !shrink_few_rows(&a, in_f, &xs, &mut t) {
+                    continue; // No AVX-512: the blocks serve these segments too.
+                }
+                let out_x: Vec<usize> = (0..rows.len()).map(|i| i * r).collect();
+                dot_tile(&a, in_f, r, in_f, &xs, &mut t_blocks, &out_x, 1, true);
+                assert_eq!(t, t_blocks, "shrink, {at}");
+
+                if r < SHORT_RANK {
+                    continue; // `expand_short_rank`'s, for every row count.
+                }
+                let start = values(rows_out * m, 3);
+                let mut tile = start.clone();
+                assert!(expand_few_rows(&b, r, &t, &rows, m, &mut tile), "{at}");
+                let mut tile_blocks = start.clone();
+                let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
+                dot_tile(&b, r, rows_out, r, &ts, &mut tile_blocks, &rows, m, false);
+                assert_eq!(tile, tile_blocks, "expand, {at}");
+                assert_ne!(tile, start, "expand added nothing, {at}");
+            }
+        }
+    }
+
+    /// A short-rank expand against f64 sums, and each row's output the same bit for bit
+    /// whether its segment has it alone or with others: ranks 1 to 15, groups of 16 rows and a
+    /// part, rows in a run and scattered.
+    #[test]
+    fn short_rank_expand_matches_f64_and_each_row_alone() {
+        let m = 40;
+        for r in [1, 4, 8, 15] {
+            for rows in [(0..20).collect::<Vec<usize>>(), vec![1, 5, 6, 30, 39]] {
+                let rows_out = 13;
+                let b = values(rows_out * r, r);
+                let t = values(rows.len() * r, 11 + r);
+                let start = values(rows_out * m, 5);
+                let at = format!("r {r} rows {rows:?}");
+                let mut together = start.clone();
+                if !expand_short_rank(&b, r, &t, &rows, m, &mut together) {
+                    return; // No AVX-512: `dot_portable` serves every row count.
+                }
+                let mut alone = start.clone();
+                for (i, t) in rows.iter().zip(t.chunks_exact(r)) {
+                    assert!(expand_short_rank(&b, r, t, &[*i], m, &mut alone));
+                }
+                assert_eq!(together, alone, "{at}");
+                for o in 0..rows_out {
+                    for (c, &i) in rows.iter().enumerate() {
+                        let want = start[o * m + i] as f64
+                            + (0..r)
+                                .map(|k| b[o * r + k] as f64 * t[c * r + k] as f64)
+                                .sum::<f64>();
+                        let got = together[o * m + i] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                            "{at} ({o}, {i})"
+                        );
+                    }
+                }
+                for (o, column) in together.chunks_exact(m).enumerate() {
+                    for (i, v) in column.iter().enumerate() {
+                        if !rows.contains(&i) {
+                            assert_eq!(*v, start[o * m + i], "{at}: row {i} is not the segment's");
                         }
                     }
                 }

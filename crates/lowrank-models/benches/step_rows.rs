@@ -4,8 +4,8 @@
 //! base, with one random rank-16 LoRA (q and v) for every row, and with a different one per
 //! row (the serving goal: many tenants' adapters cost about what one adapter costs).
 //!
-//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|bf16-act|nf4]`
-//! (the weight formats of `common::set_weights`).
+//! `cargo bench --workspace --bench step_rows -- MODEL_DIR [STEPS] [ROWS,ROWS,…] [f32|bf16|bf16-act|nf4] [RANK]`
+//! (the weight formats of `common::set_weights`; rank 16 unless given, `bench-serve`'s is 8).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,11 +39,11 @@ enum Lora {
     PerRow,
 }
 
-/// A random rank-16 LoRA on q and v.
-fn adapter(model: &Llama) -> Res<LoraAdapter> {
+/// A random rank-`rank` LoRA on q and v.
+fn adapter(model: &Llama, rank: usize) -> Res<LoraAdapter> {
     let config = LoraConfig::new(
-        16,
-        32.0,
+        rank,
+        2.0 * rank as f64,
         ModuleSelector::Names(vec!["q_proj".into(), "v_proj".into()]),
     );
     let mut modules = std::collections::BTreeMap::new();
@@ -52,8 +52,8 @@ fn adapter(model: &Llama) -> Res<LoraAdapter> {
         .into_iter()
         .filter(|l| config.targets_module(&l.name))
     {
-        let a = Tensor::randn(0f32, 0.05, (16, l.in_features), &Device::Cpu)?;
-        let b = Tensor::randn(0f32, 0.05, (l.out_features, 16), &Device::Cpu)?;
+        let a = Tensor::randn(0f32, 0.05, (rank, l.in_features), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 0.05, (l.out_features, rank), &Device::Cpu)?;
         let module = LoraModule {
             a,
             b,
@@ -67,10 +67,9 @@ fn adapter(model: &Llama) -> Res<LoraAdapter> {
 
 fn main() -> Res<()> {
     let args = common::start();
-    let dir = PathBuf::from(
-        args.first()
-            .ok_or("usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [bf16|bf16-act|nf4]")?,
-    );
+    let dir = PathBuf::from(args.first().ok_or(
+        "usage: step_rows MODEL_DIR [STEPS] [ROWS,ROWS,…] [f32|bf16|bf16-act|nf4] [RANK]",
+    )?);
     let steps: usize = args.get(1).map_or(Ok(16), |s| s.parse())?;
     let row_counts: Vec<usize> = args
         .get(2)
@@ -80,7 +79,8 @@ fn main() -> Res<()> {
         .collect::<Result<_, _>>()?;
     let mut model = Llama::load(&dir, &Device::Cpu)?;
     common::set_weights(&mut model, args.get(3).map(String::as_str))?;
-    let adapters: Vec<LoraAdapter> = (0..32).map(|_| adapter(&model)).collect::<Res<_>>()?;
+    let rank: usize = args.get(4).map_or(Ok(16), |s| s.parse())?;
+    let adapters: Vec<LoraAdapter> = (0..32).map(|_| adapter(&model, rank)).collect::<Res<_>>()?;
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!(
         "threads: {}; ms per step (wall, process CPU), tokens/s",

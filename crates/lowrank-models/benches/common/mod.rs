@@ -25,7 +25,7 @@ pub fn start() -> Vec<String> {
 /// --bf16-weights`).
 pub fn set_weights(model: &mut Llama, name: Option<&str>) -> Res<()> {
     match name {
-        None => {}
+        None | Some("f32") => {}
         Some("bf16") => model.cast_for_inference(candle_core::DType::BF16)?,
         Some("bf16-act") => {
             model.cast_for_inference(candle_core::DType::BF16)?;
@@ -36,7 +36,7 @@ pub fn set_weights(model: &mut Llama, name: Option<&str>) -> Res<()> {
             model.cast_for_inference(candle_core::DType::BF16)?;
         }
         Some(other) => {
-            return Err(format!("weights `{other}`: expected bf16, bf16-act or nf4").into())
+            return Err(format!("weights `{other}`: expected f32, bf16, bf16-act or nf4").into())
         }
     }
     Ok(())
