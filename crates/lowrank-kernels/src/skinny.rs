@@ -24,8 +24,9 @@
 //! rows that use it. Before the pass over W, each segment's "shrink" T = scale·X[rows]·Aᵀ
 //! (rows × r) is computed in parallel; inside each tile, after the base product, the segment's
 //! "expand" adds T·B[tile]ᵀ to its rows, so B is read once per step, by the task that owns its
-//! rows, which asks for it before the base product. A DoRA segment then scales its rows by
-//! m/‖W + sBA‖ per output; the bias comes last.
+//! rows, which asks for it before the base product. A segment of one or two rows (an adapter
+//! per row) is expanded with its shrink instead, B read right after A, and its tiles add the
+//! result. A DoRA segment then scales its rows by m/‖W + sBA‖ per output; the bias comes last.
 
 use half::bf16;
 #[cfg(target_arch = "x86_64")]
@@ -114,7 +115,7 @@ impl StepLinear<'_> {
 pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<f32>> {
     let m = x.len().checked_div(in_f).unwrap_or(0);
     let x_rows: Vec<&[f32]> = x.chunks_exact(in_f.max(1)).collect();
-    let shrunk = shrink(&x_rows, in_f, linears);
+    let (shrunk, expanded) = shrink_and_expand_few(&x_rows, in_f, linears, true);
     let code_order = linears
         .iter()
         .any(|l| matches!(l.weight, BaseWeights::FourBit(_)))
@@ -169,7 +170,7 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
             let rows_out = TILE_OUT.min(outs[part].out_f - o0);
             tile.clear();
             tile.resize(rows_out * m, 0.0);
-            ask_for_expands(linear, &shrunk[part], o0, rows_out);
+            ask_for_expands(linear, (&shrunk[part], &expanded[part]), o0, rows_out);
             base_tile(
                 &linear.weight,
                 luts[part].as_ref(),
@@ -185,7 +186,7 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
                 tile,
                 buf,
             );
-            finish_tile(linear, &shrunk[part], o0, m, tile);
+            finish_tile(linear, (&shrunk[part], &expanded[part]), o0, m, tile);
             // SAFETY: the tasks of a part start TILE_OUT apart and write at most TILE_OUT
             // columns each, so no two write the same element.
             unsafe { outs[part].put(o0, m, tile) };
@@ -235,10 +236,31 @@ impl Columns {
 /// Rows of X per shrink task.
 const SHRINK_ROWS: usize = 16;
 
+/// Values of every segment of every linear of a step, by linear and segment.
+pub(crate) type BySegment = Vec<Vec<Vec<f32>>>;
+
 /// Every segment's T = scale·X[rows]·Aᵀ (rows × r), by linear and segment, in parallel over
 /// segments and runs of their rows.
-pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<Vec<f32>>> {
-    let mut out: Vec<Vec<Vec<f32>>> = linears
+pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> BySegment {
+    shrink_and_expand_few(x_rows, in_f, linears, false).0
+}
+
+/// [`shrink`], and with `early`, the expand of every segment of up to [`FEW_ROWS`] rows too,
+/// in the same job: T·Bᵀ transposed (out × rows, element (o, c) at o·rows + c), by linear and
+/// segment, empty where the expand is left to the tiles. Such a segment's B serves no other
+/// row: in the tiles, each read a short run of it cold after the base product and waited on
+/// memory (58% of the expand's samples on the multiply-add that loads B). Read here, B follows
+/// A as one run (a pack keeps a module's B after its A), which the hardware prefetcher streams:
+/// a 32-row bf16 step with a rank-16 adapter per row, 0.85 → 0.89 of one shared adapter's speed
+/// (`step_rows`, best of four alternating runs, Zen 5). Asking for B, or A's next lines, as
+/// the shrink goes was no faster.
+pub(crate) fn shrink_and_expand_few(
+    x_rows: &[&[f32]],
+    in_f: usize,
+    linears: &[StepLinear],
+    early: bool,
+) -> (BySegment, BySegment) {
+    let mut out: BySegment = linears
         .iter()
         .map(|l| {
             l.segments
@@ -247,24 +269,29 @@ pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> 
                 .collect()
         })
         .collect();
+    let mut expanded: BySegment = linears
+        .iter()
+        .map(|l| vec![Vec::new(); l.segments.len()])
+        .collect();
     let mut jobs = Vec::new();
-    for (p, ts) in out.iter_mut().enumerate() {
-        for (s, t) in ts.iter_mut().enumerate() {
+    for (p, (ts, es)) in out.iter_mut().zip(&mut expanded).enumerate() {
+        for (s, (t, e)) in ts.iter_mut().zip(es).enumerate() {
             let seg = &linears[p].segments[s];
             let r = seg.a.len().checked_div(in_f).unwrap_or(0);
             if r == 0 {
                 continue;
             }
+            if early && (1..=FEW_ROWS).contains(&seg.rows.len()) {
+                jobs.push((seg, seg.rows, &mut t[..], Some(e)));
+                continue;
+            }
             for (c, t) in t.chunks_mut(SHRINK_ROWS * r).enumerate() {
-                jobs.push((
-                    seg,
-                    &seg.rows[c * SHRINK_ROWS..c * SHRINK_ROWS + t.len() / r],
-                    t,
-                ));
+                let rows = &seg.rows[c * SHRINK_ROWS..c * SHRINK_ROWS + t.len() / r];
+                jobs.push((seg, rows, t, None));
             }
         }
     }
-    jobs.into_par_iter().for_each(|(seg, rows, t)| {
+    jobs.into_par_iter().for_each(|(seg, rows, t, expanded)| {
         let r = t.len() / rows.len();
         let xs: Vec<&[f32]> = rows.iter().map(|&i| x_rows[i]).collect();
         if rows.len() > FEW_ROWS || !shrink_few_rows(seg.a, in_f, &xs, t) {
@@ -274,16 +301,31 @@ pub(crate) fn shrink(x_rows: &[&[f32]], in_f: usize, linears: &[StepLinear]) -> 
             dot_tile(seg.a, in_f, r, in_f, &xs, t, &out_x, 1, true);
         }
         t.iter_mut().for_each(|v| *v *= seg.scale);
+        if let Some(expanded) = expanded {
+            // From −0, which adds nothing to any sum, so that adding these to the tile gives
+            // what expanding into it would, bit for bit.
+            let k = rows.len();
+            expanded.resize(seg.b.len() / r * k, -0.0);
+            let within: Vec<usize> = (0..k).collect();
+            let done = if r < SHORT_RANK {
+                expand_short_rank(seg.b, r, t, &within, k, expanded)
+            } else {
+                expand_few_rows(seg.b, r, t, &within, k, expanded)
+            };
+            if !done {
+                expanded.clear();
+            }
+        }
     });
-    out
+    (out, expanded)
 }
 
 /// A segment's shrink without its scale, t[c·r + j] = Σ_k a[j·in_f + k]·xs[c][k], with
 /// AVX-512; false, having done nothing, without it. Up to sixteen rows of A at a time against
-/// one row of X, each load of x serving them all: the
-/// dot-product blocks take three rows of A at a time, whose three chains left the loop
-/// waiting on the multiply-add latency and on A, a short run of memory per row. The sums are
-/// the blocks' to the bit (see [`expand_few_rows`]).
+/// one row of X, each load of x serving them all: the dot-product blocks take three rows of A
+/// at a time, whose three chains left the loop waiting on the multiply-add latency and on A, a
+/// short run of memory per row (a 32-row step's shrinks with a rank-16 adapter per row,
+/// 3.0 → 1.9 ms). The sums are the blocks' to the bit (see [`expand_few_rows`]).
 fn shrink_few_rows(a: &[f32], in_f: usize, xs: &[&[f32]], t: &mut [f32]) -> bool {
     let r = t.len().checked_div(xs.len()).unwrap_or(0);
     #[cfg(target_arch = "x86_64")]
@@ -971,10 +1013,15 @@ unsafe fn decode_rows_avx512(
 /// before the base product: with a different adapter per row, each segment's rows of B are a
 /// short run of memory of their own, and read cold after the product they waited on memory
 /// one by one.
-fn ask_for_expands(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, rows_out: usize) {
-    for (seg, t) in linear.segments.iter().zip(shrunk) {
+fn ask_for_expands(
+    linear: &StepLinear,
+    (shrunk, expanded): (&[Vec<f32>], &[Vec<f32>]),
+    o0: usize,
+    rows_out: usize,
+) {
+    for ((seg, t), e) in linear.segments.iter().zip(shrunk).zip(expanded) {
         let r = t.len().checked_div(seg.rows.len()).unwrap_or(0);
-        if r > 0 {
+        if r > 0 && e.is_empty() {
             crate::cpu::prefetch_l2(&seg.b[o0 * r..(o0 + rows_out) * r]);
         }
     }
@@ -985,11 +1032,27 @@ const SHORT_RANK: usize = 16;
 
 /// Adds each segment's expand to its rows of a transposed tile, scales DoRA rows, adds the
 /// bias.
-fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, tile: &mut [f32]) {
+fn finish_tile(
+    linear: &StepLinear,
+    (shrunk, expanded): (&[Vec<f32>], &[Vec<f32>]),
+    o0: usize,
+    m: usize,
+    tile: &mut [f32],
+) {
     let rows_out = tile.len() / m.max(1);
-    for (seg, t) in linear.segments.iter().zip(shrunk) {
+    for ((seg, t), e) in linear.segments.iter().zip(shrunk).zip(expanded) {
         let r = t.len().checked_div(seg.rows.len()).unwrap_or(0);
         if r == 0 {
+            continue;
+        }
+        if !e.is_empty() {
+            // Expanded with the shrink (see `shrink_and_expand_few`).
+            let k = seg.rows.len();
+            for (column, e) in tile.chunks_exact_mut(m).zip(e[o0 * k..].chunks_exact(k)) {
+                for (&i, e) in seg.rows.iter().zip(e) {
+                    column[i] += e;
+                }
+            }
             continue;
         }
         let b = &seg.b[o0 * r..(o0 + rows_out) * r];
@@ -1004,9 +1067,6 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
                     column[i] += crate::cpu::dot_portable(b, t);
                 }
             }
-            continue;
-        }
-        if seg.rows.len() <= FEW_ROWS && expand_few_rows(b, r, t, seg.rows, m, tile) {
             continue;
         }
         let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
@@ -1034,8 +1094,9 @@ fn finish_tile(linear: &StepLinear, shrunk: &[Vec<f32>], o0: usize, m: usize, ti
 /// per tile, each output is r multiply-adds of B's broadcast values into one vector over the
 /// rows, added to the tile's column of that output. Every row's sum is the same chain over k
 /// in whichever group it falls, so a row's output does not depend on which rows share its
-/// adapter. One by one (`dot_portable`), these products had cost a rank-8 LoRA's 32-row step
-/// more than the shrink and the base product's extra reads together.
+/// adapter. One by one (`dot_portable`), a shared rank-8 LoRA cost a 32-row bf16 step
+/// 1.3–2.1 ms over the base on one thread, this way 0.8–1.2 (`step_rows`, three alternating
+/// runs, Zen 5).
 fn expand_short_rank(
     b: &[f32],
     r: usize,
@@ -1086,8 +1147,8 @@ unsafe fn expand_short_rank_avx512(
     let rows_out = b.len() / r;
     if rows.len() <= FEW_ROWS {
         // Each sum's chain one scalar multiply-add at a time, as a lane of the vectors below
-        // computes it: gathering T's columns and multiplying sixteen lanes for one row cost
-        // a rank-8 per-row-adapter step more than `dot_portable` had.
+        // computes it: gathering T's columns and multiplying sixteen lanes for one row cost a
+        // 32-row step with a rank-8 adapter per row 1–3 ms more than `dot_portable` had.
         for (t, &i) in t.chunks_exact(r).zip(rows) {
             for (o, b) in b.chunks_exact(r).enumerate() {
                 // A loop, not a closure: a closure is compiled without this function's FMA.
@@ -1139,8 +1200,9 @@ const FEW_ROWS: usize = 2;
 /// A segment's expand into the transposed tile, tile[o·m + rows[i]] += Σ_k b[o·r + k]·t[i·r + k],
 /// with AVX-512; false, having done nothing, without it.
 /// Sixteen outputs' products are summed together: the dot-product blocks, three rows of B at
-/// a time against one row of T, spent most of a per-row-adapter step's expand on three
-/// horizontal sums and a call per block. The sums are the blocks' to the bit (each output one
+/// a time against one row of T, spent most of their time on three horizontal sums and a call
+/// per block (a 32-row step's expands with a rank-16 adapter per row, 4.4 → 3.4–3.7 ms of
+/// CPU, in the tiles). The sums are the blocks' to the bit (each output one
 /// chain over k, added up in `_mm512_reduce_add_ps`'s order), so a row's output does not
 /// depend on how many rows share its adapter.
 fn expand_few_rows(
@@ -1865,6 +1927,38 @@ mod tests {
                 assert_eq!(tile, tile_blocks, "expand, {at}");
                 assert_ne!(tile, start, "expand added nothing, {at}");
             }
+        }
+    }
+
+    /// A row's output is the same bit for bit whether its adapter's segment has it alone, with
+    /// one other row (both expanded with the shrink) or with five (expanded in the tiles), for
+    /// ranks below, at and above one vector, as the server needs (greedy outputs must not depend
+    /// on the rest of the batch).
+    #[test]
+    fn a_rows_output_does_not_depend_on_who_shares_its_adapter() {
+        let (in_f, out_f, m) = (64, 50, 12);
+        let w = values(out_f * in_f, 1);
+        let x = values(m * in_f, 2);
+        for r in [8, 16, 24] {
+            let (a, b) = (values(r * in_f, 3), values(out_f * r, 4));
+            let row_three = |rows: &[usize]| {
+                let linear = StepLinear {
+                    weight: BaseWeights::F32(&w),
+                    bias: None,
+                    segments: vec![Segment {
+                        a: &a,
+                        b: &b,
+                        scale: 0.5,
+                        rows,
+                        column_scale: None,
+                    }],
+                };
+                skinny(&x, in_f, &[linear]).remove(0)[3 * out_f..4 * out_f].to_vec()
+            };
+            let alone = row_three(&[3]);
+            assert_eq!(alone, row_three(&[3, 8]), "rank {r}, two rows");
+            assert_eq!(alone, row_three(&[1, 3, 5, 7, 9]), "rank {r}, five rows");
+            assert_ne!(alone, row_three(&[]), "rank {r}: the adapter added nothing");
         }
     }
 
