@@ -313,12 +313,7 @@ pub(crate) fn shrink_and_expand_few(
             let k = rows.len();
             expanded.resize(seg.b.len() / r * k, -0.0);
             let within: Vec<usize> = (0..k).collect();
-            let done = if r < SHORT_RANK {
-                expand_short_rank(seg.b, r, t, &within, k, expanded)
-            } else {
-                expand_few_rows(seg.b, r, t, &within, k, expanded)
-            };
-            if !done {
+            if !expand_by_kernels(seg.b, r, t, &within, k, expanded) {
                 expanded.clear();
             }
         }
@@ -331,7 +326,7 @@ pub(crate) fn shrink_and_expand_few(
 /// one row of X, each load of x serving them all: the dot-product blocks take three rows of A
 /// at a time, whose three chains left the loop waiting on the multiply-add latency and on A, a
 /// short run of memory per row (a 32-row step's shrinks with a rank-16 adapter per row,
-/// 3.0 → 1.9 ms). The sums are the blocks' to the bit (see [`expand_few_rows`]).
+/// 3.0 → 1.9 ms). The sums are the blocks' to the bit (see [`expand_few_rows_avx512`]).
 fn shrink_few_rows(a: &[f32], in_f: usize, xs: &[&[f32]], t: &mut [f32]) -> bool {
     let r = t.len().checked_div(xs.len()).unwrap_or(0);
     #[cfg(target_arch = "x86_64")]
@@ -1062,10 +1057,10 @@ fn finish_tile(
             continue;
         }
         let b = &seg.b[o0 * r..(o0 + rows_out) * r];
+        if expand_by_kernels(b, r, t, seg.rows, m, tile) {
+            continue;
+        }
         if r < SHORT_RANK {
-            if expand_short_rank(b, r, t, seg.rows, m, tile) {
-                continue;
-            }
             // A row of B shorter than one vector: the blocks would pad every row of B and T
             // into a vector per block, which cost more than these few products.
             for (b, column) in b.chunks_exact(r).zip(tile.chunks_exact_mut(m)) {
@@ -1073,9 +1068,6 @@ fn finish_tile(
                     column[i] += crate::cpu::dot_portable(b, t);
                 }
             }
-            continue;
-        }
-        if seg.rows.len() <= FEW_ROWS && expand_few_rows(b, r, t, seg.rows, m, tile) {
             continue;
         }
         let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
@@ -1097,52 +1089,19 @@ fn finish_tile(
     }
 }
 
-/// A short-rank segment's expand (r < [`SHORT_RANK`]) into the transposed tile,
-/// tile[o·m + rows[i]] += Σ_k b[o·r + k]·t[i·r + k], with AVX-512; false, having done nothing,
-/// without it. Sixteen rows of T at a time: T's columns gathered into vectors over the rows once
-/// per tile, each output is r multiply-adds of B's broadcast values into one vector over the
-/// rows, added to the tile's column of that output. A segment of one or two rows computes the
-/// same chains an output at a time (at rank 8, eight outputs at once: [`expand_rank8_row`]).
-/// Every row's sum is the same chain over k whichever way it is computed, so a row's output
-/// does not depend on which rows share its adapter. One by one (`dot_portable`), a shared rank-8 LoRA cost a 32-row bf16 step
-/// 1.3–2.1 ms over the base on one thread, this way 0.8–1.2 (`step_rows`, three alternating
-/// runs, Zen 5).
-fn expand_short_rank(
-    b: &[f32],
-    r: usize,
-    t: &[f32],
-    rows: &[usize],
-    m: usize,
-    tile: &mut [f32],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if (1..SHORT_RANK).contains(&r)
-            && crate::cpu::has_avx512f_vl()
-            && crate::cpu::has_avx2_fma()
-        {
-            let rows_out = b.len() / r;
-            assert!(
-                t.len() == rows.len() * r
-                    && rows.iter().all(|&i| i < m)
-                    && tile.len() >= rows_out * m,
-                "expand_short_rank: out of range"
-            );
-            // SAFETY: the CPU has the features; the assert keeps the gathers inside T, the
-            // writes inside the tile, and B is read in whole rows of r.
-            unsafe { expand_short_rank_avx512(b, r, t, rows, m, tile) };
-            return true;
-        }
-    }
-    let _ = (b, r, t, rows, m, tile);
-    false
-}
-
-/// [`expand_short_rank`] with AVX-512.
+/// [`expand_by_kernels`] for a rank below [`SHORT_RANK`], any number of rows. Sixteen rows of T
+/// at a time: T's columns gathered into vectors over the rows once per tile, each output is r
+/// multiply-adds of B's broadcast values into one vector over the rows, added to the tile's
+/// column of that output. A segment of one or two rows computes the same chains an output at a
+/// time (at rank 8, eight outputs at once: [`expand_rank8_row`]). Every row's sum is the same
+/// chain over k whichever way it is computed, so a row's output does not depend on which rows
+/// share its adapter. One by one (`dot_portable`), a shared rank-8 LoRA cost a 32-row bf16
+/// step 1.3–2.1 ms over the base on one thread, this way 0.8–1.2 (`step_rows`, three
+/// alternating runs, Zen 5).
 ///
 /// # Safety
-/// The CPU must have AVX-512F, VL and FMA; 0 < r < [`SHORT_RANK`], t rows.len() rows of r, each row
-/// index below m and the tile at least (b.len() / r) × m.
+/// The CPU must have AVX-512F, VL and FMA; 0 < r < [`SHORT_RANK`], and the operands as
+/// [`expand_by_kernels`] checks them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 unsafe fn expand_short_rank_avx512(
@@ -1270,18 +1229,15 @@ unsafe fn expand_rank8_row(b: &[f32], t: &[f32], i: usize, m: usize, tile: &mut 
     }
 }
 
-/// Rows of a segment up to which its expand is [`expand_few_rows`]'s.
+/// Rows of a segment up to which its expand is [`expand_few_rows_avx512`]'s.
 const FEW_ROWS: usize = 2;
 
-/// A segment's expand into the transposed tile, tile[o·m + rows[i]] += Σ_k b[o·r + k]·t[i·r + k],
-/// with AVX-512; false, having done nothing, without it.
-/// Sixteen outputs' products are summed together: the dot-product blocks, three rows of B at
-/// a time against one row of T, spent most of their time on three horizontal sums and a call
-/// per block (a 32-row step's expands with a rank-16 adapter per row, 4.4 → 3.4–3.7 ms of
-/// CPU, in the tiles). The sums are the blocks' to the bit (each output one
-/// chain over k, added up in `_mm512_reduce_add_ps`'s order), so a row's output does not
-/// depend on how many rows share its adapter.
-fn expand_few_rows(
+/// A segment's expand into the transposed tile, tile[o·m + rows[i]] += Σ_k b[o·r + k]·t[i·r +
+/// k], by an AVX-512 kernel where one applies: a rank below [`SHORT_RANK`]
+/// ([`expand_short_rank_avx512`]) or up to [`FEW_ROWS`] rows ([`expand_few_rows_avx512`]);
+/// false, having done nothing, otherwise (the dot-product blocks, or `dot_portable` below one
+/// vector, serve it).
+fn expand_by_kernels(
     b: &[f32],
     r: usize,
     t: &[f32],
@@ -1291,17 +1247,26 @@ fn expand_few_rows(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if r > 0 && crate::cpu::has_avx512f_vl() {
-            let rows_out = b.len() / r;
+        let short = (1..SHORT_RANK).contains(&r);
+        if (short || (r > 0 && rows.len() <= FEW_ROWS))
+            && crate::cpu::has_avx512f_vl()
+            && crate::cpu::has_avx2_fma()
+        {
             assert!(
                 t.len() == rows.len() * r
                     && rows.iter().all(|&i| i < m)
-                    && tile.len() >= rows_out * m,
-                "expand_few_rows: out of range"
+                    && tile.len() >= b.len() / r * m,
+                "expand_by_kernels: out of range"
             );
-            // SAFETY: the CPU has the features; the assert keeps the writes inside the tile,
-            // and B and T are read in whole rows of r.
-            unsafe { expand_few_rows_avx512(b, r, t, rows, m, tile) };
+            // SAFETY (both): the CPU has the features; the assert keeps T's reads inside T
+            // and the writes inside the tile, and B is read in whole rows of r.
+            unsafe {
+                if short {
+                    expand_short_rank_avx512(b, r, t, rows, m, tile);
+                } else {
+                    expand_few_rows_avx512(b, r, t, rows, m, tile);
+                }
+            }
             return true;
         }
     }
@@ -1309,11 +1274,16 @@ fn expand_few_rows(
     false
 }
 
-/// [`expand_few_rows`] with AVX-512.
+/// [`expand_by_kernels`] for up to [`FEW_ROWS`] rows. Sixteen outputs' products are summed
+/// together: the dot-product blocks, three rows of B at a time against one row of T, spent most
+/// of their time on three horizontal sums and a call per block (a 32-row step's expands with a
+/// rank-16 adapter per row, 4.4 → 3.4–3.7 ms of CPU, in the tiles). The sums are the blocks'
+/// to the bit (each output one chain over k, added up in `_mm512_reduce_add_ps`'s order), so a
+/// row's output does not depend on how many rows share its adapter.
 ///
 /// # Safety
-/// The CPU must have AVX-512F and VL; r above zero, t rows.len() rows of r, each row index
-/// below m and the tile at least (b.len() / r) × m.
+/// The CPU must have AVX-512F and VL; r above zero, and the operands as [`expand_by_kernels`]
+/// checks them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl")]
 unsafe fn expand_few_rows_avx512(
@@ -1992,11 +1962,11 @@ mod tests {
                 assert_eq!(t, t_blocks, "shrink, {at}");
 
                 if r < SHORT_RANK {
-                    continue; // `expand_short_rank`'s, for every row count.
+                    continue; // `expand_short_rank_avx512`'s, for every row count.
                 }
                 let start = values(rows_out * m, 3);
                 let mut tile = start.clone();
-                assert!(expand_few_rows(&b, r, &t, &rows, m, &mut tile), "{at}");
+                assert!(expand_by_kernels(&b, r, &t, &rows, m, &mut tile), "{at}");
                 let mut tile_blocks = start.clone();
                 let ts: Vec<&[f32]> = t.chunks_exact(r).collect();
                 dot_tile(&b, r, rows_out, r, &ts, &mut tile_blocks, &rows, m, false);
@@ -2062,12 +2032,12 @@ mod tests {
                 let start = values(rows_out * m, 5);
                 let at = format!("r {r} rows {rows:?}");
                 let mut together = start.clone();
-                if !expand_short_rank(&b, r, &t, &rows, m, &mut together) {
+                if !expand_by_kernels(&b, r, &t, &rows, m, &mut together) {
                     return; // No AVX-512: `dot_portable` serves every row count.
                 }
                 let mut alone = start.clone();
                 for (i, t) in rows.iter().zip(t.chunks_exact(r)) {
-                    assert!(expand_short_rank(&b, r, t, &[*i], m, &mut alone));
+                    assert!(expand_by_kernels(&b, r, t, &[*i], m, &mut alone));
                 }
                 assert_eq!(together, alone, "{at}");
                 for o in 0..rows_out {
