@@ -26,7 +26,8 @@
 //! "expand" adds T·B[tile]ᵀ to its rows, so B is read once per step, by the task that owns its
 //! rows, which asks for it before the base product. Over an f32 or bf16 W, a segment of one or
 //! two rows (an adapter per row) is expanded with its shrink instead, B read right after A,
-//! and its tiles add the result. A DoRA segment then scales its rows by m/‖W + sBA‖ per output; the bias comes last.
+//! and its tiles add the result. A DoRA segment then scales its rows by m/‖W + sBA‖ per
+//! output; the bias comes last.
 
 use half::bf16;
 #[cfg(target_arch = "x86_64")]
@@ -118,15 +119,11 @@ pub(crate) fn skinny(x: &[f32], in_f: usize, linears: &[StepLinear]) -> Vec<Vec<
     // Over a 4-bit W the tiles decode long enough for their B to arrive while they compute:
     // expanding early cost a 32-row NF4 step with a rank-8 adapter per row 0.92 → 0.89 of one
     // shared adapter's speed (`step_rows`, best of four alternating runs, Zen 5).
-    let early = !linears
+    let four_bit = linears
         .iter()
         .any(|l| matches!(l.weight, BaseWeights::FourBit(_)));
-    let (shrunk, expanded) = shrink_and_expand_few(&x_rows, in_f, linears, early);
-    let code_order = linears
-        .iter()
-        .any(|l| matches!(l.weight, BaseWeights::FourBit(_)))
-        .then(|| in_code_order(x, in_f))
-        .flatten();
+    let (shrunk, expanded) = shrink_and_expand_few(&x_rows, in_f, linears, !four_bit);
+    let code_order = four_bit.then(|| in_code_order(x, in_f)).flatten();
     #[cfg(target_arch = "x86_64")]
     let packed = {
         let f32_weight = linears
